@@ -1,0 +1,37 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml providers/openai/pyproject.toml providers/anthropic/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e . -e providers/openai -e providers/anthropic -e '.[dev]'
+	touch $@
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/build_and_deploy.py
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check agentflow providers tests examples benchmarks
+	$(BIN)/ruff format --check agentflow providers tests examples benchmarks
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+test: $(VENV)/.installed redis-server lint typecheck
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed redis-server
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) agentflow.db*

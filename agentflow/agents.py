@@ -1,0 +1,172 @@
+"""Agents: what a step talks to, and the Protocols that connect it to the engine.
+
+``Agent`` describes an LLM agent (provider, model, instructions, structured output).
+Providers live in their own distributions and are found by name through the
+``agentflow.providers`` entry-point group; the core imports no LLM SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from .records import Usage
+
+__all__ = [
+    "Agent",
+    "AgentJournal",
+    "AgentReply",
+    "AgentsConfig",
+    "Message",
+    "Provider",
+    "ProviderReply",
+    "ProviderRequest",
+    "TokenBudget",
+]
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """An LLM API. ``agentflow-openai`` and ``agentflow-anthropic`` implement it.
+
+    A provider owns its SDK client (and so its HTTP connection pool); the runner makes
+    one provider per name and closes it when the runner closes.
+    """
+
+    name: str
+
+    async def complete(self, request: ProviderRequest) -> ProviderReply:
+        """Send one request and return the whole reply (retrying transient failures)."""
+        ...
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
+        """Yield text deltas, then one final :class:`ProviderReply` with the full text and usage."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the SDK client and its connections."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation: ``role`` is ``"user"`` or ``"assistant"``."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """Everything a provider needs for one call.
+
+    Attributes:
+        output_schema: JSON schema the reply must follow (structured output), or None.
+        output_name: a name for that schema (the model's class name).
+    """
+
+    model: str
+    messages: tuple[Message, ...]
+    instructions: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    output_schema: dict[str, Any] | None = None
+    output_name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderReply:
+    """A provider's answer: the text, the structured data (parsed JSON) if asked for, usage."""
+
+    text: str
+    data: Any = None
+    usage: Usage = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An LLM agent a step can talk to through ``ctx.agents``.
+
+    Args:
+        provider: a provider name registered under ``agentflow.providers``
+            (``"openai"``, ``"anthropic"``) or a :class:`Provider` instance.
+        model: the provider's model name.
+        instructions: the system prompt.
+        output: a pydantic model; replies are asked for and validated as this model.
+        temperature: sampling temperature.
+        max_tokens: cap on output tokens per call.
+        options: extra provider-specific request options.
+    """
+
+    provider: str | Provider
+    model: str
+    instructions: str | None = None
+    output: type[BaseModel] | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReply:
+    """What ``handle.send`` returns.
+
+    Attributes:
+        text: the reply's text.
+        output: the validated output model instance when the agent declares ``output``.
+        usage: tokens this call consumed.
+    """
+
+    text: str
+    output: Any = None
+    usage: Usage = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """A run's token allowance; a call that would pass it raises ``BudgetExceededError``."""
+
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsConfig:
+    """What ``Workflow.agents(...)`` recorded."""
+
+    agents: dict[str, Agent]
+    max_handles: int = 8
+    acquire_timeout: float | None = None
+    budget: TokenBudget | None = None
+
+
+class AgentJournal(Protocol):
+    """The engine's side of agent calls, one per step execution.
+
+    The pool uses it to replay finished calls, to persist each reply the moment it
+    arrives, to account usage, and to report leaks.
+    """
+
+    @property
+    def scope(self) -> str:
+        """A key prefix unique to this step visit (same across retries and crash re-runs)."""
+        ...
+
+    def lookup(self, key: str) -> Any | None:
+        """A journaled reply (JSON) stored under ``key``, or None."""
+        ...
+
+    async def record(self, key: str, value: Any, usage: Usage) -> None:
+        """Persist ``value`` under ``key`` durably and add ``usage`` to the step and run."""
+        ...
+
+    def spent(self) -> int:
+        """Tokens the run has consumed so far (for the budget)."""
+        ...
+
+    def emit(self, kind: str, data: Any = None) -> None:
+        """Record an event on the run (``agent_leak``)."""
+        ...

@@ -1,0 +1,202 @@
+"""The exception tree of agentflow.
+
+Every error the package raises derives from :class:`AgentflowError`::
+
+    AgentflowError
+    ├── WorkflowDefinitionError      a workflow is defined wrongly (raised at build time)
+    ├── InvalidInputError            run input failed validation; no run was created
+    ├── StateValidationError         ctx.set_state got a value the state model refuses
+    ├── UnknownStepError             a step returned a name that is not a step
+    ├── StepLimitExceeded            a run passed its max_steps loop guard
+    ├── InvalidStateError            a transition that makes no sense (resume a finished run)
+    ├── NotAuthorizedError           a decision by someone who is not an approver
+    ├── NonDeterminismError          an imperative replay asked for steps in another order
+    ├── RunFailedError               awaited result of a run that failed
+    ├── RunStoppedError              awaited result of a run that was stopped
+    ├── RunRejectedError             awaited result of a run that was rejected or expired
+    ├── PoolTimeoutError             no agent handle became free within acquire_timeout
+    ├── BudgetExceededError          an agent call would pass the token budget; it was not sent
+    ├── ProviderError                an LLM provider refused a call for good
+    ├── OutputValidationError        an agent's structured output did not fit its model
+    └── StoreError                   the store could not be read or written
+        ├── CorruptRecordError       a stored record cannot be decoded
+        └── LeaseLostError           this process no longer owns the run it tried to advance
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AgentflowError",
+    "BudgetExceededError",
+    "CorruptRecordError",
+    "InvalidInputError",
+    "InvalidStateError",
+    "LeaseLostError",
+    "NonDeterminismError",
+    "NotAuthorizedError",
+    "OutputValidationError",
+    "PoolTimeoutError",
+    "ProviderError",
+    "RunFailedError",
+    "RunRejectedError",
+    "RunStoppedError",
+    "StateValidationError",
+    "StepLimitExceeded",
+    "StoreError",
+    "UnknownStepError",
+    "WorkflowDefinitionError",
+]
+
+
+class AgentflowError(Exception):
+    """Root of every error raised by agentflow."""
+
+
+class WorkflowDefinitionError(AgentflowError):
+    """A workflow is defined wrongly; raised when it is built, never mid-run."""
+
+
+class InvalidInputError(AgentflowError):
+    """Run input failed validation against the workflow's input model.
+
+    Attributes:
+        errors: pydantic's list of field errors.
+    """
+
+    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class StateValidationError(AgentflowError):
+    """``ctx.set_state`` received a value the state model refuses.
+
+    Attributes:
+        field: the first offending field, when pydantic names one.
+        errors: pydantic's list of field errors.
+    """
+
+    def __init__(self, message: str, field: str | None = None, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.errors = errors or []
+
+
+class UnknownStepError(AgentflowError):
+    """A step returned the name of a step the workflow does not have."""
+
+
+class StepLimitExceeded(AgentflowError):
+    """A run executed more steps than the workflow's ``max_steps`` guard allows."""
+
+
+class InvalidStateError(AgentflowError):
+    """A run was asked for a transition its status does not allow."""
+
+
+class NotAuthorizedError(AgentflowError):
+    """A decision came from someone not listed among the gate's approvers."""
+
+
+class NonDeterminismError(AgentflowError):
+    """An imperative workflow replayed its journal in a different order."""
+
+
+class RunFailedError(AgentflowError):
+    """The awaited run failed.
+
+    Attributes:
+        run_id: the run.
+        step: the step that failed.
+        error_type: the exception's class name.
+        message: the exception's message.
+        traceback: the traceback text kept with the run.
+    """
+
+    def __init__(
+        self, run_id: str, step: str | None, error_type: str, message: str, traceback: str = ""
+    ) -> None:
+        super().__init__(f"run {run_id} failed at step {step!r}: {error_type}: {message}")
+        self.run_id = run_id
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback
+
+
+class RunStoppedError(AgentflowError):
+    """The awaited run was stopped before it finished."""
+
+    def __init__(self, run_id: str, step: str | None = None) -> None:
+        super().__init__(f"run {run_id} was stopped" + (f" at step {step!r}" if step else ""))
+        self.run_id = run_id
+        self.step = step
+
+
+class RunRejectedError(AgentflowError):
+    """The awaited run ended at a gate: rejected, or expired without a decision.
+
+    Attributes:
+        run_id: the run.
+        status: ``"rejected"`` or ``"expired"``.
+        reason: the rejecting reviewer's reason, if any.
+    """
+
+    def __init__(self, run_id: str, status: str, reason: str | None = None, by: str | None = None) -> None:
+        what = f"rejected by {by}" if by else status
+        super().__init__(f"run {run_id} was {what}" + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.status = status
+        self.reason = reason
+        self.by = by
+
+
+class PoolTimeoutError(AgentflowError):
+    """No handle of an agent's pool became free within ``acquire_timeout``."""
+
+
+class BudgetExceededError(AgentflowError):
+    """An agent call would pass the token budget, so it was not sent."""
+
+
+class ProviderError(AgentflowError):
+    """An LLM provider refused a call in a way retrying does not fix.
+
+    Attributes:
+        status: the HTTP status, when there was one.
+        provider: the provider's name.
+    """
+
+    def __init__(self, message: str, status: int | None = None, provider: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.provider = provider
+
+
+class OutputValidationError(AgentflowError):
+    """An agent's structured output did not validate, even after one repair attempt."""
+
+
+class StoreError(AgentflowError):
+    """The store could not be read or written."""
+
+
+class CorruptRecordError(StoreError):
+    """A stored record cannot be decoded; names the run and the key."""
+
+    def __init__(self, run_id: str, key: str, cause: str) -> None:
+        super().__init__(f"run {run_id}: stored record at {key!r} is unreadable: {cause}")
+        self.run_id = run_id
+        self.key = key
+
+
+class LeaseLostError(StoreError):
+    """This process no longer holds the run's lease, so its commit was refused."""
+
+    def __init__(self, run_id: str, detail: str = "") -> None:
+        super().__init__(
+            f"run {run_id}: lease lost, another process owns the run now" + (f" ({detail})" if detail else "")
+        )
+        self.run_id = run_id

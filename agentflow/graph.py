@@ -1,0 +1,182 @@
+"""Static edges of a flow, read from its step functions' source, and the Mermaid chart."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .steps import END, START
+
+__all__ = ["Edge", "edges_of", "mermaid"]
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """``source`` may go to ``target``; ``kind`` is next, approve, reject, timeout or parallel."""
+
+    source: str
+    target: str
+    kind: str = "next"
+    branches: tuple[str, ...] = ()
+
+
+def _source_node(fn: Callable[..., Any]) -> ast.AST | None:
+    """The AST of ``fn`` (a def or a lambda), or None when the source is unavailable."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None
+    if getattr(fn, "__name__", "") != "<lambda>":
+        try:
+            return ast.parse(src)
+        except SyntaxError:
+            return None
+    # A lambda's source is the whole line(s) it sits in; cut from "lambda" and shrink
+    # the tail until it parses, then take the lambda matching the code's first line.
+    start = src.find("lambda")
+    while start >= 0:
+        text = src[start:]
+        for end in range(len(text), 0, -1):
+            try:
+                tree = ast.parse(text[:end].strip(), mode="eval")
+            except SyntaxError:
+                continue
+            found = next((n for n in ast.walk(tree) if isinstance(n, ast.Lambda)), None)
+            if found is not None:
+                return found
+            break
+        start = src.find("lambda", start + 1)
+    return None
+
+
+def _name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _const(node: ast.AST | None, known: set[str]) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
+        return node.value
+    if node is not None and _name(node) == "END":
+        return END
+    return None
+
+
+def _branch_names(node: ast.AST) -> tuple[str, ...]:
+    if isinstance(node, ast.Dict):
+        return tuple(k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    if isinstance(node, ast.List | ast.Tuple):
+        return tuple(n for n in (_name(e) for e in node.elts) if n)
+    return ()
+
+
+def _returned(tree: ast.AST) -> Iterator[ast.expr]:
+    """The expressions a def returns, or a lambda's body."""
+    if isinstance(tree, ast.Lambda):
+        yield tree.body
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and node.value is not None:
+            yield node.value
+
+
+def _targets(expr: ast.expr, source: str, known: set[str]) -> Iterator[Edge]:
+    """Edges an expression in return position leads to."""
+    if isinstance(expr, ast.IfExp):
+        yield from _targets(expr.body, source, known)
+        yield from _targets(expr.orelse, source, known)
+        return
+    if isinstance(expr, ast.BoolOp):
+        for v in expr.values:
+            yield from _targets(v, source, known)
+        return
+    target = _const(expr, known)
+    if target:
+        yield Edge(source, target, "next")
+        return
+    if not isinstance(expr, ast.Call):
+        return
+    callee = _name(expr.func)
+    kwargs = {k.arg: k.value for k in expr.keywords if k.arg}
+    args = list(expr.args)
+    if callee == "Next":
+        target = _const(args[0] if args else kwargs.get("target"), known)
+        if target:
+            yield Edge(source, target, "next")
+    elif callee == "Wait":
+        for kind, pos, key in (("approve", 1, "target"), ("reject", 2, "on_reject"), ("timeout", 3, "on_timeout")):
+            target = _const(args[pos] if len(args) > pos else kwargs.get(key), known)
+            if target:
+                yield Edge(source, target, kind)
+    elif callee in ("Parallel", "map"):
+        pos = 2 if callee == "map" else 1
+        target = _const(args[pos] if len(args) > pos else kwargs.get("target"), known)
+        if callee == "map":
+            branches = tuple(n for n in [_name(args[0])] if n) if args else ()
+        else:
+            branches = _branch_names(args[0]) if args else ()
+        if target:
+            yield Edge(source, target, "parallel", branches)
+
+
+def _walk_calls(tree: ast.AST, source: str, known: set[str]) -> Iterator[Edge]:
+    for expr in _returned(tree):
+        yield from _targets(expr, source, known)
+
+
+def edges_of(steps: dict[str, Callable[..., Any]]) -> list[Edge]:
+    """Edges found from each step's returns (string literals naming steps, END, Wait, Parallel)."""
+    known = set(steps) - {START}
+    out: list[Edge] = []
+    for name, fn in steps.items():
+        tree = _source_node(getattr(fn, "fn", fn))
+        if tree is None:
+            continue
+        seen: set[tuple[str, str]] = set()
+        for edge in _walk_calls(tree, name, known):
+            if (edge.target, edge.kind) not in seen:
+                seen.add((edge.target, edge.kind))
+                out.append(edge)
+    return out
+
+
+def _node_id(name: str) -> str:
+    if name == START:
+        return "__start__"
+    if name == END:
+        return "__end__"
+    return "s_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
+    """A Mermaid flowchart: steps, edges, gates (hexagons) and parallel branches."""
+    edges = edges_of(steps)
+    gates = {e.source for e in edges if e.kind in ("approve", "reject", "timeout")}
+    lines = ["flowchart TD", "    __start__([START])", "    __end__([END])"]
+    for name in steps:
+        if name == START:
+            continue
+        label = name.replace('"', "'")
+        lines.append(f'    {_node_id(name)}{{{{"{label} ⏸"}}}}' if name in gates else f'    {_node_id(name)}["{label}"]')
+    labels = {"approve": "approved", "reject": "rejected", "timeout": "timed out"}
+    for e in edges:
+        src, dst = _node_id(e.source), _node_id(e.target)
+        if e.kind == "parallel" and e.branches:
+            for b in e.branches:
+                bid = f"{src}__{_node_id(b)}"
+                lines.append(f'    {src} -. parallel .-> {bid}[/"{b}"/]')
+                lines.append(f"    {bid} --> {dst}")
+        elif e.kind in labels:
+            lines.append(f"    {src} -- {labels[e.kind]} --> {dst}")
+        elif e.kind == "parallel":
+            lines.append(f"    {src} -- parallel --> {dst}")
+        else:
+            lines.append(f"    {src} --> {dst}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Stores: where runs live, behind the one :class:`Store` Protocol.
+
+``MemoryStore`` (the default, nothing survives the process), ``SqliteStore`` (one
+file, durable, several processes of one machine) and ``RedisStore`` (several
+machines). ``RedisStore`` needs the ``redis`` package (``pip install agentflow[redis]``)
+and is imported only when first asked for, so the core imports without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import WorkflowDefinitionError
+from .base import Change, Lease, LoadedRun, Store
+from .memory import MemoryStore
+from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .redis import RedisStore
+
+__all__ = ["Change", "Lease", "LoadedRun", "MemoryStore", "RedisStore", "SqliteStore", "Store", "open_store"]
+
+STORE_KINDS = ("memory", "sqlite", "redis")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedisStore":
+        from .redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_store(
+    store: str | Store = "memory",
+    *,
+    key_prefix: str = "",
+    url: str | None = None,
+    path: str | None = None,
+    ttl: float | None = None,
+) -> Store:
+    """The store a workflow's ``.persistence(...)`` names.
+
+    Args:
+        store: ``"memory"``, ``"sqlite"``, ``"redis"``, or a ready ``Store`` (returned as is).
+        key_prefix: namespace for every key (ignored by the memory store).
+        url: Redis URL (default ``$REDIS_URL``, then ``redis://localhost:6379/0``).
+        path: SQLite file (default ``agentflow.db``).
+        ttl: seconds a finished run is kept, or None to keep it.
+
+    Raises:
+        WorkflowDefinitionError: an unknown store name, or ``"redis"`` without the
+            ``redis`` package installed.
+    """
+    if not isinstance(store, str):
+        return store
+    if store == "memory":
+        return MemoryStore(ttl=ttl)
+    if store == "sqlite":
+        return SqliteStore(path or "agentflow.db", ttl=ttl, key_prefix=key_prefix)
+    if store == "redis":
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:
+            raise WorkflowDefinitionError(
+                f"store='redis' needs the redis package: pip install 'agentflow[redis]' ({exc})"
+            ) from exc
+        return RedisStore(url, ttl=ttl, key_prefix=key_prefix)
+    raise WorkflowDefinitionError(
+        f"unknown store {store!r}; choose one of {', '.join(STORE_KINDS)} or pass a Store"
+    )

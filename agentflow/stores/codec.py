@@ -1,0 +1,235 @@
+"""Codec: how the durable stores turn records into JSON and back.
+
+Both durable stores share these rules so they read back the same things:
+
+* Values are written with ``pydantic_core.to_json`` (plain data and pydantic models)
+  and read back with ``pydantic_core.from_json`` as plain JSON data. Nothing read from
+  a store names a Python object, and no pickle is involved anywhere.
+* A value that cannot be written raises :class:`StoreError` naming the run and field,
+  before anything is written.
+* A stored value that cannot be read (bad JSON, a missing required field, a field of
+  the wrong type) raises :class:`CorruptRecordError` naming the run and the key.
+* An event's ``seq`` is its 1-based position in the run's history, as stored; the
+  stores assign it from that position rather than trusting the caller's value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pydantic_core
+from pydantic import BaseModel
+
+from ..errors import CorruptRecordError, StoreError
+from ..records import COMMIT_FIELDS, OutputRecord, RunEvent, RunRecord, RunStatus
+
+__all__ = [
+    "RECORD_FIELDS",
+    "check_commit_fields",
+    "check_record",
+    "check_scalars",
+    "deadline_of",
+    "decode",
+    "encode",
+    "encode_event",
+    "encode_output",
+    "make_event",
+    "make_output",
+    "make_record",
+]
+
+#: Every RunRecord field, in declaration order.
+RECORD_FIELDS: tuple[str, ...] = tuple(RunRecord.__dataclass_fields__)
+
+# RunRecord fields without a default: a stored record lacking one is damaged.
+_REQUIRED = ("run_id", "workflow", "status", "input")
+
+
+def encode(run_id: str, name: str, value: Any) -> bytes:
+    """JSON-encode one value of a run.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    try:
+        return pydantic_core.to_json(value)
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        raise StoreError(
+            f"run {run_id}: cannot store {name!r}: {exc}; store JSON-able data or pydantic models"
+        ) from exc
+
+
+def decode(run_id: str, key: str, raw: str | bytes) -> Any:
+    """Decode one stored JSON value into plain data.
+
+    Raises:
+        CorruptRecordError: the stored bytes are not JSON.
+    """
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError as exc:
+        raise CorruptRecordError(run_id, key, f"invalid JSON: {exc}") from exc
+
+
+def check_scalars(run_id: str, fields: Mapping[str, Any]) -> None:
+    """Refuse record scalars of the wrong type (a status that is no status, a str visit).
+
+    Checking before writing keeps a bad value from being stored and then read back as
+    a damaged record, which would make the run unrecoverable.
+
+    Raises:
+        StoreError: names the run and the field.
+    """
+    for name, value in fields.items():
+        convert = _CONVERT.get(name)
+        if convert is not None:
+            try:
+                convert(value)
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"run {run_id}: cannot store {name!r}: {exc}") from None
+
+
+def check_record(record: RunRecord) -> None:
+    """:func:`check_scalars` over every scalar field of ``record``.
+
+    Raises:
+        StoreError: names the run and the field.
+    """
+    check_scalars(record.run_id, {name: getattr(record, name) for name in _CONVERT})
+
+
+def check_commit_fields(run_id: str, fields: Mapping[str, Any]) -> None:
+    """Refuse commit fields outside ``COMMIT_FIELDS`` and scalars of the wrong type.
+
+    Raises:
+        StoreError: an unknown field or a badly typed scalar (names the run and field).
+    """
+    for name in fields:
+        if name not in COMMIT_FIELDS:
+            raise StoreError(f"run {run_id}: {name!r} cannot be committed; allowed: {sorted(COMMIT_FIELDS)}")
+    check_scalars(run_id, fields)
+
+
+def deadline_of(pending: Any) -> float | None:
+    """The gate deadline (Unix seconds) in a ``pending`` value, or None."""
+    if isinstance(pending, BaseModel):
+        deadline = getattr(pending, "deadline", None)
+    elif isinstance(pending, Mapping):
+        deadline = pending.get("deadline")
+    else:
+        return None
+    if isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        return float(deadline)
+    return None
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _decisions(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return tuple(value)
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "run_id": _str,
+    "workflow": _str,
+    "status": RunStatus,
+    "step": _opt_str,
+    "visit": _int,
+    "decisions": _decisions,
+    "created_at": _float,
+    "updated_at": _float,
+    "event_count": _int,
+    "lease_owner": _opt_str,
+    "lease_token": _int,
+    "lease_expires": _float,
+    "control": _opt_str,
+}
+
+
+def make_record(run_id: str, key: str, values: Mapping[str, Any]) -> RunRecord:
+    """Build a RunRecord from decoded field values, checking each field's type.
+
+    Fields missing from ``values`` take the RunRecord default, except the required ones.
+
+    Raises:
+        CorruptRecordError: a required field is missing or a field has the wrong type.
+    """
+    for name in _REQUIRED:
+        if name not in values:
+            raise CorruptRecordError(run_id, key, f"required field {name!r} is missing")
+    kwargs: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        if name not in values:
+            continue
+        value = values[name]
+        convert = _CONVERT.get(name)
+        if convert is not None:
+            try:
+                value = convert(value)
+            except (TypeError, ValueError) as exc:
+                raise CorruptRecordError(run_id, f"{key}[{name}]", str(exc)) from exc
+        kwargs[name] = value
+    return RunRecord(**kwargs)
+
+
+def encode_event(run_id: str, event: RunEvent) -> bytes:
+    """JSON-encode an event without its ``seq`` (its position in the history gives it)."""
+    body = {"kind": event.kind, "step": event.step, "data": event.data, "at": event.at}
+    return encode(run_id, f"event {event.kind!r}", body)
+
+
+def make_event(run_id: str, key: str, raw: str | bytes, seq: int) -> RunEvent:
+    """Decode a stored event; ``seq`` is its position in the run's history.
+
+    Raises:
+        CorruptRecordError: the event is not JSON or lacks ``kind`` or ``at``.
+    """
+    data = decode(run_id, key, raw)
+    try:
+        kind, step, at = _str(data["kind"]), _opt_str(data.get("step")), _float(data["at"])
+        return RunEvent(kind=kind, run_id=run_id, step=step, data=data.get("data"), at=at, seq=seq)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CorruptRecordError(run_id, key, f"event {seq} is malformed: {exc!r}") from exc
+
+
+def encode_output(run_id: str, output: OutputRecord) -> bytes:
+    """JSON-encode a step output record."""
+    return encode(run_id, f"output of step {output.step!r}", output.to_json())
+
+
+def make_output(run_id: str, key: str, raw: str | bytes) -> OutputRecord:
+    """Decode a stored step output record.
+
+    Raises:
+        CorruptRecordError: the output is not JSON or lacks ``visit`` or ``step``.
+    """
+    data = decode(run_id, key, raw)
+    try:
+        return OutputRecord(_int(data["visit"]), _str(data["step"]), data.get("value"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CorruptRecordError(run_id, key, f"step output is malformed: {exc!r}") from exc

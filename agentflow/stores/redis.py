@@ -1,0 +1,590 @@
+"""Redis store: runs shared by any number of processes, on stock Redis 7 or Valkey.
+
+A run is four keys sharing one hash tag (see :mod:`agentflow.stores.keys`). The record
+is a HASH with one JSON string per RunRecord field, so the Lua scripts compare and
+set fields without ever parsing JSON.
+
+Writes:
+
+* ``commit`` is one Lua script, one round trip: check the lease, set the fields, bump
+  ``event_count``, append events and outputs, write the journal, drop the lease on
+  release, and set the ttl when the run is final. A gate's deadline index entry, when
+  the commit sets one, is pipelined in front of the script: still one round trip.
+* ``update`` is WATCH / HGETALL / MULTI / EXEC, retried on conflict.
+* ``create`` is a Lua script (exists? then write), so it is idempotent.
+
+Redis unreachable: every operation retries connection errors and timeouts with
+exponential backoff for ``retry_for`` seconds, then raises :class:`StoreError`. A
+retry after a lost reply is safe: each commit, create and update writes a unique
+nonce into the record, and the script (or the retry's read) that finds its own nonce
+already there knows the first attempt applied and does not apply it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError, WatchError
+
+from ..errors import CorruptRecordError, LeaseLostError, StoreError
+from ..records import FINAL, Commit, RunEvent, RunRecord, RunStatus
+from .base import Change, Lease, LoadedRun
+from .codec import (
+    RECORD_FIELDS,
+    check_commit_fields,
+    check_record,
+    deadline_of,
+    decode,
+    encode,
+    encode_event,
+    encode_output,
+    make_event,
+    make_output,
+    make_record,
+)
+from .keys import Keys, RunKeys
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+_LIB = """
+local function hset_range(key, from, to)  -- ARGV[from..to] are field/value pairs
+  for i = from, to, 1000 do redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, to))) end
+end
+local function push_range(key, from, to)
+  for i = from, to, 1000 do redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 999, to))) end
+end
+local FINAL = {FINAL_JSON}
+""".replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
+
+# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.
+_CREATE = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], '_commit') == ARGV[1] then return 1 end
+  return 0
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+local n = tonumber(ARGV[3])
+hset_range(KEYS[1], 4, 3 + 2 * n)
+redis.call('HSET', KEYS[1], '_commit', ARGV[1])
+push_range(KEYS[2], 4 + 2 * n, #ARGV)
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end end
+return 1
+"""
+)
+
+# KEYS: rec, events, outputs, journal.
+# ARGV: nonce, owner, token, release, ttl_ms, updated_at, n_fields, n_events, n_outputs,
+#       n_journal, then field pairs, events, outputs, journal pairs.
+_COMMIT = (
+    _LIB
+    + """
+local rec = KEYS[1]
+if redis.call('HGET', rec, '_commit') == ARGV[1] then
+  return {1, redis.call('HGET', rec, 'control')}
+end
+local owner = redis.call('HGET', rec, 'lease_owner')
+if not owner then return {0, 'the run no longer exists'} end
+if owner ~= ARGV[2] or redis.call('HGET', rec, 'lease_token') ~= ARGV[3] then return {0, 'stale'} end
+local nf, ne, no, nj = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+-- The first write: on a damaged count it fails before anything has changed.
+redis.call('HINCRBY', rec, 'event_count', ne)
+local i = 11
+hset_range(rec, i, i + 2 * nf - 1)
+i = i + 2 * nf
+redis.call('HSET', rec, 'updated_at', ARGV[6], '_commit', ARGV[1])
+if ARGV[4] == '1' then redis.call('HSET', rec, 'lease_owner', 'null', 'lease_expires', '0.0') end
+push_range(KEYS[2], i, i + ne - 1)
+i = i + ne
+push_range(KEYS[3], i, i + no - 1)
+i = i + no
+hset_range(KEYS[4], i, i + 2 * nj - 1)
+local ttl = tonumber(ARGV[5])
+if ttl > 0 and FINAL[redis.call('HGET', rec, 'status')] then
+  for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end
+end
+return {1, redis.call('HGET', rec, 'control')}
+"""
+)
+
+# KEYS: rec.  ARGV: owner, token, lease_expires.
+_RENEW = """
+local owner = redis.call('HGET', KEYS[1], 'lease_owner')
+if not owner then return {0, 'the run no longer exists'} end
+if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 'lease_token') ~= ARGV[2] then return {0, 'stale'} end
+redis.call('HSET', KEYS[1], 'lease_expires', ARGV[3])
+return {1, redis.call('HGET', KEYS[1], 'control')}
+"""
+
+# KEYS: rec, events, outputs, journal.  Returns the workflow (JSON) or nil.
+_DELETE = """
+local wf = redis.call('HGET', KEYS[1], 'workflow')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return wf
+"""
+
+# KEYS: an index zset.  ARGV: member, score.  Drops a stale index entry unless someone
+# re-added it meanwhile (a re-add carries a new score).
+_ZREM_IF_SCORE = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+_BATCH = 256  # records fetched per pipelined round trip when listing
+_MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
+
+
+@dataclasses.dataclass(frozen=True)
+class _Script:
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+_S_CREATE, _S_COMMIT, _S_RENEW, _S_DELETE, _S_ZREM = map(
+    _Script, (_CREATE, _COMMIT, _RENEW, _DELETE, _ZREM_IF_SCORE)
+)
+
+
+def _where(client: aioredis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix:{kw['path']}"
+    return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+class RedisStore:
+    """Keeps runs in Redis (7+, or Valkey); shared by every process that reaches it.
+
+    Args:
+        url: ``redis://`` URL; defaults to ``$REDIS_URL``, then ``redis://localhost:6379/0``.
+        ttl: seconds a finished run is kept, or None to keep it.
+        key_prefix: prepended to every key.
+        client: an existing ``redis.asyncio.Redis`` to use instead of ``url`` (created
+            with the default ``decode_responses=False``). The store does not close it.
+        retry_for: seconds to keep retrying while Redis is unreachable before an
+            operation raises :class:`StoreError`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        ttl: float | None = None,
+        key_prefix: str = "",
+        client: aioredis.Redis | None = None,
+        *,
+        retry_for: float = 10.0,
+    ) -> None:
+        self.ttl = ttl
+        self.key_prefix = key_prefix
+        self.retry_for = retry_for
+        self.keys = Keys(key_prefix)
+        self._owns_client = client is None
+        if client is None:
+            url = url or os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
+            # Retries are ours (bounded by retry_for, nonce-protected), not redis-py's.
+            connect_timeout = min(5.0, max(retry_for, 0.1))
+            client = aioredis.Redis.from_url(
+                url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=connect_timeout
+            )
+        self._client = client
+        self._where = _where(client)
+        self._nonces = itertools.count()
+        self._instance = os.urandom(6).hex()
+        # run id -> workflow, so a commit can file a gate under its workflow's index
+        # without reading the record first.
+        self._workflows: dict[str, str] = {}
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying ``redis.asyncio.Redis`` client."""
+        return self._client
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _nonce(self) -> bytes:
+        return f"{self._instance}:{next(self._nonces)}".encode()
+
+    def _remember(self, run_id: str, workflow: str) -> None:
+        if len(self._workflows) >= 10_000:
+            self._workflows.clear()
+        self._workflows[run_id] = workflow
+
+    async def _retrying(
+        self, what: str, run_id: str | None, attempt: Callable[[], Awaitable[T]], key: str | None = None
+    ) -> T:
+        """Run ``attempt``, retrying connection failures with backoff for ``retry_for`` s.
+
+        A reply saying stored data has the wrong shape (a key of the wrong type, a count
+        that is not a number) is reported as a damaged ``key`` of ``run_id``.
+        """
+        give_up = time.monotonic() + self.retry_for
+        delay = 0.02
+        while True:
+            try:
+                return await attempt()
+            except (ConnectionError, TimeoutError) as exc:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    subject = f"run {run_id}: " if run_id else ""
+                    raise StoreError(
+                        f"{subject}Redis at {self._where} unreachable for {self.retry_for:g} s during "
+                        f"{what} ({exc}); a write is atomic, so it was applied entirely or not at all"
+                    ) from exc
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                if run_id and key and any(m in str(exc) for m in ("WRONGTYPE", "not an integer")):
+                    raise CorruptRecordError(run_id, key, str(exc)) from exc
+                subject = f"run {run_id}: " if run_id else ""
+                raise StoreError(f"{subject}Redis refused {what}: {exc}") from exc
+
+    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # First use on this server (or after a restart / SCRIPT FLUSH).
+            await self._client.script_load(script.source)
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _eval_after(
+        self, before: Callable[[Any], None], script: _Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """Pipeline the index writes ``before`` adds with a script: one round trip."""
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            before(pipe)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            result = results[-1]
+            if isinstance(result, NoScriptError):
+                await self._client.script_load(script.source)
+                continue  # the index writes are idempotent, so running them again is harmless
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return result
+        raise StoreError(f"Redis at {self._where} keeps forgetting agentflow's scripts")
+
+    def _mapping(self, rec: RunRecord) -> dict[str, bytes]:
+        check_record(rec)
+        return {name: encode(rec.run_id, name, getattr(rec, name)) for name in RECORD_FIELDS}
+
+    def _record(self, run_id: str, key: str, raw: dict[Any, Any]) -> RunRecord:
+        values = {}
+        for field, value in raw.items():
+            name = field.decode() if isinstance(field, bytes) else str(field)
+            if name != "_commit":
+                values[name] = decode(run_id, f"{key}[{name}]", value)
+        rec = make_record(run_id, key, values)
+        self._remember(run_id, rec.workflow)
+        return rec
+
+    @staticmethod
+    def _ttl_ms(ttl: float | None) -> int:
+        return max(1, int(ttl * 1000)) if ttl is not None else 0
+
+    async def _zrem_if_score(self, key: str, member: str | bytes, score: float) -> None:
+        # Best effort: a stale index entry is harmless, readers check it against the record.
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self._eval(_S_ZREM, [key], [member, repr(score)])
+
+    # -- the Store protocol -----------------------------------------------------------
+
+    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """Store a new run; False (and nothing written) if the run id exists."""
+        run_id = record.run_id
+        rec = dataclasses.replace(record, event_count=record.event_count + len(events))
+        mapping = self._mapping(rec)
+        args: list[Any] = [
+            self._nonce(),
+            self._ttl_ms(self.ttl if rec.status in FINAL else None),
+            len(mapping),
+        ]
+        for name, value in mapping.items():
+            args += [name, value]
+        args += [encode_event(run_id, e) for e in events]
+        gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
+
+        def index(pipe: Any) -> None:
+            # Before the record, so a crash in between leaves an entry readers drop,
+            # never a run that no index lists.
+            pipe.zadd(self.keys.all_runs(), {run_id: rec.created_at}, nx=True)
+            pipe.zadd(self.keys.workflow_runs(rec.workflow), {run_id: rec.created_at}, nx=True)
+            if gate is not None:
+                pipe.zadd(self.keys.gates(rec.workflow), {run_id: gate}, nx=True)
+
+        created = await self._retrying(
+            "create", run_id, lambda: self._eval_after(index, _S_CREATE, self.keys.run(run_id), args)
+        )
+        if created:
+            self._remember(run_id, rec.workflow)
+        return bool(created)
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The run's record, or None."""
+        key = self.keys.run(run_id).rec
+        raw = await self._retrying("get", run_id, lambda: self._client.hgetall(key), key)
+        return self._record(run_id, key, raw) if raw else None
+
+    async def load(self, run_id: str) -> LoadedRun | None:
+        """The record with its outputs and journal, read in one MULTI/EXEC snapshot; or None."""
+        keys = self.keys.run(run_id)
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hgetall(keys.rec)
+            pipe.lrange(keys.outputs, 0, -1)
+            pipe.hgetall(keys.journal)
+            return await pipe.execute()
+
+        raw, outputs, journal = await self._retrying("load", run_id, read, keys.rec)
+        if not raw:
+            return None
+        return LoadedRun(
+            self._record(run_id, keys.rec, raw),
+            [make_output(run_id, keys.outputs, o) for o in outputs],
+            {k.decode(): decode(run_id, f"{keys.journal}[{k.decode()}]", v) for k, v in journal.items()},
+        )
+
+    async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
+        """Apply ``commit`` atomically (one Lua script, one round trip) if ``lease`` holds.
+
+        Returns:
+            The run's control flag (``"pause"``, ``"stop"`` or None).
+
+        Raises:
+            LeaseLostError: the token no longer matches; nothing was written.
+            StoreError: a value cannot be encoded (nothing was written), or Redis stayed
+                unreachable for ``retry_for`` seconds.
+        """
+        check_commit_fields(run_id, commit.fields)
+        fields = [x for name, v in commit.fields.items() for x in (name, encode(run_id, name, v))]
+        events = [encode_event(run_id, e) for e in commit.events]
+        outputs = [encode_output(run_id, o) for o in commit.outputs]
+        journal = [x for k, v in commit.journal.items() for x in (k, encode(run_id, f"journal {k!r}", v))]
+        args = [
+            self._nonce(),
+            encode(run_id, "lease_owner", lease.owner),
+            encode(run_id, "lease_token", lease.token),
+            b"1" if commit.release else b"0",
+            self._ttl_ms(self.ttl),
+            encode(run_id, "updated_at", time.time()),
+            len(fields) // 2,
+            len(events),
+            len(outputs),
+            len(journal) // 2,
+            *fields,
+            *events,
+            *outputs,
+            *journal,
+        ]
+        keys = self.keys.run(run_id)
+        gate = None
+        if "pending" in commit.fields and commit.fields.get("status", RunStatus.WAITING) == RunStatus.WAITING:
+            gate = deadline_of(commit.fields["pending"])
+        if gate is None:
+            result = await self._retrying(
+                "commit", run_id, lambda: self._eval(_S_COMMIT, keys, args), keys.rec
+            )
+        else:
+            workflow = self._workflows.get(run_id)
+            if workflow is None:  # a store that never saw the run: one extra read
+                raw = await self._retrying("commit", run_id, lambda: self._client.hget(keys.rec, "workflow"))
+                workflow = decode(run_id, f"{keys.rec}[workflow]", raw) if raw else ""
+            gates_key = self.keys.gates(str(workflow))
+
+            def index(pipe: Any) -> None:
+                pipe.zadd(gates_key, {run_id: gate})
+
+            result = await self._retrying(
+                "commit", run_id, lambda: self._eval_after(index, _S_COMMIT, keys, args), keys.rec
+            )
+        if result[0] == 0:
+            reason = result[1].decode()
+            raise LeaseLostError(run_id, f"token {lease.token} is stale" if reason == "stale" else reason)
+        return self._control(run_id, keys, result[1])
+
+    def _control(self, run_id: str, keys: RunKeys, raw: bytes | None) -> str | None:
+        value = decode(run_id, f"{keys.rec}[control]", raw) if raw is not None else None
+        return value if isinstance(value, str) else None
+
+    async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
+        """Extend the lease by ``ttl`` seconds from now (one round trip); return the control flag.
+
+        Raises:
+            LeaseLostError: the token no longer matches.
+        """
+        keys = self.keys.run(run_id)
+        args = [
+            encode(run_id, "lease_owner", lease.owner),
+            encode(run_id, "lease_token", lease.token),
+            encode(run_id, "lease_expires", time.time() + ttl),
+        ]
+        result = await self._retrying(
+            "renew", run_id, lambda: self._eval(_S_RENEW, [keys.rec], args), keys.rec
+        )
+        if result[0] == 0:
+            raise LeaseLostError(run_id, f"token {lease.token} is stale")
+        return self._control(run_id, keys, result[1])
+
+    async def update(self, run_id: str, change: Callable[[RunRecord], Change | None]) -> RunRecord | None:
+        """Read-modify-write with WATCH/MULTI/EXEC; ``change`` reruns after a conflict."""
+        keys = self.keys.run(run_id)
+        nonce = self._nonce()
+        written: RunRecord | None = None
+        give_up = time.monotonic() + self.retry_for
+        for attempt in range(_MAX_CONFLICTS):
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(keys.rec)
+                    raw = await pipe.hgetall(keys.rec)
+                    if written is not None and raw.get(b"_commit") == nonce:
+                        return written  # the last EXEC applied, its reply was lost
+                    if not raw:
+                        return None
+                    old = self._record(run_id, keys.rec, raw)
+                    result = change(old)
+                    if result is None:
+                        return old
+                    rec = dataclasses.replace(
+                        result.record,
+                        updated_at=time.time(),
+                        event_count=old.event_count + len(result.events),
+                    )
+                    mapping = self._mapping(rec)
+                    events = [encode_event(run_id, e) for e in result.events]
+                    gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
+                    if gate is not None:
+                        await pipe.zadd(self.keys.gates(rec.workflow), {run_id: gate})
+                    pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
+                    full: dict[Any, Any] = {**mapping, "_commit": nonce}
+                    pipe.hset(keys.rec, mapping=full)
+                    if events:
+                        pipe.rpush(keys.events, *events)
+                    if self.ttl is not None and rec.status in FINAL:
+                        for key in keys:
+                            pipe.pexpire(key, self._ttl_ms(self.ttl))
+                    written = rec
+                    await pipe.execute()
+            except WatchError:
+                # Someone wrote in between (or the connection dropped while watching).
+                await asyncio.sleep(random.random() * 0.001 * min(attempt, 20))
+                continue
+            except (ConnectionError, TimeoutError) as exc:
+                if time.monotonic() >= give_up:
+                    raise StoreError(
+                        f"run {run_id}: Redis at {self._where} unreachable for {self.retry_for:g} s during "
+                        f"update ({exc}); a write is atomic, so it was applied entirely or not at all"
+                    ) from exc
+                await asyncio.sleep(min(0.02 * 2 ** min(attempt, 6), 1.0))
+                continue
+            except ResponseError as exc:
+                raise StoreError(f"run {run_id}: Redis refused update: {exc}") from exc
+            old_gate = deadline_of(old.pending) if old.status == RunStatus.WAITING else None
+            if old_gate is not None and gate is None:
+                await self._zrem_if_score(self.keys.gates(old.workflow), run_id, old_gate)
+            return rec
+        raise StoreError(f"run {run_id}: update gave up after {_MAX_CONFLICTS} conflicting writes")
+
+    async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
+        """The run's events with ``seq`` greater than ``after``, in order."""
+        key = self.keys.run(run_id).events
+        raw = await self._retrying("events", run_id, lambda: self._client.lrange(key, max(after, 0), -1), key)
+        return [make_event(run_id, f"{key}[{after + i}]", body, after + i + 1) for i, body in enumerate(raw)]
+
+    async def _records(
+        self, index: str, entries: list[tuple[bytes, float]]
+    ) -> list[tuple[RunRecord, bytes, float]]:
+        """Records for index entries (with the entry), dropping entries whose run is gone."""
+        out: list[tuple[RunRecord, bytes, float]] = []
+        for start in range(0, len(entries), _BATCH):
+            chunk = entries[start : start + _BATCH]
+
+            async def fetch(chunk: list[tuple[bytes, float]] = chunk) -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for member, _ in chunk:
+                    pipe.hgetall(self.keys.run(member.decode()).rec)
+                return await pipe.execute()
+
+            raws = await self._retrying("list_runs", None, fetch)
+            for (member, score), raw in zip(chunk, raws, strict=True):
+                run_id = member.decode()
+                if raw:
+                    out.append((self._record(run_id, self.keys.run(run_id).rec, raw), member, score))
+                else:  # expired or deleted
+                    await self._zrem_if_score(index, member, score)
+        return out
+
+    async def list_runs(
+        self, workflow: str | None = None, status: RunStatus | None = None
+    ) -> list[RunRecord]:
+        """Records of the runs of ``workflow`` (all when None), oldest first."""
+        index = self.keys.all_runs() if workflow is None else self.keys.workflow_runs(workflow)
+        entries = await self._retrying(
+            "list_runs", None, lambda: self._client.zrange(index, 0, -1, withscores=True)
+        )
+        records = await self._records(index, cast("list[tuple[bytes, float]]", entries))
+        return [r for r, _, _ in records if status is None or r.status == status]
+
+    async def due_gates(self, workflow: str, now: float) -> list[str]:
+        """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
+        index = self.keys.gates(workflow)
+        entries = await self._retrying(
+            "due_gates", None, lambda: self._client.zrangebyscore(index, "-inf", now, withscores=True)
+        )
+        due = []
+        for rec, member, score in await self._records(index, cast("list[tuple[bytes, float]]", entries)):
+            deadline = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
+            if deadline is not None and deadline <= now:
+                due.append(rec.run_id)
+            elif deadline is not None:  # re-filed with a later deadline: correct the entry
+                refile: dict[Any, Any] = {member: deadline}
+                with contextlib.suppress(ConnectionError, TimeoutError):  # best effort, like a drop
+                    await self._client.zadd(index, refile, xx=True)
+            else:  # no longer waiting
+                await self._zrem_if_score(index, member, score)
+        return due
+
+    async def delete(self, run_id: str) -> bool:
+        """Remove a run and everything stored with it; False if it did not exist."""
+        keys = self.keys.run(run_id)
+        raw = await self._retrying("delete", run_id, lambda: self._eval(_S_DELETE, keys, []))
+        self._workflows.pop(run_id, None)
+        if raw is None:
+            return False
+        workflow = decode(run_id, f"{keys.rec}[workflow]", raw)
+
+        async def unindex() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrem(self.keys.all_runs(), run_id)
+            pipe.zrem(self.keys.workflow_runs(str(workflow)), run_id)
+            pipe.zrem(self.keys.gates(str(workflow)), run_id)
+            await pipe.execute()
+
+        await self._retrying("delete", run_id, unindex)
+        return True
+
+    async def close(self) -> None:
+        """Close the connections this store opened (a client passed in stays open)."""
+        if self._owns_client:
+            await self._client.aclose()

@@ -1,0 +1,275 @@
+"""The ``Workflow`` builder and its validated, immutable form ``WorkflowSpec``."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from pydantic import BaseModel, ValidationError
+
+from .agents import Agent, AgentsConfig, TokenBudget
+from .errors import WorkflowDefinitionError
+from .graph import mermaid
+from .steps import END, START, StepFunction, as_step
+from .stores.base import Store
+
+__all__ = ["Persistence", "Workflow", "WorkflowSpec"]
+
+_STORES = ("memory", "sqlite", "redis")
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """What ``Workflow.persistence(...)`` recorded."""
+
+    enabled: bool = True
+    store: str | Store = "sqlite"
+    key_prefix: str = ""
+    url: str | None = None
+    path: str | None = None
+    ttl: float | None = None
+    lease_ttl: float = 15.0
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """A validated workflow, as the engine runs it."""
+
+    name: str
+    description: str
+    input_model: type[BaseModel] | None
+    state_model: type[BaseModel] | None
+    initial_state: dict[str, Any]
+    output_model: type[BaseModel] | None
+    steps: dict[str, StepFunction]
+    main: StepFunction | None
+    max_steps: int
+    persistence: Persistence | None
+    agents: AgentsConfig | None
+    output_types: dict[str, type[BaseModel]] = field(default_factory=dict)
+
+    @property
+    def imperative(self) -> bool:
+        """True for ``.execute(fn)`` workflows."""
+        return self.main is not None
+
+
+def _check_model(model: Any, what: str) -> type[BaseModel]:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise WorkflowDefinitionError(f"{what} must be a pydantic model class, got {model!r}")
+    return model
+
+
+def _referenced_steps(fn: Callable[..., Any], found: dict[str, type[BaseModel]], depth: int = 0) -> None:
+    """Collect declared output models of StepFunctions a function refers to by global or closure name.
+
+    This is how branch outputs (``Parallel([build_linux, ...])``) come back typed after a
+    reload: the types are known from the code, never read from the store.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is None or depth > 3:
+        return
+    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        for name in (*c.co_names, *c.co_freevars):
+            obj = scope.get(name)
+            if isinstance(obj, StepFunction):
+                if obj.output is not None:
+                    found.setdefault(obj.name, obj.output)
+                _referenced_steps(obj.fn, found, depth + 1)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+
+
+class Workflow:
+    """A durable workflow: typed input and state, steps, gates, parallel branches.
+
+    Build it with chained calls; each returns the workflow::
+
+        wf = Workflow("Deploy").input(DeployInput).state(DeployState).flow({START: ..., ...})
+
+    Definition mistakes raise :class:`WorkflowDefinitionError` here or, at the latest,
+    when the workflow is handed to ``WorkflowRunner``; never half-way through a run.
+    """
+
+    def __init__(self, name: str, description: str = "") -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise WorkflowDefinitionError("a workflow needs a non-empty name")
+        self.name = name
+        self.description = description
+        self._input: type[BaseModel] | None = None
+        self._state: type[BaseModel] | None = None
+        self._initial: dict[str, Any] | None = None
+        self._output: type[BaseModel] | None = None
+        self._flow: dict[str, StepFunction] | None = None
+        self._main: StepFunction | None = None
+        self._persistence: Persistence | None = None
+        self._agents: AgentsConfig | None = None
+        self._max_steps = 10_000
+        self._spec: WorkflowSpec | None = None
+
+    def _changed(self) -> Self:
+        self._spec = None
+        return self
+
+    def input(self, model: type[BaseModel]) -> Self:
+        """Declare the input model; run input is validated against it before anything is stored."""
+        self._input = _check_model(model, f"{self.name}.input()")
+        return self._changed()
+
+    def state(self, model: type[BaseModel], initial: Mapping[str, Any] | BaseModel | None = None) -> Self:
+        """Declare the state model, and the initial state when its fields lack defaults."""
+        self._state = _check_model(model, f"{self.name}.state()")
+        if isinstance(initial, BaseModel):
+            initial = initial.model_dump()
+        self._initial = dict(initial) if initial is not None else None
+        return self._changed()
+
+    def output(self, model: type[BaseModel]) -> Self:
+        """Declare the run's output model; the final output is validated into it."""
+        self._output = _check_model(model, f"{self.name}.output()")
+        return self._changed()
+
+    def flow(self, steps: Mapping[str, Callable[..., Any]]) -> Self:
+        """The steps: ``{START: fn, "Name": fn, ...}``; each fn is a sync or async callable of ctx."""
+        if self._main is not None:
+            raise WorkflowDefinitionError(f"workflow {self.name!r} has .execute(); use .flow() or .execute(), not both")
+        if not isinstance(steps, Mapping):
+            raise WorkflowDefinitionError(f"{self.name}.flow() takes a mapping of step name to callable")
+        if START not in steps:
+            raise WorkflowDefinitionError(f"workflow {self.name!r} has no START step: add {{START: first_step, ...}}")
+        flow: dict[str, StepFunction] = {}
+        for name, fn in steps.items():
+            if not isinstance(name, str) or not name:
+                raise WorkflowDefinitionError(f"workflow {self.name!r}: step names must be strings, got {name!r}")
+            if name == END or (name.startswith("__") and name != START):
+                raise WorkflowDefinitionError(f"workflow {self.name!r}: step name {name!r} is reserved")
+            flow[name] = as_step(fn, f"workflow {self.name!r} step {name!r}")
+        self._flow = flow
+        return self._changed()
+
+    def execute(self, fn: Callable[..., Any]) -> Self:
+        """Imperative mode: ``fn(ctx)`` is the whole workflow, replayed from its journal on resume."""
+        if self._flow is not None:
+            raise WorkflowDefinitionError(f"workflow {self.name!r} has .flow(); use .flow() or .execute(), not both")
+        spec = as_step(fn, f"workflow {self.name!r} .execute()")
+        if not spec.is_async:
+            raise WorkflowDefinitionError(f"workflow {self.name!r}: .execute() needs an async function")
+        self._main = spec
+        return self._changed()
+
+    def persistence(
+        self,
+        enabled: bool = True,
+        store: str | Store = "sqlite",
+        key_prefix: str = "",
+        url: str | None = None,
+        path: str | None = None,
+        ttl: float | None = None,
+        lease_ttl: float = 15.0,
+    ) -> Self:
+        """Where runs live: ``"sqlite"`` (embedded default), ``"redis"``, ``"memory"`` or a Store.
+
+        Args:
+            enabled: False keeps runs in memory.
+            store: the store kind or instance.
+            key_prefix: prefix of every key (Redis) or table (SQLite).
+            url: Redis URL (else ``REDIS_URL``, else ``redis://localhost:6379/0``).
+            path: SQLite file (default ``agentflow.db``).
+            ttl: seconds finished runs are kept.
+            lease_ttl: seconds after which a run whose owner stopped renewing may be recovered.
+        """
+        if isinstance(store, str) and store not in _STORES:
+            raise WorkflowDefinitionError(f"unknown store {store!r}; choose one of {list(_STORES)} or pass a Store")
+        if not isinstance(store, str) and not isinstance(store, Store):
+            raise WorkflowDefinitionError(f"store must be one of {list(_STORES)} or a Store, got {store!r}")
+        if lease_ttl <= 0:
+            raise WorkflowDefinitionError(f"lease_ttl must be positive, got {lease_ttl}")
+        if ttl is not None and ttl <= 0:
+            raise WorkflowDefinitionError(f"ttl must be positive, got {ttl}")
+        self._persistence = Persistence(enabled, store, key_prefix, url, path, ttl, lease_ttl)
+        return self._changed()
+
+    def agents(
+        self,
+        agents: Mapping[str, Agent],
+        max_handles: int = 8,
+        acquire_timeout: float | None = None,
+        budget: TokenBudget | None = None,
+    ) -> Self:
+        """LLM agents steps reach through ``ctx.agents``; at most ``max_handles`` open per agent."""
+        for name, agent in agents.items():
+            if not isinstance(agent, Agent):
+                raise WorkflowDefinitionError(f"agent {name!r} must be an Agent(...), got {agent!r}")
+        if max_handles < 1:
+            raise WorkflowDefinitionError(f"max_handles must be at least 1, got {max_handles}")
+        self._agents = AgentsConfig(dict(agents), max_handles, acquire_timeout, budget)
+        return self._changed()
+
+    def max_steps(self, n: int) -> Self:
+        """The loop guard: a run that starts more than ``n`` steps fails with StepLimitExceeded."""
+        if n < 1:
+            raise WorkflowDefinitionError(f"max_steps must be at least 1, got {n}")
+        self._max_steps = n
+        return self._changed()
+
+    def compile(self) -> WorkflowSpec:
+        """Validate the definition and freeze it (cached until the next builder call)."""
+        if self._spec is not None:
+            return self._spec
+        if self._flow is None and self._main is None:
+            raise WorkflowDefinitionError(f"workflow {self.name!r} has no steps: call .flow({{...}}) or .execute(fn)")
+        initial: dict[str, Any] = {}
+        if self._state is not None:
+            try:
+                initial = self._state.model_validate(self._initial or {}).model_dump()
+            except ValidationError as exc:
+                missing = [".".join(map(str, e["loc"])) for e in exc.errors()]
+                raise WorkflowDefinitionError(
+                    f"workflow {self.name!r}: state model {self._state.__name__} cannot be built from "
+                    f"the initial state (fields {missing}); give defaults or .state(Model, initial={{...}})"
+                ) from None
+        steps = self._flow or {}
+        output_types: dict[str, type[BaseModel]] = {}
+        for name, fn in steps.items():
+            if fn.output is not None:
+                output_types[name] = fn.output
+        for fn in [*steps.values(), *([self._main] if self._main else [])]:
+            _referenced_steps(fn.fn, output_types)
+        self._spec = WorkflowSpec(
+            name=self.name,
+            description=self.description,
+            input_model=self._input,
+            state_model=self._state,
+            initial_state=initial,
+            output_model=self._output,
+            steps=steps,
+            main=self._main,
+            max_steps=self._max_steps,
+            persistence=self._persistence,
+            agents=self._agents,
+            output_types=output_types,
+        )
+        return self._spec
+
+    def mermaid(self) -> str:
+        """A Mermaid flowchart of the steps and their edges, gates and parallel branches marked."""
+        if self._main is not None:
+            return f'flowchart TD\n    __start__([START]) --> main["{self._main.name} (imperative)"] --> __end__([END])'
+        return mermaid(dict(self._flow or {}))
+
+    def _repr_markdown_(self) -> str:
+        head = f"**{self.name}**" + (f": {self.description}" if self.description else "")
+        return f"{head}\n\n```mermaid\n{self.mermaid()}\n```"
+
+    def __repr__(self) -> str:
+        kind = "execute" if self._main else f"{len(self._flow or {})} steps"
+        return f"<Workflow {self.name!r} ({kind})>"

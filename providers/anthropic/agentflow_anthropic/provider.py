@@ -1,0 +1,235 @@
+"""``AnthropicProvider``: agentflow agents over the Messages API with the official SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import anthropic
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from agentflow.agents import ProviderReply, ProviderRequest
+from agentflow.errors import ProviderError
+from agentflow.records import Usage
+
+from ._retry import WaitRetryAfter
+
+__all__ = ["AnthropicProvider"]
+
+_T = TypeVar("_T")
+_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Rate limits, request timeouts, 5xx and 529 overloaded, timeouts, dropped connections."""
+    if isinstance(exc, anthropic.APIStatusError):
+        return exc.status_code in (408, 429) or exc.status_code >= 500
+    return isinstance(exc, anthropic.APIConnectionError)  # includes APITimeoutError
+
+
+def _input_tokens(usage: Any) -> int:
+    # Cached prompt tokens are billed input too, and the budget should see them.
+    return sum(
+        getattr(usage, f, None) or 0
+        for f in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+
+
+class AnthropicProvider:
+    """The Messages API through ``anthropic.AsyncAnthropic``.
+
+    The SDK client is made on first use and reused by every handle (one HTTP connection
+    pool). Structured output is a forced tool whose ``input_schema`` is the output
+    model's schema. Rate limits (honouring ``Retry-After``), 5xx / overloaded, timeouts
+    and dropped connections are retried with exponential backoff; any other failure
+    raises :class:`~agentflow.errors.ProviderError` with the status and the server's
+    message.
+
+    Args:
+        api_key: defaults to ``ANTHROPIC_API_KEY`` (or ``ANTHROPIC_AUTH_TOKEN``).
+        base_url: defaults to ``ANTHROPIC_BASE_URL``, else Anthropic's API.
+        timeout: seconds per HTTP attempt (the SDK's default when None).
+        max_attempts: attempts per call, the first included.
+        backoff: first retry wait in seconds when the server names none (doubles each time).
+        max_backoff: longest computed wait.
+        max_retry_after: longest ``Retry-After`` honoured.
+        default_max_tokens: ``max_tokens`` when the agent sets none (Messages requires it).
+        client_options: extra ``AsyncAnthropic(...)`` arguments (``default_headers``, ...).
+    """
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        max_retry_after: float = 60.0,
+        default_max_tokens: int = 1024,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._api_key = api_key
+        self._base_url = base_url
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._wait = WaitRetryAfter(backoff, max_backoff, max_retry_after)
+        self._default_max_tokens = default_max_tokens
+        self._client_options = dict(client_options or {})
+        self._client: anthropic.AsyncAnthropic | None = None
+
+    def __repr__(self) -> str:
+        url = self._base_url or os.environ.get("ANTHROPIC_BASE_URL") or "default"
+        return f"<AnthropicProvider base_url={url}>"
+
+    @property
+    def client(self) -> anthropic.AsyncAnthropic:
+        """The SDK client, created on first use.
+
+        Raises:
+            ProviderError: no API key was given and ``ANTHROPIC_API_KEY`` is not set.
+        """
+        if self._client is None:
+            options: dict[str, Any] = {**self._client_options, "max_retries": 0}
+            key = self._api_key or os.environ.get("ANTHROPIC_API_KEY")
+            token = os.environ.get("ANTHROPIC_AUTH_TOKEN")
+            if key:
+                options["api_key"] = key
+            elif token:
+                options["auth_token"] = token
+            else:
+                raise ProviderError(
+                    "anthropic: no API key. Set the ANTHROPIC_API_KEY environment variable or pass "
+                    "AnthropicProvider(api_key=...).",
+                    provider=self.name,
+                )
+            base_url = self._base_url or os.environ.get("ANTHROPIC_BASE_URL")
+            if base_url:
+                options["base_url"] = base_url
+            if self._timeout is not None:
+                options["timeout"] = self._timeout
+            self._client = anthropic.AsyncAnthropic(**options)
+        return self._client
+
+    async def complete(self, request: ProviderRequest) -> ProviderReply:
+        """Send one Messages request and return the whole reply."""
+        client = self.client
+        params = self._params(request)
+        message = await self._retrying(lambda: client.messages.create(**params))
+        texts: list[str] = []
+        data: Any = None
+        for block in message.content:
+            if block.type == "text":
+                texts.append(block.text)
+            elif block.type == "tool_use" and block.name == params.get("tool_choice", {}).get("name"):
+                data = block.input
+        text = json.dumps(data) if data is not None else "".join(texts)
+        usage = Usage(_input_tokens(message.usage), message.usage.output_tokens)
+        return ProviderReply(text=text, data=data, usage=usage)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
+        """Yield text (or, for structured output, tool-input JSON) deltas, then the whole reply."""
+        client = self.client
+        params = self._params(request)
+        events = await self._retrying(lambda: client.messages.create(stream=True, **params))
+        parts: list[str] = []
+        tool_json: list[str] = []
+        tool_used = False
+        input_tokens = output_tokens = 0
+        try:
+            async with events:
+                async for event in events:
+                    if event.type == "message_start":
+                        input_tokens = _input_tokens(event.message.usage)
+                        output_tokens = event.message.usage.output_tokens
+                    elif event.type == "content_block_start" and event.content_block.type == "tool_use":
+                        tool_used = True
+                    elif event.type == "content_block_delta":
+                        if event.delta.type == "text_delta":
+                            parts.append(event.delta.text)
+                            yield event.delta.text
+                        elif event.delta.type == "input_json_delta" and event.delta.partial_json:
+                            tool_json.append(event.delta.partial_json)
+                            yield event.delta.partial_json
+                    elif event.type == "message_delta":
+                        # message_delta carries cumulative counts; input only when it changed.
+                        output_tokens = event.usage.output_tokens
+                        if event.usage.input_tokens is not None:
+                            input_tokens = _input_tokens(event.usage)
+        except anthropic.AnthropicError as exc:
+            # Deltas were already handed out, so a broken stream cannot be retried here.
+            raise self._error(exc, "the stream broke off") from exc
+        data: Any = None
+        if tool_used:
+            raw = "".join(tool_json)
+            try:
+                data = json.loads(raw) if raw else {}
+            except ValueError:
+                data = None
+        text = json.dumps(data) if data is not None else "".join(parts)
+        yield ProviderReply(text=text, data=data, usage=Usage(input_tokens, output_tokens))
+
+    async def aclose(self) -> None:
+        """Close the SDK client and its connections (a later call makes a new one)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _params(self, request: ProviderRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens or self._default_max_tokens,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        }
+        if request.instructions:
+            params["system"] = request.instructions
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.output_schema is not None:
+            name = _NAME.sub("_", request.output_name or "output")[:64]
+            params["tools"] = [
+                {
+                    "name": name,
+                    "description": f"Give the answer as a {name} object.",
+                    "input_schema": request.output_schema,
+                }
+            ]
+            params["tool_choice"] = {"type": "tool", "name": name}
+        params.update(request.options)
+        return params
+
+    async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await call()
+        except anthropic.AnthropicError as exc:
+            gave_up = f"gave up after {self._max_attempts} attempts" if _transient(exc) else ""
+            raise self._error(exc, gave_up) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _error(self, exc: anthropic.AnthropicError, context: str = "") -> ProviderError:
+        status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else None
+        detail = exc.message if isinstance(exc, anthropic.APIError) else str(exc)
+        body = getattr(exc, "body", None)
+        if isinstance(body, Mapping):
+            error = body.get("error", body)
+            if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+                detail = error["message"]
+        what = f"HTTP {status}" if status is not None else type(exc).__name__
+        suffix = f" ({context})" if context else ""
+        return ProviderError(f"anthropic: {what}: {detail}{suffix}", status=status, provider=self.name)

@@ -1,0 +1,242 @@
+"""``OpenAIProvider``: agentflow agents over Chat Completions with the official SDK."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from agentflow.agents import ProviderReply, ProviderRequest
+from agentflow.errors import ProviderError
+from agentflow.records import Usage
+
+from ._retry import WaitRetryAfter
+
+__all__ = ["OpenAIProvider"]
+
+_T = TypeVar("_T")
+_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Rate limits, request timeouts, 5xx, client timeouts and dropped connections."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 429) or exc.status_code >= 500
+    return isinstance(exc, openai.APIConnectionError)  # includes APITimeoutError
+
+
+def _strict_schema(schema: Any, root: dict[str, Any] | None = None) -> Any:
+    """Make a pydantic JSON schema acceptable to ``strict`` structured outputs.
+
+    Strict mode wants every object closed (``additionalProperties: false``) with all its
+    properties required, and no ``$ref`` carrying sibling keys.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    root = schema if root is None else root
+    if "$ref" in schema and len(schema) > 1:
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        merged = {**target, **schema}
+        merged.pop("$ref")
+        schema = merged
+    out = {key: value for key, value in schema.items() if not (key == "default" and value is None)}
+    for key in ("$defs", "definitions", "properties"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _strict_schema(sub, root) for name, sub in out[key].items()}
+    for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [_strict_schema(sub, root) for sub in out[key]]
+    if isinstance(out.get("items"), dict):
+        out["items"] = _strict_schema(out["items"], root)
+    if out.get("type") == "object":
+        out.setdefault("additionalProperties", False)
+        out["required"] = list(out.get("properties", {}))
+    return out
+
+
+class OpenAIProvider:
+    """Chat Completions through ``openai.AsyncOpenAI``, for OpenAI and compatible servers.
+
+    The SDK client is made on first use and reused by every handle (one HTTP connection
+    pool). Rate limits (honouring ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts
+    and dropped connections are retried with exponential backoff; any other failure
+    raises :class:`~agentflow.errors.ProviderError` with the status and the server's
+    message.
+
+    Args:
+        api_key: defaults to ``OPENAI_API_KEY`` (any value works for a local server).
+        base_url: defaults to ``OPENAI_BASE_URL``, else OpenAI's API.
+        timeout: seconds per HTTP attempt (the SDK's default when None).
+        max_attempts: attempts per call, the first included.
+        backoff: first retry wait in seconds when the server names none (doubles each time).
+        max_backoff: longest computed wait.
+        max_retry_after: longest ``Retry-After`` honoured.
+        max_tokens_param: request field for the output cap; OpenAI's current
+            ``max_completion_tokens``, or ``max_tokens`` for older compatible servers.
+        client_options: extra ``AsyncOpenAI(...)`` arguments (``default_headers``, ...).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        max_retry_after: float = 60.0,
+        max_tokens_param: str = "max_completion_tokens",
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._api_key = api_key
+        self._base_url = base_url
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._wait = WaitRetryAfter(backoff, max_backoff, max_retry_after)
+        self._max_tokens_param = max_tokens_param
+        self._client_options = dict(client_options or {})
+        self._client: openai.AsyncOpenAI | None = None
+
+    def __repr__(self) -> str:
+        return f"<OpenAIProvider base_url={self._base_url or os.environ.get('OPENAI_BASE_URL') or 'default'}>"
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client, created on first use.
+
+        Raises:
+            ProviderError: no API key was given and ``OPENAI_API_KEY`` is not set.
+        """
+        if self._client is None:
+            key = self._api_key or os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise ProviderError(
+                    "openai: no API key. Set the OPENAI_API_KEY environment variable (any value for a "
+                    "local OpenAI-compatible server) or pass OpenAIProvider(api_key=...).",
+                    provider=self.name,
+                )
+            options: dict[str, Any] = {**self._client_options, "api_key": key, "max_retries": 0}
+            base_url = self._base_url or os.environ.get("OPENAI_BASE_URL")
+            if base_url:
+                options["base_url"] = base_url
+            if self._timeout is not None:
+                options["timeout"] = self._timeout
+            self._client = openai.AsyncOpenAI(**options)
+        return self._client
+
+    async def complete(self, request: ProviderRequest) -> ProviderReply:
+        """Send one Chat Completions request and return the whole reply."""
+        client = self.client
+        params = self._params(request)
+        completion = await self._retrying(lambda: client.chat.completions.create(**params))
+        if not completion.choices:
+            raise ProviderError(
+                f"openai: the reply for model {request.model!r} has no choices", provider=self.name
+            )
+        message = completion.choices[0].message
+        text = message.content or message.refusal or ""
+        usage = completion.usage
+        spent = Usage(usage.prompt_tokens, usage.completion_tokens) if usage else Usage()
+        return ProviderReply(text=text, data=_data(request, text), usage=spent)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
+        """Yield content deltas as they arrive, then the whole reply with its usage."""
+        client = self.client
+        params = self._params(request)
+        params["stream_options"] = {"include_usage": True}
+        chunks = await self._retrying(lambda: client.chat.completions.create(stream=True, **params))
+        parts: list[str] = []
+        spent = Usage()
+        try:
+            async with chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        spent = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    for choice in chunk.choices:
+                        if choice.index == 0 and choice.delta.content:
+                            parts.append(choice.delta.content)
+                            yield choice.delta.content
+        except openai.OpenAIError as exc:
+            # Deltas were already handed out, so a broken stream cannot be retried here.
+            raise self._error(exc, "the stream broke off") from exc
+        text = "".join(parts)
+        yield ProviderReply(text=text, data=_data(request, text), usage=spent)
+
+    async def aclose(self) -> None:
+        """Close the SDK client and its connections (a later call makes a new one)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _params(self, request: ProviderRequest) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if request.instructions:
+            messages.append({"role": "system", "content": request.instructions})
+        messages += ({"role": m.role, "content": m.content} for m in request.messages)
+        params: dict[str, Any] = {"model": request.model, "messages": messages}
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            params[self._max_tokens_param] = request.max_tokens
+        if request.output_schema is not None:
+            params["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": _NAME.sub("_", request.output_name or "output")[:64],
+                    "schema": _strict_schema(copy.deepcopy(request.output_schema)),
+                    "strict": True,
+                },
+            }
+        params.update(request.options)
+        return params
+
+    async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await call()
+        except openai.OpenAIError as exc:
+            gave_up = f"gave up after {self._max_attempts} attempts" if _transient(exc) else ""
+            raise self._error(exc, gave_up) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _error(self, exc: openai.OpenAIError, context: str = "") -> ProviderError:
+        status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
+        detail = exc.message if isinstance(exc, openai.APIError) else str(exc)
+        body = getattr(exc, "body", None)
+        if isinstance(body, Mapping):
+            error = body.get("error", body)
+            if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+                detail = error["message"]
+        what = f"HTTP {status}" if status is not None else type(exc).__name__
+        suffix = f" ({context})" if context else ""
+        return ProviderError(f"openai: {what}: {detail}{suffix}", status=status, provider=self.name)
+
+
+def _data(request: ProviderRequest, text: str) -> Any:
+    """The parsed JSON of a structured reply (None when it is not JSON: the pool repairs it)."""
+    if request.output_schema is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,279 @@
+"""The real openai and anthropic SDKs, through the providers, against tests/llm_server.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import openai
+import pytest
+from agentflow_anthropic import AnthropicProvider
+from agentflow_openai import OpenAIProvider
+from llm_server import LLMServer, Reply, ToolCall
+from pydantic import BaseModel
+
+from agentflow.agents import Agent, AgentsConfig, Message, Provider, ProviderReply, ProviderRequest
+from agentflow.errors import ProviderError
+from agentflow.pool import AgentPools, load_provider
+from agentflow.records import Usage
+from agentflow.testing import MemoryJournal
+
+KINDS = ["openai", "anthropic"]
+
+
+class Review(BaseModel):
+    score: int
+    summary: str
+    tags: list[str] = []
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer) -> LLMServer:
+    """Point both SDKs at the local server through their usual variables."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-openai-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-anthropic-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
+    return llm_server
+
+
+@pytest.fixture
+async def provider_factory(env: LLMServer) -> AsyncIterator[Callable[..., Provider]]:
+    """Make providers (fast backoff for retry tests) and close them all afterwards."""
+    made: list[Provider] = []
+
+    def make(kind: str, **options: Any) -> Provider:
+        options.setdefault("backoff", 0.01)
+        cls: Any = OpenAIProvider if kind == "openai" else AnthropicProvider
+        provider: Provider = cls(**options)
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
+
+
+def ask(text: str = "Say hello", **fields: Any) -> ProviderRequest:
+    return ProviderRequest(model="test-model", messages=(Message("user", text),), **fields)
+
+
+async def collect(provider: Provider, request: ProviderRequest) -> tuple[list[str], ProviderReply]:
+    deltas: list[str] = []
+    final = None
+    async for item in provider.stream(request):
+        if isinstance(item, ProviderReply):
+            final = item
+        else:
+            deltas.append(item)
+    assert final is not None
+    return deltas, final
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_plain_reply_with_usage(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.script(Reply(text="Hello there, friend.", input_tokens=11, output_tokens=4))
+    provider = provider_factory(kind)
+    reply = await provider.complete(ask(instructions="Be kind.", temperature=0.2))
+    assert reply == ProviderReply("Hello there, friend.", None, Usage(11, 4))
+    (request,) = env.requests
+    body = request.body
+    assert request.protocol == kind and body["model"] == "test-model" and body["temperature"] == 0.2
+    if kind == "openai":
+        assert body["messages"] == [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Say hello"},
+        ]
+        assert "max_completion_tokens" not in body
+    else:
+        assert body["system"] == "Be kind." and body["messages"] == [{"role": "user", "content": "Say hello"}]
+        assert body["max_tokens"] == 1024  # Messages requires it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streaming_yields_deltas_then_the_reply_with_usage(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.script(Reply(text="one two three four", input_tokens=9, output_tokens=4))
+    deltas, final = await collect(provider_factory(kind), ask(max_tokens=64))
+    assert len(deltas) == 4 and "".join(deltas) == "one two three four"
+    assert final == ProviderReply("one two three four", None, Usage(9, 4))
+    body = env.requests[0].body
+    assert body["stream"] is True
+    if kind == "openai":
+        assert body["stream_options"] == {"include_usage": True} and body["max_completion_tokens"] == 64
+    else:
+        assert body["max_tokens"] == 64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_structured_output(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    data = {"score": 8, "summary": "good", "tags": ["a"]}
+    env.script(data, data)
+    provider = provider_factory(kind)
+    request = ask(output_schema=Review.model_json_schema(), output_name="Review")
+    reply = await provider.complete(request)
+    assert reply.data == data and Review.model_validate_json(reply.text) == Review(**data)
+    deltas, final = await collect(provider, request)
+    assert final.data == data and "".join(deltas).replace(" ", "") == final.text.replace(" ", "")
+    body = env.requests[0].body
+    if kind == "openai":
+        fmt = body["response_format"]
+        assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Review"
+        schema = fmt["json_schema"]["schema"]
+        assert fmt["json_schema"]["strict"] is True and schema["additionalProperties"] is False
+        assert schema["required"] == ["score", "summary", "tags"]  # strict: every field required
+    else:
+        assert body["tool_choice"] == {"type": "tool", "name": "Review"}
+        assert body["tools"][0]["input_schema"] == Review.model_json_schema()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_rate_limit_waits_what_retry_after_says(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.fail(429, retry_after=1, message="slow down")
+    env.script("made it")
+    started = time.monotonic()
+    reply = await provider_factory(kind).complete(ask())
+    waited = time.monotonic() - started
+    assert reply.text == "made it"
+    assert 0.95 <= waited < 2.0  # Retry-After honoured, not the 10 ms backoff
+    assert len(env.requests) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_retry_after_ms_and_the_cap(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.fail(429, retry_after_ms=300)
+    env.fail(429, retry_after=30)  # capped by max_retry_after
+    started = time.monotonic()
+    reply = await provider_factory(kind, max_retry_after=0.2).complete(ask("hi"))
+    waited = time.monotonic() - started
+    assert reply.text == "echo: hi"
+    assert 0.35 <= waited < 1.5
+    assert len(env.requests) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_server_errors_are_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.fail(500, times=2)
+    env.fail(529 if kind == "anthropic" else 503)
+    env.script("finally")
+    assert (await provider_factory(kind).complete(ask())).text == "finally"
+    assert len(env.requests) == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_retries_are_bounded(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.fail(500, times=5, message="still broken")
+    with pytest.raises(ProviderError) as caught:
+        await provider_factory(kind, max_attempts=3).complete(ask())
+    err = caught.value
+    assert err.status == 500 and err.provider == kind
+    assert "still broken" in str(err) and "gave up after 3 attempts" in str(err)
+    assert len(env.requests) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_bad_request_raises_provider_error_with_status_and_message(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.fail(400, message="max_tokens: must be positive")
+    with pytest.raises(ProviderError) as caught:
+        await provider_factory(kind).complete(ask())
+    err = caught.value
+    assert err.status == 400 and err.provider == kind
+    assert str(err) == f"{kind}: HTTP 400: max_tokens: must be positive"
+    assert len(env.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_dropped_connection_is_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.fail(drop=True)
+    env.script("after the drop")
+    assert (await provider_factory(kind).complete(ask())).text == "after the drop"
+    assert len(env.requests) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_timeout_is_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.script(Reply(text="too late", latency=1.0), "in time")
+    assert (await provider_factory(kind, timeout=0.25).complete(ask())).text == "in time"
+    assert len(env.requests) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stream_failures(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+    env.fail(429, retry_after_ms=10)  # before any delta: retried
+    env.script("fine stream")
+    deltas, final = await collect(provider_factory(kind), ask())
+    assert final.text == "fine stream" and len(env.requests) == 2
+    env.fail(mid_stream=True)  # after a delta went out: cannot be retried
+    with pytest.raises(ProviderError, match="stream broke off"):
+        await collect(provider_factory(kind), ask())
+
+
+@pytest.mark.parametrize(("kind", "variable"), [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")])
+async def test_missing_key_is_a_clear_error_at_the_first_call(
+    kind: str, variable: str, provider_factory: Callable[..., Provider], env: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(variable)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    provider = provider_factory(kind)  # constructing is fine
+    with pytest.raises(ProviderError, match=variable) as caught:
+        await provider.complete(ask())
+    assert caught.value.provider == kind
+    assert env.requests == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_pool_loads_providers_by_name_and_reuses_one_client(kind: str, env: LLMServer) -> None:
+    pools = AgentPools(AgentsConfig({"a": Agent(provider=kind, model="m"), "b": Agent(provider=kind, model="m")}))
+    agents = pools.accessor(MemoryJournal())
+    try:
+        async with agents.a as first:
+            await first.send("one")
+            client = first._provider.client  # type: ignore[attr-defined]
+        async with agents.b as second, agents.a as third:
+            await second.send("two")
+            await third.send("three")
+            assert second._provider is third._provider  # type: ignore[attr-defined]
+            assert third._provider.client is client  # type: ignore[attr-defined]
+        assert len(env.requests) == 3
+        assert env.connections <= 2  # keep-alive connections of one client, not one per handle
+    finally:
+        await pools.aclose()
+    assert isinstance(load_provider(kind), OpenAIProvider if kind == "openai" else AnthropicProvider)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_agent_structured_output_with_repair_over_the_wire(kind: str, env: LLMServer) -> None:
+    env.script("Sure! Here it is: score eight", {"score": 8, "summary": "repaired"})
+    pools = AgentPools(AgentsConfig({"critic": Agent(provider=kind, model="m", output=Review)}))
+    journal = MemoryJournal()
+    try:
+        async with pools.accessor(journal).critic as critic:
+            reply = await critic.send("Review the draft")
+            deltas = [d async for d in critic.stream("And again")]  # echo: a sample from the schema
+    finally:
+        await pools.aclose()
+    assert reply.output == Review(score=8, summary="repaired")
+    assert critic.last_reply is not None and isinstance(critic.last_reply.output, Review) and deltas
+    repair = env.requests[1].body["messages"]
+    assert [m["role"] for m in repair] == ["user", "assistant", "user"]
+    assert "did not match the required JSON schema" in repair[2]["content"]
+    assert len(journal.entries) == 3 and journal.usage.total_tokens > 0
+
+
+async def test_openai_tool_calls_over_the_wire(env: LLMServer) -> None:
+    """The server also speaks tool calls, for tests that drive the SDK directly."""
+    env.script(Reply(tool_calls=[ToolCall("lookup", {"q": "agentflow"})]))
+    async with openai.AsyncOpenAI(max_retries=0) as client:
+        completion = await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "find it"}],
+            tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        )
+    (call,) = completion.choices[0].message.tool_calls or []
+    assert call.type == "function" and call.function.name == "lookup" and call.function.arguments == '{"q": "agentflow"}'
