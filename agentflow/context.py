@@ -89,7 +89,7 @@ class _Where:
         self.ctx = ctx
 
     def __str__(self) -> str:
-        return f"run {self.ctx.run_id}, step {self.ctx.step!r}"
+        return f"run {self.ctx.run_id}, step {self.ctx.step_name!r}"
 
 
 
@@ -99,18 +99,17 @@ class StepContext:
     Attributes:
         input: the validated input model.
         run_id: the run.
-        step: the current step's name (a branch's name inside a parallel branch).
         attempt: 1-based attempt number under a retry policy.
         item: the item of a ``Parallel.map`` branch (None elsewhere).
     """
 
-    __slots__ = ("_agents", "_run", "_state", "attempt", "item", "step", "visit")
+    __slots__ = ("_agents", "_run", "_state", "_step", "attempt", "item", "visit")
 
     def __init__(self, run: LiveRun, step: str, visit: int, item: Any = None) -> None:
         self._run = run
         self._state: BaseModel | None = run.state
         self._agents: Any = None
-        self.step = step
+        self._step = step
         self.visit = visit
         self.attempt = 1
         self.item = item
@@ -124,6 +123,20 @@ class StepContext:
     def run_id(self) -> str:
         """The run's id."""
         return self._run.run_id
+
+    @property
+    def step(self) -> Any:
+        """The current step's name (a branch's name inside a parallel branch).
+
+        In an ``.execute(fn)`` workflow ``ctx.step`` is the journaled-call method
+        instead; ``ctx.step_name`` works in both modes.
+        """
+        return self._step
+
+    @property
+    def step_name(self) -> str:
+        """The current step's name, in flow and imperative mode alike."""
+        return self._step
 
     @property
     def state(self) -> Any:
@@ -142,7 +155,7 @@ class StepContext:
         model = run.spec.state_model
         if model is None:
             raise StateValidationError(
-                f"run {run.run_id}, step {self.step!r}: the workflow declares no state model; "
+                f"run {run.run_id}, step {self._step!r}: the workflow declares no state model; "
                 "add .state(Model) to the workflow"
             )
         if updates is None:
@@ -173,7 +186,7 @@ class StepContext:
 
     def emit(self, name: str, data: Any = None) -> None:
         """Record a custom progress event of kind ``name`` on the run."""
-        self._run.emit(RunEvent(name, self._run.run_id, self.step, data))
+        self._run.emit(RunEvent(name, self._run.run_id, self._step, data))
 
     def __repr__(self) -> str:
-        return f"<ctx run={self.run_id} step={self.step!r} attempt={self.attempt}>"
+        return f"<ctx run={self.run_id} step={self._step!r} attempt={self.attempt}>"

@@ -226,9 +226,9 @@ class LiveRun:
         pools = self.engine.pools
         if pools is None:
             raise AgentflowError(
-                f"run {self.run_id}, step {ctx.step!r}: the workflow declares no agents; add .agents({{...}})"
+                f"run {self.run_id}, step {ctx.step_name!r}: the workflow declares no agents; add .agents({{...}})"
             )
-        return pools.accessor(StepJournal(self, f"{ctx.visit}:{ctx.step}:{getattr(ctx, 'journal_scope', '')}"))
+        return pools.accessor(StepJournal(self, f"{ctx.visit}:{ctx.step_name}:{getattr(ctx, 'journal_scope', '')}"))
 
 
 class StepJournal:
@@ -313,9 +313,6 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Any]) -> None:
         await _finish_stopped(run)
     except LeaseLostError as exc:
         log.warning("run %s: %s; this process stops advancing it", run.run_id, exc)
-    except StoreError as exc:
-        log.error("run %s: store failed, the run stays at its last commit: %s", run.run_id, exc)
-        run.failure = exc
     except BaseException as exc:
         step_err = exc if isinstance(exc, StepError) else StepError(run.step, exc)
         await _finish_failed(run, step_err)
@@ -338,7 +335,9 @@ async def _finish_failed(run: LiveRun, err: StepError) -> None:
     try:
         await run.commit(Commit(fields={"status": RunStatus.FAILED, "error": info, "control": None}, release=True))
     except (StoreError, LeaseLostError) as exc:
-        log.error("run %s: could not record its failure: %s", run.run_id, exc)
+        # The store is out of reach: the run stays at its last commit, recoverable later.
+        log.error("run %s: could not record its failure (%s): %s", run.run_id, info["message"], exc)
+        run.failure = err.error if isinstance(err.error, StoreError) else exc
 
 
 async def _finish_stopped(run: LiveRun) -> None:

@@ -597,11 +597,12 @@ class LLMServer:
         await writer.drain()
 
 
-if __name__ == "__main__":  # a standalone server, e.g. to point a real SDK at by hand
+if __name__ == "__main__":  # a standalone server: python tests/llm_server.py [latency-seconds]
     import sys
 
     with LLMServer(latency=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0) as srv:
-        print(
-            f"OPENAI_BASE_URL={srv.openai_base_url}\nANTHROPIC_BASE_URL={srv.anthropic_base_url}", flush=True
-        )
-        threading.Event().wait()
+        print(f"OPENAI_BASE_URL={srv.openai_base_url}\nANTHROPIC_BASE_URL={srv.anthropic_base_url}", flush=True)
+        try:
+            sys.stdin.read()  # serve until stdin closes (the parent exits or closes the pipe)
+        except KeyboardInterrupt:
+            pass

@@ -72,7 +72,9 @@ async def collect(provider: Provider, request: ProviderRequest) -> tuple[list[st
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_plain_reply_with_usage(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_plain_reply_with_usage(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.script(Reply(text="Hello there, friend.", input_tokens=11, output_tokens=4))
     provider = provider_factory(kind)
     reply = await provider.complete(ask(instructions="Be kind.", temperature=0.2))
@@ -108,7 +110,9 @@ async def test_streaming_yields_deltas_then_the_reply_with_usage(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_structured_output(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_structured_output(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     data = {"score": 8, "summary": "good", "tags": ["a"]}
     env.script(data, data)
     provider = provider_factory(kind)
@@ -144,7 +148,9 @@ async def test_rate_limit_waits_what_retry_after_says(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_retry_after_ms_and_the_cap(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_retry_after_ms_and_the_cap(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.fail(429, retry_after_ms=300)
     env.fail(429, retry_after=30)  # capped by max_retry_after
     started = time.monotonic()
@@ -156,7 +162,9 @@ async def test_retry_after_ms_and_the_cap(kind: str, provider_factory: Callable[
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_server_errors_are_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_server_errors_are_retried(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.fail(500, times=2)
     env.fail(529 if kind == "anthropic" else 503)
     env.script("finally")
@@ -165,7 +173,9 @@ async def test_server_errors_are_retried(kind: str, provider_factory: Callable[.
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_retries_are_bounded(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_retries_are_bounded(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.fail(500, times=5, message="still broken")
     with pytest.raises(ProviderError) as caught:
         await provider_factory(kind, max_attempts=3).complete(ask())
@@ -189,7 +199,9 @@ async def test_bad_request_raises_provider_error_with_status_and_message(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_dropped_connection_is_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_dropped_connection_is_retried(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.fail(drop=True)
     env.script("after the drop")
     assert (await provider_factory(kind).complete(ask())).text == "after the drop"
@@ -197,7 +209,9 @@ async def test_dropped_connection_is_retried(kind: str, provider_factory: Callab
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_timeout_is_retried(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
+async def test_timeout_is_retried(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
     env.script(Reply(text="too late", latency=1.0), "in time")
     assert (await provider_factory(kind, timeout=0.25).complete(ask())).text == "in time"
     assert len(env.requests) == 2
@@ -207,16 +221,22 @@ async def test_timeout_is_retried(kind: str, provider_factory: Callable[..., Pro
 async def test_stream_failures(kind: str, provider_factory: Callable[..., Provider], env: LLMServer) -> None:
     env.fail(429, retry_after_ms=10)  # before any delta: retried
     env.script("fine stream")
-    deltas, final = await collect(provider_factory(kind), ask())
+    _, final = await collect(provider_factory(kind), ask())
     assert final.text == "fine stream" and len(env.requests) == 2
     env.fail(mid_stream=True)  # after a delta went out: cannot be retried
     with pytest.raises(ProviderError, match="stream broke off"):
         await collect(provider_factory(kind), ask())
 
 
-@pytest.mark.parametrize(("kind", "variable"), [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")])
+@pytest.mark.parametrize(
+    ("kind", "variable"), [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")]
+)
 async def test_missing_key_is_a_clear_error_at_the_first_call(
-    kind: str, variable: str, provider_factory: Callable[..., Provider], env: LLMServer, monkeypatch: pytest.MonkeyPatch
+    kind: str,
+    variable: str,
+    provider_factory: Callable[..., Provider],
+    env: LLMServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(variable)
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
@@ -229,7 +249,9 @@ async def test_missing_key_is_a_clear_error_at_the_first_call(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_pool_loads_providers_by_name_and_reuses_one_client(kind: str, env: LLMServer) -> None:
-    pools = AgentPools(AgentsConfig({"a": Agent(provider=kind, model="m"), "b": Agent(provider=kind, model="m")}))
+    pools = AgentPools(
+        AgentsConfig({"a": Agent(provider=kind, model="m"), "b": Agent(provider=kind, model="m")})
+    )
     agents = pools.accessor(MemoryJournal())
     try:
         async with agents.a as first:
@@ -276,4 +298,8 @@ async def test_openai_tool_calls_over_the_wire(env: LLMServer) -> None:
             tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
         )
     (call,) = completion.choices[0].message.tool_calls or []
-    assert call.type == "function" and call.function.name == "lookup" and call.function.arguments == '{"q": "agentflow"}'
+    assert (
+        call.type == "function"
+        and call.function.name == "lookup"
+        and call.function.arguments == '{"q": "agentflow"}'
+    )

@@ -68,7 +68,7 @@ def decode(run_id: str, key: str, raw: str | bytes) -> Any:
     """
     try:
         return pydantic_core.from_json(raw)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # TypeError: a NULL or a number where JSON text belongs
         raise CorruptRecordError(run_id, key, f"invalid JSON: {exc}") from exc
 
 

@@ -151,13 +151,14 @@ _BATCH = 256  # records fetched per pipelined round trip when listing
 _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
 
 
-@dataclasses.dataclass(frozen=True)
 class _Script:
-    source: str
+    """A Lua script run by its SHA1 (EVALSHA), loaded on the first NOSCRIPT reply."""
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 _S_CREATE, _S_COMMIT, _S_RENEW, _S_DELETE, _S_ZREM = map(

@@ -165,7 +165,11 @@ class SqliteStore:
         if self._db is None:
             if self._closed:
                 raise StoreError(f"the SQLite store on {self.path} is closed")
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            # check_same_thread=False: a store may be handed from one event loop's thread
+            # to another's (run_sync); calls never overlap, each completes inline.
+            db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
             try:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("PRAGMA synchronous = NORMAL")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 __all__ = ["WaitRetryAfter", "retry_after_seconds"]
@@ -62,7 +62,8 @@ class WaitRetryAfter(wait_base):
         cap: float,
         headers: Callable[[BaseException], Mapping[str, str] | None] = _response_headers,
     ) -> None:
-        self._fallback = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+        # wait_exponential's `multiplier` works on all supported tenacity; jitter's `initial` is deprecated.
+        self._fallback = wait_exponential(multiplier=initial, max=maximum) + wait_random(0, initial)
         self._cap = cap
         self._headers = headers
 

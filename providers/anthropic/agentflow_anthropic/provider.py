@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -84,6 +85,7 @@ class AnthropicProvider:
         self._wait = WaitRetryAfter(backoff, max_backoff, max_retry_after)
         self._default_max_tokens = default_max_tokens
         self._client_options = dict(client_options or {})
+        self._accepted: frozenset[str] = frozenset()
         self._client: anthropic.AsyncAnthropic | None = None
 
     def __repr__(self) -> str:
@@ -117,6 +119,8 @@ class AnthropicProvider:
             if self._timeout is not None:
                 options["timeout"] = self._timeout
             self._client = anthropic.AsyncAnthropic(**options)
+            # Fields this SDK version's create() does not name travel in extra_body instead.
+            self._accepted = frozenset(inspect.signature(self._client.messages.create).parameters)
         return self._client
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
@@ -164,8 +168,9 @@ class AnthropicProvider:
                         output_tokens = event.usage.output_tokens
                         if event.usage.input_tokens is not None:
                             input_tokens = _input_tokens(event.usage)
-        except anthropic.AnthropicError as exc:
-            # Deltas were already handed out, so a broken stream cannot be retried here.
+        except Exception as exc:
+            # Deltas were already handed out, so a broken stream cannot be retried here. Not
+            # every SDK wraps transport errors raised mid-stream, hence the broad except.
             raise self._error(exc, "the stream broke off") from exc
         data: Any = None
         if tool_used:
@@ -204,6 +209,9 @@ class AnthropicProvider:
             ]
             params["tool_choice"] = {"type": "tool", "name": name}
         params.update(request.options)
+        extra = {key: params.pop(key) for key in list(params) if key not in self._accepted}
+        if extra:
+            params["extra_body"] = {**params.get("extra_body", {}), **extra}
         return params
 
     async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
@@ -222,7 +230,7 @@ class AnthropicProvider:
             raise self._error(exc, gave_up) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _error(self, exc: anthropic.AnthropicError, context: str = "") -> ProviderError:
+    def _error(self, exc: Exception, context: str = "") -> ProviderError:
         status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else None
         detail = exc.message if isinstance(exc, anthropic.APIError) else str(exc)
         body = getattr(exc, "body", None)

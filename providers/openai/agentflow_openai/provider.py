@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -108,6 +109,7 @@ class OpenAIProvider:
         self._wait = WaitRetryAfter(backoff, max_backoff, max_retry_after)
         self._max_tokens_param = max_tokens_param
         self._client_options = dict(client_options or {})
+        self._accepted: frozenset[str] = frozenset()
         self._client: openai.AsyncOpenAI | None = None
 
     def __repr__(self) -> str:
@@ -135,6 +137,8 @@ class OpenAIProvider:
             if self._timeout is not None:
                 options["timeout"] = self._timeout
             self._client = openai.AsyncOpenAI(**options)
+            # Fields this SDK version's create() does not name travel in extra_body instead.
+            self._accepted = frozenset(inspect.signature(self._client.chat.completions.create).parameters)
         return self._client
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
@@ -169,8 +173,9 @@ class OpenAIProvider:
                         if choice.index == 0 and choice.delta.content:
                             parts.append(choice.delta.content)
                             yield choice.delta.content
-        except openai.OpenAIError as exc:
-            # Deltas were already handed out, so a broken stream cannot be retried here.
+        except Exception as exc:
+            # Deltas were already handed out, so a broken stream cannot be retried here. Not
+            # every SDK wraps transport errors raised mid-stream, hence the broad except.
             raise self._error(exc, "the stream broke off") from exc
         text = "".join(parts)
         yield ProviderReply(text=text, data=_data(request, text), usage=spent)
@@ -201,6 +206,9 @@ class OpenAIProvider:
                 },
             }
         params.update(request.options)
+        extra = {key: params.pop(key) for key in list(params) if key not in self._accepted}
+        if extra:
+            params["extra_body"] = {**params.get("extra_body", {}), **extra}
         return params
 
     async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
@@ -219,7 +227,7 @@ class OpenAIProvider:
             raise self._error(exc, gave_up) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    def _error(self, exc: openai.OpenAIError, context: str = "") -> ProviderError:
+    def _error(self, exc: Exception, context: str = "") -> ProviderError:
         status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
         detail = exc.message if isinstance(exc, openai.APIError) else str(exc)
         body = getattr(exc, "body", None)

@@ -1,0 +1,119 @@
+"""Agent pool benchmarks.
+
+(a) The median cost of ``await ctx.agents.writer`` + ``await writer.close()`` on the
+    uncontended path (target: under 20 µs).
+(b) 1,000 agent calls through a pool of 32 handles, with the real OpenAI provider and SDK
+    against tests/llm_server.py answering after 50 ms; ideal is 1000 / 32 * 50 ms =
+    1.5625 s (target: within 10 %). The server runs in its own process, as a real API
+    would, so its CPU time does not compete with the client's for one GIL. The same
+    load through a ScriptedProvider sleeping 50 ms shows the pool's own share.
+
+Run: ``.venv/bin/python benchmarks/bench_pool.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agentflow_openai import OpenAIProvider
+
+from agentflow.agents import Agent, AgentsConfig, Provider
+from agentflow.pool import AgentPools
+from agentflow.testing import MemoryJournal, ScriptedProvider
+
+SERVER = Path(__file__).resolve().parents[1] / "tests" / "llm_server.py"
+
+
+@contextmanager
+def llm_server_process(latency: float) -> Iterator[str]:
+    """Run tests/llm_server.py in a child process; yield its OpenAI base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), str(latency)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().removeprefix("OPENAI_BASE_URL=")
+        yield url
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the server exits when its stdin closes
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def acquire_release(per_round: int = 20_000, rounds: int = 15) -> float:
+    """Median µs of one uncontended acquire + release, over ``rounds`` rounds."""
+    pools = AgentPools(AgentsConfig({"writer": Agent(provider=ScriptedProvider(), model="m")}, max_handles=4))
+    agents = pools.accessor(MemoryJournal())
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(per_round):
+            writer = await agents.writer
+            await writer.close()
+        samples.append((time.perf_counter() - started) / per_round * 1e6)
+    # Handles a step forgot are what close_all() is for; here every one was closed.
+    assert await agents.close_all() == []
+    return statistics.median(samples)
+
+
+async def pooled_calls(provider: Provider, calls: int = 1000, handles: int = 32) -> float:
+    """Seconds for ``calls`` one-call steps sharing a pool of ``handles`` handles."""
+    pools = AgentPools(AgentsConfig({"writer": Agent(provider=provider, model="bench")}, max_handles=handles))
+
+    async def step(i: int) -> None:
+        # One step execution per call, with its own accessor and journal, like the engine's.
+        async with pools.accessor(MemoryJournal(scope=f"run:{i}")).writer as writer:
+            await writer.send(f"call {i}")
+
+    try:
+        await asyncio.gather(*(step(i) for i in range(handles)))  # warm up connections and the SDK
+        started = time.perf_counter()
+        await asyncio.gather(*(step(i) for i in range(calls)))
+        elapsed = time.perf_counter() - started
+        stats = pools.statistics()["writer"]
+        assert stats.open == 0 and stats.total_calls == calls + handles, stats
+    finally:
+        await pools.aclose()
+    return elapsed
+
+
+async def main() -> None:
+    cost = await acquire_release()
+    print(f"(a) acquire + release, uncontended: median {cost:.2f} µs  (target < 20 µs)")
+    calls, handles, latency = 1000, 32, 0.05
+    ideal = calls / handles * latency
+    scripted = ScriptedProvider(["ok"] * (calls + handles), latency=latency)
+    elapsed = await pooled_calls(scripted, calls, handles)
+    print(
+        f"    pool alone (ScriptedProvider sleeping {latency * 1000:.0f} ms): {elapsed:.3f} s vs ideal {ideal:.4f} s"
+    )
+    with llm_server_process(latency) as base_url:
+        runs = []
+        for _ in range(3):
+            runs.append(
+                await pooled_calls(OpenAIProvider(api_key="bench", base_url=base_url), calls, handles)
+            )
+    best, median = min(runs), statistics.median(runs)
+    print(
+        f"(b) {calls} calls, {handles} handles, {latency * 1000:.0f} ms latency, OpenAI SDK over HTTP: "
+        f"best {best:.3f} s ({(best / ideal - 1) * 100:+.1f} %), median {median:.3f} s "
+        f"({(median / ideal - 1) * 100:+.1f} %) vs ideal {ideal:.4f} s (target within 10 %; {os.cpu_count()} CPUs)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,261 @@
+"""Durable runs across runners, processes and a Redis restart, on SQLite and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from agentflow import (
+    END,
+    START,
+    HumanApproval,
+    Next,
+    RunStatus,
+    StoreError,
+    Wait,
+    Workflow,
+    WorkflowRunner,
+    step,
+)
+from agentflow.stores.base import Store
+
+from test_crash import _finish, _lines, _spawn, _store, _target, _wait_for
+
+KINDS = ["sqlite", "redis"]
+
+
+class Ticket(BaseModel):
+    title: str
+
+
+class Draft(BaseModel):
+    text: str
+    words: int
+
+
+class Notes(BaseModel):
+    drafts: int = 0
+
+
+@step(output=Draft)
+def write(ctx):
+    ctx.set_state(drafts=ctx.state.drafts + 1)
+    return Next("Review", output=Draft(text=f"notes for {ctx.input.title}", words=3))
+
+
+def review_flow(persist: dict) -> Workflow:
+    return (
+        Workflow("Review")
+        .input(Ticket)
+        .state(Notes)
+        .flow(
+            {
+                START: lambda ctx: "Write",
+                "Review": lambda ctx: Wait(
+                    HumanApproval(["editor"], context={"draft": ctx.step_results["Write"].text}),
+                    "Publish",
+                    on_reject="Write",
+                ),
+                "Write": write,
+                # After a reload, the declared output comes back as a Draft, not a dict.
+                "Publish": lambda ctx: Next(
+                    END,
+                    output={
+                        "typed": type(ctx.step_results["Write"]).__name__,
+                        "edited": ctx.decision.data,
+                        "drafts": ctx.state.drafts,
+                    },
+                ),
+            }
+        )
+        .persistence(**persist)
+    )
+
+
+def _persist(kind: str, target: str, **extra) -> dict:
+    return {"store": kind, ("path" if kind == "sqlite" else "url"): target, **extra}
+
+
+async def _until(handle, status, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while (info := await handle.info()).status != status:
+        assert not info.status.is_final, f"run ended {info.status}: {info.error}"
+        assert time.monotonic() < deadline, f"run stuck at {info.status}"
+        await asyncio.sleep(0.01)
+    return info
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_gate_decided_by_another_runner_after_the_first_closed(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+    async with WorkflowRunner(review_flow(_persist(kind, target))) as first:
+        handle = await first.run({"title": "v2"})
+        info = await _until(handle, RunStatus.WAITING)
+        assert info.pending["context"] == {"draft": "notes for v2"}
+    # Every process that touched the run is gone; a new one decides and carries it on.
+    async with WorkflowRunner(review_flow(_persist(kind, target))) as second:
+        waiting = await second.list_runs(status="waiting")
+        assert [i.run_id for i in waiting] == [handle.run_id]
+        resumed = await second.approve(handle.run_id, by="editor", data={"text": "edited"})
+        result = await resumed.result(timeout=10)
+    assert result.status == RunStatus.COMPLETED
+    assert result.output == {"typed": "Draft", "edited": {"text": "edited"}, "drafts": 1}
+    assert isinstance(result.step_results["Write"], Draft)
+    assert isinstance(result.state, Notes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_gate_approved_from_a_separate_process(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+    async with WorkflowRunner(review_flow(_persist(kind, target))) as runner:
+        handle = await runner.run({"title": "cli"})
+        await _until(handle, RunStatus.WAITING)
+        code = textwrap.dedent(
+            f"""
+            import asyncio, sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_durable import review_flow, _persist
+            from agentflow import WorkflowRunner
+            async def main():
+                async with WorkflowRunner(review_flow(_persist({kind!r}, {target!r}))) as r:
+                    h = await r.approve({handle.run_id!r}, by="editor", comment="ok")
+                    res = await h.result(timeout=10)
+                    print(res.status.value, res.output["drafts"])
+            asyncio.run(main())
+            """
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().split() == ["completed", "1"]
+        # The first process sees the outcome through the shared store.
+        result = await handle.result(timeout=10)
+        assert result.status == RunStatus.COMPLETED
+        decided = [e async for e in handle.events() if e.kind == "decided"]
+        assert decided[0].data["by"] == "editor" and decided[0].data["comment"] == "ok"
+
+
+@pytest.mark.timeout(90)
+async def test_runs_waiting_at_gates_survive_a_redis_restart(redis_server, redis_url):
+    wf = review_flow(_persist("redis", redis_url))
+    async with WorkflowRunner(wf) as runner:
+        handles = [await runner.run({"title": f"t{i}"}) for i in range(5)]
+        for h in handles:
+            await _until(h, RunStatus.WAITING)
+    redis_server.restart(kill=True)  # a crash: only the AOF (appendfsync always) remains
+    async with WorkflowRunner(review_flow(_persist("redis", redis_url))) as runner:
+        assert len(await runner.list_runs(status="waiting")) == 5
+        for i, h in enumerate(handles):
+            resumed = await runner.approve(h.run_id, by="editor")
+            result = await resumed.result(timeout=10)
+            assert result.output["drafts"] == 1, i
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", KINDS)
+async def test_two_processes_recovering_at_once_advance_the_run_once(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+    log = tmp_path / "race.log"
+    first = _spawn("start", "linear", kind, target, log, "race-1", block=True)
+    _wait_for(log, lambda ls: ("start", "C", first.pid) in ls, first)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    racers = [_spawn("recover", "linear", kind, target, log, "race-1", block=False) for _ in range(2)]
+    outs = [_finish(p) for p in racers]
+    assert all("result completed" in o for o in outs)
+    starts = collections.Counter(n for w, n, _ in _lines(log) if w == "start")
+    assert starts == {"A": 1, "B": 1, "C": 2, "D": 1}
+    owners = {pid for w, n, pid in _lines(log) if n == "D"}
+    assert len(owners) == 1 and owners <= {p.pid for p in racers}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_process_that_lost_its_lease_cannot_commit(kind, tmp_path, request, caplog):
+    target = _target(kind, tmp_path, request)
+    release = asyncio.Event()
+
+    async def slow(ctx):
+        await release.wait()
+        ctx.set_state(drafts=99)
+        return END
+
+    wf = Workflow("Lease").state(Notes).flow({START: slow}).persistence(**_persist(kind, target, lease_ttl=30))
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        await asyncio.sleep(0.05)
+        # Another owner takes the run over (as recover() would after an expiry).
+        thief: Store = _store(kind, target)
+        try:
+            import dataclasses
+
+            from agentflow.stores.base import Change
+
+            taken = await thief.update(
+                handle.run_id,
+                lambda r: Change(dataclasses.replace(r, lease_owner="thief", lease_token=r.lease_token + 1)),
+            )
+            assert taken is not None and taken.lease_owner == "thief"
+            release.set()
+            deadline = time.monotonic() + 10
+            while "lease lost" not in caplog.text:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            # The run now belongs to the other owner: this process only follows it.
+            with pytest.raises(TimeoutError):
+                await handle.result(timeout=0.3)
+            rec = await thief.get(handle.run_id)
+        finally:
+            await thief.close()
+    assert rec is not None
+    assert rec.status == RunStatus.RUNNING and rec.lease_owner == "thief"
+    assert rec.state == {"drafts": 0}  # the old owner's step was not committed
+
+
+@pytest.mark.timeout(60)
+async def test_redis_down_at_a_commit_fails_with_store_error_and_writes_nothing(tmp_path):
+    from conftest import RedisServer
+
+    from agentflow.stores.redis import RedisStore
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        gate = asyncio.Event()
+
+        async def first(ctx):
+            ctx.set_state(drafts=1)
+            return "Second"
+
+        async def second(ctx):
+            await gate.wait()
+            ctx.set_state(drafts=2)
+            return END
+
+        store = RedisStore(server.url, retry_for=1.0)
+        wf = Workflow("Down").state(Notes).flow({START: first, "Second": second})
+        async with WorkflowRunner(wf, store=store) as runner:
+            handle = await runner.run()
+            await asyncio.sleep(0.1)
+            server.stop()
+            gate.set()
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await handle.result(timeout=30)
+            assert time.monotonic() - started < 10  # bounded retry, then a clear error
+            assert "redis" in str(info.value).lower()
+            server.start()
+            rec = await store.get(handle.run_id)
+            assert rec is not None and rec.step == "Second" and rec.state == {"drafts": 1}
+        await store.close()
+    finally:
+        server.stop(kill=True)

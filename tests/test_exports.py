@@ -1,0 +1,150 @@
+"""The public namespace: ``agentflow.__all__`` is pinned (SPEC sections 10 and 11)."""
+
+from __future__ import annotations
+
+import agentflow
+
+#: SPEC section 11: everything a user needs, importable from ``agentflow``.
+SPEC_NAMES = [
+    "Workflow",
+    "START",
+    "END",
+    "Next",
+    "Wait",
+    "HumanApproval",
+    "Decision",
+    "Parallel",
+    "BranchError",
+    "step",
+    "RetryPolicy",
+    "WorkflowRunner",
+    "RunHandle",
+    "RunInfo",
+    "RunResult",
+    "RunStatus",
+    "RunEvent",
+    "Steward",
+    "WorkflowInfo",
+    "Agent",
+    "AgentReply",
+    "Usage",
+    "TokenBudget",
+    "Store",
+]
+
+#: SPEC section 10: the errors, all importable from ``agentflow``.
+SPEC_ERRORS = [
+    "AgentflowError",
+    "WorkflowDefinitionError",
+    "InvalidInputError",
+    "StateValidationError",
+    "UnknownStepError",
+    "StepLimitExceeded",
+    "InvalidStateError",
+    "NotAuthorizedError",
+    "RunFailedError",
+    "RunStoppedError",
+    "RunRejectedError",
+    "NonDeterminismError",
+    "PoolTimeoutError",
+    "BudgetExceededError",
+    "ProviderError",
+    "OutputValidationError",
+    "StoreError",
+    "CorruptRecordError",
+    "LeaseLostError",
+]
+
+#: The pinned public namespace, sorted. Adding or removing a public name is an API change.
+EXPECTED = [
+    "Agent",
+    "AgentReply",
+    "AgentflowError",
+    "BranchError",
+    "BudgetExceededError",
+    "CorruptRecordError",
+    "Decision",
+    "END",
+    "HumanApproval",
+    "InvalidInputError",
+    "InvalidStateError",
+    "LeaseLostError",
+    "Next",
+    "NonDeterminismError",
+    "NotAuthorizedError",
+    "OutputValidationError",
+    "Parallel",
+    "PoolTimeoutError",
+    "ProviderError",
+    "RetryPolicy",
+    "RunEvent",
+    "RunFailedError",
+    "RunHandle",
+    "RunInfo",
+    "RunRejectedError",
+    "RunResult",
+    "RunStatus",
+    "RunStoppedError",
+    "START",
+    "StateValidationError",
+    "StepLimitExceeded",
+    "Steward",
+    "Store",
+    "StoreError",
+    "TokenBudget",
+    "UnknownStepError",
+    "Usage",
+    "Wait",
+    "Workflow",
+    "WorkflowDefinitionError",
+    "WorkflowInfo",
+    "WorkflowRunner",
+    "step",
+]
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(agentflow.__all__) == EXPECTED
+    assert len(set(agentflow.__all__)) == len(agentflow.__all__), "a name is listed twice"
+
+
+def test_pinned_list_is_exactly_the_spec() -> None:
+    assert EXPECTED == sorted(SPEC_NAMES + SPEC_ERRORS)
+
+
+def test_every_public_name_is_importable() -> None:
+    for name in agentflow.__all__:
+        assert getattr(agentflow, name, None) is not None, name
+
+
+def test_errors_share_one_root() -> None:
+    for name in SPEC_ERRORS:
+        err = getattr(agentflow, name)
+        assert isinstance(err, type) and issubclass(err, agentflow.AgentflowError), name
+    assert issubclass(agentflow.AgentflowError, Exception)
+    assert issubclass(agentflow.CorruptRecordError, agentflow.StoreError)
+    assert issubclass(agentflow.LeaseLostError, agentflow.StoreError)
+
+
+def test_run_status_is_a_str_enum_of_the_lifecycle() -> None:
+    status = agentflow.RunStatus
+    assert status.COMPLETED == "completed"
+    assert isinstance(status.WAITING, str)
+    assert [s.value for s in status] == [
+        "pending",
+        "running",
+        "paused",
+        "waiting",
+        "completed",
+        "failed",
+        "stopped",
+        "rejected",
+        "expired",
+    ]
+    assert {s for s in status if s.is_final} == {
+        status.COMPLETED,
+        status.FAILED,
+        status.STOPPED,
+        status.REJECTED,
+        status.EXPIRED,
+    }

@@ -1,0 +1,243 @@
+"""RedisStore beyond the conformance suite: round trips, key layout, restarts, outages."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from conftest import RedisServer, free_port
+from redis.asyncio.client import Pipeline
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError
+from store_helpers import State, event, record, started
+
+from agentflow.errors import StoreError, WorkflowDefinitionError
+from agentflow.records import Commit, OutputRecord, RunRecord, RunStatus
+from agentflow.stores import Change, Lease, MemoryStore, SqliteStore, open_store
+from agentflow.stores.redis import RedisStore
+
+
+class CountingConnection(aioredis.Connection):
+    """Counts writes to the socket: one per command, or one per pipeline."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def _commits_stat(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_commit_renew_get_are_one_round_trip_each(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    store = RedisStore(client=client)
+    try:
+        lease = await started(store)
+        await store.commit("r1", lease, Commit(fields={"step": "warm-up"}))  # loads the script
+        commit = Commit(
+            fields={"state": State(artifact="a", count=1), "step": "B", "visit": 1},
+            outputs=[OutputRecord(1, "A", {"x": 1})],
+            events=[event("step_started", 2), event("step_completed", 3)],
+            journal={"A/1": "reply"},
+        )
+        evalsha_before = await _commits_stat(client)
+        CountingConnection.sends = 0
+        await store.commit("r1", lease, commit)
+        assert CountingConnection.sends == 1
+        assert await _commits_stat(client) == evalsha_before + 1
+        # A gate's deadline goes to its index in the same round trip.
+        CountingConnection.sends = 0
+        pending = {"approvers": ["ops"], "deadline": time.time() - 1}
+        await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
+        assert CountingConnection.sends == 1
+        assert await store.due_gates("wf", time.time()) == ["r1"]
+        CountingConnection.sends = 0
+        await store.renew("r1", lease, 15.0)
+        assert CountingConnection.sends == 1
+        CountingConnection.sends = 0
+        await store.get("r1")
+        assert CountingConnection.sends == 1
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_keys_are_prefixed_and_hash_tagged(redis_url: str) -> None:
+    store = RedisStore(redis_url, key_prefix="app:", ttl=None)
+    try:
+        lease = await started(store, "run-1")
+        pending = {"deadline": time.time() + 60}
+        await store.commit(
+            "run-1",
+            lease,
+            Commit(
+                fields={"status": RunStatus.WAITING, "pending": pending},
+                outputs=[OutputRecord(1, "A", 1)],
+                events=[event("waiting", 2)],
+                journal={"A/1": 1},
+                release=True,
+            ),
+        )
+        keys = {k.decode() for k in await store.client.keys("*")}
+        run_keys = set(store.keys.run("run-1"))
+        assert keys == run_keys | {"app:runs", "app:wf:wf:runs", "app:wf:wf:gates"}
+        assert all(k.startswith("app:") for k in keys)
+        assert all("{run-1}" in k for k in run_keys)
+        assert len({key_slot(k.encode()) for k in run_keys}) == 1
+        # Every record field is a JSON string, so the Lua scripts never parse JSON.
+        raw = await store.client.hgetall(store.keys.run("run-1").rec)
+        assert raw[b"status"] == b'"waiting"' and raw[b"lease_owner"] == b"null"
+    finally:
+        await store.close()
+
+
+async def test_records_survive_a_redis_crash_and_restart(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        lease = await started(store)
+        await store.commit(
+            "r1", lease, Commit(fields={"step": "B", "visit": 1}, outputs=[OutputRecord(1, "A", 1)])
+        )
+        redis_server.restart(kill=True)  # SIGKILL: only what the AOF holds comes back
+        loaded = await store.load("r1")  # the same store reconnects by itself
+        assert loaded is not None
+        assert (loaded.record.step, loaded.record.visit, len(loaded.outputs)) == ("B", 1, 1)
+        # The restarted server forgot the scripts: commit reloads them.
+        await store.commit("r1", lease, Commit(fields={"step": "C"}))
+        rec = await store.get("r1")
+        assert rec is not None and rec.step == "C"
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", retry_for=0.5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"run r1: Redis at 127\.0\.0\.1:\d+/0 unreachable for 0\.5 s"):
+            await store.commit("r1", Lease("w1", 1), Commit(fields={"step": "B"}))
+        assert 0.4 < time.monotonic() - t0 < 3
+        with pytest.raises(StoreError, match="unreachable"):
+            await store.get("r1")
+    finally:
+        await store.close()
+
+
+async def test_a_commit_retried_after_a_lost_reply_applies_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(redis_url)
+    try:
+        lease = await started(store)
+        real = store.client.evalsha
+        lost = []
+
+        async def reply_lost_once(*args: Any) -> Any:
+            result = await real(*args)
+            if not lost:
+                lost.append(result)
+                raise ConnectionError("connection reset after the script ran")
+            return result
+
+        monkeypatch.setattr(store.client, "evalsha", reply_lost_once)
+        commit = Commit(fields={"visit": 1}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)])
+        assert await store.commit("r1", lease, commit) is None
+        assert lost  # the first attempt did run
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.event_count == 2 and len(loaded.outputs) == 1
+        assert [e.seq for e in await store.events("r1")] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_stale_index_entries_are_dropped(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        await store.create(record("gone"), [])
+        await store.client.delete(*store.keys.run("gone"))  # as if it expired
+        await store.client.zadd(store.keys.gates("wf"), {"gone": 1.0})
+        await store.create(record("r1", status=RunStatus.RUNNING), [])
+        await store.client.zadd(store.keys.gates("wf"), {"r1": 1.0})  # not waiting
+        assert [r.run_id for r in await store.list_runs("wf")] == ["r1"]
+        assert await store.due_gates("wf", time.time()) == []
+        assert await store.client.zrange(store.keys.workflow_runs("wf"), 0, -1) == [b"r1"]
+        assert await store.client.zcard(store.keys.gates("wf")) == 0
+    finally:
+        await store.close()
+
+
+async def test_update_retries_when_another_writer_gets_in_first(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url)
+    db = redis_url.rsplit("/", 1)[1]
+    try:
+        await store.create(record(), [])
+        seen: list[str | None] = []
+
+        def bump(rec: RunRecord) -> Change:
+            seen.append(rec.control)
+            if len(seen) == 1:  # a competing writer between our read and our EXEC
+                redis_server.command("HSET", store.keys.run("r1").rec, "control", '"stop"', db=int(db))
+            return Change(dataclasses.replace(rec, visit=rec.visit + 1))
+
+        rec = await store.update("r1", bump)
+        assert seen == [None, "stop"]  # the change ran again on the fresh record
+        assert rec is not None and (rec.visit, rec.control) == (1, "stop")
+    finally:
+        await store.close()
+
+
+async def test_update_is_not_applied_twice_after_a_lost_exec_reply(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(redis_url)
+    try:
+        await store.create(record(), [])
+        real_execute = Pipeline.execute
+        lost: list[bool] = []
+
+        async def execute_reply_lost(self: Pipeline, raise_on_error: bool = True) -> Any:
+            result = await real_execute(self, raise_on_error)
+            if not lost:
+                lost.append(True)
+                raise ConnectionError("connection reset after EXEC")
+            return result
+
+        monkeypatch.setattr(Pipeline, "execute", execute_reply_lost)
+        calls: list[int] = []
+
+        def bump(rec: RunRecord) -> Change:
+            calls.append(rec.visit)
+            return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event("bumped", 1)])
+
+        rec = await store.update("r1", bump)
+        assert lost and calls == [0]
+        assert rec is not None and rec.visit == 1
+        got = await store.get("r1")
+        assert got is not None and (got.visit, got.event_count) == (1, 1)
+    finally:
+        await store.close()
+
+
+async def test_open_store_builds_each_kind(redis_url: str, tmp_path: Path) -> None:
+    assert isinstance(open_store(), MemoryStore)
+    sqlite = open_store("sqlite", path=str(tmp_path / "x.db"), key_prefix="p:", ttl=5)
+    assert isinstance(sqlite, SqliteStore) and sqlite.key_prefix == "p:" and sqlite.ttl == 5
+    red = open_store("redis", url=redis_url, key_prefix="p:")
+    try:
+        assert isinstance(red, RedisStore) and red.keys.all_runs() == "p:runs"
+        assert open_store(red) is red
+        with pytest.raises(WorkflowDefinitionError, match="memory, sqlite, redis"):
+            open_store("postgres")
+    finally:
+        await red.close()
+        await sqlite.close()
