@@ -103,11 +103,12 @@ class StepContext:
         item: the item of a ``Parallel.map`` branch (None elsewhere).
     """
 
-    __slots__ = ("_agents", "_run", "_state", "_step", "attempt", "item", "visit")
+    __slots__ = ("_agents", "_base", "_run", "_state", "_step", "attempt", "item", "visit")
 
     def __init__(self, run: LiveRun, step: str, visit: int, item: Any = None) -> None:
         self._run = run
         self._state: BaseModel | None = run.state
+        self._base: BaseModel | None = None
         self._agents: Any = None
         self._step = step
         self.visit = visit
@@ -166,6 +167,14 @@ class StepContext:
         else:
             data = {**updates, **fields}
         self._state = validate_state(model, self._state, data, _Where(self))
+
+    def _begin_attempt(self, attempt: int) -> None:
+        """Start attempt ``attempt``: a failed attempt's ``set_state`` calls do not carry over."""
+        if attempt == 1:
+            self._base = self._state
+        else:
+            self._state = self._base
+        self.attempt = attempt
 
     @property
     def step_results(self) -> StepResults:

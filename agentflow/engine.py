@@ -544,6 +544,11 @@ class BranchContext(StepContext):
         self.journal_scope = scope
         self.updates: dict[str, Any] = {}
 
+    def _begin_attempt(self, attempt: int) -> None:
+        super()._begin_attempt(attempt)
+        if attempt > 1:
+            self.updates = {}
+
     def set_state(self, updates: Any = None, /, **fields: Any) -> None:
         super().set_state(updates, **fields)
         if isinstance(updates, BaseModel):

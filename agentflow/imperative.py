@@ -180,7 +180,7 @@ async def _call(spec: StepFunction, args: tuple[Any, ...], kwargs: dict[str, Any
     async for trial in policy.retrying():
         with trial:
             attempt += 1
-            ctx.attempt = attempt
+            ctx._begin_attempt(attempt)
             return await once()
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -190,6 +190,8 @@ async def invoke(
 ) -> Any:
     """Call a step with its timeout and retry policy, keeping ``arg.attempt`` 1-based.
 
+    ``arg`` is a step context: each attempt starts from the state the first one saw.
+
     ``on_retry(attempt, error)`` is told of each failed attempt that will be retried.
     """
     policy = spec.retry
@@ -199,7 +201,7 @@ async def invoke(
     async for trial in policy.retrying():
         with trial:
             attempt += 1
-            arg.attempt = attempt
+            arg._begin_attempt(attempt)
             try:
                 return await _once(spec, arg)
             except Exception as exc:

@@ -21,46 +21,16 @@ schema.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from llm_wire import Exchange, Reply, ToolCall, anthropic_reply, error_body, openai_reply
+
 __all__ = ["Failure", "LLMServer", "RecordedRequest", "Reply", "ToolCall"]
-
-
-@dataclass
-class ToolCall:
-    """A tool call the model "makes": OpenAI ``tool_calls`` / an Anthropic ``tool_use`` block."""
-
-    name: str
-    arguments: dict[str, Any]
-    id: str = ""
-
-
-@dataclass
-class Reply:
-    """A scripted answer.
-
-    Attributes:
-        text: the reply text (OpenAI content / an Anthropic text block).
-        data: structured output: JSON content for OpenAI; for Anthropic the input of
-            the forced tool's ``tool_use`` block (or JSON text when no tool was forced).
-        tool_calls: tool calls to return instead of text.
-        input_tokens / output_tokens: usage to report (default: word counts).
-        latency: seconds before answering (default: the server's ``latency``).
-    """
-
-    text: str | None = None
-    data: Any = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    latency: float | None = None
 
 
 @dataclass
@@ -107,42 +77,6 @@ class RecordedRequest:
         return isinstance(self.body, dict) and bool(self.body.get("stream"))
 
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}
-_PIECES = re.compile(r"\s*\S+\s*|\s+")
-
-
-def _words(text: Any) -> int:
-    return len(str(text).split()) if text else 0
-
-
-def _sample(schema: Any, root: dict[str, Any]) -> Any:
-    """A small instance of a JSON schema, for default structured replies."""
-    if not isinstance(schema, dict):
-        return None
-    if "$ref" in schema:
-        target: Any = root
-        for part in schema["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        return _sample(target, root)
-    for key in ("anyOf", "oneOf", "allOf"):
-        if schema.get(key):
-            return _sample(schema[key][0], root)
-    if "enum" in schema:
-        return schema["enum"][0]
-    kind = schema.get("type")
-    if kind == "object" or "properties" in schema:
-        return {name: _sample(sub, root) for name, sub in schema.get("properties", {}).items()}
-    return {"array": [], "string": "sample", "integer": 1, "number": 1.0, "boolean": True}.get(str(kind))
-
-
 class LLMServer:
     """The fake LLM API. Start it with ``start()`` or ``with LLMServer() as server:``.
 
@@ -157,7 +91,6 @@ class LLMServer:
         self._queue: deque[Reply | Failure] = deque()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -322,286 +255,41 @@ class LLMServer:
             self._requests.append(RecordedRequest(method, path, headers, body, time.time()))
         keep_alive = headers.get("connection", "").lower() != "close"
         protocol = "anthropic" if path.rstrip("/").endswith("/messages") else "openai"
+        http = Exchange(writer)
         if method != "POST" or not path.rstrip("/").endswith(("/chat/completions", "/messages")):
-            await self._send_json(
-                writer, 404, self._error_body(protocol, 404, f"no route {method} {path}"), {}
-            )
+            await http.json(404, error_body(protocol, 404, f"no route {method} {path}"))
             return keep_alive
         if not isinstance(body, dict):
-            await self._send_json(
-                writer, 400, self._error_body(protocol, 400, "body is not a JSON object"), {}
-            )
+            await http.json(400, error_body(protocol, 400, "body is not a JSON object"))
             return keep_alive
         with self._lock:
             item = self._queue.popleft() if self._queue else None
         if isinstance(item, Failure):
-            return await self._fail(writer, protocol, item, body) and keep_alive
+            await asyncio.sleep(item.latency)
+            if item.drop or (item.mid_stream and not body.get("stream")):
+                return False  # the caller closes the connection unanswered
+            if not item.mid_stream:
+                extra = {"retry-after": item.retry_after, "retry-after-ms": item.retry_after_ms}
+                headers = {k: f"{v:g}" for k, v in extra.items() if v is not None}
+                await http.json(item.status, error_body(protocol, item.status, item.message), headers)
+                return keep_alive
+            # Drop once the first text delta is out: OpenAI sends a role chunk first,
+            # Anthropic message_start, ping and content_block_start.
+            http.abort_after = 2 if protocol == "openai" else 4
+            item = Reply(text="partial reply that never ends")
         reply = item or Reply()
         await asyncio.sleep(self.latency if reply.latency is None else reply.latency)
-        if protocol == "openai":
-            await self._openai(writer, body, reply)
-        else:
-            await self._anthropic(writer, body, reply)
+        await (openai_reply if protocol == "openai" else anthropic_reply)(http, body, reply)
         return keep_alive
-
-    async def _fail(self, writer: asyncio.StreamWriter, protocol: str, failure: Failure, body: Any) -> bool:
-        await asyncio.sleep(failure.latency)
-        if failure.drop or (failure.mid_stream and not body.get("stream")):
-            writer.transport.abort()
-            return False
-        if failure.mid_stream:
-            self._head(writer, 200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
-            if protocol == "openai":
-                chunk = {
-                    "id": "chatcmpl-x",
-                    "object": "chat.completion.chunk",
-                    "created": 0,
-                    "model": "m",
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial "}}],
-                }
-                await self._event(writer, chunk)
-            else:
-                start = {
-                    "id": "msg_x",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": "m",
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": 1, "output_tokens": 1},
-                }
-                await self._event(writer, {"type": "message_start", "message": start}, "message_start")
-                block = {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                }
-                await self._event(writer, block, "content_block_start")
-                delta = {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": "partial "},
-                }
-                await self._event(writer, delta, "content_block_delta")
-            writer.transport.abort()
-            return False
-        extra = {}
-        if failure.retry_after is not None:
-            extra["retry-after"] = f"{failure.retry_after:g}"
-        if failure.retry_after_ms is not None:
-            extra["retry-after-ms"] = f"{failure.retry_after_ms:g}"
-        await self._send_json(
-            writer, failure.status, self._error_body(protocol, failure.status, failure.message), extra
-        )
-        return True
-
-    def _error_body(self, protocol: str, status: int, message: str) -> dict[str, Any]:
-        kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        if protocol == "anthropic":
-            return {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_test"}
-        openai_kind = "server_error" if status >= 500 else kind.replace("rate_limit_error", "requests")
-        return {"error": {"message": message, "type": openai_kind, "param": None, "code": None}}
-
-    # -- the two protocols -------------------------------------------------------------
-
-    def _usage(self, body: dict[str, Any], reply: Reply, output: str) -> tuple[int, int]:
-        prompt = sum(_words(m.get("content")) for m in body.get("messages", [])) + _words(body.get("system"))
-        used_in = reply.input_tokens if reply.input_tokens is not None else prompt
-        used_out = reply.output_tokens if reply.output_tokens is not None else max(_words(output), 1)
-        return used_in, used_out
-
-    def _default_text(self, body: dict[str, Any]) -> str:
-        messages = body.get("messages") or [{}]
-        content = messages[-1].get("content", "")
-        if isinstance(content, list):  # content blocks
-            content = " ".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
-        return f"echo: {content}"
-
-    async def _openai(self, writer: asyncio.StreamWriter, body: dict[str, Any], reply: Reply) -> None:
-        fmt = body.get("response_format") or {}
-        data = reply.data
-        if data is None and reply.text is None and fmt.get("type") == "json_schema":
-            schema = fmt["json_schema"]["schema"]
-            data = _sample(schema, schema)
-        calls = [
-            {
-                "id": c.id or f"call_{next(self._ids)}",
-                "type": "function",
-                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
-            }
-            for c in reply.tool_calls
-        ]
-        content = None if calls else json.dumps(data) if data is not None else reply.text
-        if content is None and not calls:
-            content = self._default_text(body)
-        used_in, used_out = self._usage(body, reply, content or json.dumps([c["function"] for c in calls]))
-        usage = {"prompt_tokens": used_in, "completion_tokens": used_out, "total_tokens": used_in + used_out}
-        finish = "tool_calls" if calls else "stop"
-        base = {
-            "id": f"chatcmpl-{next(self._ids)}",
-            "created": int(time.time()),
-            "model": body.get("model", ""),
-        }
-        if not body.get("stream"):
-            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-            if calls:
-                message["tool_calls"] = calls
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            await self._send_json(
-                writer, 200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-            )
-            return
-        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunk = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
-        if with_usage:
-            chunk["usage"] = None
-
-        def delta(d: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-            return {
-                **chunk,
-                "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}],
-            }
-
-        self._head(writer, 200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
-        await self._event(writer, delta({"role": "assistant", "content": "", "refusal": None}))
-        for piece in _PIECES.findall(content or ""):
-            await self._event(writer, delta({"content": piece}))
-        for i, call in enumerate(calls):
-            head = {
-                "index": i,
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""},
-            }
-            await self._event(writer, delta({"tool_calls": [head]}))
-            args = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
-            await self._event(writer, delta({"tool_calls": [args]}))
-        await self._event(writer, delta({}, finish))
-        if with_usage:
-            await self._event(writer, {**chunk, "choices": [], "usage": usage})
-        await self._raw(writer, b"data: [DONE]\n\n")
-        await self._raw(writer, b"")
-
-    async def _anthropic(self, writer: asyncio.StreamWriter, body: dict[str, Any], reply: Reply) -> None:
-        forced = body.get("tool_choice") or {}
-        tool_name = forced.get("name") if forced.get("type") == "tool" else None
-        blocks: list[dict[str, Any]] = []
-        data = reply.data
-        if tool_name and data is None and reply.text is None and not reply.tool_calls:
-            schema = next(
-                (t["input_schema"] for t in body.get("tools", []) if t.get("name") == tool_name), {}
-            )
-            data = _sample(schema, schema)
-        if tool_name and data is not None:
-            blocks.append(
-                {"type": "tool_use", "id": f"toolu_{next(self._ids)}", "name": tool_name, "input": data}
-            )
-        elif data is not None:
-            blocks.append({"type": "text", "text": json.dumps(data)})
-        for call in reply.tool_calls:
-            blocks.append(
-                {
-                    "type": "tool_use",
-                    "id": call.id or f"toolu_{next(self._ids)}",
-                    "name": call.name,
-                    "input": call.arguments,
-                }
-            )
-        if not blocks:
-            blocks.append(
-                {"type": "text", "text": reply.text if reply.text is not None else self._default_text(body)}
-            )
-        said = " ".join(b["text"] if b["type"] == "text" else json.dumps(b["input"]) for b in blocks)
-        used_in, used_out = self._usage(body, reply, said)
-        stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
-        message = {
-            "id": f"msg_{next(self._ids)}",
-            "type": "message",
-            "role": "assistant",
-            "model": body.get("model", ""),
-            "stop_reason": stop,
-            "stop_sequence": None,
-        }
-        if not body.get("stream"):
-            usage = {"input_tokens": used_in, "output_tokens": used_out}
-            await self._send_json(
-                writer, 200, {**message, "content": blocks, "usage": usage}, {"request-id": "req_test"}
-            )
-            return
-        self._head(writer, 200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
-        start = {
-            **message,
-            "content": [],
-            "stop_reason": None,
-            "usage": {"input_tokens": used_in, "output_tokens": 1},
-        }
-        await self._event(writer, {"type": "message_start", "message": start}, "message_start")
-        await self._event(writer, {"type": "ping"}, "ping")
-        for i, block in enumerate(blocks):
-            if block["type"] == "text":
-                empty, pieces = {"type": "text", "text": ""}, _PIECES.findall(block["text"])
-                deltas = [{"type": "text_delta", "text": p} for p in pieces]
-            else:
-                empty = {**block, "input": {}}
-                encoded = json.dumps(block["input"])
-                half = len(encoded) // 2
-                deltas = [
-                    {"type": "input_json_delta", "partial_json": p} for p in (encoded[:half], encoded[half:])
-                ]
-            await self._event(
-                writer,
-                {"type": "content_block_start", "index": i, "content_block": empty},
-                "content_block_start",
-            )
-            for d in deltas:
-                await self._event(
-                    writer, {"type": "content_block_delta", "index": i, "delta": d}, "content_block_delta"
-                )
-            await self._event(writer, {"type": "content_block_stop", "index": i}, "content_block_stop")
-        end = {
-            "type": "message_delta",
-            "delta": {"stop_reason": stop, "stop_sequence": None},
-            "usage": {"output_tokens": used_out},
-        }
-        await self._event(writer, end, "message_delta")
-        await self._event(writer, {"type": "message_stop"}, "message_stop")
-        await self._raw(writer, b"")
-
-    # -- HTTP plumbing -----------------------------------------------------------------
-
-    def _head(self, writer: asyncio.StreamWriter, status: int, headers: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "connection: keep-alive"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-
-    async def _send_json(
-        self, writer: asyncio.StreamWriter, status: int, body: Any, headers: dict[str, str] | None = None
-    ) -> None:
-        payload = json.dumps(body).encode()
-        self._head(
-            writer,
-            status,
-            {"content-type": "application/json", "content-length": str(len(payload)), **(headers or {})},
-        )
-        writer.write(payload)
-        await writer.drain()
-
-    async def _event(self, writer: asyncio.StreamWriter, data: Any, event: str | None = None) -> None:
-        text = (f"event: {event}\n" if event else "") + f"data: {json.dumps(data)}\n\n"
-        await self._raw(writer, text.encode())
-
-    async def _raw(self, writer: asyncio.StreamWriter, payload: bytes) -> None:
-        # One HTTP chunk per SSE event; an empty payload is the final zero-length chunk.
-        writer.write(b"%x\r\n%s\r\n" % (len(payload), payload))
-        await writer.drain()
 
 
 if __name__ == "__main__":  # a standalone server: python tests/llm_server.py [latency-seconds]
     import sys
 
     with LLMServer(latency=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0) as srv:
-        print(f"OPENAI_BASE_URL={srv.openai_base_url}\nANTHROPIC_BASE_URL={srv.anthropic_base_url}", flush=True)
+        print(
+            f"OPENAI_BASE_URL={srv.openai_base_url}\nANTHROPIC_BASE_URL={srv.anthropic_base_url}", flush=True
+        )
         try:
             sys.stdin.read()  # serve until stdin closes (the parent exits or closes the pipe)
         except KeyboardInterrupt:

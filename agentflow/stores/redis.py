@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import os
 import random
@@ -40,6 +39,7 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 
 from ..errors import CorruptRecordError, LeaseLostError, StoreError
 from ..records import FINAL, Commit, RunEvent, RunRecord, RunStatus
+from . import lua
 from .base import Change, Lease, LoadedRun
 from .codec import (
     RECORD_FIELDS,
@@ -60,110 +60,8 @@ __all__ = ["RedisStore"]
 
 T = TypeVar("T")
 
-_LIB = """
-local function hset_range(key, from, to)  -- ARGV[from..to] are field/value pairs
-  for i = from, to, 1000 do redis.call('HSET', key, unpack(ARGV, i, math.min(i + 999, to))) end
-end
-local function push_range(key, from, to)
-  for i = from, to, 1000 do redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 999, to))) end
-end
-local FINAL = {FINAL_JSON}
-""".replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
-
-# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.
-_CREATE = (
-    _LIB
-    + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], '_commit') == ARGV[1] then return 1 end
-  return 0
-end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-local n = tonumber(ARGV[3])
-hset_range(KEYS[1], 4, 3 + 2 * n)
-redis.call('HSET', KEYS[1], '_commit', ARGV[1])
-push_range(KEYS[2], 4 + 2 * n, #ARGV)
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end end
-return 1
-"""
-)
-
-# KEYS: rec, events, outputs, journal.
-# ARGV: nonce, owner, token, release, ttl_ms, updated_at, n_fields, n_events, n_outputs,
-#       n_journal, then field pairs, events, outputs, journal pairs.
-_COMMIT = (
-    _LIB
-    + """
-local rec = KEYS[1]
-if redis.call('HGET', rec, '_commit') == ARGV[1] then
-  return {1, redis.call('HGET', rec, 'control')}
-end
-local owner = redis.call('HGET', rec, 'lease_owner')
-if not owner then return {0, 'the run no longer exists'} end
-if owner ~= ARGV[2] or redis.call('HGET', rec, 'lease_token') ~= ARGV[3] then return {0, 'stale'} end
-local nf, ne, no, nj = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
--- The first write: on a damaged count it fails before anything has changed.
-redis.call('HINCRBY', rec, 'event_count', ne)
-local i = 11
-hset_range(rec, i, i + 2 * nf - 1)
-i = i + 2 * nf
-redis.call('HSET', rec, 'updated_at', ARGV[6], '_commit', ARGV[1])
-if ARGV[4] == '1' then redis.call('HSET', rec, 'lease_owner', 'null', 'lease_expires', '0.0') end
-push_range(KEYS[2], i, i + ne - 1)
-i = i + ne
-push_range(KEYS[3], i, i + no - 1)
-i = i + no
-hset_range(KEYS[4], i, i + 2 * nj - 1)
-local ttl = tonumber(ARGV[5])
-if ttl > 0 and FINAL[redis.call('HGET', rec, 'status')] then
-  for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end
-end
-return {1, redis.call('HGET', rec, 'control')}
-"""
-)
-
-# KEYS: rec.  ARGV: owner, token, lease_expires.
-_RENEW = """
-local owner = redis.call('HGET', KEYS[1], 'lease_owner')
-if not owner then return {0, 'the run no longer exists'} end
-if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 'lease_token') ~= ARGV[2] then return {0, 'stale'} end
-redis.call('HSET', KEYS[1], 'lease_expires', ARGV[3])
-return {1, redis.call('HGET', KEYS[1], 'control')}
-"""
-
-# KEYS: rec, events, outputs, journal.  Returns the workflow (JSON) or nil.
-_DELETE = """
-local wf = redis.call('HGET', KEYS[1], 'workflow')
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return wf
-"""
-
-# KEYS: an index zset.  ARGV: member, score.  Drops a stale index entry unless someone
-# re-added it meanwhile (a re-add carries a new score).
-_ZREM_IF_SCORE = """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s and tonumber(s) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 0
-"""
-
 _BATCH = 256  # records fetched per pipelined round trip when listing
 _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
-
-
-class _Script:
-    """A Lua script run by its SHA1 (EVALSHA), loaded on the first NOSCRIPT reply."""
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-_S_CREATE, _S_COMMIT, _S_RENEW, _S_DELETE, _S_ZREM = map(
-    _Script, (_CREATE, _COMMIT, _RENEW, _DELETE, _ZREM_IF_SCORE)
-)
 
 
 def _where(client: aioredis.Redis) -> str:
@@ -259,7 +157,7 @@ class RedisStore:
                 subject = f"run {run_id}: " if run_id else ""
                 raise StoreError(f"{subject}Redis refused {what}: {exc}") from exc
 
-    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _eval(self, script: lua.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -268,7 +166,7 @@ class RedisStore:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _eval_after(
-        self, before: Callable[[Any], None], script: _Script, keys: Sequence[str], args: Sequence[Any]
+        self, before: Callable[[Any], None], script: lua.Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:
         """Pipeline the index writes ``before`` adds with a script: one round trip."""
         for _ in range(2):
@@ -307,7 +205,7 @@ class RedisStore:
     async def _zrem_if_score(self, key: str, member: str | bytes, score: float) -> None:
         # Best effort: a stale index entry is harmless, readers check it against the record.
         with contextlib.suppress(ConnectionError, TimeoutError):
-            await self._eval(_S_ZREM, [key], [member, repr(score)])
+            await self._eval(lua.ZREM_IF_SCORE, [key], [member, repr(score)])
 
     # -- the Store protocol -----------------------------------------------------------
 
@@ -335,7 +233,7 @@ class RedisStore:
                 pipe.zadd(self.keys.gates(rec.workflow), {run_id: gate}, nx=True)
 
         created = await self._retrying(
-            "create", run_id, lambda: self._eval_after(index, _S_CREATE, self.keys.run(run_id), args)
+            "create", run_id, lambda: self._eval_after(index, lua.CREATE, self.keys.run(run_id), args)
         )
         if created:
             self._remember(run_id, rec.workflow)
@@ -405,7 +303,7 @@ class RedisStore:
             gate = deadline_of(commit.fields["pending"])
         if gate is None:
             result = await self._retrying(
-                "commit", run_id, lambda: self._eval(_S_COMMIT, keys, args), keys.rec
+                "commit", run_id, lambda: self._eval(lua.COMMIT, keys, args), keys.rec
             )
         else:
             workflow = self._workflows.get(run_id)
@@ -418,7 +316,7 @@ class RedisStore:
                 pipe.zadd(gates_key, {run_id: gate})
 
             result = await self._retrying(
-                "commit", run_id, lambda: self._eval_after(index, _S_COMMIT, keys, args), keys.rec
+                "commit", run_id, lambda: self._eval_after(index, lua.COMMIT, keys, args), keys.rec
             )
         if result[0] == 0:
             reason = result[1].decode()
@@ -442,7 +340,7 @@ class RedisStore:
             encode(run_id, "lease_expires", time.time() + ttl),
         ]
         result = await self._retrying(
-            "renew", run_id, lambda: self._eval(_S_RENEW, [keys.rec], args), keys.rec
+            "renew", run_id, lambda: self._eval(lua.RENEW, [keys.rec], args), keys.rec
         )
         if result[0] == 0:
             raise LeaseLostError(run_id, f"token {lease.token} is stale")
@@ -569,7 +467,7 @@ class RedisStore:
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False if it did not exist."""
         keys = self.keys.run(run_id)
-        raw = await self._retrying("delete", run_id, lambda: self._eval(_S_DELETE, keys, []))
+        raw = await self._retrying("delete", run_id, lambda: self._eval(lua.DELETE, keys, []))
         self._workflows.pop(run_id, None)
         if raw is None:
             return False

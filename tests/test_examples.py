@@ -1,0 +1,58 @@
+"""The README's quick start and every example run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_readme_quick_start_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    (tmp_path / "quickstart.py").write_text(code)
+    out = _run(["quickstart.py"], tmp_path)
+    assert "completed {'by': 'ops-lead', 'size': 42}" in out
+    assert (tmp_path / "quickstart.db").exists()  # it ran on SQLite
+
+
+def test_build_and_deploy_example(tmp_path):
+    out = _run([str(ROOT / "examples" / "build_and_deploy.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "d.db")})
+    kinds = [line.split()[2] for line in out.splitlines() if line.strip().startswith("[")]
+    assert kinds[0] == "run_started" and kinds[-1] == "completed"
+    assert "waiting" in kinds and "decided" in kinds
+    assert "approving as ops-lead" in out
+    assert "approved_by='ops-lead'" in out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_every_example_is_listed_here(name):
+    assert name in {"build_and_deploy.py", "resume_after_crash.py", "review_release_notes.py"}, (
+        f"examples/{name} has no test"
+    )
+
+
+def test_resume_after_crash_example(tmp_path):
+    out = _run([str(ROOT / "examples" / "resume_after_crash.py")], tmp_path)
+    assert "killed with SIGKILL" in out
+    assert "is running at step 'Summarize'" in out
+    pids = {line.split("]")[0].strip(" [") for line in out.splitlines() if "] fetch:" in line}
+    assert len(pids) == 1  # fetch ran once, in the first worker only
+    assert out.count("] summarize:") == 2  # the step in flight ran again after the crash
+    assert out.count("] publish:") == 1
+    assert "completed: {'summary': '12 pages, 3 findings'}" in out
