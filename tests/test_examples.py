@@ -33,7 +33,7 @@ def test_readme_quick_start_runs_as_written(tmp_path):
 
 def test_build_and_deploy_example(tmp_path):
     out = _run([str(ROOT / "examples" / "build_and_deploy.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "d.db")})
-    kinds = [line.split()[2] for line in out.splitlines() if line.strip().startswith("[")]
+    kinds = re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", out, re.M)
     assert kinds[0] == "run_started" and kinds[-1] == "completed"
     assert "waiting" in kinds and "decided" in kinds
     assert "approving as ops-lead" in out

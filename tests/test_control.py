@@ -1,0 +1,241 @@
+"""Controlling runs: pause, resume, stop, attach, list_runs, close (SPEC section 5)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import all_events, wait_no_tasks, wait_status
+
+from agentflow import (
+    END,
+    START,
+    AgentflowError,
+    HumanApproval,
+    InvalidStateError,
+    Next,
+    RunHandle,
+    RunStatus,
+    RunStoppedError,
+    Wait,
+    Workflow,
+    WorkflowRunner,
+)
+
+
+class Steps:
+    """A three-step flow whose middle step waits for the test to release it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.log: list[str] = []
+
+    def workflow(self, name: str = "Ctl") -> Workflow:
+        async def slow(ctx):
+            self.log.append("slow started")
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.log.append("slow cancelled")
+                raise
+            self.log.append("slow finished")
+            return Next("Last", output="slow output")
+
+        def last(ctx):
+            self.log.append("last")
+            return Next(END, output=ctx.step_results["Slow"])
+
+        return Workflow(name).flow({START: lambda ctx: "Slow", "Slow": slow, "Last": last})
+
+
+async def test_pause_lets_the_step_in_flight_finish_then_parks_the_run() -> None:
+    s = Steps()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await asyncio.wait_for(s.started.wait(), 5)
+        pausing = asyncio.create_task(handle.pause())
+        await asyncio.sleep(0.02)
+        assert not pausing.done(), "pause() returns only once the run is paused"
+        s.release.set()
+        await asyncio.wait_for(pausing, 5)
+        info = await handle.info()
+        assert info.status == RunStatus.PAUSED
+        assert info.step == "Last"  # where it will continue
+        assert s.log == ["slow started", "slow finished"]
+        await handle.pause()  # pausing twice is harmless
+        assert (await handle.info()).status == RunStatus.PAUSED
+
+        await handle.resume()
+        result = await handle.result()
+        kinds = [e.kind for e in await all_events(handle)]
+    assert result.output == "slow output"
+    assert s.log == ["slow started", "slow finished", "last"]
+    assert kinds.index("paused") < kinds.index("resumed") < kinds.index("completed")
+
+
+async def test_resume_of_a_run_that_is_not_paused_raises_invalid_state() -> None:
+    s = Steps()
+    s.release.set()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await handle.result()
+        with pytest.raises(InvalidStateError, match="completed"):
+            await handle.resume()
+        assert (await handle.info()).status == RunStatus.COMPLETED
+
+
+async def test_pause_of_a_finished_run_raises_invalid_state() -> None:
+    s = Steps()
+    s.release.set()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await handle.result()
+        with pytest.raises(InvalidStateError):
+            await handle.pause()
+
+
+async def test_stop_cancels_the_step_in_flight() -> None:
+    s = Steps()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await asyncio.wait_for(s.started.wait(), 5)
+        await handle.stop()
+        info = await handle.info()
+        assert info.status == RunStatus.STOPPED
+        assert s.log == ["slow started", "slow cancelled"]
+        await handle.stop()  # stopping twice is harmless
+        assert (await handle.info()).status == RunStatus.STOPPED
+        with pytest.raises(RunStoppedError) as err:
+            await handle.result()
+        assert err.value.run_id == handle.run_id
+        with pytest.raises(InvalidStateError):
+            await handle.resume()
+        kinds = [e.kind for e in await all_events(handle)]
+    s.release.set()
+    await asyncio.sleep(0)
+    assert "slow finished" not in s.log
+    assert kinds[-1] == "stopped"
+
+
+async def test_stop_a_paused_run() -> None:
+    s = Steps()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await asyncio.wait_for(s.started.wait(), 5)
+        pausing = asyncio.create_task(handle.pause())
+        s.release.set()
+        await asyncio.wait_for(pausing, 5)
+        await handle.stop()
+        assert (await handle.info()).status == RunStatus.STOPPED
+        with pytest.raises(RunStoppedError):
+            await handle.result()
+    assert "last" not in s.log
+
+
+async def test_stop_a_waiting_run() -> None:
+    wf = Workflow("Gate").flow(
+        {START: lambda ctx: Wait(HumanApproval(approvers=["alice"]), "Done"), "Done": lambda ctx: END}
+    )
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        await wait_status(handle, RunStatus.WAITING)
+        await handle.stop()
+        info = await handle.info()
+        assert info.status == RunStatus.STOPPED and info.pending is None
+        with pytest.raises(InvalidStateError):
+            await handle.approve(by="alice")
+
+
+async def test_stop_a_finished_run_raises_invalid_state() -> None:
+    s = Steps()
+    s.release.set()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        await handle.result()
+        with pytest.raises(InvalidStateError, match="completed"):
+            await handle.stop()
+
+
+async def test_list_runs_filters_by_status() -> None:
+    s = Steps()
+    wf = s.workflow()
+    async with WorkflowRunner(wf) as runner:
+        busy = await runner.run()  # stays running until released
+        await asyncio.wait_for(s.started.wait(), 5)
+        stopped = await runner.run()
+        await stopped.stop()
+        assert [i.run_id for i in await runner.list_runs()] == [busy.run_id, stopped.run_id]
+        assert [i.run_id for i in await runner.list_runs(status="running")] == [busy.run_id]
+        assert [i.run_id for i in await runner.list_runs(status=RunStatus.STOPPED)] == [stopped.run_id]
+        assert await runner.list_runs(status=RunStatus.COMPLETED) == []
+        s.release.set()
+        await busy.result()
+        assert [i.run_id for i in await runner.list_runs(status=RunStatus.COMPLETED)] == [busy.run_id]
+        infos = await runner.list_runs()
+    assert {i.workflow for i in infos} == {"Ctl"}
+
+
+async def test_list_runs_lists_only_this_workflows_runs() -> None:
+    from agentflow.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    a = Workflow("A").flow({START: lambda ctx: END})
+    b = Workflow("B").flow({START: lambda ctx: END})
+    async with WorkflowRunner(a, store=store) as ra, WorkflowRunner(b, store=store) as rb:
+        await (await ra.run()).result()
+        run_b = await rb.run()
+        await run_b.result()
+        assert [i.run_id for i in await rb.list_runs()] == [run_b.run_id]
+        with pytest.raises(AgentflowError, match="'B'"):
+            await ra.attach(run_b.run_id)
+
+
+async def test_attach_gives_a_handle_to_an_existing_run() -> None:
+    wf = Workflow("Gate").flow(
+        {START: lambda ctx: Wait(HumanApproval(approvers=["alice"]), "Done"), "Done": lambda ctx: Next(END, output=7)}
+    )
+    async with WorkflowRunner(wf) as runner:
+        started = await runner.run()
+        await wait_status(started, RunStatus.WAITING)
+        attached = await runner.attach(started.run_id)
+        assert isinstance(attached, RunHandle) and attached.run_id == started.run_id
+        assert (await attached.info()).status == RunStatus.WAITING
+        await attached.approve(by="alice")
+        assert (await attached.result()).output == 7
+        assert (await started.result()).output == 7
+        with pytest.raises(AgentflowError, match="no-such-run"):
+            await runner.attach("no-such-run")
+
+
+async def test_close_leaves_no_task_behind() -> None:
+    baseline = set(asyncio.all_tasks())
+    s = Steps()
+    gated = Workflow("Gated").flow(
+        {START: lambda ctx: Wait(HumanApproval(approvers=["a"], timeout=60), "Done"), "Done": lambda ctx: END}
+    )
+    runner = WorkflowRunner(s.workflow())
+    gate_runner = WorkflowRunner(gated)
+    await runner.run()
+    handle = await gate_runner.run()  # its deadline keeps a sweeper task alive
+    await asyncio.wait_for(s.started.wait(), 5)
+    await wait_status(handle, RunStatus.WAITING)
+    await runner.close()
+    await gate_runner.close()
+    await wait_no_tasks(baseline, timeout=0.5)
+    assert s.log == ["slow started", "slow cancelled"]
+
+
+async def test_a_closed_runner_leaves_the_run_recoverable() -> None:
+    from agentflow.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    s = Steps()
+    runner = WorkflowRunner(s.workflow(), store=store)
+    handle = await runner.run()
+    await asyncio.wait_for(s.started.wait(), 5)
+    await runner.close()
+    info = await (await WorkflowRunner(s.workflow(), store=store).attach(handle.run_id)).info()
+    assert info.status == RunStatus.RUNNING
+    assert info.step == "Slow"
