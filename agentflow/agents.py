@@ -84,7 +84,7 @@ class ProviderReply:
 
     text: str
     data: Any = None
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ class AgentReply:
 
     text: str
     output: Any = None
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)

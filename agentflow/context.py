@@ -76,7 +76,9 @@ def validate_state(
         field = str(loc[0]) if loc else None
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         raise StateValidationError(
-            f"{where}: invalid state for {model.__name__} field {field!r}: {detail}", field=field, errors=errors
+            f"{where}: invalid state for {model.__name__} field {field!r}: {detail}",
+            field=field,
+            errors=errors,
         ) from None
 
 
@@ -90,7 +92,6 @@ class _Where:
 
     def __str__(self) -> str:
         return f"run {self.ctx.run_id}, step {self.ctx.step_name!r}"
-
 
 
 class StepContext:

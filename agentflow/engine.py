@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import traceback
@@ -105,10 +106,10 @@ class LiveRun:
 
     __slots__ = (
         "decision",
-        "failure",
-        "finished",
         "engine",
         "event_seq",
+        "failure",
+        "finished",
         "history",
         "input",
         "journal",
@@ -226,9 +227,12 @@ class LiveRun:
         pools = self.engine.pools
         if pools is None:
             raise AgentflowError(
-                f"run {self.run_id}, step {ctx.step_name!r}: the workflow declares no agents; add .agents({{...}})"
+                f"run {self.run_id}, step {ctx.step_name!r}: the workflow declares no agents; "
+                "add .agents({...}) to the workflow"
             )
-        return pools.accessor(StepJournal(self, f"{ctx.visit}:{ctx.step_name}:{getattr(ctx, 'journal_scope', '')}"))
+        return pools.accessor(
+            StepJournal(self, f"{ctx.visit}:{ctx.step_name}:{getattr(ctx, 'journal_scope', '')}")
+        )
 
 
 class StepJournal:
@@ -291,9 +295,7 @@ def run_output(spec: WorkflowSpec, run_id: str, value: Any) -> Any:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise OutputValidationError(
-            f"run {run_id}: output does not fit {model.__name__}: {exc}"
-        ) from None
+        raise OutputValidationError(f"run {run_id}: output does not fit {model.__name__}: {exc}") from None
 
 
 async def drive(run: LiveRun, advance: Callable[[LiveRun], Any]) -> None:
@@ -333,7 +335,9 @@ async def _finish_failed(run: LiveRun, err: StepError) -> None:
     run.event("step_failed", err.step, {"type": info["type"], "message": info["message"]})
     run.event("failed", err.step, {"type": info["type"], "message": info["message"]})
     try:
-        await run.commit(Commit(fields={"status": RunStatus.FAILED, "error": info, "control": None}, release=True))
+        await run.commit(
+            Commit(fields={"status": RunStatus.FAILED, "error": info, "control": None}, release=True)
+        )
     except (StoreError, LeaseLostError) as exc:
         # The store is out of reach: the run stays at its last commit, recoverable later.
         log.error("run %s: could not record its failure (%s): %s", run.run_id, info["message"], exc)
@@ -389,7 +393,7 @@ async def advance_flow(run: LiveRun) -> None:
                 if fn.is_async or (type(ret) is not str and asyncio.iscoroutine(ret)):
                     ret = await ret
             else:
-                ret = await invoke(fn, ctx, lambda n, e, s=name: _retrying(run, s, n, e))
+                ret = await invoke(fn, ctx, functools.partial(_retrying, run, name))
         except (asyncio.CancelledError, _Stop, LeaseLostError, StoreError):
             raise
         except Exception as exc:
@@ -426,7 +430,11 @@ async def advance_flow(run: LiveRun) -> None:
 
 
 def _retrying(run: LiveRun, step: str, attempt: int, exc: BaseException) -> None:
-    run.event("step_failed", step, {"attempt": attempt, "type": type(exc).__name__, "message": str(exc), "retry": True})
+    run.event(
+        "step_failed",
+        step,
+        {"attempt": attempt, "type": type(exc).__name__, "message": str(exc), "retry": True},
+    )
     run.engine.notify(run.run_id)
 
 
@@ -436,7 +444,9 @@ def _target(run: LiveRun, name: str, target: Any) -> str:
     if not isinstance(target, str):
         raise TypeError(f"run {run.run_id}: step {name!r} gave a target {target!r}; a step name is a str")
     known = sorted(s for s in run.spec.steps if s != START)
-    raise UnknownStepError(f"run {run.run_id}: step {name!r} returned {target!r}, which is not a step; known steps: {known}")
+    raise UnknownStepError(
+        f"run {run.run_id}: step {name!r} returned {target!r}, which is not a step; known steps: {known}"
+    )
 
 
 async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, ret: Any) -> None:
@@ -519,12 +529,19 @@ async def _obey(run: LiveRun, control: str) -> None:
 
 async def _wait(run: LiveRun, name: str, ctx: StepContext, gate: Gate, wait: Wait | None) -> None:
     pending = pending_gate(wait, gate, name, run.visit)
-    fields: dict[str, Any] = {"status": RunStatus.WAITING, "pending": pending, "step": name, "visit": run.visit}
+    fields: dict[str, Any] = {
+        "status": RunStatus.WAITING,
+        "pending": pending,
+        "step": name,
+        "visit": run.visit,
+    }
     if ctx._state is not run.state:
         run.state = ctx._state
         fields["state"] = ctx._state
     run.event("step_completed", name)
-    run.event("waiting", name, {k: pending[k] for k in ("approvers", "quorum", "prompt", "context", "deadline")})
+    run.event(
+        "waiting", name, {k: pending[k] for k in ("approvers", "quorum", "prompt", "context", "deadline")}
+    )
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, release=True))
     if pending["deadline"] is not None:
@@ -644,7 +661,7 @@ async def _parallel(
     state = ctx._state
     model = spec.state_model
     values: list[Any] = []
-    for oname, label, key, _fn, _item in jobs:
+    for _oname, label, key, _fn, _item in jobs:
         exc = errors.get(key)
         if exc is not None:
             values.append(BranchError(label, type(exc).__name__, str(exc)))
@@ -661,7 +678,9 @@ async def _parallel(
     return state, outputs
 
 
-def new_record(spec: WorkflowSpec, run_id: str, inp: Any, state: Any, lease: Lease, lease_ttl: float) -> RunRecord:
+def new_record(
+    spec: WorkflowSpec, run_id: str, inp: Any, state: Any, lease: Lease, lease_ttl: float
+) -> RunRecord:
     """The record of a run about to start, owned by ``lease``."""
     now = time.time()
     return RunRecord(

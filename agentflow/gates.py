@@ -145,7 +145,9 @@ def decide(
             f"run {run_id}: {by!r} may not decide the gate at step {pending.get('step')!r}; "
             f"approvers are {approvers}"
         )
-    decision = Decision(approved=approved, by=by, comment=comment, data=pydantic_core.to_jsonable_python(data))
+    decision = Decision(
+        approved=approved, by=by, comment=comment, data=pydantic_core.to_jsonable_python(data)
+    )
     if not approved:
         target = pending.get("on_reject")
         return Outcome(decision, None, target, None if target else "rejected")

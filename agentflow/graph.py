@@ -111,7 +111,11 @@ def _targets(expr: ast.expr, source: str, known: set[str]) -> Iterator[Edge]:
         if target:
             yield Edge(source, target, "next")
     elif callee == "Wait":
-        for kind, pos, key in (("approve", 1, "target"), ("reject", 2, "on_reject"), ("timeout", 3, "on_timeout")):
+        for kind, pos, key in (
+            ("approve", 1, "target"),
+            ("reject", 2, "on_reject"),
+            ("timeout", 3, "on_timeout"),
+        ):
             target = _const(args[pos] if len(args) > pos else kwargs.get(key), known)
             if target:
                 yield Edge(source, target, kind)
@@ -164,7 +168,11 @@ def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
         if name == START:
             continue
         label = name.replace('"', "'")
-        lines.append(f'    {_node_id(name)}{{{{"{label} ⏸"}}}}' if name in gates else f'    {_node_id(name)}["{label}"]')
+        lines.append(
+            f'    {_node_id(name)}{{{{"{label} ⏸"}}}}'
+            if name in gates
+            else f'    {_node_id(name)}["{label}"]'
+        )
     labels = {"approve": "approved", "reject": "rejected", "timeout": "timed out"}
     for e in edges:
         src, dst = _node_id(e.source), _node_id(e.target)

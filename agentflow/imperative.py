@@ -44,9 +44,9 @@ class ImperativeContext(StepContext):
         entry = self._run.journal.get(key)
         if entry is not None and (entry.get("kind"), entry.get("name")) != (kind, name):
             raise NonDeterminismError(
-                f"run {self.run_id}: replay asked for {kind} {name!r} at position {self._seq}, but the journal "
-                f"holds {entry.get('kind')} {entry.get('name')!r} there; code between ctx.step calls must be "
-                "deterministic"
+                f"run {self.run_id}: replay asked for {kind} {name!r} at position {self._seq}, but the "
+                f"journal holds {entry.get('kind')} {entry.get('name')!r} there; code between ctx.step "
+                "calls must be deterministic"
             )
         return key, entry
 
@@ -74,7 +74,12 @@ class ImperativeContext(StepContext):
             run.status = RunStatus.PAUSED
             release = True
         await run.commit(
-            Commit(fields=fields, outputs=[OutputRecord(run.visit, name, value)], journal={key: entry}, release=release)
+            Commit(
+                fields=fields,
+                outputs=[OutputRecord(run.visit, name, value)],
+                journal={key: entry},
+                release=release,
+            )
         )
         if release:
             raise _Suspend()
@@ -118,7 +123,9 @@ class ImperativeContext(StepContext):
         label = "parallel:" + ",".join(par.branches)
         key, entry = self._next("parallel", label)
         if entry is not None:
-            values = [decode_output(self._run.spec, n, v) for n, v in zip(par.branches, entry["value"], strict=True)]
+            values = [
+                decode_output(self._run.spec, n, v) for n, v in zip(par.branches, entry["value"], strict=True)
+            ]
         else:
             self._count(label)
             try:
@@ -132,7 +139,9 @@ class ImperativeContext(StepContext):
             stored = [v.to_json() if isinstance(v, BranchError) else v for v in values]
             for o in outputs[:-1]:
                 self._run.results[o.step] = o.value
-            await self._record(key, {"kind": "parallel", "name": label, "value": stored}, outputs[-1].step, values[-1])
+            await self._record(
+                key, {"kind": "parallel", "name": label, "value": stored}, outputs[-1].step, values[-1]
+            )
         if isinstance(branches, Mapping):
             return dict(zip(par.branches, values, strict=True))
         return values
@@ -142,7 +151,7 @@ class ImperativeContext(StepContext):
 
         A rejection or a timeout also returns: ``decision.approved`` is False then.
         """
-        key, _entry = self._next("wait", "gate")
+        self._next("wait", "gate")
         step = f"wait:{self._seq}"
         decision = self._decisions.get(step)
         if decision is not None:
@@ -218,4 +227,3 @@ async def advance_imperative(run: LiveRun) -> None:
     run.event("completed", None)
     run.status = RunStatus.COMPLETED
     await run.commit(Commit(fields=fields, release=True))
-

@@ -115,7 +115,11 @@ class Parallel:
         return self
 
     def __repr__(self) -> str:
-        what = f"map {self.map_name} over {len(self.items or [])} items" if self.map_name else list(self.branches)
+        what = (
+            f"map {self.map_name} over {len(self.items or [])} items"
+            if self.map_name
+            else list(self.branches)
+        )
         return f"Parallel({what}, {self.target!r})"
 
 

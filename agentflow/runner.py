@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,8 +23,8 @@ from .errors import (
     RunStoppedError,
     StoreError,
 )
-from .steps import END
 from .records import FINAL, RunEvent, RunInfo, RunRecord, RunResult, RunStatus
+from .steps import END
 from .stores.base import Change, Lease, Store
 from .stores.memory import MemoryStore
 from .workflow import Workflow, WorkflowSpec
@@ -95,9 +95,13 @@ class Engine:
     def start(self, run: LiveRun) -> None:
         """Advance ``run`` in a task of its own."""
         self.local[run.run_id] = run
-        run.task = asyncio.get_running_loop().create_task(drive(run, self.advance), name=f"agentflow:{run.run_id}")
+        run.task = asyncio.get_running_loop().create_task(
+            drive(run, self.advance), name=f"agentflow:{run.run_id}"
+        )
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop(), name="agentflow:leases")
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_loop(), name="agentflow:leases"
+            )
 
     def forget(self, run: LiveRun) -> None:
         """``run`` left this process."""
@@ -264,7 +268,9 @@ class WorkflowRunner:
         lease_ttl: overrides the persistence setting's ``lease_ttl``.
     """
 
-    def __init__(self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None) -> None:
+    def __init__(
+        self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None
+    ) -> None:
         if not isinstance(workflow, Workflow):
             raise AgentflowError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
         self.workflow = workflow
@@ -317,7 +323,9 @@ class WorkflowRunner:
             except pydantic_core.PydanticSerializationError as exc:
                 from .errors import InvalidInputError
 
-                raise InvalidInputError(f"input for workflow {spec.name!r} must be JSON-able: {exc}") from None
+                raise InvalidInputError(
+                    f"input for workflow {spec.name!r} must be JSON-able: {exc}"
+                ) from None
         engine = self.engine
         run_id = run_id or os.urandom(16).hex()
         state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
@@ -328,7 +336,10 @@ class WorkflowRunner:
         if first is not None:
             rec = dataclasses.replace(rec, step=first)
             run.step = first
-        events = [run.event("run_started", None, {"workflow": spec.name}), run.event("step_started", rec.step)]
+        events = [
+            run.event("run_started", None, {"workflow": spec.name}),
+            run.event("step_started", rec.step),
+        ]
         run.outbox.clear()
         if not await self.store.create(rec, events):
             return RunHandle(self, run_id)
@@ -357,21 +368,14 @@ class WorkflowRunner:
         for rec in await self.store.list_runs(self.spec.name, RunStatus.RUNNING):
             if rec.lease_expires >= time.time() or rec.run_id in engine.local:
                 continue
-            granted: list[Lease] = []
 
-            def change(r: RunRecord) -> Change | None:
-                granted.clear()
+            def take_over(r: RunRecord) -> _Next | None:
                 if r.status != RunStatus.RUNNING or r.lease_expires >= time.time():
-                    return None
-                lease, fields = engine.lease_for(r)
-                granted.append(lease)
-                ev = RunEvent("resumed", r.run_id, r.step, {"recovered": True, "from": r.lease_owner},
-                              time.time(), r.event_count + 1)
-                return Change(dataclasses.replace(r, **fields), [ev])
+                    return None  # someone else got there first
+                return _Next({}, [("resumed", r.step, {"recovered": True, "from": r.lease_owner})], r.step)
 
-            new = await self.store.update(rec.run_id, change)
-            if granted and new is not None and new.lease_token == granted[0].token and new.lease_owner == self.owner:
-                await engine.adopt(rec.run_id, granted[0])
+            await engine.transition(rec.run_id, take_over)
+            if rec.run_id in engine.local:
                 handles.append(RunHandle(self, rec.run_id))
         for run_id in await self.store.due_gates(self.spec.name, time.time()):
             await engine.expire(run_id)
@@ -393,13 +397,19 @@ class WorkflowRunner:
         """Reject the gate ``run_id`` waits at: on_reject if given, else the run ends ``rejected``."""
         return await self._decide(run_id, False, by, reason, None)
 
-    async def _decide(self, run_id: str, approved: bool, by: str, comment: str | None, data: Any) -> RunHandle:
+    async def _decide(
+        self, run_id: str, approved: bool, by: str, comment: str | None, data: Any
+    ) -> RunHandle:
         def fn(rec: RunRecord) -> _Next | None:
             self._check_workflow(rec)
             if rec.status != RunStatus.WAITING:
-                raise InvalidStateError(f"run {run_id} is {rec.status.value}, not waiting at a gate; nothing to decide")
+                raise InvalidStateError(
+                    f"run {run_id} is {rec.status.value}, not waiting at a gate; nothing to decide"
+                )
             if _timeout_change(rec) is not None:
-                raise InvalidStateError(f"run {run_id}: the gate at step {rec.pending.get('step')!r} timed out")
+                raise InvalidStateError(
+                    f"run {run_id}: the gate at step {rec.pending.get('step')!r} timed out"
+                )
             return _outcome_next(rec, gates.decide(run_id, rec.pending, approved, by, comment, data))
 
         try:
@@ -424,7 +434,9 @@ class WorkflowRunner:
             raise AgentflowError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         return rec
 
-    async def _until(self, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None) -> RunRecord:
+    async def _until(
+        self, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None
+    ) -> RunRecord:
         engine = self.engine
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -432,7 +444,9 @@ class WorkflowRunner:
             if live is not None and not live.finished:
                 wait = live.wait_finished()
                 try:
-                    await asyncio.wait_for(wait, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    await asyncio.wait_for(
+                        wait, None if deadline is None else max(0.0, deadline - time.monotonic())
+                    )
                 except TimeoutError:
                     raise TimeoutError(f"run {run_id} did not get there within {timeout} s") from None
                 if live.failure is not None:
@@ -457,7 +471,9 @@ class WorkflowRunner:
                 if rec.status in (RunStatus.PAUSED,) or rec.control == "pause":
                     return None
                 if rec.status != RunStatus.RUNNING:
-                    raise InvalidStateError(f"run {run_id} is {rec.status.value}; only a running run can be paused")
+                    raise InvalidStateError(
+                        f"run {run_id} is {rec.status.value}; only a running run can be paused"
+                    )
                 return Change(dataclasses.replace(rec, control="pause"))
 
             await self.store.update(run_id, change)
@@ -468,7 +484,9 @@ class WorkflowRunner:
             if rec.status == RunStatus.RUNNING:
                 return None
             if rec.status != RunStatus.PAUSED:
-                raise InvalidStateError(f"run {run_id} is {rec.status.value}; only a paused run can be resumed")
+                raise InvalidStateError(
+                    f"run {run_id} is {rec.status.value}; only a paused run can be resumed"
+                )
             return _Next({}, [("resumed", rec.step, None)], resume_at=rec.step)
 
         await self.engine.transition(run_id, fn)
@@ -490,7 +508,10 @@ class WorkflowRunner:
                 return Change(dataclasses.replace(rec, control="stop"))
             ev = RunEvent("stopped", run_id, rec.step, None, time.time(), rec.event_count + 1)
             return Change(
-                dataclasses.replace(rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None), [ev]
+                dataclasses.replace(
+                    rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None
+                ),
+                [ev],
             )
 
         await self.store.update(run_id, change)
@@ -501,8 +522,13 @@ class WorkflowRunner:
         rec = await self._until(run_id, lambda r: r.status in FINAL, timeout)
         if rec.status == RunStatus.FAILED:
             err = rec.error or {}
-            raise RunFailedError(run_id, err.get("step"), err.get("type", "Error"), err.get("message", ""),
-                                 err.get("traceback", ""))
+            raise RunFailedError(
+                run_id,
+                err.get("step"),
+                err.get("type", "Error"),
+                err.get("message", ""),
+                err.get("traceback", ""),
+            )
         if rec.status == RunStatus.STOPPED:
             raise RunStoppedError(run_id, rec.step)
         if rec.status in (RunStatus.REJECTED, RunStatus.EXPIRED):
@@ -514,7 +540,11 @@ class WorkflowRunner:
         results: dict[str, Any] = {}
         for out in loaded.outputs:
             results[out.step] = decode_output(spec, out.step, out.value)
-        state = spec.state_model.model_validate(rec.state) if spec.state_model and rec.state is not None else rec.state
+        state = (
+            spec.state_model.model_validate(rec.state)
+            if spec.state_model and rec.state is not None
+            else rec.state
+        )
         return RunResult(rec.status, run_output(spec, run_id, rec.output), state, results)
 
     async def _events(self, run_id: str) -> AsyncIterator[RunEvent]:

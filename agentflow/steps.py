@@ -57,7 +57,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise WorkflowDefinitionError(f"RetryPolicy.max_attempts must be at least 1, not {self.max_attempts}")
+            raise WorkflowDefinitionError(
+                f"RetryPolicy.max_attempts must be at least 1, not {self.max_attempts}"
+            )
 
     def retryable(self, exc: BaseException) -> bool:
         """True when ``exc`` should be retried under this policy."""
@@ -82,6 +84,9 @@ class StepFunction:
 
     __slots__ = ("__dict__", "fn", "is_async", "name", "output", "retry", "timeout")
 
+    fn: Callable[..., Any]
+    name: str
+
     def __init__(
         self,
         fn: Callable[..., Any],
@@ -102,7 +107,7 @@ class StepFunction:
         self.output = output
         self.retry = retry
         self.timeout = timeout
-        self.name = name or getattr(inner, "__name__", type(inner).__name__)
+        self.name = str(name or getattr(inner, "__name__", type(inner).__name__))
         functools.update_wrapper(self, inner)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

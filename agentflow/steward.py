@@ -45,7 +45,9 @@ class Steward:
         workflow.compile()
         known = self._workflows.get(workflow.name)
         if known is not None and known is not workflow:
-            raise WorkflowDefinitionError(f"steward {self.name!r} already has a workflow named {workflow.name!r}")
+            raise WorkflowDefinitionError(
+                f"steward {self.name!r} already has a workflow named {workflow.name!r}"
+            )
         self._workflows[workflow.name] = workflow
         return workflow
 
@@ -133,7 +135,9 @@ class Steward:
                     if isinstance(v, Workflow):
                         st.register(v)
             else:
-                raise WorkflowDefinitionError(f"entry point {ep.name!r} in {group!r} is neither a Workflow nor a module")
+                raise WorkflowDefinitionError(
+                    f"entry point {ep.name!r} in {group!r} is neither a Workflow nor a module"
+                )
         return st
 
     def __repr__(self) -> str:

@@ -141,15 +141,21 @@ class Workflow:
     def flow(self, steps: Mapping[str, Callable[..., Any]]) -> Self:
         """The steps: ``{START: fn, "Name": fn, ...}``; each fn is a sync or async callable of ctx."""
         if self._main is not None:
-            raise WorkflowDefinitionError(f"workflow {self.name!r} has .execute(); use .flow() or .execute(), not both")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} has .execute(); use .flow() or .execute(), not both"
+            )
         if not isinstance(steps, Mapping):
             raise WorkflowDefinitionError(f"{self.name}.flow() takes a mapping of step name to callable")
         if START not in steps:
-            raise WorkflowDefinitionError(f"workflow {self.name!r} has no START step: add {{START: first_step, ...}}")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} has no START step: add {{START: first_step, ...}}"
+            )
         flow: dict[str, StepFunction] = {}
         for name, fn in steps.items():
             if not isinstance(name, str) or not name:
-                raise WorkflowDefinitionError(f"workflow {self.name!r}: step names must be strings, got {name!r}")
+                raise WorkflowDefinitionError(
+                    f"workflow {self.name!r}: step names must be strings, got {name!r}"
+                )
             if name == END or (name.startswith("__") and name != START):
                 raise WorkflowDefinitionError(f"workflow {self.name!r}: step name {name!r} is reserved")
             flow[name] = as_step(fn, f"workflow {self.name!r} step {name!r}")
@@ -159,7 +165,9 @@ class Workflow:
     def execute(self, fn: Callable[..., Any]) -> Self:
         """Imperative mode: ``fn(ctx)`` is the whole workflow, replayed from its journal on resume."""
         if self._flow is not None:
-            raise WorkflowDefinitionError(f"workflow {self.name!r} has .flow(); use .flow() or .execute(), not both")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} has .flow(); use .flow() or .execute(), not both"
+            )
         spec = as_step(fn, f"workflow {self.name!r} .execute()")
         if not spec.is_async:
             raise WorkflowDefinitionError(f"workflow {self.name!r}: .execute() needs an async function")
@@ -188,7 +196,9 @@ class Workflow:
             lease_ttl: seconds after which a run whose owner stopped renewing may be recovered.
         """
         if isinstance(store, str) and store not in _STORES:
-            raise WorkflowDefinitionError(f"unknown store {store!r}; choose one of {list(_STORES)} or pass a Store")
+            raise WorkflowDefinitionError(
+                f"unknown store {store!r}; choose one of {list(_STORES)} or pass a Store"
+            )
         if not isinstance(store, str) and not isinstance(store, Store):
             raise WorkflowDefinitionError(f"store must be one of {list(_STORES)} or a Store, got {store!r}")
         if lease_ttl <= 0:
@@ -226,7 +236,9 @@ class Workflow:
         if self._spec is not None:
             return self._spec
         if self._flow is None and self._main is None:
-            raise WorkflowDefinitionError(f"workflow {self.name!r} has no steps: call .flow({{...}}) or .execute(fn)")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} has no steps: call .flow({{...}}) or .execute(fn)"
+            )
         initial: dict[str, Any] = {}
         if self._state is not None:
             try:
@@ -263,7 +275,8 @@ class Workflow:
     def mermaid(self) -> str:
         """A Mermaid flowchart of the steps and their edges, gates and parallel branches marked."""
         if self._main is not None:
-            return f'flowchart TD\n    __start__([START]) --> main["{self._main.name} (imperative)"] --> __end__([END])'
+            main = f'main["{self._main.name} (imperative)"]'
+            return f"flowchart TD\n    __start__([START]) --> {main} --> __end__([END])"
         return mermaid(dict(self._flow or {}))
 
     def _repr_markdown_(self) -> str:

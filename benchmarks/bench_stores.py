@@ -140,7 +140,7 @@ async def parked(url: str, count: int, samples: int = 50) -> tuple[float, float,
         before = rss_mib()
         for _ in range(count - 200):
             await runner.run()
-        while len(await runner.list_runs(status="waiting")) < count:
+        while len(await runner.list_runs(status="waiting")) < count:  # noqa: ASYNC110 (polls the store)
             await asyncio.sleep(0.2)
         gc.collect()
         after_park = rss_mib()
@@ -150,7 +150,7 @@ async def parked(url: str, count: int, samples: int = 50) -> tuple[float, float,
         for h in handles[:samples]:
             t = time.perf_counter()
             await runner.approve(h.run_id, by="lead")
-            while h.run_id not in resumed:
+            while h.run_id not in resumed:  # noqa: ASYNC110 (yield until the resumed step ran)
                 await asyncio.sleep(0)
             latencies.append((resumed[h.run_id] - t) * 1000)
         return before, after_park, statistics.median(latencies), max(latencies)
@@ -169,7 +169,19 @@ def redis_url() -> Iterator[str]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                d,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
         )
         try:

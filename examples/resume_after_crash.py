@@ -91,7 +91,10 @@ def main() -> None:
         me = os.path.abspath(__file__)
         print("worker 1 starts the run")
         first = subprocess.Popen(
-            [sys.executable, me, "start", path], env={**os.environ, "CRASH_ME": "1"}, stdout=subprocess.PIPE, text=True
+            [sys.executable, me, "start", path],
+            env={**os.environ, "CRASH_ME": "1"},
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert first.stdout is not None
         for line in first.stdout:
@@ -103,7 +106,9 @@ def main() -> None:
         print(f"worker 1 killed with SIGKILL (exit {first.returncode}) in the middle of 'Summarize'")
         asyncio.run(inspect(path))
         print("worker 2 recovers the run")
-        second = subprocess.run([sys.executable, me, "recover", path], text=True, capture_output=True, check=True)
+        second = subprocess.run(
+            [sys.executable, me, "recover", path], text=True, capture_output=True, check=True
+        )
         print(second.stdout, end="")
 
 

@@ -7,6 +7,7 @@ must not run again; the one in flight may run at most twice.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -123,7 +124,7 @@ async def test_sigkill_mid_fanout_reruns_only_unfinished_branches(kind, tmp_path
         ),
         first,
     )
-    time.sleep(0.2)  # let the group commit of the last finished branches land
+    await asyncio.sleep(0.2)  # let the group commit of the last finished branches land
     first.send_signal(signal.SIGKILL)
     first.communicate()
 

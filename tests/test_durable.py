@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from test_crash import _finish, _lines, _spawn, _store, _target, _wait_for
 
 from agentflow import (
     END,
@@ -26,8 +27,6 @@ from agentflow import (
     step,
 )
 from agentflow.stores.base import Store
-
-from test_crash import _finish, _lines, _spawn, _store, _target, _wait_for
 
 KINDS = ["sqlite", "redis"]
 
@@ -189,7 +188,9 @@ async def test_a_process_that_lost_its_lease_cannot_commit(kind, tmp_path, reque
         ctx.set_state(drafts=99)
         return END
 
-    wf = Workflow("Lease").state(Notes).flow({START: slow}).persistence(**_persist(kind, target, lease_ttl=30))
+    wf = (
+        Workflow("Lease").state(Notes).flow({START: slow}).persistence(**_persist(kind, target, lease_ttl=30))
+    )
     async with WorkflowRunner(wf) as runner:
         handle = await runner.run()
         await asyncio.sleep(0.05)

@@ -32,7 +32,9 @@ def test_readme_quick_start_runs_as_written(tmp_path):
 
 
 def test_build_and_deploy_example(tmp_path):
-    out = _run([str(ROOT / "examples" / "build_and_deploy.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "d.db")})
+    out = _run(
+        [str(ROOT / "examples" / "build_and_deploy.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "d.db")}
+    )
     kinds = re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", out, re.M)
     assert kinds[0] == "run_started" and kinds[-1] == "completed"
     assert "waiting" in kinds and "decided" in kinds

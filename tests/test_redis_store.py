@@ -170,6 +170,14 @@ async def test_stale_index_entries_are_dropped(redis_url: str) -> None:
         assert await store.due_gates("wf", time.time()) == []
         assert await store.client.zrange(store.keys.workflow_runs("wf"), 0, -1) == [b"r1"]
         assert await store.client.zcard(store.keys.gates("wf")) == 0
+        # Re-created after expiring, before any reader dropped its old entry: the entry is
+        # re-scored, so dropping the stale one (score-checked) keeps the new run listed.
+        await store.create(record("again", created_at=1.0), [])
+        await store.client.delete(*store.keys.run("again"))
+        await store.create(record("again", created_at=2.0), [])
+        assert await store.client.zscore(store.keys.all_runs(), "again") == 2.0
+        await store._zrem_if_score(store.keys.all_runs(), "again", 1.0)
+        assert [r.run_id for r in await store.list_runs()] == ["again", "r1"]
     finally:
         await store.close()
 

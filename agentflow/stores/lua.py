@@ -91,11 +91,12 @@ redis.call('HSET', KEYS[1], 'lease_expires', ARGV[3])
 return {1, redis.call('HGET', KEYS[1], 'control')}
 """
 
-# KEYS: rec, events, outputs, journal.  Returns the workflow (JSON) or nil.
+# KEYS: rec, events, outputs, journal.  Returns {workflow, created_at} (JSON) or nil.
 _DELETE = """
-local wf = redis.call('HGET', KEYS[1], 'workflow')
+local found = redis.call('HMGET', KEYS[1], 'workflow', 'created_at')
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return wf
+if not found[1] then return nil end
+return found
 """
 
 # KEYS: an index zset.  ARGV: member, score.  Drops a stale index entry unless someone

@@ -13,6 +13,10 @@ Writes:
 * ``update`` is WATCH / HGETALL / MULTI / EXEC, retried on conflict.
 * ``create`` is a Lua script (exists? then write), so it is idempotent.
 
+The scripts live in :mod:`agentflow.stores.lua`. Index entries (runs per workflow,
+gate deadlines) are written *before* the run's write, so a crash in between leaves an
+entry that readers check against the record and drop, never a run no index lists.
+
 Redis unreachable: every operation retries connection errors and timeouts with
 exponential backoff for ``retry_for`` seconds, then raises :class:`StoreError`. A
 retry after a lost reply is safe: each commit, create and update writes a unique
@@ -167,21 +171,23 @@ class RedisStore:
 
     async def _eval_after(
         self, before: Callable[[Any], None], script: lua.Script, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """Pipeline the index writes ``before`` adds with a script: one round trip."""
+    ) -> list[Any]:
+        """Pipeline the index writes ``before`` adds with a script: one round trip.
+
+        Returns every reply, the script's last.
+        """
         for _ in range(2):
             pipe = self._client.pipeline(transaction=False)
             before(pipe)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=False)
-            result = results[-1]
-            if isinstance(result, NoScriptError):
+            if isinstance(results[-1], NoScriptError):
                 await self._client.script_load(script.source)
                 continue  # the index writes are idempotent, so running them again is harmless
             for r in results:
                 if isinstance(r, Exception):
                     raise r
-            return result
+            return results
         raise StoreError(f"Redis at {self._where} keeps forgetting agentflow's scripts")
 
     def _mapping(self, rec: RunRecord) -> dict[str, bytes]:
@@ -232,12 +238,24 @@ class RedisStore:
             if gate is not None:
                 pipe.zadd(self.keys.gates(rec.workflow), {run_id: gate}, nx=True)
 
-        created = await self._retrying(
+        replies = await self._retrying(
             "create", run_id, lambda: self._eval_after(index, lua.CREATE, self.keys.run(run_id), args)
         )
-        if created:
-            self._remember(run_id, rec.workflow)
-        return bool(created)
+        if not replies[-1]:
+            return False
+        self._remember(run_id, rec.workflow)
+        if not (replies[0] and replies[1]):
+            # An entry of an earlier run with this id (expired, not yet dropped) was
+            # there. Re-score it, so a reader dropping the stale entry (it checks the
+            # score) cannot drop this run's.
+            async def rescore() -> None:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.zadd(self.keys.all_runs(), {run_id: rec.created_at})
+                pipe.zadd(self.keys.workflow_runs(rec.workflow), {run_id: rec.created_at})
+                await pipe.execute()
+
+            await self._retrying("create", run_id, rescore)
+        return True
 
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's record, or None."""
@@ -315,9 +333,10 @@ class RedisStore:
             def index(pipe: Any) -> None:
                 pipe.zadd(gates_key, {run_id: gate})
 
-            result = await self._retrying(
+            replies = await self._retrying(
                 "commit", run_id, lambda: self._eval_after(index, lua.COMMIT, keys, args), keys.rec
             )
+            result = replies[-1]
         if result[0] == 0:
             reason = result[1].decode()
             raise LeaseLostError(run_id, f"token {lease.token} is stale" if reason == "stale" else reason)
@@ -471,14 +490,15 @@ class RedisStore:
         self._workflows.pop(run_id, None)
         if raw is None:
             return False
-        workflow = decode(run_id, f"{keys.rec}[workflow]", raw)
+        workflow = str(decode(run_id, f"{keys.rec}[workflow]", raw[0]))
+        created_at = decode(run_id, f"{keys.rec}[created_at]", raw[1]) if raw[1] is not None else None
+        score = float(created_at) if isinstance(created_at, int | float) else 0.0
 
         async def unindex() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.zrem(self.keys.all_runs(), run_id)
-            pipe.zrem(self.keys.workflow_runs(str(workflow)), run_id)
-            pipe.zrem(self.keys.gates(str(workflow)), run_id)
-            await pipe.execute()
+            # Score-checked, so a run re-created with this id meanwhile keeps its entries.
+            for index in (self.keys.all_runs(), self.keys.workflow_runs(workflow)):
+                await self._zrem_if_score(index, run_id, score)
+            await self._client.zrem(self.keys.gates(workflow), run_id)
 
         await self._retrying("delete", run_id, unindex)
         return True
