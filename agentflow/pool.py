@@ -143,15 +143,17 @@ class _Pool:
                     await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled():
-                # The token was handed over just as we were cancelled or timed out: we own
-                # it now, so pass it on rather than leak it.
+                # The token was handed over just as we timed out or were cancelled: on a
+                # timeout keep it (we got the handle after all); on a cancel pass it on.
+                if isinstance(exc, TimeoutError):
+                    return
                 self.release()
-            else:
-                fut.cancel()
-                try:
-                    self.waiters.remove(fut)
-                except ValueError:
-                    pass
+                raise
+            fut.cancel()
+            try:
+                self.waiters.remove(fut)
+            except ValueError:
+                pass
             if isinstance(exc, TimeoutError):
                 raise PoolTimeoutError(
                     f"agent {self.name!r}: no handle became free within acquire_timeout={self.timeout}s "
@@ -499,21 +501,16 @@ class AgentHandle:
         )
 
     def _check_budget(self, request: ProviderRequest) -> None:
-        budget = self._pool_budget()
+        budget = self._accessor._pools.config.budget
         if budget is None:
             return
-        spent = self._accessor._journal.spent()
-        cap = request.max_tokens
-        if spent >= budget or (cap is not None and spent + cap > budget):
+        spent, cap = self._accessor._journal.spent(), request.max_tokens
+        if spent >= budget.max_tokens or (cap is not None and spent + cap > budget.max_tokens):
             this_call = f" and this call may use up to {cap}" if cap is not None else ""
             raise BudgetExceededError(
-                f"agent {self.agent_name!r}: the run has spent {spent} of its {budget}-token budget"
-                f"{this_call}, so the call was not sent"
+                f"agent {self.agent_name!r}: the run has spent {spent} of its {budget.max_tokens}-token "
+                f"budget{this_call}, so the call was not sent"
             )
-
-    def _pool_budget(self) -> int | None:
-        budget = self._accessor._pools.config.budget
-        return None if budget is None else budget.max_tokens
 
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
         journaled = self._accessor._journal.lookup(key)
