@@ -121,6 +121,7 @@ class LiveRun:
         "results_view",
         "run_id",
         "spec",
+        "started",
         "state",
         "status",
         "step",
@@ -155,6 +156,7 @@ class LiveRun:
         self.pause_requested = False
         self.stop_requested = False
         self.task: asyncio.Task[None] | None = None
+        self.started = False  # drive() has begun: its cleanup is guaranteed to run
         self.finished = False
         self.failure: BaseException | None = None  # a store failure that left the run at its last commit
         self.watchers: list[asyncio.Future[None]] = []
@@ -209,6 +211,14 @@ class LiveRun:
         else:
             self.watchers.append(fut)
         return fut
+
+    def cancel(self) -> None:
+        """Cancel the run's task. A task cancelled before it starts never runs ``drive``'s
+        cleanup (its watchers would wait forever), so a run not started yet is left to see
+        ``stop_requested`` or ``engine.stopping`` when it starts.
+        """
+        if self.started and self.task is not None:
+            self.task.cancel()
 
     def take_events(self) -> list[RunEvent]:
         out, self.outbox = self.outbox, []
@@ -302,6 +312,11 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Any]) -> None:
     """Run ``advance`` to its end, turning failures, stops and lease loss into commits."""
     engine = run.engine
     try:
+        run.started = True
+        if run.stop_requested:
+            raise _Stop()
+        if engine.stopping:
+            raise asyncio.CancelledError()  # the runner closed before the run began: leave it for recovery
         await advance(run)
     except asyncio.CancelledError:
         if run.stop_requested:
@@ -528,7 +543,7 @@ async def _obey(run: LiveRun, control: str) -> None:
 
 
 async def _wait(run: LiveRun, name: str, ctx: StepContext, gate: Gate, wait: Wait | None) -> None:
-    pending = pending_gate(wait, gate, name, run.visit)
+    pending = pending_gate(wait, gate, name, run.visit, run.spec.name)
     fields: dict[str, Any] = {
         "status": RunStatus.WAITING,
         "pending": pending,

@@ -98,11 +98,12 @@ class Wait:
     on_timeout: str | None = None
 
 
-def pending_gate(wait: Wait | None, gate: Gate, step: str, visit: int) -> dict[str, Any]:
-    """The stored form of a gate a run now waits at."""
+def pending_gate(wait: Wait | None, gate: Gate, step: str, visit: int, workflow: str) -> dict[str, Any]:
+    """The stored form of a gate a run now waits at (``workflow`` lets a store index it)."""
     data = gate.describe()
     timeout = data.get("timeout")
     data.update(
+        workflow=workflow,
         step=step,
         visit=visit,
         target=wait.target if wait else None,

@@ -57,8 +57,20 @@ class ImperativeContext(StepContext):
         if run.visit > run.spec.max_steps:
             raise StepLimitExceeded(f"run {run.run_id}: more than {run.spec.max_steps} steps (at {what!r})")
 
+    def _replayed(self, entry: dict[str, Any]) -> None:
+        """Back at a finished position: the state is what it was when that position finished.
+
+        The state is re-built from the initial state on replay, so without this a
+        ``set_state`` inside a journaled call (which does not run again) would be lost.
+        """
+        model = self._run.spec.state_model
+        if model is not None and entry.get("state") is not None:
+            self._state = model.model_validate(entry["state"])
+
     async def _record(self, key: str, entry: dict[str, Any], name: str, value: Any) -> None:
         run = self._run
+        if run.spec.state_model is not None:
+            entry["state"] = self._state
         run.journal[key] = entry
         run.results[name] = value
         run.history.setdefault(name, []).append(value)
@@ -93,6 +105,7 @@ class ImperativeContext(StepContext):
         key, entry = self._next("step", name)
         spec = as_step(fn, f"ctx.step({name!r}, ...)")
         if entry is not None:
+            self._replayed(entry)
             return _typed(spec, entry["value"])
         self._count(name)
         run = self._run
@@ -123,6 +136,7 @@ class ImperativeContext(StepContext):
         label = "parallel:" + ",".join(par.branches)
         key, entry = self._next("parallel", label)
         if entry is not None:
+            self._replayed(entry)
             values = [
                 decode_output(self._run.spec, n, v) for n, v in zip(par.branches, entry["value"], strict=True)
             ]
@@ -176,7 +190,8 @@ async def _call(spec: StepFunction, args: tuple[Any, ...], kwargs: dict[str, Any
             async with asyncio.timeout(spec.timeout):
                 if spec.is_async:
                     return await spec.fn(*args, **kwargs)
-                return await asyncio.to_thread(spec.fn, *args, **kwargs)
+                res = await asyncio.to_thread(spec.fn, *args, **kwargs)
+                return await res if asyncio.iscoroutine(res) else res
         out = spec.fn(*args, **kwargs)
         if spec.is_async or asyncio.iscoroutine(out):
             out = await out

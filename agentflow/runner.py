@@ -211,8 +211,8 @@ class Engine:
         """Stop advancing runs (they stay recoverable) and stop background tasks."""
         self.stopping = True
         tasks = [r.task for r in self.local.values() if r.task is not None]
-        for t in tasks:
-            t.cancel()
+        for r in self.local.values():
+            r.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for bg in (self._renewer, self._sweeper):
             if bg is not None:
@@ -495,7 +495,7 @@ class WorkflowRunner:
         live = self.engine.local.get(run_id)
         if live is not None and live.task is not None and not live.task.done():
             live.stop_requested = True
-            live.task.cancel()
+            live.cancel()
             await live.wait_finished()
             return
 

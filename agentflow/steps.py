@@ -218,11 +218,10 @@ async def invoke(
 
 async def _once(spec: StepFunction, arg: Any) -> Any:
     fn = spec.fn
+    # A sync callable may return a coroutine (``lambda ctx: build(ctx)``): it is awaited too.
     if spec.timeout is None:
-        if spec.is_async:
-            return await fn(arg)
-        return fn(arg)
+        out = fn(arg)
+        return await out if spec.is_async or asyncio.iscoroutine(out) else out
     async with asyncio.timeout(spec.timeout):
-        if spec.is_async:
-            return await fn(arg)
-        return await asyncio.to_thread(fn, arg)
+        out = fn(arg) if spec.is_async else await asyncio.to_thread(fn, arg)
+        return await out if asyncio.iscoroutine(out) else out

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
+from llm_fixtures import llm_server  # noqa: F401  (the local LLM API server fixture)
 
 STORE_KINDS = ("memory", "sqlite", "redis")
 

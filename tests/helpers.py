@@ -21,7 +21,9 @@ async def wait_status(handle: RunHandle, *statuses: RunStatus | str, timeout: fl
         if info.status in wanted:
             return info
         if time.monotonic() > deadline:
-            raise AssertionError(f"run {handle.run_id} is {info.status.value}, expected one of {sorted(wanted)}")
+            raise AssertionError(
+                f"run {handle.run_id} is {info.status.value}, expected one of {sorted(wanted)}"
+            )
         await asyncio.sleep(0.005)
 
 
@@ -45,7 +47,11 @@ async def all_events(handle: RunHandle, timeout: float = WAIT) -> list[RunEvent]
 
 def other_tasks(baseline: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
     """Tasks alive now that were not in ``baseline`` (the current task excluded)."""
-    return {t for t in asyncio.all_tasks() if t not in baseline and t is not asyncio.current_task() and not t.done()}
+    return {
+        t
+        for t in asyncio.all_tasks()
+        if t not in baseline and t is not asyncio.current_task() and not t.done()
+    }
 
 
 async def wait_no_tasks(baseline: set[asyncio.Task[object]], timeout: float = WAIT) -> None:

@@ -194,7 +194,10 @@ async def test_list_runs_lists_only_this_workflows_runs() -> None:
 
 async def test_attach_gives_a_handle_to_an_existing_run() -> None:
     wf = Workflow("Gate").flow(
-        {START: lambda ctx: Wait(HumanApproval(approvers=["alice"]), "Done"), "Done": lambda ctx: Next(END, output=7)}
+        {
+            START: lambda ctx: Wait(HumanApproval(approvers=["alice"]), "Done"),
+            "Done": lambda ctx: Next(END, output=7),
+        }
     )
     async with WorkflowRunner(wf) as runner:
         started = await runner.run()
@@ -236,6 +239,86 @@ async def test_a_closed_runner_leaves_the_run_recoverable() -> None:
     handle = await runner.run()
     await asyncio.wait_for(s.started.wait(), 5)
     await runner.close()
-    info = await (await WorkflowRunner(s.workflow(), store=store).attach(handle.run_id)).info()
-    assert info.status == RunStatus.RUNNING
-    assert info.step == "Slow"
+    assert s.log == ["slow started", "slow cancelled"]
+    async with WorkflowRunner(s.workflow(), store=store) as other:
+        info = await (await other.attach(handle.run_id)).info()
+        assert (info.status, info.step) == (RunStatus.RUNNING, "Slow")
+        recovered = await other.recover()
+        assert [h.run_id for h in recovered] == [handle.run_id]
+        s.release.set()
+        assert (await recovered[0].result(timeout=5)).output == "slow output"
+
+
+async def test_stop_right_after_run_stops_the_run_before_its_first_step() -> None:
+    s = Steps()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        async with asyncio.timeout(5):  # not wait_for: its new task would let the run start first
+            await handle.stop()
+        assert (await handle.info()).status == RunStatus.STOPPED
+        with pytest.raises(RunStoppedError):
+            await handle.result()
+    assert s.log == []
+
+
+async def test_close_right_after_run_leaves_the_run_recoverable_and_no_task() -> None:
+    from agentflow.stores.memory import MemoryStore
+
+    baseline = set(asyncio.all_tasks())
+    store = MemoryStore()
+    s = Steps()
+    runner = WorkflowRunner(s.workflow(), store=store)
+    handle = await runner.run()
+    async with asyncio.timeout(5):
+        await runner.close()
+    await wait_no_tasks(baseline, timeout=0.5)
+    assert s.log == []
+    # The closing runner let go of the run, so another one recovers it at once.
+    async with WorkflowRunner(s.workflow(), store=store) as other:
+        recovered = await other.recover()
+        assert [h.run_id for h in recovered] == [handle.run_id]
+        s.release.set()
+        assert (await recovered[0].result(timeout=5)).output == "slow output"
+    assert s.log == ["slow started", "slow finished", "last"]
+
+
+async def test_result_follows_the_run_through_pause_and_resume() -> None:
+    s = Steps()
+    async with WorkflowRunner(s.workflow()) as runner:
+        handle = await runner.run()
+        follower = asyncio.create_task(handle.result(timeout=5))
+        await asyncio.wait_for(s.started.wait(), 5)
+        pausing = asyncio.create_task(handle.pause())
+        s.release.set()
+        await asyncio.wait_for(pausing, 5)
+        assert not follower.done()
+        await handle.resume()
+        assert (await follower).output == "slow output"
+
+
+async def test_pause_after_a_step_that_returns_a_plain_name() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def first(ctx):
+        started.set()
+        await release.wait()
+        ran.append("first")
+        return "Second"
+
+    def second(ctx):
+        ran.append("second")
+        return END
+
+    async with WorkflowRunner(Workflow("Plain").flow({START: first, "Second": second})) as runner:
+        handle = await runner.run()
+        await asyncio.wait_for(started.wait(), 5)
+        pausing = asyncio.create_task(handle.pause())
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.wait_for(pausing, 5)
+        info = await handle.info()
+        assert (info.status, info.step, ran) == (RunStatus.PAUSED, "Second", ["first"])
+        await handle.resume()
+        await handle.result()
+    assert ran == ["first", "second"]

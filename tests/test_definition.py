@@ -71,7 +71,9 @@ def spec_flow() -> Workflow:
                 "Clone": clone,
                 "Build": build,
                 "Test": lambda ctx: "Deploy",
-                "Deploy": lambda ctx: Wait(HumanApproval(approvers=["ops-lead"]), "Release", on_reject="Rebuild"),
+                "Deploy": lambda ctx: Wait(
+                    HumanApproval(approvers=["ops-lead"]), "Release", on_reject="Rebuild"
+                ),
                 "Rebuild": lambda ctx: Parallel([build_linux, build_mac], "Release"),
                 "Release": lambda ctx: END,
             }

@@ -86,6 +86,36 @@ async def test_sync_and_async_steps_run_in_order() -> None:
     assert result.output is None
 
 
+async def build_async(ctx):
+    await asyncio.sleep(0)
+    return Next(END, output=f"built by {ctx.step_name}")
+
+
+@pytest.mark.parametrize("options", [None, {"retry": 2}, {"timeout": 5}, {"retry": 2, "timeout": 5}])
+async def test_a_sync_callable_returning_a_coroutine_is_awaited(options) -> None:
+    def wrapper(ctx):
+        return build_async(ctx)
+
+    fn = wrapper if options is None else step(wrapper, **options)
+    result = await run_to_end(Workflow("W").flow({START: fn}))
+    assert result.output == f"built by {START}"
+
+
+async def test_handle_result_with_a_timeout_raises_timeout_error() -> None:
+    release = asyncio.Event()
+
+    async def slow(ctx):
+        await release.wait()
+        return END
+
+    async with WorkflowRunner(Workflow("W").flow({START: slow})) as runner:
+        handle = await runner.run()
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=0.05)
+        release.set()
+        assert (await handle.result(timeout=5)).status == RunStatus.COMPLETED
+
+
 async def test_next_records_the_step_output_and_next_end_is_the_run_output() -> None:
     seen = {}
 
@@ -186,7 +216,9 @@ async def test_max_steps_guard_fails_an_endless_loop() -> None:
 
 
 async def test_unknown_step_fails_naming_the_step_and_the_known_steps() -> None:
-    wf = Workflow("W").flow({START: lambda ctx: "Draft", "Draft": lambda ctx: "Pubish", "Publish": lambda ctx: END})
+    wf = Workflow("W").flow(
+        {START: lambda ctx: "Draft", "Draft": lambda ctx: "Pubish", "Publish": lambda ctx: END}
+    )
     err = await run_to_failure(wf)
     assert err.error_type == "UnknownStepError"
     assert err.step == "Draft"
@@ -307,7 +339,9 @@ async def test_invalid_set_state_raises_naming_the_field_and_changes_nothing() -
 
 
 async def test_uncaught_state_validation_error_fails_the_run_naming_the_field() -> None:
-    err = await run_to_failure(Workflow("W").state(Counter).flow({START: lambda ctx: ctx.set_state(count="x")}))
+    err = await run_to_failure(
+        Workflow("W").state(Counter).flow({START: lambda ctx: ctx.set_state(count="x")})
+    )
     assert err.error_type == "StateValidationError"
     assert "count" in err.message
 
@@ -452,7 +486,9 @@ async def test_failure_keeps_step_type_message_and_traceback() -> None:
     def explode_here(ctx):
         raise ValueError("the disk is full")
 
-    async with WorkflowRunner(Workflow("W").flow({START: lambda ctx: "Write", "Write": explode_here})) as runner:
+    async with WorkflowRunner(
+        Workflow("W").flow({START: lambda ctx: "Write", "Write": explode_here})
+    ) as runner:
         handle = await runner.run()
         with pytest.raises(RunFailedError) as caught:
             await handle.result()

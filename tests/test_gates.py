@@ -17,6 +17,7 @@ from agentflow import (
     InvalidStateError,
     Next,
     NotAuthorizedError,
+    RunFailedError,
     RunHandle,
     RunRejectedError,
     RunStatus,
@@ -189,7 +190,11 @@ async def test_a_decision_by_someone_not_an_approver_changes_nothing() -> None:
             await runner.reject(handle.run_id, by="mallory", reason="no")
         after = await handle.info()
         assert await handle_events_so_far(handle) == events_before
-        assert (after.status, after.pending, after.updated_at) == (before.status, before.pending, before.updated_at)
+        assert (after.status, after.pending, after.updated_at) == (
+            before.status,
+            before.pending,
+            before.updated_at,
+        )
         assert (await (await handle.approve(by="alice")).result()).output == "Publish"
 
 
@@ -326,10 +331,57 @@ async def test_two_gates_in_one_run_each_see_their_own_decision() -> None:
         with pytest.raises(NotAuthorizedError):
             await handle.approve(by="alice")
         await (await handle.reject(by="bob", reason="two")).result()
-    assert [(d.by, d.approved, d.comment) for d in seen if d] == [("alice", True, "one"), ("bob", False, "two")]
+    assert [(d.by, d.approved, d.comment) for d in seen if d] == [
+        ("alice", True, "one"),
+        ("bob", False, "two"),
+    ]
 
 
 def test_decision_records_default_their_time() -> None:
     d = Decision(approved=True, by="alice")
     assert d.at.tzinfo is not None
     assert (d.comment, d.data, d.timed_out) == (None, None, False)
+
+
+async def test_a_gate_whose_target_is_not_a_step_fails_before_waiting() -> None:
+    wf = Workflow("Bad").flow(
+        {
+            START: lambda ctx: Wait(HumanApproval(approvers=["a"]), "Done", on_reject="Redo"),
+            "Done": lambda ctx: END,
+        }
+    )
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        with pytest.raises(RunFailedError) as err:
+            await handle.result()
+    assert err.value.error_type == "UnknownStepError"
+    assert "'Redo'" in err.value.message
+
+
+async def test_a_decision_from_another_runner_on_the_same_store_moves_the_run_on() -> None:
+    from agentflow.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    calls: dict[str, int] = {}
+    flow = review_flow(calls, [])
+    async with WorkflowRunner(flow, store=store) as starter, WorkflowRunner(flow, store=store) as reviewer:
+        handle = await start_waiting(starter)
+        follower = asyncio.create_task(handle.result(timeout=5))
+        await reviewer.approve(handle.run_id, by="bob")
+        result = await follower
+    assert result.output == "Publish"
+    assert calls == {"Draft": 1, "Publish": 1}
+
+
+async def test_two_racing_approvals_move_the_run_on_once() -> None:
+    calls: dict[str, int] = {}
+    async with WorkflowRunner(review_flow(calls, [])) as runner:
+        handle = await start_waiting(runner)
+        outcomes = await asyncio.gather(
+            runner.approve(handle.run_id, by="alice"),
+            runner.approve(handle.run_id, by="bob"),
+            return_exceptions=True,
+        )
+        assert (await handle.result()).output == "Publish"
+    assert sorted(type(o).__name__ for o in outcomes) == ["InvalidStateError", "RunHandle"]
+    assert calls == {"Draft": 1, "Publish": 1}

@@ -149,7 +149,10 @@ async def test_parallel_list_respects_max_concurrency() -> None:
 
     branches = {f"b{i}": work for i in range(5)}
     wf = Workflow("P").flow(
-        {START: lambda ctx: Parallel(branches, "Join", max_concurrency=2), "Join": join_results(list(branches))}
+        {
+            START: lambda ctx: Parallel(branches, "Join", max_concurrency=2),
+            "Join": join_results(list(branches)),
+        }
     )
     await run_to_end(wf)
     assert peak == 2
@@ -336,3 +339,20 @@ async def test_branch_outputs_are_in_step_results_history() -> None:
 
     await run_to_end(Workflow("P").flow({START: lambda ctx: "Fan", "Fan": fan}))
     assert seen == [["mac:build_mac", "mac:build_mac"]]
+
+
+async def test_a_sync_branch_returning_a_coroutine_is_awaited_under_a_retry_policy() -> None:
+    wf = Workflow("P").flow(
+        {
+            START: lambda ctx: Parallel({"linux": step(lambda ctx: build_linux(ctx), retry=2)}, "Join"),
+            "Join": join_results(["linux"]),
+        }
+    )
+    assert (await run_to_end(wf)).output == {"linux": "linux:linux"}
+
+
+async def test_map_over_no_items_joins_at_once_with_an_empty_list() -> None:
+    wf = Workflow("P").flow(
+        {START: lambda ctx: Parallel.map(build_mac, [], "Join"), "Join": join_results(["build_mac"])}
+    )
+    assert (await run_to_end(wf)).output == {"build_mac": []}

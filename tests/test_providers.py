@@ -10,8 +10,9 @@ import openai
 import pytest
 from agentflow_anthropic import AnthropicProvider
 from agentflow_openai import OpenAIProvider
+from agentflow_openai.provider import _strict_schema
 from llm_server import LLMServer, Reply, ToolCall
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agentflow.agents import Agent, AgentsConfig, Message, Provider, ProviderReply, ProviderRequest
 from agentflow.errors import ProviderError
@@ -77,11 +78,12 @@ async def test_plain_reply_with_usage(
 ) -> None:
     env.script(Reply(text="Hello there, friend.", input_tokens=11, output_tokens=4))
     provider = provider_factory(kind)
-    reply = await provider.complete(ask(instructions="Be kind.", temperature=0.2))
+    reply = await provider.complete(ask(instructions="Be kind.", temperature=0.2, options={"top_k": 3}))
     assert reply == ProviderReply("Hello there, friend.", None, Usage(11, 4))
     (request,) = env.requests
     body = request.body
     assert request.protocol == kind and body["model"] == "test-model" and body["temperature"] == 0.2
+    assert body["top_k"] == 3  # options the SDK does not name still reach the server
     if kind == "openai":
         assert body["messages"] == [
             {"role": "system", "content": "Be kind."},
@@ -131,6 +133,33 @@ async def test_structured_output(
     else:
         assert body["tool_choice"] == {"type": "tool", "name": "Review"}
         assert body["tools"][0]["input_schema"] == Review.model_json_schema()
+
+
+class Item(BaseModel):
+    name: str
+
+
+class Report(BaseModel):
+    items: list[Item]
+    main: Item = Field(description="the main item")
+    note: str | None = None
+
+
+def test_strict_schema_closes_every_object_and_requires_every_field() -> None:
+    schema = Report.model_json_schema()
+    strict = _strict_schema(schema)
+    assert schema == Report.model_json_schema()  # the input is left alone
+    assert strict["additionalProperties"] is False and strict["required"] == ["items", "main", "note"]
+    assert strict["$defs"]["Item"] == {
+        "properties": {"name": {"title": "Name", "type": "string"}},
+        "required": ["name"],
+        "title": "Item",
+        "type": "object",
+        "additionalProperties": False,
+    }
+    main = strict["properties"]["main"]
+    assert "$ref" not in main and main["additionalProperties"] is False  # a $ref with siblings is inlined
+    assert "default" not in strict["properties"]["note"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -55,7 +55,7 @@ async def test_commit_renew_get_are_one_round_trip_each(redis_url: str) -> None:
         assert await _commits_stat(client) == evalsha_before + 1
         # A gate's deadline goes to its index in the same round trip.
         CountingConnection.sends = 0
-        pending = {"approvers": ["ops"], "deadline": time.time() - 1}
+        pending = {"approvers": ["ops"], "deadline": time.time() - 1, "workflow": "wf"}
         await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
         assert CountingConnection.sends == 1
         assert await store.due_gates("wf", time.time()) == ["r1"]

@@ -113,9 +113,6 @@ class RedisStore:
         self._where = _where(client)
         self._nonces = itertools.count()
         self._instance = os.urandom(6).hex()
-        # run id -> workflow, so a commit can file a gate under its workflow's index
-        # without reading the record first.
-        self._workflows: dict[str, str] = {}
 
     @property
     def client(self) -> aioredis.Redis:
@@ -126,11 +123,6 @@ class RedisStore:
 
     def _nonce(self) -> bytes:
         return f"{self._instance}:{next(self._nonces)}".encode()
-
-    def _remember(self, run_id: str, workflow: str) -> None:
-        if len(self._workflows) >= 10_000:
-            self._workflows.clear()
-        self._workflows[run_id] = workflow
 
     async def _retrying(
         self, what: str, run_id: str | None, attempt: Callable[[], Awaitable[T]], key: str | None = None
@@ -201,7 +193,6 @@ class RedisStore:
             if name != "_commit":
                 values[name] = decode(run_id, f"{key}[{name}]", value)
         rec = make_record(run_id, key, values)
-        self._remember(run_id, rec.workflow)
         return rec
 
     @staticmethod
@@ -243,7 +234,6 @@ class RedisStore:
         )
         if not replies[-1]:
             return False
-        self._remember(run_id, rec.workflow)
         if not (replies[0] and replies[1]):
             # An entry of an earlier run with this id (expired, not yet dropped) was
             # there. Re-score it, so a reader dropping the stale entry (it checks the
@@ -324,8 +314,10 @@ class RedisStore:
                 "commit", run_id, lambda: self._eval(lua.COMMIT, keys, args), keys.rec
             )
         else:
-            workflow = self._workflows.get(run_id)
-            if workflow is None:  # a store that never saw the run: one extra read
+            # The engine files the workflow's name with the gate, so no read is needed
+            # and the store keeps nothing per run in memory.
+            workflow = commit.fields["pending"].get("workflow")
+            if workflow is None:  # a gate written by another client: one extra read
                 raw = await self._retrying("commit", run_id, lambda: self._client.hget(keys.rec, "workflow"))
                 workflow = decode(run_id, f"{keys.rec}[workflow]", raw) if raw else ""
             gates_key = self.keys.gates(str(workflow))
@@ -487,7 +479,6 @@ class RedisStore:
         """Remove a run and everything stored with it; False if it did not exist."""
         keys = self.keys.run(run_id)
         raw = await self._retrying("delete", run_id, lambda: self._eval(lua.DELETE, keys, []))
-        self._workflows.pop(run_id, None)
         if raw is None:
             return False
         workflow = str(decode(run_id, f"{keys.rec}[workflow]", raw[0]))

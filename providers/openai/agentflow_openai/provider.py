@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import os
@@ -36,7 +35,8 @@ def _strict_schema(schema: Any, root: dict[str, Any] | None = None) -> Any:
     """Make a pydantic JSON schema acceptable to ``strict`` structured outputs.
 
     Strict mode wants every object closed (``additionalProperties: false``) with all its
-    properties required, and no ``$ref`` carrying sibling keys.
+    properties required, and no ``$ref`` carrying sibling keys. Returns a new schema;
+    the one given is not modified.
     """
     if not isinstance(schema, dict):
         return schema
@@ -201,7 +201,7 @@ class OpenAIProvider:
                 "type": "json_schema",
                 "json_schema": {
                     "name": _NAME.sub("_", request.output_name or "output")[:64],
-                    "schema": _strict_schema(copy.deepcopy(request.output_schema)),
+                    "schema": _strict_schema(request.output_schema),
                     "strict": True,
                 },
             }
