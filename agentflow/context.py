@@ -169,12 +169,19 @@ class StepContext:
             data = {**updates, **fields}
         self._state = validate_state(model, self._state, data, _Where(self))
 
-    def _begin_attempt(self, attempt: int) -> None:
-        """Start attempt ``attempt``: a failed attempt's ``set_state`` calls do not carry over."""
+    async def _begin_attempt(self, attempt: int) -> None:
+        """Start attempt ``attempt``: a failed attempt's ``set_state`` calls do not carry over.
+
+        Its agent handles are closed too, so the retry acquires fresh ones and its calls
+        get the same journal keys: finished calls come back from the journal.
+        """
         if attempt == 1:
             self._base = self._state
         else:
             self._state = self._base
+            if self._agents is not None:
+                await self._agents.close_all()
+                self._agents = None
         self.attempt = attempt
 
     @property

@@ -343,9 +343,14 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Any]) -> None:
 
 
 async def _finish_failed(run: LiveRun, err: StepError) -> None:
-    info = _error_info(err.step, err.error)
     if isinstance(err.error, BranchFailed):
+        # Report the branch's own error; the branch is named in the message and the info.
+        cause = err.error.error
+        info = _error_info(err.step, cause)
+        info["message"] = f"branch {err.error.name!r}: {info['message']}"
         info["branch"] = err.error.name
+    else:
+        info = _error_info(err.step, err.error)
     run.status = RunStatus.FAILED
     run.event("step_failed", err.step, {"type": info["type"], "message": info["message"]})
     run.event("failed", err.step, {"type": info["type"], "message": info["message"]})
@@ -576,8 +581,8 @@ class BranchContext(StepContext):
         self.journal_scope = scope
         self.updates: dict[str, Any] = {}
 
-    def _begin_attempt(self, attempt: int) -> None:
-        super()._begin_attempt(attempt)
+    async def _begin_attempt(self, attempt: int) -> None:
+        await super()._begin_attempt(attempt)
         if attempt > 1:
             self.updates = {}
 

@@ -204,7 +204,7 @@ async def _call(spec: StepFunction, args: tuple[Any, ...], kwargs: dict[str, Any
     async for trial in policy.retrying():
         with trial:
             attempt += 1
-            ctx._begin_attempt(attempt)
+            await ctx._begin_attempt(attempt)
             return await once()
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -271,6 +271,7 @@ class RunInfo:
             approvals so far) while status is ``waiting``, else None.
         error: failure details while status is ``failed``.
         usage: tokens the run's agent calls consumed.
+        decisions: every decision taken at the run's gates, oldest first.
     """
 
     run_id: str
@@ -282,6 +283,7 @@ class RunInfo:
     usage: Usage
     created_at: datetime
     updated_at: datetime
+    decisions: tuple[Decision, ...] = ()
 
     @classmethod
     def from_record(cls, rec: RunRecord) -> RunInfo:
@@ -296,6 +298,7 @@ class RunInfo:
             usage=Usage.from_json(rec.usage),
             created_at=_utc(rec.created_at),
             updated_at=_utc(rec.updated_at),
+            decisions=tuple(Decision.from_json(d) for d in rec.decisions),
         )
 
     def _repr_html_(self) -> str:

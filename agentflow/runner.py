@@ -22,6 +22,7 @@ from .errors import (
     RunRejectedError,
     RunStoppedError,
     StoreError,
+    WorkflowDefinitionError,
 )
 from .records import FINAL, RunEvent, RunInfo, RunRecord, RunResult, RunStatus
 from .steps import END
@@ -272,7 +273,7 @@ class WorkflowRunner:
         self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None
     ) -> None:
         if not isinstance(workflow, Workflow):
-            raise AgentflowError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
+            raise WorkflowDefinitionError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
         self.workflow = workflow
         self.spec = workflow.compile()
         self._owns_store = False
@@ -358,7 +359,10 @@ class WorkflowRunner:
 
     async def list_runs(self, status: RunStatus | str | None = None) -> list[RunInfo]:
         """RunInfo of this workflow's runs, oldest first, optionally of one status."""
-        st = RunStatus(status) if status is not None else None
+        try:
+            st = RunStatus(status) if status is not None else None
+        except ValueError:
+            raise AgentflowError(f"unknown status {status!r}; statuses are {[s.value for s in RunStatus]}") from None
         return [RunInfo.from_record(r) for r in await self.store.list_runs(self.spec.name, st)]
 
     async def recover(self) -> list[RunHandle]:
@@ -381,6 +385,11 @@ class WorkflowRunner:
             await engine.expire(run_id)
         engine.watch_deadlines()
         return handles
+
+    def agent_statistics(self) -> dict[str, Any]:
+        """Per agent: handles open, acquirers waiting, pool size and calls sent (for display)."""
+        pools = self.engine.pools
+        return dict(pools.statistics()) if pools is not None else {}
 
     # -- decisions -----------------------------------------------------------
 

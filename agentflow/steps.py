@@ -206,7 +206,7 @@ async def invoke(
     async for trial in policy.retrying():
         with trial:
             attempt += 1
-            arg._begin_attempt(attempt)
+            await arg._begin_attempt(attempt)
             try:
                 return await _once(spec, arg)
             except Exception as exc:

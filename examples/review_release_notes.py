@@ -56,7 +56,7 @@ def writer_agent() -> Agent:
 def critic_agent() -> Agent:
     instructions = "You review release notes for accuracy and tone. Score them from 1 to 10."
     if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL"):
-        model = os.environ.get("CRITIC_MODEL", "claude-sonnet-4-5")
+        model = os.environ.get("CRITIC_MODEL", "claude-sonnet-5-5")
         print(f"critic: Anthropic provider, model {model}")
         return Agent(provider="anthropic", model=model, instructions=instructions, output=Review)
     print("critic: scripted provider (set ANTHROPIC_API_KEY or ANTHROPIC_BASE_URL for a real model)")

@@ -17,7 +17,7 @@ import sys
 
 from pydantic import BaseModel
 
-from agentflow import END, START, Parallel, Workflow, WorkflowRunner
+from agentflow import END, START, Next, Parallel, Workflow, WorkflowRunner
 
 LOG = os.environ.get("CRASH_LOG", "")
 
@@ -95,7 +95,7 @@ def flows(store: str, target: str) -> dict[str, Workflow]:
 
 
 async def main(cmd: str, flow: str, store: str, target: str, run_id: str) -> None:
-    wf = flows(store, target)[flow]
+    wf = agent_flow(store, target) if flow == "agent" else flows(store, target)[flow]
     async with WorkflowRunner(wf) as runner:
         if cmd == "start":
             handle = await runner.run(None, run_id=run_id)
@@ -109,6 +109,30 @@ async def main(cmd: str, flow: str, store: str, target: str, run_id: str) -> Non
             handle = await runner.attach(run_id)
         result = await handle.result(timeout=60)
         print(f"result {result.status.value} {result.step_results}", flush=True)
+
+
+
+def agent_flow(store: str, target: str) -> Workflow:
+    from agentflow import Agent
+
+    opts = {"store": store, "lease_ttl": 1.0}
+    opts["path" if store == "sqlite" else "url"] = target
+
+    async def ask(ctx):
+        log("start Ask")
+        async with ctx.agents.writer as writer:
+            reply = await writer.send("Write one line about durable runs")
+        log(f"replied {reply.text.replace(' ', '_')}")
+        if blocking():
+            await asyncio.sleep(60)  # killed here, right after the reply was journaled
+        return Next(END, output={"text": reply.text, "tokens": reply.usage.output_tokens})
+
+    return (
+        Workflow("CrashAgent")
+        .flow({START: ask})
+        .agents({"writer": Agent(provider="openai", model="gpt-test")})
+        .persistence(**opts)
+    )
 
 
 if __name__ == "__main__":

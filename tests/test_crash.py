@@ -50,7 +50,8 @@ def _wait_for(log: Path, pred, proc: subprocess.Popen[str], timeout: float = 30)
     deadline = time.monotonic() + timeout
     while not pred(_lines(log)):
         if proc.poll() is not None:
-            raise AssertionError(f"process exited early: {proc.stdout.read()} {proc.stderr.read()}")  # type: ignore[union-attr]
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited early: {out} {err}")
         assert time.monotonic() < deadline, f"timed out; log so far: {_lines(log)}"
         time.sleep(0.02)
 

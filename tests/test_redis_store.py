@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -53,11 +53,18 @@ async def test_commit_renew_get_are_one_round_trip_each(redis_url: str) -> None:
         await store.commit("r1", lease, commit)
         assert CountingConnection.sends == 1
         assert await _commits_stat(client) == evalsha_before + 1
-        # A gate's deadline goes to its index in the same round trip.
+        # A gate's deadline goes to its index in the same round trip (the engine files
+        # the workflow's name with the gate, so the store need not read it).
         CountingConnection.sends = 0
         pending = {"approvers": ["ops"], "deadline": time.time() - 1, "workflow": "wf"}
         await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
         assert CountingConnection.sends == 1
+        assert await store.due_gates("wf", time.time()) == ["r1"]
+        # A gate without the name (written by another client) costs one read first.
+        CountingConnection.sends = 0
+        pending = {"approvers": ["ops"], "deadline": time.time() - 1}
+        await store.commit("r1", lease, Commit(fields={"pending": pending}))
+        assert CountingConnection.sends == 2
         assert await store.due_gates("wf", time.time()) == ["r1"]
         CountingConnection.sends = 0
         await store.renew("r1", lease, 15.0)
@@ -131,31 +138,41 @@ async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
         await store.close()
 
 
-async def test_a_commit_retried_after_a_lost_reply_applies_once(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = RedisStore(redis_url)
+class ReplyLostConnection(aioredis.Connection):
+    """Loses the connection right after reading the next reply, when armed."""
+
+    armed = False
+    lost: ClassVar[list[Any]] = []
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await super().read_response(*args, **kwargs)
+        if ReplyLostConnection.armed:
+            ReplyLostConnection.armed = False
+            ReplyLostConnection.lost.append(reply)
+            await self.disconnect()
+            raise ConnectionError("connection reset after the script ran")
+        return reply
+
+
+async def test_a_commit_retried_after_a_lost_reply_applies_once(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, connection_class=ReplyLostConnection)
+    store = RedisStore(client=client)
     try:
         lease = await started(store)
-        real = store.client.evalsha
-        lost = []
-
-        async def reply_lost_once(*args: Any) -> Any:
-            result = await real(*args)
-            if not lost:
-                lost.append(result)
-                raise ConnectionError("connection reset after the script ran")
-            return result
-
-        monkeypatch.setattr(store.client, "evalsha", reply_lost_once)
+        await store.commit("r1", lease, Commit(fields={"step": "A"}))  # loads the script
+        await store.update("r1", lambda r: Change(dataclasses.replace(r, control="pause")))
+        ReplyLostConnection.lost = []
+        ReplyLostConnection.armed = True
         commit = Commit(fields={"visit": 1}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)])
-        assert await store.commit("r1", lease, commit) is None
-        assert lost  # the first attempt did run
+        # The retry finds its nonce: not applied again, and it still reports the flag.
+        assert await store.commit("r1", lease, commit) == "pause"
+        assert ReplyLostConnection.lost  # the first attempt did run
         loaded = await store.load("r1")
         assert loaded is not None and loaded.record.event_count == 2 and len(loaded.outputs) == 1
         assert [e.seq for e in await store.events("r1")] == [1, 2]
     finally:
         await store.close()
+        await client.aclose()
 
 
 async def test_stale_index_entries_are_dropped(redis_url: str) -> None:

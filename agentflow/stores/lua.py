@@ -51,44 +51,57 @@ return 1
 # KEYS: rec, events, outputs, journal.
 # ARGV: nonce, owner, token, release, ttl_ms, updated_at, n_fields, n_events, n_outputs,
 #       n_journal, then field pairs, events, outputs, journal pairs.
+# Returns the run's control flag (its JSON, '' if unset) once the commit applied, 0 when
+# the run no longer exists, 1 when the lease is stale. One read (HMGET) and one HSET for
+# the record, whatever the commit holds: a script's calls are most of its time.
 _COMMIT = (
     _LIB
     + """
 local rec = KEYS[1]
-if redis.call('HGET', rec, '_commit') == ARGV[1] then
-  return {1, redis.call('HGET', rec, 'control')}
-end
-local owner = redis.call('HGET', rec, 'lease_owner')
-if not owner then return {0, 'the run no longer exists'} end
-if owner ~= ARGV[2] or redis.call('HGET', rec, 'lease_token') ~= ARGV[3] then return {0, 'stale'} end
+local cur = redis.call('HMGET', rec, '_commit', 'lease_owner', 'lease_token', 'event_count', 'control',
+  'status')
+if cur[1] == ARGV[1] then return cur[5] or '' end
+if not cur[2] then return 0 end
+if cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then return 1 end
 local nf, ne, no, nj = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
--- The first write: on a damaged count it fails before anything has changed.
-redis.call('HINCRBY', rec, 'event_count', ne)
-local i = 11
-hset_range(rec, i, i + 2 * nf - 1)
-i = i + 2 * nf
-redis.call('HSET', rec, 'updated_at', ARGV[6], '_commit', ARGV[1])
-if ARGV[4] == '1' then redis.call('HSET', rec, 'lease_owner', 'null', 'lease_expires', '0.0') end
+-- Checked before anything is written, as HINCRBY would: a damaged count changes nothing.
+local count = cur[4] or '0'
+if #count > 15 or not string.match(count, '^%-?%d+$') then
+  return redis.error_reply('ERR hash value is not an integer')
+end
+local control, status = cur[5], cur[6]
+local h = {'event_count', tostring(tonumber(count) + ne), 'updated_at', ARGV[6], '_commit', ARGV[1]}
+local n = 6
+for i = 11, 10 + 2 * nf, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  if name == 'control' then control = value elseif name == 'status' then status = value end
+  h[n + 1], h[n + 2], n = name, value, n + 2
+end
+if ARGV[4] == '1' then
+  h[n + 1], h[n + 2], h[n + 3], h[n + 4] = 'lease_owner', 'null', 'lease_expires', '0.0'
+end
+redis.call('HSET', rec, unpack(h))
+local i = 11 + 2 * nf
 push_range(KEYS[2], i, i + ne - 1)
 i = i + ne
 push_range(KEYS[3], i, i + no - 1)
 i = i + no
 hset_range(KEYS[4], i, i + 2 * nj - 1)
 local ttl = tonumber(ARGV[5])
-if ttl > 0 and FINAL[redis.call('HGET', rec, 'status')] then
+if ttl > 0 and FINAL[status] then
   for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end
 end
-return {1, redis.call('HGET', rec, 'control')}
+return control or ''
 """
 )
 
-# KEYS: rec.  ARGV: owner, token, lease_expires.
+# KEYS: rec.  ARGV: owner, token, lease_expires.  Returns like _COMMIT.
 _RENEW = """
-local owner = redis.call('HGET', KEYS[1], 'lease_owner')
-if not owner then return {0, 'the run no longer exists'} end
-if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 'lease_token') ~= ARGV[2] then return {0, 'stale'} end
+local cur = redis.call('HMGET', KEYS[1], 'lease_owner', 'lease_token', 'control')
+if not cur[1] then return 0 end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 1 end
 redis.call('HSET', KEYS[1], 'lease_expires', ARGV[3])
-return {1, redis.call('HGET', KEYS[1], 'control')}
+return cur[3] or ''
 """
 
 # KEYS: rec, events, outputs, journal.  Returns {workflow, created_at} (JSON) or nil.
@@ -111,11 +124,12 @@ return 0
 class Script:
     """A Lua script run by its SHA1 (EVALSHA), loaded on the first NOSCRIPT reply."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("sha", "sha_bytes", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.sha_bytes = self.sha.encode()
 
 
 # Each script's source is what the store sends on its first NOSCRIPT reply.

@@ -68,6 +68,15 @@ _BATCH = 256  # records fetched per pipelined round trip when listing
 _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
 
 
+def _pack(command: Sequence[bytes]) -> bytes:
+    """One command in RESP, the form Redis reads: an array of bulk strings."""
+    return b"*%d\r\n" % len(command) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in command])
+
+
+def _score(value: float) -> bytes:
+    return repr(float(value)).encode()
+
+
 def _where(client: aioredis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
@@ -153,33 +162,67 @@ class RedisStore:
                 subject = f"run {run_id}: " if run_id else ""
                 raise StoreError(f"{subject}Redis refused {what}: {exc}") from exc
 
-    async def _eval(self, script: lua.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # First use on this server (or after a restart / SCRIPT FLUSH).
-            await self._client.script_load(script.source)
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+    async def _round_trip(self, commands: Sequence[Sequence[bytes]]) -> list[Any]:
+        """Send ``commands`` together and read their replies: one round trip.
 
-    async def _eval_after(
-        self, before: Callable[[Any], None], script: lua.Script, keys: Sequence[str], args: Sequence[Any]
+        A reply that is an error comes back as the exception, in its place. The commands
+        are packed here (RESP, from bytes) and sent on a connection of the client's pool,
+        which skips redis-py's per-argument encoding and per-command bookkeeping: most of
+        a commit's client time otherwise. Connection failures raise, as with redis-py, and
+        leave the connection closed (redis-py closes it on any error mid-read).
+        """
+        client = self._client
+        if client.single_connection_client:  # its one connection is redis-py's to manage
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+        pool = client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
+        try:
+            await conn.send_packed_command(b"".join([_pack(command) for command in commands]))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # the connection stays in step: read the rest
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # Replies may be left unread (an error reply redis-py raises as a connection
+            # error, a cancellation): never hand the connection on out of step.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _eval(
+        self,
+        script: lua.Script,
+        keys: Sequence[bytes],
+        args: Sequence[bytes],
+        before: Sequence[Sequence[bytes]] = (),
     ) -> list[Any]:
-        """Pipeline the index writes ``before`` adds with a script: one round trip.
+        """Run ``script`` by its SHA after the commands ``before`` (idempotent index writes),
+        all in one round trip; the script is loaded on a NOSCRIPT reply.
 
         Returns every reply, the script's last.
+
+        Raises:
+            ResponseError: one of the commands failed.
         """
+        command = [b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args]
         for _ in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            before(pipe)
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            if isinstance(results[-1], NoScriptError):
+            replies = await self._round_trip([*before, command])
+            if isinstance(replies[-1], NoScriptError):
+                # First use on this server (or after a restart / SCRIPT FLUSH). Running
+                # the index writes again is harmless.
                 await self._client.script_load(script.source)
-                continue  # the index writes are idempotent, so running them again is harmless
-            for r in results:
+                continue
+            for r in replies:
                 if isinstance(r, Exception):
                     raise r
-            return results
+            return replies
         raise StoreError(f"Redis at {self._where} keeps forgetting agentflow's scripts")
 
     def _mapping(self, rec: RunRecord) -> dict[str, bytes]:
@@ -202,7 +245,8 @@ class RedisStore:
     async def _zrem_if_score(self, key: str, member: str | bytes, score: float) -> None:
         # Best effort: a stale index entry is harmless, readers check it against the record.
         with contextlib.suppress(ConnectionError, TimeoutError):
-            await self._eval(lua.ZREM_IF_SCORE, [key], [member, repr(score)])
+            member = member if isinstance(member, bytes) else member.encode()
+            await self._eval(lua.ZREM_IF_SCORE, [key.encode()], [member, _score(score)])
 
     # -- the Store protocol -----------------------------------------------------------
 
@@ -211,27 +255,26 @@ class RedisStore:
         run_id = record.run_id
         rec = dataclasses.replace(record, event_count=record.event_count + len(events))
         mapping = self._mapping(rec)
-        args: list[Any] = [
+        args: list[bytes] = [
             self._nonce(),
-            self._ttl_ms(self.ttl if rec.status in FINAL else None),
-            len(mapping),
+            b"%d" % self._ttl_ms(self.ttl if rec.status in FINAL else None),
+            b"%d" % len(mapping),
         ]
         for name, value in mapping.items():
-            args += [name, value]
+            args += (name.encode(), value)
         args += [encode_event(run_id, e) for e in events]
         gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
-
-        def index(pipe: Any) -> None:
-            # Before the record, so a crash in between leaves an entry readers drop,
-            # never a run that no index lists.
-            pipe.zadd(self.keys.all_runs(), {run_id: rec.created_at}, nx=True)
-            pipe.zadd(self.keys.workflow_runs(rec.workflow), {run_id: rec.created_at}, nx=True)
-            if gate is not None:
-                pipe.zadd(self.keys.gates(rec.workflow), {run_id: gate}, nx=True)
-
-        replies = await self._retrying(
-            "create", run_id, lambda: self._eval_after(index, lua.CREATE, self.keys.run(run_id), args)
-        )
+        # Before the record, so a crash in between leaves an entry readers drop, never a
+        # run that no index lists.
+        member, created = run_id.encode(), _score(rec.created_at)
+        index = [
+            [b"ZADD", self.keys.all_runs().encode(), b"NX", created, member],
+            [b"ZADD", self.keys.workflow_runs(rec.workflow).encode(), b"NX", created, member],
+        ]
+        if gate is not None:
+            index.append([b"ZADD", self.keys.gates(rec.workflow).encode(), b"NX", _score(gate), member])
+        keys = [k.encode() for k in self.keys.run(run_id)]
+        replies = await self._retrying("create", run_id, lambda: self._eval(lua.CREATE, keys, args, index))
         if not replies[-1]:
             return False
         if not (replies[0] and replies[1]):
@@ -284,58 +327,55 @@ class RedisStore:
             StoreError: a value cannot be encoded (nothing was written), or Redis stayed
                 unreachable for ``retry_for`` seconds.
         """
-        check_commit_fields(run_id, commit.fields)
-        fields = [x for name, v in commit.fields.items() for x in (name, encode(run_id, name, v))]
-        events = [encode_event(run_id, e) for e in commit.events]
-        outputs = [encode_output(run_id, o) for o in commit.outputs]
-        journal = [x for k, v in commit.journal.items() for x in (k, encode(run_id, f"journal {k!r}", v))]
+        fields = commit.fields
+        check_commit_fields(run_id, fields)
         args = [
             self._nonce(),
             encode(run_id, "lease_owner", lease.owner),
             encode(run_id, "lease_token", lease.token),
             b"1" if commit.release else b"0",
-            self._ttl_ms(self.ttl),
+            b"%d" % self._ttl_ms(self.ttl),
             encode(run_id, "updated_at", time.time()),
-            len(fields) // 2,
-            len(events),
-            len(outputs),
-            len(journal) // 2,
-            *fields,
-            *events,
-            *outputs,
-            *journal,
+            b"%d" % len(fields),
+            b"%d" % len(commit.events),
+            b"%d" % len(commit.outputs),
+            b"%d" % len(commit.journal),
         ]
+        for name, value in fields.items():
+            args += (name.encode(), encode(run_id, name, value))
+        args += [encode_event(run_id, e) for e in commit.events]
+        args += [encode_output(run_id, o) for o in commit.outputs]
+        for k, v in commit.journal.items():
+            args += (k.encode(), encode(run_id, f"journal {k!r}", v))
         keys = self.keys.run(run_id)
-        gate = None
-        if "pending" in commit.fields and commit.fields.get("status", RunStatus.WAITING) == RunStatus.WAITING:
-            gate = deadline_of(commit.fields["pending"])
-        if gate is None:
-            result = await self._retrying(
-                "commit", run_id, lambda: self._eval(lua.COMMIT, keys, args), keys.rec
+        keys_b = [k.encode() for k in keys]
+        index: list[list[bytes]] = []
+        if "pending" in fields and fields.get("status", RunStatus.WAITING) == RunStatus.WAITING:
+            gate = deadline_of(fields["pending"])
+            if gate is not None:
+                # The engine files the workflow's name with the gate, so no read is needed
+                # and the store keeps nothing per run in memory. In front of the script,
+                # in the same round trip.
+                workflow = fields["pending"].get("workflow")
+                if workflow is None:  # a gate written by another client: one extra read
+                    raw = await self._retrying(
+                        "commit", run_id, lambda: self._client.hget(keys.rec, "workflow")
+                    )
+                    workflow = decode(run_id, f"{keys.rec}[workflow]", raw) if raw else ""
+                gates_key = self.keys.gates(str(workflow)).encode()
+                index.append([b"ZADD", gates_key, _score(gate), run_id.encode()])
+        replies = await self._retrying(
+            "commit", run_id, lambda: self._eval(lua.COMMIT, keys_b, args, index), keys.rec
+        )
+        return self._control(run_id, keys, lease, replies[-1])
+
+    def _control(self, run_id: str, keys: RunKeys, lease: Lease, reply: Any) -> str | None:
+        """The control flag in a commit or renew script's reply; or LeaseLostError."""
+        if isinstance(reply, int):
+            raise LeaseLostError(
+                run_id, f"token {lease.token} is stale" if reply == 1 else "the run no longer exists"
             )
-        else:
-            # The engine files the workflow's name with the gate, so no read is needed
-            # and the store keeps nothing per run in memory.
-            workflow = commit.fields["pending"].get("workflow")
-            if workflow is None:  # a gate written by another client: one extra read
-                raw = await self._retrying("commit", run_id, lambda: self._client.hget(keys.rec, "workflow"))
-                workflow = decode(run_id, f"{keys.rec}[workflow]", raw) if raw else ""
-            gates_key = self.keys.gates(str(workflow))
-
-            def index(pipe: Any) -> None:
-                pipe.zadd(gates_key, {run_id: gate})
-
-            replies = await self._retrying(
-                "commit", run_id, lambda: self._eval_after(index, lua.COMMIT, keys, args), keys.rec
-            )
-            result = replies[-1]
-        if result[0] == 0:
-            reason = result[1].decode()
-            raise LeaseLostError(run_id, f"token {lease.token} is stale" if reason == "stale" else reason)
-        return self._control(run_id, keys, result[1])
-
-    def _control(self, run_id: str, keys: RunKeys, raw: bytes | None) -> str | None:
-        value = decode(run_id, f"{keys.rec}[control]", raw) if raw is not None else None
+        value = decode(run_id, f"{keys.rec}[control]", reply) if reply else None
         return value if isinstance(value, str) else None
 
     async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
@@ -350,12 +390,9 @@ class RedisStore:
             encode(run_id, "lease_token", lease.token),
             encode(run_id, "lease_expires", time.time() + ttl),
         ]
-        result = await self._retrying(
-            "renew", run_id, lambda: self._eval(lua.RENEW, [keys.rec], args), keys.rec
-        )
-        if result[0] == 0:
-            raise LeaseLostError(run_id, f"token {lease.token} is stale")
-        return self._control(run_id, keys, result[1])
+        rec = keys.rec.encode()
+        replies = await self._retrying("renew", run_id, lambda: self._eval(lua.RENEW, [rec], args), keys.rec)
+        return self._control(run_id, keys, lease, replies[-1])
 
     async def update(self, run_id: str, change: Callable[[RunRecord], Change | None]) -> RunRecord | None:
         """Read-modify-write with WATCH/MULTI/EXEC; ``change`` reruns after a conflict."""
@@ -478,7 +515,8 @@ class RedisStore:
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False if it did not exist."""
         keys = self.keys.run(run_id)
-        raw = await self._retrying("delete", run_id, lambda: self._eval(lua.DELETE, keys, []))
+        keys_b = [k.encode() for k in keys]
+        raw = (await self._retrying("delete", run_id, lambda: self._eval(lua.DELETE, keys_b, [])))[-1]
         if raw is None:
             return False
         workflow = str(decode(run_id, f"{keys.rec}[workflow]", raw[0]))
