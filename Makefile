@@ -32,6 +32,8 @@ test: $(VENV)/.installed redis-server lint typecheck
 
 bench: $(VENV)/.installed redis-server
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_stores.py
+	$(BIN)/python benchmarks/bench_pool.py
 
 clean:
 	rm -rf $(VENV) agentflow.db*

@@ -362,7 +362,9 @@ class WorkflowRunner:
         try:
             st = RunStatus(status) if status is not None else None
         except ValueError:
-            raise AgentflowError(f"unknown status {status!r}; statuses are {[s.value for s in RunStatus]}") from None
+            raise AgentflowError(
+                f"unknown status {status!r}; statuses are {[s.value for s in RunStatus]}"
+            ) from None
         return [RunInfo.from_record(r) for r in await self.store.list_runs(self.spec.name, st)]
 
     async def recover(self) -> list[RunHandle]:

@@ -42,7 +42,9 @@ def writer_agent() -> Agent:
     instructions = "You write concise, friendly release notes in Markdown."
     if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
         print(f"writer: OpenAI provider, model {os.environ.get('WRITER_MODEL', 'gpt-4o-mini')}")
-        return Agent(provider="openai", model=os.environ.get("WRITER_MODEL", "gpt-4o-mini"), instructions=instructions)
+        return Agent(
+            provider="openai", model=os.environ.get("WRITER_MODEL", "gpt-4o-mini"), instructions=instructions
+        )
     print("writer: scripted provider (set OPENAI_API_KEY or OPENAI_BASE_URL for a real model)")
     script = ScriptedProvider(
         [
@@ -60,7 +62,9 @@ def critic_agent() -> Agent:
         print(f"critic: Anthropic provider, model {model}")
         return Agent(provider="anthropic", model=model, instructions=instructions, output=Review)
     print("critic: scripted provider (set ANTHROPIC_API_KEY or ANTHROPIC_BASE_URL for a real model)")
-    script = ScriptedProvider([{"score": 7, "issues": ["mention the export API's docs"]}], name="scripted-critic")
+    script = ScriptedProvider(
+        [{"score": 7, "issues": ["mention the export API's docs"]}], name="scripted-critic"
+    )
     return Agent(provider=script, model="scripted", instructions=instructions, output=Review)
 
 
@@ -92,7 +96,9 @@ async def critique(ctx):
 
 def publish(ctx):
     edited = (ctx.decision.data or {}).get("draft")
-    return Next(END, output={"notes": edited or ctx.state.draft, "edited_by": ctx.decision.by if edited else None})
+    return Next(
+        END, output={"notes": edited or ctx.state.draft, "edited_by": ctx.decision.by if edited else None}
+    )
 
 
 def release_notes(path: str) -> Workflow:
@@ -101,7 +107,9 @@ def release_notes(path: str) -> Workflow:
         .input(Release)
         .state(Notes)
         .flow({START: draft, "Critique": critique, "Publish": publish})
-        .agents({"writer": writer_agent(), "critic": critic_agent()}, max_handles=4, budget=TokenBudget(50_000))
+        .agents(
+            {"writer": writer_agent(), "critic": critic_agent()}, max_handles=4, budget=TokenBudget(50_000)
+        )
         .persistence(store="sqlite", path=path)
     )
 
@@ -111,17 +119,24 @@ async def main() -> None:
         path = os.environ.get("AGENTFLOW_DB") or os.path.join(d, "notes.db")
         async with WorkflowRunner(release_notes(path)) as runner:
             handle = await runner.run(
-                {"repo": "acme/app", "version": "2.4.0", "changes": ["faster builds", "login fix", "export API"]}
+                {
+                    "repo": "acme/app",
+                    "version": "2.4.0",
+                    "changes": ["faster builds", "login fix", "export API"],
+                }
             )
             async for ev in handle.events():
                 if ev.kind == "waiting":
                     break
             info = await handle.info()
             review = info.pending["context"]["review"]
-            print(f"waiting for {info.pending['approvers']}; critic scored {review['score']}: {review['issues']}")
+            who = info.pending["approvers"]
+            print(f"waiting for {who}; critic scored {review['score']}: {review['issues']}")
             print("draft:\n" + info.pending["context"]["draft"])
             edited = info.pending["context"]["draft"] + "\n- Export API docs: https://docs.example.com/export"
-            await runner.approve(handle.run_id, by="editor", comment="added the docs link", data={"draft": edited})
+            await runner.approve(
+                handle.run_id, by="editor", comment="added the docs link", data={"draft": edited}
+            )
             result = await handle.result()
             usage = (await handle.info()).usage
             print(f"\npublished (edited by {result.output['edited_by']}):\n{result.output['notes']}")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llm_fixtures import llm_server  # noqa: F401  (the local LLM API server fixture)
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
-from llm_fixtures import llm_server  # noqa: F401  (the local LLM API server fixture)
 
 STORE_KINDS = ("memory", "sqlite", "redis")
 

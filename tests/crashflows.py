@@ -111,7 +111,6 @@ async def main(cmd: str, flow: str, store: str, target: str, run_id: str) -> Non
         print(f"result {result.status.value} {result.step_results}", flush=True)
 
 
-
 def agent_flow(store: str, target: str) -> Workflow:
     from agentflow import Agent
 

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 from pydantic import BaseModel
+from test_crash import _finish, _lines, _spawn, _target, _wait_for
 
 from agentflow import (
     END,
@@ -22,7 +23,6 @@ from agentflow import (
     step,
 )
 from agentflow.testing import ScriptedProvider
-from test_crash import _finish, _lines, _spawn, _target, _wait_for
 
 
 class Review(BaseModel):
@@ -72,7 +72,9 @@ async def test_openai_and_anthropic_agents_in_one_flow(providers_env):
         result = await handle.result(timeout=20)
         info = await handle.info()
         stats = runner.agent_statistics()
-        steps = [e async for e in handle.events() if e.kind == "step_completed" and e.data and "usage" in e.data]
+        steps = [
+            e async for e in handle.events() if e.kind == "step_completed" and e.data and "usage" in e.data
+        ]
     assert result.output["score"] == 8
     assert [r.protocol for r in server.requests] == ["openai", "anthropic"]
     assert info.usage.input_tokens > 0 and info.usage.output_tokens > 0

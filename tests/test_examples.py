@@ -58,3 +58,25 @@ def test_resume_after_crash_example(tmp_path):
     assert out.count("] summarize:") == 2  # the step in flight ran again after the crash
     assert out.count("] publish:") == 1
     assert "completed: {'summary': '12 pages, 3 findings'}" in out
+
+
+def test_review_release_notes_with_the_scripted_provider(tmp_path):
+    env = {k: "" for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+    out = _run([str(ROOT / "examples" / "review_release_notes.py")], tmp_path, env)
+    assert "writer: scripted provider" in out and "critic: scripted provider" in out
+    assert "critic scored 7" in out
+    assert "published (edited by editor)" in out and "Export API docs" in out
+
+
+def test_review_release_notes_with_real_providers_against_the_local_server(tmp_path, llm_server):
+    llm_server.script("## v2.4.0\n- faster builds", {"score": 9, "issues": []})
+    env = {
+        "OPENAI_API_KEY": "sk-local",
+        "OPENAI_BASE_URL": llm_server.openai_base_url,
+        "ANTHROPIC_API_KEY": "ak-local",
+        "ANTHROPIC_BASE_URL": llm_server.anthropic_base_url,
+    }
+    out = _run([str(ROOT / "examples" / "review_release_notes.py")], tmp_path, env)
+    assert "writer: OpenAI provider" in out and "critic: Anthropic provider" in out
+    assert "critic scored 9" in out and "- faster builds" in out
+    assert [r.protocol for r in llm_server.requests] == ["openai", "anthropic"]
