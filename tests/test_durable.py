@@ -260,3 +260,41 @@ async def test_redis_down_at_a_commit_fails_with_store_error_and_writes_nothing(
         await store.close()
     finally:
         server.stop(kill=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_pause_resume_and_stop_from_another_runner(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+    ran: list[str] = []
+
+    async def tick(ctx):
+        ran.append(ctx.step_name)
+        await asyncio.sleep(0.05)
+        ctx.set_state(drafts=ctx.state.drafts + 1)
+        return "Tick"
+
+    def flow() -> Workflow:
+        wf = Workflow("Ticker").state(Notes).flow({START: tick, "Tick": tick})
+        return wf.persistence(**_persist(kind, target, lease_ttl=3))
+
+    async with WorkflowRunner(flow()) as owner, WorkflowRunner(flow()) as other:
+        handle = await owner.run()
+        await asyncio.sleep(0.15)
+        remote = await other.attach(handle.run_id)
+        await remote.pause()  # delivered through the store, acted on at the owner's next commit
+        info = await remote.info()
+        assert info.status == RunStatus.PAUSED
+        count = len(ran)
+        await asyncio.sleep(0.2)
+        assert len(ran) == count  # nothing runs while paused
+        await remote.resume()  # continues in the process that resumed it
+        await asyncio.sleep(0.15)
+        assert len(ran) > count
+        assert (await remote.info()).status == RunStatus.RUNNING
+        await handle.stop()  # the original process stops a run another process now owns
+        assert (await remote.info()).status == RunStatus.STOPPED
+        stopped_at = len(ran)
+        await asyncio.sleep(0.2)
+        assert len(ran) == stopped_at
+        kinds = [e.kind async for e in remote.events()]
+    assert kinds.count("paused") == 1 and kinds.count("resumed") == 1 and kinds[-1] == "stopped"

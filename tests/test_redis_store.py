@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from pathlib import Path
@@ -15,10 +16,28 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError
 from store_helpers import State, event, record, started
 
-from agentflow.errors import StoreError, WorkflowDefinitionError
+from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from agentflow.records import Commit, OutputRecord, RunRecord, RunStatus
 from agentflow.stores import Change, Lease, MemoryStore, SqliteStore, open_store
 from agentflow.stores.redis import RedisStore
+
+
+class CountingWriter:
+    """A connection's stream writer that counts its writes."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes) -> None:
+        CountingConnection.sends += 1
+        self._writer.write(data)
+
+    def writelines(self, data: Any) -> None:
+        CountingConnection.sends += 1
+        self._writer.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
 
 
 class CountingConnection(aioredis.Connection):
@@ -26,9 +45,9 @@ class CountingConnection(aioredis.Connection):
 
     sends = 0
 
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        CountingConnection.sends += 1
-        await super().send_packed_command(command, check_health)
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[no-untyped-call]
+        self._writer = CountingWriter(self._writer)  # type: ignore[assignment]
 
 
 async def _commits_stat(client: aioredis.Redis) -> int:
@@ -41,7 +60,8 @@ async def test_commit_renew_get_are_one_round_trip_each(redis_url: str) -> None:
     store = RedisStore(client=client)
     try:
         lease = await started(store)
-        await store.commit("r1", lease, Commit(fields={"step": "warm-up"}))  # loads the script
+        await store.commit("r1", lease, Commit(fields={"step": "warm-up"}))  # loads the scripts
+        await store.renew("r1", lease, 15.0)
         commit = Commit(
             fields={"state": State(artifact="a", count=1), "step": "B", "visit": 1},
             outputs=[OutputRecord(1, "A", {"x": 1})],
@@ -173,6 +193,105 @@ async def test_a_commit_retried_after_a_lost_reply_applies_once(redis_url: str) 
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_a_commit_on_a_damaged_record_raises_and_writes_nothing(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    keys = store.keys.run("r1")
+    try:
+        lease = await started(store)
+        await store.client.hset(keys.rec, "event_count", '"many"')
+        before = await store.client.hgetall(keys.rec)
+        commit = Commit(fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)])
+        with pytest.raises(CorruptRecordError) as info:
+            await store.commit("r1", lease, commit)
+        assert (info.value.run_id, info.value.key) == ("r1", keys.rec)
+        assert await store.client.hgetall(keys.rec) == before
+        assert (await store.client.llen(keys.events), await store.client.llen(keys.outputs)) == (1, 0)
+        await store.client.delete(keys.rec)
+        await store.client.set(keys.rec, "not a hash")
+        with pytest.raises(CorruptRecordError, match="WRONGTYPE"):
+            await store.commit("r1", lease, commit)
+    finally:
+        await store.close()
+
+
+async def test_large_commits_and_a_single_connection_client(redis_url: str) -> None:
+    # redis-py's single-connection client keeps its one connection: the store goes
+    # through redis-py's pipeline there, with the same results.
+    client = aioredis.Redis.from_url(redis_url, single_connection_client=True)
+    store = RedisStore(client=client)
+    try:
+        lease = await started(store)
+        journal = {f"B/{i}": {"i": i} for i in range(2500)}  # more than one HSET per chunk
+        events = [event("e", 2 + i) for i in range(2500)]
+        outputs = [OutputRecord(1, f"S{i}", i) for i in range(2500)]
+        commit = Commit(fields={"step": "B", "visit": 1}, outputs=outputs, events=events, journal=journal)
+        assert await store.commit("r1", lease, commit) is None
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.event_count == 2501
+        assert len(loaded.outputs) == 2500 and loaded.journal == journal
+        assert [e.seq for e in await store.events("r1", after=2499)] == [2500, 2501]
+        pending = {"deadline": time.time() - 1, "workflow": "wf"}
+        assert await store.renew("r1", lease, 15.0) is None
+        await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
+        assert await store.due_gates("wf", time.time()) == ["r1"]
+        with pytest.raises(LeaseLostError, match="stale"):
+            await store.commit("r1", Lease("w1", lease.token + 1), Commit(fields={"step": "C"}))
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+class SlowReplyConnection(aioredis.Connection):
+    """Waits a moment before reading each reply, when armed."""
+
+    armed = False
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if SlowReplyConnection.armed:
+            await asyncio.sleep(0.05)
+        return await super().read_response(*args, **kwargs)
+
+
+async def test_a_cancelled_commit_leaves_no_connection_out_of_step(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, connection_class=SlowReplyConnection)
+    store = RedisStore(client=client)
+    try:
+        lease = await started(store)
+        await store.commit("r1", lease, Commit(fields={"step": "A"}))  # loads the script
+        SlowReplyConnection.armed = True
+        task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"})))
+        await asyncio.sleep(0.01)  # sent, its reply not read yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        SlowReplyConnection.armed = False
+        # The next commands must not read the cancelled one's reply as theirs.
+        assert await store.commit("r1", lease, Commit(fields={"control": "pause"})) == "pause"
+        rec = await store.get("r1")
+        assert rec is not None and (rec.step, rec.control) == ("B", "pause")
+    finally:
+        SlowReplyConnection.armed = False
+        await store.close()
+        await client.aclose()
+
+
+async def test_scripts_are_reloaded_with_the_gate_index_in_front(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        lease = await started(store)
+        await store.client.script_flush()
+        pending = {"deadline": time.time() - 1, "workflow": "wf"}
+        commit = Commit(fields={"status": RunStatus.WAITING, "pending": pending}, events=[event("w", 2)])
+        assert await store.commit("r1", lease, commit) is None
+        assert await store.due_gates("wf", time.time()) == ["r1"]
+        assert [e.seq for e in await store.events("r1")] == [1, 2]  # applied once
+        await store.client.script_flush()
+        assert await store.create(record("r2", status=RunStatus.WAITING, pending=pending), [])
+        assert sorted(await store.due_gates("wf", time.time())) == ["r1", "r2"]
+    finally:
+        await store.close()
 
 
 async def test_stale_index_entries_are_dropped(redis_url: str) -> None:

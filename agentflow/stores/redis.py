@@ -27,6 +27,7 @@ already there knows the first attempt applied and does not apply it again.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import itertools
@@ -37,6 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError, WatchError
@@ -71,6 +73,34 @@ _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before givin
 def _pack(command: Sequence[bytes]) -> bytes:
     """One command in RESP, the form Redis reads: an array of bulk strings."""
     return b"*%d\r\n" % len(command) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in command])
+
+
+async def _send(conn: Connection, data: bytes) -> None:
+    """``conn.send_packed_command(data)``, without its cost when the socket takes it all.
+
+    redis-py bounds every send by the socket timeout with ``asyncio.wait_for``, which on
+    Python < 3.12 runs the send as a task of its own: two more event-loop turns per
+    command. A send the kernel takes at once cannot hang, so the bound (and redis-py's
+    error handling, which closes the connection) is only needed when data is left over.
+    """
+    writer = getattr(conn, "_writer", None)
+    if writer is None or conn.health_check_interval or not conn.is_connected:
+        await conn.send_packed_command(data)  # connects, checks health: redis-py's own way
+        return
+    try:
+        writer.write(data)
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+    if writer.transport.get_write_buffer_size():
+        try:
+            await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+        except builtins.TimeoutError:  # asyncio's; TimeoutError here is redis-py's
+            await conn.disconnect(nowait=True)
+            raise TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 def _score(value: float) -> bytes:
@@ -180,7 +210,7 @@ class RedisStore:
         pool = client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
         try:
-            await conn.send_packed_command(b"".join([_pack(command) for command in commands]))
+            await _send(conn, b"".join([_pack(command) for command in commands]))
             replies: list[Any] = []
             for _ in commands:
                 try:
