@@ -23,69 +23,30 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from .context import StepContext, StepResults, validate_state
+from .context import StepContext, StepResults
 from .errors import (
     AgentflowError,
     CorruptRecordError,
     InvalidInputError,
     LeaseLostError,
-    OutputValidationError,
     StepLimitExceeded,
     StoreError,
     UnknownStepError,
 )
 from .gates import Gate, Wait, pending_gate
-from .parallel import BranchError, BranchFailed, Parallel, run_branches
+from .parallel import BranchFailed, Parallel, run_parallel
 from .records import Commit, Decision, OutputRecord, RunEvent, RunRecord, RunStatus, Usage
 from .steps import END, START, Next, StepFunction, invoke
 from .stores.base import Lease, LoadedRun
+from .values import decode_output, encode_branch, run_output, step_output, validate_input
 
 if TYPE_CHECKING:
     from .runner import Engine
     from .workflow import WorkflowSpec
 
-__all__ = ["LiveRun", "StepJournal", "decode_output", "drive", "validate_input"]
+__all__ = ["LiveRun", "StepJournal", "advance_flow", "drive", "new_record"]
 
 log = logging.getLogger("agentflow")
-
-
-def validate_input(spec: WorkflowSpec, data: Any) -> Any:
-    """The run input validated against the input model (or checked JSON-able)."""
-    model = spec.input_model
-    if model is None:
-        return data
-    if isinstance(data, model):
-        return data
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(input)'}: {e['msg']}" for e in errors)
-        raise InvalidInputError(
-            f"invalid input for workflow {spec.name!r} ({model.__name__}): {detail}", errors=errors
-        ) from None
-
-
-def decode_output(spec: WorkflowSpec, step: str, value: Any) -> Any:
-    """A stored step output back as its declared type (BranchErrors and lists included)."""
-    if BranchError.is_stored(value):
-        return BranchError.from_json(value)
-    model = spec.output_types.get(step)
-    if model is None:
-        return value
-    if type(value) is list:
-        return [decode_output(spec, step, v) for v in value]
-    if isinstance(value, model):
-        return value
-    return model.model_validate(value)
-
-
-def _encode_branch(value: Any) -> Any:
-    if isinstance(value, BranchError):
-        return value.to_json()
-    if type(value) is list:
-        return [_encode_branch(v) for v in value]
-    return value
 
 
 class StepError(Exception):
@@ -285,29 +246,6 @@ def _error_info(step: str | None, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _output(spec: WorkflowSpec, fn: StepFunction, name: str, run_id: str, value: Any) -> Any:
-    model = fn.output
-    if model is None or value is None or isinstance(value, model):
-        return value
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        raise OutputValidationError(
-            f"run {run_id}, step {name!r}: output does not fit {model.__name__}: {exc}"
-        ) from None
-
-
-def run_output(spec: WorkflowSpec, run_id: str, value: Any) -> Any:
-    """The run's output validated into the declared output model."""
-    model = spec.output_model
-    if model is None or value is None or isinstance(value, model):
-        return value
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        raise OutputValidationError(f"run {run_id}: output does not fit {model.__name__}: {exc}") from None
-
-
 async def drive(run: LiveRun, advance: Callable[[LiveRun], Any]) -> None:
     """Run ``advance`` to its end, turning failures, stops and lease loss into commits."""
     engine = run.engine
@@ -480,7 +418,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, re
             target = _target(run, name, ret)
         elif tret is Next:
             target = _target(run, name, ret.target)
-            output = _output(spec, fn, name, run.run_id, ret.output)
+            output = step_output(fn, name, run.run_id, ret.output)
         elif isinstance(ret, Wait):
             for t in (ret.target, ret.on_reject, ret.on_timeout):
                 if t is not None:
@@ -488,7 +426,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, re
             return await _wait(run, name, ctx, ret.gate, ret)
         elif isinstance(ret, Parallel):
             target = _target(run, name, ret.target)
-            state, outputs = await _parallel(run, name, ctx, ret)
+            state, outputs = await run_parallel(run, name, ctx, ret)
             ctx._state = state
         else:
             raise TypeError(
@@ -510,7 +448,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, re
         run.results[rec.step] = rec.value
         run.history.setdefault(rec.step, []).append(rec.value)
     if outputs:
-        outputs = [OutputRecord(o.visit, o.step, _encode_branch(o.value)) for o in outputs]
+        outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
     usage = run.step_usage
     run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
     run.step_usage = Usage()
@@ -569,133 +507,6 @@ async def _wait(run: LiveRun, name: str, ctx: StepContext, gate: Gate, wait: Wai
 
 
 # -- parallel ------------------------------------------------------------------
-
-
-class BranchContext(StepContext):
-    """A branch's ctx: its own view of the state; its updates are applied at the join."""
-
-    __slots__ = ("journal_scope", "updates")
-
-    def __init__(self, run: LiveRun, name: str, visit: int, item: Any, scope: str) -> None:
-        super().__init__(run, name, visit, item)
-        self.journal_scope = scope
-        self.updates: dict[str, Any] = {}
-
-    async def _begin_attempt(self, attempt: int) -> None:
-        await super()._begin_attempt(attempt)
-        if attempt > 1:
-            self.updates = {}
-
-    def set_state(self, updates: Any = None, /, **fields: Any) -> None:
-        super().set_state(updates, **fields)
-        if isinstance(updates, BaseModel):
-            self.updates.update({k: getattr(updates, k) for k in updates.model_fields_set})
-        else:
-            self.updates.update(updates or {})
-        self.updates.update(fields)
-
-
-async def _parallel(
-    run: LiveRun, name: str, ctx: StepContext, par: Parallel, prefix: str | None = None
-) -> tuple[Any, list[OutputRecord]]:
-    """Run the branches, checkpointing each finished one; return the joined state and outputs.
-
-    Finished branches are written to the journal in batches (group commit) while the
-    others run, so after a crash only unfinished branches run again.
-    """
-    spec = run.spec
-    visit = run.visit
-    journal = run.journal
-    prefix = prefix if prefix is not None else f"p:{visit}:"
-    if par.items is not None:
-        assert par.map_name is not None
-        mfn = par.branches[par.map_name]
-        jobs = [
-            (par.map_name, f"{par.map_name}[{i}]", f"{prefix}{par.map_name}:{i}", mfn, item)
-            for i, item in enumerate(par.items)
-        ]
-    else:
-        jobs = [(bname, bname, f"{prefix}{bname}", fn, None) for bname, fn in par.branches.items()]
-
-    done: dict[str, Any] = {}
-    batch: dict[str, Any] = {}
-    wake = asyncio.Event()
-    finished = False
-
-    async def flusher() -> None:
-        while True:
-            await wake.wait()
-            wake.clear()
-            if batch:
-                entries = dict(batch)
-                batch.clear()
-                await run.commit(Commit(journal=entries))
-            if finished and not batch:
-                return
-
-    def make(oname: str, key: str, fn: StepFunction, item: Any) -> Callable[[], Any]:
-        async def call() -> Any:
-            bctx = BranchContext(run, oname, visit, item, key)
-            bctx._state = ctx._state
-            try:
-                if fn.retry is None and fn.timeout is None:
-                    out = fn.fn(bctx)
-                    if fn.is_async or asyncio.iscoroutine(out):
-                        out = await out
-                else:
-                    out = await invoke(fn, bctx)
-                out = _output(spec, fn, oname, run.run_id, out)
-            finally:
-                if bctx._agents is not None:
-                    await bctx._agents.close_all()
-            entry = {"output": out, "updates": bctx.updates}
-            done[key] = entry
-            batch[key] = entry
-            wake.set()
-            return entry
-
-        return call
-
-    calls = []
-    call_keys = []
-    for oname, label, key, fn, item in jobs:
-        stored = journal.get(key)
-        if stored is not None:
-            done[key] = {"output": decode_output(spec, oname, stored["output"]), "updates": stored["updates"]}
-        else:
-            calls.append((label, make(oname, key, fn, item)))
-            call_keys.append(key)
-
-    flush_task = asyncio.ensure_future(flusher())
-    try:
-        results = await run_branches(calls, par.max_concurrency, par.on_error == "fail")
-    except BaseException:
-        flush_task.cancel()
-        await asyncio.gather(flush_task, return_exceptions=True)
-        raise
-    finished = True
-    wake.set()
-    await flush_task
-    journal.update(done)
-    errors = {k: r for k, r in zip(call_keys, results, strict=True) if isinstance(r, BaseException)}
-    state = ctx._state
-    model = spec.state_model
-    values: list[Any] = []
-    for _oname, label, key, _fn, _item in jobs:
-        exc = errors.get(key)
-        if exc is not None:
-            values.append(BranchError(label, type(exc).__name__, str(exc)))
-            continue
-        entry = done[key]
-        values.append(entry["output"])
-        if entry["updates"] and model is not None:
-            state = validate_state(model, state, entry["updates"], f"run {run.run_id}, join of {name!r}")
-    if par.items is not None:
-        assert par.map_name is not None
-        outputs = [OutputRecord(visit, par.map_name, values)]
-    else:
-        outputs = [OutputRecord(visit, job[0], v) for job, v in zip(jobs, values, strict=True)]
-    return state, outputs
 
 
 def new_record(

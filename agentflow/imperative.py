@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .context import StepContext
-from .engine import LiveRun, StepError, _parallel, _wait, decode_output, run_output
+from .engine import LiveRun, StepError, _wait
 from .errors import NonDeterminismError, StepLimitExceeded
 from .gates import Gate, Wait
-from .parallel import BranchError, OnError, Parallel
+from .parallel import BranchError, OnError, Parallel, run_parallel
 from .records import Commit, Decision, OutputRecord, RunStatus
 from .steps import StepFunction, as_step
+from .values import decode_output, run_output
 
 __all__ = ["ImperativeContext", "advance_imperative"]
 
@@ -143,7 +144,7 @@ class ImperativeContext(StepContext):
         else:
             self._count(label)
             try:
-                state, outputs = await _parallel(self._run, label, self, par, prefix=f"{key}:")
+                state, outputs = await run_parallel(self._run, label, self, par, prefix=f"{key}:")
             except (asyncio.CancelledError, _Suspend):
                 raise
             except Exception as exc:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
+from .context import StepContext, validate_state
 from .errors import WorkflowDefinitionError
-from .steps import StepFunction, as_step
+from .records import Commit, OutputRecord
+from .steps import StepFunction, as_step, invoke
 
-__all__ = ["BranchError", "BranchFailed", "Parallel", "run_branches"]
+if TYPE_CHECKING:
+    from .engine import LiveRun
+
+__all__ = ["BranchContext", "BranchError", "BranchFailed", "Parallel", "run_branches", "run_parallel"]
 
 OnError = Literal["fail", "collect"]
 
@@ -179,3 +186,132 @@ async def run_branches(
     if failure:
         raise failure[0]
     return results
+
+
+class BranchContext(StepContext):
+    """A branch's ctx: its own view of the state; its updates are applied at the join."""
+
+    __slots__ = ("journal_scope", "updates")
+
+    def __init__(self, run: LiveRun, name: str, visit: int, item: Any, scope: str) -> None:
+        super().__init__(run, name, visit, item)
+        self.journal_scope = scope
+        self.updates: dict[str, Any] = {}
+
+    async def _begin_attempt(self, attempt: int) -> None:
+        await super()._begin_attempt(attempt)
+        if attempt > 1:
+            self.updates = {}
+
+    def set_state(self, updates: Any = None, /, **fields: Any) -> None:
+        super().set_state(updates, **fields)
+        if isinstance(updates, BaseModel):
+            self.updates.update({k: getattr(updates, k) for k in updates.model_fields_set})
+        else:
+            self.updates.update(updates or {})
+        self.updates.update(fields)
+
+
+async def run_parallel(
+    run: LiveRun, name: str, ctx: StepContext, par: Parallel, prefix: str | None = None
+) -> tuple[Any, list[OutputRecord]]:
+    """Run the branches, checkpointing each finished one; return the joined state and outputs.
+
+    Finished branches are written to the journal in batches (group commit) while the
+    others run, so after a crash only unfinished branches run again.
+    """
+    from .values import decode_output, step_output  # values imports this module
+
+    spec = run.spec
+    visit = run.visit
+    journal = run.journal
+    prefix = prefix if prefix is not None else f"p:{visit}:"
+    if par.items is not None:
+        assert par.map_name is not None
+        mfn = par.branches[par.map_name]
+        jobs = [
+            (par.map_name, f"{par.map_name}[{i}]", f"{prefix}{par.map_name}:{i}", mfn, item)
+            for i, item in enumerate(par.items)
+        ]
+    else:
+        jobs = [(bname, bname, f"{prefix}{bname}", fn, None) for bname, fn in par.branches.items()]
+
+    done: dict[str, Any] = {}
+    batch: dict[str, Any] = {}
+    wake = asyncio.Event()
+    finished = False
+
+    async def flusher() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if batch:
+                entries = dict(batch)
+                batch.clear()
+                await run.commit(Commit(journal=entries))
+            if finished and not batch:
+                return
+
+    def make(oname: str, key: str, fn: StepFunction, item: Any) -> Callable[[], Any]:
+        async def call() -> Any:
+            bctx = BranchContext(run, oname, visit, item, key)
+            bctx._state = ctx._state
+            try:
+                if fn.retry is None and fn.timeout is None:
+                    out = fn.fn(bctx)
+                    if fn.is_async or asyncio.iscoroutine(out):
+                        out = await out
+                else:
+                    out = await invoke(fn, bctx)
+                out = step_output(fn, oname, run.run_id, out)
+            finally:
+                if bctx._agents is not None:
+                    await bctx._agents.close_all()
+            entry = {"output": out, "updates": bctx.updates}
+            done[key] = entry
+            batch[key] = entry
+            wake.set()
+            return entry
+
+        return call
+
+    calls = []
+    call_keys = []
+    for oname, label, key, fn, item in jobs:
+        stored = journal.get(key)
+        if stored is not None:
+            done[key] = {"output": decode_output(spec, oname, stored["output"]), "updates": stored["updates"]}
+        else:
+            calls.append((label, make(oname, key, fn, item)))
+            call_keys.append(key)
+
+    flush_task = asyncio.ensure_future(flusher())
+    try:
+        results = await run_branches(calls, par.max_concurrency, par.on_error == "fail")
+    except BaseException:
+        flush_task.cancel()
+        await asyncio.gather(flush_task, return_exceptions=True)
+        raise
+    finished = True
+    wake.set()
+    await flush_task
+    journal.update(done)
+    errors = {k: r for k, r in zip(call_keys, results, strict=True) if isinstance(r, BaseException)}
+    state = ctx._state
+    model = spec.state_model
+    values: list[Any] = []
+    for _oname, label, key, _fn, _item in jobs:
+        exc = errors.get(key)
+        if exc is not None:
+            values.append(BranchError(label, type(exc).__name__, str(exc)))
+            continue
+        entry = done[key]
+        values.append(entry["output"])
+        if entry["updates"] and model is not None:
+            state = validate_state(model, state, entry["updates"], f"run {run.run_id}, join of {name!r}")
+    if par.items is not None:
+        assert par.map_name is not None
+        outputs = [OutputRecord(visit, par.map_name, values)]
+    else:
+        outputs = [OutputRecord(visit, job[0], v) for job, v in zip(jobs, values, strict=True)]
+    return state, outputs

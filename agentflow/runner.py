@@ -13,7 +13,7 @@ from typing import Any
 import pydantic_core
 
 from . import gates
-from .engine import LiveRun, advance_flow, decode_output, drive, new_record, run_output, validate_input
+from .engine import LiveRun, advance_flow, drive, new_record
 from .errors import (
     AgentflowError,
     InvalidStateError,
@@ -28,6 +28,7 @@ from .records import FINAL, RunEvent, RunInfo, RunRecord, RunResult, RunStatus
 from .steps import END
 from .stores.base import Change, Lease, Store
 from .stores.memory import MemoryStore
+from .values import decode_output, run_output, validate_input
 from .workflow import Workflow, WorkflowSpec
 
 __all__ = ["Engine", "RunHandle", "WorkflowRunner"]

@@ -4,7 +4,9 @@ Every script touches only keys passed in ``KEYS``, and the keys of one call shar
 hash tag (see :mod:`agentflow.stores.keys`), so they run on Redis Cluster too. Record
 fields are JSON strings, and the scripts only compare and copy them, never parse them:
 a lease is checked by comparing the stored ``lease_owner`` and ``lease_token`` JSON
-with the caller's, byte for byte.
+with the caller's, byte for byte. (``event_count`` is read as an integer, as HINCRBY
+would.) The commit script reads the record once (HMGET) and writes it once (HSET):
+each ``redis.call`` costs about as much as the work it does.
 
 Each write carries a nonce, stored in the record's ``_commit`` field; a script that
 finds its own nonce already there returns as if it had just applied, which makes a
@@ -70,7 +72,8 @@ if #count > 15 or not string.match(count, '^%-?%d+$') then
   return redis.error_reply('ERR hash value is not an integer')
 end
 local control, status = cur[5], cur[6]
-local h = {'event_count', tostring(tonumber(count) + ne), 'updated_at', ARGV[6], '_commit', ARGV[1]}
+count = string.format('%d', tonumber(count) + ne)  -- exact: below 2^53
+local h = {'event_count', count, 'updated_at', ARGV[6], '_commit', ARGV[1]}
 local n = 6
 for i = 11, 10 + 2 * nf, 2 do
   local name, value = ARGV[i], ARGV[i + 1]

@@ -13,6 +13,12 @@ Writes:
 * ``update`` is WATCH / HGETALL / MULTI / EXEC, retried on conflict.
 * ``create`` is a Lua script (exists? then write), so it is idempotent.
 
+The scripts' calls (commit, create, renew, delete) skip redis-py's command layer: the
+store packs the RESP itself from bytes and sends it on a connection of the client's
+pool, then reads the replies with redis-py (its parser, timeouts and error handling).
+That is most of a commit's client time otherwise: encoding two dozen arguments one by
+one, per-command bookkeeping, and on Python < 3.12 a task per send.
+
 The scripts live in :mod:`agentflow.stores.lua`. Index entries (runs per workflow,
 gate deadlines) are written *before* the run's write, so a crash in between leaves an
 entry that readers check against the record and drop, never a run no index lists.
