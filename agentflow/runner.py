@@ -389,6 +389,21 @@ class WorkflowRunner:
         engine.watch_deadlines()
         return handles
 
+    async def delete(self, run_id: str) -> bool:
+        """Remove a run and everything stored with it; False when there was no such run.
+
+        Raises:
+            InvalidStateError: the run is running; stop it first.
+        """
+        rec = await self.store.get(run_id)
+        if rec is None:
+            return False
+        self._check_workflow(rec)
+        owned = rec.lease_expires > time.time() or run_id in self.engine.local
+        if rec.status == RunStatus.RUNNING and owned:
+            raise InvalidStateError(f"run {run_id} is running; stop it before deleting it")
+        return await self.store.delete(run_id)
+
     def agent_statistics(self) -> dict[str, Any]:
         """Per agent: handles open, acquirers waiting, pool size and calls sent (for display)."""
         pools = self.engine.pools

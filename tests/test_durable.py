@@ -298,3 +298,53 @@ async def test_pause_resume_and_stop_from_another_runner(kind, tmp_path, request
         assert len(ran) == stopped_at
         kinds = [e.kind async for e in remote.events()]
     assert kinds.count("paused") == 1 and kinds.count("resumed") == 1 and kinds[-1] == "stopped"
+
+
+async def test_redis_url_from_the_environment_ttl_and_delete(redis_url, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    wf = Workflow("Env").flow({START: lambda ctx: Next(END, output=1)}).persistence(store="redis", ttl=0.5)
+    gated = (
+        Workflow("EnvGate")
+        .flow({START: lambda ctx: Wait(HumanApproval(["ops"]), END)})
+        .persistence(store="redis", key_prefix="gated:")
+    )
+    async with WorkflowRunner(wf) as runner, WorkflowRunner(gated) as gate_runner:
+        handle = await runner.run()
+        assert (await handle.result(timeout=10)).output == 1
+        assert [i.run_id for i in await runner.list_runs()] == [handle.run_id]
+        await asyncio.sleep(0.8)
+        assert await runner.list_runs() == []  # finished runs expire after ttl
+        parked = await gate_runner.run()
+        await _until(parked, RunStatus.WAITING)
+        assert await gate_runner.delete(parked.run_id) is True
+        assert await gate_runner.list_runs() == []
+        assert await gate_runner.delete(parked.run_id) is False
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k.decode() async for k in client.scan_iter()]
+    finally:
+        await client.aclose()
+    assert all(k.startswith("gated:") for k in keys if "EnvGate" in k or "gated" in k)
+    assert not any(parked.run_id in k for k in keys)  # delete removed every key of the run
+
+
+async def test_delete_refuses_a_running_run(tmp_path):
+    release = asyncio.Event()
+
+    async def slow(ctx):
+        await release.wait()
+        return END
+
+    wf = Workflow("Del").flow({START: slow}).persistence(store="sqlite", path=str(tmp_path / "d.db"))
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        await asyncio.sleep(0.02)
+        from agentflow import InvalidStateError
+
+        with pytest.raises(InvalidStateError):
+            await runner.delete(handle.run_id)
+        release.set()
+        await handle.result(timeout=5)
+        assert await runner.delete(handle.run_id) is True
