@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import InvalidInputError, OutputValidationError
 from .parallel import BranchError
@@ -61,25 +61,20 @@ def encode_branch(value: Any) -> Any:
     return value
 
 
-def step_output(fn: StepFunction, name: str, run_id: str, value: Any) -> Any:
-    """A step's output validated into its declared output model, if it has one."""
-    model = fn.output
+def _fit(model: type[BaseModel] | None, value: Any, where: str) -> Any:
     if model is None or value is None or isinstance(value, model):
         return value
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise OutputValidationError(
-            f"run {run_id}, step {name!r}: output does not fit {model.__name__}: {exc}"
-        ) from None
+        raise OutputValidationError(f"{where}: output does not fit {model.__name__}: {exc}") from None
+
+
+def step_output(fn: StepFunction, name: str, run_id: str, value: Any) -> Any:
+    """A step's output validated into its declared output model, if it has one."""
+    return _fit(fn.output, value, f"run {run_id}, step {name!r}")
 
 
 def run_output(spec: WorkflowSpec, run_id: str, value: Any) -> Any:
     """The run's output validated into the declared output model."""
-    model = spec.output_model
-    if model is None or value is None or isinstance(value, model):
-        return value
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        raise OutputValidationError(f"run {run_id}: output does not fit {model.__name__}: {exc}") from None
+    return _fit(spec.output_model, value, f"run {run_id}")

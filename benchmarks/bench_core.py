@@ -47,9 +47,11 @@ def _inc(i: int):
     return s
 
 
-def af_linear() -> Workflow:
+def af_linear(**persistence) -> Workflow:
+    """The 10-step flow; ``persistence`` options go to ``.persistence()`` (memory without)."""
     steps = {f"s{i}": _inc(i) for i in range(1, STEPS)}
-    return Workflow("Linear").state(Counter).flow({START: _inc(0), **steps})
+    wf = Workflow("Linear").state(Counter).flow({START: _inc(0), **steps})
+    return wf.persistence(**persistence) if persistence else wf
 
 
 def work(ctx):
@@ -97,7 +99,7 @@ async def af_fanout_ms(rounds: int) -> float:
 # -- LangGraph ---------------------------------------------------------------------
 
 
-def lg_linear():
+def lg_linear(checkpointer=None):
     from langgraph.graph import END as LG_END
     from langgraph.graph import START as LG_START
     from langgraph.graph import StateGraph
@@ -112,7 +114,7 @@ def lg_linear():
     for i in range(STEPS - 1):
         g.add_edge(f"s{i}", f"s{i + 1}")
     g.add_edge(f"s{STEPS - 1}", LG_END)
-    return g.compile()
+    return g.compile(checkpointer=checkpointer)
 
 
 def lg_fanout():

@@ -32,32 +32,10 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
-from typing import TypedDict
 
-from pydantic import BaseModel
+from bench_core import STEPS, af_linear, lg_linear
 
 from agentflow import END, START, HumanApproval, Wait, Workflow, WorkflowRunner
-
-STEPS = 10
-
-
-class Counter(BaseModel):
-    n: int = 0
-
-
-def _inc(i: int):
-    nxt = f"s{i + 1}" if i + 1 < STEPS else END
-
-    def s(ctx):
-        ctx.set_state(n=ctx.state.n + 1)
-        return nxt
-
-    return s
-
-
-def linear(**persist) -> Workflow:
-    steps = {f"s{i}": _inc(i) for i in range(1, STEPS)}
-    return Workflow("Linear").state(Counter).flow({START: _inc(0), **steps}).persistence(**persist)
 
 
 async def steps_per_second(wf: Workflow, runs: int) -> float:
@@ -88,23 +66,10 @@ async def ping_rate(url: str, n: int = 2000) -> float:
 
 def langgraph_sqlite_rate(path: str, runs: int) -> float:
     from langgraph.checkpoint.sqlite import SqliteSaver
-    from langgraph.graph import END as LG_END
-    from langgraph.graph import START as LG_START
-    from langgraph.graph import StateGraph
 
-    class S(TypedDict):
-        n: int
-
-    g = StateGraph(S)
-    for i in range(STEPS):
-        g.add_node(f"s{i}", lambda s: {"n": s["n"] + 1})
-    g.add_edge(LG_START, "s0")
-    for i in range(STEPS - 1):
-        g.add_edge(f"s{i}", f"s{i + 1}")
-    g.add_edge(f"s{STEPS - 1}", LG_END)
     conn = sqlite3.connect(path, check_same_thread=False)
     try:
-        graph = g.compile(checkpointer=SqliteSaver(conn))
+        graph = lg_linear(checkpointer=SqliteSaver(conn))
         for i in range(3):
             graph.invoke({"n": 0}, {"configurable": {"thread_id": f"warm{i}"}})
         t = time.perf_counter()
@@ -211,7 +176,7 @@ async def main() -> None:
     with redis_url() as url, tempfile.TemporaryDirectory() as d:
         ratios, rates, pings = [], [], []
         for _ in range(args.repeats):
-            rate = await steps_per_second(linear(store="redis", url=url, key_prefix="b:"), args.runs)
+            rate = await steps_per_second(af_linear(store="redis", url=url, key_prefix="b:"), args.runs)
             ping = await ping_rate(url)
             rates.append(rate)
             pings.append(ping)
@@ -223,7 +188,7 @@ async def main() -> None:
 
         af, lg = [], []
         for i in range(args.repeats):
-            af.append(await steps_per_second(linear(store="sqlite", path=f"{d}/af{i}.db"), args.runs))
+            af.append(await steps_per_second(af_linear(store="sqlite", path=f"{d}/af{i}.db"), args.runs))
             lg.append(langgraph_sqlite_rate(f"{d}/lg{i}.db", max(30, args.runs // 5)))
         print(f"sqlite: the same flow (median of {args.repeats})")
         print(f"  agentflow       {statistics.median(af):>10,.0f} steps/s")
