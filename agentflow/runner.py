@@ -16,6 +16,7 @@ from . import gates
 from .engine import LiveRun, advance_flow, drive, new_record
 from .errors import (
     AgentflowError,
+    CorruptRecordError,
     InvalidStateError,
     LeaseLostError,
     RunFailedError,
@@ -24,7 +25,7 @@ from .errors import (
     StoreError,
     WorkflowDefinitionError,
 )
-from .records import FINAL, RunEvent, RunInfo, RunRecord, RunResult, RunStatus
+from .records import FINAL, Commit, RunEvent, RunInfo, RunRecord, RunResult, RunStatus
 from .steps import END
 from .stores.base import Change, Lease, Store
 from .stores.memory import MemoryStore
@@ -126,7 +127,22 @@ class Engine:
         loaded = await self.store.load(run_id)
         if loaded is None:
             raise AgentflowError(f"run {run_id} vanished from the store")
-        run = LiveRun.restore(self, loaded, lease)
+        try:
+            run = LiveRun.restore(self, loaded, lease)
+        except CorruptRecordError as exc:
+            # Nothing can advance it: fail the run (so it is not retried for ever) and say why.
+            error = {
+                "step": loaded.record.step,
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": "",
+            }
+            event = RunEvent("failed", run_id, loaded.record.step, {"type": error["type"], "message": str(exc)},
+                             time.time(), loaded.record.event_count + 1)  # fmt: skip
+            fields = {"status": RunStatus.FAILED, "error": error, "control": None}
+            await self.store.commit(run_id, lease, Commit(fields=fields, events=[event], release=True))
+            self.notify(run_id)
+            raise
         self.start(run)
         return run
 

@@ -348,3 +348,63 @@ async def test_delete_refuses_a_running_run(tmp_path):
         release.set()
         await handle.result(timeout=5)
         assert await runner.delete(handle.run_id) is True
+
+
+class Summary(BaseModel):
+    title: str
+    drafts: int
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_run_output_comes_back_as_its_model_in_another_runner(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+
+    def flow() -> Workflow:
+        return (
+            Workflow("Typed")
+            .input(Ticket)
+            .state(Notes)
+            .output(Summary)
+            .flow(
+                {
+                    START: lambda ctx: Wait(HumanApproval(["ed"]), "Done"),
+                    "Done": lambda ctx: Next(END, output={"title": ctx.input.title, "drafts": 2}),
+                }
+            )
+            .persistence(**_persist(kind, target))
+        )
+
+    async with WorkflowRunner(flow()) as first:
+        handle = await first.run({"title": "typed"})
+        await _until(handle, RunStatus.WAITING)
+        await first.approve(handle.run_id, by="ed")
+        await handle.result(timeout=10)
+    async with WorkflowRunner(flow()) as second:
+        result = await (await second.attach(handle.run_id)).result(timeout=10)
+    assert result.output == Summary(title="typed", drafts=2)
+    assert isinstance(result.state, Notes)
+
+
+async def test_a_stored_state_that_no_longer_fits_raises_corrupt_record(tmp_path):
+    import sqlite3
+
+    from agentflow import CorruptRecordError
+
+    path = str(tmp_path / "c.db")
+    async with WorkflowRunner(review_flow(_persist("sqlite", path))) as runner:
+        handle = await runner.run({"title": "x"})
+        await _until(handle, RunStatus.WAITING)
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE agentflow_runs SET state = ? WHERE run_id = ?", ('{"drafts": "many"}', handle.run_id)
+        )
+    async with WorkflowRunner(review_flow(_persist("sqlite", path))) as runner:
+        with pytest.raises(CorruptRecordError) as info:
+            await runner.approve(handle.run_id, by="editor")
+        failed = await handle_info(runner, handle.run_id)
+    assert handle.run_id in str(info.value) and "state" in str(info.value)
+    assert failed.status == RunStatus.FAILED and failed.error["type"] == "CorruptRecordError"
+
+
+async def handle_info(runner, run_id):
+    return await (await runner.attach(run_id)).info()
