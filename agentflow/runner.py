@@ -131,14 +131,10 @@ class Engine:
             run = LiveRun.restore(self, loaded, lease)
         except CorruptRecordError as exc:
             # Nothing can advance it: fail the run (so it is not retried for ever) and say why.
-            error = {
-                "step": loaded.record.step,
-                "type": type(exc).__name__,
-                "message": str(exc),
-                "traceback": "",
-            }
-            event = RunEvent("failed", run_id, loaded.record.step, {"type": error["type"], "message": str(exc)},
-                             time.time(), loaded.record.event_count + 1)  # fmt: skip
+            rec, message = loaded.record, str(exc)
+            error = {"step": rec.step, "type": type(exc).__name__, "message": message, "traceback": ""}
+            data = {"type": error["type"], "message": message}
+            event = RunEvent("failed", run_id, rec.step, data, time.time(), rec.event_count + 1)
             fields = {"status": RunStatus.FAILED, "error": error, "control": None}
             await self.store.commit(run_id, lease, Commit(fields=fields, events=[event], release=True))
             self.notify(run_id)
