@@ -1,0 +1,153 @@
+"""The ``agentflow`` command: list, inspect and decide runs from a shell.
+
+Workflows are found by importing a module (``Steward.discover``); the store each uses
+comes from its own ``.persistence(...)``::
+
+    agentflow runs myapp.flows --status waiting
+    agentflow show myapp.flows 4f0c...           # the pending gate, with its review context
+    agentflow approve myapp.flows 4f0c... --by ops-lead --comment "ship it"
+    agentflow reject myapp.flows 4f0c... --by ops-lead --reason "tests are red"
+    agentflow recover myapp.flows                # resume runs whose worker died
+
+A decided run continues in the deciding process, so ``approve`` and ``reject`` follow
+the run, printing its events, until it finishes or parks again (``--no-follow`` returns
+at once; a worker's ``recover()`` then picks the run up once its lease runs out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import AgentflowError
+from .records import FINAL, RunInfo, RunStatus
+from .runner import RunHandle, WorkflowRunner
+from .steward import Steward
+
+__all__ = ["main"]
+
+_PARKED = frozenset({RunStatus.WAITING, RunStatus.PAUSED}) | FINAL
+
+
+def _info_json(info: RunInfo) -> dict[str, Any]:
+    return {
+        "run_id": info.run_id,
+        "workflow": info.workflow,
+        "status": info.status.value,
+        "step": info.step,
+        "pending": info.pending,
+        "error": {k: v for k, v in info.error.items() if k != "traceback"} if info.error else None,
+        "usage": {"input_tokens": info.usage.input_tokens, "output_tokens": info.usage.output_tokens},
+        "decisions": [
+            {"approved": d.approved, "by": d.by, "comment": d.comment, "at": d.at.isoformat()}
+            for d in info.decisions
+        ],
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+    }
+
+
+async def _find(steward: Steward, run_id: str) -> tuple[WorkflowRunner, RunHandle]:
+    for wf in steward.workflows():
+        runner = steward.runner(wf.name)
+        try:
+            return runner, await runner.attach(run_id)
+        except AgentflowError:
+            continue
+    raise AgentflowError(f"no run {run_id!r} in the stores of {[w.name for w in steward.workflows()]}")
+
+
+async def _follow(handle: RunHandle, out: Any) -> RunInfo:
+    async for ev in handle.events():
+        print(f"{ev.seq:>4} {ev.kind:<15} {ev.step or ''}", file=out, flush=True)
+        info = await handle.info()
+        if info.status in _PARKED and ev.kind in {"waiting", "paused", *(s.value for s in FINAL)}:
+            return info
+    return await handle.info()
+
+
+async def _run(args: argparse.Namespace, out: Any) -> int:
+    steward = Steward.discover(args.module)
+    if not steward.workflows():
+        raise AgentflowError(f"module {args.module!r} defines no Workflow")
+    try:
+        if args.command == "describe":
+            described = [steward.describe(w.name) for w in steward.workflows()]
+            print(json.dumps(described, indent=2, default=str), file=out)
+        elif args.command == "runs":
+            for wf in steward.workflows():
+                for info in await steward.runner(wf.name).list_runs(status=args.status):
+                    when = info.updated_at.isoformat(timespec="seconds")
+                    where = f"{info.workflow:<20} {info.status.value:<10} {info.step or '':<16}"
+                    print(f"{info.run_id}  {where} {when}", file=out)
+        elif args.command == "show":
+            _, handle = await _find(steward, args.run_id)
+            print(json.dumps(_info_json(await handle.info()), indent=2, default=str), file=out)
+        elif args.command in ("approve", "reject"):
+            runner, handle = await _find(steward, args.run_id)
+            if args.command == "approve":
+                data = json.loads(args.data) if args.data else None
+                await runner.approve(args.run_id, by=args.by, comment=args.comment, data=data)
+            else:
+                await runner.reject(args.run_id, by=args.by, reason=args.reason)
+            info = await _follow(handle, out) if args.follow else await handle.info()
+            print(f"run {info.run_id} is {info.status.value}", file=out)
+        elif args.command == "recover":
+            for wf in steward.workflows():
+                runner = steward.runner(wf.name)
+                handles = await runner.recover()
+                for handle in handles:
+                    print(f"recovered {handle.run_id} ({wf.name})", file=out)
+                    await _follow(handle, out)
+    finally:
+        await steward.close()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="agentflow", description="List, inspect and decide agentflow runs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, run_id: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("module", help="module that defines the workflows, e.g. myapp.flows")
+        if run_id:
+            p.add_argument("run_id")
+        return p
+
+    command("describe", "the workflows' schemas, steps and Mermaid charts")
+    runs = command("runs", "list runs")
+    runs.add_argument("--status", choices=[s.value for s in RunStatus])
+    command("show", "a run's status, pending gate (with its review context), decisions", run_id=True)
+    for name, help in (("approve", "approve the gate a run waits at"), ("reject", "reject it")):
+        p = command(name, help, run_id=True)
+        p.add_argument("--by", required=True, help="the approver's name")
+        if name == "approve":
+            p.add_argument("--comment")
+            p.add_argument("--data", help="JSON: the reviewer's edit of the reviewed content")
+        else:
+            p.add_argument("--reason")
+        p.add_argument(
+            "--no-follow", dest="follow", action="store_false", help="return without following the run"
+        )
+    command("recover", "resume runs whose owner died, and follow them")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``agentflow`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    sys.path.insert(0, "")  # modules of the current directory, as ``python -m`` would
+    try:
+        return asyncio.run(_run(args, sys.stdout))
+    except (AgentflowError, json.JSONDecodeError, ImportError) as exc:
+        print(f"agentflow: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

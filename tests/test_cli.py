@@ -1,0 +1,65 @@
+"""The ``agentflow`` command against runs parked on SQLite, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_flows import review
+
+from agentflow import WorkflowRunner
+
+HERE = Path(__file__).parent
+
+
+def cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLI_DB": str(db), "PYTHONPATH": str(HERE)}
+    return subprocess.run(
+        [sys.executable, "-m", "agentflow.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+@pytest.fixture
+async def parked(tmp_path, monkeypatch):
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("CLI_DB", str(db))
+    wf = review.persistence(store="sqlite", path=str(db))
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run({"text": "first draft"})
+        async for ev in handle.events():
+            if ev.kind == "waiting":
+                break
+    return db, handle.run_id
+
+
+async def test_list_show_and_approve_with_an_edit(parked):
+    db, run_id = parked
+    listed = cli("runs", "cli_flows", "--status", "waiting", db=db)
+    assert listed.returncode == 0, listed.stderr
+    assert run_id in listed.stdout and "waiting" in listed.stdout
+    shown = cli("show", "cli_flows", run_id, db=db)
+    info = json.loads(shown.stdout)
+    assert info["pending"]["context"] == {"draft": "first draft"} and info["pending"]["prompt"] == "Publish?"
+    denied = cli("approve", "cli_flows", run_id, "--by", "intruder", db=db)
+    assert denied.returncode == 2 and "NotAuthorizedError" in denied.stderr
+    approved = cli("approve", "cli_flows", run_id, "--by", "editor", "--data", '{"text": "edited"}', db=db)
+    assert approved.returncode == 0, approved.stderr
+    assert "decided" in approved.stdout and f"run {run_id} is completed" in approved.stdout
+    async with WorkflowRunner(review.persistence(store="sqlite", path=str(db))) as runner:
+        result = await (await runner.attach(run_id)).result(timeout=5)
+    assert result.output == "edited"
+
+
+async def test_reject_and_unknown_run(parked):
+    db, run_id = parked
+    missing = cli("show", "cli_flows", "no-such-run", db=db)
+    assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
+    rejected = cli("reject", "cli_flows", run_id, "--by", "editor", "--reason", "too long", db=db)
+    assert rejected.returncode == 0, rejected.stderr
+    assert f"run {run_id} is rejected" in rejected.stdout
+    info = json.loads(cli("show", "cli_flows", run_id, db=db).stdout)
+    assert info["decisions"][0]["comment"] == "too long" and info["decisions"][0]["approved"] is False
