@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from agentflow_anthropic import AnthropicProvider
@@ -18,6 +20,7 @@ from agentflow.agents import Agent, AgentsConfig, Message, Provider, ProviderRep
 from agentflow.errors import ProviderError
 from agentflow.pool import AgentPools, load_provider
 from agentflow.records import Usage
+from agentflow.retrying import RetryPolicy, retry_after_seconds
 from agentflow.testing import MemoryJournal
 
 KINDS = ["openai", "anthropic"]
@@ -332,3 +335,118 @@ async def test_openai_tool_calls_over_the_wire(env: LLMServer) -> None:
         and call.function.name == "lookup"
         and call.function.arguments == '{"q": "agentflow"}'
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_sdk_client_sends_over_aiohttp_and_aclose_closes_it(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    provider = provider_factory(kind)
+    assert (await provider.complete(ask("one"))).text == "echo: one"
+    http = provider.client._client  # type: ignore[attr-defined]  # the SDK's HTTP client
+    sdk: Any = openai if kind == "openai" else anthropic
+    assert isinstance(http, sdk.DefaultAioHttpClient) and not http.is_closed
+    await provider.aclose()
+    assert http.is_closed  # the aiohttp session and its connections went with it
+    assert (await provider.complete(ask("two"))).text == "echo: two"  # a new client on next use
+    assert provider.client._client is not http  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_given_http_client_is_used(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    sdk: Any = openai if kind == "openai" else anthropic
+    http = sdk.DefaultAsyncHttpxClient()
+    provider = provider_factory(kind, client_options={"http_client": http})
+    assert (await provider.complete(ask("hi"))).text == "echo: hi"
+    assert provider.client._client is http  # type: ignore[attr-defined]
+
+
+# -- agentflow.retrying: the retry policy both providers share -----------------------------
+
+
+class Flaky(Exception):
+    """A failure carrying response headers, as the SDKs' status errors do."""
+
+    def __init__(self, transient: bool = True, headers: dict[str, str] | None = None) -> None:
+        super().__init__("flaky")
+        self.transient = transient
+        self.response = type("Response", (), {"headers": headers or {}})()
+
+
+def policy(**options: Any) -> RetryPolicy:
+    options.setdefault("backoff", 0.001)
+    return RetryPolicy(lambda exc: isinstance(exc, Flaky) and exc.transient, **options)
+
+
+def script(*outcomes: Any) -> tuple[Callable[[], Any], list[float]]:
+    """A call that raises or returns ``outcomes`` in turn, and the times it was made."""
+    calls: list[float] = []
+    pending = list(outcomes)
+
+    async def call() -> Any:
+        calls.append(time.monotonic())
+        outcome = pending.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return call, calls
+
+
+async def test_retry_policy_success_at_once_sets_up_no_retry_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loop(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tenacity's loop was set up for a call that succeeded at once")
+
+    monkeypatch.setattr("agentflow.retrying.AsyncRetrying", no_loop)
+    call, calls = script("ok")
+    assert await policy().call(call) == "ok" and len(calls) == 1
+
+
+async def test_retry_policy_retries_transient_failures_up_to_max_attempts() -> None:
+    call, calls = script(Flaky(), Flaky(), "ok")
+    assert await policy(max_attempts=3).call(call) == "ok" and len(calls) == 3
+    last = Flaky()
+    call, calls = script(Flaky(), Flaky(), last, "never")
+    with pytest.raises(Flaky) as caught:
+        await policy(max_attempts=3).call(call)
+    assert caught.value is last and len(calls) == 3  # the last failure, as it was
+    call, calls = script(Flaky(), "never")
+    with pytest.raises(Flaky):
+        await policy(max_attempts=1).call(call)
+    assert len(calls) == 1
+
+
+async def test_retry_policy_raises_other_failures_at_once() -> None:
+    for first in (Flaky(transient=False), ValueError("bug")):
+        call, calls = script(first, "never")
+        with pytest.raises(type(first)):
+            await policy().call(call)
+        assert len(calls) == 1
+    call, calls = script(Flaky(), Flaky(transient=False), "never")  # not transient on a retry either
+    with pytest.raises(Flaky):
+        await policy().call(call)
+    assert len(calls) == 2
+
+
+async def test_retry_policy_waits_what_the_failure_asks_capped_else_backs_off() -> None:
+    call, calls = script(Flaky(headers={"retry-after-ms": "150"}), Flaky(headers={"retry-after": "30"}), "ok")
+    assert await policy(max_retry_after=0.2).call(call) == "ok"
+    assert 0.14 <= calls[1] - calls[0] < 0.5  # the first attempt's Retry-After, though made outside the loop
+    assert 0.19 <= calls[2] - calls[1] < 0.6  # 30 s capped at max_retry_after
+    call, calls = script(Flaky(), Flaky(), "ok")
+    assert await policy(backoff=0.05).call(call) == "ok"
+    assert 0.05 <= calls[1] - calls[0] < 0.5 and 0.1 <= calls[2] - calls[1] < 0.6  # doubling from backoff
+
+
+def test_retry_after_seconds_reads_milliseconds_seconds_and_dates() -> None:
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "-3"}) == 0.0
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < (retry_after_seconds({"retry-after": soon}) or 0) <= 30
+    assert retry_after_seconds({"retry-after": "whenever"}) is None
+    assert retry_after_seconds({}) is None and retry_after_seconds(None) is None
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(lambda exc: True, max_attempts=0)

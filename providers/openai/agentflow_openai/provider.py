@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from agentflow.agents import ProviderReply, ProviderRequest
 from agentflow.errors import ProviderError
 from agentflow.records import Usage
-
-from ._retry import WaitRetryAfter
+from agentflow.retrying import RetryPolicy
 
 __all__ = ["OpenAIProvider"]
 
@@ -63,14 +61,25 @@ def _strict_schema(schema: Any, root: dict[str, Any] | None = None) -> Any:
     return out
 
 
+def _aiohttp_client() -> Any:
+    """The SDK's aiohttp-based HTTP client, or None (the SDK's httpx default) without aiohttp."""
+    try:
+        return openai.DefaultAioHttpClient()
+    except (AttributeError, RuntimeError):  # an SDK before 1.89, or the aiohttp extra missing
+        return None
+
+
 class OpenAIProvider:
     """Chat Completions through ``openai.AsyncOpenAI``, for OpenAI and compatible servers.
 
     The SDK client is made on first use and reused by every handle (one HTTP connection
-    pool). Rate limits (honouring ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts
-    and dropped connections are retried with exponential backoff; any other failure
-    raises :class:`~agentflow.errors.ProviderError` with the status and the server's
-    message.
+    pool). It sends over the SDK's aiohttp transport (``openai.DefaultAioHttpClient``,
+    installed with this package), which costs far less CPU per call than the default
+    httpx one; ``client_options={"http_client": ...}`` picks another. Rate limits
+    (honouring ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts and dropped
+    connections are retried with exponential backoff (:class:`agentflow.retrying.RetryPolicy`);
+    any other failure raises :class:`~agentflow.errors.ProviderError` with the status and
+    the server's message.
 
     Args:
         api_key: defaults to ``OPENAI_API_KEY`` (any value works for a local server).
@@ -100,13 +109,16 @@ class OpenAIProvider:
         max_tokens_param: str = "max_completion_tokens",
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         self._api_key = api_key
         self._base_url = base_url
         self._timeout = timeout
-        self._max_attempts = max_attempts
-        self._wait = WaitRetryAfter(backoff, max_backoff, max_retry_after)
+        self._retry = RetryPolicy(
+            _transient,
+            max_attempts=max_attempts,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            max_retry_after=max_retry_after,
+        )
         self._max_tokens_param = max_tokens_param
         self._client_options = dict(client_options or {})
         self._accepted: frozenset[str] = frozenset()
@@ -136,6 +148,8 @@ class OpenAIProvider:
                 options["base_url"] = base_url
             if self._timeout is not None:
                 options["timeout"] = self._timeout
+            if "http_client" not in options:
+                options["http_client"] = _aiohttp_client()
             self._client = openai.AsyncOpenAI(**options)
             # Fields this SDK version's create() does not name travel in extra_body instead.
             self._accepted = frozenset(inspect.signature(self._client.chat.completions.create).parameters)
@@ -145,16 +159,35 @@ class OpenAIProvider:
         """Send one Chat Completions request and return the whole reply."""
         client = self.client
         params = self._params(request)
-        completion = await self._retrying(lambda: client.chat.completions.create(**params))
-        if not completion.choices:
+        # The raw response skips building the SDK's ChatCompletion model (~0.1 ms of CPU
+        # per call): the fields needed are read from the JSON directly. Not being
+        # streamed, its body has been read already.
+        raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
+        text, spent = self._reply(request, raw.http_response.content)
+        return ProviderReply(text=text, data=_data(request, text), usage=spent)
+
+    def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage]:
+        """Text (content, else refusal) and usage of a ``chat.completion`` body."""
+        try:
+            body = json.loads(content)
+        except ValueError as exc:
+            raise ProviderError(
+                f"openai: the reply for model {request.model!r} is not JSON: {content[:200]!r}",
+                provider=self.name,
+            ) from exc
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not choices or not isinstance(choices[0], dict):
             raise ProviderError(
                 f"openai: the reply for model {request.model!r} has no choices", provider=self.name
             )
-        message = completion.choices[0].message
-        text = message.content or message.refusal or ""
-        usage = completion.usage
-        spent = Usage(usage.prompt_tokens, usage.completion_tokens) if usage else Usage()
-        return ProviderReply(text=text, data=_data(request, text), usage=spent)
+        message = choices[0].get("message")
+        if not isinstance(message, dict):
+            message = {}
+        text = message.get("content") or message.get("refusal") or ""
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return text, Usage()
+        return text, Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
         """Yield content deltas as they arrive, then the whole reply with its usage."""
@@ -212,20 +245,11 @@ class OpenAIProvider:
         return params
 
     async def _retrying(self, call: Callable[[], Awaitable[_T]]) -> _T:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(_transient),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await call()
+            return await self._retry.call(call)
         except openai.OpenAIError as exc:
-            gave_up = f"gave up after {self._max_attempts} attempts" if _transient(exc) else ""
+            gave_up = f"gave up after {self._retry.max_attempts} attempts" if _transient(exc) else ""
             raise self._error(exc, gave_up) from exc
-        raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _error(self, exc: Exception, context: str = "") -> ProviderError:
         status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
