@@ -58,7 +58,7 @@ class Engine:
         self.lease_ttl = lease_ttl
         self.owner = owner
         self.local: dict[str, LiveRun] = {}
-        self.waiters: dict[str, asyncio.Event] = {}
+        self.waiters: dict[str, list[asyncio.Event]] = {}
         self.stopping = False
         self.pools: Any = None
         if spec.agents is not None:
@@ -79,19 +79,25 @@ class Engine:
     def notify(self, run_id: str) -> None:
         """Wake whoever waits on ``run_id`` (handles awaiting results or events)."""
         if self.waiters:
-            ev = self.waiters.pop(run_id, None)
-            if ev is not None:
+            for ev in self.waiters.pop(run_id, ()):
                 ev.set()
 
     async def changed(self, run_id: str, timeout: float) -> None:
         """Wait until this process commits to ``run_id``, or ``timeout`` passes (other processes)."""
-        ev = self.waiters.get(run_id)
-        if ev is None:
-            ev = self.waiters[run_id] = asyncio.Event()
+        ev = asyncio.Event()
+        waiting = self.waiters.setdefault(run_id, [])
+        waiting.append(ev)
         try:
             await asyncio.wait_for(ev.wait(), timeout)
         except TimeoutError:
             pass
+        finally:
+            # Take this waiter out (timed out or cancelled), so watching many runs of
+            # other processes leaves nothing behind.
+            if not ev.is_set():
+                waiting.remove(ev)
+                if not waiting and self.waiters.get(run_id) is waiting:
+                    del self.waiters[run_id]
 
     # -- owning runs -----------------------------------------------------------
 
