@@ -362,7 +362,7 @@ class WorkflowRunner:
         ]
         run.outbox.clear()
         if not await self.store.create(rec, events):
-            return RunHandle(self, run_id)
+            return await self.attach(run_id)  # the run exists: start nothing (and check it is ours)
         engine.start(run)
         return RunHandle(self, run_id, run)
 

@@ -408,3 +408,17 @@ async def test_a_stored_state_that_no_longer_fits_raises_corrupt_record(tmp_path
 
 async def handle_info(runner, run_id):
     return await (await runner.attach(run_id)).info()
+
+
+async def test_run_id_of_another_workflow_is_refused(tmp_path):
+    from agentflow import AgentflowError
+
+    persist = _persist("sqlite", str(tmp_path / "ids.db"))
+    one = Workflow("One").flow({START: lambda ctx: END}).persistence(**persist)
+    two = Workflow("Two").flow({START: lambda ctx: END}).persistence(**persist)
+    async with WorkflowRunner(one) as first, WorkflowRunner(two) as second:
+        await (await first.run(run_id="shared")).result(timeout=5)
+        again = await first.run(run_id="shared")  # idempotent: the same run, nothing new
+        assert (await again.info()).status == RunStatus.COMPLETED
+        with pytest.raises(AgentflowError, match="belongs to workflow 'One'"):
+            await second.run(run_id="shared")
