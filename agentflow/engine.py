@@ -433,6 +433,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, re
                 f"run {run.run_id}: step {name!r} returned {ret!r}; a step returns a step name, END, "
                 "Next(target, output=...), Wait(...) or Parallel(...)"
             )
+        final = run_output(spec, run.run_id, output) if target == END else None
     except (asyncio.CancelledError, _Stop, LeaseLostError, StoreError, StepError):
         raise
     except Exception as exc:
@@ -454,7 +455,6 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, ctx: StepContext, re
     run.step_usage = Usage()
     release = False
     if target == END:
-        final = run_output(spec, run.run_id, output)
         fields["status"] = RunStatus.COMPLETED
         fields["output"] = run.output = final
         fields["control"] = None
