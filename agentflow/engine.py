@@ -67,6 +67,7 @@ class LiveRun:
 
     __slots__ = (
         "decision",
+        "decisions",
         "engine",
         "event_seq",
         "failure",
@@ -107,6 +108,7 @@ class LiveRun:
         self.history: dict[str, list[Any]] = {}
         self.results_view = StepResults(self.results, self.history)
         self.decision: Decision | None = None
+        self.decisions: tuple[Any, ...] = ()  # every decision as stored (JSON), oldest first
         self.usage = Usage()
         self.step_usage = Usage()
         self.event_seq = 0
@@ -139,6 +141,7 @@ class LiveRun:
                 run.results[out.step] = value
                 run.history.setdefault(out.step, []).append(value)
             key = "decisions"
+            run.decisions = rec.decisions
             if rec.decisions:
                 run.decision = Decision.from_json(rec.decisions[-1])
         except (ValidationError, InvalidInputError, KeyError, TypeError, ValueError) as exc:

@@ -215,11 +215,8 @@ async def advance_imperative(run: LiveRun) -> None:
     spec = run.spec
     main = spec.main
     assert main is not None
-    decisions: dict[str, Decision] = {}
-    loaded = await run.engine.store.get(run.run_id)
-    for d in loaded.decisions if loaded is not None else ():
-        if d.get("step"):
-            decisions[str(d["step"])] = Decision.from_json(d)
+    # The record was read when the run was restored; its decisions come with it.
+    decisions = {str(d["step"]): Decision.from_json(d) for d in run.decisions if d.get("step")}
     ctx = ImperativeContext(run, main.name, decisions)
     if spec.state_model is not None:
         ctx._state = spec.state_model.model_validate(spec.initial_state)
