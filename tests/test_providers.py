@@ -22,6 +22,7 @@ from agentflow.pool import AgentPools, load_provider
 from agentflow.records import Usage
 from agentflow.retrying import RetryPolicy, retry_after_seconds
 from agentflow.testing import MemoryJournal
+from agentflow.transport import HTTPTransport
 
 KINDS = ["openai", "anthropic"]
 
@@ -338,18 +339,21 @@ async def test_openai_tool_calls_over_the_wire(env: LLMServer) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_the_sdk_client_sends_over_aiohttp_and_aclose_closes_it(
+async def test_calls_share_one_keep_alive_connection_and_aclose_closes_it(
     kind: str, provider_factory: Callable[..., Provider], env: LLMServer
 ) -> None:
     provider = provider_factory(kind)
+    before = env.connections
     assert (await provider.complete(ask("one"))).text == "echo: one"
+    assert (await provider.complete(ask("two"))).text == "echo: two"
+    assert env.connections == before + 1  # the second call reused the first one's connection
     http = provider.client._client  # type: ignore[attr-defined]  # the SDK's HTTP client
-    sdk: Any = openai if kind == "openai" else anthropic
-    assert isinstance(http, sdk.DefaultAioHttpClient) and not http.is_closed
+    assert isinstance(http._transport, HTTPTransport) and not http.is_closed
     await provider.aclose()
-    assert http.is_closed  # the aiohttp session and its connections went with it
-    assert (await provider.complete(ask("two"))).text == "echo: two"  # a new client on next use
+    assert http.is_closed
+    assert (await provider.complete(ask("three"))).text == "echo: three"  # a new client on next use
     assert provider.client._client is not http  # type: ignore[attr-defined]
+    assert env.connections == before + 2  # ... with a connection of its own
 
 
 @pytest.mark.parametrize("kind", KINDS)
