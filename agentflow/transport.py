@@ -28,9 +28,10 @@ from typing import Any
 
 import httpx2 as httpx
 
-__all__ = ["HTTPTransport"]
+__all__ = ["HTTPClient", "HTTPTransport"]
 
 _MAX_HEAD = 256 * 1024
+_LIMITS = httpx.Limits()
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -256,9 +257,8 @@ async def _read_line(conn: _Connection, timeout: float | None, what: str) -> byt
 class HTTPTransport(httpx.AsyncBaseTransport):
     """An ``httpx2`` transport speaking HTTP/1.1 over asyncio, with keep-alive per origin.
 
-    Give it to an SDK through its httpx client, e.g.
-    ``openai.AsyncOpenAI(http_client=openai.DefaultAsyncHttpxClient(transport=HTTPTransport()))``;
-    the providers do so unless told otherwise.
+    :class:`HTTPClient` is an httpx client that uses it; the providers hand one to their SDK
+    unless told otherwise.
 
     Args:
         verify: TLS verification: True (the system's and certifi's CAs, as httpx does),
@@ -465,3 +465,33 @@ def _headers(lines: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
             raise httpx.RemoteProtocolError(f"bad header line {line[:60]!r}")
         headers.append((name, value.strip()))
     return headers
+
+
+class HTTPClient(httpx.AsyncClient):
+    """An ``httpx2.AsyncClient`` whose transport is :class:`HTTPTransport`.
+
+    Unlike ``AsyncClient(transport=HTTPTransport())``, it still sends through the proxies
+    the environment names (``HTTPS_PROXY``, ``NO_PROXY``, ...), with httpx's own proxy
+    transports. ``limits.max_keepalive_connections`` and ``limits.keepalive_expiry`` bound
+    the idle connections kept; ``http2`` is ignored (HTTP/1.1 is spoken).
+    """
+
+    def _init_transport(
+        self,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = _LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> httpx.AsyncBaseTransport:
+        if transport is not None:
+            return transport
+        return HTTPTransport(
+            verify=verify,
+            cert=cert,
+            trust_env=trust_env,
+            max_idle=100 if limits.max_keepalive_connections is None else limits.max_keepalive_connections,
+            keepalive_expiry=5.0 if limits.keepalive_expiry is None else limits.keepalive_expiry,
+        )

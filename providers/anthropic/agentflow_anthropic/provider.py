@@ -15,7 +15,7 @@ from agentflow.agents import ProviderReply, ProviderRequest
 from agentflow.errors import ProviderError
 from agentflow.records import Usage
 from agentflow.retrying import RetryPolicy
-from agentflow.transport import HTTPTransport
+from agentflow.transport import HTTPClient
 
 __all__ = ["AnthropicProvider"]
 
@@ -41,15 +41,14 @@ def _input_tokens(usage: Any) -> int:
     return sum(getattr(usage, f, None) or 0 for f in _INPUT_FIELDS)
 
 
-
 class AnthropicProvider:
     """The Messages API through ``anthropic.AsyncAnthropic``.
 
     The SDK client is made on first use and reused by every handle (one HTTP connection
-    pool). Its httpx client sends over :class:`agentflow.transport.HTTPTransport`, a lean
-    HTTP/1.1 transport that writes each request from the calling task: it costs a third of
-    the default transport's CPU per call and keeps many concurrent calls from moving in
-    lock-step; ``client_options={"http_client": ...}`` picks another. Structured output
+    pool). Its httpx client is an :class:`agentflow.transport.HTTPClient`, over a lean
+    HTTP/1.1 transport that writes each request from the calling task: a whole call costs
+    about 40% less CPU than over the SDK's default transport, and many concurrent calls
+    do not fall into lock-step; ``client_options={"http_client": ...}`` picks another. Structured output
     is a forced tool whose ``input_schema`` is the output model's schema. Rate limits
     (honouring ``Retry-After``), 5xx / overloaded, timeouts and dropped connections are
     retried with exponential backoff (:class:`agentflow.retrying.RetryPolicy`); any other
@@ -129,7 +128,11 @@ class AnthropicProvider:
             if self._timeout is not None:
                 options["timeout"] = self._timeout
             if "http_client" not in options:
-                options["http_client"] = anthropic.DefaultAsyncHttpxClient(transport=HTTPTransport())
+                options["http_client"] = HTTPClient(
+                    timeout=anthropic.DEFAULT_TIMEOUT,
+                    limits=anthropic.DEFAULT_CONNECTION_LIMITS,
+                    follow_redirects=True,
+                )
             self._client = anthropic.AsyncAnthropic(**options)
             # Fields this SDK version's create() does not name travel in extra_body instead.
             self._accepted = frozenset(inspect.signature(self._client.messages.create).parameters)

@@ -15,7 +15,7 @@ from agentflow.agents import ProviderReply, ProviderRequest
 from agentflow.errors import ProviderError
 from agentflow.records import Usage
 from agentflow.retrying import RetryPolicy
-from agentflow.transport import HTTPTransport
+from agentflow.transport import HTTPClient
 
 __all__ = ["OpenAIProvider"]
 
@@ -62,15 +62,14 @@ def _strict_schema(schema: Any, root: dict[str, Any] | None = None) -> Any:
     return out
 
 
-
 class OpenAIProvider:
     """Chat Completions through ``openai.AsyncOpenAI``, for OpenAI and compatible servers.
 
     The SDK client is made on first use and reused by every handle (one HTTP connection
-    pool). Its httpx client sends over :class:`agentflow.transport.HTTPTransport`, a lean
-    HTTP/1.1 transport that writes each request from the calling task: it costs a third of
-    the default transport's CPU per call and keeps many concurrent calls from moving in
-    lock-step; ``client_options={"http_client": ...}`` picks another. Rate limits
+    pool). Its httpx client is an :class:`agentflow.transport.HTTPClient`, over a lean
+    HTTP/1.1 transport that writes each request from the calling task: a whole call costs
+    about 40% less CPU than over the SDK's default transport, and many concurrent calls
+    do not fall into lock-step; ``client_options={"http_client": ...}`` picks another. Rate limits
     (honouring ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts and dropped
     connections are retried with exponential backoff (:class:`agentflow.retrying.RetryPolicy`);
     any other failure raises :class:`~agentflow.errors.ProviderError` with the status and
@@ -144,7 +143,11 @@ class OpenAIProvider:
             if self._timeout is not None:
                 options["timeout"] = self._timeout
             if "http_client" not in options:
-                options["http_client"] = openai.DefaultAsyncHttpxClient(transport=HTTPTransport())
+                options["http_client"] = HTTPClient(
+                    timeout=openai.DEFAULT_TIMEOUT,
+                    limits=openai.DEFAULT_CONNECTION_LIMITS,
+                    follow_redirects=True,
+                )
             self._client = openai.AsyncOpenAI(**options)
             # Fields this SDK version's create() does not name travel in extra_body instead.
             self._accepted = frozenset(inspect.signature(self._client.chat.completions.create).parameters)
