@@ -123,7 +123,10 @@ async def test_a_request_arrives_whole_and_keep_alive_reuses_one_connection(
 async def test_chunked_bodies_with_extensions_and_trailers_keep_the_connection(
     server: RawServer, client: httpx.AsyncClient
 ) -> None:
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: y\r\n\r\n"
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: y\r\n\r\n"
+    )
     server.script.extend([chunked, reply(b"after")])
     assert (await client.get(server.url())).content == b"hello world"
     assert (await client.get(server.url())).content == b"after"
@@ -232,7 +235,9 @@ async def test_a_response_closed_half_read_drops_its_connection(
     [
         pytest.param(b"", "without sending a response", id="no-response"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "before the end", id="short-body"),
-        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "chunked", id="cut-chunk"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "chunked", id="cut-chunk"
+        ),
         pytest.param(b"SMTP ready\r\n\r\n", "not an HTTP/1.x status line", id="not-http"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "bad Content-Length", id="bad-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "bad header line", id="bad-header"),
@@ -263,14 +268,16 @@ async def test_a_stalled_response_times_out_and_its_connection_is_dropped(server
 
 
 async def test_a_cancelled_request_drops_its_connection(server: RawServer, client: httpx.AsyncClient) -> None:
+    arrived = asyncio.Event()
+
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        arrived.set()
         await asyncio.sleep(5)
         return False
 
     server.script.append(stall)
     call = asyncio.ensure_future(client.get(server.url()))
-    while not server.requests:
-        await asyncio.sleep(0.005)
+    await arrived.wait()
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
