@@ -125,8 +125,9 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         transport, self.transport = self.transport, None
         self.eof = True
-        if transport is not None:
+        if transport is not None and not self.loop.is_closed():
             transport.abort()
+        # A closed loop can close nothing: its transport's socket goes when collected.
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -322,8 +323,12 @@ class HTTPTransport(httpx.AsyncBaseTransport):
         if not idle:
             return None
         expired = time.monotonic() - self._keepalive_expiry
+        loop = asyncio.get_running_loop()
         while idle:
             conn = idle.pop()
+            if conn.loop is not loop:
+                conn.close()  # made under an earlier asyncio.run(), on a loop that no longer runs
+                continue
             if conn.usable and conn.idle_since > expired:
                 return conn
             conn.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import agentflow
 
 #: SPEC section 11: everything a user needs, importable from ``agentflow``.
@@ -148,3 +151,16 @@ def test_run_status_is_a_str_enum_of_the_lifecycle() -> None:
         status.REJECTED,
         status.EXPIRED,
     }
+
+
+def test_the_core_imports_no_llm_sdk_and_no_http_client() -> None:
+    # A fresh interpreter: this test process has the SDKs loaded already.
+    code = """
+import pkgutil, importlib, sys, agentflow
+for module in pkgutil.walk_packages(agentflow.__path__, "agentflow."):
+    if module.name != "agentflow.transport":  # the providers' HTTP transport, built on httpx2
+        importlib.import_module(module.name)
+print(sorted(m for m in ("openai", "anthropic", "httpx", "httpx2", "aiohttp") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

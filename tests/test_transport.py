@@ -8,8 +8,10 @@ about (lengths, chunks, closes, 1xx, stalls, drops), which the LLM server does n
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import ssl
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx2 as httpx
 import pytest
 import trustme
+from llm_server import LLMServer
 
 from agentflow.transport import HTTPClient, HTTPTransport
 
@@ -360,3 +363,18 @@ async def test_the_client_still_sends_through_proxies_named_in_the_environment(
         assert isinstance(client._transport, HTTPTransport)
         assert (await client.get("http://api.example.invalid/v1/models")).content == b"via the proxy"
     assert server.requests[0].head[0] == "GET http://api.example.invalid/v1/models HTTP/1.1"
+
+
+def test_a_client_outlives_its_event_loop() -> None:
+    # A script calling asyncio.run() twice with one provider, hence one client. A connection
+    # made on the first loop cannot be used (or even closed) from the second one.
+    client = httpx.AsyncClient(transport=HTTPTransport())
+    with LLMServer() as llm, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the first loop's socket, when collected
+        url = f"{llm.openai_base_url}/chat/completions"
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(2):
+            assert asyncio.run(client.post(url, json=body)).status_code == 200
+        asyncio.run(client.aclose())
+        gc.collect()
+        assert llm.connections == 2  # the second loop made a connection of its own
