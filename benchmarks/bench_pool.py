@@ -8,9 +8,9 @@
     would, so its CPU time does not compete with the client's for one GIL. The same
     load through a ScriptedProvider sleeping 50 ms shows the pool's own share.
 
-    The raw floor of this setup, a bare asyncio client with no SDK against the same
-    server, sits about 5 % above the ideal: the server's timers fire to the millisecond
-    and both processes share two cores.
+    The floor of this setup, the same load over bare asyncio connections with no SDK and
+    no pool, is printed too: it sits 6-7 % above the ideal, since the server's timers fire
+    to the millisecond and both processes share two cores. The full stack matches it.
 
     The provider's SDK client sends over agentflow.transport.HTTPTransport, which writes
     each request from the calling task. Over a transport that writes from a task of its
@@ -24,6 +24,7 @@ Run: ``.venv/bin/python benchmarks/bench_pool.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -102,6 +103,60 @@ async def pooled_calls(provider: Provider, calls: int = 1000, handles: int = 32)
     return elapsed, cpu
 
 
+class _BareClient(asyncio.Protocol):
+    """The floor: one keep-alive connection, a request written whole, a reply read by length."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.reply: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        if len(rest) >= length and self.reply is not None:
+            self.buffer = rest[length:]
+            self.reply.set_result(rest[:length])
+
+    async def call(self, request: bytes) -> bytes:
+        self.reply = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.reply
+
+
+async def bare_calls(base_url: str, calls: int = 1000, handles: int = 32) -> float:
+    """Wall seconds of ``calls`` requests over ``handles`` bare connections, no SDK, same shape."""
+    host, port = base_url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "call"}]}).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    loop = asyncio.get_running_loop()
+    idle: asyncio.Queue[_BareClient] = asyncio.Queue()
+    for _ in range(handles):
+        idle.put_nowait((await loop.create_connection(_BareClient, host, int(port)))[1])
+
+    async def step() -> None:
+        conn = await idle.get()
+        try:
+            json.loads(await conn.call(request))
+        finally:
+            idle.put_nowait(conn)
+
+    await asyncio.gather(*(step() for _ in range(handles)))
+    started = time.perf_counter()
+    await asyncio.gather(*(step() for _ in range(calls)))
+    elapsed = time.perf_counter() - started
+    while not idle.empty():
+        idle.get_nowait().transport.close()
+    return elapsed
+
+
 async def main() -> None:
     cost = await acquire_release()
     print(f"(a) acquire + release, uncontended: median {cost:.2f} µs  (target < 20 µs)")
@@ -114,6 +169,11 @@ async def main() -> None:
         f"{elapsed:.3f} s ({(elapsed / ideal - 1) * 100:+.1f} %)"
     )
     with llm_server_process(latency) as base_url:
+        floor = statistics.median([await bare_calls(base_url, calls, handles) for _ in range(3)])
+        print(
+            f"    the floor, {calls} calls over {handles} bare asyncio connections (no SDK, no pool): "
+            f"{floor:.3f} s ({(floor / ideal - 1) * 100:+.1f} %)"
+        )
         runs = []
         for _ in range(5):
             runs.append(
