@@ -4,10 +4,10 @@ The ``openai`` and ``anthropic`` SDKs send through an ``httpx2.AsyncClient``; th
 gives that client a transport written directly on asyncio protocols (:class:`HTTPClient`
 is such a client). A whole SDK call over it costs about 40% less CPU than over the default
 transport, and it writes each request from the calling task, with no task of its own.
-Under many concurrent calls that matters more than the CPU: a
-request that waits a loop iteration for its own writer task goes out bunched with every
-other request of that iteration, and the server answers them bunched too, so a pool of
-handles moves in lock-step waves and each wave waits for the slowest member's client work.
+Under many concurrent calls that matters more than the CPU: a request that waits a loop
+iteration for its own writer task goes out bunched with every other request of that
+iteration, and the server answers them bunched too, so a pool of handles moves in
+lock-step waves and each wave waits for the slowest member's client work.
 
 Scope: HTTP/1.1 over TCP or TLS, keep-alive connections reused per origin,
 ``Content-Length``, chunked and read-until-close bodies, streaming both ways, and the
