@@ -7,12 +7,14 @@ Providers live in their own distributions and are found by name through the
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+from .errors import ProviderError
 from .records import Usage
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "ProviderReply",
     "ProviderRequest",
     "TokenBudget",
+    "reply_body",
 ]
 
 
@@ -85,6 +88,22 @@ class ProviderReply:
     text: str
     data: Any = None
     usage: Usage = field(default_factory=Usage)
+
+
+def reply_body(provider: str, request: ProviderRequest, content: bytes) -> dict[str, Any]:
+    """The JSON object of a provider's raw reply body, for providers that read it directly.
+
+    A body that is not JSON raises :class:`~agentflow.errors.ProviderError`; JSON that is
+    not an object comes back as an empty dict, for the provider's own checks to judge.
+    """
+    try:
+        body = json.loads(content)
+    except ValueError as exc:
+        raise ProviderError(
+            f"{provider}: the reply for model {request.model!r} is not JSON: {content[:200]!r}",
+            provider=provider,
+        ) from exc
+    return body if isinstance(body, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)

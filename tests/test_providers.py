@@ -16,7 +16,15 @@ from agentflow_openai.provider import _strict_schema
 from llm_server import LLMServer, Reply, ToolCall
 from pydantic import BaseModel, Field
 
-from agentflow.agents import Agent, AgentsConfig, Message, Provider, ProviderReply, ProviderRequest
+from agentflow.agents import (
+    Agent,
+    AgentsConfig,
+    Message,
+    Provider,
+    ProviderReply,
+    ProviderRequest,
+    reply_body,
+)
 from agentflow.errors import ProviderError
 from agentflow.pool import AgentPools, load_provider
 from agentflow.records import Usage
@@ -454,3 +462,13 @@ def test_retry_after_seconds_reads_milliseconds_seconds_and_dates() -> None:
     assert retry_after_seconds({}) is None and retry_after_seconds(None) is None
     with pytest.raises(ValueError, match="max_attempts"):
         RetryPolicy(lambda exc: True, max_attempts=0)
+
+
+def test_a_raw_reply_body_that_is_not_json_is_a_provider_error() -> None:
+    with pytest.raises(
+        ProviderError, match=r"openai: the reply for model 'test-model' is not JSON: b'<html>"
+    ) as err:
+        reply_body("openai", ask(), b"<html>bad gateway</html>")
+    assert err.value.provider == "openai"
+    assert reply_body("anthropic", ask(), b"[1, 2]") == {}  # JSON, but no object: the provider judges
+    assert reply_body("anthropic", ask(), b'{"content": []}') == {"content": []}

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import anthropic
 
-from agentflow.agents import ProviderReply, ProviderRequest
+from agentflow.agents import ProviderReply, ProviderRequest, reply_body
 from agentflow.errors import ProviderError
 from agentflow.records import Usage
 from agentflow.retrying import RetryPolicy
@@ -146,16 +146,7 @@ class AnthropicProvider:
         # call): the blocks and usage needed are read from the JSON directly. Not being
         # streamed, its body has been read already.
         raw = await self._retrying(lambda: client.messages.with_raw_response.create(**params))
-        body = raw.http_response.content
-        try:
-            message = json.loads(body)
-        except ValueError as exc:
-            raise ProviderError(
-                f"anthropic: the reply for model {request.model!r} is not JSON: {body[:200]!r}",
-                provider=self.name,
-            ) from exc
-        if not isinstance(message, dict):
-            message = {}
+        message = reply_body(self.name, request, raw.http_response.content)
         forced = params.get("tool_choice", {}).get("name")
         texts: list[str] = []
         data: Any = None

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from agentflow.agents import ProviderReply, ProviderRequest
+from agentflow.agents import ProviderReply, ProviderRequest, reply_body
 from agentflow.errors import ProviderError
 from agentflow.records import Usage
 from agentflow.retrying import RetryPolicy
@@ -166,14 +166,8 @@ class OpenAIProvider:
 
     def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage]:
         """Text (content, else refusal) and usage of a ``chat.completion`` body."""
-        try:
-            body = json.loads(content)
-        except ValueError as exc:
-            raise ProviderError(
-                f"openai: the reply for model {request.model!r} is not JSON: {content[:200]!r}",
-                provider=self.name,
-            ) from exc
-        choices = body.get("choices") if isinstance(body, dict) else None
+        body = reply_body(self.name, request, content)
+        choices = body.get("choices")
         if not choices or not isinstance(choices[0], dict):
             raise ProviderError(
                 f"openai: the reply for model {request.model!r} has no choices", provider=self.name
