@@ -75,25 +75,16 @@ async def test_pause_lets_the_step_in_flight_finish_then_parks_the_run() -> None
     assert kinds.index("paused") < kinds.index("resumed") < kinds.index("completed")
 
 
-async def test_resume_of_a_run_that_is_not_paused_raises_invalid_state() -> None:
+@pytest.mark.parametrize("control", ["resume", "pause", "stop"])
+async def test_resume_pause_or_stop_of_a_finished_run_raises_invalid_state(control: str) -> None:
     s = Steps()
     s.release.set()
     async with WorkflowRunner(s.workflow()) as runner:
         handle = await runner.run()
         await handle.result()
         with pytest.raises(InvalidStateError, match="completed"):
-            await handle.resume()
+            await getattr(handle, control)()
         assert (await handle.info()).status == RunStatus.COMPLETED
-
-
-async def test_pause_of_a_finished_run_raises_invalid_state() -> None:
-    s = Steps()
-    s.release.set()
-    async with WorkflowRunner(s.workflow()) as runner:
-        handle = await runner.run()
-        await handle.result()
-        with pytest.raises(InvalidStateError):
-            await handle.pause()
 
 
 async def test_stop_cancels_the_step_in_flight() -> None:
@@ -146,16 +137,6 @@ async def test_stop_a_waiting_run() -> None:
         assert info.status == RunStatus.STOPPED and info.pending is None
         with pytest.raises(InvalidStateError):
             await handle.approve(by="alice")
-
-
-async def test_stop_a_finished_run_raises_invalid_state() -> None:
-    s = Steps()
-    s.release.set()
-    async with WorkflowRunner(s.workflow()) as runner:
-        handle = await runner.run()
-        await handle.result()
-        with pytest.raises(InvalidStateError, match="completed"):
-            await handle.stop()
 
 
 async def test_list_runs_filters_by_status() -> None:
