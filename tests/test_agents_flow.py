@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
 
 import pytest
 from pydantic import BaseModel
-from test_crash import _finish, _lines, _spawn, _target, _wait_for
+from test_crash import _finish, _kill, _lines, _spawn, _target, _wait_for
 
 from agentflow import (
     END,
@@ -174,8 +173,7 @@ async def test_sigkill_right_after_an_agent_call_replays_the_journaled_reply(
     log = tmp_path / "agent.log"
     first = _spawn("start", "agent", kind, target, log, "agent-1", block=True)
     _wait_for(log, lambda ls: any(w == "replied" for w, _, _ in ls), first)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
+    _kill(first)
     second = _spawn("recover", "agent", kind, target, log, "agent-1", block=False)
     out = _finish(second)
     assert "journaled reply" in out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflow.stores.base import Store
+from agentflow.stores.base import LoadedRun, Store
 
 SCRIPT = str(Path(__file__).with_name("crashflows.py"))
 
@@ -72,6 +72,21 @@ def _store(kind: str, target: str) -> Store:
     return RedisStore(target)
 
 
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a flow process and reap it."""
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+async def _load(kind: str, target: str, run_id: str) -> LoadedRun | None:
+    """The run as its store holds it, read through a store of its own."""
+    store = _store(kind, target)
+    try:
+        return await store.load(run_id)
+    finally:
+        await store.close()
+
+
 def _finish(proc: subprocess.Popen[str]) -> str:
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, f"recovering process failed:\n{out}\n{err}"
@@ -85,15 +100,12 @@ async def test_sigkill_mid_step_resumes_without_rerunning_finished_steps(kind, t
     log = tmp_path / "steps.log"
     first = _spawn("start", "linear", kind, target, log, "crash-1", block=True)
     _wait_for(log, lambda ls: ("start", "C", first.pid) in ls, first)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
+    _kill(first)
 
-    store = _store(kind, target)
-    try:
-        rec = await store.get("crash-1")
-    finally:
-        await store.close()
-    assert rec is not None and rec.status == "running" and rec.step == "C"
+    loaded = await _load(kind, target, "crash-1")
+    assert loaded is not None
+    rec = loaded.record
+    assert rec.status == "running" and rec.step == "C"
     assert rec.state["done"] == ["A", "B"]
 
     second = _spawn("recover", "linear", kind, target, log, "crash-1", block=False)
@@ -126,14 +138,9 @@ async def test_sigkill_mid_fanout_reruns_only_unfinished_branches(kind, tmp_path
         first,
     )
     await asyncio.sleep(0.2)  # let the group commit of the last finished branches land
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
+    _kill(first)
 
-    store = _store(kind, target)
-    try:
-        loaded = await store.load("crash-2")
-    finally:
-        await store.close()
+    loaded = await _load(kind, target, "crash-2")
     assert loaded is not None and loaded.record.step == "Fan"
     checkpointed = {int(k.rsplit(":", 1)[1]) for k in loaded.journal if k.startswith("p:")}
     assert set(range(8)) <= checkpointed  # every branch that finished was checkpointed

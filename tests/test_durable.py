@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
 import sys
 import textwrap
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
-from test_crash import _finish, _lines, _spawn, _store, _target, _wait_for
+from test_crash import _finish, _kill, _lines, _spawn, _store, _target, _wait_for
 
 from agentflow import (
     END,
@@ -167,8 +166,7 @@ async def test_two_processes_recovering_at_once_advance_the_run_once(kind, tmp_p
     log = tmp_path / "race.log"
     first = _spawn("start", "linear", kind, target, log, "race-1", block=True)
     _wait_for(log, lambda ls: ("start", "C", first.pid) in ls, first)
-    first.send_signal(signal.SIGKILL)
-    first.communicate()
+    _kill(first)
     racers = [_spawn("recover", "linear", kind, target, log, "race-1", block=False) for _ in range(2)]
     outs = [_finish(p) for p in racers]
     assert all("result completed" in o for o in outs)
