@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import tempfile
 
 from pydantic import BaseModel
 
-from agentflow import END, START, Agent, HumanApproval, Next, TokenBudget, Wait, Workflow, WorkflowRunner
+from agentflow import (
+    END,
+    START,
+    Agent,
+    AgentflowError,
+    HumanApproval,
+    Next,
+    TokenBudget,
+    Wait,
+    Workflow,
+    WorkflowRunner,
+)
 from agentflow.testing import ScriptedProvider
 
 
@@ -128,6 +140,10 @@ async def main() -> None:
             async for ev in handle.events():
                 if ev.kind == "waiting":
                     break
+            else:
+                # The run ended before the gate (a provider refused a call, say): its
+                # result raises the reason.
+                await handle.result()
             info = await handle.info()
             review = info.pending["context"]["review"]
             who = info.pending["approvers"]
@@ -144,4 +160,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except AgentflowError as exc:
+        sys.exit(f"error: {exc}")

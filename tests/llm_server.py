@@ -10,12 +10,14 @@ Scripting, per test::
     server.script("Hello!", {"title": "x"}, Reply(text="late", latency=0.2))
     server.fail(429, retry_after=1)        # the next request gets a 429, then the script
     server.fail(drop=True)                 # close the connection without answering
+    server.fail(empty=True)                # a 200 whose body (or event stream) is empty
     assert len(server.requests) == 2
 
 Every request takes the next scripted item (failures and replies share one queue, in
 the order they were added); with the queue empty, it gets the default: an echo of the
 last user message, or, when structured output is asked for, an instance made from the
-schema.
+schema. A server made with ``api_key=`` answers any request that does not carry that key
+with a 401 that quotes the key it was given, as some servers and proxies do.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from llm_wire import Exchange, Reply, ToolCall, anthropic_reply, error_body, openai_reply
+from llm_wire import Exchange, Reply, StreamEnded, ToolCall, anthropic_reply, error_body, openai_reply
 
 __all__ = ["Failure", "LLMServer", "RecordedRequest", "Reply", "ToolCall"]
 
@@ -44,6 +46,10 @@ class Failure:
         retry_after_ms: ``retry-after-ms`` header value, if any.
         drop: close the connection without any response.
         mid_stream: answer a streaming request, send a first delta, then drop the connection.
+        empty: answer 200 with an empty body: an event stream that carries no events, or
+            no JSON at all.
+        cut_short: answer a streaming request, send a first delta, then end the stream
+            cleanly, without the events that close it.
         latency: seconds before failing.
     """
 
@@ -53,6 +59,8 @@ class Failure:
     retry_after_ms: float | None = None
     drop: bool = False
     mid_stream: bool = False
+    empty: bool = False
+    cut_short: bool = False
     latency: float = 0.0
 
 
@@ -82,10 +90,13 @@ class LLMServer:
 
     Args:
         latency: seconds every request waits before its answer (unless scripted otherwise).
+        api_key: the key every request must carry (``Authorization: Bearer`` for OpenAI,
+            ``x-api-key`` for Anthropic); None accepts any.
     """
 
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, api_key: str | None = None) -> None:
         self.latency = latency
+        self.api_key = api_key
         self.port = 0
         self.connections = 0  # connections accepted (a reused client keeps this low)
         self._queue: deque[Reply | Failure] = deque()
@@ -138,6 +149,8 @@ class LLMServer:
         retry_after_ms: float | None = None,
         drop: bool = False,
         mid_stream: bool = False,
+        empty: bool = False,
+        cut_short: bool = False,
         latency: float = 0.0,
     ) -> None:
         """Queue ``times`` failures (see :class:`Failure`)."""
@@ -148,6 +161,8 @@ class LLMServer:
             retry_after_ms=retry_after_ms,
             drop=drop,
             mid_stream=mid_stream,
+            empty=empty,
+            cut_short=cut_short,
             latency=latency,
         )
         with self._lock:
@@ -262,24 +277,41 @@ class LLMServer:
         if not isinstance(body, dict):
             await http.json(400, error_body(protocol, 400, "body is not a JSON object"))
             return keep_alive
+        if self.api_key is not None:
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if given != self.api_key:
+                message = f"Incorrect API key provided: {given}. You can find your API key in your account."
+                await http.json(401, error_body(protocol, 401, message))
+                return keep_alive
         with self._lock:
             item = self._queue.popleft() if self._queue else None
         if isinstance(item, Failure):
             await asyncio.sleep(item.latency)
-            if item.drop or (item.mid_stream and not body.get("stream")):
+            partial = item.mid_stream or item.cut_short
+            if item.drop or (partial and not body.get("stream")):
                 return False  # the caller closes the connection unanswered
-            if not item.mid_stream:
+            if item.empty:
+                await http.empty(stream=bool(body.get("stream")))
+                return keep_alive
+            if not partial:
                 extra = {"retry-after": item.retry_after, "retry-after-ms": item.retry_after_ms}
                 headers = {k: f"{v:g}" for k, v in extra.items() if v is not None}
                 await http.json(item.status, error_body(protocol, item.status, item.message), headers)
                 return keep_alive
-            # Drop once the first text delta is out: OpenAI sends a role chunk first,
+            # Stop once the first text delta is out: OpenAI sends a role chunk first,
             # Anthropic message_start, ping and content_block_start.
-            http.abort_after = 2 if protocol == "openai" else 4
+            first_delta = 2 if protocol == "openai" else 4
+            if item.mid_stream:
+                http.abort_after = first_delta
+            else:
+                http.end_after = first_delta
             item = Reply(text="partial reply that never ends")
         reply = item or Reply()
         await asyncio.sleep(self.latency if reply.latency is None else reply.latency)
-        await (openai_reply if protocol == "openai" else anthropic_reply)(http, body, reply)
+        try:
+            await (openai_reply if protocol == "openai" else anthropic_reply)(http, body, reply)
+        except StreamEnded:
+            pass
         return keep_alive
 
 

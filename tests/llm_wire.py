@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Exchange", "Reply", "ToolCall", "anthropic_reply", "error_body", "openai_reply"]
+__all__ = ["Exchange", "Reply", "StreamEnded", "ToolCall", "anthropic_reply", "error_body", "openai_reply"]
 
 _IDS = itertools.count(1)
 _PIECES = re.compile(r"\s*\S+\s*|\s+")
@@ -60,17 +60,26 @@ class Reply:
     latency: float | None = None
 
 
+class StreamEnded(Exception):
+    """Raised by :meth:`Exchange.event` once a stream cut short has been ended cleanly."""
+
+
 class Exchange:
     """Writes one HTTP/1.1 response: a JSON body, or chunked SSE (one chunk per event).
 
     Args:
         writer: the connection.
         abort_after: drop the connection after this many SSE events (a broken stream).
+        end_after: end the response cleanly after this many SSE events (a stream cut
+            short); the event after them raises :class:`StreamEnded`.
     """
 
-    def __init__(self, writer: asyncio.StreamWriter, abort_after: int | None = None) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, abort_after: int | None = None, end_after: int | None = None
+    ) -> None:
         self.writer = writer
         self.abort_after = abort_after
+        self.end_after = end_after
 
     def head(self, status: int, headers: dict[str, str]) -> None:
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "connection: keep-alive"]
@@ -89,12 +98,26 @@ class Exchange:
     def start_events(self) -> None:
         self.head(200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
 
+    async def empty(self, stream: bool) -> None:
+        """A 200 with nothing in it: an event stream that ends at once, or an empty JSON body."""
+        if stream:
+            self.start_events()
+            await self.chunk(b"")
+        else:
+            self.head(200, {"content-type": "application/json", "content-length": "0"})
+            await self.writer.drain()
+
     async def event(self, data: Any, name: str | None = None) -> None:
         if self.abort_after is not None:
             if self.abort_after == 0:
                 self.writer.transport.abort()
                 raise ConnectionResetError("scripted drop in the middle of a stream")
             self.abort_after -= 1
+        if self.end_after is not None:
+            if self.end_after == 0:
+                await self.chunk(b"")
+                raise StreamEnded
+            self.end_after -= 1
         await self.chunk(((f"event: {name}\n" if name else "") + f"data: {json.dumps(data)}\n\n").encode())
 
     async def chunk(self, payload: bytes) -> None:

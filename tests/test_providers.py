@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import email.utils
+import os
+import subprocess
+import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import agentflow_anthropic.provider
+import agentflow_openai.provider
 import anthropic
 import openai
 import pytest
@@ -18,19 +25,19 @@ from pydantic import BaseModel, Field
 
 from agentflow.agents import (
     Agent,
+    AgentPools,
     AgentsConfig,
     Message,
     Provider,
     ProviderReply,
     ProviderRequest,
+    load_provider,
     reply_body,
 )
+from agentflow.agents.retrying import RetryPolicy, retry_after_seconds
 from agentflow.errors import ProviderError
-from agentflow.pool import AgentPools, load_provider
-from agentflow.records import Usage
-from agentflow.retrying import RetryPolicy, retry_after_seconds
 from agentflow.testing import MemoryJournal
-from agentflow.transport import HTTPTransport
+from agentflow.types import Usage
 
 KINDS = ["openai", "anthropic"]
 
@@ -355,8 +362,9 @@ async def test_calls_share_one_keep_alive_connection_and_aclose_closes_it(
     assert (await provider.complete(ask("one"))).text == "echo: one"
     assert (await provider.complete(ask("two"))).text == "echo: two"
     assert env.connections == before + 1  # the second call reused the first one's connection
+    sdk: Any = openai if kind == "openai" else anthropic
     http = provider.client._client  # type: ignore[attr-defined]  # the SDK's HTTP client
-    assert isinstance(http._transport, HTTPTransport) and not http.is_closed
+    assert isinstance(http, sdk.DefaultAsyncHttpxClient) and not http.is_closed  # the SDK's default
     await provider.aclose()
     assert http.is_closed
     assert (await provider.complete(ask("three"))).text == "echo: three"  # a new client on next use
@@ -375,7 +383,103 @@ async def test_a_given_http_client_is_used(
     assert provider.client._client is http  # type: ignore[attr-defined]
 
 
-# -- agentflow.retrying: the retry policy both providers share -----------------------------
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_that_carries_no_events_is_a_provider_error(
+    kind: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.fail(empty=True)
+    what = "carried no events" if kind == "anthropic" else "ended before its first chunk"
+    with pytest.raises(ProviderError, match=f"^{kind}: the stream for model 'test-model' {what}$") as caught:
+        await collect(provider_factory(kind), ask())
+    assert caught.value.provider == kind and len(env.requests) == 1  # not retried: it may have been billed
+    env.fail(empty=True)  # the same empty 200 to a call that is not streamed
+    with pytest.raises(ProviderError, match="is not JSON: b''"):
+        await provider_factory(kind).complete(ask())
+
+
+async def test_an_anthropic_stream_cut_short_before_message_stop_is_a_provider_error(
+    provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.fail(cut_short=True)
+    journaled: list[str] = []
+    with pytest.raises(
+        ProviderError, match=r"^anthropic: the stream for model 'test-model' ended before message_stop$"
+    ):
+        async for item in provider_factory("anthropic").stream(ask()):
+            journaled.append(str(item))
+    assert journaled == ["partial "]  # the deltas that arrived, but no reply to journal
+
+
+WRONG_KEYS = {
+    "openai": ["sk-proj-Wr0ngKeyAbCdEfGhIjKlMnOpQrStUvWxYz012345", "local-key-that-is-wrong"],
+    "anthropic": ["sk-ant-api03-Wr0ngKeyAbCdEfGhIjKlMnOpQrStUvWx-yz0123AA", "local-key-that-is-wrong"],
+}
+
+
+@pytest.mark.parametrize(("kind", "key"), [(k, key) for k, keys in WRONG_KEYS.items() for key in keys])
+async def test_an_error_that_quotes_the_api_key_is_raised_with_the_key_redacted(
+    kind: str, key: str, provider_factory: Callable[..., Provider], env: LLMServer
+) -> None:
+    env.api_key = "the-right-key"
+    provider = provider_factory(kind, api_key=key)
+    for call in (provider.complete, lambda request: collect(provider, request)):
+        with pytest.raises(ProviderError) as caught:
+            await call(ask())
+        err = caught.value
+        quoted = "Incorrect API key provided: [redacted]. You can find your API key in your account."
+        assert str(err) == f"{kind}: HTTP 401: {quoted}"
+        assert err.status == 401 and err.provider == kind
+        printed = "".join(traceback.format_exception(err))
+        assert key not in printed and err.__cause__ is None  # the SDK's error quotes the key too
+    sent = [
+        r.headers.get("x-api-key") or r.headers["authorization"].removeprefix("Bearer ") for r in env.requests
+    ]
+    assert sent == [key, key]  # the key did reach the server; neither call was retried
+
+
+@pytest.mark.parametrize("redact", [agentflow_openai.provider._redact, agentflow_anthropic.provider._redact])
+def test_redact_hides_keys_and_bearer_tokens(redact: Callable[..., str]) -> None:
+    assert (
+        redact("Incorrect API key provided: sk-proj-abc123XYZ_-9.")
+        == "Incorrect API key provided: [redacted]."
+    )
+    assert redact("key sk-ant-api03-AAAA-bbbb_CCCC rejected") == "key [redacted] rejected"
+    assert (
+        redact("Incorrect API key provided: sk-proj-********abcd.")
+        == "Incorrect API key provided: [redacted]."
+    )
+    assert redact("got authorization: Bearer eyJhbGci.eyJzdWIi.c2ln== from you") == (
+        "got authorization: Bearer [redacted] from you"
+    )
+    assert redact("got bearer abc/def+ghi") == "got bearer [redacted]"
+    assert redact("invalid x-api-key: my-local-key-42 (and my-local-key-42)", "my-local-key-42") == (
+        "invalid x-api-key: [redacted] (and [redacted])"
+    )
+    # No key here, and secrets under 8 characters are not sought.
+    plain = "a task-force of sk- and risk-averse users"
+    assert redact(plain, "short", None) == plain
+    once = redact("Bearer sk-abcdef sk-abcdef")
+    assert once == "Bearer [redacted] [redacted]" and redact(once) == once
+
+
+def test_the_release_notes_example_shows_the_providers_error_for_a_wrong_key(tmp_path: Path) -> None:
+    key = WRONG_KEYS["openai"][0]
+    example = Path(__file__).resolve().parents[1] / "examples" / "review_release_notes.py"
+    with LLMServer(api_key="the-right-key") as server:
+        env = {**os.environ, "OPENAI_API_KEY": key, "OPENAI_BASE_URL": server.openai_base_url}
+        env.pop("ANTHROPIC_API_KEY", None)
+        env.pop("ANTHROPIC_BASE_URL", None)
+        proc = subprocess.run(
+            [sys.executable, str(example)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    shown = "failed at step 'draft': ProviderError: openai: HTTP 401: Incorrect API key provided: [redacted]."
+    assert shown in proc.stderr
+    assert "Traceback" not in output and key not in output
+
+
+# -- agentflow.agents.retrying: the retry policy both providers share ----------------------
 
 
 class Flaky(Exception):
@@ -411,7 +515,7 @@ async def test_retry_policy_success_at_once_sets_up_no_retry_loop(monkeypatch: p
     def no_loop(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("tenacity's loop was set up for a call that succeeded at once")
 
-    monkeypatch.setattr("agentflow.retrying.AsyncRetrying", no_loop)
+    monkeypatch.setattr("agentflow.agents.retrying.AsyncRetrying", no_loop)
     call, calls = script("ok")
     assert await policy().call(call) == "ok" and len(calls) == 1
 

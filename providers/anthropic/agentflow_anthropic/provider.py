@@ -6,21 +6,37 @@ import inspect
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import anthropic
 
 from agentflow.agents import ProviderReply, ProviderRequest, reply_body
+from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
-from agentflow.records import Usage
-from agentflow.retrying import RetryPolicy
-from agentflow.transport import HTTPClient
+from agentflow.types import Usage
 
 __all__ = ["AnthropicProvider"]
 
 _T = TypeVar("_T")
 _NAME = re.compile(r"[^a-zA-Z0-9_-]")
+# An Authorization header's token, and Anthropic (sk-ant-) or OpenAI (sk-, sk-proj-) keys
+# wherever a message quotes them.
+_SECRET = re.compile(r"(?P<bearer>\b(?i:bearer)\s+)[\w.~+/*-]+=*|(?<![\w-])sk-[\w*-]{4,}")
+_REDACTED = "[redacted]"
+
+
+def _redact(text: str, *secrets: str | None) -> str:
+    """``text`` with each of ``secrets`` (8 characters or more) and any API key or bearer token hidden.
+
+    Servers and proxies quote the key they were sent in some errors; such a message must
+    not reach a log, a stored run or an event as it is.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, _REDACTED)
+    return _SECRET.sub(lambda m: (m["bearer"] or "") + _REDACTED, text)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -45,15 +61,13 @@ class AnthropicProvider:
     """The Messages API through ``anthropic.AsyncAnthropic``.
 
     The SDK client is made on first use and reused by every handle (one HTTP connection
-    pool). Its httpx client is an :class:`agentflow.transport.HTTPClient`, over a lean
-    HTTP/1.1 transport that writes each request from the calling task: a whole call costs
-    about 40% less CPU than over the SDK's default transport, and many concurrent calls
-    do not fall into lock-step; ``client_options={"http_client": ...}`` picks another. Structured output
-    is a forced tool whose ``input_schema`` is the output model's schema. Rate limits
-    (honouring ``Retry-After``), 5xx / overloaded, timeouts and dropped connections are
-    retried with exponential backoff (:class:`agentflow.retrying.RetryPolicy`); any other
-    failure raises :class:`~agentflow.errors.ProviderError` with the status and the
-    server's message.
+    pool), with the SDK's default HTTP client; ``client_options={"http_client": ...}``
+    brings another (any ``httpx`` client the SDK accepts). Structured output is a forced
+    tool whose ``input_schema`` is the output model's schema. Rate limits (honouring
+    ``Retry-After``), 5xx / overloaded, timeouts and dropped connections are retried with
+    exponential backoff (:class:`agentflow.agents.retrying.RetryPolicy`); any other failure
+    raises :class:`~agentflow.errors.ProviderError` with the status and the server's
+    message, with the API key and any other key or bearer token in it redacted.
 
     Args:
         api_key: defaults to ``ANTHROPIC_API_KEY`` (or ``ANTHROPIC_AUTH_TOKEN``).
@@ -96,6 +110,7 @@ class AnthropicProvider:
         self._client_options = dict(client_options or {})
         self._accepted: frozenset[str] = frozenset()
         self._client: anthropic.AsyncAnthropic | None = None
+        self._key: str | None = None
 
     def __repr__(self) -> str:
         url = self._base_url or os.environ.get("ANTHROPIC_BASE_URL") or "default"
@@ -113,9 +128,9 @@ class AnthropicProvider:
             key = self._api_key or os.environ.get("ANTHROPIC_API_KEY")
             token = os.environ.get("ANTHROPIC_AUTH_TOKEN")
             if key:
-                options["api_key"] = key
+                options["api_key"] = self._key = key
             elif token:
-                options["auth_token"] = token
+                options["auth_token"] = self._key = token
             else:
                 raise ProviderError(
                     "anthropic: no API key. Set the ANTHROPIC_API_KEY environment variable or pass "
@@ -127,12 +142,6 @@ class AnthropicProvider:
                 options["base_url"] = base_url
             if self._timeout is not None:
                 options["timeout"] = self._timeout
-            if "http_client" not in options:
-                options["http_client"] = HTTPClient(
-                    timeout=anthropic.DEFAULT_TIMEOUT,
-                    limits=anthropic.DEFAULT_CONNECTION_LIMITS,
-                    follow_redirects=True,
-                )
             self._client = anthropic.AsyncAnthropic(**options)
             # Fields this SDK version's create() does not name travel in extra_body instead.
             self._accepted = frozenset(inspect.signature(self._client.messages.create).parameters)
@@ -140,13 +149,14 @@ class AnthropicProvider:
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
         """Send one Messages request and return the whole reply."""
-        client = self.client
-        params = self._params(request)
-        # The raw response skips building the SDK's Message model (~0.1 ms of CPU per
-        # call): the blocks and usage needed are read from the JSON directly. Not being
-        # streamed, its body has been read already.
-        raw = await self._retrying(lambda: client.messages.with_raw_response.create(**params))
-        message = reply_body(self.name, request, raw.http_response.content)
+        with self._redacting():
+            client = self.client
+            params = self._params(request)
+            # The raw response skips building the SDK's Message model (~0.1 ms of CPU per
+            # call): the blocks and usage needed are read from the JSON directly. Not being
+            # streamed, its body has been read already.
+            raw = await self._retrying(lambda: client.messages.with_raw_response.create(**params))
+            message = reply_body(self.name, request, raw.http_response.content)
         forced = params.get("tool_choice", {}).get("name")
         texts: list[str] = []
         data: Any = None
@@ -164,38 +174,53 @@ class AnthropicProvider:
         return ProviderReply(text=text, data=data, usage=spent)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
-        """Yield text (or, for structured output, tool-input JSON) deltas, then the whole reply."""
-        client = self.client
-        params = self._params(request)
-        events = await self._retrying(lambda: client.messages.create(stream=True, **params))
-        parts: list[str] = []
-        tool_json: list[str] = []
-        tool_used = False
-        input_tokens = output_tokens = 0
-        try:
-            async with events:
-                async for event in events:
-                    if event.type == "message_start":
-                        input_tokens = _input_tokens(event.message.usage)
-                        output_tokens = event.message.usage.output_tokens
-                    elif event.type == "content_block_start" and event.content_block.type == "tool_use":
-                        tool_used = True
-                    elif event.type == "content_block_delta":
-                        if event.delta.type == "text_delta":
-                            parts.append(event.delta.text)
-                            yield event.delta.text
-                        elif event.delta.type == "input_json_delta" and event.delta.partial_json:
-                            tool_json.append(event.delta.partial_json)
-                            yield event.delta.partial_json
-                    elif event.type == "message_delta":
-                        # message_delta carries cumulative counts; input only when it changed.
-                        output_tokens = event.usage.output_tokens
-                        if event.usage.input_tokens is not None:
-                            input_tokens = _input_tokens(event.usage)
-        except Exception as exc:
-            # Deltas were already handed out, so a broken stream cannot be retried here. Not
-            # every SDK wraps transport errors raised mid-stream, hence the broad except.
-            raise self._error(exc, "the stream broke off") from exc
+        """Yield text (or, for structured output, tool-input JSON) deltas, then the whole reply.
+
+        Raises:
+            ProviderError: the call failed, the stream broke off, or it ended before
+                ``message_stop`` (one that carried no event at all included).
+        """
+        with self._redacting():
+            client = self.client
+            params = self._params(request)
+            events = await self._retrying(lambda: client.messages.create(stream=True, **params))
+            parts: list[str] = []
+            tool_json: list[str] = []
+            tool_used = started = stopped = False
+            input_tokens = output_tokens = 0
+            try:
+                async with events:
+                    async for event in events:
+                        if event.type == "message_start":
+                            started = True
+                            input_tokens = _input_tokens(event.message.usage)
+                            output_tokens = event.message.usage.output_tokens
+                        elif event.type == "content_block_start" and event.content_block.type == "tool_use":
+                            tool_used = True
+                        elif event.type == "content_block_delta":
+                            if event.delta.type == "text_delta":
+                                parts.append(event.delta.text)
+                                yield event.delta.text
+                            elif event.delta.type == "input_json_delta" and event.delta.partial_json:
+                                tool_json.append(event.delta.partial_json)
+                                yield event.delta.partial_json
+                        elif event.type == "message_delta":
+                            # message_delta carries cumulative counts; input only when it changed.
+                            output_tokens = event.usage.output_tokens
+                            if event.usage.input_tokens is not None:
+                                input_tokens = _input_tokens(event.usage)
+                        elif event.type == "message_stop":
+                            stopped = True
+            except Exception as exc:
+                # Deltas were already handed out, so a broken stream cannot be retried here.
+                # Not every SDK wraps transport errors raised mid-stream, hence the broad except.
+                raise self._error(exc, "the stream broke off") from exc
+            if not stopped:
+                # A reply cut short must not pass for a whole one (and be journaled as such).
+                what = "ended before message_stop" if started else "carried no events"
+                raise ProviderError(
+                    f"anthropic: the stream for model {request.model!r} {what}", provider=self.name
+                )
         data: Any = None
         if tool_used:
             raw = "".join(tool_json)
@@ -256,3 +281,19 @@ class AnthropicProvider:
         what = f"HTTP {status}" if status is not None else type(exc).__name__
         suffix = f" ({context})" if context else ""
         return ProviderError(f"anthropic: {what}: {detail}{suffix}", status=status, provider=self.name)
+
+    @contextmanager
+    def _redacting(self) -> Iterator[None]:
+        """Raise a :class:`ProviderError` from the block with the secrets in its message redacted.
+
+        A redacted error is raised without its cause: the SDK's exception quotes the same
+        message, and a traceback would print it.
+        """
+        try:
+            yield
+        except ProviderError as exc:
+            message = str(exc)
+            clean = _redact(message, self._key)
+            if clean == message:
+                raise
+            raise ProviderError(clean, status=exc.status, provider=exc.provider) from None

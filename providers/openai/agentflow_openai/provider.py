@@ -6,21 +6,37 @@ import inspect
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import openai
 
 from agentflow.agents import ProviderReply, ProviderRequest, reply_body
+from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
-from agentflow.records import Usage
-from agentflow.retrying import RetryPolicy
-from agentflow.transport import HTTPClient
+from agentflow.types import Usage
 
 __all__ = ["OpenAIProvider"]
 
 _T = TypeVar("_T")
 _NAME = re.compile(r"[^a-zA-Z0-9_-]")
+# An Authorization header's token, and OpenAI (sk-, sk-proj-, masked sk-...****abcd) or
+# Anthropic (sk-ant-) keys wherever a message quotes them.
+_SECRET = re.compile(r"(?P<bearer>\b(?i:bearer)\s+)[\w.~+/*-]+=*|(?<![\w-])sk-[\w*-]{4,}")
+_REDACTED = "[redacted]"
+
+
+def _redact(text: str, *secrets: str | None) -> str:
+    """``text`` with each of ``secrets`` (8 characters or more) and any API key or bearer token hidden.
+
+    Servers quote the key they were sent in some errors ("Incorrect API key provided:
+    sk-..."); such a message must not reach a log, a stored run or an event as it is.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, _REDACTED)
+    return _SECRET.sub(lambda m: (m["bearer"] or "") + _REDACTED, text)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -66,14 +82,12 @@ class OpenAIProvider:
     """Chat Completions through ``openai.AsyncOpenAI``, for OpenAI and compatible servers.
 
     The SDK client is made on first use and reused by every handle (one HTTP connection
-    pool). Its httpx client is an :class:`agentflow.transport.HTTPClient`, over a lean
-    HTTP/1.1 transport that writes each request from the calling task: a whole call costs
-    about 40% less CPU than over the SDK's default transport, and many concurrent calls
-    do not fall into lock-step; ``client_options={"http_client": ...}`` picks another. Rate limits
-    (honouring ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts and dropped
-    connections are retried with exponential backoff (:class:`agentflow.retrying.RetryPolicy`);
-    any other failure raises :class:`~agentflow.errors.ProviderError` with the status and
-    the server's message.
+    pool), with the SDK's default HTTP client; ``client_options={"http_client": ...}``
+    brings another (any ``httpx`` client the SDK accepts). Rate limits (honouring
+    ``Retry-After`` / ``retry-after-ms``), 5xx, timeouts and dropped connections are
+    retried with exponential backoff (:class:`agentflow.agents.retrying.RetryPolicy`); any
+    other failure raises :class:`~agentflow.errors.ProviderError` with the status and the
+    server's message, with the API key and any other key or bearer token in it redacted.
 
     Args:
         api_key: defaults to ``OPENAI_API_KEY`` (any value works for a local server).
@@ -117,6 +131,7 @@ class OpenAIProvider:
         self._client_options = dict(client_options or {})
         self._accepted: frozenset[str] = frozenset()
         self._client: openai.AsyncOpenAI | None = None
+        self._key: str | None = None
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider base_url={self._base_url or os.environ.get('OPENAI_BASE_URL') or 'default'}>"
@@ -142,12 +157,7 @@ class OpenAIProvider:
                 options["base_url"] = base_url
             if self._timeout is not None:
                 options["timeout"] = self._timeout
-            if "http_client" not in options:
-                options["http_client"] = HTTPClient(
-                    timeout=openai.DEFAULT_TIMEOUT,
-                    limits=openai.DEFAULT_CONNECTION_LIMITS,
-                    follow_redirects=True,
-                )
+            self._key = key
             self._client = openai.AsyncOpenAI(**options)
             # Fields this SDK version's create() does not name travel in extra_body instead.
             self._accepted = frozenset(inspect.signature(self._client.chat.completions.create).parameters)
@@ -155,13 +165,14 @@ class OpenAIProvider:
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
         """Send one Chat Completions request and return the whole reply."""
-        client = self.client
-        params = self._params(request)
-        # The raw response skips building the SDK's ChatCompletion model (~0.1 ms of CPU
-        # per call): the fields needed are read from the JSON directly. Not being
-        # streamed, its body has been read already.
-        raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
-        text, spent = self._reply(request, raw.http_response.content)
+        with self._redacting():
+            client = self.client
+            params = self._params(request)
+            # The raw response skips building the SDK's ChatCompletion model (~0.1 ms of CPU
+            # per call): the fields needed are read from the JSON directly. Not being
+            # streamed, its body has been read already.
+            raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
+            text, spent = self._reply(request, raw.http_response.content)
         return ProviderReply(text=text, data=_data(request, text), usage=spent)
 
     def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage]:
@@ -182,26 +193,38 @@ class OpenAIProvider:
         return text, Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
-        """Yield content deltas as they arrive, then the whole reply with its usage."""
-        client = self.client
-        params = self._params(request)
-        params["stream_options"] = {"include_usage": True}
-        chunks = await self._retrying(lambda: client.chat.completions.create(stream=True, **params))
-        parts: list[str] = []
-        spent = Usage()
-        try:
-            async with chunks:
-                async for chunk in chunks:
-                    if chunk.usage is not None:
-                        spent = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    for choice in chunk.choices:
-                        if choice.index == 0 and choice.delta.content:
-                            parts.append(choice.delta.content)
-                            yield choice.delta.content
-        except Exception as exc:
-            # Deltas were already handed out, so a broken stream cannot be retried here. Not
-            # every SDK wraps transport errors raised mid-stream, hence the broad except.
-            raise self._error(exc, "the stream broke off") from exc
+        """Yield content deltas as they arrive, then the whole reply with its usage.
+
+        Raises:
+            ProviderError: the call failed, the stream broke off, or it carried no chunk.
+        """
+        with self._redacting():
+            client = self.client
+            params = self._params(request)
+            params["stream_options"] = {"include_usage": True}
+            chunks = await self._retrying(lambda: client.chat.completions.create(stream=True, **params))
+            parts: list[str] = []
+            spent = Usage()
+            received = False
+            try:
+                async with chunks:
+                    async for chunk in chunks:
+                        received = True
+                        if chunk.usage is not None:
+                            spent = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                        for choice in chunk.choices:
+                            if choice.index == 0 and choice.delta.content:
+                                parts.append(choice.delta.content)
+                                yield choice.delta.content
+            except Exception as exc:
+                # Deltas were already handed out, so a broken stream cannot be retried here.
+                # Not every SDK wraps transport errors raised mid-stream, hence the broad except.
+                raise self._error(exc, "the stream broke off") from exc
+            if not received:
+                raise ProviderError(
+                    f"openai: the stream for model {request.model!r} ended before its first chunk",
+                    provider=self.name,
+                )
         text = "".join(parts)
         yield ProviderReply(text=text, data=_data(request, text), usage=spent)
 
@@ -254,6 +277,22 @@ class OpenAIProvider:
         what = f"HTTP {status}" if status is not None else type(exc).__name__
         suffix = f" ({context})" if context else ""
         return ProviderError(f"openai: {what}: {detail}{suffix}", status=status, provider=self.name)
+
+    @contextmanager
+    def _redacting(self) -> Iterator[None]:
+        """Raise a :class:`ProviderError` from the block with the secrets in its message redacted.
+
+        A redacted error is raised without its cause: the SDK's exception quotes the same
+        message, and a traceback would print it.
+        """
+        try:
+            yield
+        except ProviderError as exc:
+            message = str(exc)
+            clean = _redact(message, self._key)
+            if clean == message:
+                raise
+            raise ProviderError(clean, status=exc.status, provider=exc.provider) from None
 
 
 def _data(request: ProviderRequest, text: str) -> Any:
