@@ -1,50 +1,98 @@
-"""In-memory store: runs live as long as the process. The default without persistence."""
+"""In-memory store: runs live as long as the process. The default without persistence.
+
+It keeps the contract as strictly as the durable stores: commit fields and record
+scalars are checked, and every value is encoded to JSON when it comes in (what is not
+JSON-able is refused, as SQLite and Redis refuse it, before anything is written) and
+decoded when it goes out, so a run sees the same plain JSON data whether it lives here
+or was reloaded from a durable store, and no caller can change a stored value in place.
+
+Listing reads indexes: per workflow and status, sorted lists of ``(created_at,
+run_id)``, so ``list_runs`` costs the page it returns and ``recoverable`` and
+``due_gates`` look at running and waiting runs only.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import operator
+import heapq
 import time
-from collections.abc import Callable, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from ..errors import LeaseLostError
-from ..records import FINAL, Commit, OutputRecord, RunEvent, RunRecord, RunStatus
-from .base import Change, Lease, LoadedRun
+from ..errors import LeaseLostError, StoreError
+from ..types import FINAL, RunEvent, RunStatus
+from .codec import (
+    RECORD_FIELDS,
+    check_commit_fields,
+    check_record,
+    deadline_of,
+    decode,
+    encode,
+    encode_event,
+    encode_output,
+    make_event,
+    make_output,
+)
+from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
 
 __all__ = ["MemoryStore"]
 
+# Record fields kept as JSON bytes; the others are scalars kept as they are.
+_JSON = frozenset({"input", "state", "pending", "decisions", "output", "error", "usage"})
+# What a listed (light) record leaves out.
+_HEAVY = frozenset({"input", "state", "output"})
+_LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in _JSON and name not in _HEAVY)
+_NULL = b"null"
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
-_values = operator.attrgetter(*_FIELDS)
+_IndexKey = tuple[str | None, RunStatus | None]
+_SortKey = tuple[float, str]
 
 
 class _Run:
-    """A run's stored parts; the record is kept as a dict so a commit is a dict update."""
+    """A run's stored parts, every value as JSON bytes (the record's scalars as they are)."""
 
-    __slots__ = ("events", "expires", "fields", "journal", "outputs")
+    __slots__ = ("deadline", "events", "expires", "fields", "journal", "outputs")
 
-    def __init__(self, record: RunRecord, events: Sequence[RunEvent]) -> None:
-        self.fields: dict[str, Any] = dict(zip(_FIELDS, _values(record), strict=True))
-        self.outputs: list[OutputRecord] = []
-        self.events: list[RunEvent] = list(events)
-        self.journal: dict[str, Any] = {}
+    def __init__(self, fields: dict[str, Any], events: list[bytes]) -> None:
+        self.fields = fields
+        self.events = events
+        self.outputs: list[bytes] = []
+        self.journal: dict[str, bytes] = {}
+        self.deadline: float | None = None
         self.expires: float | None = None
 
     @property
-    def record(self) -> RunRecord:
-        return RunRecord(**self.fields)
+    def sort_key(self) -> _SortKey:
+        return (self.fields["created_at"], self.fields["run_id"])
 
-    @record.setter
-    def record(self, rec: RunRecord) -> None:
-        self.fields = dict(zip(_FIELDS, _values(rec), strict=True))
+
+def _encode_record(rec: RunRecord) -> dict[str, Any]:
+    """Every field of ``rec`` in its stored form, checked; raises StoreError before any write."""
+    check_record(rec)
+    run_id = rec.run_id
+    fields: dict[str, Any] = {}
+    for name in RECORD_FIELDS:
+        value = getattr(rec, name)
+        if name in _JSON:
+            fields[name] = encode(run_id, name, list(value or ()) if name == "decisions" else value)
+        elif name == "status":
+            fields[name] = RunStatus(value)
+        elif name in ("created_at", "updated_at", "lease_expires"):
+            fields[name] = float(value)
+        else:
+            fields[name] = value
+    return fields
+
+
+def _index_keys(workflow: str, status: RunStatus) -> tuple[_IndexKey, ...]:
+    return ((None, None), (workflow, None), (None, status), (workflow, status))
 
 
 class MemoryStore:
-    """Keeps runs in a dict. Every operation completes without yielding, so each is atomic.
+    """Keeps runs in dicts. Every operation completes without yielding, so each is atomic.
 
-    Values are kept as given (models stay models), which makes this store the fastest
-    and the least durable: nothing survives the process.
+    The store's clock is ``time.time()``. Nothing survives the process, and
+    :meth:`sibling` is None: another thread's event loop cannot share these dicts.
 
     Args:
         ttl: seconds a finished run is kept, or None to keep it.
@@ -53,119 +101,294 @@ class MemoryStore:
     def __init__(self, ttl: float | None = None) -> None:
         self.ttl = ttl
         self._runs: dict[str, _Run] = {}
+        self._index: dict[_IndexKey, list[_SortKey]] = {}
+        self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
+
+    # -- bookkeeping ---------------------------------------------------------------
 
     def _get(self, run_id: str) -> _Run | None:
         run = self._runs.get(run_id)
         if run is None or run.expires is None:
             return run
         if run.expires <= time.time():
-            del self._runs[run_id]
+            self._drop(run_id)
             return None
         return run
 
-    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
-        if self._get(record.run_id) is not None:
+    def _drop(self, run_id: str) -> bool:
+        run = self._runs.pop(run_id, None)
+        if run is None:
             return False
-        run = self._runs[record.run_id] = _Run(record, events)
-        run.fields["event_count"] += len(events)
+        self._unindex(run.sort_key, _index_keys(run.fields["workflow"], run.fields["status"]))
+        return True
+
+    def _purge(self) -> None:
+        """Drop the finished runs whose ttl ran out."""
+        heap, now = self._expiring, time.time()
+        while heap and heap[0][0] <= now:
+            expires, run_id = heapq.heappop(heap)
+            run = self._runs.get(run_id)
+            if run is not None and run.expires == expires:
+                self._drop(run_id)
+
+    def _set_expiry(self, run_id: str, run: _Run, now: float) -> None:
+        if self.ttl is not None and run.fields["status"] in FINAL:
+            run.expires = now + self.ttl
+            heapq.heappush(self._expiring, (run.expires, run_id))
+
+    def _unindex(self, key: _SortKey, index_keys: Sequence[_IndexKey]) -> None:
+        for index_key in index_keys:
+            entries = self._index[index_key]
+            del entries[bisect_left(entries, key)]
+            if not entries:
+                del self._index[index_key]
+
+    def _reindex(self, run: _Run, old: dict[str, Any]) -> None:
+        """Move ``run`` between indexes after its workflow, status or creation time changed."""
+        new = run.fields
+        old_key, new_key = (old["created_at"], old["run_id"]), run.sort_key
+        old_keys = _index_keys(old["workflow"], old["status"])
+        new_keys = _index_keys(new["workflow"], new["status"])
+        if old_key == new_key:
+            old_keys, new_keys = (
+                tuple(k for k in old_keys if k not in new_keys),
+                tuple(k for k in new_keys if k not in old_keys),
+            )
+        self._unindex(old_key, old_keys)
+        for index_key in new_keys:
+            insort(self._index.setdefault(index_key, []), new_key)
+
+    @staticmethod
+    def _record(run: _Run, light: bool = False) -> RunRecord:
+        fields = run.fields
+        values = dict(fields)
+        if light:
+            values["input"] = values["state"] = values["output"] = None
+            names: Collection[str] = _LIGHT_JSON
+        else:
+            names = _JSON
+        run_id = fields["run_id"]
+        for name in names:
+            raw = fields[name]
+            values[name] = None if raw == _NULL else decode(run_id, name, raw)
+        values["decisions"] = tuple(values["decisions"] or ())
+        return RunRecord(**values)
+
+    # -- the Store protocol --------------------------------------------------------
+
+    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """Store a new run; False (and nothing written) if the run id exists."""
+        run_id = record.run_id
+        fields = _encode_record(record)
+        bodies = [encode_event(run_id, e) for e in events]
+        if self.ttl is not None:
+            self._purge()
+        if self._get(run_id) is not None:
+            return False
+        fields["event_count"] += len(bodies)
+        run = self._runs[run_id] = _Run(fields, bodies)
+        run.deadline = deadline_of(record.pending)
+        for index_key in _index_keys(fields["workflow"], fields["status"]):
+            insort(self._index.setdefault(index_key, []), run.sort_key)
+        self._set_expiry(run_id, run, time.time())
         return True
 
     async def get(self, run_id: str) -> RunRecord | None:
+        """The run's record, or None."""
         run = self._get(run_id)
-        return run.record if run is not None else None
+        return None if run is None else self._record(run)
 
     async def load(self, run_id: str) -> LoadedRun | None:
+        """The record with its outputs and journal; or None."""
         run = self._get(run_id)
         if run is None:
             return None
-        return LoadedRun(run.record, list(run.outputs), dict(run.journal))
+        outputs = [make_output(run_id, f"outputs[{i}]", raw) for i, raw in enumerate(run.outputs)]
+        journal = {key: decode(run_id, f"journal[{key!r}]", raw) for key, raw in run.journal.items()}
+        return LoadedRun(self._record(run), outputs, journal)
 
     async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
+        """Apply ``commit`` if ``lease`` still holds (once per ``(lease.token, seq)``).
+
+        Raises:
+            LeaseLostError: the lease no longer holds; nothing was written.
+            StoreError: a field that cannot be committed, or a value that is not JSON-able;
+                nothing was written.
+        """
+        # Check and encode everything first, so a bad value writes nothing.
+        check_commit_fields(run_id, commit.fields)
+        sets: dict[str, Any] = {}
+        for name, value in commit.fields.items():
+            if name in _JSON:
+                sets[name] = encode(run_id, name, list(value or ()) if name == "decisions" else value)
+            elif name == "status":
+                sets[name] = RunStatus(value)
+            else:
+                sets[name] = value
+        events = [encode_event(run_id, e) for e in commit.events] if commit.events else None
+        outputs = [encode_output(run_id, o) for o in commit.outputs] if commit.outputs else None
+        journal = (
+            {k: encode(run_id, f"journal {k!r}", v) for k, v in commit.journal.items()}
+            if commit.journal
+            else None
+        )
+        run = self._get(run_id)
+        if run is None:
+            raise LeaseLostError(run_id, "the run no longer exists")
+        rec = run.fields
+        if rec["commit_seq"] == commit.seq and rec["commit_token"] == lease.token:
+            control: str | None = rec["control"]
+            return control  # applied before: a retry after a lost reply
+        if rec["lease_owner"] != lease.owner or rec["lease_token"] != lease.token:
+            raise LeaseLostError(
+                run_id,
+                f"token {lease.token} of {lease.owner!r} is stale; "
+                f"the lease is {rec['lease_token']} of {rec['lease_owner']!r}",
+            )
+        status = sets.get("status")
+        old = dict(rec) if status is not None and status != rec["status"] else None
+        rec.update(sets)
+        now = time.time()
+        rec["updated_at"] = now
+        rec["commit_token"] = lease.token
+        rec["commit_seq"] = commit.seq
+        if events:
+            rec["event_count"] += len(events)
+            run.events.extend(events)
+        if outputs:
+            run.outputs.extend(outputs)
+        if journal:
+            run.journal.update(journal)
+        if commit.release:
+            rec["lease_owner"] = None
+            rec["lease_expires"] = 0.0
+        if "pending" in sets:
+            run.deadline = deadline_of(commit.fields["pending"])
+        if old is not None:
+            self._reindex(run, old)
+            self._set_expiry(run_id, run, now)
+        control = rec["control"]
+        return control
+
+    async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
+        """Extend the lease to ``ttl`` seconds from now; return the control flag.
+
+        Raises:
+            LeaseLostError: the lease no longer holds.
+        """
         run = self._get(run_id)
         if run is None:
             raise LeaseLostError(run_id, "the run no longer exists")
         rec = run.fields
         if rec["lease_owner"] != lease.owner or rec["lease_token"] != lease.token:
-            raise LeaseLostError(run_id, f"token {lease.token} is stale")
-        rec.update(commit.fields)
-        rec["updated_at"] = time.time()
-        if commit.events:
-            rec["event_count"] += len(commit.events)
-            run.events.extend(commit.events)
-        if commit.release:
-            rec["lease_owner"] = None
-            rec["lease_expires"] = 0.0
-        if commit.outputs:
-            run.outputs.extend(commit.outputs)
-        if commit.journal:
-            run.journal.update(commit.journal)
-        if self.ttl is not None and rec["status"] in FINAL:
-            run.expires = time.time() + self.ttl
+            raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale")
+        rec["lease_expires"] = time.time() + ttl
         control: str | None = rec["control"]
         return control
 
-    async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
-        run = self._get(run_id)
-        if (
-            run is None
-            or run.fields["lease_owner"] != lease.owner
-            or run.fields["lease_token"] != lease.token
-        ):
-            raise LeaseLostError(run_id)
-        run.fields["lease_expires"] = time.time() + ttl
-        control: str | None = run.fields["control"]
-        return control
+    async def update(self, run_id: str, change: ChangeFn) -> RunRecord | None:
+        """Read-modify-write the record; ``change(record, now)`` with ``now = time.time()``.
 
-    async def update(self, run_id: str, change: Callable[[RunRecord], Change | None]) -> RunRecord | None:
+        Raises:
+            StoreError: the new record has another run id, a badly typed scalar or a
+                value that is not JSON-able; nothing was written.
+        """
         run = self._get(run_id)
         if run is None:
             return None
-        result = change(run.record)
+        now = time.time()
+        current = self._record(run)
+        result: Change | None = change(current, now)
         if result is None:
-            return run.record
-        rec = dataclasses.replace(
-            result.record,
-            updated_at=time.time(),
-            event_count=run.record.event_count + len(result.events),
-        )
-        run.record = rec
-        run.events.extend(result.events)
-        if self.ttl is not None and rec.status in FINAL:
-            run.expires = time.time() + self.ttl
-        return rec
+            return current
+        new = result.record
+        if new.run_id != run_id:
+            raise StoreError(f"run {run_id}: an update cannot change the run id (to {new.run_id!r})")
+        fields = _encode_record(new)
+        bodies = [encode_event(run_id, e) for e in result.events]
+        old = run.fields
+        fields["updated_at"] = now
+        fields["event_count"] = old["event_count"] + len(bodies)
+        run.fields = fields
+        run.events.extend(bodies)
+        run.deadline = deadline_of(new.pending)
+        if (fields["status"], fields["workflow"], fields["created_at"]) != (
+            old["status"],
+            old["workflow"],
+            old["created_at"],
+        ):
+            self._reindex(run, old)
+        self._set_expiry(run_id, run, now)
+        return self._record(run)
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
+        """The run's events with ``seq`` greater than ``after``, in order."""
         run = self._get(run_id)
         if run is None:
             return []
-        return run.events[after:]
+        start = max(after, 0)
+        return [
+            make_event(run_id, f"events[{i}]", raw, i + 1) for i, raw in enumerate(run.events[start:], start)
+        ]
 
     async def list_runs(
-        self, workflow: str | None = None, status: RunStatus | None = None
+        self,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[RunRecord]:
-        out = []
-        for run_id in list(self._runs):
-            run = self._get(run_id)
-            if run is None:
-                continue
-            f = run.fields
-            if (workflow is None or f["workflow"] == workflow) and (status is None or f["status"] == status):
-                out.append(run.record)
-        out.sort(key=lambda r: r.created_at)
-        return out
+        """Light records, newest first (``created_at``, then ``run_id``, descending), at most ``limit``.
+
+        ``after`` is the last ``run_id`` of the previous page; a run that is gone ends the listing.
+        """
+        if self.ttl is not None:
+            self._purge()
+        entries = self._index.get((workflow, None if status is None else RunStatus(status)))
+        if not entries or limit <= 0:
+            return []
+        end = len(entries)
+        if after is not None:
+            last = self._runs.get(after)
+            if last is None:
+                return []
+            end = bisect_left(entries, last.sort_key)
+        runs, page = self._runs, entries[max(end - limit, 0) : end]
+        return [self._record(runs[run_id], light=True) for _, run_id in reversed(page)]
+
+    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
+        """Ids of ``workflow``'s running runs whose lease ran out, oldest lease first."""
+        if self.ttl is not None:
+            self._purge()
+        now = time.time()
+        runs = self._runs
+        expired = []
+        for _, run_id in self._index.get((workflow, RunStatus.RUNNING), ()):
+            expires = runs[run_id].fields["lease_expires"]
+            if expires <= now:
+                expired.append((expires, run_id))
+        return [run_id for _, run_id in heapq.nsmallest(limit, expired)]
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:
-        out = []
-        for run in self._runs.values():
-            f = run.fields
-            if f["workflow"] == workflow and f["status"] == RunStatus.WAITING and f["pending"]:
-                deadline = f["pending"].get("deadline")
-                if deadline is not None and deadline <= now:
-                    out.append(f["run_id"])
-        return out
+        """Ids of ``workflow``'s waiting runs whose gate deadline is at or before ``now``."""
+        runs = self._runs
+        due = []
+        for _, run_id in self._index.get((workflow, RunStatus.WAITING), ()):
+            run = runs[run_id]
+            if run.deadline is not None and run.deadline <= now:
+                due.append(run_id)
+        return due
 
     async def delete(self, run_id: str) -> bool:
-        return self._runs.pop(run_id, None) is not None
+        """Remove a run and everything stored with it; False if it did not exist."""
+        return self._get(run_id) is not None and self._drop(run_id)
+
+    def sibling(self) -> Store | None:
+        """None: another thread's event loop cannot share this store's dicts."""
+        return None
 
     async def close(self) -> None:
+        """Forget every run."""
         self._runs.clear()
+        self._index.clear()
+        self._expiring.clear()
