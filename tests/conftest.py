@@ -133,7 +133,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     def make(kind: str, **options: Any) -> Store:
         store: Store
         if kind == "memory":
-            store = MemoryStore(ttl=options.get("ttl"))
+            store = MemoryStore(**options)
         elif kind == "sqlite":
             store = SqliteStore(**{"path": str(tmp_path / "agentflow.db"), **options})
         elif kind == "redis":
