@@ -1,60 +1,431 @@
-"""SqliteStore beyond the conformance suite: several processes on one file, WAL, purging."""
+"""SqliteStore beyond the conformance suite: once-only commits, the loop kept free, durability,
+costs that do not grow with what is stored, expiry, damaged rows, several processes on one file.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sqlite3
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from store_helpers import event, record, started
+import pytest
 
-from agentflow.records import Commit, RunStatus
-from agentflow.stores import SqliteStore
+from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
+from agentflow.stores import SqliteStore, open_store
+from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord
+from agentflow.types import RunEvent, RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = textwrap.dedent(
-    """
-    import asyncio, dataclasses, sys
-    from agentflow.records import RunEvent
-    from agentflow.stores import Change, SqliteStore
 
-    def bump(rec):
-        event = RunEvent(kind="bump", run_id=rec.run_id, at=0.0, seq=rec.event_count + 1)
-        return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event])
-
-    async def main(path, n):
-        store = SqliteStore(path)
-        for _ in range(n):
-            await store.update("r1", bump)
-        await store.close()
-
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
-    """
-)
+def record(run_id: str = "r1", workflow: str = "wf", created_at: float = 1000.0, **fields: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        workflow=workflow,
+        status=fields.pop("status", RunStatus.PENDING),
+        input=fields.pop("input", {"repo": "acme/app"}),
+        state=fields.pop("state", {"count": 0}),
+        created_at=created_at,
+        updated_at=created_at,
+        **fields,
+    )
 
 
-async def test_processes_updating_one_file_lose_no_writes(tmp_path: Path) -> None:
-    path = str(tmp_path / "shared.db")
-    store = SqliteStore(path)
+def event(kind: str, seq: int = 0, step: str | None = None) -> RunEvent:
+    return RunEvent(kind=kind, run_id="r1", step=step, data=None, at=1000.0 + seq, seq=seq)
+
+
+async def acquire(store: SqliteStore, run_id: str = "r1", owner: str = "w1", ttl: float = 15.0) -> Lease:
+    def take(rec: RunRecord, now: float) -> Change:
+        lease = {"lease_owner": owner, "lease_token": rec.lease_token + 1, "lease_expires": now + ttl}
+        return Change(dataclasses.replace(rec, status=RunStatus.RUNNING, **lease))
+
+    rec = await store.update(run_id, take)
+    assert rec is not None
+    return Lease(owner, rec.lease_token)
+
+
+async def started(store: SqliteStore, run_id: str = "r1", **fields: Any) -> Lease:
+    assert await store.create(record(run_id, **fields), [event("run_started", 1)])
+    return await acquire(store, run_id)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> Any:
+    store = SqliteStore(str(tmp_path / "agentflow.db"))
+    yield store
+    await store.close()
+
+
+# -- once-only commits, the store's clock ------------------------------------------------
+
+
+async def test_a_retried_commit_is_applied_once_even_after_another_writer(store: SqliteStore) -> None:
+    lease = await started(store)
+    step = Commit(
+        fields={"step": "b", "visit": 1},
+        outputs=[OutputRecord(1, "a", {"n": 1})],
+        events=[event("step_completed", step="a")],
+        seq=1,
+    )
+    assert await store.commit("r1", lease, step) is None
+
+    def pause(rec: RunRecord, now: float) -> Change:  # a pause request lands before the retry
+        return Change(dataclasses.replace(rec, control="pause"), [event("pause_requested")])
+
+    await store.update("r1", pause)
+    assert await store.commit("r1", lease, step) == "pause"  # the lost reply's retry
+    loaded = await store.load("r1")
+    assert loaded is not None
+    assert loaded.outputs == [OutputRecord(1, "a", {"n": 1})]
+    assert [e.kind for e in await store.events("r1")] == ["run_started", "step_completed", "pause_requested"]
+    assert (loaded.record.commit_token, loaded.record.commit_seq) == (lease.token, 1)
+    # The next commit applies; a commit that skips a number is refused, naming the run.
+    assert await store.commit("r1", lease, Commit(fields={"visit": 2}, seq=2)) == "pause"
+    with pytest.raises(StoreError, match=r"run r1: commit seq 4 does not follow .* 2"):
+        await store.commit("r1", lease, Commit(fields={"visit": 3}, seq=4))
+
+
+async def test_a_commit_after_the_lease_moved_on_is_refused(store: SqliteStore) -> None:
+    old = await started(store)
+    new = await acquire(store, owner="w2")
+    with pytest.raises(LeaseLostError, match=r"run r1: .*token 1 of 'w1' is stale; the lease is 2 of 'w2'"):
+        await store.commit("r1", old, Commit(fields={"visit": 1}, seq=1))
+    with pytest.raises(LeaseLostError, match="run r1"):
+        await store.renew("r1", old, 15)
+    assert await store.commit("r1", new, Commit(fields={"visit": 1}, seq=1)) is None
+    with pytest.raises(LeaseLostError, match=r"run nope: .*no longer exists"):
+        await store.commit("nope", new, Commit(seq=1))
+
+
+async def test_update_and_renew_use_the_store_clock(store: SqliteStore) -> None:
+    assert await store.create(record(), [])
+    seen: list[float] = []
+
+    def look(rec: RunRecord, now: float) -> None:
+        seen.append(now)
+        return None
+
+    before = time.time()
+    unchanged = await store.update("r1", look)
+    assert unchanged is not None and unchanged.updated_at == 1000.0
+    assert before <= seen[0] <= time.time()
+    lease = await acquire(store, ttl=1.0)
+    before = time.time()
+    assert await store.renew("r1", lease, 30.0) is None
+    rec = await store.get("r1")
+    assert rec is not None and before + 30 <= rec.lease_expires <= time.time() + 30
+    assert await store.update("missing", look) is None
+
+
+async def test_recoverable_lists_running_runs_whose_lease_ran_out(store: SqliteStore) -> None:
+    for run_id in ("dead", "alive", "other", "done"):
+        await store.create(record(run_id, workflow="other" if run_id == "other" else "wf"), [])
+    for run_id in ("dead", "other"):
+        await acquire(store, run_id, ttl=-1.0)
+    await acquire(store, "alive")
+    done = await acquire(store, "done", ttl=-1.0)
+    await store.commit("done", done, Commit(fields={"status": RunStatus.COMPLETED}, release=True, seq=1))
+    assert await store.recoverable("wf") == ["dead"]
+    assert await store.recoverable("other") == ["other"]
+    assert await store.recoverable("wf", limit=0) == []
+
+
+# -- listing ---------------------------------------------------------------------------
+
+
+async def test_list_runs_is_light_newest_first_and_paged(store: SqliteStore) -> None:
+    for i in range(7):
+        status = RunStatus.WAITING if i % 2 else RunStatus.COMPLETED
+        wf = "wf" if i < 5 else "other"
+        rec = record(f"r{i}", workflow=wf, created_at=1000.0 + i // 2, status=status, output={"big": i})
+        await store.create(rec, [])
+    listed = await store.list_runs()
+    assert [r.run_id for r in listed] == ["r6", "r5", "r4", "r3", "r2", "r1", "r0"]  # ties: newest insert
+    assert all(r.input is None and r.state is None and r.output is None for r in listed)
+    pages, after = [], None
+    while page := await store.list_runs(limit=3, after=after):
+        pages.append([r.run_id for r in page])
+        after = page[-1].run_id
+    assert pages == [["r6", "r5", "r4"], ["r3", "r2", "r1"], ["r0"]]
+    assert [r.run_id for r in await store.list_runs("wf", RunStatus.WAITING)] == ["r3", "r1"]
+    assert [r.run_id for r in await store.list_runs(status=RunStatus.WAITING, after="r5")] == ["r3", "r1"]
+    assert [r.run_id for r in await store.list_runs("other", limit=1)] == ["r6"]
+    full = await store.get("r4")
+    assert full is not None and full.output == {"big": 4} and full.input == {"repo": "acme/app"}
+    with pytest.raises(StoreError, match="run gone is not stored"):
+        await store.list_runs(after="gone")
+
+
+async def test_a_damaged_row_is_listed_as_corrupt_and_hides_no_other_run(store: SqliteStore) -> None:
+    for run_id in ("a", "b", "c"):
+        await store.create(record(run_id), [])
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE agentflow_runs SET pending = '{nope' WHERE run_id = 'b'")
+        db.execute("UPDATE agentflow_runs SET visit = 'many' WHERE run_id = 'c'")
+        db.execute("UPDATE agentflow_values SET value = '[1,' WHERE run_id = 'a' AND field = 'state'")
+    db.close()
+    listed = {r.run_id: r for r in await store.list_runs()}
+    assert sorted(listed) == ["a", "b", "c"]
+    assert listed["a"].corrupt is None  # a light listing does not read the state
+    assert "agentflow_runs.pending" in (listed["b"].corrupt or "")
+    assert "visit" in (listed["c"].corrupt or "") and listed["c"].info().error is not None
+    with pytest.raises(CorruptRecordError, match=r"run b: .*agentflow_runs.pending") as exc:
+        await store.get("b")
+    assert exc.value.run_id == "b"
+    with pytest.raises(CorruptRecordError, match=r"run a: .*agentflow_values\[state\]"):
+        await store.load("a")
+    with pytest.raises(CorruptRecordError, match="run c"):
+        await store.update("c", lambda rec, now: None)
+
+
+async def test_values_that_cannot_be_stored_are_refused_naming_run_and_field(store: SqliteStore) -> None:
+    lease = await started(store)
+    with pytest.raises(StoreError, match="run r1: cannot store 'state'"):
+        await store.commit("r1", lease, Commit(fields={"state": object()}, seq=1))
+    with pytest.raises(StoreError, match="run r1: 'lease_token' cannot be committed"):
+        await store.commit("r1", lease, Commit(fields={"lease_token": 9}, seq=1))
+    with pytest.raises(StoreError, match="run r2: cannot store 'visit'"):
+        await store.create(record("r2", visit="one"), [])
+    assert await store.commit("r1", lease, Commit(fields={"visit": 1}, seq=1)) is None
+
+
+# -- off the event loop ----------------------------------------------------------------
+
+
+async def test_a_held_write_lock_does_not_block_the_event_loop(store: SqliteStore) -> None:
+    lease = await started(store)
+    lag = 0.0
+
+    async def tick() -> None:
+        nonlocal lag
+        while True:
+            due = time.monotonic() + 0.01
+            await asyncio.sleep(0.01)
+            lag = max(lag, time.monotonic() - due)
+
+    other = sqlite3.connect(store.path, isolation_level=None)
     try:
-        await store.create(record(), [])
-        workers = [
-            await asyncio.create_subprocess_exec(
-                sys.executable, "-c", WORKER, path, "150", cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the lock for 2 s
+        asyncio.get_running_loop().call_later(2.0, other.execute, "COMMIT")
+        ticker = asyncio.create_task(tick())
+        start = time.monotonic()
+        assert await store.commit("r1", lease, Commit(fields={"visit": 1}, seq=1)) is None
+        waited = time.monotonic() - start
+        ticker.cancel()
+    finally:
+        other.close()
+    assert waited >= 1.9
+    assert lag < 0.1, f"the event loop stalled {lag * 1000:.0f} ms"
+    rec = await store.get("r1")
+    assert rec is not None and rec.visit == 1
+
+
+async def test_the_store_and_its_sibling_serve_other_event_loops(store: SqliteStore) -> None:
+    lease = await started(store)
+    sibling = store.sibling()
+    assert isinstance(sibling, SqliteStore) and sibling is not store
+    assert (sibling.path, sibling.ttl, sibling.key_prefix, sibling.durability) == (
+        store.path, store.ttl, store.key_prefix, store.durability
+    )  # fmt: skip
+    results: list[Any] = []
+
+    async def elsewhere() -> None:
+        results.append(await sibling.renew("r1", lease, 30.0))
+        results.append(await store.get("r1"))  # the same store, from a second loop
+        await sibling.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(elsewhere(),))
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    assert results[0] is None and results[1].lease_expires > time.time() + 20
+
+
+# -- durability ------------------------------------------------------------------------
+
+
+async def test_durability_sets_synchronous_and_reaches_open_store(tmp_path: Path) -> None:
+    path = str(tmp_path / "d.db")
+    full = SqliteStore(path)
+    normal = open_store("sqlite", path=path, durability="normal")
+    try:
+        assert isinstance(normal, SqliteStore) and normal.durability == "normal"
+        assert full.durability == "full"
+        for store, want in ((full, 2), (normal, 1)):
+            sync = await store._call(
+                "pragma", None, lambda db: db.execute("PRAGMA synchronous").fetchone()[0]
             )
-            for _ in range(3)
-        ]
-        for worker in workers:
-            _, err = await asyncio.wait_for(worker.communicate(), 50)
-            assert worker.returncode == 0, err.decode()
-        rec = await store.get("r1")
-        assert rec is not None and rec.visit == 450 and rec.event_count == 450
-        assert [e.seq for e in await store.events("r1")] == list(range(1, 451))
+            assert sync == want
+    finally:
+        await full.close()
+        await normal.close()
+    with pytest.raises(WorkflowDefinitionError, match="durability must be 'normal' or 'full'"):
+        SqliteStore(path, durability="off")  # type: ignore[arg-type]
+
+
+# -- costs that do not grow with what is stored -----------------------------------------
+
+
+def _fill(path: str, n: int) -> None:
+    """``n`` completed runs of workflow ``wf``, inserted straight into the table."""
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "INSERT INTO agentflow_runs (ns, run_id, workflow, status, step, visit, pending, decisions, "
+            "error, usage, created_at, updated_at, event_count, lease_token, lease_expires) "
+            "VALUES ('', ?, 'wf', 'completed', NULL, 3, 'null', '[]', 'null', 'null', ?, ?, 4, 1, 0.0)",
+            ((f"done-{i}", 1000.0 + i, 1000.0 + i) for i in range(n)),
+        )
+    db.close()
+
+
+async def _best_ms(call: Any, times: int = 5) -> float:
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        await call()
+        spent.append((time.perf_counter() - start) * 1000)
+    return min(spent)
+
+
+async def test_listing_and_recovery_cost_what_they_return_with_100k_runs(store: SqliteStore) -> None:
+    await store.create(record("waiting-1", status=RunStatus.WAITING, created_at=5.0), [])
+    await store.create(record("stale", created_at=6.0), [])
+    await acquire(store, "stale", ttl=-1.0)
+    _fill(store.path, 100_000)
+    waiting = await store.list_runs(status=RunStatus.WAITING)
+    assert [r.run_id for r in waiting] == ["waiting-1"]
+    assert await store.recoverable("wf") == ["stale"]
+    timings = {
+        "list_runs(status=waiting)": await _best_ms(lambda: store.list_runs(status=RunStatus.WAITING)),
+        "list_runs(wf, waiting)": await _best_ms(lambda: store.list_runs("wf", RunStatus.WAITING)),
+        "recoverable": await _best_ms(lambda: store.recoverable("wf")),
+        "due_gates": await _best_ms(lambda: store.due_gates("wf", time.time())),
+        "list_runs() first page": await _best_ms(lambda: store.list_runs()),
+        "list_runs(after=) page": await _best_ms(lambda: store.list_runs(limit=100, after="done-50000")),
+    }
+    print(" ".join(f"{name}={ms:.2f}ms" for name, ms in timings.items()))
+    assert all(ms < 20 for ms in timings.values()), timings
+
+
+def wal_bytes(path: str) -> int:
+    return os.path.getsize(path + "-wal")
+
+
+async def test_a_step_that_leaves_a_1mb_state_alone_writes_under_50kb(store: SqliteStore) -> None:
+    lease = await started(store, state={"blob": "x" * 1_000_000})
+    await store.commit("r1", lease, Commit(fields={"visit": 1}, seq=1))  # warm the pages up
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        # A reader's snapshot keeps the WAL from being reset, so it only grows.
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM agentflow_runs").fetchone()
+        before, steps = wal_bytes(store.path), 20
+        for i in range(2, steps + 2):
+            step = Commit(
+                fields={"step": f"s{i}", "visit": i, "usage": {"input_tokens": i, "output_tokens": i}},
+                outputs=[OutputRecord(i, f"s{i - 1}", {"summary": "ok" * 50})],
+                events=[event("step_completed", step=f"s{i - 1}"), event("step_started", step=f"s{i}")],
+                journal={f"agent:{i}": {"reply": "done" * 100}},
+                seq=i,
+            )
+            await store.commit("r1", lease, step)
+        per_step = (wal_bytes(store.path) - before) / steps
+    finally:
+        reader.close()
+    print(f"bytes written per step with a 1 MB state: {per_step:,.0f}")
+    assert per_step < 50_000
+    rec = await store.get("r1")
+    assert rec is not None and len(rec.state["blob"]) == 1_000_000 and rec.visit == steps + 1
+
+
+async def test_an_unchanged_big_value_is_not_rewritten(store: SqliteStore) -> None:
+    lease = await started(store, state={"blob": "y" * 500_000})
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT 1 FROM agentflow_runs").fetchone()
+        before = wal_bytes(store.path)
+        await store.commit("r1", lease, Commit(fields={"state": {"blob": "y" * 500_000}}, seq=1))
+        assert wal_bytes(store.path) - before < 50_000
+    finally:
+        reader.close()
+
+
+# -- expiry ----------------------------------------------------------------------------
+
+
+async def test_expired_runs_leave_every_listing_and_are_purged_on_create(tmp_path: Path) -> None:
+    path = str(tmp_path / "ttl.db")
+    store = SqliteStore(path, ttl=0.2)
+    try:
+        lease = await started(store, "old")
+        final = {"status": RunStatus.COMPLETED, "output": {"x": 1}}
+        await store.commit(
+            "old", lease, Commit(fields=final, events=[event("completed")], seq=1, release=True)
+        )
+        await store.create(record("gate", status=RunStatus.WAITING, pending={"deadline": 1.0}), [])
+        await store.update(
+            "gate", lambda rec, now: Change(dataclasses.replace(rec, status=RunStatus.EXPIRED))
+        )
+        assert [r.run_id for r in await store.list_runs()] == ["gate", "old"]
+        await asyncio.sleep(0.3)
+        assert await store.get("old") is None and await store.load("old") is None
+        assert await store.events("old") == [] and await store.list_runs() == []
+        assert await store.list_runs(status=RunStatus.COMPLETED) == []
+        assert await store.due_gates("wf", time.time()) == []
+        with sqlite3.connect(path) as db:  # reads never write: the rows are still there
+            assert db.execute("SELECT count(*) FROM agentflow_runs").fetchone()[0] == 2
+        db.close()
+        store._next_purge = 0.0  # the next create purges at once
+        await store.create(record("new"), [])
+        assert await store.create(record("old", created_at=2000.0), [])  # the id is free again
+        with sqlite3.connect(path) as db:
+            for table in ("runs", "values", "events", "journal", "outputs"):
+                rows = db.execute(
+                    f"SELECT DISTINCT run_id FROM agentflow_{table} WHERE run_id != 'new'"
+                ).fetchall()
+                assert rows == ([("old",)] if table in ("runs", "values") else []), table
+        db.close()
     finally:
         await store.close()
+
+
+async def test_a_purge_deletes_a_bounded_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agentflow.stores.sqlite.PURGE_BATCH", 3)
+    store = SqliteStore(str(tmp_path / "batch.db"), ttl=60)
+    try:
+        await store.create(record("seed"), [])
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE agentflow_runs SET expires_at = 1.0, status = 'completed'")
+            db.executemany(
+                "INSERT INTO agentflow_runs (ns, run_id, workflow, status, visit, pending, decisions, error, "
+                "usage, created_at, updated_at, event_count, lease_token, lease_expires, expires_at) "
+                "VALUES ('', ?, 'wf', 'completed', 0, 'null', '[]', 'null', 'null', 1, 1, 0, 0, 0, 1.0)",
+                [(f"x{i}",) for i in range(6)],
+            )  # seven runs that expired long ago
+        db.close()
+        counts = []
+        for i in range(3):
+            store._next_purge = 0.0 if i == 0 else store._next_purge
+            await store.create(record(f"new{i}"), [])
+            with sqlite3.connect(store.path) as db:
+                counts.append(
+                    db.execute("SELECT count(*) FROM agentflow_runs WHERE expires_at = 1.0").fetchone()[0]
+                )
+            db.close()
+        assert counts == [4, 1, 0]  # three a time, the next batch brought forward while a backlog lasts
+    finally:
+        await store.close()
+
+
+# -- the file --------------------------------------------------------------------------
 
 
 async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None:
@@ -65,24 +436,83 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.get("r1")
 
 
-async def test_expired_runs_are_purged_from_the_file(tmp_path: Path) -> None:
-    path = str(tmp_path / "ttl.db")
-    store = SqliteStore(path, ttl=0.2)
+V1_SCHEMA = """
+CREATE TABLE agentflow_runs (
+    id INTEGER PRIMARY KEY, ns TEXT NOT NULL, run_id TEXT NOT NULL, workflow TEXT NOT NULL,
+    status TEXT NOT NULL, input TEXT NOT NULL, state TEXT NOT NULL, step TEXT, visit INTEGER NOT NULL,
+    pending TEXT NOT NULL, decisions TEXT NOT NULL, output TEXT NOT NULL, error TEXT NOT NULL,
+    usage TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, event_count INTEGER NOT NULL,
+    lease_owner TEXT, lease_token INTEGER NOT NULL, lease_expires REAL NOT NULL, control TEXT,
+    deadline REAL, expires_at REAL, UNIQUE (ns, run_id)
+);
+CREATE INDEX agentflow_runs_by_workflow ON agentflow_runs (ns, workflow, created_at);
+CREATE INDEX agentflow_runs_gates ON agentflow_runs (ns, workflow, status, deadline);
+CREATE TABLE agentflow_events (
+    ns TEXT NOT NULL, run_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (ns, run_id, seq)
+) WITHOUT ROWID;
+INSERT INTO agentflow_runs VALUES (1, '', 'old', 'wf', 'waiting', '{"repo":"a"}', '{"count":2}', 'review', 2,
+    '{"deadline":5.0}', '[]', 'null', 'null', 'null', 1000.0, 1001.0, 1, NULL, 3, 0.0, NULL, 5.0, NULL);
+INSERT INTO agentflow_events VALUES ('', 'old', 1, '{"kind":"run_started","step":null,"data":null,"at":1.0}');
+"""
+
+
+async def test_a_file_of_the_first_layout_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "v1.db")
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+    db.close()
+    store = SqliteStore(path)
     try:
-        lease = await started(store, "old")
-        await store.commit(
-            "old", lease, Commit(fields={"status": RunStatus.COMPLETED}, events=[event("x", 2)])
-        )
-        await asyncio.sleep(0.3)
-        assert await store.get("old") is None
-        await store.create(record("new"), [])  # a write purges what expired
-        with sqlite3.connect(path) as db:
-            for table in ("agentflow_runs", "agentflow_events", "agentflow_journal", "agentflow_outputs"):
-                count = db.execute(f"SELECT count(*) FROM {table} WHERE run_id = 'old'").fetchone()[0]
-                assert count == 0, table
-        db.close()
+        rec = await store.get("old")
+        assert rec is not None and (rec.input, rec.state, rec.output) == ({"repo": "a"}, {"count": 2}, None)
+        assert (rec.status, rec.step, rec.lease_token, rec.commit_seq) == ("waiting", "review", 3, 0)
+        assert await store.due_gates("wf", 10.0) == ["old"]
+        assert [e.kind for e in await store.events("old")] == ["run_started"]
     finally:
         await store.close()
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, dataclasses, sys
+    from agentflow.types import RunEvent
+    from agentflow.stores.contract import Change
+    from agentflow.stores.sqlite import SqliteStore
+
+    def bump(rec, now):
+        event = RunEvent(kind="bump", run_id=rec.run_id, at=now, seq=rec.event_count + 1)
+        return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event])
+
+    async def main(path, n):
+        store = SqliteStore(path, durability="normal")
+        for _ in range(n):
+            await store.update("r1", bump)
+        await store.close()
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+async def test_processes_updating_one_file_lose_no_writes(store: SqliteStore) -> None:
+    await store.create(record(), [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER, store.path, "150", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    for worker in workers:
+        _, err = await asyncio.wait_for(worker.communicate(), 50)
+        assert worker.returncode == 0, err.decode()
+    rec = await store.get("r1")
+    assert rec is not None and rec.visit == 450 and rec.event_count == 450
+    assert [e.seq for e in await store.events("r1")] == list(range(1, 451))

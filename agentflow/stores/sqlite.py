@@ -1,48 +1,55 @@
 """SQLite store: one file, durable, shared safely by the processes of one machine.
 
-Layout. Four tables, created on first use::
+Layout: see :mod:`agentflow.stores.sqlite_schema`. The run's small fields live in one
+hot row; input, state and output live in a table of their own and are written only
+when a commit or update changes them, so a step costs a few pages however big the
+state is. ``key_prefix`` is a *column namespace*: every row carries it in ``ns`` and
+every query filters on it, so several prefixes share one file and one schema without
+building table names from user text.
 
-    agentflow_runs      one row per run: a column per RunRecord field (JSON text for the
-                        free-form ones: input, state, pending, decisions, output, error,
-                        usage), plus ``deadline`` (the waiting gate's, for due_gates) and
-                        ``expires_at`` (set when a finished run has a ttl)
-    agentflow_events    (ns, run_id, seq) -> event JSON; seq is the 1-based position
-    agentflow_outputs   step outputs in append order
-    agentflow_journal   (ns, run_id, key) -> JSON value
-
-``key_prefix`` is a *column namespace*: every row carries it in ``ns`` and every query
-filters on it, so several prefixes share one file and one schema without building
-table names from user text.
+Off the event loop. Every call runs on a thread owned by the store, which owns the
+store's one connection; the loop awaits the result (``asyncio.wrap_future``), so a
+connection of another process holding the write lock for seconds stalls that call,
+not the loop, and any event loop (a second one in another thread included) can use
+the store. One operation is one hop: a commit's check, write and reply, an update's
+read, ``change`` and write, a load's three reads, each in one job on that thread.
+``sibling()`` gives a second store (thread and connection) on the same file, so lease
+renewals do not queue behind a slow call.
 
 Concurrency. The database runs in WAL mode, so readers never block the writer. Every
 read-modify-write starts with ``BEGIN IMMEDIATE``: it takes the write lock before
-reading, so two processes cannot both read the old value (a deferred transaction
-would fail with SQLITE_BUSY on the upgrade instead of waiting). ``busy_timeout``
-makes a contended writer wait rather than fail.
+reading, so two processes cannot both read the old value, and ``busy_timeout`` makes
+a contended writer wait rather than fail. The clock of every lease is this machine's
+(``time.time()`` on the store's thread); all processes sharing the file share it.
 
-Calls run inline on the event loop thread: a commit is one short transaction (tens
-of microseconds), far cheaper than a hop to a worker thread. The cost is that a
-writer waiting on another *process's* lock blocks the loop for up to the busy
-timeout; transactions here are short, so that wait is short too.
+Durability. ``durability="full"`` (the default) is ``synchronous=FULL``: every commit
+is flushed to the disk before it returns, so a committed step survives a power loss
+as well as a crash. ``"normal"`` is ``synchronous=NORMAL``: the WAL is flushed at
+checkpoints only, so a crash of the process loses nothing but a power loss may roll
+back the last commits (the file is never corrupted). A step that is lost is executed
+again, and steps call paid, slow, side-effecting LLMs and tools, so a store sold as
+durable defaults to ``"full"``; its price is one flush of the WAL per commit (on an
+SSD typically a fraction of a millisecond to a few milliseconds, small next to any
+LLM call). Choose ``"normal"`` for throughput when a power loss is acceptable.
 
-Durability: ``synchronous=NORMAL``, the usual WAL setting. A committed step survives
-a crash of the process; a power loss may roll back the last few commits (the file is
-never corrupted). Runs that finish with a ``ttl`` get ``expires_at``; expired rows
-read as absent and are purged by a later ``create``.
+Expiry. Runs that finish with a ``ttl`` get ``expires_at``; expired rows read as absent
+everywhere at once, and a ``create`` now and then purges them in bounded batches
+(reads never write).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from ..errors import LeaseLostError, StoreError
-from ..records import FINAL, Commit, RunEvent, RunRecord, RunStatus
-from .base import Change, Lease, LoadedRun
+from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
+from ..types import FINAL, RunEvent, RunStatus
 from .codec import (
     RECORD_FIELDS,
     check_commit_fields,
@@ -56,156 +63,120 @@ from .codec import (
     make_output,
     make_record,
 )
+from .contract import Change, Commit, Lease, LoadedRun, RunRecord
+from .sqlite_schema import EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES, ensure_schema
 
-__all__ = ["SqliteStore"]
+__all__ = ["BUSY_TIMEOUT", "Durability", "SqliteStore"]
 
-RUNS, EVENTS, OUTPUTS, JOURNAL = (
-    "agentflow_runs",
-    "agentflow_events",
-    "agentflow_outputs",
-    "agentflow_journal",
-)
+T = TypeVar("T")
+Durability = Literal["normal", "full"]
 
-# Free-form fields, stored as JSON text; the rest are plain columns so they can be
-# filtered and compared in SQL.
-_JSON = frozenset({"input", "state", "pending", "decisions", "output", "error", "usage"})
+#: Seconds a contended writer waits for another connection's lock before failing.
+BUSY_TIMEOUT = 10.0
+#: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
+PURGE_BATCH = 200
 
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS {RUNS} (
-    id INTEGER PRIMARY KEY,
-    ns TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    workflow TEXT NOT NULL,
-    status TEXT NOT NULL,
-    input TEXT NOT NULL,
-    state TEXT NOT NULL,
-    step TEXT,
-    visit INTEGER NOT NULL,
-    pending TEXT NOT NULL,
-    decisions TEXT NOT NULL,
-    output TEXT NOT NULL,
-    error TEXT NOT NULL,
-    usage TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    event_count INTEGER NOT NULL,
-    lease_owner TEXT,
-    lease_token INTEGER NOT NULL,
-    lease_expires REAL NOT NULL,
-    control TEXT,
-    deadline REAL,
-    expires_at REAL,
-    UNIQUE (ns, run_id)
-);
-CREATE INDEX IF NOT EXISTS {RUNS}_by_workflow ON {RUNS} (ns, workflow, created_at);
-CREATE INDEX IF NOT EXISTS {RUNS}_gates ON {RUNS} (ns, workflow, status, deadline);
-CREATE TABLE IF NOT EXISTS {EVENTS} (
-    ns TEXT NOT NULL, run_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (ns, run_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS {OUTPUTS} (
-    id INTEGER PRIMARY KEY, ns TEXT NOT NULL, run_id TEXT NOT NULL, body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS {OUTPUTS}_by_run ON {OUTPUTS} (ns, run_id, id);
-CREATE TABLE IF NOT EXISTS {JOURNAL} (
-    ns TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-    PRIMARY KEY (ns, run_id, key)
-) WITHOUT ROWID;
-COMMIT;
-"""
-
-_COLS = ", ".join(RECORD_FIELDS)
+_BIG = ("input", "state", "output")
+_HOT = tuple(f for f in RECORD_FIELDS if f not in _BIG)
+_JSON = frozenset({"pending", "decisions", "error", "usage", *_BIG})
+_FINAL = frozenset(s.value for s in FINAL)
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
-_FINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(FINAL)) + ")"
-_SELECT = f"SELECT {_COLS} FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}"
-_INSERT_RUN = (
-    f"INSERT INTO {RUNS} ({_COLS}, ns, deadline, expires_at) "
-    f"VALUES ({', '.join('?' * (len(RECORD_FIELDS) + 3))})"
-)
-_UPDATE_RUN = (
-    f"UPDATE {RUNS} SET {', '.join(f'{c} = ?' for c in RECORD_FIELDS)}, deadline = ?, "
-    "expires_at = COALESCE(?, expires_at) WHERE ns = ? AND run_id = ?"
-)
+_VALUE = f"(SELECT value FROM {VALUES} v WHERE v.ns = r.ns AND v.run_id = r.run_id AND v.field = '{{}}')"
+_BIG_COLS = ", ".join(_VALUE.format(f) for f in _BIG)
+_SELECT_LIGHT = f"SELECT {', '.join(_HOT)} FROM {RUNS}"
+_SELECT_FULL = f"SELECT {', '.join(_HOT)}, {_BIG_COLS} FROM {RUNS} r WHERE ns = ? AND run_id = ? AND {_LIVE}"
+_MARKS = ", ".join("?" * (len(_HOT) + 3))
+_INSERT_RUN = f"INSERT INTO {RUNS} ({', '.join(_HOT)}, ns, deadline, expires_at) VALUES ({_MARKS})"
 _INSERT_EVENT = f"INSERT INTO {EVENTS} (ns, run_id, seq, body) VALUES (?, ?, ?, ?)"
 _INSERT_OUTPUT = f"INSERT INTO {OUTPUTS} (ns, run_id, body) VALUES (?, ?, ?)"
 _UPSERT_JOURNAL = (
     f"INSERT INTO {JOURNAL} (ns, run_id, key, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value"
 )
-
-#: Seconds a contended writer waits for another connection's lock before failing.
-BUSY_TIMEOUT = 10.0
+# An unchanged value (the same JSON) is not written again.
+_UPSERT_VALUE = (
+    f"INSERT INTO {VALUES} (ns, run_id, field, value) VALUES (?, ?, ?, ?) ON CONFLICT (ns, run_id, field) "
+    "DO UPDATE SET value = excluded.value WHERE value IS NOT excluded.value"
+)
 
 
 class SqliteStore:
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
-    The file is opened on first use. See the module docstring for the layout and the
-    locking discipline.
+    The file is opened on first use, by the store's own thread. See the module
+    docstring for the layout, the threading and the durability settings.
 
     Args:
         path: the database file (created if missing).
         ttl: seconds a finished run is kept, or None to keep it.
         key_prefix: a namespace stored in every row; stores with different prefixes
             sharing a file never see each other's runs.
+        durability: ``"full"`` (a commit survives a power loss) or ``"normal"`` (it
+            survives a crash of the process).
+
+    Raises:
+        WorkflowDefinitionError: an unknown ``durability``.
     """
 
-    def __init__(self, path: str = "agentflow.db", ttl: float | None = None, key_prefix: str = "") -> None:
+    def __init__(
+        self,
+        path: str = "agentflow.db",
+        ttl: float | None = None,
+        key_prefix: str = "",
+        durability: Durability = "full",
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise WorkflowDefinitionError(f"SQLite durability must be 'normal' or 'full', not {durability!r}")
         self.path = path
         self.ttl = ttl
         self.key_prefix = key_prefix
-        self._db: sqlite3.Connection | None = None
+        self.durability: Durability = durability
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentflow-sqlite")
+        self._db: sqlite3.Connection | None = None  # used by the store's thread only
         self._closed = False
         self._next_purge = 0.0
 
-    # -- plumbing ---------------------------------------------------------------------
+    # -- plumbing: everything below runs on the store's thread -------------------------
+
+    async def _call(self, what: str, run_id: str | None, job: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError(f"the SQLite store on {self.path} is closed ({what} of run {run_id})")
+        return await asyncio.wrap_future(self._executor.submit(self._run, what, run_id, job))
+
+    def _run(self, what: str, run_id: str | None, job: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return job(self._conn())
+        except sqlite3.Error as exc:
+            subject = f"run {run_id}: " if run_id else ""
+            raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            if self._closed:
-                raise StoreError(f"the SQLite store on {self.path} is closed")
-            # check_same_thread=False: a store may be handed from one event loop's thread
-            # to another's (run_sync); calls never overlap, each completes inline.
-            db = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+                if self.durability == "full":
+                    db.execute("PRAGMA fullfsync = ON")  # macOS: flush the drive's cache too
+                ensure_schema(db, self.path)
             except BaseException:
                 db.close()
                 raise
             self._db = db
         return self._db
 
+    @staticmethod
     @contextmanager
-    def _errors(self, what: str, run_id: str | None) -> Iterator[None]:
+    def _tx(db: sqlite3.Connection, write: bool = True) -> Iterator[None]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
-        except sqlite3.Error as exc:
-            subject = f"run {run_id}: " if run_id else ""
-            raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
-
-    @contextmanager
-    def _tx(self, what: str, run_id: str | None, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with self._errors(what, run_id):
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            try:
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _column(self, run_id: str, name: str, value: Any) -> Any:
         if name in _JSON:
@@ -214,261 +185,414 @@ class SqliteStore:
             return RunStatus(value).value
         return value
 
-    def _values(self, rec: RunRecord) -> list[Any]:
-        check_record(rec)
-        return [self._column(rec.run_id, name, getattr(rec, name)) for name in RECORD_FIELDS]
-
-    def _record(self, run_id: str, row: Sequence[Any]) -> RunRecord:
-        values = {}
-        for name, value in zip(RECORD_FIELDS, row, strict=True):
+    def _record(self, row: Sequence[Any], light: bool) -> RunRecord:
+        run_id = str(row[0])
+        values: dict[str, Any] = {}
+        for name, value in zip(_HOT, row, strict=False):
             values[name] = decode(run_id, f"{RUNS}.{name}", value) if name in _JSON else value
+        if light:
+            values["input"] = None
+        else:
+            for name, value in zip(_BIG, row[len(_HOT) :], strict=True):
+                values[name] = None if value is None else decode(run_id, f"{VALUES}[{name}]", value)
         return make_record(run_id, RUNS, values)
 
-    def _expiry(self, status: Any, now: float) -> float | None:
-        return now + self.ttl if self.ttl is not None and status in FINAL else None
+    def _listed(self, row: Sequence[Any]) -> RunRecord:
+        """A light record; a damaged row is listed with ``corrupt`` set instead of raising."""
+        try:
+            return self._record(row, light=True)
+        except CorruptRecordError as exc:
+            cols = dict(zip(_HOT, row, strict=True))
+            try:
+                status = RunStatus(cols["status"])
+            except ValueError:
+                status = RunStatus.FAILED
+            created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
+            return RunRecord(
+                run_id=str(cols["run_id"]),
+                workflow=str(cols["workflow"]),
+                status=status,
+                input=None,
+                created_at=float(created),
+                updated_at=float(created),
+                corrupt=str(exc),
+            )
 
-    def _insert_events(
-        self, db: sqlite3.Connection, run_id: str, first_seq: int, bodies: Sequence[str]
+    def _insert_rows(
+        self,
+        db: sqlite3.Connection,
+        run_id: str,
+        first_seq: int,
+        events: Sequence[str],
+        big: Mapping[str, str],
+        outputs: Sequence[str] = (),
+        journal: Mapping[str, str] | None = None,
     ) -> None:
-        if bodies:
-            ns = self.key_prefix
-            rows = [(ns, run_id, first_seq + i, body) for i, body in enumerate(bodies)]
-            db.executemany(_INSERT_EVENT, rows)
+        ns = self.key_prefix
+        if events:
+            db.executemany(_INSERT_EVENT, [(ns, run_id, first_seq + i, e) for i, e in enumerate(events)])
+        if big:
+            db.executemany(_UPSERT_VALUE, [(ns, run_id, name, value) for name, value in big.items()])
+        if outputs:
+            db.executemany(_INSERT_OUTPUT, [(ns, run_id, body) for body in outputs])
+        if journal:
+            db.executemany(_UPSERT_JOURNAL, [(ns, run_id, key, value) for key, value in journal.items()])
 
-    def _purge(self, db: sqlite3.Connection, now: float, run_id: str | None = None) -> None:
-        """Delete expired runs (all of this namespace, or just ``run_id``) with their rows."""
-        where, params = "ns = ? AND expires_at <= ?", [self.key_prefix, now]
-        if run_id is not None:
-            where, params = where + " AND run_id = ?", [*params, run_id]
-        expired = f"SELECT ns, run_id FROM {RUNS} WHERE {where}"
-        for table in (EVENTS, OUTPUTS, JOURNAL):
-            db.execute(f"DELETE FROM {table} WHERE (ns, run_id) IN ({expired})", params)
-        db.execute(f"DELETE FROM {RUNS} WHERE {where}", params)
+    def _delete_runs(self, db: sqlite3.Connection, run_ids: Sequence[str]) -> None:
+        rows = [(self.key_prefix, run_id) for run_id in run_ids]
+        for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, RUNS):
+            db.executemany(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", rows)
+
+    def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
+        if now < self._next_purge:
+            return
+        expired = db.execute(
+            f"SELECT run_id FROM {RUNS} WHERE ns = ? AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
+            (self.key_prefix, now, PURGE_BATCH),
+        ).fetchall()
+        self._delete_runs(db, [run_id for (run_id,) in expired])
+        self._next_purge = now if len(expired) == PURGE_BATCH else now + min(self.ttl or 60.0, 60.0)
+
+    def _expires(self, status: Any, now: float) -> float | None:
+        return now + self.ttl if self.ttl is not None and status in _FINAL else None
 
     # -- the Store protocol -----------------------------------------------------------
 
     async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
-        """Store a new run; False (and nothing written) if the run id exists."""
-        run_id, now = record.run_id, time.time()
+        """Store a new run; False (and nothing written) if the run id exists.
+
+        A second ``create`` of the same run (same workflow, ``created_at`` and input)
+        returns True, as a retry must.
+        """
+        run_id, ns = record.run_id, self.key_prefix
         rec = dataclasses.replace(record, event_count=record.event_count + len(events))
-        values = self._values(rec)
+        check_record(rec)
+        hot = [self._column(run_id, name, getattr(rec, name)) for name in _HOT]
+        big = {f: encode(run_id, f, getattr(rec, f)).decode() for f in _BIG if getattr(rec, f) is not None}
         bodies = [encode_event(run_id, e).decode() for e in events]
-        with self._tx("create", run_id) as db:
-            if now >= self._next_purge:
-                # Expired runs are purged in bulk now and then, on the write path, so
-                # reads stay read-only; until then they are merely invisible.
+        deadline, status = deadline_of(rec.pending), RunStatus(rec.status).value
+
+        def job(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            with self._tx(db):
                 self._purge(db, now)
-                self._next_purge = now + min(self.ttl or 60.0, 60.0)
-            row = db.execute(
-                f"SELECT expires_at FROM {RUNS} WHERE ns = ? AND run_id = ?", (self.key_prefix, run_id)
-            ).fetchone()
-            if row is not None:
-                if row[0] is None or row[0] > now:
-                    return False
-                self._purge(db, now, run_id)
-            db.execute(
-                _INSERT_RUN,
-                [*values, self.key_prefix, deadline_of(rec.pending), self._expiry(rec.status, now)],
-            )
-            self._insert_events(db, run_id, 1, bodies)
-        return True
+                row = db.execute(
+                    f"SELECT expires_at, workflow, created_at, {_VALUE.format('input')} FROM {RUNS} r "
+                    "WHERE ns = ? AND run_id = ?",
+                    (ns, run_id),
+                ).fetchone()
+                if row is not None:
+                    if row[0] is None or row[0] > now:
+                        return tuple(row[1:]) == (rec.workflow, rec.created_at, big.get("input"))
+                    self._delete_runs(db, [run_id])
+                db.execute(_INSERT_RUN, [*hot, ns, deadline, self._expires(status, now)])
+                self._insert_rows(db, run_id, 1, bodies, big)
+            return True
+
+        return await self._call("create", run_id, job)
 
     async def get(self, run_id: str) -> RunRecord | None:
-        """The run's record, or None."""
-        with self._errors("get", run_id):
-            row = self._conn().execute(_SELECT, (self.key_prefix, run_id, time.time())).fetchone()
-        return None if row is None else self._record(run_id, row)
+        """The run's record, or None.
+
+        Raises:
+            CorruptRecordError: the stored record cannot be read (names the run and field).
+        """
+
+        def job(db: sqlite3.Connection) -> RunRecord | None:
+            row = db.execute(_SELECT_FULL, (self.key_prefix, run_id, time.time())).fetchone()
+            return None if row is None else self._record(row, light=False)
+
+        return await self._call("get", run_id, job)
 
     async def load(self, run_id: str) -> LoadedRun | None:
-        """The record with its outputs and journal, read in one snapshot; or None."""
+        """The record with its outputs and journal, read in one snapshot; or None.
+
+        Raises:
+            CorruptRecordError: part of the run cannot be read (names the run and key).
+        """
         ns = self.key_prefix
-        with self._tx("load", run_id, write=False) as db:
-            row = db.execute(_SELECT, (ns, run_id, time.time())).fetchone()
-            if row is None:
-                return None
-            outputs = db.execute(
-                f"SELECT body FROM {OUTPUTS} WHERE ns = ? AND run_id = ? ORDER BY id", (ns, run_id)
-            ).fetchall()
-            journal = db.execute(
-                f"SELECT key, value FROM {JOURNAL} WHERE ns = ? AND run_id = ?", (ns, run_id)
-            ).fetchall()
-        return LoadedRun(
-            self._record(run_id, row),
-            [make_output(run_id, f"{OUTPUTS}.body", body) for (body,) in outputs],
-            {key: decode(run_id, f"{JOURNAL}[{key}]", value) for key, value in journal},
-        )
+
+        def job(db: sqlite3.Connection) -> LoadedRun | None:
+            with self._tx(db, write=False):
+                row = db.execute(_SELECT_FULL, (ns, run_id, time.time())).fetchone()
+                if row is None:
+                    return None
+                outputs = db.execute(
+                    f"SELECT body FROM {OUTPUTS} WHERE ns = ? AND run_id = ? ORDER BY id", (ns, run_id)
+                ).fetchall()
+                journal = db.execute(
+                    f"SELECT key, value FROM {JOURNAL} WHERE ns = ? AND run_id = ?", (ns, run_id)
+                ).fetchall()
+            return LoadedRun(
+                self._record(row, light=False),
+                [make_output(run_id, f"{OUTPUTS}[{i}]", body) for i, (body,) in enumerate(outputs)],
+                {key: decode(run_id, f"{JOURNAL}[{key}]", value) for key, value in journal},
+            )
+
+        return await self._call("load", run_id, job)
 
     async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
         """Apply ``commit`` in one transaction if ``lease`` still holds; return the control flag.
 
+        A commit whose ``(lease.token, commit.seq)`` was applied already (the record's
+        ``commit_token``, and ``commit_seq`` at or past ``seq``) writes nothing.
+
         Raises:
-            LeaseLostError: the token no longer matches; nothing was written.
-            StoreError: a value cannot be encoded (nothing was written), or SQLite failed.
+            LeaseLostError: the lease no longer holds; nothing was written.
+            StoreError: a value cannot be encoded, ``seq`` does not follow the record's
+                ``commit_seq`` (nothing was written), or SQLite failed.
         """
         check_commit_fields(run_id, commit.fields)
-        now = time.time()
-        sets: list[str] = []
-        params: list[Any] = []
+        hot: dict[str, Any] = {}
+        big: dict[str, str] = {}
         for name, value in commit.fields.items():
-            sets.append(f"{name} = ?")
-            params.append(self._column(run_id, name, value))
-            if name == "pending":
-                sets.append("deadline = ?")
-                params.append(deadline_of(value))
-        n = len(commit.events)
-        sets += ["updated_at = ?", "event_count = event_count + ?"]
-        params += [now, n]
-        if commit.release:
-            sets.append("lease_owner = NULL, lease_expires = 0.0")
-        if self.ttl is not None:
-            # The new status, or the current one when this commit does not set it.
-            sets.append(
-                f"expires_at = CASE WHEN COALESCE(?, status) IN {_FINAL_SQL} THEN ? ELSE expires_at END"
-            )
-            status = commit.fields.get("status")
-            params += [None if status is None else RunStatus(status).value, now + self.ttl]
-        # Encode everything before the transaction: a bad value must not leave one open.
+            if name in _BIG:
+                big[name] = encode(run_id, name, value).decode()
+            else:
+                hot[name] = self._column(run_id, name, value)
+        if "pending" in hot:
+            hot["deadline"] = deadline_of(commit.fields["pending"])
         events = [encode_event(run_id, e).decode() for e in commit.events]
-        ns = self.key_prefix
-        outputs = [(ns, run_id, encode_output(run_id, o).decode()) for o in commit.outputs]
-        journal = [
-            (ns, run_id, k, encode(run_id, f"journal {k!r}", v).decode()) for k, v in commit.journal.items()
-        ]
-        sql = (
-            f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = ? AND run_id = ? AND lease_owner = ? "
-            f"AND lease_token = ? AND {_LIVE} RETURNING event_count, control"
-        )
-        params += [ns, run_id, lease.owner, lease.token, now]
-        with self._tx("commit", run_id) as db:
-            rows = db.execute(sql, params).fetchall()
-            if not rows:
-                raise LeaseLostError(run_id, self._why_lost(db, run_id, lease, now))
-            count, control = rows[0]
-            self._insert_events(db, run_id, count - n + 1, events)
-            if outputs:
-                db.executemany(_INSERT_OUTPUT, outputs)
-            if journal:
-                db.executemany(_UPSERT_JOURNAL, journal)
-        return str(control) if control is not None else None
+        outputs = [encode_output(run_id, o).decode() for o in commit.outputs]
+        journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
+        seq, n = commit.seq, len(events)
 
-    def _why_lost(self, db: sqlite3.Connection, run_id: str, lease: Lease, now: float) -> str:
-        row = db.execute(
-            f"SELECT lease_owner, lease_token FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
-            (self.key_prefix, run_id, now),
-        ).fetchone()
-        if row is None:
-            return "the run no longer exists"
-        return f"token {lease.token} of {lease.owner!r} is stale; the lease is {row[1]} of {row[0]!r}"
+        def job(db: sqlite3.Connection) -> str | None:
+            now = time.time()
+            with self._tx(db):
+                row = db.execute(
+                    f"SELECT id, lease_owner, lease_token, commit_token, commit_seq, event_count, control, "
+                    f"status FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                    (self.key_prefix, run_id, now),
+                ).fetchone()
+                if row is None:
+                    raise LeaseLostError(run_id, "the run no longer exists")
+                rowid, owner, token, done_token, done_seq, count, control, status = row
+                for name, value in (("commit_seq", done_seq), ("event_count", count)):
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise CorruptRecordError(run_id, f"{RUNS}.{name}", f"not an integer: {value!r}")
+                if done_token == lease.token and seq <= done_seq:
+                    return None if control is None else str(control)  # applied before: a retry
+                if owner != lease.owner or token != lease.token:
+                    held = f"the lease is {token} of {owner!r}"
+                    raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {held}")
+                if seq != done_seq + 1:
+                    raise StoreError(
+                        f"run {run_id}: commit seq {seq} does not follow the last applied commit_seq "
+                        f"{done_seq}; a commit carries the loaded record's commit_seq plus one per commit"
+                    )
+                sets = dict(hot)
+                if sets.get("status") == status:
+                    del sets["status"]  # an unchanged status leaves the status indexes untouched
+                elif "status" in sets and (expires := self._expires(sets["status"], now)) is not None:
+                    sets["expires_at"] = expires
+                sets.update(updated_at=now, event_count=count + n, commit_token=lease.token, commit_seq=seq)
+                if commit.release:
+                    sets.update(lease_owner=None, lease_expires=0.0)
+                assignments = ", ".join(f"{name} = ?" for name in sets)
+                db.execute(f"UPDATE {RUNS} SET {assignments} WHERE id = ?", [*sets.values(), rowid])
+                self._insert_rows(db, run_id, count + 1, events, big, outputs, journal)
+            control = sets["control"] if "control" in sets else control
+            return None if control is None else str(control)
+
+        return await self._call("commit", run_id, job)
 
     async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
-        """Extend the lease by ``ttl`` seconds from now; return the control flag.
+        """Extend the lease to ``ttl`` seconds past the store's now; return the control flag.
 
         Raises:
-            LeaseLostError: the token no longer matches.
+            LeaseLostError: the lease no longer holds.
         """
-        now = time.time()
-        with self._errors("renew", run_id):
-            # One UPDATE statement takes the write lock up front, so it needs no BEGIN.
-            rows = (
-                self._conn()
-                .execute(
-                    f"UPDATE {RUNS} SET lease_expires = ? WHERE ns = ? AND run_id = ? AND lease_owner = ? "
-                    f"AND lease_token = ? AND {_LIVE} RETURNING control",
-                    (now + ttl, self.key_prefix, run_id, lease.owner, lease.token, now),
-                )
-                .fetchall()
-            )
-        if not rows:
-            raise LeaseLostError(run_id, f"token {lease.token} is stale")
-        control = rows[0][0]
-        return str(control) if control is not None else None
+        ns = self.key_prefix
 
-    async def update(self, run_id: str, change: Callable[[RunRecord], Change | None]) -> RunRecord | None:
+        def job(db: sqlite3.Connection) -> tuple[bool, Any]:
+            now = time.time()
+            # One UPDATE statement takes the write lock up front, so it needs no BEGIN.
+            row = db.execute(
+                f"UPDATE {RUNS} SET lease_expires = ? WHERE ns = ? AND run_id = ? AND lease_owner = ? "
+                f"AND lease_token = ? AND {_LIVE} RETURNING control",
+                (now + ttl, ns, run_id, lease.owner, lease.token, now),
+            ).fetchone()
+            if row is not None:
+                return True, row[0]
+            held = db.execute(
+                f"SELECT lease_owner, lease_token FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                (ns, run_id, now),
+            ).fetchone()
+            return False, held
+
+        renewed, value = await self._call("renew", run_id, job)
+        if not renewed:
+            detail = f"the lease is {value[1]} of {value[0]!r}" if value else "the run no longer exists"
+            raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
+        return None if value is None else str(value)
+
+    async def update(
+        self, run_id: str, change: Callable[[RunRecord, float], Change | None]
+    ) -> RunRecord | None:
         """Read-modify-write the record under the database write lock.
 
-        Other processes wait (up to the busy timeout) instead of conflicting, so
-        ``change`` is called exactly once.
+        ``change(record, now)`` runs on the store's thread, inside the transaction, with
+        ``now`` from this machine's clock; other writers wait instead of conflicting, so
+        it is called once. Only the fields it changes are written.
+
+        Raises:
+            CorruptRecordError: the stored record cannot be read; nothing was written.
         """
-        with self._tx("update", run_id) as db:
-            now = time.time()
-            row = db.execute(_SELECT, (self.key_prefix, run_id, now)).fetchone()
-            if row is None:
-                return None
-            old = self._record(run_id, row)
-            result = change(old)
-            if result is None:
-                return old
-            rec = dataclasses.replace(
-                result.record, updated_at=now, event_count=old.event_count + len(result.events)
-            )
-            values = self._values(rec)
-            bodies = [encode_event(run_id, e).decode() for e in result.events]
-            expires = self._expiry(rec.status, now)
-            db.execute(_UPDATE_RUN, [*values, deadline_of(rec.pending), expires, self.key_prefix, run_id])
-            self._insert_events(db, run_id, old.event_count + 1, bodies)
-        return rec
+        ns = self.key_prefix
+
+        def job(db: sqlite3.Connection) -> RunRecord | None:
+            with self._tx(db):
+                now = time.time()
+                row = db.execute(_SELECT_FULL, (ns, run_id, now)).fetchone()
+                if row is None:
+                    return None
+                old = self._record(row, light=False)
+                result = change(old, now)
+                if result is None:
+                    return old
+                rec = dataclasses.replace(
+                    result.record, updated_at=now, event_count=old.event_count + len(result.events)
+                )
+                check_record(rec)
+                sets = {
+                    name: self._column(run_id, name, getattr(rec, name))
+                    for name in _HOT[1:]
+                    if name in ("updated_at", "event_count") or getattr(rec, name) != getattr(old, name)
+                }
+                if "pending" in sets or "status" in sets:
+                    sets["deadline"] = deadline_of(rec.pending)
+                if "status" in sets and (expires := self._expires(sets["status"], now)) is not None:
+                    sets["expires_at"] = expires
+                big = {
+                    name: encode(run_id, name, getattr(rec, name)).decode()
+                    for name in _BIG
+                    if getattr(rec, name) is not getattr(old, name)
+                }
+                bodies = [encode_event(run_id, e).decode() for e in result.events]
+                assignments = ", ".join(f"{name} = ?" for name in sets)
+                db.execute(
+                    f"UPDATE {RUNS} SET {assignments} WHERE ns = ? AND run_id = ?",
+                    [*sets.values(), ns, run_id],
+                )
+                self._insert_rows(db, run_id, old.event_count + 1, bodies, big)
+            return rec
+
+        return await self._call("update", run_id, job)
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
-        with self._errors("events", run_id):
-            rows = (
-                self._conn()
-                .execute(
-                    f"SELECT e.seq, e.body FROM {EVENTS} e JOIN {RUNS} r "
-                    "ON r.ns = e.ns AND r.run_id = e.run_id WHERE e.ns = ? AND e.run_id = ? AND e.seq > ? "
-                    "AND (r.expires_at IS NULL OR r.expires_at > ?) ORDER BY e.seq",
-                    (self.key_prefix, run_id, after, time.time()),
-                )
-                .fetchall()
-            )
-        return [make_event(run_id, f"{EVENTS}[{seq}]", body, seq) for seq, body in rows]
+
+        def job(db: sqlite3.Connection) -> list[RunEvent]:
+            rows = db.execute(
+                f"SELECT e.seq, e.body FROM {EVENTS} e JOIN {RUNS} r ON r.ns = e.ns AND r.run_id = e.run_id "
+                "WHERE e.ns = ? AND e.run_id = ? AND e.seq > ? "
+                "AND (r.expires_at IS NULL OR r.expires_at > ?) ORDER BY e.seq",
+                (self.key_prefix, run_id, after, time.time()),
+            ).fetchall()
+            return [make_event(run_id, f"{EVENTS}[{seq}]", body, seq) for seq, body in rows]
+
+        return await self._call("events", run_id, job)
 
     async def list_runs(
-        self, workflow: str | None = None, status: RunStatus | None = None
+        self,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[RunRecord]:
-        """Records of the runs of ``workflow`` (all when None), oldest first."""
+        """Light records (no input, state, output), newest first, at most ``limit``.
+
+        ``after`` is the ``run_id`` of the last record of the previous page. A row that
+        cannot be decoded is listed with ``corrupt`` set.
+
+        Raises:
+            StoreError: ``after`` names a run that is not stored (deleted since).
+        """
         where, params = f"ns = ? AND {_LIVE}", [self.key_prefix, time.time()]
         if workflow is not None:
             where, params = where + " AND workflow = ?", [*params, workflow]
         if status is not None:
             where, params = where + " AND status = ?", [*params, RunStatus(status).value]
-        with self._errors("list_runs", None):
-            rows = (
-                self._conn()
-                .execute(f"SELECT {_COLS} FROM {RUNS} WHERE {where} ORDER BY created_at, id", params)
-                .fetchall()
-            )
-        return [self._record(str(row[0]), row) for row in rows]
+
+        def job(db: sqlite3.Connection) -> list[RunRecord]:
+            bound, page = "", list(params)
+            if after is not None:
+                cursor = db.execute(
+                    f"SELECT created_at, id FROM {RUNS} WHERE ns = ? AND run_id = ?", (self.key_prefix, after)
+                ).fetchone()
+                if cursor is None:
+                    raise StoreError(
+                        f"list_runs(after={after!r}): run {after} is not stored (deleted since the previous "
+                        "page); list again from the first page"
+                    )
+                bound, page = " AND (created_at, id) < (?, ?)", [*page, *cursor]
+            rows = db.execute(
+                f"{_SELECT_LIGHT} WHERE {where}{bound} ORDER BY created_at DESC, id DESC LIMIT ?",
+                [*page, limit],
+            ).fetchall()
+            return [self._listed(row) for row in rows]
+
+        return await self._call("list_runs", after, job)
+
+    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
+        """Ids of ``workflow``'s running runs whose lease ran out by this machine's clock."""
+
+        def job(db: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            rows = db.execute(
+                f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'running' "
+                f"AND lease_expires <= ? AND {_LIVE} ORDER BY lease_expires LIMIT ?",
+                (self.key_prefix, workflow, now, now, limit),
+            ).fetchall()
+            return [str(run_id) for (run_id,) in rows]
+
+        return await self._call("recoverable", None, job)
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:
         """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
-        with self._errors("due_gates", None):
-            rows = (
-                self._conn()
-                .execute(
-                    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = ? "
-                    f"AND deadline <= ? AND {_LIVE} ORDER BY deadline",
-                    (self.key_prefix, workflow, RunStatus.WAITING.value, now, time.time()),
-                )
-                .fetchall()
-            )
-        return [str(run_id) for (run_id,) in rows]
+
+        def job(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'waiting' "
+                f"AND deadline IS NOT NULL AND deadline <= ? AND {_LIVE} ORDER BY deadline",
+                (self.key_prefix, workflow, now, time.time()),
+            ).fetchall()
+            return [str(run_id) for (run_id,) in rows]
+
+        return await self._call("due_gates", None, job)
 
     async def delete(self, run_id: str) -> bool:
-        """Remove a run with its events, outputs and journal; False if it did not exist."""
-        with self._tx("delete", run_id) as db:
-            now = time.time()
-            live = db.execute(
-                f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
-                (self.key_prefix, run_id, now),
-            ).fetchone()
-            for table in (EVENTS, OUTPUTS, JOURNAL, RUNS):
-                db.execute(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", (self.key_prefix, run_id))
-        return live is not None
+        """Remove a run with its values, events, outputs and journal; False if it did not exist."""
+
+        def job(db: sqlite3.Connection) -> bool:
+            with self._tx(db):
+                live = db.execute(
+                    f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                    (self.key_prefix, run_id, time.time()),
+                ).fetchone()
+                self._delete_runs(db, [run_id])
+            return live is not None
+
+        return await self._call("delete", run_id, job)
+
+    def sibling(self) -> SqliteStore:
+        """A new store on the same file and options, with a thread and connection of its own."""
+        return SqliteStore(self.path, ttl=self.ttl, key_prefix=self.key_prefix, durability=self.durability)
 
     async def close(self) -> None:
-        """Close the database connection; the store is unusable afterwards."""
+        """Close the connection and stop the store's thread; the store is unusable afterwards."""
+        if self._closed:
+            return
         self._closed = True
-        if self._db is not None:
+
+        def job() -> None:
             db, self._db = self._db, None
-            db.close()
+            if db is not None:
+                db.close()
+
+        try:
+            await asyncio.wrap_future(self._executor.submit(job))
+        finally:
+            self._executor.shutdown(wait=False)
