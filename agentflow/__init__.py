@@ -1,6 +1,19 @@
 """agentflow: durable LLM workflows with typed state, human approval gates and pooled agents."""
 
+from ._engine.context import StepContext
 from .agents import Agent, AgentReply, TokenBudget
+from .definition import (
+    END,
+    START,
+    BranchError,
+    HumanApproval,
+    Next,
+    Parallel,
+    RetryPolicy,
+    Wait,
+    Workflow,
+    step,
+)
 from .errors import (
     AgentflowError,
     BudgetExceededError,
@@ -14,6 +27,7 @@ from .errors import (
     PoolTimeoutError,
     ProviderError,
     RunFailedError,
+    RunNotFoundError,
     RunRejectedError,
     RunStoppedError,
     StateValidationError,
@@ -22,14 +36,10 @@ from .errors import (
     UnknownStepError,
     WorkflowDefinitionError,
 )
-from .gates import HumanApproval, Wait
-from .parallel import BranchError, Parallel
-from .records import Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
 from .runner import RunHandle, WorkflowRunner
-from .steps import END, START, Next, RetryPolicy, step
 from .steward import Steward, WorkflowInfo
-from .stores.base import Store
-from .workflow import Workflow
+from .stores.contract import Store
+from .types import Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
 
 __all__ = [
     "END",
@@ -57,11 +67,13 @@ __all__ = [
     "RunFailedError",
     "RunHandle",
     "RunInfo",
+    "RunNotFoundError",
     "RunRejectedError",
     "RunResult",
     "RunStatus",
     "RunStoppedError",
     "StateValidationError",
+    "StepContext",
     "StepLimitExceeded",
     "Steward",
     "Store",

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import AgentflowError
-from .records import FINAL, RunInfo, RunStatus
 from .runner import RunHandle, WorkflowRunner
 from .steward import Steward
+from .types import FINAL, RunInfo, RunStatus
 
 __all__ = ["main"]
 
@@ -64,9 +64,11 @@ async def _find(steward: Steward, run_id: str) -> tuple[WorkflowRunner, RunHandl
 async def _follow(handle: RunHandle, out: Any) -> RunInfo:
     async for ev in handle.events():
         print(f"{ev.seq:>4} {ev.kind:<15} {ev.step or ''}", file=out, flush=True)
-        info = await handle.info()
-        if info.status in _PARKED and ev.kind in {"waiting", "paused", *(s.value for s in FINAL)}:
-            return info
+        if ev.kind in ("waiting", "paused"):
+            info = await handle.info()
+            # Parked at this very event (not at a later one the run has gone past).
+            if info.status.value == ev.kind:
+                return info
     return await handle.info()
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "PoolTimeoutError",
     "ProviderError",
     "RunFailedError",
+    "RunNotFoundError",
     "RunRejectedError",
     "RunStoppedError",
     "StateValidationError",
@@ -94,6 +95,10 @@ class StepLimitExceeded(AgentflowError):
 
 class InvalidStateError(AgentflowError):
     """A run was asked for a transition its status does not allow."""
+
+
+class RunNotFoundError(AgentflowError):
+    """No run with that id is in the store (of this workflow)."""
 
 
 class NotAuthorizedError(AgentflowError):

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from .definition.steps import START
+from .definition.workflow import Workflow
 from .errors import AgentflowError, WorkflowDefinitionError
 from .runner import RunHandle, WorkflowRunner
-from .steps import START
-from .workflow import Workflow
 
 __all__ = ["Steward", "WorkflowInfo"]
 

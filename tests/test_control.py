@@ -147,7 +147,7 @@ async def test_list_runs_filters_by_status() -> None:
         await asyncio.wait_for(s.started.wait(), 5)
         stopped = await runner.run()
         await stopped.stop()
-        assert [i.run_id for i in await runner.list_runs()] == [busy.run_id, stopped.run_id]
+        assert [i.run_id for i in await runner.list_runs()] == [stopped.run_id, busy.run_id]  # newest first
         assert [i.run_id for i in await runner.list_runs(status="running")] == [busy.run_id]
         assert [i.run_id for i in await runner.list_runs(status=RunStatus.STOPPED)] == [stopped.run_id]
         assert await runner.list_runs(status=RunStatus.COMPLETED) == []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflow.stores.base import LoadedRun, Store
+from agentflow.stores.contract import LoadedRun, Store
 
 SCRIPT = str(Path(__file__).with_name("crashflows.py"))
 

@@ -25,7 +25,7 @@ from agentflow import (
     WorkflowRunner,
     step,
 )
-from agentflow.stores.base import Store
+from agentflow.stores.contract import Store
 
 KINDS = ["sqlite", "redis"]
 
@@ -197,11 +197,11 @@ async def test_a_process_that_lost_its_lease_cannot_commit(kind, tmp_path, reque
         try:
             import dataclasses
 
-            from agentflow.stores.base import Change
+            from agentflow.stores.contract import Change
 
             taken = await thief.update(
                 handle.run_id,
-                lambda r: Change(dataclasses.replace(r, lease_owner="thief", lease_token=r.lease_token + 1)),
+                lambda r, now: Change(dataclasses.replace(r, lease_owner="thief", lease_token=r.lease_token + 1)),
             )
             assert taken is not None and taken.lease_owner == "thief"
             release.set()

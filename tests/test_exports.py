@@ -33,6 +33,9 @@ SPEC_NAMES = [
     "Usage",
     "TokenBudget",
     "Store",
+    # SPEC section 11, "as they arrive"
+    "StepContext",
+    "RunNotFoundError",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -84,12 +87,14 @@ EXPECTED = [
     "RunFailedError",
     "RunHandle",
     "RunInfo",
+    "RunNotFoundError",
     "RunRejectedError",
     "RunResult",
     "RunStatus",
     "RunStoppedError",
     "START",
     "StateValidationError",
+    "StepContext",
     "StepLimitExceeded",
     "Steward",
     "Store",
@@ -158,8 +163,7 @@ def test_the_core_imports_no_llm_sdk_and_no_http_client() -> None:
     code = """
 import pkgutil, importlib, sys, agentflow
 for module in pkgutil.walk_packages(agentflow.__path__, "agentflow."):
-    if module.name != "agentflow.transport":  # the providers' HTTP transport, built on httpx2
-        importlib.import_module(module.name)
+    importlib.import_module(module.name)
 print(sorted(m for m in ("openai", "anthropic", "httpx", "httpx2", "aiohttp") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

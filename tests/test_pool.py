@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from agentflow import pool as pool_module
+from agentflow.agents import pool as pool_module
 from agentflow.agents import Agent, AgentsConfig, ProviderReply, ProviderRequest, TokenBudget
 from agentflow.errors import (
     AgentflowError,
@@ -18,8 +18,8 @@ from agentflow.errors import (
     ProviderError,
     WorkflowDefinitionError,
 )
-from agentflow.pool import AgentPools, PoolStatistics, load_provider
-from agentflow.records import Usage
+from agentflow.agents.pool import AgentPools, PoolStatistics, load_provider
+from agentflow.types import Usage
 from agentflow.testing import MemoryJournal, ScriptedProvider
 
 

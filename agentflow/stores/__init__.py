@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import WorkflowDefinitionError
-from .base import Change, Lease, LoadedRun, Store
+from .contract import Change, Lease, LoadedRun, Store
 from .memory import MemoryStore
-from .sqlite import SqliteStore
+from .sqlite import Durability, SqliteStore
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -38,6 +38,7 @@ def open_store(
     url: str | None = None,
     path: str | None = None,
     ttl: float | None = None,
+    durability: Durability = "full",
 ) -> Store:
     """The store a workflow's ``.persistence(...)`` names.
 
@@ -47,9 +48,11 @@ def open_store(
         url: Redis URL (default ``$REDIS_URL``, then ``redis://localhost:6379/0``).
         path: SQLite file (default ``agentflow.db``).
         ttl: seconds a finished run is kept, or None to keep it.
+        durability: SQLite only: ``"full"`` (a commit survives a power loss) or
+            ``"normal"`` (it survives a crash of the process).
 
     Raises:
-        WorkflowDefinitionError: an unknown store name, or ``"redis"`` without the
+        WorkflowDefinitionError: an unknown store name or durability, or ``"redis"`` without the
             ``redis`` package installed.
     """
     if not isinstance(store, str):
@@ -57,7 +60,7 @@ def open_store(
     if store == "memory":
         return MemoryStore(ttl=ttl)
     if store == "sqlite":
-        return SqliteStore(path or "agentflow.db", ttl=ttl, key_prefix=key_prefix)
+        return SqliteStore(path or "agentflow.db", ttl=ttl, key_prefix=key_prefix, durability=durability)
     if store == "redis":
         try:
             from .redis import RedisStore

@@ -15,6 +15,7 @@ Both durable stores share these rules so they read back the same things:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +23,8 @@ import pydantic_core
 from pydantic import BaseModel
 
 from ..errors import CorruptRecordError, StoreError
-from ..records import COMMIT_FIELDS, OutputRecord, RunEvent, RunRecord, RunStatus
+from ..types import RunEvent, RunStatus
+from .contract import COMMIT_FIELDS, OutputRecord, RunRecord
 
 __all__ = [
     "RECORD_FIELDS",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 #: Every RunRecord field, in declaration order.
-RECORD_FIELDS: tuple[str, ...] = tuple(RunRecord.__dataclass_fields__)
+RECORD_FIELDS: tuple[str, ...] = tuple(f for f in RunRecord.__dataclass_fields__ if f != "corrupt")
 
 # RunRecord fields without a default: a stored record lacking one is damaged.
 _REQUIRED = ("run_id", "workflow", "status", "input")
@@ -68,7 +70,16 @@ def decode(run_id: str, key: str, raw: str | bytes) -> Any:
     """
     try:
         return pydantic_core.from_json(raw)
-    except (ValueError, TypeError) as exc:  # TypeError: a NULL or a number where JSON text belongs
+    except ValueError as exc:
+        if "recursion limit" not in str(exc):
+            raise CorruptRecordError(run_id, key, f"invalid JSON: {exc}") from exc
+    except TypeError as exc:  # a NULL or a number where JSON text belongs
+        raise CorruptRecordError(run_id, key, f"invalid JSON: {exc}") from exc
+    # Nested deeper than pydantic-core reads (about 200 levels) but no deeper than it
+    # writes (255): the standard library reads it, so whatever was stored reads back.
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise CorruptRecordError(run_id, key, f"invalid JSON: {exc}") from exc
 
 
@@ -168,6 +179,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "lease_token": _int,
     "lease_expires": _float,
     "control": _opt_str,
+    "commit_token": _int,
+    "commit_seq": _int,
 }
 
 

@@ -13,29 +13,29 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .context import StepContext
-from .engine import LiveRun, StepError, _wait
-from .errors import NonDeterminismError, StepLimitExceeded
-from .gates import Gate, Wait
-from .parallel import BranchError, OnError, Parallel, run_parallel
-from .records import Commit, Decision, OutputRecord, RunStatus
-from .steps import StepFunction, as_step
-from .values import decode_output, run_output
+from ..definition.gates import Gate, Wait
+from ..definition.parallel import BranchError, OnError, Parallel
+from ..definition.steps import StepFunction, as_step
+from ..errors import NonDeterminismError, StepLimitExceeded
+from ..stores.contract import Commit, OutputRecord
+from ..types import Decision, RunStatus
+from .context import Frame, StepContext
+from .fanout import run_parallel
+from .gates import park
+from .invoke import invoke
+from .run import LiveRun, StepError, Suspend
+from .values import decode_output, normalize, run_output
 
 __all__ = ["ImperativeContext", "advance_imperative"]
 
 
-class _Suspend(BaseException):
-    """Unwinds ``fn`` when the run parks (a gate or a pause); user code cannot catch it by accident."""
-
-
-class ImperativeContext(StepContext):
+class ImperativeContext(StepContext[Any, Any]):
     """``ctx`` of an ``.execute(fn)`` workflow: adds ``step``, ``parallel`` and ``wait``."""
 
     __slots__ = ("_decisions", "_seq")
 
-    def __init__(self, run: LiveRun, name: str, decisions: dict[str, Decision]) -> None:
-        super().__init__(run, name, run.visit)
+    def __init__(self, run: LiveRun, name: str, frame: Frame, decisions: dict[str, Decision]) -> None:
+        super().__init__(run, name, run.visit, frame)
         self._seq = 0
         self._decisions = decisions
 
@@ -66,19 +66,20 @@ class ImperativeContext(StepContext):
         """
         model = self._run.spec.state_model
         if model is not None and entry.get("state") is not None:
-            self._state = model.model_validate(entry["state"])
+            self._frame.state = model.model_validate(entry["state"])
 
     async def _record(self, key: str, entry: dict[str, Any], name: str, value: Any) -> None:
         run = self._run
+        state = self._frame.state
         if run.spec.state_model is not None:
-            entry["state"] = self._state
+            entry["state"] = state
         run.journal[key] = entry
         run.results[name] = value
         run.history.setdefault(name, []).append(value)
         fields: dict[str, Any] = {"visit": run.visit}
-        if self._state is not run.state:
-            run.state = self._state
-            fields["state"] = self._state
+        if state is not run.state:
+            run.state = state
+            fields["state"] = state
         run.event("step_completed", name)
         release = False
         if run.pause_requested:
@@ -95,7 +96,7 @@ class ImperativeContext(StepContext):
             )
         )
         if release:
-            raise _Suspend()
+            raise Suspend()
 
     async def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run, journaled under ``name``.
@@ -107,15 +108,22 @@ class ImperativeContext(StepContext):
         spec = as_step(fn, f"ctx.step({name!r}, ...)")
         if entry is not None:
             self._replayed(entry)
-            return _typed(spec, entry["value"])
+            value = _typed(spec, entry["value"])
+            # The model is known here, not from the store: results see it typed again.
+            self._run.results[name] = value
+            return value
         self._count(name)
         run = self._run
         run.event("step_started", name)
+        frame = self._frame
+        frame.base = frame.state
         try:
-            value = await _call(spec, args, kwargs, self)
+            value = await invoke(spec, args, frame, set_attempt=self._set_attempt, kwargs=kwargs)
             if spec.output is not None and value is not None and not isinstance(value, spec.output):
                 value = spec.output.model_validate(value)
-        except (asyncio.CancelledError, _Suspend):
+            elif spec.output is None:
+                value = normalize(value, f"run {self.run_id}, ctx.step({name!r})")
+        except (asyncio.CancelledError, Suspend):
             raise
         except Exception as exc:
             raise StepError(name, exc) from exc
@@ -144,12 +152,12 @@ class ImperativeContext(StepContext):
         else:
             self._count(label)
             try:
-                state, outputs = await run_parallel(self._run, label, self, par, prefix=f"{key}:")
-            except (asyncio.CancelledError, _Suspend):
+                state, outputs = await run_parallel(self._run, label, self._frame, par, prefix=f"{key}:")
+            except (asyncio.CancelledError, Suspend):
                 raise
             except Exception as exc:
                 raise StepError(label, exc) from exc
-            self._state = state
+            self._frame.state = state
             values = [o.value for o in outputs]
             stored = [v.to_json() if isinstance(v, BranchError) else v for v in values]
             for o in outputs[:-1]:
@@ -175,39 +183,17 @@ class ImperativeContext(StepContext):
         run.visit += 1
         main = run.spec.main
         assert main is not None
-        await _wait(run, step, self, gate, Wait(gate, main.name, main.name, main.name))
-        raise _Suspend()
+        await park(run, step, self._frame, gate, Wait(gate, main.name, main.name, main.name))
+        raise Suspend()
+
+    def _set_attempt(self, attempt: int) -> None:
+        self.attempt = attempt
 
 
 def _typed(spec: StepFunction, value: Any) -> Any:
     if spec.output is not None and value is not None and not isinstance(value, spec.output):
         return spec.output.model_validate(value)
     return value
-
-
-async def _call(spec: StepFunction, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: StepContext) -> Any:
-    async def once() -> Any:
-        if spec.timeout is not None:
-            async with asyncio.timeout(spec.timeout):
-                if spec.is_async:
-                    return await spec.fn(*args, **kwargs)
-                res = await asyncio.to_thread(spec.fn, *args, **kwargs)
-                return await res if asyncio.iscoroutine(res) else res
-        out = spec.fn(*args, **kwargs)
-        if spec.is_async or asyncio.iscoroutine(out):
-            out = await out
-        return out
-
-    policy = spec.retry
-    if policy is None:
-        return await once()
-    attempt = 0
-    async for trial in policy.retrying():
-        with trial:
-            attempt += 1
-            await ctx._begin_attempt(attempt)
-            return await once()
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def advance_imperative(run: LiveRun) -> None:
@@ -217,25 +203,24 @@ async def advance_imperative(run: LiveRun) -> None:
     assert main is not None
     # The record was read when the run was restored; its decisions come with it.
     decisions = {str(d["step"]): Decision.from_json(d) for d in run.decisions if d.get("step")}
-    ctx = ImperativeContext(run, main.name, decisions)
-    if spec.state_model is not None:
-        ctx._state = spec.state_model.model_validate(spec.initial_state)
+    initial = spec.state_model.model_validate(spec.initial_state) if spec.state_model is not None else None
+    frame = Frame(initial)
+    ctx = ImperativeContext(run, main.name, frame, decisions)
     try:
         value = await main.fn(ctx)
-    except _Suspend:
+    except Suspend:
         return
     except (asyncio.CancelledError, StepError):
         raise
     except Exception as exc:
         raise StepError(main.name, exc) from exc
     finally:
-        if ctx._agents is not None:
-            await ctx._agents.close_all()
+        await frame.close_agents()
     output = run.output = run_output(spec, run.run_id, value)
     fields: dict[str, Any] = {"status": RunStatus.COMPLETED, "output": output, "control": None}
-    if ctx._state is not run.state:
-        run.state = ctx._state
-        fields["state"] = ctx._state
+    if frame.state is not run.state:
+        run.state = frame.state
+        fields["state"] = frame.state
     run.event("step_completed", main.name)
     run.event("completed", None)
     run.status = RunStatus.COMPLETED

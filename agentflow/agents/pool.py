@@ -16,35 +16,22 @@ is returned, so no call is sent (or billed) twice.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
-from collections.abc import AsyncIterator, Generator
-from dataclasses import dataclass, replace
+from collections.abc import Generator
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any, cast
 
-from pydantic import BaseModel, ValidationError
-
-from .agents import (
-    Agent,
-    AgentJournal,
-    AgentReply,
-    AgentsConfig,
-    Message,
-    Provider,
-    ProviderReply,
-    ProviderRequest,
-)
-from .errors import (
+from ..errors import (
     AgentflowError,
-    BudgetExceededError,
-    OutputValidationError,
     PoolTimeoutError,
     ProviderError,
     WorkflowDefinitionError,
 )
-from .records import Usage
+from .config import Agent, AgentsConfig
+from .handle import AgentHandle
+from .spi import AgentJournal, Provider
 
 __all__ = [
     "PROVIDER_GROUP",
@@ -61,10 +48,6 @@ PROVIDER_GROUP = "agentflow.providers"
 
 _EXTRAS = {"openai": "agentflow[openai]", "anthropic": "agentflow[anthropic]"}
 
-_REPAIR_PROMPT = (
-    "Your previous reply did not match the required JSON schema. Validation errors:\n{errors}\n"
-    "Reply again with only the corrected JSON object."
-)
 
 
 def load_provider(name: str) -> Provider:
@@ -326,263 +309,3 @@ class AgentAcquirer:
     ) -> None:
         if self._handle is not None:
             await self._handle.close()
-
-
-class AgentHandle:
-    """An open conversation with one agent, holding one slot of its pool until closed.
-
-    Attributes:
-        agent_name: the agent's name in ``Workflow.agents``.
-        agent: the :class:`~agentflow.agents.Agent` it talks to.
-        last_reply: the latest reply (set after ``send`` and after a finished ``stream``).
-    """
-
-    __slots__ = (
-        "_accessor",
-        "_busy",
-        "_calls",
-        "_closed",
-        "_history",
-        "_pool",
-        "_provider",
-        "_seq",
-        "agent",
-        "agent_name",
-        "last_reply",
-    )
-
-    def __init__(self, accessor: AgentAccessor, pool: _Pool, provider: Provider, seq: int) -> None:
-        self._accessor = accessor
-        self._pool = pool
-        self._provider = provider
-        self._seq = seq
-        self._calls = 0
-        self._closed = False
-        self._busy = False
-        self._history: list[Message] = []
-        self.agent_name = pool.name
-        self.agent = pool.agent
-        self.last_reply: AgentReply | None = None
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<AgentHandle {self.agent_name}#{self._seq} {state}, {len(self._history)} messages>"
-
-    @property
-    def history(self) -> list[Message]:
-        """The conversation so far (a copy); still readable after the handle is closed."""
-        return list(self._history)
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
-    async def send(self, prompt: str, **options: Any) -> AgentReply:
-        """Send ``prompt`` in this conversation and return the reply.
-
-        Args:
-            prompt: the user message.
-            **options: ``temperature`` / ``max_tokens`` override the agent's for this
-                call; anything else is passed to the provider as a request option.
-
-        Returns:
-            The reply; ``reply.output`` holds the validated model when the agent
-            declares ``output``.
-
-        Raises:
-            BudgetExceededError: the call could pass the run's token budget (not sent).
-            ProviderError: the provider refused the call for good.
-            OutputValidationError: the structured output stayed invalid after one repair.
-        """
-        self._begin()
-        try:
-            request = self._request(prompt, options)
-            key = self._next_key()
-            raw = await self._complete(key, request)
-            return await self._finish(key, request, raw)
-        finally:
-            self._busy = False
-
-    async def stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
-        """Send ``prompt`` and yield the reply's text deltas as they arrive.
-
-        After the iteration ends, :attr:`last_reply` holds the whole
-        :class:`~agentflow.agents.AgentReply`. A journaled (replayed) call yields its
-        text as a single delta. Arguments and errors are those of :meth:`send`; for a
-        structured-output agent the deltas are the JSON text, and a repair, if needed,
-        is made without streaming.
-        """
-        self._begin()
-        try:
-            request = self._request(prompt, options)
-            key = self._next_key()
-            journaled = self._accessor._journal.lookup(key)
-            if journaled is not None:
-                raw = _reply_from_json(journaled)
-                if raw.text:
-                    yield raw.text
-            else:
-                self._check_budget(request)
-                final: ProviderReply | None = None
-                deltas = self._provider.stream(request)
-                try:
-                    async for item in deltas:
-                        if isinstance(item, ProviderReply):
-                            final = item
-                        else:
-                            yield item
-                finally:
-                    aclose = getattr(deltas, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                if final is None:
-                    raise ProviderError(
-                        f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
-                        "without a final reply",
-                        provider=self._provider.name,
-                    )
-                raw = final
-                await self._journal_reply(key, raw)
-            await self._finish(key, request, raw)
-        finally:
-            self._busy = False
-
-    async def close(self) -> None:
-        """Give the handle's slot back to the pool. Closing twice is harmless."""
-        if self._closed:
-            return
-        self._closed = True
-        self._accessor._open.pop(self, None)
-        self._pool.release()
-
-    async def __aenter__(self) -> AgentHandle:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    # -- internals ---------------------------------------------------------------------
-
-    def _begin(self) -> None:
-        if self._closed:
-            raise AgentflowError(f"agent handle {self.agent_name!r} is closed; acquire a new one")
-        if self._busy:
-            raise AgentflowError(
-                f"agent handle {self.agent_name!r} already has a call in flight: a handle holds one "
-                "conversation, so await each call before the next, or acquire another handle"
-            )
-        self._busy = True
-
-    def _next_key(self) -> str:
-        self._calls += 1
-        scope = self._accessor._journal.scope
-        return f"agent:{scope}:{self.agent_name}:{self._seq}:{self._calls}"
-
-    def _request(self, prompt: str, options: dict[str, Any]) -> ProviderRequest:
-        agent = self.agent
-        temperature = options.pop("temperature", agent.temperature)
-        max_tokens = options.pop("max_tokens", agent.max_tokens)
-        schema = name = None
-        if agent.output is not None:
-            schema = agent.output.model_json_schema()
-            name = agent.output.__name__
-        return ProviderRequest(
-            model=agent.model,
-            messages=(*self._history, Message("user", prompt)),
-            instructions=agent.instructions,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            output_schema=schema,
-            output_name=name,
-            options={**agent.options, **options},
-        )
-
-    def _check_budget(self, request: ProviderRequest) -> None:
-        budget = self._accessor._pools.config.budget
-        if budget is None:
-            return
-        spent, cap = self._accessor._journal.spent(), request.max_tokens
-        if spent >= budget.max_tokens or (cap is not None and spent + cap > budget.max_tokens):
-            this_call = f" and this call may use up to {cap}" if cap is not None else ""
-            raise BudgetExceededError(
-                f"agent {self.agent_name!r}: the run has spent {spent} of its {budget.max_tokens}-token "
-                f"budget{this_call}, so the call was not sent"
-            )
-
-    async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
-        journaled = self._accessor._journal.lookup(key)
-        if journaled is not None:
-            return _reply_from_json(journaled)
-        self._check_budget(request)
-        raw = await self._provider.complete(request)
-        await self._journal_reply(key, raw)
-        return raw
-
-    async def _journal_reply(self, key: str, raw: ProviderReply) -> None:
-        self._pool.total_calls += 1
-        await self._accessor._journal.record(key, _reply_to_json(raw), raw.usage)
-
-    async def _finish(self, key: str, request: ProviderRequest, raw: ProviderReply) -> AgentReply:
-        prompt = request.messages[-1]
-        self._history += (prompt, Message("assistant", raw.text))
-        model = self.agent.output
-        if model is None:
-            reply = AgentReply(raw.text, None, raw.usage)
-        else:
-            try:
-                output = _validate(model, raw)
-                reply = AgentReply(raw.text, output, raw.usage)
-            except ValidationError as exc:
-                reply = await self._repair(key, request, raw, model, exc)
-        self.last_reply = reply
-        return reply
-
-    async def _repair(
-        self,
-        key: str,
-        request: ProviderRequest,
-        raw: ProviderReply,
-        model: type[BaseModel],
-        exc: ValidationError,
-    ) -> AgentReply:
-        ask = Message("user", _REPAIR_PROMPT.format(errors=_errors(exc)))
-        messages = (*request.messages, Message("assistant", raw.text), ask)
-        fixed = await self._complete(f"{key}:repair", replace(request, messages=messages))
-        self._history += (ask, Message("assistant", fixed.text))
-        try:
-            output = _validate(model, fixed)
-        except ValidationError as again:
-            raise OutputValidationError(
-                f"agent {self.agent_name!r}: the reply does not fit {model.__name__} even after one repair "
-                f"attempt: {_errors(again)}"
-            ) from again
-        return AgentReply(fixed.text, output, raw.usage + fixed.usage)
-
-
-def _validate(model: type[BaseModel], raw: ProviderReply) -> BaseModel:
-    if raw.data is not None:
-        return model.model_validate(raw.data)
-    return model.model_validate_json(raw.text)
-
-
-def _errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def _reply_to_json(raw: ProviderReply) -> dict[str, Any]:
-    return {"text": raw.text, "data": raw.data, "usage": raw.usage.to_json()}
-
-
-def _reply_from_json(value: Any) -> ProviderReply:
-    if isinstance(value, str):  # a store that hands back the JSON text
-        value = json.loads(value)
-    return ProviderReply(
-        text=value.get("text", ""), data=value.get("data"), usage=Usage.from_json(value.get("usage"))
-    )

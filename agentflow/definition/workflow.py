@@ -9,11 +9,11 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ValidationError
 
-from .agents import Agent, AgentsConfig, TokenBudget
-from .errors import WorkflowDefinitionError
+from ..agents.config import Agent, AgentsConfig, TokenBudget
+from ..errors import WorkflowDefinitionError
+from ..stores.contract import Store
 from .graph import mermaid
 from .steps import END, START, StepFunction, as_step
-from .stores.base import Store
 
 __all__ = ["Persistence", "Workflow", "WorkflowSpec"]
 
@@ -31,6 +31,7 @@ class Persistence:
     path: str | None = None
     ttl: float | None = None
     lease_ttl: float = 15.0
+    durability: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,14 @@ def _referenced_steps(fn: Callable[..., Any], found: dict[str, type[BaseModel]],
     codes = [code]
     while codes:
         c = codes.pop()
-        for name in (*c.co_names, *c.co_freevars):
+        names = (*c.co_names, *c.co_freevars)
+        # ``module.fn`` compiles to the names "module" and "fn": look the attribute names
+        # up on every module the code refers to as well.
+        modules = [m for m in (scope.get(n) for n in names) if isinstance(m, types.ModuleType)]
+        for name in names:
             obj = scope.get(name)
+            if not isinstance(obj, StepFunction):
+                obj = next((a for m in modules if isinstance(a := getattr(m, name, None), StepFunction)), obj)
             if isinstance(obj, StepFunction):
                 if obj.output is not None:
                     found.setdefault(obj.name, obj.output)
@@ -183,6 +190,7 @@ class Workflow:
         path: str | None = None,
         ttl: float | None = None,
         lease_ttl: float = 15.0,
+        durability: str | None = None,
     ) -> Self:
         """Where runs live: ``"sqlite"`` (embedded default), ``"redis"``, ``"memory"`` or a Store.
 
@@ -194,6 +202,8 @@ class Workflow:
             path: SQLite file (default ``agentflow.db``).
             ttl: seconds finished runs are kept.
             lease_ttl: seconds after which a run whose owner stopped renewing may be recovered.
+            durability: SQLite only: ``"full"`` (survives a power loss) or ``"normal"``
+                (survives a process crash); None for the store's default.
         """
         if isinstance(store, str) and store not in _STORES:
             raise WorkflowDefinitionError(
@@ -205,7 +215,9 @@ class Workflow:
             raise WorkflowDefinitionError(f"lease_ttl must be positive, got {lease_ttl}")
         if ttl is not None and ttl <= 0:
             raise WorkflowDefinitionError(f"ttl must be positive, got {ttl}")
-        self._persistence = Persistence(enabled, store, key_prefix, url, path, ttl, lease_ttl)
+        if durability not in (None, "full", "normal"):
+            raise WorkflowDefinitionError(f"durability must be 'full' or 'normal', got {durability!r}")
+        self._persistence = Persistence(enabled, store, key_prefix, url, path, ttl, lease_ttl, durability)
         return self._changed()
 
     def agents(

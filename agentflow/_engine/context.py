@@ -1,19 +1,30 @@
-"""The step context ``ctx`` a step is called with."""
+"""The step context ``ctx`` a step is called with, and the frame the engine keeps behind it.
+
+A :class:`Frame` is the engine's side of one step execution: the state as the step
+sees it, the state its first attempt started from, its agent handles, and (inside a
+parallel branch) the updates to apply at the join. The engine reads and resets the
+frame; ``ctx`` only exposes the public API over it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
 from pydantic import BaseModel, ValidationError
+from typing_extensions import TypeVar
 
-from .errors import StateValidationError
-from .records import Decision, RunEvent
+from ..errors import AgentflowError, StateValidationError
+from ..types import LIFECYCLE_KINDS, Decision
+from .values import check_json
 
 if TYPE_CHECKING:
-    from .engine import LiveRun
+    from .run import LiveRun
 
-__all__ = ["StepContext", "StepResults", "validate_state"]
+__all__ = ["Frame", "StepContext", "StepResults", "validate_state"]
+
+InputT = TypeVar("InputT", default=Any)
+StateT = TypeVar("StateT", default=Any)
 
 
 class StepResults(Mapping[str, Any]):
@@ -51,15 +62,23 @@ def validate_state(
     """Merge ``updates`` into ``current`` (shallow) and validate against ``model`` at once.
 
     ``where`` (built into the message only on error) says which run and step asked.
+    A value that could not be stored and read back (not JSON-able, nested too deep) is
+    refused here, naming the field, rather than when the run is next loaded.
     """
     fields = _FIELDS.get(model)
     if fields is None:
         fields = _FIELDS[model] = frozenset(model.__pydantic_fields__)
-    for key in updates:
+    for key, value in updates.items():
         if key not in fields:
             raise StateValidationError(
                 f"{where}: {model.__name__} has no field {key!r}; fields are {sorted(fields)}", field=key
             )
+        if type(value) not in _SCALARS:
+            problem = check_json(value)
+            if problem is not None:
+                raise StateValidationError(
+                    f"{where}: state field {key!r} cannot be stored: {problem}", field=key
+                )
     if current is None:
         merged: dict[str, Any] = {}
     else:
@@ -82,44 +101,66 @@ def validate_state(
         ) from None
 
 
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+class Frame:
+    """The engine's side of one step execution (see the module docstring)."""
+
+    __slots__ = ("agents", "base", "scope", "state", "updates")
+
+    def __init__(self, state: BaseModel | None, scope: str = "") -> None:
+        self.state = state
+        self.base: BaseModel | None = state
+        self.agents: Any = None
+        self.scope = scope
+        self.updates: dict[str, Any] | None = None  # a parallel branch's, applied at the join
+
+    async def close_agents(self) -> None:
+        """Close the handles the step left open (each reported as an ``agent_leak``)."""
+        if self.agents is not None:
+            agents, self.agents = self.agents, None
+            await agents.close_all()
+
+
 class _Where:
     """Lazily formatted "run X, step Y" for error messages (formatting is not free)."""
 
     __slots__ = ("ctx",)
 
-    def __init__(self, ctx: StepContext) -> None:
+    def __init__(self, ctx: StepContext[Any, Any]) -> None:
         self.ctx = ctx
 
     def __str__(self) -> str:
         return f"run {self.ctx.run_id}, step {self.ctx.step_name!r}"
 
 
-class StepContext:
+class StepContext(Generic[InputT, StateT]):
     """What a step sees: input, state, earlier outputs, the latest decision, agents.
 
+    Generic in the input and state models, so a step typed
+    ``async def build(ctx: StepContext[DeployInput, DeployState])`` is checked.
+
     Attributes:
-        input: the validated input model.
-        run_id: the run.
         attempt: 1-based attempt number under a retry policy.
         item: the item of a ``Parallel.map`` branch (None elsewhere).
+        visit: how many steps the run had started when this one began.
     """
 
-    __slots__ = ("_agents", "_base", "_run", "_state", "_step", "attempt", "item", "visit")
+    __slots__ = ("_frame", "_name", "_run", "attempt", "item", "visit")
 
-    def __init__(self, run: LiveRun, step: str, visit: int, item: Any = None) -> None:
+    def __init__(self, run: LiveRun, name: str, visit: int, frame: Frame, item: Any = None) -> None:
         self._run = run
-        self._state: BaseModel | None = run.state
-        self._base: BaseModel | None = None
-        self._agents: Any = None
-        self._step = step
+        self._frame = frame
+        self._name = name
         self.visit = visit
         self.attempt = 1
         self.item = item
 
     @property
-    def input(self) -> Any:
+    def input(self) -> InputT:
         """The run's validated input model."""
-        return self._run.input
+        return self._run.input  # type: ignore[no-any-return]
 
     @property
     def run_id(self) -> str:
@@ -133,17 +174,17 @@ class StepContext:
         In an ``.execute(fn)`` workflow ``ctx.step`` is the journaled-call method
         instead; ``ctx.step_name`` works in both modes.
         """
-        return self._step
+        return self._name
 
     @property
     def step_name(self) -> str:
         """The current step's name, in flow and imperative mode alike."""
-        return self._step
+        return self._name
 
     @property
-    def state(self) -> Any:
+    def state(self) -> StateT:
         """The current state model (with this step's own ``set_state`` calls applied)."""
-        return self._state
+        return self._frame.state  # type: ignore[return-value]
 
     def set_state(self, updates: Mapping[str, Any] | BaseModel | None = None, /, **fields: Any) -> None:
         """Shallow-merge into the state, validated at once against the state model.
@@ -157,7 +198,7 @@ class StepContext:
         model = run.spec.state_model
         if model is None:
             raise StateValidationError(
-                f"run {run.run_id}, step {self._step!r}: the workflow declares no state model; "
+                f"run {run.run_id}, step {self._name!r}: the workflow declares no state model; "
                 "add .state(Model) to the workflow"
             )
         if updates is None:
@@ -167,22 +208,10 @@ class StepContext:
             data.update(fields)
         else:
             data = {**updates, **fields}
-        self._state = validate_state(model, self._state, data, _Where(self))
-
-    async def _begin_attempt(self, attempt: int) -> None:
-        """Start attempt ``attempt``: a failed attempt's ``set_state`` calls do not carry over.
-
-        Its agent handles are closed too, so the retry acquires fresh ones and its calls
-        get the same journal keys: finished calls come back from the journal.
-        """
-        if attempt == 1:
-            self._base = self._state
-        else:
-            self._state = self._base
-            if self._agents is not None:
-                await self._agents.close_all()
-                self._agents = None
-        self.attempt = attempt
+        frame = self._frame
+        frame.state = validate_state(model, frame.state, data, _Where(self))
+        if frame.updates is not None:
+            frame.updates.update(data)
 
     @property
     def step_results(self) -> StepResults:
@@ -197,13 +226,27 @@ class StepContext:
     @property
     def agents(self) -> Any:
         """Agent handles: ``await ctx.agents.writer`` or ``async with ctx.agents["writer"] as w``."""
-        if self._agents is None:
-            self._agents = self._run.agents_for(self)
-        return self._agents
+        frame = self._frame
+        if frame.agents is None:
+            frame.agents = self._run.agents_for(self._name, self.visit, frame.scope)
+        return frame.agents
 
     def emit(self, name: str, data: Any = None) -> None:
-        """Record a custom progress event of kind ``name`` on the run."""
-        self._run.emit(RunEvent(name, self._run.run_id, self._step, data))
+        """Record a custom progress event of kind ``name`` on the run.
+
+        Raises:
+            AgentflowError: ``name`` is one of the run's lifecycle kinds (``completed``,
+                ``failed``...), which watchers rely on; or ``data`` is not JSON-able.
+        """
+        if name in LIFECYCLE_KINDS:
+            raise AgentflowError(
+                f"run {self.run_id}, step {self._name!r}: ctx.emit({name!r}) would pose as a lifecycle "
+                f"event; pick another name (reserved: {', '.join(sorted(LIFECYCLE_KINDS))})"
+            )
+        problem = check_json(data)
+        if problem is not None:
+            raise AgentflowError(f"run {self.run_id}, step {self._name!r}: ctx.emit({name!r}) data {problem}")
+        self._run.emit(name, self._name, data)
 
     def __repr__(self) -> str:
-        return f"<ctx run={self.run_id} step={self._step!r} attempt={self.attempt}>"
+        return f"<ctx run={self.run_id} step={self._name!r} attempt={self.attempt}>"

@@ -12,9 +12,9 @@ from typing import Any, Final, overload
 import tenacity
 from pydantic import BaseModel
 
-from .errors import AgentflowError, WorkflowDefinitionError
+from ..errors import AgentflowError, WorkflowDefinitionError
 
-__all__ = ["END", "START", "Next", "RetryPolicy", "StepFunction", "step"]
+__all__ = ["END", "START", "Next", "RetryPolicy", "StepFunction", "as_step", "is_async_callable", "step"]
 
 #: The entry of a flow: ``{START: first_step_fn, ...}``.
 START: Final = "__start__"
@@ -188,40 +188,3 @@ def as_step(fn: Any, what: str) -> StepFunction:
     if not callable(fn):
         raise WorkflowDefinitionError(f"{what} must be a callable of ctx, got {fn!r}")
     return StepFunction(fn, None, None, None, None)
-
-
-async def invoke(
-    spec: StepFunction, arg: Any, on_retry: Callable[[int, BaseException], None] | None = None
-) -> Any:
-    """Call a step with its timeout and retry policy, keeping ``arg.attempt`` 1-based.
-
-    ``arg`` is a step context: each attempt starts from the state the first one saw.
-
-    ``on_retry(attempt, error)`` is told of each failed attempt that will be retried.
-    """
-    policy = spec.retry
-    if policy is None:
-        return await _once(spec, arg)
-    attempt = 0
-    async for trial in policy.retrying():
-        with trial:
-            attempt += 1
-            await arg._begin_attempt(attempt)
-            try:
-                return await _once(spec, arg)
-            except Exception as exc:
-                if on_retry is not None and attempt < policy.max_attempts and policy.retryable(exc):
-                    on_retry(attempt, exc)
-                raise
-    raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
-
-
-async def _once(spec: StepFunction, arg: Any) -> Any:
-    fn = spec.fn
-    # A sync callable may return a coroutine (``lambda ctx: build(ctx)``): it is awaited too.
-    if spec.timeout is None:
-        out = fn(arg)
-        return await out if spec.is_async or asyncio.iscoroutine(out) else out
-    async with asyncio.timeout(spec.timeout):
-        out = fn(arg) if spec.is_async else await asyncio.to_thread(fn, arg)
-        return await out if asyncio.iscoroutine(out) else out

@@ -1,4 +1,4 @@
-"""Records: the run lifecycle and the shapes that cross the store boundary.
+"""The public value types: statuses and their lifecycle, runs, events, decisions, usage.
 
 A run's status moves along one lifecycle, written down once here::
 
@@ -17,18 +17,18 @@ pydantic models, which a durable store dumps to JSON); nothing names Python code
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 __all__ = [
     "FINAL",
-    "Commit",
+    "LIFECYCLE_KINDS",
+    "redact",
     "Decision",
-    "OutputRecord",
     "RunEvent",
     "RunInfo",
-    "RunRecord",
     "RunResult",
     "RunStatus",
     "Usage",
@@ -58,8 +58,53 @@ FINAL = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.STOPPED, RunStatus.REJECTED, RunStatus.EXPIRED}
 )
 
+#: Event kinds the engine emits; ``ctx.emit`` may not use them (watchers rely on them).
+LIFECYCLE_KINDS = frozenset(
+    {
+        "run_started",
+        "step_started",
+        "step_completed",
+        "step_failed",
+        "waiting",
+        "decided",
+        "paused",
+        "resumed",
+        "completed",
+        "failed",
+        "stopped",
+        "rejected",
+        "expired",
+        "agent_leak",
+    }
+)
 
-def _utc(ts: float) -> datetime:
+
+# API keys and bearer tokens as providers and HTTP libraries echo them in error messages.
+_SECRETS = (
+    (re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE), r"\1[redacted]"),
+    (re.compile(r"\b(?:sk|pk|rk)-(?:ant-|proj-|live-|test-)?[A-Za-z0-9_\-]{8,}"), "[redacted]"),
+    (
+        re.compile(
+            r"\b((?:api[_-]?key|x-api-key|authorization|access[_-]?token|secret|password)[\"']?\s*[:=]\s*"
+            r"[\"']?)(?!\[redacted\]|Bearer\b)[^\s\"',;}]{6,}",
+            re.IGNORECASE,
+        ),
+        r"\1[redacted]",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with API keys, bearer tokens and ``api_key=...`` values replaced by ``[redacted]``.
+
+    Applied to every error message and traceback before it reaches a store or an event.
+    """
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
@@ -134,7 +179,7 @@ class Decision:
             by=data.get("by"),
             comment=data.get("comment"),
             data=data.get("data"),
-            at=_utc(float(data["at"])),
+            at=utc(float(data["at"])),
             timed_out=bool(data.get("timed_out", False)),
         )
 
@@ -163,7 +208,7 @@ class RunEvent(NamedTuple):
     @property
     def time(self) -> datetime:
         """``at`` as an aware UTC datetime."""
-        return _utc(self.at)
+        return utc(self.at)
 
     def to_json(self) -> dict[str, Any]:
         """The stored form."""
@@ -180,86 +225,6 @@ class RunEvent(NamedTuple):
             at=float(data["at"]),
             seq=int(data["seq"]),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One step output in a run's history: ``visit`` orders them."""
-
-    visit: int
-    step: str
-    value: Any
-
-    def to_json(self) -> dict[str, Any]:
-        """The stored form."""
-        return {"visit": self.visit, "step": self.step, "value": self.value}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> OutputRecord:
-        """Read the stored form back."""
-        return cls(int(data["visit"]), str(data["step"]), data.get("value"))
-
-
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    """A run as a store holds it (everything but its outputs, events and journal).
-
-    Attributes:
-        step: the step to run next, or the step in flight while running.
-        visit: how many steps the run has started (the ``max_steps`` count).
-        pending: the waiting gate (JSON) while status is ``waiting``.
-        decisions: every decision taken at the run's gates (JSON).
-        error: ``{"step", "type", "message", "traceback"}`` when failed.
-        event_count: how many events the run's history holds.
-        lease_owner / lease_token / lease_expires: who advances the run, its fencing
-            token, and the Unix time its lease runs out.
-        control: ``"pause"`` or ``"stop"`` when another process asked the owner to.
-    """
-
-    run_id: str
-    workflow: str
-    status: RunStatus
-    input: Any
-    state: Any = None
-    step: str | None = None
-    visit: int = 0
-    pending: Any = None
-    decisions: tuple[Any, ...] = ()
-    output: Any = None
-    error: Any = None
-    usage: Any = None
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    event_count: int = 0
-    lease_owner: str | None = None
-    lease_token: int = 0
-    lease_expires: float = 0.0
-    control: str | None = None
-
-
-#: RunRecord fields a :class:`Commit` may set.
-COMMIT_FIELDS = frozenset(
-    {"status", "state", "step", "visit", "pending", "decisions", "output", "error", "usage", "control"}
-)
-
-
-@dataclass(slots=True)
-class Commit:
-    """What the owner of a run writes in one atomic commit.
-
-    Attributes:
-        fields: RunRecord fields to set (names from ``COMMIT_FIELDS``).
-        outputs: step outputs to append to the run's history.
-        events: events to append (their ``seq`` continue ``event_count``).
-        journal: journal entries to write (key → JSON-able value).
-        release: drop the lease: the run leaves this process (waiting, paused, final).
-    """
-
-    fields: dict[str, Any] = field(default_factory=dict)
-    outputs: list[OutputRecord] = field(default_factory=list)
-    events: list[RunEvent] = field(default_factory=list)
-    journal: dict[str, Any] = field(default_factory=dict)
-    release: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,22 +249,6 @@ class RunInfo:
     created_at: datetime
     updated_at: datetime
     decisions: tuple[Decision, ...] = ()
-
-    @classmethod
-    def from_record(cls, rec: RunRecord) -> RunInfo:
-        """Build the snapshot from a stored record."""
-        return cls(
-            run_id=rec.run_id,
-            workflow=rec.workflow,
-            status=rec.status,
-            step=rec.step,
-            pending=rec.pending,
-            error=rec.error,
-            usage=Usage.from_json(rec.usage),
-            created_at=_utc(rec.created_at),
-            updated_at=_utc(rec.updated_at),
-            decisions=tuple(Decision.from_json(d) for d in rec.decisions),
-        )
 
     def _repr_html_(self) -> str:
         rows = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -140,8 +141,12 @@ def edges_of(steps: dict[str, Callable[..., Any]]) -> list[Edge]:
     known = set(steps) - {START}
     out: list[Edge] = []
     for name, fn in steps.items():
-        tree = _source_node(getattr(fn, "fn", fn))
+        inner = getattr(fn, "fn", fn)
+        tree = _source_node(inner)
         if tree is None:
+            # No source (a REPL, exec, a compiled module): the names a step can return
+            # are still constants of its code, so the edges are drawn from those.
+            out.extend(Edge(name, target) for target in _code_targets(inner, known))
             continue
         seen: set[tuple[str, str]] = set()
         for edge in _walk_calls(tree, name, known):
@@ -149,6 +154,31 @@ def edges_of(steps: dict[str, Callable[..., Any]]) -> list[Edge]:
                 seen.add((edge.target, edge.kind))
                 out.append(edge)
     return out
+
+
+def _code_targets(fn: Callable[..., Any], known: set[str]) -> list[str]:
+    """Step names (and END) among the string constants of ``fn``'s code, nested code included."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    found: list[str] = []
+    codes = [code] if isinstance(code, types.CodeType) else []
+    while codes:
+        c = codes.pop()
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                codes.append(const)
+            elif isinstance(const, str) and (const in known or const == END) and const not in found:
+                found.append(const)
+    return found
+
+
+def unknown_edges(steps: dict[str, Callable[..., Any]]) -> list[str]:
+    """Steps whose edges could be read neither from source nor from code constants."""
+    known = set(steps) - {START}
+    return [
+        name
+        for name, fn in steps.items()
+        if _source_node(getattr(fn, "fn", fn)) is None and not _code_targets(getattr(fn, "fn", fn), known)
+    ]
 
 
 def _node_id(name: str) -> str:
@@ -173,6 +203,9 @@ def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
             if name in gates
             else f'    {_node_id(name)}["{label}"]'
         )
+    for name in unknown_edges(steps):
+        # Said, not silently left out: the chart would otherwise look complete.
+        lines.append(f"    %% edges of step {name!r} unknown: its source is not available")
     labels = {"approve": "approved", "reject": "rejected", "timeout": "timed out"}
     for e in edges:
         src, dst = _node_id(e.source), _node_id(e.target)

@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeAlias
 
-from .agents import ProviderReply, ProviderRequest
-from .errors import ProviderError
-from .records import Usage
+from ..agents.spi import ProviderReply, ProviderRequest
+from ..errors import ProviderError
+from ..types import Usage
 
 __all__ = ["MemoryJournal", "ScriptItem", "ScriptedProvider"]
 

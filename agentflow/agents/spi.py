@@ -1,6 +1,5 @@
-"""Agents: what a step talks to, and the Protocols that connect it to the engine.
+"""The provider SPI: what a provider implements, and the journal Protocol the engine implements.
 
-``Agent`` describes an LLM agent (provider, model, instructions, structured output).
 Providers live in their own distributions and are found by name through the
 ``agentflow.providers`` entry-point group; the core imports no LLM SDK.
 """
@@ -12,21 +11,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel
-
-from .errors import ProviderError
-from .records import Usage
+from ..errors import ProviderError
+from ..types import Usage
 
 __all__ = [
-    "Agent",
     "AgentJournal",
-    "AgentReply",
-    "AgentsConfig",
     "Message",
     "Provider",
     "ProviderReply",
     "ProviderRequest",
-    "TokenBudget",
     "reply_body",
 ]
 
@@ -104,62 +97,6 @@ def reply_body(provider: str, request: ProviderRequest, content: bytes) -> dict[
             provider=provider,
         ) from exc
     return body if isinstance(body, dict) else {}
-
-
-@dataclass(frozen=True, slots=True)
-class Agent:
-    """An LLM agent a step can talk to through ``ctx.agents``.
-
-    Args:
-        provider: a provider name registered under ``agentflow.providers``
-            (``"openai"``, ``"anthropic"``) or a :class:`Provider` instance.
-        model: the provider's model name.
-        instructions: the system prompt.
-        output: a pydantic model; replies are asked for and validated as this model.
-        temperature: sampling temperature.
-        max_tokens: cap on output tokens per call.
-        options: extra provider-specific request options.
-    """
-
-    provider: str | Provider
-    model: str
-    instructions: str | None = None
-    output: type[BaseModel] | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class AgentReply:
-    """What ``handle.send`` returns.
-
-    Attributes:
-        text: the reply's text.
-        output: the validated output model instance when the agent declares ``output``.
-        usage: tokens this call consumed.
-    """
-
-    text: str
-    output: Any = None
-    usage: Usage = field(default_factory=Usage)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenBudget:
-    """A run's token allowance; a call that would pass it raises ``BudgetExceededError``."""
-
-    max_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class AgentsConfig:
-    """What ``Workflow.agents(...)`` recorded."""
-
-    agents: dict[str, Agent]
-    max_handles: int = 8
-    acquire_timeout: float | None = None
-    budget: TokenBudget | None = None
 
 
 class AgentJournal(Protocol):

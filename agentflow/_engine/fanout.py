@@ -1,0 +1,185 @@
+"""Parallel branches: run them under a task group, checkpoint each finished one, join.
+
+Finished branches are written to the journal in batches (group commit) while the
+others run, so after a crash only unfinished branches run again. Every task lives in
+an ``asyncio.TaskGroup``: a failure or a cancellation leaves none behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..definition.parallel import BranchError, Parallel
+from ..definition.steps import StepFunction
+from ..stores.contract import Commit, OutputRecord
+from .context import Frame, StepContext, validate_state
+from .invoke import invoke
+from .values import decode_output, step_output
+
+if TYPE_CHECKING:
+    from .run import LiveRun
+
+__all__ = ["BranchFailed", "run_branches", "run_parallel", "unwrap"]
+
+
+class BranchFailed(Exception):
+    """Internal: a branch failed under ``on_error="fail"``; carries the branch name."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(f"branch {name!r} failed: {type(error).__name__}: {error}")
+        self.name = name
+        self.error = error
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (the error that cancelled the rest)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def run_branches(
+    calls: Sequence[tuple[str, Callable[[], Awaitable[Any]]]],
+    max_concurrency: int | None,
+    fail_fast: bool,
+) -> list[Any]:
+    """Await each call concurrently; results (or exceptions, when not ``fail_fast``) in order.
+
+    With ``fail_fast`` the first exception cancels the others and raises
+    :class:`BranchFailed`.
+    """
+    n = len(calls)
+    results: list[Any] = [None] * n
+    if n == 0:
+        return results
+    limit = n if max_concurrency is None else min(max_concurrency, n)
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n:
+            i = next_index
+            next_index += 1
+            name, call = calls[i]
+            try:
+                results[i] = await call()
+            except Exception as exc:
+                if fail_fast:
+                    raise BranchFailed(name, exc) from exc
+                results[i] = exc
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(limit):
+                tg.create_task(worker())
+    except BaseExceptionGroup as group:
+        raise unwrap(group) from None
+    return results
+
+
+async def run_parallel(
+    run: LiveRun, name: str, frame: Frame, par: Parallel, prefix: str | None = None
+) -> tuple[Any, list[OutputRecord]]:
+    """Run the branches, checkpointing each finished one; return the joined state and outputs."""
+    spec = run.spec
+    visit = run.visit
+    journal = run.journal
+    prefix = prefix if prefix is not None else f"p:{visit}:"
+    if par.items is not None:
+        assert par.map_name is not None
+        mfn = par.branches[par.map_name]
+        jobs = [
+            (par.map_name, f"{par.map_name}[{i}]", f"{prefix}{par.map_name}:{i}", mfn, item)
+            for i, item in enumerate(par.items)
+        ]
+    else:
+        jobs = [(bname, bname, f"{prefix}{bname}", fn, None) for bname, fn in par.branches.items()]
+
+    done: dict[str, Any] = {}
+    batch: dict[str, Any] = {}
+    wake = asyncio.Event()
+    finished = False
+
+    async def flusher() -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if batch:
+                entries = dict(batch)
+                batch.clear()
+                await run.commit(Commit(journal=entries))
+            if finished and not batch:
+                return
+
+    def make(oname: str, key: str, fn: StepFunction, item: Any) -> Callable[[], Any]:
+        async def call() -> Any:
+            bframe = Frame(frame.state, key)
+            bframe.updates = {}
+            bctx: StepContext[Any, Any] = StepContext(run, oname, visit, bframe, item)
+            try:
+                if fn.retry is None and fn.timeout is None:
+                    out = fn.fn(bctx)
+                    if fn.is_async or asyncio.iscoroutine(out):
+                        out = await out
+                else:
+                    out = await invoke(fn, (bctx,), bframe, set_attempt=_attempt_setter(bctx))
+                out = step_output(fn, oname, run.run_id, out)
+            finally:
+                await bframe.close_agents()
+            entry = {"output": out, "updates": bframe.updates}
+            done[key] = entry
+            batch[key] = entry
+            wake.set()
+            return entry
+
+        return call
+
+    calls = []
+    call_keys = []
+    for oname, label, key, fn, item in jobs:
+        stored = journal.get(key)
+        if stored is not None:
+            done[key] = {"output": decode_output(spec, oname, stored["output"]), "updates": stored["updates"]}
+        else:
+            calls.append((label, make(oname, key, fn, item)))
+            call_keys.append(key)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(flusher())
+            try:
+                results = await run_branches(calls, par.max_concurrency, par.on_error == "fail")
+            finally:
+                finished = True
+                wake.set()
+    except BaseExceptionGroup as group:
+        raise unwrap(group) from None
+    journal.update(done)
+    errors = {k: r for k, r in zip(call_keys, results, strict=True) if isinstance(r, BaseException)}
+    state = frame.state
+    model = spec.state_model
+    values: list[Any] = []
+    for _oname, label, key, _fn, _item in jobs:
+        exc = errors.get(key)
+        if exc is not None:
+            values.append(BranchError(label, type(exc).__name__, str(exc)))
+            continue
+        entry = done[key]
+        values.append(entry["output"])
+        if entry["updates"] and model is not None:
+            state = validate_state(model, state, entry["updates"], f"run {run.run_id}, join of {name!r}")
+    if par.items is not None:
+        assert par.map_name is not None
+        outputs = [OutputRecord(visit, par.map_name, values)]
+    else:
+        outputs = [OutputRecord(visit, job[0], v) for job, v in zip(jobs, values, strict=True)]
+    return state, outputs
+
+
+def _attempt_setter(ctx: StepContext[Any, Any]) -> Callable[[int], None]:
+    def set_attempt(n: int) -> None:
+        ctx.attempt = n
+
+    return set_attempt

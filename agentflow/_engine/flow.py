@@ -1,0 +1,220 @@
+"""The flow interpreter: execute steps of a ``.flow({...})`` workflow until the run parks or ends.
+
+The ``step_started`` event of a step is committed together with the completion of the
+step before it, so a running record always names the step in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ..definition.gates import Wait
+from ..definition.parallel import Parallel
+from ..definition.steps import END, START, Next, StepFunction
+from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError
+from ..stores.contract import Commit, OutputRecord
+from ..types import RunEvent, RunStatus, Usage
+from .context import Frame, StepContext
+from .fanout import run_parallel
+from .gates import park
+from .invoke import invoke
+from .run import LiveRun, StepError, Stop
+from .values import encode_branch, run_output, step_output
+
+__all__ = ["advance_flow", "obey"]
+
+
+async def advance_flow(run: LiveRun) -> None:
+    """Execute steps until the run completes, waits, pauses or stops."""
+    spec = run.spec
+    steps = spec.steps
+    kernel = run.kernel
+    store = kernel.store
+    max_steps = spec.max_steps
+    run_id = run.run_id
+    while True:
+        name = run.step
+        fn = steps[name]
+        run.visit += 1
+        visit = run.visit
+        if visit > max_steps:
+            raise StepError(
+                name,
+                StepLimitExceeded(
+                    f"run {run_id}: more than {max_steps} steps (at step {name!r}); "
+                    "a loop that never ends? raise the guard with .max_steps(n)"
+                ),
+            )
+        frame = Frame(run.state)
+        ctx: StepContext[Any, Any] = StepContext(run, name, visit, frame)
+        try:
+            if fn.retry is None and fn.timeout is None:
+                ret = fn.fn(ctx)
+                if fn.is_async or (type(ret) is not str and asyncio.iscoroutine(ret)):
+                    ret = await ret
+            else:
+                ret = await invoke(fn, (ctx,), frame, _retry_events(run, name), _attempt_setter(ctx))
+        except (asyncio.CancelledError, Stop, LeaseLostError, StoreError):
+            raise
+        except Exception as exc:
+            raise StepError(name, exc) from exc
+        finally:
+            if frame.agents is not None:
+                await frame.close_agents()
+        if (
+            type(ret) is str
+            and ret in steps
+            and not run.pause_requested
+            and not run.stop_requested
+            and not run.step_usage.total_tokens
+        ):
+            # The common case (go to another step), kept lean: it is most of a run's time.
+            fields: dict[str, Any] = {"step": ret, "visit": visit}
+            if frame.state is not run.state:
+                run.state = fields["state"] = frame.state
+            seq = run.event_seq
+            run.event_seq = seq + 2
+            now = time.time()
+            events = run.outbox
+            events.append(RunEvent("step_completed", run_id, name, None, now, seq + 1))
+            events.append(RunEvent("step_started", run_id, ret, None, now, seq + 2))
+            run.outbox = []
+            run.step = ret
+            commit = Commit(fields, [], events, {}, False, run.commit_seq + 1)
+            try:
+                control = await store.commit(run_id, run.lease, commit)
+                run.commit_seq = commit.seq
+            except StoreError as exc:
+                if isinstance(exc, LeaseLostError):
+                    raise
+                # The slow path retries through the outage under the same seq.
+                run.outbox = []
+                control = await run._commit_through_outage(commit, exc)
+                run.commit_seq = commit.seq
+            if kernel.watched:
+                kernel.notify(run_id)
+            if control is not None:
+                await obey(run, control)
+                if run.status is not RunStatus.RUNNING:
+                    return
+            if kernel.stopping:
+                return
+            continue
+        await _apply(run, fn, name, frame, ret)
+        if run.status is not RunStatus.RUNNING or kernel.stopping:
+            return
+
+
+def _retry_events(run: LiveRun, step: str) -> Any:
+    def on_retry(attempt: int, exc: BaseException) -> None:
+        data = {"attempt": attempt, "type": type(exc).__name__, "message": str(exc), "retry": True}
+        run.emit("step_failed", step, data)
+
+    return on_retry
+
+
+def _attempt_setter(ctx: StepContext[Any, Any]) -> Any:
+    def set_attempt(n: int) -> None:
+        ctx.attempt = n
+
+    return set_attempt
+
+
+def _target(run: LiveRun, name: str, target: Any) -> str:
+    if target == END or (target in run.spec.steps and target != START):
+        return str(target)
+    if not isinstance(target, str):
+        raise TypeError(f"run {run.run_id}: step {name!r} gave a target {target!r}; a step name is a str")
+    known = sorted(s for s in run.spec.steps if s != START)
+    raise UnknownStepError(
+        f"run {run.run_id}: step {name!r} returned {target!r}, which is not a step; known steps: {known}"
+    )
+
+
+async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: Any) -> None:
+    """Turn what a step returned into the run's next commit."""
+    spec = run.spec
+    output: Any = None
+    outputs: list[OutputRecord] = []
+    tret = type(ret)
+    try:
+        if tret is str:
+            target = _target(run, name, ret)
+        elif tret is Next:
+            target = _target(run, name, ret.target)
+            output = step_output(fn, name, run.run_id, ret.output)
+        elif isinstance(ret, Wait):
+            for t in (ret.target, ret.on_reject, ret.on_timeout):
+                if t is not None:
+                    _target(run, name, t)
+            if run.stop_requested:
+                raise Stop()
+            return await park(run, name, frame, ret.gate, ret)
+        elif isinstance(ret, Parallel):
+            target = _target(run, name, ret.target)
+            frame.state, outputs = await run_parallel(run, name, frame, ret)
+        else:
+            raise TypeError(
+                f"run {run.run_id}: step {name!r} returned {ret!r}; a step returns a step name, END, "
+                "Next(target, output=...), Wait(...) or Parallel(...)"
+            )
+        final = run_output(spec, run.run_id, output) if target == END else None
+    except (asyncio.CancelledError, Stop, LeaseLostError, StoreError, StepError):
+        raise
+    except Exception as exc:
+        raise StepError(name, exc) from exc
+    if run.stop_requested:
+        raise Stop()
+
+    fields: dict[str, Any] = {"step": target, "visit": run.visit}
+    if frame.state is not run.state:
+        run.state = frame.state
+        fields["state"] = frame.state
+    if output is not None:
+        outputs.append(OutputRecord(run.visit, name, output))
+    for rec in outputs:
+        run.results[rec.step] = rec.value
+        run.history.setdefault(rec.step, []).append(rec.value)
+    if outputs:
+        outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
+    usage = run.step_usage
+    run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
+    run.step_usage = Usage()
+    release = False
+    if target == END:
+        fields["status"] = RunStatus.COMPLETED
+        fields["output"] = run.output = final
+        fields["control"] = None
+        run.event("completed", None)
+        run.status = RunStatus.COMPLETED
+        release = True
+    elif run.pause_requested:
+        fields["status"] = RunStatus.PAUSED
+        fields["control"] = None
+        run.event("paused", target)
+        run.status = RunStatus.PAUSED
+        release = True
+    else:
+        run.event("step_started", target)
+    run.step = target
+    control = await run.commit(Commit(fields=fields, outputs=outputs, release=release))
+    if control is not None and run.status is RunStatus.RUNNING:
+        await obey(run, control)
+
+
+async def obey(run: LiveRun, control: str) -> None:
+    """Act on a control flag another process set (the run is between steps)."""
+    if control == "stop":
+        run.stop_requested = True
+        raise Stop()
+    if control == "pause":
+        await pause_here(run)
+
+
+async def pause_here(run: LiveRun) -> None:
+    """Park the run as ``paused`` at its next step (it is between steps)."""
+    run.status = RunStatus.PAUSED
+    run.event("paused", run.step)
+    await run.commit(Commit(fields={"status": RunStatus.PAUSED, "control": None}, release=True))

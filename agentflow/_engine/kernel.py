@@ -1,0 +1,51 @@
+"""What a run needs from the process that advances it: the engine's only view of the runtime.
+
+The engine (this package) never imports the runtime; the runtime's supervisor
+implements :class:`Kernel` and hands itself to each run it owns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..agents.spi import AgentJournal
+    from ..definition.workflow import WorkflowSpec
+    from ..stores.contract import Store
+    from .run import LiveRun
+
+__all__ = ["Kernel"]
+
+
+class Kernel(Protocol):
+    """The runtime as a run sees it."""
+
+    spec: WorkflowSpec
+    store: Store
+    owner: str
+
+    @property
+    def stopping(self) -> bool:
+        """True once the process is closing: runs leave (recoverable) instead of going on."""
+        ...
+
+    @property
+    def watched(self) -> bool:
+        """True when anyone in this process waits on a run's changes (so ``notify`` matters)."""
+        ...
+
+    def notify(self, run_id: str) -> None:
+        """Wake whoever in this process waits on ``run_id``."""
+        ...
+
+    def agents(self, journal: AgentJournal) -> Any:
+        """``ctx.agents`` for one step execution, journaled through ``journal``."""
+        ...
+
+    def watch_deadlines(self) -> None:
+        """Make sure gate deadlines are enforced while this process lives."""
+        ...
+
+    def forget(self, run: LiveRun) -> None:
+        """``run`` left this process."""
+        ...

@@ -1,0 +1,285 @@
+"""One run this process owns: its typed values, its outbox of events, its commits.
+
+Invariants:
+
+* A run advances only through :meth:`LiveRun.commit` under its lease; each step's
+  completion (state, output, next step, events) is one commit, numbered by
+  ``commit_seq`` so a retried commit is applied once.
+* A store outage never fails a run: a commit that meets a :class:`StoreError` is
+  retried with backoff, under the same number, until the store answers (or another
+  process took the lease, or this process is closing and leaves the run recoverable).
+* The record alone is enough to pick a run up again: :meth:`LiveRun.restore` rebuilds
+  the typed input, state and step outputs with types known from the definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..definition.steps import START
+from ..errors import (
+    AgentflowError,
+    CorruptRecordError,
+    InvalidInputError,
+    LeaseLostError,
+    StoreError,
+)
+from ..stores.contract import Commit, Lease, LoadedRun
+from ..types import Decision, RunEvent, RunStatus, Usage, redact
+from .context import StepResults
+from .journal import StepJournal
+from .values import decode_output, validate_input
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["LiveRun", "StepError", "Stop", "Suspend", "error_info"]
+
+log = logging.getLogger("agentflow")
+
+#: Seconds between retries of a commit while the store is unreachable (doubling, capped).
+_OUTAGE_FIRST, _OUTAGE_MAX = 0.05, 2.0
+
+
+class StepError(Exception):
+    """Internal: a step failed; carries the step name and the cause."""
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.step = step
+        self.error = error
+
+
+class Stop(Exception):
+    """Internal: the run must stop (asked here, or by another process through the control flag)."""
+
+
+class Suspend(BaseException):
+    """Internal: the run parked (a gate, a pause); unwinds user code that cannot catch it by accident."""
+
+
+def error_info(step: str | None, exc: BaseException) -> dict[str, Any]:
+    """A failure as stored: step, type, message and traceback, secrets redacted."""
+    return {
+        "step": step,
+        "type": type(exc).__name__,
+        "message": redact(str(exc)),
+        "traceback": redact("".join(traceback.format_exception(exc))),
+    }
+
+
+class LiveRun:
+    """A run owned and advanced by this process."""
+
+    __slots__ = (
+        "commit_seq",
+        "decision",
+        "decisions",
+        "event_seq",
+        "failure",
+        "finished",
+        "history",
+        "input",
+        "journal",
+        "kernel",
+        "lease",
+        "outbox",
+        "output",
+        "pause_requested",
+        "results",
+        "results_view",
+        "run_id",
+        "spec",
+        "started",
+        "state",
+        "status",
+        "step",
+        "step_usage",
+        "stop_requested",
+        "task",
+        "usage",
+        "visit",
+        "watchers",
+    )
+
+    def __init__(self, kernel: Kernel, run_id: str, lease: Lease, inp: Any, state: Any) -> None:
+        self.kernel = kernel
+        self.spec = kernel.spec
+        self.run_id = run_id
+        self.lease = lease
+        self.input = inp
+        self.state: BaseModel | None = state
+        self.step: str = START
+        self.visit = 0
+        self.results: dict[str, Any] = {}
+        self.history: dict[str, list[Any]] = {}
+        self.results_view = StepResults(self.results, self.history)
+        self.decision: Decision | None = None
+        self.decisions: tuple[Any, ...] = ()  # every decision as stored (JSON), oldest first
+        self.usage = Usage()
+        self.step_usage = Usage()
+        self.event_seq = 0
+        self.commit_seq = 0
+        self.outbox: list[RunEvent] = []
+        self.journal: dict[str, Any] = {}
+        self.status = RunStatus.RUNNING
+        self.output: Any = None
+        self.pause_requested = False
+        self.stop_requested = False
+        self.task: asyncio.Task[None] | None = None
+        self.started = False  # drive() has begun: its cleanup is guaranteed to run
+        self.finished = False
+        self.failure: BaseException | None = None  # a store failure that left the run at its last commit
+        self.watchers: list[asyncio.Future[None]] = []
+
+    @classmethod
+    def restore(cls, kernel: Kernel, loaded: LoadedRun, lease: Lease) -> LiveRun:
+        """Rebuild a run from its stored record, outputs and journal.
+
+        Raises:
+            CorruptRecordError: the record belongs to another workflow, names a step the
+                workflow does not have, or holds values its models reject.
+        """
+        rec = loaded.record
+        spec = kernel.spec
+        if rec.workflow != spec.name:
+            raise CorruptRecordError(
+                rec.run_id, "workflow", f"the record is of workflow {rec.workflow!r}, not {spec.name!r}"
+            )
+        if not spec.imperative and rec.step is not None and rec.step not in spec.steps:
+            known = sorted(s for s in spec.steps if s != START)
+            raise CorruptRecordError(
+                rec.run_id, "step", f"step {rec.step!r} is not a step of {spec.name!r}; steps are {known}"
+            )
+        key = "input"
+        try:
+            inp = validate_input(spec, rec.input)
+            key = "state"
+            state = spec.state_model.model_validate(rec.state) if spec.state_model else None
+            run = cls(kernel, rec.run_id, lease, inp, state)
+            key = "outputs"
+            for out in loaded.outputs:
+                value = decode_output(spec, out.step, out.value)
+                run.results[out.step] = value
+                run.history.setdefault(out.step, []).append(value)
+            key = "decisions"
+            run.decisions = rec.decisions
+            if rec.decisions:
+                run.decision = Decision.from_json(rec.decisions[-1])
+        except (ValidationError, InvalidInputError, KeyError, TypeError, ValueError) as exc:
+            raise CorruptRecordError(rec.run_id, key, str(exc)) from None
+        run.step = rec.step or START
+        run.visit = rec.visit
+        run.usage = Usage.from_json(rec.usage)
+        run.event_seq = rec.event_count
+        run.commit_seq = rec.commit_seq
+        run.journal = dict(loaded.journal)
+        run.pause_requested = rec.control == "pause"
+        run.stop_requested = rec.control == "stop"
+        return run
+
+    # -- events ---------------------------------------------------------------
+
+    def event(self, kind: str, step: str | None = None, data: Any = None) -> RunEvent:
+        """A new event with the next sequence number, queued for the next commit."""
+        self.event_seq += 1
+        ev = RunEvent(kind, self.run_id, step, data, time.time(), self.event_seq)
+        self.outbox.append(ev)
+        return ev
+
+    def emit(self, kind: str, step: str | None, data: Any) -> None:
+        """Queue a custom event (``ctx.emit``); watchers in this process see it at once."""
+        self.event(kind, step, data)
+        self.kernel.notify(self.run_id)
+
+    def wait_finished(self) -> asyncio.Future[None]:
+        """A future resolved when this process stops advancing the run (fresh per caller)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.finished:
+            fut.set_result(None)
+        else:
+            self.watchers.append(fut)
+        return fut
+
+    def cancel(self) -> None:
+        """Cancel the run's task.
+
+        A task cancelled before it starts never runs ``drive``'s cleanup (its watchers
+        would wait forever), so a run not started yet is left to see ``stop_requested``
+        or ``kernel.stopping`` when it starts.
+        """
+        if self.started and self.task is not None:
+            self.task.cancel()
+
+    # -- commits --------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> str | None:
+        """Commit under this run's lease, with the queued events; return the control flag.
+
+        Retried through store outages (see the module docstring).
+
+        Raises:
+            LeaseLostError: another process owns the run now.
+            StoreError: the store is unreachable and this process is closing.
+        """
+        if self.outbox:
+            commit.events = [*self.outbox, *commit.events]
+            self.outbox = []
+        commit.seq = self.commit_seq + 1
+        store = self.kernel.store
+        try:
+            control = await store.commit(self.run_id, self.lease, commit)
+        except (LeaseLostError, CorruptRecordError):
+            raise
+        except StoreError as exc:
+            control = await self._commit_through_outage(commit, exc)
+        self.commit_seq = commit.seq
+        self.kernel.notify(self.run_id)
+        return control
+
+    async def _commit_through_outage(self, commit: Commit, first: StoreError) -> str | None:
+        store = self.kernel.store
+        delay = _OUTAGE_FIRST
+        exc: StoreError = first
+        since = time.monotonic()
+        while True:
+            if self.kernel.stopping:
+                raise exc
+            log.warning(
+                "run %s: the store is unreachable (%s); commit %d is retried until it answers",
+                self.run_id,
+                exc,
+                commit.seq,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _OUTAGE_MAX)
+            try:
+                control = await store.commit(self.run_id, self.lease, commit)
+            except (LeaseLostError, CorruptRecordError):
+                raise
+            except StoreError as again:
+                exc = again
+                continue
+            log.warning(
+                "run %s: the store answered again after %.1f s; the run goes on",
+                self.run_id,
+                time.monotonic() - since,
+            )
+            return control
+
+    # -- agents ---------------------------------------------------------------
+
+    def agents_for(self, step: str, visit: int, scope: str) -> Any:
+        """``ctx.agents`` for one step execution."""
+        if self.spec.agents is None:
+            raise AgentflowError(
+                f"run {self.run_id}, step {step!r}: the workflow declares no agents; "
+                "add .agents({...}) to the workflow"
+            )
+        return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}"))

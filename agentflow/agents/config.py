@@ -1,0 +1,69 @@
+"""Agent declarations: ``Agent``, ``AgentReply``, ``TokenBudget`` and what ``.agents()`` records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..types import Usage
+from .spi import Provider
+
+__all__ = ["Agent", "AgentReply", "AgentsConfig", "TokenBudget"]
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An LLM agent a step can talk to through ``ctx.agents``.
+
+    Args:
+        provider: a provider name registered under ``agentflow.providers``
+            (``"openai"``, ``"anthropic"``) or a :class:`Provider` instance.
+        model: the provider's model name.
+        instructions: the system prompt.
+        output: a pydantic model; replies are asked for and validated as this model.
+        temperature: sampling temperature.
+        max_tokens: cap on output tokens per call.
+        options: extra provider-specific request options.
+    """
+
+    provider: str | Provider
+    model: str
+    instructions: str | None = None
+    output: type[BaseModel] | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReply:
+    """What ``handle.send`` returns.
+
+    Attributes:
+        text: the reply's text.
+        output: the validated output model instance when the agent declares ``output``.
+        usage: tokens this call consumed.
+    """
+
+    text: str
+    output: Any = None
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """A run's token allowance; a call that would pass it raises ``BudgetExceededError``."""
+
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsConfig:
+    """What ``Workflow.agents(...)`` recorded."""
+
+    agents: dict[str, Agent]
+    max_handles: int = 8
+    acquire_timeout: float | None = None
+    budget: TokenBudget | None = None

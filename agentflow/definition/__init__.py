@@ -1,0 +1,23 @@
+"""What a user declares: workflows, steps, gates, parallel branches. No I/O, no tasks."""
+
+from .gates import Gate, HumanApproval, Wait
+from .parallel import BranchError, Parallel
+from .steps import END, START, Next, RetryPolicy, StepFunction, step
+from .workflow import Persistence, Workflow, WorkflowSpec
+
+__all__ = [
+    "END",
+    "START",
+    "BranchError",
+    "Gate",
+    "HumanApproval",
+    "Next",
+    "Parallel",
+    "Persistence",
+    "RetryPolicy",
+    "StepFunction",
+    "Wait",
+    "Workflow",
+    "WorkflowSpec",
+    "step",
+]
