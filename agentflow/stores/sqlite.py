@@ -43,15 +43,13 @@ import asyncio
 import dataclasses
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
-from ..types import FINAL, RunEvent, RunStatus
+from ..types import RunEvent, RunStatus
 from .codec import (
-    RECORD_FIELDS,
     check_commit_fields,
     check_record,
     deadline_of,
@@ -61,10 +59,29 @@ from .codec import (
     encode_output,
     make_event,
     make_output,
-    make_record,
 )
 from .contract import Change, Commit, Lease, LoadedRun, RunRecord
-from .sqlite_schema import EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES, ensure_schema
+from .sqlite_schema import (
+    BIG,
+    EVENTS,
+    FINAL_VALUES,
+    HOT,
+    JOURNAL,
+    LIVE,
+    OUTPUTS,
+    RUNS,
+    SELECT_FULL,
+    SELECT_LIGHT,
+    SELECT_STORED,
+    column,
+    delete_runs,
+    ensure_schema,
+    insert_rows,
+    insert_run,
+    listed,
+    to_record,
+    transaction,
+)
 
 __all__ = ["BUSY_TIMEOUT", "Durability", "SqliteStore"]
 
@@ -75,29 +92,6 @@ Durability = Literal["normal", "full"]
 BUSY_TIMEOUT = 10.0
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
-
-_BIG = ("input", "state", "output")
-_HOT = tuple(f for f in RECORD_FIELDS if f not in _BIG)
-_JSON = frozenset({"pending", "decisions", "error", "usage", *_BIG})
-_FINAL = frozenset(s.value for s in FINAL)
-_LIVE = "(expires_at IS NULL OR expires_at > ?)"
-_VALUE = f"(SELECT value FROM {VALUES} v WHERE v.ns = r.ns AND v.run_id = r.run_id AND v.field = '{{}}')"
-_BIG_COLS = ", ".join(_VALUE.format(f) for f in _BIG)
-_SELECT_LIGHT = f"SELECT {', '.join(_HOT)} FROM {RUNS}"
-_SELECT_FULL = f"SELECT {', '.join(_HOT)}, {_BIG_COLS} FROM {RUNS} r WHERE ns = ? AND run_id = ? AND {_LIVE}"
-_MARKS = ", ".join("?" * (len(_HOT) + 3))
-_INSERT_RUN = f"INSERT INTO {RUNS} ({', '.join(_HOT)}, ns, deadline, expires_at) VALUES ({_MARKS})"
-_INSERT_EVENT = f"INSERT INTO {EVENTS} (ns, run_id, seq, body) VALUES (?, ?, ?, ?)"
-_INSERT_OUTPUT = f"INSERT INTO {OUTPUTS} (ns, run_id, body) VALUES (?, ?, ?)"
-_UPSERT_JOURNAL = (
-    f"INSERT INTO {JOURNAL} (ns, run_id, key, value) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value"
-)
-# An unchanged value (the same JSON) is not written again.
-_UPSERT_VALUE = (
-    f"INSERT INTO {VALUES} (ns, run_id, field, value) VALUES (?, ?, ?, ?) ON CONFLICT (ns, run_id, field) "
-    "DO UPDATE SET value = excluded.value WHERE value IS NOT excluded.value"
-)
 
 
 class SqliteStore:
@@ -165,84 +159,6 @@ class SqliteStore:
             self._db = db
         return self._db
 
-    @staticmethod
-    @contextmanager
-    def _tx(db: sqlite3.Connection, write: bool = True) -> Iterator[None]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    def _column(self, run_id: str, name: str, value: Any) -> Any:
-        if name in _JSON:
-            return encode(run_id, name, value).decode()
-        if name == "status":
-            return RunStatus(value).value
-        return value
-
-    def _record(self, row: Sequence[Any], light: bool) -> RunRecord:
-        run_id = str(row[0])
-        values: dict[str, Any] = {}
-        for name, value in zip(_HOT, row, strict=False):
-            values[name] = decode(run_id, f"{RUNS}.{name}", value) if name in _JSON else value
-        if light:
-            values["input"] = None
-        else:
-            for name, value in zip(_BIG, row[len(_HOT) :], strict=True):
-                values[name] = None if value is None else decode(run_id, f"{VALUES}[{name}]", value)
-        return make_record(run_id, RUNS, values)
-
-    def _listed(self, row: Sequence[Any]) -> RunRecord:
-        """A light record; a damaged row is listed with ``corrupt`` set instead of raising."""
-        try:
-            return self._record(row, light=True)
-        except CorruptRecordError as exc:
-            cols = dict(zip(_HOT, row, strict=True))
-            try:
-                status = RunStatus(cols["status"])
-            except ValueError:
-                status = RunStatus.FAILED
-            created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
-            return RunRecord(
-                run_id=str(cols["run_id"]),
-                workflow=str(cols["workflow"]),
-                status=status,
-                input=None,
-                created_at=float(created),
-                updated_at=float(created),
-                corrupt=str(exc),
-            )
-
-    def _insert_rows(
-        self,
-        db: sqlite3.Connection,
-        run_id: str,
-        first_seq: int,
-        events: Sequence[str],
-        big: Mapping[str, str],
-        outputs: Sequence[str] = (),
-        journal: Mapping[str, str] | None = None,
-    ) -> None:
-        ns = self.key_prefix
-        if events:
-            db.executemany(_INSERT_EVENT, [(ns, run_id, first_seq + i, e) for i, e in enumerate(events)])
-        if big:
-            db.executemany(_UPSERT_VALUE, [(ns, run_id, name, value) for name, value in big.items()])
-        if outputs:
-            db.executemany(_INSERT_OUTPUT, [(ns, run_id, body) for body in outputs])
-        if journal:
-            db.executemany(_UPSERT_JOURNAL, [(ns, run_id, key, value) for key, value in journal.items()])
-
-    def _delete_runs(self, db: sqlite3.Connection, run_ids: Sequence[str]) -> None:
-        rows = [(self.key_prefix, run_id) for run_id in run_ids]
-        for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, RUNS):
-            db.executemany(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", rows)
-
     def _purge(self, db: sqlite3.Connection, now: float) -> None:
         """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
         if now < self._next_purge:
@@ -251,43 +167,39 @@ class SqliteStore:
             f"SELECT run_id FROM {RUNS} WHERE ns = ? AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?",
             (self.key_prefix, now, PURGE_BATCH),
         ).fetchall()
-        self._delete_runs(db, [run_id for (run_id,) in expired])
+        delete_runs(db, self.key_prefix, [run_id for (run_id,) in expired])
         self._next_purge = now if len(expired) == PURGE_BATCH else now + min(self.ttl or 60.0, 60.0)
 
     def _expires(self, status: Any, now: float) -> float | None:
-        return now + self.ttl if self.ttl is not None and status in _FINAL else None
+        return now + self.ttl if self.ttl is not None and status in FINAL_VALUES else None
 
     # -- the Store protocol -----------------------------------------------------------
 
     async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
         """Store a new run; False (and nothing written) if the run id exists.
 
-        A second ``create`` of the same run (same workflow, ``created_at`` and input)
-        returns True, as a retry must.
+        A retry whose first attempt created the run (the stored run is still exactly
+        what it wrote) returns True.
         """
         run_id, ns = record.run_id, self.key_prefix
         rec = dataclasses.replace(record, event_count=record.event_count + len(events))
         check_record(rec)
-        hot = [self._column(run_id, name, getattr(rec, name)) for name in _HOT]
-        big = {f: encode(run_id, f, getattr(rec, f)).decode() for f in _BIG if getattr(rec, f) is not None}
+        hot = [column(run_id, name, getattr(rec, name)) for name in HOT]
+        big = {f: encode(run_id, f, getattr(rec, f)).decode() for f in BIG if getattr(rec, f) is not None}
         bodies = [encode_event(run_id, e).decode() for e in events]
         deadline, status = deadline_of(rec.pending), RunStatus(rec.status).value
 
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
-            with self._tx(db):
+            with transaction(db):
                 self._purge(db, now)
-                row = db.execute(
-                    f"SELECT expires_at, workflow, created_at, {_VALUE.format('input')} FROM {RUNS} r "
-                    "WHERE ns = ? AND run_id = ?",
-                    (ns, run_id),
-                ).fetchone()
+                row = db.execute(SELECT_STORED, (ns, run_id)).fetchone()
                 if row is not None:
                     if row[0] is None or row[0] > now:
-                        return tuple(row[1:]) == (rec.workflow, rec.created_at, big.get("input"))
-                    self._delete_runs(db, [run_id])
-                db.execute(_INSERT_RUN, [*hot, ns, deadline, self._expires(status, now)])
-                self._insert_rows(db, run_id, 1, bodies, big)
+                        return list(row[1:]) == [*hot, *(big.get(f) for f in BIG)]
+                    delete_runs(db, ns, [run_id])
+                insert_run(db, ns, hot, deadline, self._expires(status, now))
+                insert_rows(db, ns, run_id, 1, bodies, big)
             return True
 
         return await self._call("create", run_id, job)
@@ -300,8 +212,8 @@ class SqliteStore:
         """
 
         def job(db: sqlite3.Connection) -> RunRecord | None:
-            row = db.execute(_SELECT_FULL, (self.key_prefix, run_id, time.time())).fetchone()
-            return None if row is None else self._record(row, light=False)
+            row = db.execute(SELECT_FULL, (self.key_prefix, run_id, time.time())).fetchone()
+            return None if row is None else to_record(row, light=False)
 
         return await self._call("get", run_id, job)
 
@@ -314,8 +226,8 @@ class SqliteStore:
         ns = self.key_prefix
 
         def job(db: sqlite3.Connection) -> LoadedRun | None:
-            with self._tx(db, write=False):
-                row = db.execute(_SELECT_FULL, (ns, run_id, time.time())).fetchone()
+            with transaction(db, write=False):
+                row = db.execute(SELECT_FULL, (ns, run_id, time.time())).fetchone()
                 if row is None:
                     return None
                 outputs = db.execute(
@@ -325,7 +237,7 @@ class SqliteStore:
                     f"SELECT key, value FROM {JOURNAL} WHERE ns = ? AND run_id = ?", (ns, run_id)
                 ).fetchall()
             return LoadedRun(
-                self._record(row, light=False),
+                to_record(row, light=False),
                 [make_output(run_id, f"{OUTPUTS}[{i}]", body) for i, (body,) in enumerate(outputs)],
                 {key: decode(run_id, f"{JOURNAL}[{key}]", value) for key, value in journal},
             )
@@ -340,17 +252,23 @@ class SqliteStore:
 
         Raises:
             LeaseLostError: the lease no longer holds; nothing was written.
-            StoreError: a value cannot be encoded, ``seq`` does not follow the record's
-                ``commit_seq`` (nothing was written), or SQLite failed.
+            StoreError: a value cannot be encoded or ``seq`` is below 1 (nothing was
+                written), or SQLite failed.
         """
         check_commit_fields(run_id, commit.fields)
+        if commit.seq < 1:
+            # A seq the record may already carry would make this commit pass for a retry.
+            raise StoreError(
+                f"run {run_id}: commit seq {commit.seq} is not a commit number; a commit carries the "
+                "loaded record's commit_seq plus one per commit since"
+            )
         hot: dict[str, Any] = {}
         big: dict[str, str] = {}
         for name, value in commit.fields.items():
-            if name in _BIG:
+            if name in BIG:
                 big[name] = encode(run_id, name, value).decode()
             else:
-                hot[name] = self._column(run_id, name, value)
+                hot[name] = column(run_id, name, value)
         if "pending" in hot:
             hot["deadline"] = deadline_of(commit.fields["pending"])
         events = [encode_event(run_id, e).decode() for e in commit.events]
@@ -360,10 +278,10 @@ class SqliteStore:
 
         def job(db: sqlite3.Connection) -> str | None:
             now = time.time()
-            with self._tx(db):
+            with transaction(db):
                 row = db.execute(
                     f"SELECT id, lease_owner, lease_token, commit_token, commit_seq, event_count, control, "
-                    f"status FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                    f"status FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}",
                     (self.key_prefix, run_id, now),
                 ).fetchone()
                 if row is None:
@@ -377,11 +295,6 @@ class SqliteStore:
                 if owner != lease.owner or token != lease.token:
                     held = f"the lease is {token} of {owner!r}"
                     raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {held}")
-                if seq != done_seq + 1:
-                    raise StoreError(
-                        f"run {run_id}: commit seq {seq} does not follow the last applied commit_seq "
-                        f"{done_seq}; a commit carries the loaded record's commit_seq plus one per commit"
-                    )
                 sets = dict(hot)
                 if sets.get("status") == status:
                     del sets["status"]  # an unchanged status leaves the status indexes untouched
@@ -392,7 +305,7 @@ class SqliteStore:
                     sets.update(lease_owner=None, lease_expires=0.0)
                 assignments = ", ".join(f"{name} = ?" for name in sets)
                 db.execute(f"UPDATE {RUNS} SET {assignments} WHERE id = ?", [*sets.values(), rowid])
-                self._insert_rows(db, run_id, count + 1, events, big, outputs, journal)
+                insert_rows(db, self.key_prefix, run_id, count + 1, events, big, outputs, journal)
             control = sets["control"] if "control" in sets else control
             return None if control is None else str(control)
 
@@ -411,13 +324,13 @@ class SqliteStore:
             # One UPDATE statement takes the write lock up front, so it needs no BEGIN.
             row = db.execute(
                 f"UPDATE {RUNS} SET lease_expires = ? WHERE ns = ? AND run_id = ? AND lease_owner = ? "
-                f"AND lease_token = ? AND {_LIVE} RETURNING control",
+                f"AND lease_token = ? AND {LIVE} RETURNING control",
                 (now + ttl, ns, run_id, lease.owner, lease.token, now),
             ).fetchone()
             if row is not None:
                 return True, row[0]
             held = db.execute(
-                f"SELECT lease_owner, lease_token FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                f"SELECT lease_owner, lease_token FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}",
                 (ns, run_id, now),
             ).fetchone()
             return False, held
@@ -443,12 +356,12 @@ class SqliteStore:
         ns = self.key_prefix
 
         def job(db: sqlite3.Connection) -> RunRecord | None:
-            with self._tx(db):
+            with transaction(db):
                 now = time.time()
-                row = db.execute(_SELECT_FULL, (ns, run_id, now)).fetchone()
+                row = db.execute(SELECT_FULL, (ns, run_id, now)).fetchone()
                 if row is None:
                     return None
-                old = self._record(row, light=False)
+                old = to_record(row, light=False)
                 result = change(old, now)
                 if result is None:
                     return old
@@ -457,8 +370,8 @@ class SqliteStore:
                 )
                 check_record(rec)
                 sets = {
-                    name: self._column(run_id, name, getattr(rec, name))
-                    for name in _HOT[1:]
+                    name: column(run_id, name, getattr(rec, name))
+                    for name in HOT[1:]
                     if name in ("updated_at", "event_count") or getattr(rec, name) != getattr(old, name)
                 }
                 if "pending" in sets or "status" in sets:
@@ -467,7 +380,7 @@ class SqliteStore:
                     sets["expires_at"] = expires
                 big = {
                     name: encode(run_id, name, getattr(rec, name)).decode()
-                    for name in _BIG
+                    for name in BIG
                     if getattr(rec, name) is not getattr(old, name)
                 }
                 bodies = [encode_event(run_id, e).decode() for e in result.events]
@@ -476,7 +389,7 @@ class SqliteStore:
                     f"UPDATE {RUNS} SET {assignments} WHERE ns = ? AND run_id = ?",
                     [*sets.values(), ns, run_id],
                 )
-                self._insert_rows(db, run_id, old.event_count + 1, bodies, big)
+                insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
             return rec
 
         return await self._call("update", run_id, job)
@@ -510,7 +423,7 @@ class SqliteStore:
         Raises:
             StoreError: ``after`` names a run that is not stored (deleted since).
         """
-        where, params = f"ns = ? AND {_LIVE}", [self.key_prefix, time.time()]
+        where, params = f"ns = ? AND {LIVE}", [self.key_prefix, time.time()]
         if workflow is not None:
             where, params = where + " AND workflow = ?", [*params, workflow]
         if status is not None:
@@ -529,10 +442,10 @@ class SqliteStore:
                     )
                 bound, page = " AND (created_at, id) < (?, ?)", [*page, *cursor]
             rows = db.execute(
-                f"{_SELECT_LIGHT} WHERE {where}{bound} ORDER BY created_at DESC, id DESC LIMIT ?",
+                f"{SELECT_LIGHT} WHERE {where}{bound} ORDER BY created_at DESC, id DESC LIMIT ?",
                 [*page, limit],
             ).fetchall()
-            return [self._listed(row) for row in rows]
+            return [listed(row) for row in rows]
 
         return await self._call("list_runs", after, job)
 
@@ -543,7 +456,7 @@ class SqliteStore:
             now = time.time()
             rows = db.execute(
                 f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'running' "
-                f"AND lease_expires <= ? AND {_LIVE} ORDER BY lease_expires LIMIT ?",
+                f"AND lease_expires <= ? AND {LIVE} ORDER BY lease_expires LIMIT ?",
                 (self.key_prefix, workflow, now, now, limit),
             ).fetchall()
             return [str(run_id) for (run_id,) in rows]
@@ -556,7 +469,7 @@ class SqliteStore:
         def job(db: sqlite3.Connection) -> list[str]:
             rows = db.execute(
                 f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'waiting' "
-                f"AND deadline IS NOT NULL AND deadline <= ? AND {_LIVE} ORDER BY deadline",
+                f"AND deadline IS NOT NULL AND deadline <= ? AND {LIVE} ORDER BY deadline",
                 (self.key_prefix, workflow, now, time.time()),
             ).fetchall()
             return [str(run_id) for (run_id,) in rows]
@@ -567,12 +480,12 @@ class SqliteStore:
         """Remove a run with its values, events, outputs and journal; False if it did not exist."""
 
         def job(db: sqlite3.Connection) -> bool:
-            with self._tx(db):
+            with transaction(db):
                 live = db.execute(
-                    f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {_LIVE}",
+                    f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}",
                     (self.key_prefix, run_id, time.time()),
                 ).fetchone()
-                self._delete_runs(db, [run_id])
+                delete_runs(db, self.key_prefix, [run_id])
             return live is not None
 
         return await self._call("delete", run_id, job)

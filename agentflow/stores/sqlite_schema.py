@@ -1,4 +1,4 @@
-"""The SQLite store's tables and indexes, and the upgrade of files written by older layouts.
+"""The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
 Layout (schema version 2, kept in ``PRAGMA user_version``)::
 
@@ -23,10 +23,38 @@ The last three are partial indexes, so a run leaves them when it leaves that sta
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
-from ..errors import StoreError
+from ..errors import CorruptRecordError, StoreError
+from ..types import FINAL, RunStatus
+from .codec import RECORD_FIELDS, decode, encode, make_record
+from .contract import RunRecord
 
-__all__ = ["EVENTS", "JOURNAL", "OUTPUTS", "RUNS", "VALUES", "VERSION", "ensure_schema"]
+__all__ = [
+    "BIG",
+    "EVENTS",
+    "FINAL_VALUES",
+    "HOT",
+    "JOURNAL",
+    "LIVE",
+    "OUTPUTS",
+    "RUNS",
+    "SELECT_FULL",
+    "SELECT_LIGHT",
+    "SELECT_STORED",
+    "VALUES",
+    "VERSION",
+    "column",
+    "delete_runs",
+    "ensure_schema",
+    "insert_run",
+    "insert_rows",
+    "listed",
+    "to_record",
+    "transaction",
+]
 
 RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL = (
     "agentflow_runs",
@@ -145,3 +173,136 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+#: The big fields, kept in ``agentflow_values``; the others are the hot row's columns.
+BIG = ("input", "state", "output")
+HOT = tuple(f for f in RECORD_FIELDS if f not in BIG)
+_JSON = frozenset({"pending", "decisions", "error", "usage", *BIG})
+FINAL_VALUES = frozenset(s.value for s in FINAL)
+#: The condition of a run that has not expired; its parameter is now.
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_VALUE = f"(SELECT value FROM {VALUES} v WHERE v.ns = r.ns AND v.run_id = r.run_id AND v.field = '{{}}')"
+_COLUMNS = f"{', '.join(HOT)}, {', '.join(_VALUE.format(f) for f in BIG)}"
+SELECT_LIGHT = f"SELECT {', '.join(HOT)} FROM {RUNS}"
+#: One statement, so one snapshot: the hot row and the big values of one live run.
+SELECT_FULL = f"SELECT {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ? AND {LIVE}"
+#: ``expires_at``, then what ``SELECT_FULL`` reads, expired or not.
+SELECT_STORED = f"SELECT expires_at, {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ?"
+_INSERT_RUN = (
+    f"INSERT INTO {RUNS} ({', '.join(HOT)}, ns, deadline, expires_at) "
+    f"VALUES ({', '.join('?' * (len(HOT) + 3))})"
+)
+_INSERT_EVENT = f"INSERT INTO {EVENTS} (ns, run_id, seq, body) VALUES (?, ?, ?, ?)"
+_INSERT_OUTPUT = f"INSERT INTO {OUTPUTS} (ns, run_id, body) VALUES (?, ?, ?)"
+_UPSERT_JOURNAL = (
+    f"INSERT INTO {JOURNAL} (ns, run_id, key, value) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value"
+)
+# An unchanged value (the same JSON) is not written again.
+_UPSERT_VALUE = (
+    f"INSERT INTO {VALUES} (ns, run_id, field, value) VALUES (?, ?, ?, ?) ON CONFLICT (ns, run_id, field) "
+    "DO UPDATE SET value = excluded.value WHERE value IS NOT excluded.value"
+)
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection, write: bool = True) -> Iterator[None]:
+    """One transaction: committed when the block ends, rolled back if it raises.
+
+    A write transaction takes the write lock before its first read (``BEGIN IMMEDIATE``).
+    """
+    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def column(run_id: str, name: str, value: Any) -> Any:
+    """The stored form of one RunRecord field: JSON text, a status's value, or the value.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    if name in _JSON:
+        return encode(run_id, name, value).decode()
+    if name == "status":
+        return RunStatus(value).value
+    return value
+
+
+def to_record(row: Sequence[Any], light: bool) -> RunRecord:
+    """The record of a ``SELECT_FULL`` row, or a light one (no big values) of a ``SELECT_LIGHT`` row.
+
+    Raises:
+        CorruptRecordError: a field cannot be decoded (names the run and the field).
+    """
+    run_id = str(row[0])
+    values: dict[str, Any] = {}
+    for name, value in zip(HOT, row, strict=False):
+        values[name] = decode(run_id, f"{RUNS}.{name}", value) if name in _JSON else value
+    if light:
+        values["input"] = None
+    else:
+        for name, value in zip(BIG, row[len(HOT) :], strict=True):
+            values[name] = None if value is None else decode(run_id, f"{VALUES}[{name}]", value)
+    return make_record(run_id, RUNS, values)
+
+
+def listed(row: Sequence[Any]) -> RunRecord:
+    """A light record; a damaged row is listed with ``corrupt`` set instead of raising."""
+    try:
+        return to_record(row, light=True)
+    except CorruptRecordError as exc:
+        cols = dict(zip(HOT, row, strict=True))
+        try:
+            status = RunStatus(cols["status"])
+        except ValueError:
+            status = RunStatus.FAILED
+        created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
+        return RunRecord(
+            run_id=str(cols["run_id"]),
+            workflow=str(cols["workflow"]),
+            status=status,
+            input=None,
+            created_at=float(created),
+            updated_at=float(created),
+            corrupt=str(exc),
+        )
+
+
+def insert_run(db: sqlite3.Connection, ns: str, hot: Sequence[Any], deadline: Any, expires: Any) -> None:
+    """Insert a run's hot row: ``hot`` holds the ``HOT`` columns in order."""
+    db.execute(_INSERT_RUN, [*hot, ns, deadline, expires])
+
+
+def insert_rows(
+    db: sqlite3.Connection,
+    ns: str,
+    run_id: str,
+    first_seq: int,
+    events: Sequence[str],
+    big: Mapping[str, str],
+    outputs: Sequence[str] = (),
+    journal: Mapping[str, str] | None = None,
+) -> None:
+    """Append events (numbered from ``first_seq``) and outputs; write big values and journal entries."""
+    if events:
+        db.executemany(_INSERT_EVENT, [(ns, run_id, first_seq + i, e) for i, e in enumerate(events)])
+    if big:
+        db.executemany(_UPSERT_VALUE, [(ns, run_id, name, value) for name, value in big.items()])
+    if outputs:
+        db.executemany(_INSERT_OUTPUT, [(ns, run_id, body) for body in outputs])
+    if journal:
+        db.executemany(_UPSERT_JOURNAL, [(ns, run_id, key, value) for key, value in journal.items()])
+
+
+def delete_runs(db: sqlite3.Connection, ns: str, run_ids: Sequence[str]) -> None:
+    """Delete the runs and every row stored with them."""
+    rows = [(ns, run_id) for run_id in run_ids]
+    for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, RUNS):
+        db.executemany(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", rows)
