@@ -1,5 +1,13 @@
 """Leases: renewing the leases of the runs this process owns, and acting on control flags.
 
+Renewals run on a thread of their own, with their own event loop and their own store
+(``Store.sibling()``), so a step that blocks the event loop — a sync step doing
+seconds of CPU work or a blocking call — neither loses its run's lease (another
+process would run the step a second time, concurrently) nor stalls the renewals of
+the other runs. A store that cannot be shared across loops (``sibling()`` returns
+None: the memory store, whose runs no other process can take anyway) is renewed on
+the event loop.
+
 A renewal returns the run's control flag, so a pause or stop asked for by another
 process reaches the owner within a renewal interval even while a step runs.
 """
@@ -8,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from ..errors import LeaseLostError, StoreError
+from ..types import RunStatus
 
 if TYPE_CHECKING:
+    from .._engine.run import LiveRun
+    from ..stores.contract import Store
     from .supervisor import Supervisor
 
 __all__ = ["LeaseKeeper"]
@@ -23,30 +35,55 @@ log = logging.getLogger("agentflow")
 class LeaseKeeper:
     """Renews every owned run's lease each ``lease_ttl / 3`` seconds (at most 1 s)."""
 
-    __slots__ = ("_sup", "_task")
+    __slots__ = ("_loop", "_stop", "_sup", "_task", "_thread")
 
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
         self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def interval(self) -> float:
+        """Seconds between renewals."""
+        return min(self._sup.lease_ttl / 3, 1.0)
 
     def ensure(self) -> None:
-        """Start renewing if not already (the loop ends by itself when no run is left)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="agentflow:leases")
+        """Start renewing if not already."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        if self._task is not None and not self._task.done():
+            return
+        sibling = self._sup.store.sibling() if hasattr(self._sup.store, "sibling") else None
+        if sibling is None:
+            self._task = asyncio.get_running_loop().create_task(self._on_loop(), name="agentflow:leases")
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._in_thread, args=(sibling,), name="agentflow:leases", daemon=True
+        )
+        self._thread.start()
 
     async def close(self) -> None:
-        """Stop renewing."""
+        """Stop renewing (and wait for the renewal thread to end)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            await asyncio.to_thread(thread.join)
 
-    async def _loop(self) -> None:
+    # -- renewing on the event loop (stores that cannot be shared) ----------------
+
+    async def _on_loop(self) -> None:
         sup = self._sup
-        interval = min(sup.lease_ttl / 3, 1.0)
         idle = 0
         while idle < 2:  # ends after two idle ticks, so no task outlives the runs it served
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval)
             idle = 0 if sup.local else idle + 1
             for run in list(sup.local.values()):
                 if run.task is None or run.task.done():
@@ -54,13 +91,61 @@ class LeaseKeeper:
                 try:
                     control = await sup.store.renew(run.run_id, run.lease, sup.lease_ttl)
                 except LeaseLostError:
-                    log.warning("run %s: its lease was taken over; this process stops advancing it", run.run_id)
-                    run.task.cancel()
+                    self._lost(run)
                     continue
                 except StoreError:
                     continue  # retried at the next tick; the lease has slack for it
-                if control == "stop":
-                    run.stop_requested = True
-                    run.cancel()
-                elif control == "pause":
-                    run.pause_requested = True
+                self._control(run, control)
+
+    # -- renewing on a thread of its own ---------------------------------------
+
+    def _in_thread(self, store: Store) -> None:
+        asyncio.run(self._thread_loop(store))
+
+    async def _thread_loop(self, store: Store) -> None:
+        sup = self._sup
+        try:
+            while not self._stop.wait(self.interval):
+                # A snapshot: the dict is changed on the event loop's thread meanwhile.
+                for run in list(sup.local.values()):
+                    if run.finished:
+                        continue
+                    try:
+                        control = await store.renew(run.run_id, run.lease, sup.lease_ttl)
+                    except LeaseLostError:
+                        self._post(self._lost, run)
+                        continue
+                    except StoreError:
+                        continue
+                    except Exception:  # noqa: BLE001 - a renewal thread must not die silently
+                        log.exception("run %s: lease renewal failed", run.run_id)
+                        continue
+                    if control is not None:
+                        self._post(self._control, run, control)
+        finally:
+            await store.close()
+
+    def _post(self, fn: object, *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    # -- what a renewal tells ----------------------------------------------------
+
+    @staticmethod
+    def _lost(run: LiveRun) -> None:
+        # A run that parked or finished let go of its lease itself: nothing was lost.
+        if run.status is RunStatus.RUNNING and run.task is not None and not run.task.done():
+            log.warning("run %s: its lease was taken over; this process stops advancing it", run.run_id)
+            run.task.cancel()
+
+    @staticmethod
+    def _control(run: LiveRun, control: str | None) -> None:
+        if control == "stop":
+            run.stop_requested = True
+            run.cancel()
+        elif control == "pause":
+            run.pause_requested = True
