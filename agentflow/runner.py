@@ -75,7 +75,9 @@ class WorkflowRunner:
         lease_ttl: overrides the persistence setting's ``lease_ttl``.
     """
 
-    def __init__(self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None) -> None:
+    def __init__(
+        self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None
+    ) -> None:
         if not isinstance(workflow, Workflow):
             raise WorkflowDefinitionError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
         self.workflow = workflow
@@ -193,7 +195,11 @@ class WorkflowRunner:
             for run_id in ids:
 
                 def take_over(r: RunRecord, now: float) -> Transition | None:
-                    if r.status != RunStatus.RUNNING or r.lease_expires >= now or r.workflow != self.spec.name:
+                    if (
+                        r.status != RunStatus.RUNNING
+                        or r.lease_expires >= now
+                        or r.workflow != self.spec.name
+                    ):
                         return None  # someone else got there first (or not ours)
                     data = {"recovered": True, "from": r.lease_owner}
                     return Transition({}, [("resumed", r.step, data)], r.step or START)
@@ -246,7 +252,9 @@ class WorkflowRunner:
         """Reject the gate ``run_id`` waits at: on_reject if given, else the run ends ``rejected``."""
         return await self._decide(run_id, False, by, reason, None)
 
-    async def _decide(self, run_id: str, approved: bool, by: str, comment: str | None, data: Any) -> RunHandle:
+    async def _decide(
+        self, run_id: str, approved: bool, by: str, comment: str | None, data: Any
+    ) -> RunHandle:
         decision_id = os.urandom(8).hex()
 
         def fn(rec: RunRecord, now: float) -> Transition | None:
@@ -258,7 +266,9 @@ class WorkflowRunner:
                     f"run {run_id} is {rec.status.value}, not waiting at a gate; nothing to decide"
                 )
             if expired(rec) is not None:
-                raise InvalidStateError(f"run {run_id}: the gate at step {rec.pending.get('step')!r} timed out")
+                raise InvalidStateError(
+                    f"run {run_id}: the gate at step {rec.pending.get('step')!r} timed out"
+                )
             out = decide(run_id, rec.pending, approved, by, comment, data)
             return Transition.of(rec, out, decision_id)
 
@@ -285,7 +295,9 @@ class WorkflowRunner:
         self._check_workflow(rec)
         return rec
 
-    async def _until(self, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None) -> RunRecord:
+    async def _until(
+        self, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None
+    ) -> RunRecord:
         sup = self.supervisor
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -334,7 +346,9 @@ class WorkflowRunner:
             if rec.status == RunStatus.WAITING and rec.control == "pause":
                 return None  # nothing to resume yet; the pause is dropped below
             if rec.status != RunStatus.PAUSED:
-                raise InvalidStateError(f"run {run_id} is {rec.status.value}; only a paused run can be resumed")
+                raise InvalidStateError(
+                    f"run {run_id} is {rec.status.value}; only a paused run can be resumed"
+                )
             return Transition({}, [("resumed", rec.step, None)], resume_at=rec.step)
 
         rec = await self.supervisor.transition(run_id, fn)
@@ -354,12 +368,15 @@ class WorkflowRunner:
                 if rec.status in FINAL:
                     if rec.status == RunStatus.STOPPED:
                         return None
-                    raise InvalidStateError(f"run {run_id} is already {rec.status.value}; it cannot be stopped")
+                    raise InvalidStateError(
+                        f"run {run_id} is already {rec.status.value}; it cannot be stopped"
+                    )
                 if rec.status == RunStatus.RUNNING and rec.lease_expires > now and rec.lease_owner:
                     return None if rec.control == "stop" else Change(_replace(rec, control="stop"))
                 ev = RunEvent("stopped", run_id, rec.step, None, time.time(), rec.event_count + 1)
                 return Change(
-                    _replace(rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None), [ev]
+                    _replace(rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None),
+                    [ev],
                 )
 
             rec = await self.store.update(run_id, change)
@@ -381,7 +398,11 @@ class WorkflowRunner:
         if rec.status == RunStatus.FAILED:
             err = rec.error or {}
             raise RunFailedError(
-                run_id, err.get("step"), err.get("type", "Error"), err.get("message", ""), err.get("traceback", "")
+                run_id,
+                err.get("step"),
+                err.get("type", "Error"),
+                err.get("message", ""),
+                err.get("traceback", ""),
             )
         if rec.status == RunStatus.STOPPED:
             raise RunStoppedError(run_id, rec.step)
@@ -396,7 +417,9 @@ class WorkflowRunner:
         for out in loaded.outputs:
             results[out.step] = decode_output(spec, out.step, out.value)
         state = (
-            spec.state_model.model_validate(rec.state) if spec.state_model and rec.state is not None else rec.state
+            spec.state_model.model_validate(rec.state)
+            if spec.state_model and rec.state is not None
+            else rec.state
         )
         return RunResult(rec.status, run_output(spec, run_id, rec.output), state, results)
 
@@ -434,7 +457,11 @@ class RunHandle:
     __slots__ = ("_live", "_runner", "_status", "run_id")
 
     def __init__(
-        self, runner: WorkflowRunner, run_id: str, live: LiveRun | None = None, status: RunStatus | None = None
+        self,
+        runner: WorkflowRunner,
+        run_id: str,
+        live: LiveRun | None = None,
+        status: RunStatus | None = None,
     ) -> None:
         self._runner = runner
         self._live = live

@@ -53,7 +53,7 @@ def check_json(value: Any) -> str | None:
         return f"is not JSON-able ({exc})"
     try:
         decode("-", "-", raw)
-    except Exception as exc:  # noqa: BLE001 - any failure to read back is the answer
+    except Exception as exc:
         return f"cannot be read back once stored ({exc})"
     return None
 
@@ -76,7 +76,7 @@ def normalize(value: Any, where: str) -> Any:
         return pydantic_core.from_json(raw)
     try:
         return decode("-", "-", raw)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise OutputValidationError(f"{where}: output cannot be read back once stored ({exc})") from None
 
 

@@ -117,7 +117,7 @@ class LeaseKeeper:
                         continue
                     except StoreError:
                         continue
-                    except Exception:  # noqa: BLE001 - a renewal thread must not die silently
+                    except Exception:
                         log.exception("run %s: lease renewal failed", run.run_id)
                         continue
                     if control is not None:

@@ -116,9 +116,7 @@ class Supervisor:
         self.start(run)
         return run
 
-    async def transition(
-        self, run_id: str, fn: Callable[[RunRecord, float], Transition | None]
-    ) -> RunRecord:
+    async def transition(self, run_id: str, fn: Callable[[RunRecord, float], Transition | None]) -> RunRecord:
         """Apply a decision-like change through the store; adopt the run when it resumes here.
 
         Raises:

@@ -158,7 +158,7 @@ def edges_of(steps: dict[str, Callable[..., Any]]) -> list[Edge]:
 
 def _code_targets(fn: Callable[..., Any], known: set[str]) -> list[str]:
     """Step names (and END) among the string constants of ``fn``'s code, nested code included."""
-    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)  # noqa: B004
     found: list[str] = []
     codes = [code] if isinstance(code, types.CodeType) else []
     while codes:
