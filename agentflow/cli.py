@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -72,10 +73,26 @@ async def _follow(handle: RunHandle, out: Any) -> RunInfo:
     return await handle.info()
 
 
+def _check_stores(steward: Steward) -> None:
+    """Reading runs never creates a store: a SQLite file that is not there is an error."""
+    for info in steward.workflows():
+        p = steward.get(info.name).compile().persistence
+        if p is not None and p.enabled and p.store == "sqlite":
+            path = os.path.abspath(p.path or "agentflow.db")
+            if not os.path.exists(path):
+                raise AgentflowError(
+                    f"workflow {info.name!r} keeps its runs in {path}, which does not exist; "
+                    "run the command from the folder the workflow runs in, or give the "
+                    "workflow an absolute path= in .persistence()"
+                )
+
+
 async def _run(args: argparse.Namespace, out: Any) -> int:
     steward = Steward.discover(args.module)
     if not steward.workflows():
         raise AgentflowError(f"module {args.module!r} defines no Workflow")
+    if args.command != "describe":
+        _check_stores(steward)
     try:
         if args.command == "describe":
             described = [steward.describe(w.name) for w in steward.workflows()]
@@ -96,8 +113,20 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
                 await runner.approve(args.run_id, by=args.by, comment=args.comment, data=data)
             else:
                 await runner.reject(args.run_id, by=args.by, reason=args.reason)
-            info = await _follow(handle, out) if args.follow else await handle.info()
-            print(f"run {info.run_id} is {info.status.value}", file=out)
+            if args.follow:
+                info = await _follow(handle, out)
+                print(f"run {info.run_id} is {info.status.value}", file=out)
+            else:
+                info = await handle.info()
+                if info.status in FINAL or info.status in _PARKED:
+                    print(f"run {info.run_id} is {info.status.value}", file=out)
+                else:
+                    # This process exits now and releases the run: it is not advancing.
+                    print(
+                        f"run {info.run_id} was decided and waits for a worker to go on "
+                        f"(agentflow recover {args.module})",
+                        file=out,
+                    )
         elif args.command == "recover":
             for wf in steward.workflows():
                 runner = steward.runner(wf.name)

@@ -63,3 +63,20 @@ async def test_reject_and_unknown_run(parked):
     assert f"run {run_id} is rejected" in rejected.stdout
     info = json.loads(cli("show", "cli_flows", run_id, db=db).stdout)
     assert info["decisions"][0]["comment"] == "too long" and info["decisions"][0]["approved"] is False
+
+
+def test_reading_runs_never_creates_a_store(tmp_path: Path) -> None:
+    db = tmp_path / "elsewhere" / "missing.db"
+    for args in (("runs", "cli_flows"), ("show", "cli_flows", "some-run")):
+        out = cli(*args, db=db)
+        assert out.returncode == 2
+        assert str(db) in out.stderr and "does not exist" in out.stderr
+    assert not db.exists() and not db.parent.exists()
+
+
+async def test_approve_without_following_says_the_run_waits_for_a_worker(parked) -> None:
+    db, run_id = parked
+    out = cli("approve", "cli_flows", run_id, "--by", "editor", "--no-follow", db=db)
+    assert out.returncode == 0, out.stderr
+    assert f"run {run_id} " in out.stdout
+    assert "waits for a worker" in out.stdout or "is completed" in out.stdout
