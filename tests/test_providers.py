@@ -474,8 +474,8 @@ def test_the_release_notes_example_shows_the_providers_error_for_a_wrong_key(tmp
         )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
-    shown = "failed at step 'draft': ProviderError: openai: HTTP 401: Incorrect API key provided: [redacted]."
-    assert shown in proc.stderr
+    assert proc.stderr.startswith("error: run ") and " failed at step " in proc.stderr
+    assert "ProviderError: openai: HTTP 401: Incorrect API key provided: [redacted]." in proc.stderr
     assert "Traceback" not in output and key not in output
 
 
