@@ -33,7 +33,7 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
+from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, OutputRecord, RunRecord, Store
 
 __all__ = ["MemoryStore"]
 
@@ -44,8 +44,54 @@ _HEAVY = frozenset({"input", "state", "output"})
 _LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in _JSON and name not in _HEAVY)
 _NULL = b"null"
 
+_INF = float("inf")
+
 _IndexKey = tuple[str | None, RunStatus | None]
 _SortKey = tuple[float, str]
+# A stored event: its JSON, or (kind, step, at) for one without data, which is JSON already.
+_Event = bytes | tuple[str, str | None, float]
+# A stored step output: its JSON, or the record itself when it holds no mutable value.
+_Output = bytes | OutputRecord
+
+
+def _store_event(run_id: str, event: RunEvent) -> _Event:
+    # Most events carry no data: their str and float parts are immutable JSON as they
+    # are, so they skip the encoder (a step commits two). NaN fails the range check.
+    kind, step, at = event.kind, event.step, event.at
+    if (
+        event.data is None
+        and type(kind) is str
+        and (step is None or type(step) is str)
+        and type(at) is float
+        and -_INF < at < _INF
+    ):
+        return (kind, step, at)
+    return encode_event(run_id, event)
+
+
+def _read_event(run_id: str, i: int, stored: _Event) -> RunEvent:
+    if type(stored) is bytes:
+        return make_event(run_id, f"events[{i}]", stored, i + 1)
+    kind, step, at = stored
+    return RunEvent(kind, run_id, step, None, at, i + 1)
+
+
+def _store_output(run_id: str, output: OutputRecord) -> _Output:
+    value = output.value
+    if (
+        (value is None or type(value) is str)
+        and type(output.visit) is int
+        and type(output.step) is str
+        and type(output) is OutputRecord
+    ):
+        return output
+    return encode_output(run_id, output)
+
+
+def _read_output(run_id: str, i: int, stored: _Output) -> OutputRecord:
+    if isinstance(stored, OutputRecord):
+        return stored
+    return make_output(run_id, f"outputs[{i}]", stored)
 
 
 class _Run:
@@ -53,10 +99,10 @@ class _Run:
 
     __slots__ = ("deadline", "events", "expires", "fields", "journal", "outputs")
 
-    def __init__(self, fields: dict[str, Any], events: list[bytes]) -> None:
+    def __init__(self, fields: dict[str, Any], events: list[_Event]) -> None:
         self.fields = fields
         self.events = events
-        self.outputs: list[bytes] = []
+        self.outputs: list[_Output] = []
         self.journal: dict[str, bytes] = {}
         self.deadline: float | None = None
         self.expires: float | None = None
@@ -74,7 +120,10 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
     for name in RECORD_FIELDS:
         value = getattr(rec, name)
         if name in _JSON:
-            fields[name] = encode(run_id, name, list(value or ()) if name == "decisions" else value)
+            if value is None:
+                fields[name] = _NULL
+            else:
+                fields[name] = encode(run_id, name, list(value) if name == "decisions" else value)
         elif name == "status":
             fields[name] = RunStatus(value)
         elif name in ("created_at", "updated_at", "lease_expires"):
@@ -180,7 +229,7 @@ class MemoryStore:
         """Store a new run; False (and nothing written) if the run id exists."""
         run_id = record.run_id
         fields = _encode_record(record)
-        bodies = [encode_event(run_id, e) for e in events]
+        bodies = [_store_event(run_id, e) for e in events]
         if self.ttl is not None:
             self._purge()
         if self._get(run_id) is not None:
@@ -203,7 +252,7 @@ class MemoryStore:
         run = self._get(run_id)
         if run is None:
             return None
-        outputs = [make_output(run_id, f"outputs[{i}]", raw) for i, raw in enumerate(run.outputs)]
+        outputs = [_read_output(run_id, i, stored) for i, stored in enumerate(run.outputs)]
         journal = {key: decode(run_id, f"journal[{key!r}]", raw) for key, raw in run.journal.items()}
         return LoadedRun(self._record(run), outputs, journal)
 
@@ -220,13 +269,16 @@ class MemoryStore:
         sets: dict[str, Any] = {}
         for name, value in commit.fields.items():
             if name in _JSON:
-                sets[name] = encode(run_id, name, list(value or ()) if name == "decisions" else value)
+                if value is None:
+                    sets[name] = _NULL
+                else:
+                    sets[name] = encode(run_id, name, list(value) if name == "decisions" else value)
             elif name == "status":
                 sets[name] = RunStatus(value)
             else:
                 sets[name] = value
-        events = [encode_event(run_id, e) for e in commit.events] if commit.events else None
-        outputs = [encode_output(run_id, o) for o in commit.outputs] if commit.outputs else None
+        events = [_store_event(run_id, e) for e in commit.events] if commit.events else None
+        outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
             {k: encode(run_id, f"journal {k!r}", v) for k, v in commit.journal.items()}
             if commit.journal
@@ -305,7 +357,7 @@ class MemoryStore:
         if new.run_id != run_id:
             raise StoreError(f"run {run_id}: an update cannot change the run id (to {new.run_id!r})")
         fields = _encode_record(new)
-        bodies = [encode_event(run_id, e) for e in result.events]
+        bodies = [_store_event(run_id, e) for e in result.events]
         old = run.fields
         fields["updated_at"] = now
         fields["event_count"] = old["event_count"] + len(bodies)
@@ -327,9 +379,7 @@ class MemoryStore:
         if run is None:
             return []
         start = max(after, 0)
-        return [
-            make_event(run_id, f"events[{i}]", raw, i + 1) for i, raw in enumerate(run.events[start:], start)
-        ]
+        return [_read_event(run_id, i, stored) for i, stored in enumerate(run.events[start:], start)]
 
     async def list_runs(
         self,

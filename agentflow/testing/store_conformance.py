@@ -1,32 +1,36 @@
 """The store conformance suite: what every :class:`~agentflow.stores.Store` must do.
 
 The contract is :mod:`agentflow.stores.contract`; these tests pin it. Subclass
-:class:`StoreConformance` (any store) or :class:`DurableStoreConformance` (a store
-whose runs outlive the process and are shared by several processes) in a test module,
-and give the subclass a ``store_factory`` fixture: a callable returning a fresh store,
-whose stores made within one test share their data (as two processes would) and are
-closed after the test. The suite needs pytest and pytest-asyncio::
+:class:`StoreConformance` in a test module and give it a ``store_factory`` fixture: a
+callable returning a fresh store; stores it makes within one test share their data (as
+two processes would), and the fixture closes them after the test. Running the suite
+needs pytest and pytest-asyncio (in strict mode, declare the fixture with
+``pytest_asyncio.fixture``)::
 
     import pytest
-    from agentflow.testing.store_conformance import DurableStoreConformance
+    from agentflow.testing.store_conformance import StoreConformance
 
-    class TestPostgresStore(DurableStoreConformance):
+    class TestMyStore(StoreConformance):
         @pytest.fixture
-        async def store_factory(self, database_url):
+        async def store_factory(self, tmp_path):
             made = []
-            yield lambda **options: made.append(PostgresStore(database_url, **options)) or made[-1]
+
+            def make(**options):  # ttl=..., and key_prefix=... for the durable suite
+                made.append(MyStore(tmp_path / "runs.db", **options))
+                return made[-1]
+
+            yield make
             for store in made:
                 await store.close()
 
-        async def damage(self, store, run_id, field, raw):
-            await store.execute(f"UPDATE runs SET {field} = $1 WHERE run_id = $2", raw, run_id)
+A store whose runs outlive the process and are shared by several processes subclasses
+:class:`DurableStoreConformance` instead and also implements ``damage(store, run_id,
+field, raw)``: overwrite one stored record field with ``raw``, the JSON text the field
+should now hold (a store that keeps scalars natively stores the decoded value).
 
-The factory takes ``ttl`` (seconds a finished run is kept) and, for the durable suite,
-``key_prefix``. ``damage`` overwrites one stored record field with ``raw``: the JSON
-text the field should now hold (a store that keeps scalars natively stores the decoded
-value). The suite compares values in their JSON form and assumes the store's clock is
-this machine's within a minute. The builders below (``record``, ``event``, ``started``,
-...) are there for a store's own further tests.
+The suite compares values in their JSON form and assumes the store's clock is this
+machine's within a minute. The builders below (``record``, ``event``, ``started``, ...)
+are there for a store's own further tests.
 """
 
 from __future__ import annotations
@@ -776,12 +780,12 @@ class StoreConformance:
         await store.update("stopped", lambda r, now: Change(dataclasses.replace(r, status=RunStatus.STOPPED)))
         assert await store.get("done") is not None
         await asyncio.sleep(0.7)
+        assert _ids(await store.list_runs()) == ["busy"]  # unfinished runs stay
+        assert await store.list_runs(status=RunStatus.COMPLETED) == []
         for run_id in ("done", "stopped"):
             assert await store.get(run_id) is None
             assert await store.load(run_id) is None
             assert await store.events(run_id) == []
-        assert _ids(await store.list_runs()) == ["busy"]  # unfinished runs stay
-        assert await store.list_runs(status=RunStatus.COMPLETED) == []
         assert await store.create(record("done"), [])  # the id is free again
         assert await store.events("done") == []
 
