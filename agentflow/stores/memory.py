@@ -70,7 +70,7 @@ def _store_event(run_id: str, event: RunEvent) -> _Event:
 
 
 def _read_event(run_id: str, i: int, stored: _Event) -> RunEvent:
-    if type(stored) is bytes:
+    if isinstance(stored, bytes):
         return make_event(run_id, f"events[{i}]", stored, i + 1)
     kind, step, at = stored
     return RunEvent(kind, run_id, step, None, at, i + 1)
