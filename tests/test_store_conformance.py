@@ -11,6 +11,7 @@ import pytest
 from conftest import StoreFactory
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
+from agentflow.stores.sqlite_schema import BIG, RUNS, VALUES
 from agentflow.testing.store_conformance import DurableStoreConformance, StoreConformance, started
 
 
@@ -35,11 +36,18 @@ class TestSqliteStore(DurableStoreConformance):
 
     async def damage(self, store: Store, run_id: str, field: str, raw: str) -> None:
         assert isinstance(store, SqliteStore)
-        value: Any = (
-            raw if field in ("input", "state", "pending", "output", "error", "usage") else json.loads(raw)
-        )
         with sqlite3.connect(store.path) as db:
-            db.execute(f"UPDATE agentflow_runs SET {field} = ? WHERE run_id = ?", (value, run_id))
+            if field in BIG:  # input, state and output live in a table of their own
+                db.execute(
+                    f"INSERT OR REPLACE INTO {VALUES} (ns, run_id, field, value) VALUES (?, ?, ?, ?)",
+                    (store.key_prefix, run_id, field, raw),
+                )
+            else:  # JSON columns hold JSON text, the others plain values
+                value: Any = raw if field in ("pending", "decisions", "error", "usage") else json.loads(raw)
+                db.execute(
+                    f"UPDATE {RUNS} SET {field} = ? WHERE ns = ? AND run_id = ?",
+                    (value, store.key_prefix, run_id),
+                )
         db.close()
 
 

@@ -48,7 +48,7 @@ import pytest
 from pydantic import BaseModel
 
 from ..errors import CorruptRecordError, LeaseLostError, StoreError
-from ..stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, Store
+from ..stores.contract import Change, ChangeFn, Commit, Lease, OutputRecord, RunRecord, Store
 from ..types import RunEvent, RunStatus
 
 __all__ = [
@@ -172,6 +172,11 @@ def same_record(got: RunRecord | None, want: RunRecord | None, *skip: str) -> No
 
 def _ids(records: list[RunRecord]) -> list[str]:
     return [r.run_id for r in records]
+
+
+def _writing(**fields: Any) -> ChangeFn:
+    """An ``update`` change setting ``fields`` on the record."""
+    return lambda rec, now: Change(dataclasses.replace(rec, **fields))
 
 
 _PENDING_GATE = {"approvers": ["ops"], "deadline": None}
@@ -463,6 +468,18 @@ class StoreConformance:
         await self._assert_untouched(store, before)
         # The run goes on: the same commit without the bad value applies.
         assert await store.commit("r1", lease, Commit(fields={"step": "B"}, seq=1)) is None
+
+    async def test_a_badly_typed_record_scalar_is_refused(self, store: Store) -> None:
+        with pytest.raises(StoreError, match=r"run r1\b.*'visit'"):
+            await store.create(record(visit="many"), [])
+        assert await store.get("r1") is None
+        await started(store)
+        before = await store.load("r1")
+        bad: tuple[tuple[str, Any], ...] = (("status", "sleeping"), ("lease_token", "1"), ("lease_owner", 7))
+        for name, value in bad:
+            with pytest.raises(StoreError, match=rf"run r1\b.*'{name}'"):
+                await store.update("r1", _writing(step="B", **{name: value}))
+            await self._assert_untouched(store, before)
 
     @staticmethod
     async def _assert_untouched(store: Store, before: Any) -> None:
