@@ -1,29 +1,70 @@
 """Keys: every Redis key agentflow uses, built in one place from ``key_prefix``.
 
-Layout (``P`` is the key prefix)::
+Layout (``P`` is the key prefix, verbatim; ``<id>`` and ``<wf>`` are escaped)::
 
-    P run:{<run_id>}:rec       HASH   the RunRecord, one JSON string per field
-    P run:{<run_id>}:events    LIST   the run's events, JSON, oldest first
-    P run:{<run_id>}:outputs   LIST   the run's step outputs, JSON, oldest first
-    P run:{<run_id>}:journal   HASH   journal key -> JSON value
-    P runs                     ZSET   every run id, scored by created_at
-    P wf:<workflow>:runs       ZSET   the workflow's run ids, scored by created_at
-    P wf:<workflow>:gates      ZSET   ids of the workflow's runs waiting at a gate with
-                                      a deadline, scored by that deadline
+    P#run:{<id>}:rec        HASH   the RunRecord, one JSON string per field
+    P#run:{<id>}:events     LIST   the run's events, JSON, oldest first
+    P#run:{<id>}:outputs    LIST   the run's step outputs, JSON, oldest first
+    P#run:{<id>}:journal    HASH   journal key -> JSON value
+    P#st:<status>           ZSET   runs by status (every workflow), scored by created_at
+    P#wf:<wf>:st:<status>   ZSET   the workflow's runs by status, scored by created_at
+    P#wf:<wf>:gates         ZSET   the workflow's runs waiting at a gate with a deadline,
+                                   scored by that deadline
+    P#buckets               ZSET   the time buckets of finished runs' index keys (below)
 
-The four keys of a run share the hash tag ``{<run_id>}`` so the run's commit script,
-which touches all of them, runs on Redis Cluster. The index keys span runs, so they
-cannot share that tag: they are written next to the script (in the same pipeline) and
-may briefly disagree with the records; readers check every index entry against the
-record and drop the stale ones. Run ids must be non-empty (an empty hash tag would
-scatter a run's keys across slots).
+Unambiguous: ``#`` is escaped everywhere after the prefix, so the prefix is what comes
+before a key's last ``#``: two prefixes never build the same key, whatever run ids or
+workflow names they are given. Run ids and workflow names are escaped (``%XX`` for
+``%``, ``#``, ``:``, ``{``, ``}``, spaces and control characters), so an id cannot
+close its hash tag nor pass for another key's tail.
+
+The four keys of a run share the hash tag ``{<id>}``, so the run's scripts, which
+touch all of them, run on Redis Cluster. Index keys span runs, so they cannot share it:
+they are written next to the scripts (in the same round trip) and may briefly disagree
+with the records; readers check every entry against the record. An index entry is
+``<run id> NUL <version>``: the record's ``_ix`` field holds the version of its current
+entries, and a write that changes the run's status gives it a new one. An entry whose
+version the record no longer holds is stale for good, so dropping it can never drop a
+live entry, whoever re-added the run meanwhile.
+
+Finished runs, with a ttl, are indexed in time buckets (``...:st:<status>:t<w>.<n>``:
+bucket ``n`` of width ``w`` ms, by the time the run expires), and each bucket key
+expires a little after the last run it can hold. Index entries leave with their runs,
+without a reaper. ``P#buckets`` lists the buckets in use, scored by when they expire.
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
-__all__ = ["Keys", "RunKeys"]
+from ..errors import StoreError
+
+__all__ = ["Bucket", "Keys", "RunKeys", "entry", "entry_run", "escape"]
+
+_UNSAFE = re.compile(r"[%#:{}\x00-\x20\x7f]")
+
+# A bucket is at least this wide, and its key outlives its last run by one width.
+_MIN_WIDTH_MS = 60_000
+
+
+def escape(part: str) -> str:
+    """``part`` with the characters that structure a key replaced by ``%XX``."""
+    return _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
+
+
+def entry(run_id: str, version: bytes) -> bytes:
+    """The index member of ``run_id`` at ``version``.
+
+    Ordered like the run ids (the NUL sorts first), so ties on the score page by id.
+    """
+    return run_id.encode() + b"\0" + version
+
+
+def entry_run(member: bytes) -> tuple[str, bytes]:
+    """``(run_id, version)`` of an index member."""
+    run_id, _, version = member.partition(b"\0")
+    return run_id.decode(errors="replace"), version
 
 
 class RunKeys(NamedTuple):
@@ -35,6 +76,14 @@ class RunKeys(NamedTuple):
     journal: str
 
 
+class Bucket(NamedTuple):
+    """The time bucket a finished run's index entries go to (see the module doc)."""
+
+    name: str  # "<width ms>.<n>"
+    expires_at: float  # Unix seconds the bucket's keys may go, on any clock within a width
+    ttl_ms: int  # how long from now (this machine's clock) the keys must live
+
+
 class Keys:
     """Builds every key from ``prefix``.
 
@@ -44,21 +93,46 @@ class Keys:
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
-        self._all = f"{prefix}runs"
+        self._base = f"{prefix}#"
 
     def run(self, run_id: str) -> RunKeys:
-        """The keys of run ``run_id``."""
-        base = f"{self.prefix}run:{{{run_id}}}:"
+        """The keys of run ``run_id``.
+
+        Raises:
+            StoreError: the run id is empty (its keys would have no hash tag).
+        """
+        if not run_id:
+            raise StoreError("a run id must not be empty")
+        base = f"{self._base}run:{{{escape(run_id)}}}:"
         return RunKeys(base + "rec", base + "events", base + "outputs", base + "journal")
 
-    def all_runs(self) -> str:
-        """The index of every run, scored by ``created_at``."""
-        return self._all
+    def status(self, status: str, workflow: str | None = None, bucket: str | None = None) -> str:
+        """The index of runs in ``status`` (of ``workflow``, or of every workflow).
 
-    def workflow_runs(self, workflow: str) -> str:
-        """The index of ``workflow``'s runs, scored by ``created_at``."""
-        return f"{self.prefix}wf:{workflow}:runs"
+        ``bucket`` names a time bucket of a finished status (see :meth:`bucket`).
+        """
+        scope = self._base if workflow is None else f"{self._base}wf:{escape(workflow)}:"
+        key = f"{scope}st:{status}"
+        return key if bucket is None else f"{key}:t{bucket}"
 
     def gates(self, workflow: str) -> str:
         """The index of ``workflow``'s runs waiting at a gate, scored by its deadline."""
-        return f"{self.prefix}wf:{workflow}:gates"
+        return f"{self._base}wf:{escape(workflow)}:gates"
+
+    def buckets(self) -> str:
+        """The registry of time buckets in use, scored by when their keys expire."""
+        return f"{self._base}buckets"
+
+    @staticmethod
+    def bucket(ttl: float, now: float) -> Bucket:
+        """The bucket of a run finishing at ``now`` (this machine's clock) that expires after ``ttl``.
+
+        Buckets are an eighth of the ttl wide (a minute at least), so about ten are in
+        use at a time, and each key outlives the runs it holds by at most two widths.
+        The key's lifetime is given relative to ``now``: a clock that is off shifts the
+        bucket, not how long its runs stay indexed.
+        """
+        width = max(_MIN_WIDTH_MS, int(ttl * 1000) // 8)
+        n = int((now + ttl) * 1000) // width
+        end = (n + 2) * width  # the bucket's end, plus a width of slack
+        return Bucket(f"{width}.{n}", end / 1000, max(1, end - int(now * 1000)))

@@ -4,20 +4,26 @@ Every script touches only keys passed in ``KEYS``, and the keys of one call shar
 hash tag (see :mod:`agentflow.stores.keys`), so they run on Redis Cluster too. Record
 fields are JSON strings, and the scripts only compare and copy them, never parse them:
 a lease is checked by comparing the stored ``lease_owner`` and ``lease_token`` JSON
-with the caller's, byte for byte. (``event_count`` is read as an integer, as HINCRBY
-would.) The commit script reads the record once (HMGET) and writes it once (HSET):
-each ``redis.call`` costs about as much as the work it does.
+with the caller's, byte for byte. (``event_count`` and ``commit_seq`` are read as
+integers, as HINCRBY would.) The commit script reads the record once (HMGET) and
+writes it once (HSET): each ``redis.call`` costs about as much as the work it does.
 
-Each write carries a nonce, stored in the record's ``_commit`` field; a script that
-finds its own nonce already there returns as if it had just applied, which makes a
-retry after a lost reply safe.
+Once only: a commit records its ``(lease token, seq)`` in ``commit_token`` and
+``commit_seq``; a commit that finds its own pair there (or a later seq of its token)
+was applied before, and returns the control flag without writing. Other writers never
+touch the pair, so the check holds whatever happened in between. ``create`` leaves its
+nonce in ``_created`` for the same reason.
+
+Time: leases and ``updated_at`` come from the server's ``TIME``, one clock for every
+machine. (Redis 7 replicates a script's effects, not the script, so reading the clock
+in a script that writes is allowed.)
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from ..records import FINAL
+from ..types import FINAL
 
 __all__ = ["COMMIT", "CREATE", "DELETE", "RENEW", "ZREM_IF_SCORE", "Script"]
 
@@ -28,63 +34,84 @@ end
 local function push_range(key, from, to)
   for i = from, to, 1000 do redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 999, to))) end
 end
+local function integer(value)  -- a stored count, or nil when it is not one
+  value = value or '0'
+  if #value > 15 or not string.match(value, '^%-?%d+$') then return nil end
+  return tonumber(value)
+end
+local function now()
+  local t = redis.call('TIME')
+  return string.format('%d.%06d', t[1], t[2])
+end
 local FINAL = {FINAL_JSON}
 """.replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
 
-# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.
+# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.  Returns 1 when created (now, or by this nonce before), 0 when the id is taken.
 _CREATE = (
     _LIB
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], '_commit') == ARGV[1] then return 1 end
+  if redis.call('HGET', KEYS[1], '_created') == ARGV[1] then return 1 end
   return 0
 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 local n = tonumber(ARGV[3])
 hset_range(KEYS[1], 4, 3 + 2 * n)
-redis.call('HSET', KEYS[1], '_commit', ARGV[1])
+redis.call('HSET', KEYS[1], '_created', ARGV[1])
 push_range(KEYS[2], 4 + 2 * n, #ARGV)
 local ttl = tonumber(ARGV[2])
-if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end end
+if ttl > 0 then for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end end
 return 1
 """
 )
 
 # KEYS: rec, events, outputs, journal.
-# ARGV: nonce, owner, token, release, ttl_ms, updated_at, n_fields, n_events, n_outputs,
-#       n_journal, then field pairs, events, outputs, journal pairs.
-# Returns the run's control flag (its JSON, '' if unset) once the commit applied, 0 when
-# the run no longer exists, 1 when the lease is stale. One read (HMGET) and one HSET for
-# the record, whatever the commit holds: a script's calls are most of its time.
+# ARGV: owner, token, seq, release, ttl_ms, version, workflow, created_at, n_fields,
+#       n_events, n_outputs, n_journal, then field pairs, events, outputs, journal pairs.
+# ``version`` ('' for none) becomes ``_ix`` (the commit sets the status); ``workflow`` and
+# ``created_at`` (JSON, or '' when no index entry is written) are what the caller filed
+# the index entries under, checked against the record.
+# Returns {3, control, old status, old _ix} once applied; {2, control, _ix} when this
+# commit was applied before; {1} for a stale lease; {0} when the run no longer exists; {4,
+# workflow, created_at} (nothing written) when the index entries were filed wrongly.
 _COMMIT = (
     _LIB
     + """
 local rec = KEYS[1]
-local cur = redis.call('HMGET', rec, '_commit', 'lease_owner', 'lease_token', 'event_count', 'control',
-  'status')
-if cur[1] == ARGV[1] then return cur[5] or '' end
-if not cur[2] then return 0 end
-if cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] then return 1 end
-local nf, ne, no, nj = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
--- Checked before anything is written, as HINCRBY would: a damaged count changes nothing.
-local count = cur[4] or '0'
-if #count > 15 or not string.match(count, '^%-?%d+$') then
-  return redis.error_reply('ERR hash value is not an integer')
+local cur = redis.call('HMGET', rec, 'lease_owner', 'lease_token', 'commit_token', 'commit_seq',
+  'event_count', 'control', 'status', '_ix', 'workflow', 'created_at')
+if not cur[1] then return {0} end
+local seq = tonumber(ARGV[3])
+if seq > 0 and cur[3] == ARGV[2] then
+  local done = integer(cur[4])
+  if not done then return redis.error_reply('ERR hash value is not an integer') end
+  if done >= seq then return {2, cur[6] or '', cur[8] or ''} end
 end
-local control, status = cur[5], cur[6]
-count = string.format('%d', tonumber(count) + ne)  -- exact: below 2^53
-local h = {'event_count', count, 'updated_at', ARGV[6], '_commit', ARGV[1]}
-local n = 6
-for i = 11, 10 + 2 * nf, 2 do
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return {1} end
+if (ARGV[7] ~= '' and cur[9] ~= ARGV[7]) or (ARGV[8] ~= '' and cur[10] ~= ARGV[8]) then
+  return {4, cur[9] or '', cur[10] or ''}
+end
+local nf, ne, no, nj = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+-- Checked before anything is written, as HINCRBY would: a damaged count changes nothing.
+local count = integer(cur[5])
+if not count then return redis.error_reply('ERR hash value is not an integer') end
+local control, status, moved = cur[6], cur[7], false
+local h = {'event_count', string.format('%d', count + ne), 'updated_at', now()}
+local n = 4
+if seq > 0 then
+  h[5], h[6], h[7], h[8], n = 'commit_token', ARGV[2], 'commit_seq', ARGV[3], 8
+end
+if ARGV[6] ~= '' then h[n + 1], h[n + 2], n = '_ix', ARGV[6], n + 2 end
+for i = 13, 12 + 2 * nf, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
-  if name == 'control' then control = value elseif name == 'status' then status = value end
+  if name == 'control' then control = value elseif name == 'status' then status, moved = value, true end
   h[n + 1], h[n + 2], n = name, value, n + 2
 end
 if ARGV[4] == '1' then
   h[n + 1], h[n + 2], h[n + 3], h[n + 4] = 'lease_owner', 'null', 'lease_expires', '0.0'
 end
 redis.call('HSET', rec, unpack(h))
-local i = 11 + 2 * nf
+local i = 13 + 2 * nf
 push_range(KEYS[2], i, i + ne - 1)
 i = i + ne
 push_range(KEYS[3], i, i + no - 1)
@@ -93,26 +120,36 @@ hset_range(KEYS[4], i, i + 2 * nj - 1)
 local ttl = tonumber(ARGV[5])
 if ttl > 0 and FINAL[status] then
   for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end
+elseif moved then  -- back from a final status (a retried run): it must not expire
+  for _, k in ipairs(KEYS) do redis.call('PERSIST', k) end
 end
-return control or ''
+return {3, control or '', cur[7] or '', cur[8] or ''}
 """
 )
 
-# KEYS: rec.  ARGV: owner, token, lease_expires.  Returns like _COMMIT.
-_RENEW = """
+# KEYS: rec.  ARGV: owner, token, ttl (seconds).  The lease runs out ``ttl`` seconds past
+# the server's now.  Returns the control flag (JSON, '' if unset), or 0 / 1 like _COMMIT.
+_RENEW = (
+    _LIB
+    + """
 local cur = redis.call('HMGET', KEYS[1], 'lease_owner', 'lease_token', 'control')
 if not cur[1] then return 0 end
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 1 end
-redis.call('HSET', KEYS[1], 'lease_expires', ARGV[3])
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_expires', string.format('%.6f', expires))
 return cur[3] or ''
 """
+)
 
-# KEYS: rec, events, outputs, journal.  Returns {workflow, created_at} (JSON) or nil.
+# KEYS: rec, events, outputs, journal.  Returns {1, workflow, status, _ix} (JSON, '' when
+# unreadable) when it deleted the run, {0} when there was no such run.
 _DELETE = """
-local found = redis.call('HMGET', KEYS[1], 'workflow', 'created_at')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local found = redis.pcall('HMGET', KEYS[1], 'workflow', 'status', '_ix')
+if found.err then found = {} end  -- not a hash: deleted all the same
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-if not found[1] then return nil end
-return found
+return {1, found[1] or '', found[2] or '', found[3] or ''}
 """
 
 # KEYS: an index zset.  ARGV: member, score.  Drops a stale index entry unless someone

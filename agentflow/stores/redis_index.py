@@ -1,0 +1,337 @@
+"""The Redis store's indexes: filing runs by status, and listing from them.
+
+What is filed (keys in :mod:`agentflow.stores.keys`): each run under its status, once
+for every workflow and once for its own, scored by ``created_at``; finished runs with a
+ttl in time buckets that expire after them; gates by deadline. Writers file a run
+*before* the write that gives it the status (in the same round trip), so a crash in
+between leaves an entry too many, never a run that no index lists; the entry the run
+leaves behind is dropped once the write is known to have applied.
+
+Readers check every entry against the record (version, status, workflow), drop the
+stale ones and never list a run under a status or workflow its record does not have.
+So a listing costs what it returns (plus the stale entries it meets, once), not what
+is stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from ..errors import CorruptRecordError
+from ..types import FINAL, RunStatus
+from . import lua
+from .codec import RECORD_FIELDS, deadline_of, decode, encode, make_record
+from .contract import RunRecord
+from .keys import Keys, entry, entry_run
+from .redis_wire import Command, Wire
+
+__all__ = ["LIGHT", "Index", "score"]
+
+#: The record fields a listing reads (not input, state nor output), and the index version.
+LIGHT: tuple[str, ...] = (*(f for f in RECORD_FIELDS if f not in ("input", "state", "output")), "_ix")
+
+_BATCH = 500  # index entries (and records) read per round trip
+_TIES = 10_000  # entries sharing one created_at that paging tells apart
+_BUCKET_SLACK = 300.0  # seconds a bucket stays listed past its expiry (clocks differ)
+_STATUSES = frozenset(s.value for s in RunStatus)
+_RUNNING = encode("", "status", RunStatus.RUNNING)
+_WAITING = encode("", "status", RunStatus.WAITING)
+
+
+def score(value: float) -> bytes:
+    """A ZSET score, exactly the float's value."""
+    return repr(float(value)).encode()
+
+
+def _float(raw: Any) -> float | None:
+    try:
+        value = decode("", "", raw) if raw is not None else None
+    except CorruptRecordError:
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class Index:
+    """Files runs in the indexes of ``keys`` and reads them back through ``wire``.
+
+    Args:
+        keys: the store's key builder.
+        wire: the store's round trips.
+        ttl: seconds a finished run is kept (None: kept), which decides its buckets.
+    """
+
+    def __init__(self, keys: Keys, wire: Wire, ttl: float | None) -> None:
+        self.keys = keys
+        self.wire = wire
+        self.ttl = ttl
+
+    # -- writing ----------------------------------------------------------------------
+
+    def file(
+        self, run_id: str, status: str, workflow: str, created_at: float, version: bytes
+    ) -> list[Command]:
+        """Commands filing ``run_id`` (at ``version``) under ``status``; idempotent."""
+        member, at = entry(run_id, version), score(created_at)
+        if status not in FINAL or self.ttl is None:
+            return [[b"ZADD", k.encode(), at, member] for k in self._keys(status, workflow)]
+        bucket = Keys.bucket(self.ttl, time.time())
+        keys = [k.encode() for k in self._keys(status, workflow, bucket.name)]
+        life = b"%d" % bucket.ttl_ms
+        commands: list[Command] = [[b"ZADD", k, at, member] for k in keys]
+        # NX gives a new key its lifetime, GT lets a later run extend it; never shortened.
+        commands += [[b"PEXPIRE", k, life, flag] for k in keys for flag in (b"NX", b"GT")]
+        commands.append(
+            [b"ZADD", self.keys.buckets().encode(), score(bucket.expires_at), bucket.name.encode()]
+        )
+        return commands
+
+    def unfile(self, run_id: str, status: str, workflow: str, version: bytes) -> list[Command]:
+        """Commands dropping the entries of ``run_id`` at ``version`` under ``status``.
+
+        Safe at any time once the record moved on from ``version``: no one files it again.
+        Entries in time buckets are left to expire.
+        """
+        member = entry(run_id, version)
+        return [[b"ZREM", k.encode(), member] for k in self._keys(status, workflow)]
+
+    def file_gate(self, run_id: str, workflow: str, deadline: float) -> Command:
+        """The command filing a gate's deadline."""
+        return [b"ZADD", self.keys.gates(workflow).encode(), score(deadline), run_id.encode()]
+
+    def unfile_gate(self, run_id: str, workflow: str, deadline: float) -> Command:
+        """The command dropping a gate's entry, unless it was filed again since (a new deadline)."""
+        key = self.keys.gates(workflow).encode()
+        return [b"EVALSHA", lua.ZREM_IF_SCORE.sha_bytes, b"1", key, run_id.encode(), score(deadline)]
+
+    def _keys(self, status: str, workflow: str, bucket: str | None = None) -> tuple[str, str]:
+        return self.keys.status(status, None, bucket), self.keys.status(status, workflow, bucket)
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _light(self, run_ids: Sequence[str], fields: Sequence[str]) -> list[Any]:
+        """HMGET ``fields`` of each run's record, one round trip; an error reply in its place."""
+
+        async def read() -> list[Any]:
+            pipe = self.wire.client.pipeline(transaction=False)
+            for run_id in run_ids:
+                pipe.hmget(self.keys.run(run_id).rec, list(fields))
+            return list(await pipe.execute(raise_on_error=False))
+
+        return await self.wire.retrying("list_runs", None, read)
+
+    async def _pipeline(
+        self, what: str, calls: Sequence[tuple[str, Sequence[Any], dict[str, Any]]]
+    ) -> list[Any]:
+        async def run() -> list[Any]:
+            pipe = self.wire.client.pipeline(transaction=False)
+            for name, args, kwargs in calls:
+                getattr(pipe, name)(*args, **kwargs)
+            return list(await pipe.execute())
+
+        return await self.wire.retrying(what, None, run)
+
+    async def _drop(self, commands: list[Command]) -> None:
+        if commands:
+            self.wire.defer(commands)
+            await self.wire.flush()
+
+    def _check(
+        self, run_id: str, version: bytes, status: str, workflow: str | None, values: Any
+    ) -> tuple[RunRecord | None, bool]:
+        """The listed record for an index entry (None: not listed), and whether the entry is stale.
+
+        A record that cannot be decoded is listed with ``corrupt`` set, under the
+        entry's status (and workflow, unless its own is readable and another).
+        """
+        key = self.keys.run(run_id).rec
+        if isinstance(values, ResponseError):  # not a hash: damaged, but the run is there
+            return self._corrupt(run_id, key, status, workflow, None, str(values)), False
+        raw = dict(zip(LIGHT, values, strict=True))
+        if all(v is None for v in values):
+            return None, True  # deleted or expired
+        if raw["_ix"] != version:
+            return None, True  # the run moved on
+        try:
+            found_workflow = decode(run_id, f"{key}[workflow]", raw["workflow"] or b"null")
+        except CorruptRecordError:
+            found_workflow = None
+        if workflow is not None and isinstance(found_workflow, str) and found_workflow != workflow:
+            return None, False  # never listed under another workflow's name
+        try:
+            found_status = decode(run_id, f"{key}[status]", raw["status"] or b"null")
+        except CorruptRecordError:
+            found_status = None
+        if found_status in _STATUSES and found_status != status:
+            return None, False  # changed without a new version (by hand): not ours to drop
+        values_ = {"input": None}
+        try:
+            for name in LIGHT[:-1]:
+                if raw[name] is not None:
+                    values_[name] = decode(run_id, f"{key}[{name}]", raw[name])
+            return make_record(run_id, key, values_), False
+        except CorruptRecordError as exc:
+            listed_as = found_workflow if isinstance(found_workflow, str) else workflow
+            return self._corrupt(run_id, key, status, listed_as, raw.get("created_at"), str(exc)), False
+
+    @staticmethod
+    def _corrupt(
+        run_id: str, key: str, status: str, workflow: str | None, created: Any, reason: str
+    ) -> RunRecord:
+        at = _float(created) or 0.0
+        return RunRecord(
+            run_id, workflow or "", RunStatus(status), None, created_at=at, updated_at=at, corrupt=reason
+        )
+
+    async def list_runs(
+        self, workflow: str | None, status: RunStatus | None, limit: int, after: str | None
+    ) -> list[RunRecord]:
+        """Light records, newest first (``created_at``, then run id), after run ``after``."""
+        if limit <= 0:
+            return []
+        statuses = [RunStatus(status)] if status is not None else list(RunStatus)
+        calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = []
+        if any(s in FINAL for s in statuses):
+            now = time.time() - _BUCKET_SLACK
+            calls.append(("zremrangebyscore", (self.keys.buckets(), "-inf", now), {}))
+            calls.append(("zrange", (self.keys.buckets(), now, "+inf"), {"byscore": True}))
+        if after is not None:
+            calls.append(("hmget", (self.keys.run(after).rec, ["created_at"]), {}))
+        replies = await self._pipeline("list_runs", calls) if calls else []
+        buckets = [b.decode() for b in replies[1]] if any(s in FINAL for s in statuses) else []
+        cursor: tuple[float, bytes] | None = None
+        if after is not None:
+            at = _float(replies[-1][0])
+            if at is None:
+                return []  # the run paged from is gone: nothing is known to come after it
+            cursor = (at, after.encode() + b"\0")
+        sources: list[tuple[str, str]] = []
+        for s in statuses:
+            sources.append((self.keys.status(s, workflow), s))
+            if s in FINAL:
+                sources += [(self.keys.status(s, workflow, b), s) for b in buckets]
+        out: list[RunRecord] = []
+        drops: list[Command] = []
+        while len(out) < limit:
+            candidates, exhausted = await self._candidates(sources, cursor, limit - len(out) + 2)
+            if not candidates:
+                break
+            found = await self._light([entry_run(member)[0] for _, member, _ in candidates], LIGHT)
+            for (at, member, source), values in zip(candidates, found, strict=True):
+                run_id, version = entry_run(member)
+                rec, stale = self._check(run_id, version, sources[source][1], workflow, values)
+                if stale:
+                    drops.append([b"ZREM", sources[source][0].encode(), member])
+                elif rec is not None:
+                    out.append(rec)
+                    if len(out) == limit:
+                        break
+                cursor = (at, member)
+            if exhausted:
+                break
+        await self._drop(drops)
+        return out
+
+    async def _candidates(
+        self, sources: Sequence[tuple[str, str]], cursor: tuple[float, bytes] | None, count: int
+    ) -> tuple[list[tuple[float, bytes, int]], bool]:
+        """The next ``count`` entries of ``sources`` merged, newest first, past ``cursor``.
+
+        Returns them as ``(score, member, source index)`` with whether nothing is left.
+        """
+        calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = []
+        page = {"byscore": True, "desc": True, "withscores": True, "offset": 0}
+        for key, _ in sources:
+            if cursor is None:
+                calls.append(("zrange", (key, "+inf", "-inf"), {**page, "num": count}))
+            else:
+                at = repr(cursor[0])
+                calls.append(("zrange", (key, f"({at}", "-inf"), {**page, "num": count}))
+                calls.append(("zrange", (key, at, at), {**page, "num": _TIES}))
+        replies = await self._pipeline("list_runs", calls)
+        merged: list[tuple[float, bytes, int]] = []
+        more = False
+        step = 1 if cursor is None else 2
+        for i in range(len(sources)):
+            below = replies[i * step]
+            more = more or len(below) >= count
+            merged += [(float(s), m, i) for m, s in below]
+            if cursor is not None:
+                merged += [(float(s), m, i) for m, s in replies[i * step + 1] if m < cursor[1]]
+        merged.sort(key=lambda e: (e[0], e[1]), reverse=True)
+        return merged[:count], not more and len(merged) <= count
+
+    async def recoverable(self, workflow: str, limit: int) -> list[str]:
+        """Ids of ``workflow``'s running runs whose lease ran out by the server's clock."""
+        key = self.keys.status(RunStatus.RUNNING, workflow)
+        wf = encode("", "workflow", workflow)
+        out: list[str] = []
+        drops: list[Command] = []
+        start = 0
+        now: float | None = None
+        while len(out) < limit:
+            calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = [
+                ("zrange", (key, start, start + _BATCH - 1), {})
+            ]
+            if now is None:
+                calls.append(("time", (), {}))
+            replies = await self._pipeline("recoverable", calls)
+            members: list[bytes] = replies[0]
+            if now is None:
+                sec, usec = replies[1]
+                now = sec + usec / 1e6
+            if not members:
+                break
+            fields = ("status", "workflow", "lease_expires", "_ix")
+            found = await self._light([entry_run(m)[0] for m in members], fields)
+            for member, values in zip(members, found, strict=True):
+                run_id, version = entry_run(member)
+                if isinstance(values, ResponseError):
+                    continue
+                status, found_workflow, expires, ix = values
+                if ix != version:
+                    drops.append([b"ZREM", key.encode(), member])
+                    continue
+                at = _float(expires)
+                if status == _RUNNING and found_workflow == wf and at is not None and at < now:
+                    out.append(run_id)
+                    if len(out) == limit:
+                        break
+            start += len(members)
+        await self._drop(drops)
+        return out
+
+    async def due_gates(self, workflow: str, now: float) -> list[str]:
+        """Ids of ``workflow``'s runs waiting at a gate whose deadline is at or before ``now``."""
+        key = self.keys.gates(workflow)
+        [entries] = await self._pipeline(
+            "due_gates", [("zrange", (key, "-inf", now), {"byscore": True, "withscores": True})]
+        )
+        wf = encode("", "workflow", workflow)
+        due: list[str] = []
+        drops: list[Command] = []
+        for start in range(0, len(entries), _BATCH):
+            chunk: list[tuple[bytes, float]] = entries[start : start + _BATCH]
+            found = await self._light([m.decode() for m, _ in chunk], ("status", "workflow", "pending"))
+            for (member, filed), values in zip(chunk, found, strict=True):
+                run_id = member.decode()
+                if isinstance(values, ResponseError):
+                    continue
+                status, found_workflow, pending = values
+                deadline = None
+                if status == _WAITING and found_workflow == wf and pending is not None:
+                    try:
+                        deadline = deadline_of(decode(run_id, "pending", pending))
+                    except CorruptRecordError:
+                        continue
+                if deadline is not None and deadline <= now:
+                    due.append(run_id)
+                elif deadline is not None:  # filed again with a later deadline: correct the entry
+                    drops.append([b"ZADD", key.encode(), b"XX", score(deadline), member])
+                else:  # no longer waiting (or gone)
+                    drops.append(self.unfile_gate(run_id, workflow, filed))
+        await self._drop(drops)
+        return due

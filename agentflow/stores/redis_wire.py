@@ -1,0 +1,263 @@
+"""The Redis store's wire: connections, round trips, scripts, retries.
+
+* Connections come from a blocking pool (``max_connections``): past that many
+  operations in flight, the next one waits for a free connection rather than failing.
+  Waiting is not an outage; only a wait longer than ``retry_for`` gives up.
+* The scripts' calls skip redis-py's command layer: :meth:`Wire.round_trip` packs the
+  RESP itself from bytes and sends it on a pooled connection, then reads the replies
+  with redis-py (its parser, timeouts and error handling). That is most of a commit's
+  client time otherwise: encoding two dozen arguments one by one, per-command
+  bookkeeping, and on Python < 3.12 a task per send.
+* Redis unreachable: :meth:`Wire.retrying` retries connection errors and timeouts with
+  backoff for ``retry_for`` seconds, then raises :class:`StoreError`. Every write is
+  safe to send again (see :mod:`agentflow.stores.lua`). After a server restart the pool
+  reconnects and a script is loaded again on its first NOSCRIPT reply.
+* Index clean-ups that need no answer (dropping an index entry a write just made
+  stale) are queued with :meth:`Wire.defer` and ride along with the next round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+
+from ..errors import CorruptRecordError, StoreError
+from .lua import Script
+
+__all__ = ["Command", "Wire", "make_client"]
+
+T = TypeVar("T")
+Command = Sequence[bytes]
+
+_MAX_DEFERRED = 10_000  # queued clean-ups kept; past that, readers drop the stale entries
+_NO_CONNECTION = "No connection available"  # redis-py's BlockingConnectionPool timeout
+
+
+def make_client(url: str, *, max_connections: int, socket_timeout: float, retry_for: float) -> aioredis.Redis:
+    """A client on a blocking pool of ``max_connections``, without redis-py's own retries.
+
+    Retries are the store's (bounded by ``retry_for``, safe for every write); a pool
+    wait longer than ``retry_for`` raises like an outage.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=max(retry_for, 0.1),
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(socket_timeout, max(retry_for, 0.1)),
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def pack(command: Command) -> bytes:
+    """One command in RESP, the form Redis reads: an array of bulk strings."""
+    return b"*%d\r\n" % len(command) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in command])
+
+
+async def _send(conn: Connection, data: bytes) -> None:
+    """``conn.send_packed_command(data)``, without its cost when the socket takes it all.
+
+    redis-py bounds every send by the socket timeout with ``asyncio.wait_for``, which on
+    Python < 3.12 runs the send as a task of its own: two more event-loop turns per
+    command. A send the kernel takes at once cannot hang, so the bound (and redis-py's
+    error handling, which closes the connection) is only needed when data is left over.
+    """
+    writer = getattr(conn, "_writer", None)
+    if writer is None or conn.health_check_interval or not conn.is_connected:
+        await conn.send_packed_command(data)  # connects, checks health: redis-py's own way
+        return
+    try:
+        writer.write(data)
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+    if writer.transport.get_write_buffer_size():
+        try:
+            await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+        except builtins.TimeoutError:  # asyncio's; TimeoutError here is redis-py's
+            await conn.disconnect(nowait=True)
+            raise TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+def _where(client: aioredis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix:{kw['path']}"
+    return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+class Wire:
+    """Round trips to one Redis through ``client``'s pool, with the store's retries.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` with a connection pool and bytes replies.
+        retry_for: seconds to keep retrying while Redis is unreachable.
+
+    Raises:
+        StoreError: the client cannot serve a store (one shared connection, or replies
+            decoded to str).
+    """
+
+    def __init__(self, client: aioredis.Redis, retry_for: float) -> None:
+        if client.single_connection_client:
+            raise StoreError(
+                "RedisStore needs a client with a connection pool: a single-connection client cannot "
+                "serve concurrent runs"
+            )
+        pool = client.connection_pool
+        if pool.connection_kwargs.get("decode_responses"):
+            raise StoreError("RedisStore needs a client with decode_responses=False (the default)")
+        self.client = client
+        self.retry_for = retry_for
+        self.where = _where(client)
+        # A pool that raises when full would turn a busy moment into errors: hold back
+        # our own operations to its size instead.
+        self._slots: contextlib.AbstractAsyncContextManager[Any] = (
+            contextlib.nullcontext()
+            if isinstance(pool, BlockingConnectionPool)
+            else asyncio.Semaphore(max(1, pool.max_connections))
+        )
+        self._deferred: list[Command] = []
+
+    # -- retries ----------------------------------------------------------------------
+
+    async def retrying(
+        self, what: str, run_id: str | None, attempt: Callable[[], Awaitable[T]], key: str | None = None
+    ) -> T:
+        """Run ``attempt``, retrying connection failures with backoff for ``retry_for`` s.
+
+        A reply saying stored data has the wrong shape (a key of the wrong type, a count
+        that is not a number) is reported as a damaged ``key`` of ``run_id``.
+
+        Raises:
+            StoreError: Redis stayed unreachable, or refused the command.
+            CorruptRecordError: the stored data has the wrong shape.
+        """
+        give_up = time.monotonic() + self.retry_for
+        delay = 0.01
+        while True:
+            try:
+                async with self._slots:
+                    return await attempt()
+            except (ConnectionError, TimeoutError) as exc:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise self._unreachable(what, run_id, exc) from exc
+                await asyncio.sleep(min(delay * (0.5 + random.random()), left))
+                delay = min(delay * 2, 0.5)
+            except ResponseError as exc:
+                subject = f"run {run_id}: " if run_id else ""
+                if run_id and key and any(m in str(exc) for m in ("WRONGTYPE", "not an integer")):
+                    raise CorruptRecordError(run_id, key, str(exc)) from exc
+                raise StoreError(f"{subject}Redis refused {what}: {exc}") from exc
+
+    def _unreachable(self, what: str, run_id: str | None, exc: Exception) -> StoreError:
+        subject = f"run {run_id}: " if run_id else ""
+        if _NO_CONNECTION in str(exc):
+            return StoreError(
+                f"{subject}no connection to Redis at {self.where} came free within {self.retry_for:g} s "
+                f"during {what}; raise max_connections or look for what holds them"
+            )
+        return StoreError(
+            f"{subject}Redis at {self.where} unreachable for {self.retry_for:g} s during {what} ({exc}); "
+            "a write is atomic, so it was applied entirely or not at all, and sending it again is safe"
+        )
+
+    # -- round trips ------------------------------------------------------------------
+
+    def defer(self, commands: Sequence[Command]) -> None:
+        """Queue commands whose replies nobody needs, for the next round trip."""
+        room = _MAX_DEFERRED - len(self._deferred)
+        self._deferred.extend(commands[: max(room, 0)])
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection of one's own (for WATCH); closed if anything goes wrong."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
+        try:
+            yield conn
+        except BaseException:
+            # Replies may be left unread, or a WATCH set: never hand it on out of step.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def exchange(self, conn: Connection, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` on ``conn`` together and read their replies: one round trip.
+
+        A reply that is an error comes back as the exception, in its place.
+        """
+        await _send(conn, b"".join([pack(command) for command in commands]))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # the connection stays in step: read the rest
+                replies.append(exc)
+        return replies
+
+    async def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+        """:meth:`exchange` on a pooled connection, with the deferred clean-ups in front.
+
+        Connection failures raise, as with redis-py, and leave the connection closed.
+        """
+        deferred, self._deferred = self._deferred, []
+        try:
+            async with self.connection() as conn:
+                replies = await self.exchange(conn, [*deferred, *commands])
+        except BaseException:
+            self.defer(deferred)  # harmless to send again
+            raise
+        return replies[len(deferred) :]
+
+    async def eval(
+        self, script: Script, keys: Sequence[bytes], args: Sequence[bytes], before: Sequence[Command] = ()
+    ) -> list[Any]:
+        """Run ``script`` by its SHA after the commands ``before`` (idempotent index writes),
+        all in one round trip; the script is loaded on a NOSCRIPT reply.
+
+        Returns every reply, the script's last.
+
+        Raises:
+            ResponseError: one of the commands failed.
+        """
+        command = [b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args]
+        for _ in range(2):
+            replies = await self.round_trip([*before, command])
+            if isinstance(replies[-1], NoScriptError):
+                # First use on this server (or after a restart / SCRIPT FLUSH). Sending
+                # the index writes again is harmless.
+                [loaded] = await self.round_trip([[b"SCRIPT", b"LOAD", script.source.encode()]])
+                if isinstance(loaded, Exception):
+                    raise loaded
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise StoreError(f"Redis at {self.where} keeps forgetting agentflow's scripts")
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Send the deferred clean-ups now (best effort, within ``timeout``)."""
+        if not self._deferred:
+            return
+        with contextlib.suppress(ConnectionError, TimeoutError, builtins.TimeoutError, OSError):
+            async with asyncio.timeout(timeout):
+                await self.round_trip([[b"PING"]])
