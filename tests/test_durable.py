@@ -201,7 +201,9 @@ async def test_a_process_that_lost_its_lease_cannot_commit(kind, tmp_path, reque
 
             taken = await thief.update(
                 handle.run_id,
-                lambda r, now: Change(dataclasses.replace(r, lease_owner="thief", lease_token=r.lease_token + 1)),
+                lambda r, now: Change(
+                    dataclasses.replace(r, lease_owner="thief", lease_token=r.lease_token + 1)
+                ),
             )
             assert taken is not None and taken.lease_owner == "thief"
             release.set()
@@ -221,7 +223,8 @@ async def test_a_process_that_lost_its_lease_cannot_commit(kind, tmp_path, reque
 
 
 @pytest.mark.timeout(60)
-async def test_redis_down_at_a_commit_fails_with_store_error_and_writes_nothing(tmp_path):
+async def test_redis_down_at_a_commit_does_not_fail_the_run(tmp_path):
+    """A store outage never fails a run: it waits at its last commit and goes on once Redis is back."""
     from conftest import RedisServer
 
     from agentflow.stores.redis import RedisStore
@@ -230,34 +233,36 @@ async def test_redis_down_at_a_commit_fails_with_store_error_and_writes_nothing(
     server.start()
     try:
         gate = asyncio.Event()
+        calls: list[str] = []
 
         async def first(ctx):
             ctx.set_state(drafts=1)
             return "Second"
 
         async def second(ctx):
+            calls.append("second")
             await gate.wait()
             ctx.set_state(drafts=2)
             return END
 
-        store = RedisStore(server.url, retry_for=1.0)
+        store = RedisStore(server.url, retry_for=1.0)  # the store gives up after 1 s; the run does not
         wf = Workflow("Down").state(Notes).flow({START: first, "Second": second})
         async with WorkflowRunner(wf, store=store) as runner:
             handle = await runner.run()
             await asyncio.sleep(0.1)
             server.stop()
             gate.set()
-            started = time.monotonic()
-            with pytest.raises(StoreError) as info:
-                await handle.result(timeout=30)
-            assert time.monotonic() - started < 10  # bounded retry, then a clear error
-            assert "redis" in str(info.value).lower()
+            await asyncio.sleep(3.0)  # three times the store's own retry budget
+            info_task = asyncio.ensure_future(handle.result(timeout=30))
+            await asyncio.sleep(0.2)
+            assert not info_task.done(), "the run must wait for the store, not fail"
             server.start()
-            rec = await store.get(handle.run_id)
-            assert rec is not None and rec.step == "Second" and rec.state == {"drafts": 1}
+            result = await info_task
         await store.close()
     finally:
         server.stop(kill=True)
+    assert result.status == RunStatus.COMPLETED and result.state.drafts == 2
+    assert calls == ["second"], "the step in flight ran once"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -393,8 +398,10 @@ async def test_a_stored_state_that_no_longer_fits_raises_corrupt_record(tmp_path
         handle = await runner.run({"title": "x"})
         await _until(handle, RunStatus.WAITING)
     with sqlite3.connect(path) as db:
+        # Big values (input, state, output) live in their own table, out of the hot row.
         db.execute(
-            "UPDATE agentflow_runs SET state = ? WHERE run_id = ?", ('{"drafts": "many"}', handle.run_id)
+            "UPDATE agentflow_values SET value = ? WHERE run_id = ? AND field = 'state'",
+            ('{"drafts": "many"}', handle.run_id),
         )
     async with WorkflowRunner(review_flow(_persist("sqlite", path))) as runner:
         with pytest.raises(CorruptRecordError) as info:
