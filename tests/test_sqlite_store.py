@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import sqlite3
 import sys
@@ -250,6 +251,22 @@ async def test_the_store_and_its_sibling_serve_other_event_loops(store: SqliteSt
     assert results[0] is None and results[1].lease_expires > time.time() + 20
 
 
+async def test_close_lets_queued_calls_finish_and_a_dropped_store_stops_its_thread(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "t.db"))
+    created = asyncio.ensure_future(store.create(record(), []))
+    await asyncio.sleep(0)  # queued before close
+    await store.close()
+    assert await created
+    dropped = SqliteStore(str(tmp_path / "t.db"))
+    assert await dropped.get("r1") is not None
+    thread = dropped._thread
+    assert thread is not None and thread.is_alive()
+    del dropped
+    gc.collect()
+    await asyncio.to_thread(thread.join, 5)
+    assert not thread.is_alive()
+
+
 # -- durability ------------------------------------------------------------------------
 
 
@@ -260,6 +277,8 @@ async def test_durability_sets_synchronous_and_reaches_open_store(tmp_path: Path
     try:
         assert isinstance(normal, SqliteStore) and normal.durability == "normal"
         assert full.durability == "full"
+        lease = await started(full)
+        await full.renew("r1", lease, 15.0)  # a renewal, never flushed, leaves the setting as it was
         for store, want in ((full, 2), (normal, 1)):
             sync = await store._call(
                 "pragma", None, lambda db: db.execute("PRAGMA synchronous").fetchone()[0]

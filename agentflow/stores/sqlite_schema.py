@@ -34,23 +34,36 @@ from .contract import RunRecord
 
 __all__ = [
     "BIG",
+    "BUSY_TIMEOUT",
     "EVENTS",
     "FINAL_VALUES",
     "HOT",
     "JOURNAL",
     "LIVE",
     "OUTPUTS",
+    "RENEW",
     "RUNS",
+    "SELECT_CURSOR",
+    "SELECT_DUE",
+    "SELECT_EVENTS",
+    "SELECT_EXPIRED",
+    "SELECT_FENCE",
     "SELECT_FULL",
+    "SELECT_JOURNAL",
+    "SELECT_LEASE",
     "SELECT_LIGHT",
+    "SELECT_LIVE",
+    "SELECT_OUTPUTS",
+    "SELECT_RECOVERABLE",
     "SELECT_STORED",
     "VALUES",
     "VERSION",
     "column",
+    "connect",
     "delete_runs",
     "ensure_schema",
-    "insert_run",
     "insert_rows",
+    "insert_run",
     "listed",
     "to_record",
     "transaction",
@@ -147,6 +160,30 @@ _FROM_V1 = (
 )
 
 
+#: Seconds a contended writer waits for another connection's lock before failing.
+BUSY_TIMEOUT = 10.0
+
+
+def connect(path: str, durability: str) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with ``synchronous`` set from ``durability``; create the schema.
+
+    Raises:
+        StoreError: the file was written by a newer layout.
+        sqlite3.Error: the file cannot be opened.
+    """
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        if durability == "full":
+            db.execute("PRAGMA fullfsync = ON")  # macOS: flush the drive's cache too
+        ensure_schema(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def ensure_schema(db: sqlite3.Connection, path: str) -> None:
     """Create the tables and indexes, upgrading a version 1 file in place (one transaction).
 
@@ -189,6 +226,37 @@ SELECT_LIGHT = f"SELECT {', '.join(HOT)} FROM {RUNS}"
 SELECT_FULL = f"SELECT {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ? AND {LIVE}"
 #: ``expires_at``, then what ``SELECT_FULL`` reads, expired or not.
 SELECT_STORED = f"SELECT expires_at, {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ?"
+#: What a commit checks before it writes: the fence, the last commit and the counters.
+SELECT_FENCE = (
+    f"SELECT id, lease_owner, lease_token, commit_token, commit_seq, event_count, control, status "
+    f"FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}"
+)
+SELECT_LEASE = f"SELECT lease_owner, lease_token FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}"
+SELECT_OUTPUTS = f"SELECT body FROM {OUTPUTS} WHERE ns = ? AND run_id = ? ORDER BY id"
+SELECT_JOURNAL = f"SELECT key, value FROM {JOURNAL} WHERE ns = ? AND run_id = ?"
+SELECT_EVENTS = (
+    f"SELECT e.seq, e.body FROM {EVENTS} e JOIN {RUNS} r ON r.ns = e.ns AND r.run_id = e.run_id "
+    "WHERE e.ns = ? AND e.run_id = ? AND e.seq > ? AND (r.expires_at IS NULL OR r.expires_at > ?) "
+    "ORDER BY e.seq"
+)
+SELECT_CURSOR = f"SELECT created_at, id FROM {RUNS} WHERE ns = ? AND run_id = ?"
+SELECT_RECOVERABLE = (
+    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'running' "
+    f"AND lease_expires <= ? AND {LIVE} ORDER BY lease_expires LIMIT ?"
+)
+SELECT_DUE = (
+    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'waiting' "
+    f"AND deadline IS NOT NULL AND deadline <= ? AND {LIVE} ORDER BY deadline"
+)
+SELECT_EXPIRED = (
+    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
+)
+SELECT_LIVE = f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}"
+#: One statement takes the write lock up front, so a renewal needs no BEGIN.
+RENEW = (
+    f"UPDATE {RUNS} SET lease_expires = ? WHERE ns = ? AND run_id = ? AND lease_owner = ? "
+    f"AND lease_token = ? AND {LIVE} RETURNING control"
+)
 _INSERT_RUN = (
     f"INSERT INTO {RUNS} ({', '.join(HOT)}, ns, deadline, expires_at) "
     f"VALUES ({', '.join('?' * (len(HOT) + 3))})"
