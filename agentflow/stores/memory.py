@@ -48,32 +48,35 @@ _INF = float("inf")
 
 _IndexKey = tuple[str | None, RunStatus | None]
 _SortKey = tuple[float, str]
-# A stored event: its JSON, or (kind, step, at) for one without data, which is JSON already.
-_Event = bytes | tuple[str, str | None, float]
+# A stored event: its JSON, or the event itself when it carries no data (its str and
+# float parts are immutable JSON as they are).
+_Event = bytes | RunEvent
 # A stored step output: its JSON, or the record itself when it holds no mutable value.
 _Output = bytes | OutputRecord
 
 
 def _store_event(run_id: str, event: RunEvent) -> _Event:
-    # Most events carry no data: their str and float parts are immutable JSON as they
-    # are, so they skip the encoder (a step commits two). NaN fails the range check.
-    kind, step, at = event.kind, event.step, event.at
+    # Most events carry no data and skip the encoder (a step commits two); NaN fails
+    # the range check, as it would not read back from JSON.
+    step, at = event.step, event.at
     if (
         event.data is None
-        and type(kind) is str
+        and type(event.kind) is str
         and (step is None or type(step) is str)
         and type(at) is float
         and -_INF < at < _INF
+        and type(event) is RunEvent
     ):
-        return (kind, step, at)
+        return event
     return encode_event(run_id, event)
 
 
 def _read_event(run_id: str, i: int, stored: _Event) -> RunEvent:
     if isinstance(stored, bytes):
         return make_event(run_id, f"events[{i}]", stored, i + 1)
-    kind, step, at = stored
-    return RunEvent(kind, run_id, step, None, at, i + 1)
+    if stored.seq == i + 1 and stored.run_id == run_id:
+        return stored
+    return RunEvent(stored.kind, run_id, stored.step, None, stored.at, i + 1)
 
 
 def _store_output(run_id: str, output: OutputRecord) -> _Output:
