@@ -116,7 +116,8 @@ class SqliteStore:
     async def _call(self, what: str, run_id: str | None, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job(connection)`` on the store's thread and await its result."""
         if self._closed:
-            raise StoreError(f"the SQLite store on {self.path} is closed ({what} of run {run_id})")
+            subject = f"run {run_id}: " if run_id else ""
+            raise StoreError(f"{subject}{what} refused: the SQLite store on {self.path} is closed")
         try:
             return await self._submit(job)
         except sqlite3.Error as exc:
@@ -124,7 +125,7 @@ class SqliteStore:
             raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
 
     def _submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # first call, or in a forked child
             args = (self._jobs, self.path, self.durability)
             self._thread = threading.Thread(target=_serve, args=args, name="agentflow-sqlite", daemon=True)
             self._thread.start()
