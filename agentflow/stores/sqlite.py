@@ -27,11 +27,11 @@ well as a crash. ``"normal"`` is ``synchronous=NORMAL``: the WAL is flushed at
 checkpoints only, so a crash of the process loses nothing but a power loss may roll
 back the last commits (the file is never corrupted). A lost step is executed again,
 and steps call paid, slow, side-effecting models and tools, so a store sold as durable
-defaults to ``"full"``. Its price is one flush per commit: measured here (virtio disk),
-a commit's median went from about 0.15 ms to 0.3 ms, far below any model call; on
-disks that flush slowly it is milliseconds, and ``"normal"`` is there for throughput
-when a power loss may cost the last steps. Lease renewals are never flushed: after a
-power loss their owners are gone anyway.
+defaults to ``"full"``. Its price is one flush per commit: on an idle virtio SSD a
+commit's median went from about 0.1 ms (``"normal"``) to 0.2 ms (a flush is 0.1 ms),
+far below any model call; with the disk busy with other writers a flush took 5 ms.
+``"normal"`` is there for throughput when a power loss may cost the last steps. Lease
+renewals are never flushed: after a power loss their owners are gone anyway.
 
 Expiry. Runs that finish with a ``ttl`` get ``expires_at``; expired rows read as absent
 everywhere at once, and a ``create`` now and then purges them in bounded batches
