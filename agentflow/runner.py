@@ -321,23 +321,43 @@ class WorkflowRunner:
             await sup.notifier.changed(run_id, left)
 
     async def _pause(self, run_id: str) -> None:
-        live = self.supervisor.local.get(run_id)
+        sup = self.supervisor
+        live = sup.local.get(run_id)
         if live is not None and live.status is RunStatus.RUNNING and not live.finished:
             live.pause_requested = True
-        else:
+            # Waiting counts as parked: the pause takes effect where the decision sends the run.
+            await self._until(run_id, lambda r: r.status != RunStatus.RUNNING, None)
+            return
 
-            def change(rec: RunRecord, now: float) -> Change | None:
-                if rec.status == RunStatus.PAUSED or rec.control in ("pause", "stop"):
-                    return None
-                if rec.status not in (RunStatus.RUNNING, RunStatus.WAITING, RunStatus.PENDING):
-                    raise InvalidStateError(
-                        f"run {run_id} is {rec.status.value}; only a running or waiting run can be paused"
-                    )
-                return Change(_replace(rec, control="pause"))
+        def change(rec: RunRecord, now: float) -> Change | None:
+            if rec.status == RunStatus.PAUSED:
+                return None
+            if rec.status not in (RunStatus.RUNNING, RunStatus.WAITING, RunStatus.PENDING):
+                raise InvalidStateError(
+                    f"run {run_id} is {rec.status.value}; only a running or waiting run can be paused"
+                )
+            if rec.status == RunStatus.RUNNING and (rec.lease_owner is None or rec.lease_expires <= now):
+                # Its owner is gone: it parks at the step it was in (which runs again on
+                # resume), or ends there when a stop was asked for too.
+                status = RunStatus.STOPPED if rec.control == "stop" else RunStatus.PAUSED
+                ev = RunEvent(status.value, run_id, rec.step, None, time.time(), rec.event_count + 1)
+                return Change(_replace(rec, status=status, lease_owner=None, control=None), [ev])
+            return None if rec.control in ("pause", "stop") else Change(_replace(rec, control="pause"))
 
-            await self.store.update(run_id, change)
-        # Waiting counts as parked: the pause takes effect where the decision sends the run.
-        await self._until(run_id, lambda r: r.status != RunStatus.RUNNING, None)
+        while True:
+            rec = await sup.update(run_id, change)
+            if rec is None:
+                raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
+            sup.notify(run_id)
+            if rec.status != RunStatus.RUNNING:
+                return
+            # Owned elsewhere: it pauses at its next commit or lease renewal; if its owner
+            # dies first, its lease runs out and the next round parks it here.
+            try:
+                await self._until(run_id, lambda r: r.status != RunStatus.RUNNING, self._lease_ttl)
+                return
+            except TimeoutError:
+                continue
 
     async def _resume(self, run_id: str) -> None:
         def fn(rec: RunRecord, now: float) -> Transition | None:
@@ -353,7 +373,7 @@ class WorkflowRunner:
 
         rec = await self.supervisor.transition(run_id, fn)
         if rec.status == RunStatus.WAITING and rec.control == "pause":
-            await self.store.update(run_id, lambda r, now: Change(_replace(r, control=None)))
+            await self.supervisor.update(run_id, lambda r, now: Change(_replace(r, control=None)))
 
     async def _stop(self, run_id: str) -> None:
         sup = self.supervisor
@@ -379,19 +399,21 @@ class WorkflowRunner:
                     [ev],
                 )
 
-            rec = await self.store.update(run_id, change)
+            rec = await sup.update(run_id, change)
             if rec is None:
                 raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
             sup.notify(run_id)
             if rec.status in FINAL:
                 return
-            # Owned elsewhere (alive): it stops at its next commit or lease renewal; if it
-            # dies first, its lease runs out and the next round stops it here.
+            # Owned elsewhere (alive): it stops at its next commit or lease renewal. If it
+            # parks first (at a gate, paused) or dies (its lease runs out), the next round
+            # stops it here.
             try:
-                await self._until(run_id, lambda r: r.status in FINAL, self._lease_ttl)
-                return
+                rec = await self._until(run_id, lambda r: r.status != RunStatus.RUNNING, self._lease_ttl)
             except TimeoutError:
                 continue
+            if rec.status in FINAL:
+                return
 
     async def _result(self, run_id: str, timeout: float | None) -> RunResult:
         rec = await self._until(run_id, lambda r: r.status in FINAL, timeout)

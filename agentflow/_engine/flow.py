@@ -82,17 +82,16 @@ async def advance_flow(run: LiveRun) -> None:
             events.append(RunEvent("step_started", run_id, ret, None, now, seq + 2))
             run.outbox = []
             run.step = ret
-            commit = Commit(fields, [], events, {}, False, run.commit_seq + 1)
+            run.commit_seq += 1  # used up even if the commit is cancelled in flight (see LiveRun.commit)
+            commit = Commit(fields, [], events, {}, False, run.commit_seq)
             try:
                 control = await store.commit(run_id, run.lease, commit)
-                run.commit_seq = commit.seq
             except StoreError as exc:
                 if isinstance(exc, LeaseLostError):
                     raise
                 # The slow path retries through the outage under the same seq.
                 run.outbox = []
                 control = await run._commit_through_outage(commit, exc)
-                run.commit_seq = commit.seq
             if kernel.watched:
                 kernel.notify(run_id)
             if control is not None:

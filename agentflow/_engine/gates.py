@@ -53,7 +53,9 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
     """Commit the run as ``waiting`` at ``gate`` and let go of it.
 
     A pause asked for while the step ran is kept on the record (``control``), so the
-    run pauses where the decision sends it instead of going on.
+    run pauses where the decision sends it instead of going on; so is a pause or stop
+    another process asked for that this one has not seen yet (the commit leaves the
+    flag as it is).
     """
     pending = pending_gate(wait, gate, name, run.visit, run.spec.name)
     fields: dict[str, Any] = {
@@ -61,8 +63,9 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
         "pending": pending,
         "step": name,
         "visit": run.visit,
-        "control": "pause" if run.pause_requested else None,
     }
+    if run.pause_requested:
+        fields["control"] = "pause"
     if frame.state is not run.state:
         run.state = frame.state
         fields["state"] = frame.state

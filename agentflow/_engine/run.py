@@ -231,7 +231,9 @@ class LiveRun:
         if self.outbox:
             commit.events = [*self.outbox, *commit.events]
             self.outbox = []
-        commit.seq = self.commit_seq + 1
+        # The number is used up before the call: a commit cancelled in flight may have been
+        # applied, and a different commit under its number would be taken for its retry.
+        commit.seq = self.commit_seq = self.commit_seq + 1
         store = self.kernel.store
         try:
             control = await store.commit(self.run_id, self.lease, commit)
@@ -239,7 +241,6 @@ class LiveRun:
             raise
         except StoreError as exc:
             control = await self._commit_through_outage(commit, exc)
-        self.commit_seq = commit.seq
         self.kernel.notify(self.run_id)
         return control
 

@@ -10,6 +10,7 @@ released).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from .._engine.run import LiveRun
 from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
-from ..errors import CorruptRecordError, RunNotFoundError
+from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError
 from ..stores.contract import Commit, Lease, RunRecord, Store
 from ..types import RunEvent, RunStatus
 from .leases import LeaseKeeper
@@ -30,6 +31,12 @@ from .notify import Notifier
 from .timers import GateTimers
 
 __all__ = ["Supervisor"]
+
+log = logging.getLogger("agentflow")
+
+#: A store update that raised StoreError is tried this many times in all, the first
+#: retry after this many seconds (doubling): about 0.75 s before giving up.
+_UPDATE_TRIES, _UPDATE_FIRST = 5, 0.05
 
 
 class Supervisor:
@@ -122,26 +129,48 @@ class Supervisor:
         Raises:
             RunNotFoundError: there is no such run.
         """
-        grabbed: list[Lease] = []
+        # Every lease token an attempt took: after a lost reply the retry finds the change
+        # made (``fn`` returns None) and the lease is known from the record.
+        taken: set[int] = set()
 
         def change(rec: RunRecord, now: float) -> Any:
-            grabbed.clear()
             t = fn(rec, now)
             if t is None:
                 return None
             out, lease = apply(rec, now, t, self.owner, self.lease_ttl)
             if lease is not None:
-                grabbed.append(lease)
+                taken.add(lease.token)
             return out
 
-        rec = await self.store.update(run_id, change)
+        rec = await self.update(run_id, change)
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
-        if grabbed and rec.lease_owner == self.owner and rec.lease_token == grabbed[0].token:
-            if run_id not in self.local:
-                await self.adopt(run_id, grabbed[0])
+        if rec.lease_owner == self.owner and rec.lease_token in taken and run_id not in self.local:
+            await self.adopt(run_id, Lease(self.owner, rec.lease_token))
         return rec
+
+    async def update(self, run_id: str, change: Callable[[RunRecord, float], Any]) -> RunRecord | None:
+        """``store.update``, retried a few times through a :class:`StoreError`.
+
+        The change may have been applied by an attempt whose reply was lost: every change
+        made through here is idempotent (a decision carries its id, a control flag or a
+        transition checks the status first), so the retry makes it once.
+
+        Raises:
+            StoreError: the store did not answer after the retries.
+        """
+        delay = _UPDATE_FIRST
+        for _ in range(_UPDATE_TRIES - 1):
+            try:
+                return await self.store.update(run_id, change)
+            except (CorruptRecordError, LeaseLostError):
+                raise
+            except StoreError as exc:
+                log.warning("run %s: an update got no answer (%s); retried in %.2f s", run_id, exc, delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+        return await self.store.update(run_id, change)
 
     async def expire(self, run_id: str) -> None:
         """Time out the gate of ``run_id`` if its deadline passed."""
