@@ -19,7 +19,6 @@ from agentflow import (
     HumanApproval,
     Next,
     RunStatus,
-    StoreError,
     Wait,
     Workflow,
     WorkflowRunner,

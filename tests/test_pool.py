@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from agentflow.agents import pool as pool_module
 from agentflow.agents import Agent, AgentsConfig, ProviderReply, ProviderRequest, TokenBudget
+from agentflow.agents import pool as pool_module
+from agentflow.agents.pool import AgentPools, PoolStatistics, load_provider
 from agentflow.errors import (
     AgentflowError,
     BudgetExceededError,
@@ -18,9 +19,8 @@ from agentflow.errors import (
     ProviderError,
     WorkflowDefinitionError,
 )
-from agentflow.agents.pool import AgentPools, PoolStatistics, load_provider
-from agentflow.types import Usage
 from agentflow.testing import MemoryJournal, ScriptedProvider
+from agentflow.types import Usage
 
 
 class Review(BaseModel):
