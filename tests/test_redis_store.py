@@ -1,25 +1,37 @@
-"""RedisStore beyond the conformance suite: round trips, key layout, restarts, outages."""
+"""RedisStore beyond the conformance suite: round trips, keys, lost replies, clocks, scale, outages."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import shutil
+import socket
+import statistics
+import subprocess
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
 from conftest import RedisServer, free_port
-from redis.asyncio.client import Pipeline
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError
-from store_helpers import State, event, record, started
 
-from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
-from agentflow.records import Commit, OutputRecord, RunRecord, RunStatus
+from agentflow.errors import CorruptRecordError, StoreError, WorkflowDefinitionError
 from agentflow.stores import Change, Lease, MemoryStore, SqliteStore, open_store
+from agentflow.stores.contract import Commit, OutputRecord, RunRecord
 from agentflow.stores.redis import RedisStore
+from agentflow.stores.redis_wire import pack
+from agentflow.testing.store_conformance import State, acquire, event, expire, record, started, store_now
+from agentflow.types import RunStatus
+
+GATE = {"approvers": ["ops"], "deadline": None}
+
+
+def pause(rec: RunRecord, now: float) -> Change:
+    return Change(dataclasses.replace(rec, control="pause"), [event("pause_requested", rec.event_count + 1)])
 
 
 class CountingWriter:
@@ -50,7 +62,91 @@ class CountingConnection(aioredis.Connection):
         self._writer = CountingWriter(self._writer)  # type: ignore[assignment]
 
 
-async def _commits_stat(client: aioredis.Redis) -> int:
+class LossyProxy:
+    """A TCP proxy to Redis that can lose the reply to a request, as a dropped connection does.
+
+    ``lose(when, between)``: the next request containing ``when`` reaches Redis and runs;
+    its reply is not passed on. ``between()`` runs first (another writer, say), then the
+    client's connection is cut, and the client sees a reply that never came.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.lost = 0
+        self._rule: tuple[bytes, Callable[[], Awaitable[None]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> LossyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def url(self, db: str) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def lose(self, when: bytes, between: Callable[[], Awaitable[None]]) -> None:
+        self._rule = (when, between)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        doomed: list[Callable[[], Awaitable[None]]] = []
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                if self._rule is not None and self._rule[0] in data:
+                    doomed.append(self._rule[1])
+                    self._rule = None
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if doomed:
+                    await doomed[0]()
+                    self.lost += 1
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._tasks.discard(task)
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> Any:
+    async with LossyProxy(redis_server.port) as p:
+        yield p
+
+
+def _db(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[1]
+
+
+# -- round trips and layout -------------------------------------------------------------
+
+
+async def _evalsha_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
@@ -60,45 +156,50 @@ async def test_commit_renew_get_are_one_round_trip_each(redis_url: str) -> None:
     store = RedisStore(client=client)
     try:
         lease = await started(store)
-        await store.commit("r1", lease, Commit(fields={"step": "warm-up"}))  # loads the scripts
+        await store.commit("r1", lease, Commit(fields={"step": "warm-up"}, seq=1))  # loads the scripts
         await store.renew("r1", lease, 15.0)
         commit = Commit(
             fields={"state": State(artifact="a", count=1), "step": "B", "visit": 1},
             outputs=[OutputRecord(1, "A", {"x": 1})],
             events=[event("step_started", 2), event("step_completed", 3)],
             journal={"A/1": "reply"},
+            seq=2,
         )
-        evalsha_before = await _commits_stat(client)
+        before = await _evalsha_calls(client)
         CountingConnection.sends = 0
         await store.commit("r1", lease, commit)
         assert CountingConnection.sends == 1
-        assert await _commits_stat(client) == evalsha_before + 1
-        # A gate's deadline goes to its index in the same round trip (the engine files
-        # the workflow's name with the gate, so the store need not read it).
-        CountingConnection.sends = 0
-        pending = {"approvers": ["ops"], "deadline": time.time() - 1, "workflow": "wf"}
-        await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
-        assert CountingConnection.sends == 1
-        assert await store.due_gates("wf", time.time()) == ["r1"]
-        # A gate without the name (written by another client) costs one read first.
+        assert await _evalsha_calls(client) == before + 1
+        # A commit that moves the run to a gate files it (status index, deadline) in
+        # the same round trip, with what the store remembers of the run.
         CountingConnection.sends = 0
         pending = {"approvers": ["ops"], "deadline": time.time() - 1}
-        await store.commit("r1", lease, Commit(fields={"pending": pending}))
-        assert CountingConnection.sends == 2
+        await store.commit(
+            "r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}, seq=3)
+        )
+        assert CountingConnection.sends == 1
         assert await store.due_gates("wf", time.time()) == ["r1"]
+        assert [r.run_id for r in await store.list_runs("wf", RunStatus.WAITING)] == ["r1"]
         CountingConnection.sends = 0
         await store.renew("r1", lease, 15.0)
         assert CountingConnection.sends == 1
         CountingConnection.sends = 0
         await store.get("r1")
         assert CountingConnection.sends == 1
+        # A store that never read the run reads its workflow first: one more round trip.
+        other = RedisStore(client=client)
+        CountingConnection.sends = 0
+        await other.commit("r1", lease, Commit(fields={"status": RunStatus.RUNNING}, seq=4))
+        assert CountingConnection.sends == 2
+        assert [r.run_id for r in await store.list_runs(status=RunStatus.RUNNING)] == ["r1"]
+        assert await store.list_runs(status=RunStatus.WAITING) == []
     finally:
         await store.close()
         await client.aclose()
 
 
-async def test_keys_are_prefixed_and_hash_tagged(redis_url: str) -> None:
-    store = RedisStore(redis_url, key_prefix="app:", ttl=None)
+async def test_keys_are_prefixed_and_a_run_shares_one_slot(redis_url: str) -> None:
+    store = RedisStore(redis_url, key_prefix="app:", ttl=3600)
     try:
         lease = await started(store, "run-1")
         pending = {"deadline": time.time() + 60}
@@ -111,14 +212,24 @@ async def test_keys_are_prefixed_and_hash_tagged(redis_url: str) -> None:
                 events=[event("waiting", 2)],
                 journal={"A/1": 1},
                 release=True,
+                seq=1,
             ),
         )
-        keys = {k.decode() for k in await store.client.keys("*")}
+        # (This create also carries the clean-up queued by the commit: the running entry.)
+        await store.create(record("done", status=RunStatus.COMPLETED), [])
+        keys = {cast(bytes, k).decode() for k in await store.client.keys("*")}
         run_keys = set(store.keys.run("run-1"))
-        assert keys == run_keys | {"app:runs", "app:wf:wf:runs", "app:wf:wf:gates"}
-        assert all(k.startswith("app:") for k in keys)
+        assert run_keys <= keys
+        assert all(k.startswith("app:#") for k in keys)
         assert all("{run-1}" in k for k in run_keys)
         assert len({key_slot(k.encode()) for k in run_keys}) == 1
+        indexes = keys - run_keys - set(store.keys.run("done"))
+        assert store.keys.status("waiting") in indexes and store.keys.status("waiting", "wf") in indexes
+        assert store.keys.gates("wf") in indexes and store.keys.buckets() in indexes
+        assert store.keys.status("running") not in indexes  # left when the run went to its gate
+        # Finished runs are indexed in buckets that expire after them.
+        [bucket] = [k for k in indexes if k.startswith(store.keys.status("completed", "wf") + ":")]
+        assert 3600_000 < await store.client.pttl(bucket) <= (3600 + 2 * 450) * 1000
         # Every record field is a JSON string, so the Lua scripts never parse JSON.
         raw = await store.client.hgetall(store.keys.run("run-1").rec)
         assert raw[b"status"] == b'"waiting"' and raw[b"lease_owner"] == b"null"
@@ -126,21 +237,443 @@ async def test_keys_are_prefixed_and_hash_tagged(redis_url: str) -> None:
         await store.close()
 
 
-async def test_records_survive_a_redis_crash_and_restart(redis_server: RedisServer, redis_url: str) -> None:
+async def test_two_prefixes_never_see_each_others_runs(redis_url: str) -> None:
+    prefixes = ["", "a", "ab", "a:", "a#", "a#run:", "{a}", "a%23", "a:#run:{b}:"]
+    run_ids = ["b", "#b", "x}:rec", "{b}", "run:{b}", "b c", "%7Bb%7D", "é"]
+    stores = {p: RedisStore(redis_url, key_prefix=p) for p in prefixes}
+    try:
+        for p, store in stores.items():
+            for run_id in run_ids:
+                assert await store.create(record(run_id, workflow=f"wf:{p}", input={"prefix": p}), [])
+            await started(store, "held", workflow="w")
+            await expire(store, "held")
+        for p, store in stores.items():
+            assert sorted(r.run_id for r in await store.list_runs()) == sorted([*run_ids, "held"]), p
+            assert await store.recoverable("w") == ["held"]
+            for run_id in run_ids:
+                rec = await store.get(run_id)
+                assert rec is not None and rec.input == {"prefix": p} and rec.workflow == f"wf:{p}"
+        for run_id in run_ids:
+            assert await stores["a"].delete(run_id)
+        assert await stores["a"].delete("held")
+        assert await stores["a"].list_runs() == [] and await stores["a"].recoverable("w") == []
+        for p, store in stores.items():
+            if p != "a":
+                assert len(await store.list_runs()) == len(run_ids) + 1, p
+                assert all([await store.get(run_id) for run_id in run_ids]), p
+        # A key's prefix is what comes before its last '#': never another prefix's key.
+        async for key in stores[""].client.scan_iter():
+            assert key.decode()[: key.decode().rindex("#")] in prefixes
+    finally:
+        for store in stores.values():
+            await store.close()
+
+
+async def test_a_record_of_another_workflow_is_never_listed_nor_recovered_under_this_one(
+    redis_url: str,
+) -> None:
     store = RedisStore(redis_url)
     try:
+        await started(store, "x", workflow="A")
+        await expire(store, "x")
+        await store.create(record("y", workflow="A"), [])
+        assert await store.recoverable("A") == ["x"]
+        for run_id in ("x", "y"):  # the records now name another workflow
+            await store.client.hset(store.keys.run(run_id).rec, "workflow", '"B"')
+        assert await store.list_runs("A") == [] and await store.list_runs("A", RunStatus.RUNNING) == []
+        assert await store.recoverable("A") == [] and await store.recoverable("B") == []
+        assert sorted(r.run_id for r in await store.list_runs()) == ["x", "y"]
+    finally:
+        await store.close()
+
+
+# -- once only, through lost replies ---------------------------------------------------
+
+
+async def test_a_commit_whose_reply_is_lost_applies_once_despite_a_pause_in_between(
+    proxy: LossyProxy, redis_url: str
+) -> None:
+    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    try:
         lease = await started(store)
-        await store.commit(
-            "r1", lease, Commit(fields={"step": "B", "visit": 1}, outputs=[OutputRecord(1, "A", 1)])
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
+
+        async def pause_it() -> None:  # the commit ran, its reply is on its way
+            await other.update("r1", pause)
+
+        proxy.lose(b"EVALSHA", pause_it)
+        commit = Commit(
+            fields={"visit": 1, "step": "B"},
+            outputs=[OutputRecord(1, "A", 1)],
+            events=[event("step_completed", 2)],
+            journal={"A/1": "reply"},
+            seq=2,
         )
-        redis_server.restart(kill=True)  # SIGKILL: only what the AOF holds comes back
-        loaded = await store.load("r1")  # the same store reconnects by itself
-        assert loaded is not None
-        assert (loaded.record.step, loaded.record.visit, len(loaded.outputs)) == ("B", 1, 1)
-        # The restarted server forgot the scripts: commit reloads them.
-        await store.commit("r1", lease, Commit(fields={"step": "C"}))
+        assert await store.commit("r1", lease, commit) == "pause"  # recognised: not applied again
+        assert proxy.lost == 1
+        loaded = await store.load("r1")
+        assert loaded is not None and len(loaded.outputs) == 1 and loaded.journal == {"A/1": "reply"}
+        assert [e.kind for e in await store.events("r1")] == [
+            "run_started",
+            "step_completed",
+            "pause_requested",
+        ]
+        assert (loaded.record.event_count, loaded.record.commit_seq) == (3, 2)
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_final_commit_whose_reply_is_lost_is_filed_once(proxy: LossyProxy, redis_url: str) -> None:
+    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    try:
+        lease = await started(store)
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))
+
+        async def stop_it() -> None:
+            await other.update("r1", lambda rec, now: Change(dataclasses.replace(rec, control="stop")))
+
+        proxy.lose(b"EVALSHA", stop_it)
+        final = Commit(
+            fields={"status": RunStatus.COMPLETED}, events=[event("completed", 2)], release=True, seq=2
+        )
+        assert await store.commit("r1", lease, final) == "stop"
+        assert [r.run_id for r in await other.list_runs(status=RunStatus.COMPLETED)] == ["r1"]
+        assert await other.list_runs(status=RunStatus.RUNNING) == []
+        assert len(await store.events("r1")) == 2
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
+    proxy: LossyProxy, redis_url: str
+) -> None:
+    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    try:
+        assert await store.create(record("warm-up"), [])  # loads the script
+
+        async def take_it() -> None:  # another process takes the new run at once
+            await acquire(other, "r1", owner="w2")
+
+        proxy.lose(b"EVALSHA", take_it)
+        assert await store.create(record("r1"), [event("run_started", 1)])
+        assert proxy.lost == 1
+        assert not await store.create(record("r1"), [])  # and a real second create is refused
         rec = await store.get("r1")
-        assert rec is not None and rec.step == "C"
+        assert rec is not None and rec.lease_owner == "w2" and rec.event_count == 1
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_an_update_whose_reply_is_lost_is_not_applied_twice(proxy: LossyProxy, redis_url: str) -> None:
+    store = RedisStore(proxy.url(_db(redis_url)))
+    try:
+        await store.create(record(), [])
+        calls: list[tuple[int, float]] = []
+
+        def bump(rec: RunRecord, now: float) -> Change:
+            calls.append((rec.visit, now))
+            return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event("bumped", 1)])
+
+        async def nothing() -> None:
+            pass
+
+        proxy.lose(b"EXEC", nothing)
+        rec = await store.update("r1", bump)
+        assert proxy.lost == 1 and [visit for visit, _ in calls] == [0]
+        assert rec is not None and rec.visit == 1
+        got = await store.get("r1")
+        assert got is not None and (got.visit, got.event_count) == (1, 1)
+    finally:
+        await store.close()
+
+
+async def test_update_runs_the_change_again_when_another_writer_gets_in_first(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url)
+    try:
+        await store.create(record(), [])
+        seen: list[str | None] = []
+
+        def bump(rec: RunRecord, now: float) -> Change:
+            seen.append(rec.control)
+            if len(seen) == 1:  # a competing writer between our read and our EXEC
+                redis_server.command(
+                    "HSET", store.keys.run("r1").rec, "control", '"stop"', db=int(_db(redis_url))
+                )
+            return Change(dataclasses.replace(rec, visit=rec.visit + 1))
+
+        rec = await store.update("r1", bump)
+        assert seen == [None, "stop"]  # the change ran again on the fresh record
+        assert rec is not None and (rec.visit, rec.control) == (1, "stop")
+    finally:
+        await store.close()
+
+
+# -- the store's clock -----------------------------------------------------------------
+
+
+async def test_a_clock_20_s_ahead_sees_no_healthy_run_as_recoverable(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, recoverer = RedisStore(redis_url), RedisStore(redis_url)
+    try:
+        leases = [await started(owner, f"r{i}") for i in range(20)]
+        for i, lease in enumerate(leases):
+            await owner.renew(f"r{i}", lease, 15.0)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 20)  # this machine's clock runs ahead
+        assert await recoverer.recoverable("wf") == []
+        # Leases and update's now come from Redis's clock, not from this machine's.
+        now = await store_now(recoverer, "r0")
+        assert abs(now - real()) < 5
+        await recoverer.renew("r0", leases[0], 15.0)
+        rec = await recoverer.get("r0")
+        assert rec is not None and now + 14 < rec.lease_expires < now + 16
+        await expire(owner, "r3")  # the owner of r3 went silent: its lease ran out
+        assert await recoverer.recoverable("wf") == ["r3"]
+    finally:
+        await owner.close()
+        await recoverer.close()
+
+
+# -- cost follows what is returned -----------------------------------------------------
+
+
+async def _median_ms(call: Callable[[], Awaitable[Any]], times: int = 7) -> float:
+    samples = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+async def _fill(store: RedisStore, port: int, n: int) -> None:
+    """Store ``n`` finished runs as ``create`` writes them, fast: one run's commands, copied.
+
+    The template's id and created_at are swapped for each run's (same lengths, so the
+    RESP stays valid); its script is replaced by the writes it makes (HSET, PEXPIRE),
+    and the commands go out over a raw socket in big batches. Every reply is an
+    integer, one line each.
+    """
+    template = store._creation(record("done-000000", created_at=1000000.0, status=RunStatus.COMPLETED), [])
+    nonce, ttl_ms, fields = template.args[:3]
+    pairs = template.args[3 : 3 + 2 * int(fields)]
+    rec = template.keys[0]
+    commands = [c for c in template.entries if b"buckets" not in c[1]]
+    commands += [[b"HSET", rec, *pairs, b"_created", nonce], [b"PEXPIRE", rec, ttl_ms]]
+    packed = b"".join(pack(c) for c in commands)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for start in range(0, n, 5000):
+            batch = range(start, min(start + 5000, n))
+            writer.write(
+                b"".join(
+                    packed.replace(b"done-000000", b"done-%06d" % i).replace(
+                        b"1000000.0", b"%.1f" % (1e6 + i)
+                    )
+                    for i in batch
+                )
+            )
+            lines, want = 0, len(batch) * len(commands)
+            while lines < want:
+                chunk = await reader.read(1 << 20)
+                assert chunk and b"-" not in chunk, chunk[:200]
+                lines += chunk.count(b"\r\n")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.fixture(scope="module")
+def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A redis-server that keeps nothing on disk: for filling with 100,000 runs quickly."""
+    port = free_port()
+    folder = tmp_path_factory.mktemp("bare-redis")
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_listing_and_recovery_cost_what_they_return_with_100k_finished_runs(bare_redis: int) -> None:
+    redis_url = f"redis://127.0.0.1:{bare_redis}/0"
+    store = RedisStore(redis_url, ttl=3600)
+    try:
+        await store.create(record("warm-up", status=RunStatus.COMPLETED), [])
+        t0 = time.perf_counter()
+        await _fill(store, bare_redis, 100_000)
+        filled = time.perf_counter() - t0
+        assert await store.client.zcard(store.keys.status("completed", "wf", *_bucket(store))) == 100_001
+        for i in range(5):
+            lease = await started(store, f"parked-{i}", created_at=2e6 + i)
+            await store.commit(
+                f"parked-{i}",
+                lease,
+                Commit(fields={"status": RunStatus.WAITING, "pending": GATE}, release=True, seq=1),
+            )
+        for i in range(3):
+            await started(store, f"busy-{i}", created_at=3e6 + i)
+        await expire(store, "busy-1")
+        reader = RedisStore(redis_url, ttl=3600)  # a process that did not create the runs
+        try:
+            waiting = await reader.list_runs("wf", RunStatus.WAITING)
+            assert [r.run_id for r in waiting] == [f"parked-{i}" for i in reversed(range(5))]
+            assert len(await reader.list_runs(status=RunStatus.WAITING)) == 5
+            assert await reader.recoverable("wf") == ["busy-1"]
+            latest = [r.run_id for r in await reader.list_runs(limit=10)]
+            parked = [f"parked-{i}" for i in reversed(range(5))]
+            assert latest == ["busy-2", "busy-1", "busy-0", *parked, "done-099999", "done-099998"]
+            done = [
+                r.run_id
+                for r in await reader.list_runs("wf", RunStatus.COMPLETED, limit=3, after="done-050000")
+            ]
+            assert done == ["done-049999", "done-049998", "done-049997"]
+            timings = {
+                "list_runs(status=waiting)": await _median_ms(
+                    lambda: reader.list_runs("wf", RunStatus.WAITING)
+                ),
+                "recoverable": await _median_ms(lambda: reader.recoverable("wf")),
+                "list_runs(limit=100)": await _median_ms(lambda: reader.list_runs()),
+            }
+        finally:
+            await reader.close()
+        print(
+            f"\nfilled 100,000 runs in {filled:.1f} s; "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
+        )
+        assert all(ms < 20 for ms in timings.values()), timings
+    finally:
+        await store.close()
+
+
+def _bucket(store: RedisStore) -> tuple[str]:
+    assert store.ttl is not None
+    return (store.keys.bucket(store.ttl, time.time()).name,)
+
+
+async def test_finished_runs_leave_the_live_indexes_and_expire_from_theirs(redis_url: str) -> None:
+    store = RedisStore(redis_url, ttl=600)
+    try:
+        for i in range(50):
+            lease = await started(store, f"r{i}")
+            await store.commit(f"r{i}", lease, Commit(fields={"step": "B"}, seq=1))
+            final = Commit(fields={"status": RunStatus.COMPLETED}, release=True, seq=2)
+            await store.commit(f"r{i}", lease, final)
+        await store.client.ping()
+        await store.close()  # sends the clean-ups still queued
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            for status in ("pending", "running"):
+                for key in (store.keys.status(status), store.keys.status(status, "wf")):
+                    assert await client.zcard(key) == 0, key
+            # What is left of the finished runs goes away on its own: every key has a ttl.
+            width = 60 + 2 * 60
+            async for key in client.scan_iter():
+                assert 0 < await client.pttl(key) <= (600 + width) * 1000, key
+            listed = await RedisStore(client=client).list_runs(status=RunStatus.COMPLETED, limit=1000)
+            assert len(listed) == 50
+        finally:
+            await client.aclose()
+    finally:
+        await store.close()
+
+
+# -- connections and outages -----------------------------------------------------------
+
+
+async def test_400_concurrent_commits_on_a_pool_of_4_wait_for_connections_without_errors(
+    bare_redis: int,
+) -> None:
+    # A server that does not fsync every write, so the commits queue for connections.
+    store = RedisStore(f"redis://127.0.0.1:{bare_redis}/1", max_connections=4, retry_for=2)
+    try:
+        await store.client.flushdb()
+        leases = [await started(store, f"r{i}") for i in range(400)]
+
+        async def commit(i: int) -> float:
+            t0 = time.perf_counter()
+            commit = Commit(
+                fields={"step": "B"}, events=[event("e", 2)], outputs=[OutputRecord(1, "A", i)], seq=1
+            )
+            assert await store.commit(f"r{i}", leases[i], commit) is None  # no StoreError
+            return time.perf_counter() - t0
+
+        latencies = sorted(await asyncio.gather(*(commit(i) for i in range(400))))
+        pool = store.client.connection_pool
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
+        p50, p99 = latencies[200] * 1000, latencies[396] * 1000
+        print(f"\n400 commits on 4 connections: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        assert latencies[396] < 1.0
+        runs = await store.list_runs(status=RunStatus.RUNNING, limit=1000)
+        assert len(runs) == 400 and {r.event_count for r in runs} == {2}
+    finally:
+        await store.close()
+
+
+async def test_a_client_with_a_small_ordinary_pool_is_not_overrun(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, max_connections=3)
+    store = RedisStore(client=client, retry_for=0.5)
+    try:
+        await asyncio.gather(*(store.create(record(f"r{i}"), []) for i in range(300)))
+        assert len(await store.list_runs(limit=1000)) == 300
+        assert store.sibling() is None  # its pool belongs to this event loop
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_a_redis_restart_mid_operation_fails_nothing_and_the_store_carries_on(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url, retry_for=20)
+    try:
+        lease = await started(store)
+        doomed = await started(store, "doomed")
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))
+        await store.commit("doomed", doomed, Commit(fields={"step": "A"}, seq=1))
+        await asyncio.to_thread(redis_server.stop)
+        t0 = time.monotonic()
+        commit = Commit(
+            fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)], seq=2
+        )
+        work = asyncio.gather(
+            store.commit("r1", lease, commit),
+            store.renew("r1", lease, 15.0),
+            store.create(record("new"), [event("run_started", 1)]),
+            store.update("doomed", lambda rec, now: Change(dataclasses.replace(rec, control="stop"))),
+            store.get("r1"),
+            store.list_runs(),
+            store.recoverable("wf"),
+        )
+        await asyncio.sleep(1.0)
+        assert not work.done()  # waiting for Redis, not failing
+        await asyncio.to_thread(redis_server.start)  # the scripts are forgotten, the connections dead
+        results = await work
+        assert time.monotonic() - t0 < 10
+        assert results[0] is None and results[2] is True
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.step == "B" and len(loaded.outputs) == 1
+        assert [e.seq for e in await store.events("r1")] == [1, 2]
+        assert await store.commit("doomed", doomed, Commit(fields={"step": "B"}, seq=2)) == "stop"
+        assert await store.delete("doomed")
+        assert sorted(r.run_id for r in await store.list_runs()) == ["new", "r1"]
     finally:
         await store.close()
 
@@ -150,97 +683,13 @@ async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
     try:
         t0 = time.monotonic()
         with pytest.raises(StoreError, match=r"run r1: Redis at 127\.0\.0\.1:\d+/0 unreachable for 0\.5 s"):
-            await store.commit("r1", Lease("w1", 1), Commit(fields={"step": "B"}))
+            await store.commit("r1", Lease("w1", 1), Commit(fields={"step": "B"}, seq=1))
         assert 0.4 < time.monotonic() - t0 < 3
-        with pytest.raises(StoreError, match="unreachable"):
-            await store.get("r1")
+        for call in (store.get("r1"), store.list_runs(), store.recoverable("wf"), store.update("r1", pause)):
+            with pytest.raises(StoreError, match="unreachable"):
+                await call
     finally:
         await store.close()
-
-
-class ReplyLostConnection(aioredis.Connection):
-    """Loses the connection right after reading the next reply, when armed."""
-
-    armed = False
-    lost: ClassVar[list[Any]] = []
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        reply = await super().read_response(*args, **kwargs)
-        if ReplyLostConnection.armed:
-            ReplyLostConnection.armed = False
-            ReplyLostConnection.lost.append(reply)
-            await self.disconnect()
-            raise ConnectionError("connection reset after the script ran")
-        return reply
-
-
-async def test_a_commit_retried_after_a_lost_reply_applies_once(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url, connection_class=ReplyLostConnection)
-    store = RedisStore(client=client)
-    try:
-        lease = await started(store)
-        await store.commit("r1", lease, Commit(fields={"step": "A"}))  # loads the script
-        await store.update("r1", lambda r: Change(dataclasses.replace(r, control="pause")))
-        ReplyLostConnection.lost = []
-        ReplyLostConnection.armed = True
-        commit = Commit(fields={"visit": 1}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)])
-        # The retry finds its nonce: not applied again, and it still reports the flag.
-        assert await store.commit("r1", lease, commit) == "pause"
-        assert ReplyLostConnection.lost  # the first attempt did run
-        loaded = await store.load("r1")
-        assert loaded is not None and loaded.record.event_count == 2 and len(loaded.outputs) == 1
-        assert [e.seq for e in await store.events("r1")] == [1, 2]
-    finally:
-        await store.close()
-        await client.aclose()
-
-
-async def test_a_commit_on_a_damaged_record_raises_and_writes_nothing(redis_url: str) -> None:
-    store = RedisStore(redis_url)
-    keys = store.keys.run("r1")
-    try:
-        lease = await started(store)
-        await store.client.hset(keys.rec, "event_count", '"many"')
-        before = await store.client.hgetall(keys.rec)
-        commit = Commit(fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)])
-        with pytest.raises(CorruptRecordError) as info:
-            await store.commit("r1", lease, commit)
-        assert (info.value.run_id, info.value.key) == ("r1", keys.rec)
-        assert await store.client.hgetall(keys.rec) == before
-        assert (await store.client.llen(keys.events), await store.client.llen(keys.outputs)) == (1, 0)
-        await store.client.delete(keys.rec)
-        await store.client.set(keys.rec, "not a hash")
-        with pytest.raises(CorruptRecordError, match="WRONGTYPE"):
-            await store.commit("r1", lease, commit)
-    finally:
-        await store.close()
-
-
-async def test_large_commits_and_a_single_connection_client(redis_url: str) -> None:
-    # redis-py's single-connection client keeps its one connection: the store goes
-    # through redis-py's pipeline there, with the same results.
-    client = aioredis.Redis.from_url(redis_url, single_connection_client=True)
-    store = RedisStore(client=client)
-    try:
-        lease = await started(store)
-        journal = {f"B/{i}": {"i": i} for i in range(2500)}  # more than one HSET per chunk
-        events = [event("e", 2 + i) for i in range(2500)]
-        outputs = [OutputRecord(1, f"S{i}", i) for i in range(2500)]
-        commit = Commit(fields={"step": "B", "visit": 1}, outputs=outputs, events=events, journal=journal)
-        assert await store.commit("r1", lease, commit) is None
-        loaded = await store.load("r1")
-        assert loaded is not None and loaded.record.event_count == 2501
-        assert len(loaded.outputs) == 2500 and loaded.journal == journal
-        assert [e.seq for e in await store.events("r1", after=2499)] == [2500, 2501]
-        pending = {"deadline": time.time() - 1, "workflow": "wf"}
-        assert await store.renew("r1", lease, 15.0) is None
-        await store.commit("r1", lease, Commit(fields={"status": RunStatus.WAITING, "pending": pending}))
-        assert await store.due_gates("wf", time.time()) == ["r1"]
-        with pytest.raises(LeaseLostError, match="stale"):
-            await store.commit("r1", Lease("w1", lease.token + 1), Commit(fields={"step": "C"}))
-    finally:
-        await store.close()
-        await client.aclose()
 
 
 class SlowReplyConnection(aioredis.Connection):
@@ -259,16 +708,16 @@ async def test_a_cancelled_commit_leaves_no_connection_out_of_step(redis_url: st
     store = RedisStore(client=client)
     try:
         lease = await started(store)
-        await store.commit("r1", lease, Commit(fields={"step": "A"}))  # loads the script
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
         SlowReplyConnection.armed = True
-        task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"})))
+        task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"}, seq=2)))
         await asyncio.sleep(0.01)  # sent, its reply not read yet
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         SlowReplyConnection.armed = False
         # The next commands must not read the cancelled one's reply as theirs.
-        assert await store.commit("r1", lease, Commit(fields={"control": "pause"})) == "pause"
+        assert await store.commit("r1", lease, Commit(fields={"control": "pause"}, seq=3)) == "pause"
         rec = await store.get("r1")
         assert rec is not None and (rec.step, rec.control) == ("B", "pause")
     finally:
@@ -277,98 +726,149 @@ async def test_a_cancelled_commit_leaves_no_connection_out_of_step(redis_url: st
         await client.aclose()
 
 
-async def test_scripts_are_reloaded_with_the_gate_index_in_front(redis_url: str) -> None:
+async def test_clients_the_store_cannot_use_are_refused(redis_url: str) -> None:
+    for client in (
+        aioredis.Redis.from_url(redis_url, single_connection_client=True),
+        aioredis.Redis.from_url(redis_url, decode_responses=True),
+    ):
+        try:
+            with pytest.raises(StoreError, match="RedisStore needs"):
+                RedisStore(client=client)
+        finally:
+            await client.aclose()
+
+
+# -- damaged data, stale entries, scripts ----------------------------------------------
+
+
+async def test_a_record_that_is_not_a_hash_is_listed_as_corrupt_and_named_when_read(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        await store.create(record("r0", created_at=900.0), [])
+        await store.create(record("r1"), [])
+        key = store.keys.run("r1").rec
+        await store.client.delete(key)
+        await store.client.set(key, "not a hash")
+        for read in (store.get, store.load):
+            with pytest.raises(CorruptRecordError, match="WRONGTYPE") as info:
+                await read("r1")
+            assert (info.value.run_id, info.value.key) == ("r1", key)
+        listed = {r.run_id: r for r in await store.list_runs()}
+        assert sorted(listed) == ["r0", "r1"] and listed["r0"].corrupt is None
+        assert listed["r1"].corrupt is not None and "WRONGTYPE" in listed["r1"].corrupt
+        assert listed["r1"].status == RunStatus.PENDING  # as the index has it; the workflow is unknown
+        [under_wf] = [r for r in await store.list_runs("wf") if r.run_id == "r1"]
+        assert under_wf.corrupt is not None and under_wf.workflow == "wf"
+        assert await store.delete("r1")  # a damaged run can still be removed
+        assert [r.run_id for r in await store.list_runs()] == ["r0"]
+    finally:
+        await store.close()
+
+
+async def test_a_commit_on_a_damaged_record_raises_and_writes_nothing(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    keys = store.keys.run("r1")
+    try:
+        lease = await started(store)
+        commit = Commit(
+            fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)], seq=1
+        )
+        for name, raw in (("event_count", '"many"'), ("commit_seq", "1.5")):
+            await store.client.hset(keys.rec, name, raw)
+            await store.client.hset(keys.rec, "commit_token", str(lease.token))
+            before = await store.client.hgetall(keys.rec)
+            with pytest.raises(CorruptRecordError) as info:
+                await store.commit("r1", lease, commit)
+            assert (info.value.run_id, info.value.key) == ("r1", keys.rec)
+            assert await store.client.hgetall(keys.rec) == before
+            assert (await store.client.llen(keys.events), await store.client.llen(keys.outputs)) == (1, 0)
+            await store.client.hset(keys.rec, mapping={"event_count": "1", "commit_seq": "0"})
+        await store.client.delete(keys.rec)
+        await store.client.set(keys.rec, "not a hash")
+        with pytest.raises(CorruptRecordError, match="WRONGTYPE"):
+            await store.commit("r1", lease, commit)
+    finally:
+        await store.close()
+
+
+async def test_large_commits(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        lease = await started(store)
+        journal = {f"B/{i}": {"i": i} for i in range(2500)}  # more than one HSET per chunk
+        events = [event("e", 2 + i) for i in range(2500)]
+        outputs = [OutputRecord(1, f"S{i}", i) for i in range(2500)]
+        commit = Commit(
+            fields={"step": "B", "visit": 1}, outputs=outputs, events=events, journal=journal, seq=1
+        )
+        assert await store.commit("r1", lease, commit) is None
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.event_count == 2501
+        assert len(loaded.outputs) == 2500 and loaded.journal == journal
+        assert [e.seq for e in await store.events("r1", after=2499)] == [2500, 2501]
+    finally:
+        await store.close()
+
+
+async def test_scripts_are_reloaded_with_the_index_entries_in_front(redis_url: str) -> None:
     store = RedisStore(redis_url)
     try:
         lease = await started(store)
         await store.client.script_flush()
-        pending = {"deadline": time.time() - 1, "workflow": "wf"}
-        commit = Commit(fields={"status": RunStatus.WAITING, "pending": pending}, events=[event("w", 2)])
+        pending = {"deadline": time.time() - 1}
+        commit = Commit(
+            fields={"status": RunStatus.WAITING, "pending": pending}, events=[event("w", 2)], seq=1
+        )
         assert await store.commit("r1", lease, commit) is None
         assert await store.due_gates("wf", time.time()) == ["r1"]
         assert [e.seq for e in await store.events("r1")] == [1, 2]  # applied once
         await store.client.script_flush()
         assert await store.create(record("r2", status=RunStatus.WAITING, pending=pending), [])
         assert sorted(await store.due_gates("wf", time.time())) == ["r1", "r2"]
+        await store.client.script_flush()
+        assert [r.run_id for r in await store.list_runs(status=RunStatus.WAITING)] == ["r2", "r1"]
     finally:
         await store.close()
 
 
-async def test_stale_index_entries_are_dropped(redis_url: str) -> None:
+async def test_stale_index_entries_are_dropped_and_live_ones_kept(redis_url: str) -> None:
     store = RedisStore(redis_url)
     try:
         await store.create(record("gone"), [])
         await store.client.delete(*store.keys.run("gone"))  # as if it expired
         await store.client.zadd(store.keys.gates("wf"), {"gone": 1.0})
-        await store.create(record("r1", status=RunStatus.RUNNING), [])
+        await store.create(record("r1", created_at=2000.0), [])
         await store.client.zadd(store.keys.gates("wf"), {"r1": 1.0})  # not waiting
+        pending_key = store.keys.status("pending", "wf")
+        stale = b"r1\0old-version"
+        await store.client.zadd(pending_key, {stale: 2000.0})  # an entry the record moved on from
         assert [r.run_id for r in await store.list_runs("wf")] == ["r1"]
         assert await store.due_gates("wf", time.time()) == []
-        assert await store.client.zrange(store.keys.workflow_runs("wf"), 0, -1) == [b"r1"]
+        assert [cast(bytes, m).split(b"\0")[0] for m in await store.client.zrange(pending_key, 0, -1)] == [
+            b"r1"
+        ]
         assert await store.client.zcard(store.keys.gates("wf")) == 0
-        # Re-created after expiring, before any reader dropped its old entry: the entry is
-        # re-scored, so dropping the stale one (score-checked) keeps the new run listed.
+        # Re-created after expiring, before any reader dropped its old entry: the old
+        # entry names another version, so dropping it keeps the new run listed.
         await store.create(record("again", created_at=1.0), [])
         await store.client.delete(*store.keys.run("again"))
-        await store.create(record("again", created_at=2.0), [])
-        assert await store.client.zscore(store.keys.all_runs(), "again") == 2.0
-        await store._zrem_if_score(store.keys.all_runs(), "again", 1.0)
-        assert [r.run_id for r in await store.list_runs()] == ["again", "r1"]
+        await store.create(record("again", created_at=1.0), [])
+        assert [r.run_id for r in await store.list_runs("wf")] == ["r1", "again"]
+        assert await store.client.zcard(pending_key) == 2
     finally:
         await store.close()
 
 
-async def test_update_retries_when_another_writer_gets_in_first(
-    redis_server: RedisServer, redis_url: str
-) -> None:
-    store = RedisStore(redis_url)
-    db = redis_url.rsplit("/", 1)[1]
+async def test_sibling_is_a_store_of_its_own_on_the_same_url(redis_url: str) -> None:
+    store = RedisStore(redis_url, key_prefix="p:", ttl=60, retry_for=3, max_connections=5)
+    sibling = store.sibling()
     try:
-        await store.create(record(), [])
-        seen: list[str | None] = []
-
-        def bump(rec: RunRecord) -> Change:
-            seen.append(rec.control)
-            if len(seen) == 1:  # a competing writer between our read and our EXEC
-                redis_server.command("HSET", store.keys.run("r1").rec, "control", '"stop"', db=int(db))
-            return Change(dataclasses.replace(rec, visit=rec.visit + 1))
-
-        rec = await store.update("r1", bump)
-        assert seen == [None, "stop"]  # the change ran again on the fresh record
-        assert rec is not None and (rec.visit, rec.control) == (1, "stop")
+        assert isinstance(sibling, RedisStore) and sibling.client is not store.client
+        assert (sibling.key_prefix, sibling.ttl, sibling.retry_for) == ("p:", 60, 3)
+        assert sibling.client.connection_pool.max_connections == 5
     finally:
-        await store.close()
-
-
-async def test_update_is_not_applied_twice_after_a_lost_exec_reply(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = RedisStore(redis_url)
-    try:
-        await store.create(record(), [])
-        real_execute = Pipeline.execute
-        lost: list[bool] = []
-
-        async def execute_reply_lost(self: Pipeline, raise_on_error: bool = True) -> Any:
-            result = await real_execute(self, raise_on_error)
-            if not lost:
-                lost.append(True)
-                raise ConnectionError("connection reset after EXEC")
-            return result
-
-        monkeypatch.setattr(Pipeline, "execute", execute_reply_lost)
-        calls: list[int] = []
-
-        def bump(rec: RunRecord) -> Change:
-            calls.append(rec.visit)
-            return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event("bumped", 1)])
-
-        rec = await store.update("r1", bump)
-        assert lost and calls == [0]
-        assert rec is not None and rec.visit == 1
-        got = await store.get("r1")
-        assert got is not None and (got.visit, got.event_count) == (1, 1)
-    finally:
+        assert sibling is not None
+        await sibling.close()
         await store.close()
 
 
@@ -378,7 +878,7 @@ async def test_open_store_builds_each_kind(redis_url: str, tmp_path: Path) -> No
     assert isinstance(sqlite, SqliteStore) and sqlite.key_prefix == "p:" and sqlite.ttl == 5
     red = open_store("redis", url=redis_url, key_prefix="p:")
     try:
-        assert isinstance(red, RedisStore) and red.keys.all_runs() == "p:runs"
+        assert isinstance(red, RedisStore) and red.keys.status("running") == "p:#st:running"
         assert open_store(red) is red
         with pytest.raises(WorkflowDefinitionError, match="memory, sqlite, redis"):
             open_store("postgres")

@@ -25,7 +25,7 @@ import hashlib
 
 from ..types import FINAL
 
-__all__ = ["COMMIT", "CREATE", "DELETE", "RENEW", "ZREM_IF_SCORE", "Script"]
+__all__ = ["BY_SHA", "COMMIT", "CREATE", "DELETE", "READ", "RENEW", "ZREM_IF_SCORE", "Script"]
 
 _LIB = """
 local function hset_range(key, from, to)  -- ARGV[from..to] are field/value pairs
@@ -46,7 +46,8 @@ end
 local FINAL = {FINAL_JSON}
 """.replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
 
-# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.  Returns 1 when created (now, or by this nonce before), 0 when the id is taken.
+# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.
+# Returns 1 when created (now, or by this nonce before), 0 when the id is taken.
 _CREATE = (
     _LIB
     + """
@@ -152,6 +153,21 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {1, found[1] or '', found[2] or '', found[3] or ''}
 """
 
+# KEYS: rec.  ARGV: field names.  Reads a record for a listing in one reply: {_ix, the
+# fields as one JSON array (null where missing), a '1'/'0' per field: present or not};
+# 0 when there is no such record. (One bulk string instead of one per field: parsing
+# replies is most of a listing's client time.)
+_READ = """
+local values = redis.call('HMGET', KEYS[1], '_ix', unpack(ARGV))
+local parts, flags, found = {}, {}, values[1] ~= false
+for i = 2, #values do
+  if values[i] then parts[i - 1], flags[i - 1], found = values[i], '1', true
+  else parts[i - 1], flags[i - 1] = 'null', '0' end
+end
+if not found then return 0 end
+return {values[1] or '', '[' .. table.concat(parts, ',') .. ']', table.concat(flags)}
+"""
+
 # KEYS: an index zset.  ARGV: member, score.  Drops a stale index entry unless someone
 # re-added it meanwhile (a re-add carries a new score).
 _ZREM_IF_SCORE = """
@@ -177,4 +193,8 @@ CREATE = Script(_CREATE)
 COMMIT = Script(_COMMIT)
 RENEW = Script(_RENEW)
 DELETE = Script(_DELETE)
+READ = Script(_READ)
 ZREM_IF_SCORE = Script(_ZREM_IF_SCORE)
+
+#: Every script by its SHA1, for loading one whose call came back NOSCRIPT.
+BY_SHA = {s.sha_bytes: s for s in (CREATE, COMMIT, RENEW, DELETE, READ, ZREM_IF_SCORE)}

@@ -34,7 +34,7 @@ import itertools
 import os
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -65,6 +65,14 @@ _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before givin
 _MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
 _READ = (*RECORD_FIELDS, "_write", "_ix")  # what update reads
 _STATUSES = frozenset(s.value for s in RunStatus)
+
+
+class _Creation(NamedTuple):
+    entries: list[Command]  # the index entries, sent in front of the script
+    keys: list[bytes]
+    args: list[bytes]
+    version: bytes
+    facts: tuple[bytes, bytes]  # workflow and created_at, JSON
 
 
 def _checked(replies: list[Any]) -> list[Any]:
@@ -169,23 +177,19 @@ class RedisStore:
 
     # -- the Store protocol -----------------------------------------------------------
 
-    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
-        """Store a new run; False (and nothing written) if the run id exists.
+    def _creation(self, record: RunRecord, events: Sequence[RunEvent]) -> _Creation:
+        """What creating a run sends: its index entries and the script's keys and arguments.
 
-        A retry after a lost reply returns True when the first attempt created it.
+        Raises:
+            StoreError: a value cannot be encoded, or the run id is unusable.
         """
         run_id = record.run_id
         if "\0" in run_id:
             raise StoreError(f"run {run_id!r}: a run id cannot hold a NUL character")
         rec = dataclasses.replace(record, event_count=record.event_count + len(events))
         mapping = self._mapping(rec)
-        version = self._nonce()
-        mapping["_ix"] = version
-        args: list[bytes] = [
-            self._nonce(),
-            b"%d" % (self._ttl_ms() if rec.status in FINAL else 0),
-            b"%d" % len(mapping),
-        ]
+        version = mapping["_ix"] = self._nonce()
+        args = [self._nonce(), b"%d" % (self._ttl_ms() if rec.status in FINAL else 0), b"%d" % len(mapping)]
         for name, value in mapping.items():
             args += (name.encode(), value)
         args += [encode_event(run_id, e) for e in events]
@@ -194,13 +198,22 @@ class RedisStore:
         if gate is not None:
             index.append(self._index.file_gate(run_id, rec.workflow, gate))
         keys = [k.encode() for k in self.keys.run(run_id)]
+        return _Creation(index, keys, args, version, (mapping["workflow"], mapping["created_at"]))
+
+    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """Store a new run; False (and nothing written) if the run id exists.
+
+        A retry after a lost reply returns True when the first attempt created it.
+        """
+        run_id = record.run_id
+        made = self._creation(record, events)
         replies = await self._wire.retrying(
-            "create", run_id, lambda: self._wire.eval(lua.CREATE, keys, args, index)
+            "create", run_id, lambda: self._wire.eval(lua.CREATE, made.keys, made.args, made.entries)
         )
         if not replies[-1]:
-            self._wire.defer(self._index.unfile(run_id, rec.status, rec.workflow, version))
+            self._wire.defer(self._index.unfile(run_id, record.status, record.workflow, made.version))
             return False
-        self._remember(run_id, mapping["workflow"], mapping["created_at"])
+        self._remember(run_id, *made.facts)
         return True
 
     async def get(self, run_id: str) -> RunRecord | None:

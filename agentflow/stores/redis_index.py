@@ -17,29 +17,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
-
-from redis.exceptions import ResponseError
+from typing import Any, NamedTuple
 
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from . import lua
-from .codec import RECORD_FIELDS, deadline_of, decode, encode, make_record
+from .codec import RECORD_FIELDS, deadline_of, decode, make_record
 from .contract import RunRecord
 from .keys import Keys, entry, entry_run
 from .redis_wire import Command, Wire
 
 __all__ = ["LIGHT", "Index", "score"]
 
-#: The record fields a listing reads (not input, state nor output), and the index version.
-LIGHT: tuple[str, ...] = (*(f for f in RECORD_FIELDS if f not in ("input", "state", "output")), "_ix")
+#: The record fields a listing reads: not input, state nor output.
+LIGHT: tuple[str, ...] = tuple(f for f in RECORD_FIELDS if f not in ("input", "state", "output"))
 
 _BATCH = 500  # index entries (and records) read per round trip
 _TIES = 10_000  # entries sharing one created_at that paging tells apart
 _BUCKET_SLACK = 300.0  # seconds a bucket stays listed past its expiry (clocks differ)
 _STATUSES = frozenset(s.value for s in RunStatus)
-_RUNNING = encode("", "status", RunStatus.RUNNING)
-_WAITING = encode("", "status", RunStatus.WAITING)
 
 
 def score(value: float) -> bytes:
@@ -55,6 +51,14 @@ def _float(raw: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+class _Found(NamedTuple):
+    """A record as a listing reads it."""
+
+    version: bytes  # its ``_ix``
+    values: dict[str, Any]  # the fields read and decoded (absent when not stored)
+    broken: dict[str, str]  # fields that could not be decoded: why
+
+
 class Index:
     """Files runs in the indexes of ``keys`` and reads them back through ``wire``.
 
@@ -68,6 +72,7 @@ class Index:
         self.keys = keys
         self.wire = wire
         self.ttl = ttl
+        self._registered: dict[str, float] = {}  # bucket -> when this store last filed it
 
     # -- writing ----------------------------------------------------------------------
 
@@ -82,11 +87,18 @@ class Index:
         keys = [k.encode() for k in self._keys(status, workflow, bucket.name)]
         life = b"%d" % bucket.ttl_ms
         commands: list[Command] = [[b"ZADD", k, at, member] for k in keys]
-        # NX gives a new key its lifetime, GT lets a later run extend it; never shortened.
-        commands += [[b"PEXPIRE", k, life, flag] for k in keys for flag in (b"NX", b"GT")]
-        commands.append(
-            [b"ZADD", self.keys.buckets().encode(), score(bucket.expires_at), bucket.name.encode()]
-        )
+        # A new key gets its lifetime from its first run: the end of the bucket plus a
+        # width, which covers the runs filed later and clocks up to a width apart.
+        commands += [[b"PEXPIRE", k, life, b"NX"] for k in keys]
+        sent = self._registered.get(bucket.name)
+        if sent is None or time.monotonic() - sent > 10:  # again now and then, in case it was lost
+            if len(self._registered) > 64:
+                self._registered.clear()
+            self._registered[bucket.name] = time.monotonic()
+            registry = self.keys.buckets().encode()
+            commands.append([b"ZADD", registry, score(bucket.expires_at), bucket.name.encode()])
+            # The registry outlives its last bucket, and no more.
+            commands += [[b"PEXPIRE", registry, life, flag] for flag in (b"NX", b"GT")]
         return commands
 
     def unfile(self, run_id: str, status: str, workflow: str, version: bytes) -> list[Command]:
@@ -112,16 +124,70 @@ class Index:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _light(self, run_ids: Sequence[str], fields: Sequence[str]) -> list[Any]:
-        """HMGET ``fields`` of each run's record, one round trip; an error reply in its place."""
+    async def _read(self, run_ids: Sequence[str], fields: Sequence[str]) -> list[_Found | Exception | None]:
+        """``fields`` of each run's record, decoded, in one round trip (None: no such run).
+
+        A record that is not a hash comes back as the error Redis gave. A record with a
+        field that cannot be decoded is read again field by field, so the damage is
+        named.
+        """
+        names = [f.encode() for f in fields]
+        calls = [([self.keys.run(run_id).rec.encode()], names) for run_id in run_ids]
+        replies = await self.wire.retrying("list_runs", None, lambda: self.wire.eval_many(lua.READ, calls))
+        out: list[_Found | Exception | None] = []
+        again: list[int] = []
+        for i, (run_id, reply) in enumerate(zip(run_ids, replies, strict=True)):
+            if isinstance(reply, Exception) or not reply:
+                out.append(reply or None)
+                continue
+            version, text, flags = reply
+            try:
+                array = decode(run_id, "", text)
+            except CorruptRecordError:
+                array = None
+            if not isinstance(array, list) or len(array) != len(fields):
+                again.append(i)
+                array = [None] * len(fields)
+            present = {
+                name: value
+                for name, value, flag in zip(fields, array, flags.decode(), strict=True)
+                if flag == "1"
+            }
+            out.append(_Found(version, present, {}))
+        if again:
+            out = await self._read_fields(run_ids, fields, again, out)
+        return out
+
+    async def _read_fields(
+        self,
+        run_ids: Sequence[str],
+        fields: Sequence[str],
+        which: list[int],
+        out: list[_Found | Exception | None],
+    ) -> list[_Found | Exception | None]:
+        """Read the records at positions ``which`` field by field, naming each damaged field."""
 
         async def read() -> list[Any]:
             pipe = self.wire.client.pipeline(transaction=False)
-            for run_id in run_ids:
-                pipe.hmget(self.keys.run(run_id).rec, list(fields))
+            for i in which:
+                pipe.hmget(self.keys.run(run_ids[i]).rec, ["_ix", *fields])
             return list(await pipe.execute(raise_on_error=False))
 
-        return await self.wire.retrying("list_runs", None, read)
+        for i, values in zip(which, await self.wire.retrying("list_runs", None, read), strict=True):
+            if isinstance(values, Exception) or all(v is None for v in values):
+                out[i] = values if isinstance(values, Exception) else None
+                continue
+            key = self.keys.run(run_ids[i]).rec
+            present: dict[str, Any] = {}
+            broken: dict[str, str] = {}
+            for name, raw in zip(fields, values[1:], strict=True):
+                if raw is not None:
+                    try:
+                        present[name] = decode(run_ids[i], f"{key}[{name}]", raw)
+                    except CorruptRecordError as exc:
+                        broken[name] = str(exc)
+            out[i] = _Found(values[0] or b"", present, broken)
+        return out
 
     async def _pipeline(
         self, what: str, calls: Sequence[tuple[str, Sequence[Any], dict[str, Any]]]
@@ -140,7 +206,7 @@ class Index:
             await self.wire.flush()
 
     def _check(
-        self, run_id: str, version: bytes, status: str, workflow: str | None, values: Any
+        self, run_id: str, version: bytes, status: str, workflow: str | None, found: _Found | Exception | None
     ) -> tuple[RunRecord | None, bool]:
         """The listed record for an index entry (None: not listed), and whether the entry is stale.
 
@@ -148,40 +214,34 @@ class Index:
         entry's status (and workflow, unless its own is readable and another).
         """
         key = self.keys.run(run_id).rec
-        if isinstance(values, ResponseError):  # not a hash: damaged, but the run is there
-            return self._corrupt(run_id, key, status, workflow, None, str(values)), False
-        raw = dict(zip(LIGHT, values, strict=True))
-        if all(v is None for v in values):
+        if found is None:
             return None, True  # deleted or expired
-        if raw["_ix"] != version:
+        if isinstance(found, Exception):  # not a hash: damaged, but the run is there
+            return self._corrupt(run_id, status, workflow, None, f"{key}: {found}"), False
+        if found.version != version:
             return None, True  # the run moved on
-        try:
-            found_workflow = decode(run_id, f"{key}[workflow]", raw["workflow"] or b"null")
-        except CorruptRecordError:
-            found_workflow = None
-        if workflow is not None and isinstance(found_workflow, str) and found_workflow != workflow:
+        values = found.values
+        own = values.get("workflow")
+        if workflow is not None and isinstance(own, str) and own != workflow:
             return None, False  # never listed under another workflow's name
-        try:
-            found_status = decode(run_id, f"{key}[status]", raw["status"] or b"null")
-        except CorruptRecordError:
-            found_status = None
-        if found_status in _STATUSES and found_status != status:
+        if values.get("status") in _STATUSES and values["status"] != status:
             return None, False  # changed without a new version (by hand): not ours to drop
-        values_ = {"input": None}
+        listed_as = own if isinstance(own, str) else workflow
+        if found.broken:
+            return self._corrupt(
+                run_id, status, listed_as, values.get("created_at"), *found.broken.values()
+            ), False
         try:
-            for name in LIGHT[:-1]:
-                if raw[name] is not None:
-                    values_[name] = decode(run_id, f"{key}[{name}]", raw[name])
-            return make_record(run_id, key, values_), False
+            return make_record(run_id, key, {"input": None, **values}), False
         except CorruptRecordError as exc:
-            listed_as = found_workflow if isinstance(found_workflow, str) else workflow
-            return self._corrupt(run_id, key, status, listed_as, raw.get("created_at"), str(exc)), False
+            return self._corrupt(run_id, status, listed_as, values.get("created_at"), str(exc)), False
 
     @staticmethod
     def _corrupt(
-        run_id: str, key: str, status: str, workflow: str | None, created: Any, reason: str
+        run_id: str, status: str, workflow: str | None, created: Any, reason: str, *_: str
     ) -> RunRecord:
-        at = _float(created) or 0.0
+        ok = isinstance(created, int | float) and not isinstance(created, bool)
+        at = float(created) if ok else 0.0
         return RunRecord(
             run_id, workflow or "", RunStatus(status), None, created_at=at, updated_at=at, corrupt=reason
         )
@@ -219,7 +279,7 @@ class Index:
             candidates, exhausted = await self._candidates(sources, cursor, limit - len(out) + 2)
             if not candidates:
                 break
-            found = await self._light([entry_run(member)[0] for _, member, _ in candidates], LIGHT)
+            found = await self._read([entry_run(member)[0] for _, member, _ in candidates], LIGHT)
             for (at, member, source), values in zip(candidates, found, strict=True):
                 run_id, version = entry_run(member)
                 rec, stale = self._check(run_id, version, sources[source][1], workflow, values)
@@ -267,7 +327,6 @@ class Index:
     async def recoverable(self, workflow: str, limit: int) -> list[str]:
         """Ids of ``workflow``'s running runs whose lease ran out by the server's clock."""
         key = self.keys.status(RunStatus.RUNNING, workflow)
-        wf = encode("", "workflow", workflow)
         out: list[str] = []
         drops: list[Command] = []
         start = 0
@@ -285,18 +344,24 @@ class Index:
                 now = sec + usec / 1e6
             if not members:
                 break
-            fields = ("status", "workflow", "lease_expires", "_ix")
-            found = await self._light([entry_run(m)[0] for m in members], fields)
-            for member, values in zip(members, found, strict=True):
+            found = await self._read(
+                [entry_run(m)[0] for m in members], ("status", "workflow", "lease_expires")
+            )
+            for member, rec in zip(members, found, strict=True):
                 run_id, version = entry_run(member)
-                if isinstance(values, ResponseError):
-                    continue
-                status, found_workflow, expires, ix = values
-                if ix != version:
+                if rec is None or (isinstance(rec, _Found) and rec.version != version):
                     drops.append([b"ZREM", key.encode(), member])
                     continue
-                at = _float(expires)
-                if status == _RUNNING and found_workflow == wf and at is not None and at < now:
+                if isinstance(rec, Exception) or rec.broken:
+                    continue
+                values = rec.values
+                expires = values.get("lease_expires")
+                if (
+                    values.get("status") == RunStatus.RUNNING
+                    and values.get("workflow") == workflow
+                    and isinstance(expires, int | float)
+                    and expires < now
+                ):
                     out.append(run_id)
                     if len(out) == limit:
                         break
@@ -310,23 +375,19 @@ class Index:
         [entries] = await self._pipeline(
             "due_gates", [("zrange", (key, "-inf", now), {"byscore": True, "withscores": True})]
         )
-        wf = encode("", "workflow", workflow)
         due: list[str] = []
         drops: list[Command] = []
         for start in range(0, len(entries), _BATCH):
             chunk: list[tuple[bytes, float]] = entries[start : start + _BATCH]
-            found = await self._light([m.decode() for m, _ in chunk], ("status", "workflow", "pending"))
-            for (member, filed), values in zip(chunk, found, strict=True):
+            found = await self._read([m.decode() for m, _ in chunk], ("status", "workflow", "pending"))
+            for (member, filed), rec in zip(chunk, found, strict=True):
                 run_id = member.decode()
-                if isinstance(values, ResponseError):
+                if isinstance(rec, Exception) or (rec is not None and rec.broken):
                     continue
-                status, found_workflow, pending = values
                 deadline = None
-                if status == _WAITING and found_workflow == wf and pending is not None:
-                    try:
-                        deadline = deadline_of(decode(run_id, "pending", pending))
-                    except CorruptRecordError:
-                        continue
+                if rec is not None and rec.values.get("status") == RunStatus.WAITING:
+                    if rec.values.get("workflow") == workflow:
+                        deadline = deadline_of(rec.values.get("pending"))
                 if deadline is not None and deadline <= now:
                     due.append(run_id)
                 elif deadline is not None:  # filed again with a later deadline: correct the entry

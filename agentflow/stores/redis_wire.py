@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from ..errors import CorruptRecordError, StoreError
+from . import lua
 from .lua import Script
 
 __all__ = ["Command", "Wire", "make_client"]
@@ -225,6 +226,11 @@ class Wire:
         except BaseException:
             self.defer(deferred)  # harmless to send again
             raise
+        forgotten = [c for c, r in zip(deferred, replies, strict=False) if isinstance(r, NoScriptError)]
+        if forgotten:  # a clean-up script the server does not know yet: load it, send them again
+            for sha in {c[1] for c in forgotten}:
+                await self.round_trip([[b"SCRIPT", b"LOAD", lua.BY_SHA[sha].source.encode()]])
+            self.defer(forgotten)
         return replies[len(deferred) :]
 
     async def eval(
@@ -254,10 +260,28 @@ class Wire:
             return replies
         raise StoreError(f"Redis at {self.where} keeps forgetting agentflow's scripts")
 
+    async def eval_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[bytes], Sequence[bytes]]]
+    ) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)`` in ``calls``, all in one round trip.
+
+        Returns the replies in order, an error reply as the exception in its place; the
+        script is loaded on a NOSCRIPT reply.
+        """
+        commands = [[b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args] for keys, args in calls]
+        replies = await self.round_trip(commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            [loaded] = await self.round_trip([[b"SCRIPT", b"LOAD", script.source.encode()]])
+            if isinstance(loaded, Exception):
+                raise loaded
+            replies = await self.round_trip(commands)
+        return replies
+
     async def flush(self, timeout: float = 1.0) -> None:
         """Send the deferred clean-ups now (best effort, within ``timeout``)."""
-        if not self._deferred:
-            return
         with contextlib.suppress(ConnectionError, TimeoutError, builtins.TimeoutError, OSError):
             async with asyncio.timeout(timeout):
-                await self.round_trip([[b"PING"]])
+                for _ in range(2):  # twice: a clean-up script may have had to be loaded first
+                    if not self._deferred:
+                        return
+                    await self.round_trip([[b"PING"]])
