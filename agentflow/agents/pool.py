@@ -49,7 +49,6 @@ PROVIDER_GROUP = "agentflow.providers"
 _EXTRAS = {"openai": "agentflow[openai]", "anthropic": "agentflow[anthropic]"}
 
 
-
 def load_provider(name: str) -> Provider:
     """Create the provider registered as ``name`` in the ``agentflow.providers`` group.
 
