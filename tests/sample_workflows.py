@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from agentflow import END, START, Next, Workflow
+from agentflow import END, START, Next, Workflow, step
 
 
 class Greeting(BaseModel):
@@ -28,5 +28,17 @@ async def _shout(ctx):
 
 
 shout = Workflow("Shout").input(Greeting).execute(_shout)
+
+
+class Piece(BaseModel):
+    name: str
+    size: int
+
+
+@step(output=Piece)
+def piece(ctx):
+    """A branch with a declared output, reached by other modules as ``sample_workflows.piece``."""
+    return {"name": "bolt", "size": 3}
+
 
 NOT_A_WORKFLOW = "ignored by discover"

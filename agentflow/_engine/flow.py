@@ -15,7 +15,7 @@ from ..definition.parallel import Parallel
 from ..definition.steps import END, START, Next, StepFunction
 from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError
 from ..stores.contract import Commit, OutputRecord
-from ..types import RunEvent, RunStatus, Usage
+from ..types import RunEvent, RunStatus, Usage, redact
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -108,7 +108,7 @@ async def advance_flow(run: LiveRun) -> None:
 
 def _retry_events(run: LiveRun, step: str) -> Any:
     def on_retry(attempt: int, exc: BaseException) -> None:
-        data = {"attempt": attempt, "type": type(exc).__name__, "message": str(exc), "retry": True}
+        data = {"attempt": attempt, "type": type(exc).__name__, "message": redact(str(exc)), "retry": True}
         run.emit("step_failed", step, data)
 
     return on_retry

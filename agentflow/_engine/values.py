@@ -40,7 +40,9 @@ _PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def _encode(value: Any) -> bytes:
-    return pydantic_core.to_json(value)
+    # NaN and infinities are not JSON: they become null, as JSON tools other than
+    # pydantic would read them.
+    return pydantic_core.to_json(value, inf_nan_mode="null")
 
 
 def check_json(value: Any) -> str | None:
@@ -50,6 +52,8 @@ def check_json(value: Any) -> str | None:
     try:
         raw = _encode(value)
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        if "depth" in str(exc):
+            return f"is nested too deep to be stored ({exc})"
         return f"is not JSON-able ({exc})"
     try:
         decode("-", "-", raw)
@@ -103,7 +107,10 @@ def validate_input(spec: WorkflowSpec, data: Any) -> Any:
             ) from None
     problem = check_json(data)
     if problem is not None:
-        raise InvalidInputError(f"input for workflow {spec.name!r} ({model.__name__}) {problem}")
+        # Name the field (each checked as the model holds it, one level down).
+        name = next((f for f in type(data).model_fields if check_json({f: getattr(data, f)})), None)
+        where = f"field {name!r} " if name else ""
+        raise InvalidInputError(f"input for workflow {spec.name!r} ({model.__name__}) {where}{problem}")
     return data
 
 
