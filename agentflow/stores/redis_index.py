@@ -253,15 +253,20 @@ class Index:
         if limit <= 0:
             return []
         statuses = [RunStatus(status)] if status is not None else list(RunStatus)
+        finished = any(s in FINAL for s in statuses)
         calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = []
-        if any(s in FINAL for s in statuses):
-            now = time.time() - _BUCKET_SLACK
-            calls.append(("zremrangebyscore", (self.keys.buckets(), "-inf", now), {}))
-            calls.append(("zrange", (self.keys.buckets(), now, "+inf"), {"byscore": True}))
+        if finished:  # which time buckets may hold finished runs, by the server's clock
+            calls += [("time", (), {}), ("zrange", (self.keys.buckets(), 0, -1), {"withscores": True})]
         if after is not None:
             calls.append(("hmget", (self.keys.run(after).rec, ["created_at"]), {}))
         replies = await self._pipeline("list_runs", calls) if calls else []
-        buckets = [b.decode() for b in replies[1]] if any(s in FINAL for s in statuses) else []
+        buckets: list[str] = []
+        if finished:
+            (sec, usec), registry = replies[0], replies[1]
+            gone = sec + usec / 1e6 - _BUCKET_SLACK
+            buckets = [name.decode() for name, expires in registry if expires >= gone]
+            if len(buckets) < len(registry):
+                self.wire.defer([[b"ZREMRANGEBYSCORE", self.keys.buckets().encode(), b"-inf", score(gone)]])
         cursor: tuple[float, bytes] | None = None
         if after is not None:
             at = _float(replies[-1][0])
