@@ -303,3 +303,96 @@ async def test_pause_after_a_step_that_returns_a_plain_name() -> None:
         await handle.resume()
         await handle.result()
     assert ran == ["first", "second"]
+
+
+def _gate_flow(name: str = "Waits") -> Workflow:
+    return Workflow(name).flow(
+        {
+            START: lambda ctx: Wait(HumanApproval(approvers=["alice"], prompt="Ship?"), "Done"),
+            "Done": lambda ctx: Next(END, output="shipped"),
+        }
+    )
+
+
+async def test_wait_for_returns_the_info_at_the_gate() -> None:
+    async with WorkflowRunner(_gate_flow()) as runner:
+        handle = await runner.run()
+        info = await handle.wait_for("waiting", timeout=5)
+        assert (info.run_id, info.status, info.step) == (handle.run_id, RunStatus.WAITING, START)
+        assert info.pending["prompt"] == "Ship?"
+        assert handle.status == RunStatus.WAITING
+        with pytest.raises(TimeoutError):
+            await handle.wait_for(RunStatus.PAUSED, timeout=0.1)
+        await handle.approve(by="alice")
+        final = await handle.wait_for("paused", timeout=5)  # a final status ends the wait too
+        assert final.status == RunStatus.COMPLETED
+
+
+async def test_an_unknown_run_id_raises_run_not_found() -> None:
+    from agentflow import RunNotFoundError
+
+    async with WorkflowRunner(_gate_flow()) as runner:
+        with pytest.raises(RunNotFoundError, match="no-such-run"):
+            await runner.attach("no-such-run")
+        ghost = RunHandle(runner, "no-such-run")
+        with pytest.raises(RunNotFoundError):
+            await ghost.wait_for("waiting", timeout=1)
+        with pytest.raises(RunNotFoundError):
+            await ghost.info()
+    assert issubclass(RunNotFoundError, AgentflowError)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+async def test_list_runs_pages_newest_first_without_duplicates_or_gaps(make_store, kind) -> None:
+    store = make_store(kind)
+    gated = Workflow("Pages").flow(
+        {
+            START: lambda ctx: Wait(HumanApproval(approvers=["a"]), "Done") if ctx.input["gate"] else END,
+            "Done": lambda ctx: END,
+        }
+    )
+    other = Workflow("Other").flow({START: lambda ctx: END})
+    async with WorkflowRunner(gated, store=store) as runner, WorkflowRunner(other, store=store) as elsewhere:
+        handles = [await runner.run({"gate": i % 3 == 0}) for i in range(8)]
+        for h in handles:
+            await h.wait_for("waiting", timeout=5)
+        theirs = [(await elsewhere.run()).run_id for _ in range(2)]
+
+        async def pages(**filters) -> list[list[str]]:
+            out: list[list[str]] = []
+            after = None
+            while page := await runner.list_runs(limit=3, after=after, **filters):
+                assert len(page) <= 3
+                out.append([i.run_id for i in page])
+                after = page[-1].run_id
+            return out
+
+        everything = await runner.list_runs()
+        assert len(everything) == 8 and {i.workflow for i in everything} == {"Pages"}
+        keys = [(i.created_at, i.run_id) for i in everything]
+        assert keys == sorted(keys, reverse=True)  # newest first
+        paged = await pages()
+        assert [len(p) for p in paged] == [3, 3, 2]
+        assert [r for p in paged for r in p] == [i.run_id for i in everything]  # no duplicate, no gap
+        waiting = [r for p in await pages(status="waiting") for r in p]
+        assert waiting == [i.run_id for i in everything if i.status == RunStatus.WAITING]
+        assert sorted(waiting) == sorted(h.run_id for i, h in enumerate(handles) if i % 3 == 0)
+        assert [r for p in await pages(workflow="Other") for r in p] == theirs[::-1]
+        assert [i.run_id for i in await runner.list_runs(status="completed", limit=2)] == [
+            i.run_id for i in everything if i.status == RunStatus.COMPLETED
+        ][:2]
+
+
+async def test_a_handle_from_approve_attach_or_a_finished_run_shows_its_status() -> None:
+    async with WorkflowRunner(_gate_flow()) as runner:
+        handle = await runner.run()
+        await handle.wait_for("waiting", timeout=5)
+        attached = await runner.attach(handle.run_id)
+        assert "waiting" in repr(attached) and "waiting" in attached._repr_html_()
+        approved = await runner.approve(handle.run_id, by="alice")
+        assert repr(approved).split()[-1].rstrip(">") in ("running", "completed"), repr(approved)
+        await approved.result()
+        await handle.result()
+        for h in (approved, handle, await runner.attach(handle.run_id)):
+            assert repr(h).endswith(" completed>"), repr(h)
+            assert "completed" in h._repr_html_()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from datetime import timedelta
 
 import pytest
@@ -310,3 +311,34 @@ def test_mermaid_of_an_imperative_workflow_names_its_function() -> None:
 
     chart = Workflow("R").execute(release).mermaid()
     assert chart.startswith("flowchart") and "release" in chart
+
+
+def test_mermaid_of_a_flow_defined_without_source_still_draws_its_edges() -> None:
+    """Under ``exec`` (a REPL, a notebook cell) there is no source: edges come from code constants."""
+    code = textwrap.dedent(
+        """
+        from agentflow import END, START, HumanApproval, Next, Wait, Workflow
+
+        def build(ctx):
+            return "Test" if ctx.input else "Fix"
+
+        def fix(ctx):
+            return "Build"
+
+        wf = Workflow("NoSource").flow({
+            START: lambda ctx: "Build",
+            "Build": build,
+            "Fix": fix,
+            "Test": lambda ctx: Wait(HumanApproval(approvers=["a"]), "Ship"),
+            "Ship": lambda ctx: Next(END, output=1),
+        })
+        """
+    )
+    namespace: dict[str, object] = {}
+    exec(compile(code, "<cell>", "exec"), namespace)
+    wf = namespace["wf"]
+    assert isinstance(wf, Workflow)
+    edges = _edges(wf.mermaid())
+    for edge in ("__start__ --> s_Build", "s_Build --> s_Test", "s_Build --> s_Fix", "s_Fix --> s_Build"):
+        assert edge in edges, f"{edge!r} missing from\n{wf.mermaid()}"
+    assert "s_Test --> s_Ship" in edges and "s_Ship --> __end__" in edges

@@ -157,10 +157,14 @@ def edges_of(steps: dict[str, Callable[..., Any]]) -> list[Edge]:
 
 
 def _code_targets(fn: Callable[..., Any], known: set[str]) -> list[str]:
-    """Step names (and END) among the string constants of ``fn``'s code, nested code included."""
+    """Step names (and END) among the string constants of ``fn``'s code, nested code included.
+
+    END is also found as the global name ``END`` (``Next(END, ...)``) when it is the constant.
+    """
     code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)  # noqa: B004
     found: list[str] = []
     codes = [code] if isinstance(code, types.CodeType) else []
+    end_by_name = getattr(fn, "__globals__", {}).get("END") == END
     while codes:
         c = codes.pop()
         for const in c.co_consts:
@@ -168,6 +172,8 @@ def _code_targets(fn: Callable[..., Any], known: set[str]) -> list[str]:
                 codes.append(const)
             elif isinstance(const, str) and (const in known or const == END) and const not in found:
                 found.append(const)
+        if end_by_name and "END" in c.co_names and END not in found:
+            found.append(END)
     return found
 
 
