@@ -168,6 +168,9 @@ async def compare(name: str, ours: Load, bare: Load, rounds: int) -> None:
         )
     verdict = "within" if ratio <= 1.03 else "OVER"
     print(f"      ratio agentflow / bare: {ratio:.3f} ({verdict} the 3 % target)")
+    # The spread says how far the machine's other load can be trusted to have hit both alike.
+    paired = " ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(runs["agentflow"], runs["bare"], strict=True))
+    print(f"      round by round: {paired}")
 
 
 async def main() -> None:
