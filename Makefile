@@ -32,8 +32,10 @@ test: $(VENV)/.installed redis-server lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed redis-server
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_stores.py
+	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_pool.py
 
 clean:
