@@ -24,6 +24,9 @@ __all__ = ["drive"]
 
 log = logging.getLogger("agentflow")
 
+#: Seconds a closing process tries to hand a run's lease back before it leaves anyway.
+_RELEASE_WAIT = 2.0
+
 
 async def drive(run: LiveRun, advance: Callable[[LiveRun], Awaitable[None]]) -> None:
     """Run ``advance`` to its end, turning failures, stops and lease loss into commits."""
@@ -104,7 +107,10 @@ async def _finish_stopped(run: LiveRun) -> None:
 
 
 async def _release_quietly(run: LiveRun) -> None:
+    # Handing the lease back is a courtesy: while the store is out of reach the process
+    # does not wait for it (the lease runs out and the run is recovered then).
     try:
-        await asyncio.shield(run.commit(Commit(release=True)))
-    except (StoreError, asyncio.CancelledError):
+        async with asyncio.timeout(_RELEASE_WAIT):
+            await run.commit(Commit(release=True))
+    except (StoreError, TimeoutError, asyncio.CancelledError):
         pass

@@ -35,7 +35,7 @@ log = logging.getLogger("agentflow")
 class LeaseKeeper:
     """Renews every owned run's lease each ``lease_ttl / 3`` seconds (at most 1 s)."""
 
-    __slots__ = ("_loop", "_stop", "_sup", "_task", "_thread")
+    __slots__ = ("_cuttable", "_loop", "_renewing", "_stop", "_sup", "_task", "_thread")
 
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
@@ -43,6 +43,10 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The renewal thread's loop and task, so close() can cut a renewal in flight short;
+        # ``_cuttable`` (read and written on that thread only) is True during a renewal.
+        self._renewing: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
+        self._cuttable = False
 
     @property
     def interval(self) -> float:
@@ -75,6 +79,14 @@ class LeaseKeeper:
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stop.set()
+            renewing, self._renewing = self._renewing, None
+            if renewing is not None:
+                # A renewal in flight waits for the store (up to its own retry window
+                # while the store is out of reach): it is cancelled, not waited for.
+                try:
+                    renewing[0].call_soon_threadsafe(self._cut, renewing[1])
+                except RuntimeError:  # that loop already ended
+                    pass
             await asyncio.to_thread(thread.join)
 
     # -- renewing on the event loop (stores that cannot be shared) ----------------
@@ -104,6 +116,9 @@ class LeaseKeeper:
 
     async def _thread_loop(self, store: Store) -> None:
         sup = self._sup
+        task = asyncio.current_task()
+        assert task is not None
+        self._renewing = (asyncio.get_running_loop(), task)
         try:
             while not self._stop.wait(self.interval):
                 # A snapshot: the dict is changed on the event loop's thread meanwhile.
@@ -111,7 +126,11 @@ class LeaseKeeper:
                     if run.finished:
                         continue
                     try:
-                        control = await store.renew(run.run_id, run.lease, sup.lease_ttl)
+                        self._cuttable = True
+                        try:
+                            control = await store.renew(run.run_id, run.lease, sup.lease_ttl)
+                        finally:
+                            self._cuttable = False
                     except LeaseLostError:
                         self._post(self._lost, run)
                         continue
@@ -122,8 +141,15 @@ class LeaseKeeper:
                         continue
                     if control is not None:
                         self._post(self._control, run, control)
+        except asyncio.CancelledError:
+            pass  # close() cut a renewal short
         finally:
             await store.close()
+
+    def _cut(self, task: asyncio.Task[None]) -> None:
+        """On the renewal thread: cancel ``task`` if it waits on a renewal (not on its store's close)."""
+        if self._cuttable:
+            task.cancel()
 
     def _post(self, fn: object, *args: object) -> None:
         loop = self._loop
