@@ -64,7 +64,6 @@ __all__ = ["RedisStore"]
 _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
 _MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
 _READ = (*RECORD_FIELDS, "_write", "_ix")  # what update reads
-_STATUSES = frozenset(s.value for s in RunStatus)
 
 
 class _Creation(NamedTuple):
@@ -73,14 +72,6 @@ class _Creation(NamedTuple):
     args: list[bytes]
     version: bytes
     facts: tuple[bytes, bytes]  # workflow and created_at, JSON
-
-
-def _checked(replies: list[Any]) -> list[Any]:
-    """``replies``, or the first error among them raised."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
 
 
 class RedisStore:
@@ -162,18 +153,6 @@ class RedisStore:
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000)) if self.ttl is not None else 0
-
-    def _unfile(self, run_id: str, workflow: str, status: Any, version: Any) -> list[Command]:
-        """Drop commands for the entries a write just made stale (JSON status, raw version)."""
-        if not version or not isinstance(version, bytes):
-            return []
-        try:
-            old = decode(run_id, "status", status)
-        except StoreError:
-            return []
-        if old not in _STATUSES:
-            return []
-        return self._index.unfile(run_id, old, workflow, version)
 
     # -- the Store protocol -----------------------------------------------------------
 
@@ -297,15 +276,15 @@ class RedisStore:
             version = self._nonce() if status is not None else b""
             index: list[Command] = []
             filed = [b"", b"", b""]
+            undo: list[Command] = []  # the entries filed here, should the commit not apply
             if facts is not None and (status is not None or gate is not None):
-                workflow, created_at = (
-                    decode(run_id, "workflow", facts[0]),
-                    decode(run_id, "created_at", facts[1]),
-                )
+                workflow = str(decode(run_id, "workflow", facts[0]))
                 if status is not None:
-                    index += self._index.file(run_id, status, str(workflow), float(created_at), version)
+                    created_at = float(decode(run_id, "created_at", facts[1]))
+                    index += self._index.file(run_id, status, workflow, created_at, version)
+                    undo = self._index.unfile(run_id, status, workflow, version)
                 if gate is not None:
-                    index.append(self._index.file_gate(run_id, str(workflow), gate))
+                    index.append(self._index.file_gate(run_id, workflow, gate))
                 filed = [version, *facts]
             args = [*head, *filed, *body]
             replies = await self._wire.retrying(
@@ -317,28 +296,20 @@ class RedisStore:
             reply = replies[-1]
             code = reply[0]
             if code == 4:  # filed under facts the record does not have: file again
-                self._wire.defer(self._undo(run_id, status, facts, version))
+                self._wire.defer(undo)
                 facts = (reply[1], reply[2])
                 self._remember(run_id, *facts)
                 continue
             if code in (0, 1):
-                self._wire.defer(self._undo(run_id, status, facts, version))
+                self._wire.defer(undo)
                 detail = f"token {lease.token} is stale" if code == 1 else "the run no longer exists"
                 raise LeaseLostError(run_id, detail)
             if code == 2 and reply[2] != version:  # applied before, by an earlier call
-                self._wire.defer(self._undo(run_id, status, facts, version))
-            if code == 3 and status is not None and facts is not None and reply[3] != version:
-                self._wire.defer(self._unfile(run_id, str(decode(run_id, "workflow", facts[0])), *reply[2:4]))
+                self._wire.defer(undo)
+            if code == 3 and undo and reply[3] != version:  # the entries the run leaves behind
+                self._wire.defer(self._index.unfile_stored(run_id, workflow, *reply[2:4]))
             return self._control(run_id, reply[1])
         raise StoreError(f"run {run_id}: its workflow or created_at keep changing under the commit")
-
-    def _undo(
-        self, run_id: str, status: RunStatus | None, facts: tuple[bytes, bytes] | None, version: bytes
-    ) -> list[Command]:
-        """Drop commands for entries filed at ``version`` by a write that did not apply."""
-        if status is None or facts is None:
-            return []
-        return self._index.unfile(run_id, status, str(decode(run_id, "workflow", facts[0])), version)
 
     async def _read_facts(self, run_id: str) -> tuple[bytes, bytes] | None:
         key = self.keys.run(run_id).rec
@@ -411,7 +382,7 @@ class RedisStore:
         rec_key = keys.rec.encode()
         async with wire.connection() as conn:
             watch = [[b"WATCH", rec_key], [b"HMGET", rec_key, *(f.encode() for f in _READ)], [b"TIME"]]
-            _, values, (sec, usec) = _checked(await wire.exchange(conn, watch))
+            _, values, (sec, usec) = wire.checked(await wire.exchange(conn, watch))
             raw = {name: value for name, value in zip(_READ, values, strict=True) if value is not None}
             try:
                 if sent and raw.get("_write") == nonce:  # the last EXEC applied, its reply was lost
@@ -432,7 +403,7 @@ class RedisStore:
                 await wire.exchange(conn, [[b"UNWATCH"]])
                 raise
             sent.update(record=rec, stale=stale)
-            replies = _checked(await wire.exchange(conn, commands))
+            replies = wire.checked(await wire.exchange(conn, commands))
             if replies[-1] is None:  # EXEC refused: the record changed since WATCH
                 sent.clear()
                 return False, None, undo
@@ -458,21 +429,10 @@ class RedisStore:
         )
         mapping: dict[str, bytes] = {**self._mapping(rec), "_write": nonce}
         events = [encode_event(run_id, e) for e in result.events]
-        index: list[Command] = []
-        undo: list[Command] = []
-        stale: list[Command] = []
-        if rec.status != old.status or "_ix" not in raw:
-            version = self._nonce()
+        version = self._nonce() if rec.status != old.status or "_ix" not in raw else None
+        if version is not None:
             mapping["_ix"] = version
-            index += self._index.file(run_id, rec.status, rec.workflow, rec.created_at, version)
-            undo += self._index.unfile(run_id, rec.status, rec.workflow, version)
-            stale += self._unfile(run_id, old.workflow, raw.get("status"), raw.get("_ix"))
-        gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
-        if gate is not None:
-            index.append(self._index.file_gate(run_id, rec.workflow, gate))
-        old_gate = deadline_of(old.pending) if old.status == RunStatus.WAITING else None
-        if old_gate is not None and gate is None:
-            stale.append(self._index.unfile_gate(run_id, old.workflow, old_gate))
+        index, undo, stale = self._index.moved(old, raw.get("status"), raw.get("_ix"), rec, version)
         commands: list[Command] = [*index, [b"MULTI"]]
         rec_key = keys.rec.encode()
         commands.append(
@@ -539,7 +499,7 @@ class RedisStore:
             except StoreError:
                 workflow = None
             if isinstance(workflow, str):
-                self._wire.defer(self._unfile(run_id, workflow, reply[2], reply[3]))
+                self._wire.defer(self._index.unfile_stored(run_id, workflow, reply[2], reply[3]))
                 await self._wire.flush()
         return True
 

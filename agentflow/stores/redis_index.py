@@ -110,6 +110,40 @@ class Index:
         member = entry(run_id, version)
         return [[b"ZREM", k.encode(), member] for k in self._keys(status, workflow)]
 
+    def unfile_stored(self, run_id: str, workflow: str, status: Any, version: Any) -> list[Command]:
+        """:meth:`unfile` for a status and version as a script read them (JSON, raw; '' if unset)."""
+        if not version or not isinstance(version, bytes):
+            return []
+        try:
+            old = decode(run_id, "status", status)
+        except CorruptRecordError:
+            return []
+        return self.unfile(run_id, old, workflow, version) if old in _STATUSES else []
+
+    def moved(
+        self, old: RunRecord, old_status: Any, old_version: Any, new: RunRecord, version: bytes | None
+    ) -> tuple[list[Command], list[Command], list[Command]]:
+        """What a write taking ``old`` to ``new`` files (``version``: a new status's), with
+        the clean-ups should it not apply, and those once it did.
+
+        ``old_status`` and ``old_version`` are the stored status JSON and ``_ix``.
+        """
+        run_id = new.run_id
+        entries: list[Command] = []
+        undo: list[Command] = []
+        stale: list[Command] = []
+        if version is not None:
+            entries += self.file(run_id, new.status, new.workflow, new.created_at, version)
+            undo += self.unfile(run_id, new.status, new.workflow, version)
+            stale += self.unfile_stored(run_id, old.workflow, old_status, old_version)
+        gate = deadline_of(new.pending) if new.status == RunStatus.WAITING else None
+        if gate is not None:
+            entries.append(self.file_gate(run_id, new.workflow, gate))
+        old_gate = deadline_of(old.pending) if old.status == RunStatus.WAITING else None
+        if old_gate is not None and gate is None:
+            stale.append(self.unfile_gate(run_id, old.workflow, old_gate))
+        return entries, undo, stale
+
     def file_gate(self, run_id: str, workflow: str, deadline: float) -> Command:
         """The command filing a gate's deadline."""
         return [b"ZADD", self.keys.gates(workflow).encode(), score(deadline), run_id.encode()]

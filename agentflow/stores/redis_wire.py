@@ -186,6 +186,14 @@ class Wire:
         room = _MAX_DEFERRED - len(self._deferred)
         self._deferred.extend(commands[: max(room, 0)])
 
+    @staticmethod
+    def checked(replies: list[Any]) -> list[Any]:
+        """``replies``, or the first error among them raised."""
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection of one's own (for WATCH); closed if anything goes wrong."""
