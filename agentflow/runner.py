@@ -31,12 +31,13 @@ from .errors import (
     RunStoppedError,
     WorkflowDefinitionError,
 )
+from .handle import RunHandle, status_of
 from .stores import open_store
 from .stores.contract import Change, Lease, RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import FINAL, RunEvent, RunInfo, RunResult, RunStatus
 
-__all__ = ["RunHandle", "WorkflowRunner"]
+__all__ = ["RunHandle", "WorkflowRunner"]  # RunHandle lives in agentflow.handle
 
 _FINAL_KINDS = frozenset(s.value for s in FINAL)
 _POLL = 0.1  # seconds between store polls for runs another process advances
@@ -52,15 +53,6 @@ def _open_store(spec: WorkflowSpec) -> tuple[Store, bool]:
     if p.durability is not None:
         options["durability"] = p.durability
     return open_store(p.store, **options), True
-
-
-def _status(value: RunStatus | str, what: str = "status") -> RunStatus:
-    try:
-        return RunStatus(value)
-    except ValueError:
-        raise AgentflowError(
-            f"unknown {what} {value!r}; statuses are {[s.value for s in RunStatus]}"
-        ) from None
 
 
 class WorkflowRunner:
@@ -177,7 +169,7 @@ class WorkflowRunner:
         input, state or output is read. A run whose record is damaged is listed with an
         ``error`` of type ``CorruptRecordError``.
         """
-        st = _status(status) if status is not None else None
+        st = status_of(status) if status is not None else None
         recs = await self.store.list_runs(workflow or self.spec.name, st, limit, after)
         return [r.info() for r in recs]
 
@@ -471,114 +463,3 @@ def _replace(rec: RunRecord, **fields: Any) -> RunRecord:
     import dataclasses
 
     return dataclasses.replace(rec, **fields)
-
-
-class RunHandle:
-    """Controls one run: inspect it, wait for it, watch it, pause, resume, stop, decide."""
-
-    __slots__ = ("_live", "_runner", "_status", "run_id")
-
-    def __init__(
-        self,
-        runner: WorkflowRunner,
-        run_id: str,
-        live: LiveRun | None = None,
-        status: RunStatus | None = None,
-    ) -> None:
-        self._runner = runner
-        self._live = live
-        self._status = status
-        self.run_id = run_id
-
-    @property
-    def status(self) -> RunStatus | None:
-        """The status last seen by this handle (``await info()`` reads the store)."""
-        if self._live is not None and (self._live.finished or self._status is None):
-            return self._live.status
-        return self._status
-
-    async def info(self) -> RunInfo:
-        """A snapshot: status, step, pending gate, error, usage, timestamps."""
-        info = (await self._runner._record(self.run_id)).info()
-        self._status = info.status
-        return info
-
-    async def wait_for(self, *statuses: RunStatus | str, timeout: float | None = None) -> RunInfo:
-        """Wait until the run is in one of ``statuses`` (or final) and return its ``RunInfo``.
-
-        Raises:
-            RunNotFoundError: there is no such run.
-            TimeoutError: ``timeout`` seconds passed first.
-        """
-        wanted = {_status(s) for s in statuses}
-
-        def done(rec: RunRecord) -> bool:
-            return rec.status in wanted or rec.status in FINAL
-
-        rec = await self._runner._until(self.run_id, done, timeout)
-        self._status = rec.status
-        return rec.info()
-
-    async def result(self, timeout: float | None = None) -> RunResult:
-        """Wait for the run to finish and return its result.
-
-        Raises:
-            RunFailedError: with the failing step, error type, message and traceback text.
-            RunStoppedError: the run was stopped.
-            RunRejectedError: the run was rejected or its gate expired.
-            TimeoutError: ``timeout`` seconds passed first.
-        """
-        live = self._live
-        if live is not None and timeout is None:
-            # Started here: follow the run in memory while it stays in this process.
-            await live.wait_finished()
-            if live.failure is not None:
-                raise live.failure
-            if live.status is RunStatus.COMPLETED:
-                self._status = live.status
-                return RunResult(RunStatus.COMPLETED, live.output, live.state, dict(live.results))
-            self._live = None
-        res = await self._runner._result(self.run_id, timeout)
-        self._status = res.status
-        return res
-
-    def events(self) -> AsyncIterator[RunEvent]:
-        """The run's events from its first (history, then live), ending at a final status."""
-        return self._runner._events(self.run_id)
-
-    async def pause(self) -> None:
-        """Let the step in flight finish and commit, then park the run as ``paused``."""
-        await self._runner._pause(self.run_id)
-
-    async def resume(self) -> None:
-        """Continue a paused run from its next step, in this process."""
-        await self._runner._resume(self.run_id)
-        self._live = self._runner.supervisor.local.get(self.run_id)
-
-    async def stop(self) -> None:
-        """Cancel the step in flight, close its agent handles; status ``stopped`` (final)."""
-        await self._runner._stop(self.run_id)
-        self._status = RunStatus.STOPPED
-
-    async def approve(self, by: str, comment: str | None = None, data: Any = None) -> RunHandle:
-        """Approve the gate the run waits at (see ``WorkflowRunner.approve``)."""
-        return await self._runner.approve(self.run_id, by, comment, data)
-
-    async def reject(self, by: str, reason: str | None = None) -> RunHandle:
-        """Reject the gate the run waits at (see ``WorkflowRunner.reject``)."""
-        return await self._runner.reject(self.run_id, by, reason)
-
-    def __repr__(self) -> str:
-        status = self.status
-        return f"<RunHandle {self.run_id} {self._runner.spec.name} {status.value if status else '?'}>"
-
-    def _repr_html_(self) -> str:
-        from html import escape
-
-        live = self._live
-        status = self.status
-        rows = [("run", self.run_id), ("workflow", self._runner.spec.name)]
-        rows.append(("status", status.value if status else "unknown (await handle.info())"))
-        if live is not None:
-            rows += [("step", live.step), ("steps run", str(live.visit))]
-        return "<table>" + "".join(f"<tr><th>{k}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"

@@ -268,18 +268,24 @@ class MemoryStore:
                 nothing was written.
         """
         # Check and encode everything first, so a bad value writes nothing.
-        check_commit_fields(run_id, commit.fields)
         sets: dict[str, Any] = {}
         for name, value in commit.fields.items():
-            if name in _JSON:
-                if value is None:
-                    sets[name] = _NULL
-                else:
-                    sets[name] = encode(run_id, name, list(value) if name == "decisions" else value)
-            elif name == "status":
-                sets[name] = RunStatus(value)
-            else:
+            # A step's commit (step, visit, state) is checked inline: it runs once per step.
+            if name == "step" and type(value) is str or name == "visit" and type(value) is int:
                 sets[name] = value
+            elif name == "state":
+                sets[name] = _NULL if value is None else encode(run_id, name, value)
+            else:
+                check_commit_fields(run_id, {name: value})
+                if name in _JSON:
+                    if value is None:
+                        sets[name] = _NULL
+                    else:
+                        sets[name] = encode(run_id, name, list(value) if name == "decisions" else value)
+                elif name == "status":
+                    sets[name] = RunStatus(value)
+                else:
+                    sets[name] = value
         events = [_store_event(run_id, e) for e in commit.events] if commit.events else None
         outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
