@@ -20,7 +20,7 @@ def blocking_flow(path: Path, calls: list[str], seconds: float) -> Workflow:
     return (
         Workflow("Hog")
         .flow({START: lambda ctx: "Hog", "Hog": hog})
-        .persistence(store="sqlite", path=str(path), lease_ttl=0.6)
+        .persistence(store="sqlite", path=str(path), lease_ttl=1.2)
     )
 
 
@@ -39,7 +39,7 @@ def recover_in_thread(path: Path, wf: Workflow, stop: threading.Event, found: li
 async def test_a_step_that_blocks_the_loop_past_lease_ttl_keeps_its_lease(tmp_path: Path) -> None:
     calls: list[str] = []
     path = tmp_path / "runs.db"
-    wf = blocking_flow(path, calls, seconds=2.0)  # more than three lease_ttls
+    wf = blocking_flow(path, calls, seconds=3.6)  # three lease_ttls
     stop = threading.Event()
     stolen: list[str] = []
     async with WorkflowRunner(wf) as runner:
