@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import wait_no_tasks
 from pydantic import BaseModel
 
 from agentflow import (
@@ -193,6 +194,44 @@ async def test_on_error_fail_cancels_running_siblings_and_names_the_branch() -> 
     assert "'broken'" in err.value.message and "compiler crashed" in err.value.message
     assert err.value.error_type == "ValueError"  # the branch's own error, not an internal wrapper
     assert info.error["step"] == "Fan"
+
+
+@pytest.mark.parametrize("broken_waits", [False, True])
+async def test_a_failure_cancels_waiting_siblings_whether_or_not_it_waited(broken_waits: bool) -> None:
+    # Branches start in the step's task and move to a task of their own only when they
+    # wait: a failure that happens without waiting must still cancel the waiting ones.
+    log: list[str] = []
+
+    async def slow(ctx):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            log.append(f"{ctx.step_name} cancelled")
+            raise
+        return ctx.item
+
+    async def quick(ctx):
+        return ctx.item
+
+    async def broken(ctx):
+        if broken_waits:
+            await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    wf = Workflow("P").flow(
+        {
+            START: lambda ctx: Parallel({"a": slow, "q": quick, "broken": broken, "b": slow}, "Join"),
+            "Join": lambda ctx: END,
+        }
+    )
+    baseline = set(asyncio.all_tasks())
+    async with WorkflowRunner(wf) as runner:
+        with pytest.raises(RunFailedError) as err:
+            await asyncio.wait_for((await runner.run()).result(), 5)
+    await wait_no_tasks(baseline)
+    # "b" starts only when the failure waited first; what started is cancelled, and told so.
+    assert sorted(log) == (["a cancelled", "b cancelled"] if broken_waits else ["a cancelled"]), log
+    assert "'broken'" in err.value.message and err.value.error_type == "ValueError"
 
 
 async def test_on_error_collect_runs_every_branch_and_gives_branch_errors() -> None:

@@ -8,7 +8,8 @@ an ``asyncio.TaskGroup``: a failure or a cancellation leaves none behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Coroutine as CoroutineABC
 from typing import TYPE_CHECKING, Any
 
 from ..definition.parallel import BranchError, Parallel
@@ -40,6 +41,38 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+class _Resumed(CoroutineABC[Any, Any, None]):
+    """A started coroutine, suspended on ``yielded``, handed to a task to go on.
+
+    The task's first step gets ``yielded`` back (the awaitable the coroutine waits on);
+    every later send or throw — a cancellation included, even one that comes before
+    the task's first step — reaches the coroutine itself.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self._coro = coro
+        self._first: list[Any] | None = [yielded]
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first[0]
+        return self._coro.send(value)
+
+    def throw(self, exc: Any, *args: Any) -> Any:
+        self._first = None
+        return self._coro.throw(exc, *args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a resumed branch is driven by its task, not awaited")
+
+
 async def run_branches(
     calls: Sequence[tuple[str, Callable[[], Awaitable[Any]]]],
     max_concurrency: int | None,
@@ -48,32 +81,47 @@ async def run_branches(
     """Await each call concurrently; results (or exceptions, when not ``fail_fast``) in order.
 
     With ``fail_fast`` the first exception cancels the others and raises
-    :class:`BranchFailed`.
+    :class:`BranchFailed`. Without a concurrency limit each branch starts at once, in
+    the caller's task: one that finishes without waiting on anything needs no task of
+    its own (most of the cost of a wide fan-out of quick branches); one that waits goes
+    on in a task of the group.
     """
     n = len(calls)
     results: list[Any] = [None] * n
     if n == 0:
         return results
-    limit = n if max_concurrency is None else min(max_concurrency, n)
-    next_index = 0
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n:
-            i = next_index
-            next_index += 1
-            name, call = calls[i]
-            try:
-                results[i] = await call()
-            except Exception as exc:
-                if fail_fast:
-                    raise BranchFailed(name, exc) from exc
-                results[i] = exc
+    async def branch(i: int) -> None:
+        name, call = calls[i]
+        try:
+            results[i] = await call()
+        except Exception as exc:
+            if fail_fast:
+                raise BranchFailed(name, exc) from exc
+            results[i] = exc
 
     try:
         async with asyncio.TaskGroup() as tg:
-            for _ in range(limit):
-                tg.create_task(worker())
+            if max_concurrency is None or max_concurrency >= n:
+                for i in range(n):
+                    coro = branch(i)
+                    try:
+                        yielded = coro.send(None)
+                    except StopIteration:
+                        continue
+                    tg.create_task(_Resumed(coro, yielded))
+            else:
+                next_index = 0
+
+                async def worker() -> None:
+                    nonlocal next_index
+                    while next_index < n:
+                        i = next_index
+                        next_index += 1
+                        await branch(i)
+
+                for _ in range(max_concurrency):
+                    tg.create_task(worker())
     except BaseExceptionGroup as group:
         raise unwrap(group) from None
     return results
