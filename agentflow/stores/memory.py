@@ -115,9 +115,31 @@ class _Run:
         return (self.fields["created_at"], self.fields["run_id"])
 
 
+def _plain_scalars(rec: RunRecord) -> bool:
+    """True when every scalar of ``rec`` has its exact type (the common case, checked inline)."""
+    return (
+        type(rec.run_id) is str
+        and type(rec.workflow) is str
+        and type(rec.status) is RunStatus
+        and (rec.step is None or type(rec.step) is str)
+        and type(rec.visit) is int
+        and type(rec.decisions) is tuple
+        and type(rec.created_at) is float
+        and type(rec.updated_at) is float
+        and type(rec.event_count) is int
+        and (rec.lease_owner is None or type(rec.lease_owner) is str)
+        and type(rec.lease_token) is int
+        and type(rec.lease_expires) is float
+        and (rec.control is None or type(rec.control) is str)
+        and type(rec.commit_token) is int
+        and type(rec.commit_seq) is int
+    )
+
+
 def _encode_record(rec: RunRecord) -> dict[str, Any]:
     """Every field of ``rec`` in its stored form, checked; raises StoreError before any write."""
-    check_record(rec)
+    if not _plain_scalars(rec):
+        check_record(rec)
     run_id = rec.run_id
     fields: dict[str, Any] = {}
     for name in RECORD_FIELDS:
@@ -125,8 +147,10 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
         if name in _JSON:
             if value is None:
                 fields[name] = _NULL
+            elif name == "decisions":
+                fields[name] = encode(run_id, name, list(value)) if value else b"[]"
             else:
-                fields[name] = encode(run_id, name, list(value) if name == "decisions" else value)
+                fields[name] = encode(run_id, name, value)
         elif name == "status":
             fields[name] = RunStatus(value)
         elif name in ("created_at", "updated_at", "lease_expires"):
@@ -271,7 +295,7 @@ class MemoryStore:
         sets: dict[str, Any] = {}
         for name, value in commit.fields.items():
             # A step's commit (step, visit, state) is checked inline: it runs once per step.
-            if name == "step" and type(value) is str or name == "visit" and type(value) is int:
+            if (name == "step" and type(value) is str) or (name == "visit" and type(value) is int):
                 sets[name] = value
             elif name == "state":
                 sets[name] = _NULL if value is None else encode(run_id, name, value)
