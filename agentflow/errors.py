@@ -25,6 +25,7 @@ Every error the package raises derives from :class:`AgentflowError`::
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
@@ -48,7 +49,39 @@ __all__ = [
     "StoreError",
     "UnknownStepError",
     "WorkflowDefinitionError",
+    "redact",
 ]
+
+# API keys and bearer tokens as providers and HTTP libraries echo them in error messages:
+# OpenAI (sk-, sk-proj-, masked sk-...****abcd) and Anthropic (sk-ant-) keys, an
+# Authorization header's token, and ``api_key=...``-style assignments.
+_SECRETS = (
+    (re.compile(r"\b((?i:bearer)\s+)[\w.~+/*-]{4,}=*"), r"\1[redacted]"),
+    (re.compile(r"(?<![\w-])(?:sk|pk|rk)-[\w*-]{4,}"), "[redacted]"),
+    (
+        re.compile(
+            r"\b((?:api[_-]?key|x-api-key|authorization|access[_-]?token|secret|password)[\"']?\s*[:=]\s*"
+            r"[\"']?)(?!\[redacted\]|Bearer\b)[^\s\"',;}]{6,}",
+            re.IGNORECASE,
+        ),
+        r"\1[redacted]",
+    ),
+)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with each of ``secrets`` (8 characters or more), API keys, bearer tokens and
+    ``api_key=...`` values replaced by ``[redacted]``.
+
+    Applied to every :class:`ProviderError` message, and to every error message and
+    traceback before it reaches a store or an event.
+    """
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class AgentflowError(Exception):
@@ -175,7 +208,7 @@ class ProviderError(AgentflowError):
     """
 
     def __init__(self, message: str, status: int | None = None, provider: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))  # servers quote the key they were sent in some errors
         self.status = status
         self.provider = provider
 

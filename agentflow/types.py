@@ -17,7 +17,6 @@ pydantic models, which a durable store dumps to JSON); nothing names Python code
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -25,7 +24,6 @@ from typing import Any, NamedTuple
 __all__ = [
     "FINAL",
     "LIFECYCLE_KINDS",
-    "redact",
     "Decision",
     "RunEvent",
     "RunInfo",
@@ -77,31 +75,6 @@ LIFECYCLE_KINDS = frozenset(
         "agent_leak",
     }
 )
-
-
-# API keys and bearer tokens as providers and HTTP libraries echo them in error messages.
-_SECRETS = (
-    (re.compile(r"\b(Bearer\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE), r"\1[redacted]"),
-    (re.compile(r"\b(?:sk|pk|rk)-(?:ant-|proj-|live-|test-)?[A-Za-z0-9_\-]{8,}"), "[redacted]"),
-    (
-        re.compile(
-            r"\b((?:api[_-]?key|x-api-key|authorization|access[_-]?token|secret|password)[\"']?\s*[:=]\s*"
-            r"[\"']?)(?!\[redacted\]|Bearer\b)[^\s\"',;}]{6,}",
-            re.IGNORECASE,
-        ),
-        r"\1[redacted]",
-    ),
-)
-
-
-def redact(text: str) -> str:
-    """``text`` with API keys, bearer tokens and ``api_key=...`` values replaced by ``[redacted]``.
-
-    Applied to every error message and traceback before it reaches a store or an event.
-    """
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def utc(ts: float) -> datetime:

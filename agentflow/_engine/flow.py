@@ -13,9 +13,9 @@ from typing import Any
 from ..definition.gates import Wait
 from ..definition.parallel import Parallel
 from ..definition.steps import END, START, Next, StepFunction
-from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError
+from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError, redact
 from ..stores.contract import Commit, OutputRecord
-from ..types import RunEvent, RunStatus, Usage, redact
+from ..types import RunEvent, RunStatus, Usage
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park

@@ -29,9 +29,10 @@ from ..errors import (
     InvalidInputError,
     LeaseLostError,
     StoreError,
+    redact,
 )
 from ..stores.contract import Commit, Lease, LoadedRun
-from ..types import Decision, RunEvent, RunStatus, Usage, redact
+from ..types import Decision, RunEvent, RunStatus, Usage
 from .context import StepResults
 from .journal import StepJournal
 from .values import decode_output, validate_input

@@ -14,29 +14,13 @@ import anthropic
 
 from agentflow.agents import ProviderReply, ProviderRequest, reply_body
 from agentflow.agents.retrying import RetryPolicy
-from agentflow.errors import ProviderError
+from agentflow.errors import ProviderError, redact
 from agentflow.types import Usage
 
 __all__ = ["AnthropicProvider"]
 
 _T = TypeVar("_T")
 _NAME = re.compile(r"[^a-zA-Z0-9_-]")
-# An Authorization header's token, and Anthropic (sk-ant-) or OpenAI (sk-, sk-proj-) keys
-# wherever a message quotes them.
-_SECRET = re.compile(r"(?P<bearer>\b(?i:bearer)\s+)[\w.~+/*-]+=*|(?<![\w-])sk-[\w*-]{4,}")
-_REDACTED = "[redacted]"
-
-
-def _redact(text: str, *secrets: str | None) -> str:
-    """``text`` with each of ``secrets`` (8 characters or more) and any API key or bearer token hidden.
-
-    Servers and proxies quote the key they were sent in some errors; such a message must
-    not reach a log, a stored run or an event as it is.
-    """
-    for secret in secrets:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, _REDACTED)
-    return _SECRET.sub(lambda m: (m["bearer"] or "") + _REDACTED, text)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -293,7 +277,8 @@ class AnthropicProvider:
             yield
         except ProviderError as exc:
             message = str(exc)
-            clean = _redact(message, self._key)
-            if clean == message:
-                raise
+            clean = redact(message, self._key)
+            cause = str(exc.__cause__ or "")
+            if clean == message and redact(cause, self._key) == cause:
+                raise  # nothing secret in the message nor in the SDK error it came from
             raise ProviderError(clean, status=exc.status, provider=exc.provider) from None
