@@ -63,7 +63,8 @@ class CountingConnection(aioredis.Connection):
 
 
 class LossyProxy:
-    """A TCP proxy to Redis that can lose the reply to a request, as a dropped connection does.
+    """A TCP proxy to Redis that can lose the reply to a request, as a dropped connection does,
+    or hold replies back (``delay``).
 
     ``lose(when, between)``: the next request containing ``when`` reaches Redis and runs;
     its reply is not passed on. ``between()`` runs first (another writer, say), then the
@@ -74,6 +75,7 @@ class LossyProxy:
         self.target = port
         self.port = 0
         self.lost = 0
+        self.delay = 0.0  # seconds each piece of a reply is held back
         self._rule: tuple[bytes, Callable[[], Awaitable[None]]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -118,6 +120,8 @@ class LossyProxy:
                     await doomed[0]()
                     self.lost += 1
                     return
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 writer.write(data)
                 await writer.drain()
 
@@ -599,7 +603,7 @@ async def test_finished_runs_leave_the_live_indexes_and_expire_from_theirs(redis
 # -- connections and outages -----------------------------------------------------------
 
 
-async def test_400_concurrent_commits_on_a_pool_of_4_wait_for_connections_without_errors(
+async def test_400_concurrent_commits_and_updates_on_a_pool_of_4_wait_for_connections_without_errors(
     bare_redis: int,
 ) -> None:
     # A server that does not fsync every write, so the commits queue for connections.
@@ -608,22 +612,28 @@ async def test_400_concurrent_commits_on_a_pool_of_4_wait_for_connections_withou
         await store.client.flushdb()
         leases = [await started(store, f"r{i}") for i in range(400)]
 
-        async def commit(i: int) -> float:
+        async def timed(work: Awaitable[Any]) -> float:
             t0 = time.perf_counter()
+            await work
+            return time.perf_counter() - t0
+
+        async def commit(i: int) -> None:
             commit = Commit(
                 fields={"step": "B"}, events=[event("e", 2)], outputs=[OutputRecord(1, "A", i)], seq=1
             )
             assert await store.commit(f"r{i}", leases[i], commit) is None  # no StoreError
-            return time.perf_counter() - t0
 
-        latencies = sorted(await asyncio.gather(*(commit(i) for i in range(400))))
         pool = store.client.connection_pool
-        assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
-        p50, p99 = latencies[200] * 1000, latencies[396] * 1000
-        print(f"\n400 commits on 4 connections: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-        assert latencies[396] < 1.0
+        # Commits share one connection, pipelined; updates (WATCH ... EXEC) wait for one of
+        # the other three in turn.
+        for name, work in (("commits", commit), ("updates", lambda i: store.update(f"r{i}", pause))):
+            latencies = sorted(await asyncio.gather(*(timed(work(i)) for i in range(400))))
+            assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
+            p50, p99 = latencies[200] * 1000, latencies[396] * 1000
+            print(f"\n400 {name} on 4 connections: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            assert latencies[396] < 1.0
         runs = await store.list_runs(status=RunStatus.RUNNING, limit=1000)
-        assert len(runs) == 400 and {r.event_count for r in runs} == {2}
+        assert len(runs) == 400 and {(r.event_count, r.control) for r in runs} == {(3, "pause")}
     finally:
         await store.close()
 
@@ -693,38 +703,26 @@ async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
         await store.close()
 
 
-class SlowReplyConnection(aioredis.Connection):
-    """Waits a moment before reading each reply, when armed."""
-
-    armed = False
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if SlowReplyConnection.armed:
-            await asyncio.sleep(0.05)
-        return await super().read_response(*args, **kwargs)
-
-
-async def test_a_cancelled_commit_leaves_no_connection_out_of_step(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url, connection_class=SlowReplyConnection)
-    store = RedisStore(client=client)
+async def test_a_cancelled_commit_leaves_no_connection_out_of_step(proxy: LossyProxy, redis_url: str) -> None:
+    store = RedisStore(proxy.url(_db(redis_url)))
     try:
         lease = await started(store)
         await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
-        SlowReplyConnection.armed = True
+        proxy.delay = 0.05
         task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"}, seq=2)))
         await asyncio.sleep(0.01)  # sent, its reply not read yet
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        SlowReplyConnection.armed = False
-        # The next commands must not read the cancelled one's reply as theirs.
+        # The next commands (sent while the cancelled one's reply is on its way, and
+        # after) must not read that reply as theirs.
         assert await store.commit("r1", lease, Commit(fields={"control": "pause"}, seq=3)) == "pause"
+        proxy.delay = 0
+        assert await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=4)) == "pause"
         rec = await store.get("r1")
-        assert rec is not None and (rec.step, rec.control) == ("B", "pause")
+        assert rec is not None and (rec.step, rec.control) == ("C", "pause")
     finally:
-        SlowReplyConnection.armed = False
         await store.close()
-        await client.aclose()
 
 
 async def test_clients_the_store_cannot_use_are_refused(redis_url: str) -> None:

@@ -72,8 +72,9 @@ return 1
 # ``version`` ('' for none) becomes ``_ix`` (the commit sets the status); ``workflow`` and
 # ``created_at`` (JSON, or '' when no index entry is written) are what the caller filed
 # the index entries under, checked against the record.
-# Returns {3, control, old status, old _ix} once applied; {2, control, _ix} when this
-# commit was applied before; {1} for a stale lease; {0} when the run no longer exists; {4,
+# Returns, once applied: {3, control, old status, old _ix} when the commit set the status,
+# else {3, control} with a control flag set, else 3. {2, control, _ix} when this commit was
+# applied before; {1} for a stale lease; {0} when the run no longer exists; {4,
 # workflow, created_at} (nothing written) when the index entries were filed wrongly.
 _COMMIT = (
     _LIB
@@ -124,7 +125,9 @@ if ttl > 0 and FINAL[status] then
 elseif moved then  -- back from a final status (a retried run): it must not expire
   for _, k in ipairs(KEYS) do redis.call('PERSIST', k) end
 end
-return {3, control or '', cur[7] or '', cur[8] or ''}
+if moved then return {3, control or '', cur[7] or '', cur[8] or ''} end
+if control and control ~= 'null' then return {3, control} end
+return 3  -- the common reply, kept small: parsing replies is much of a commit's client time
 """
 )
 

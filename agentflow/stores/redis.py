@@ -66,6 +66,18 @@ _MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
 _READ = (*RECORD_FIELDS, "_write", "_ix")  # what update reads
 
 
+class _Known:
+    """What the store remembers of a run: its keys, and its workflow and created_at (JSON)
+    once it has read or written them (facts that never change)."""
+
+    __slots__ = ("facts", "keys", "rec")
+
+    def __init__(self, rec: str, keys: list[bytes]) -> None:
+        self.rec = rec
+        self.keys = keys
+        self.facts: tuple[bytes, bytes] | None = None
+
+
 class _Creation(NamedTuple):
     entries: list[Command]  # the index entries, sent in front of the script
     keys: list[bytes]
@@ -119,7 +131,9 @@ class RedisStore:
             )
         self._wire = Wire(client, retry_for)
         self._index = Index(self.keys, self._wire, ttl)
-        self._facts: dict[str, tuple[bytes, bytes]] = {}  # run id -> (workflow, created_at) JSON
+        self._runs: dict[str, _Known] = {}  # what the store knows of the runs it saw lately
+        self._leases: dict[Lease, tuple[bytes, bytes]] = {}  # a lease's owner and token, as JSON
+        self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
 
@@ -133,11 +147,29 @@ class RedisStore:
     def _nonce(self) -> bytes:
         return f"{self._instance}{next(self._counter):x}".encode()
 
+    def _known(self, run_id: str) -> _Known:
+        """The run's entry in the store's memory (its keys; its facts once seen)."""
+        known = self._runs.get(run_id)
+        if known is None:
+            if len(self._runs) >= _MAX_FACTS:
+                del self._runs[next(iter(self._runs))]
+            keys = self.keys.run(run_id)
+            known = self._runs[run_id] = _Known(keys.rec, [k.encode() for k in keys])
+        return known
+
     def _remember(self, run_id: str, workflow: Any, created_at: Any) -> None:
         if isinstance(workflow, bytes) and isinstance(created_at, bytes):
-            if len(self._facts) >= _MAX_FACTS:
-                del self._facts[next(iter(self._facts))]
-            self._facts[run_id] = (workflow, created_at)
+            self._known(run_id).facts = (workflow, created_at)
+
+    def _lease_args(self, run_id: str, lease: Lease) -> tuple[bytes, bytes]:
+        """``lease``'s owner and token as the record stores them (JSON), to compare in a script."""
+        args = self._leases.get(lease)
+        if args is None:
+            if len(self._leases) >= _MAX_FACTS:
+                self._leases.clear()
+            owner = encode(run_id, "lease_owner", lease.owner)
+            args = self._leases[lease] = (owner, encode(run_id, "lease_token", lease.token))
+        return args
 
     def _mapping(self, rec: RunRecord) -> dict[str, bytes]:
         check_record(rec)
@@ -176,7 +208,7 @@ class RedisStore:
         gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
         if gate is not None:
             index.append(self._index.file_gate(run_id, rec.workflow, gate))
-        keys = [k.encode() for k in self.keys.run(run_id)]
+        keys = self._known(run_id).keys
         return _Creation(index, keys, args, version, (mapping["workflow"], mapping["created_at"]))
 
     async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
@@ -248,36 +280,42 @@ class RedisStore:
                 f"run {run_id}: commit seq {commit.seq} is not a commit number; a commit carries the "
                 "loaded record's commit_seq plus one per commit since"
             )
-        keys = self.keys.run(run_id)
-        keys_b = [k.encode() for k in keys]
+        known = self._known(run_id)
         status = RunStatus(fields["status"]) if "status" in fields else None
         gate = None
         if "pending" in fields and (status or RunStatus.WAITING) == RunStatus.WAITING:
             gate = deadline_of(fields["pending"])
-        body: list[bytes] = [b"%d" % len(fields), b"%d" % len(commit.events), b"%d" % len(commit.outputs)]
-        body.append(b"%d" % len(commit.journal))
-        for name, value in fields.items():
-            body += (name.encode(), encode(run_id, name, value))
-        body += [encode_event(run_id, e) for e in commit.events]
-        body += [encode_output(run_id, o) for o in commit.outputs]
-        for k, v in commit.journal.items():
-            body += (k.encode(), encode(run_id, f"journal {k!r}", v))
-        head = [
-            encode(run_id, "lease_owner", lease.owner),
-            encode(run_id, "lease_token", lease.token),
+        events, outputs, journal = commit.events, commit.outputs, commit.journal
+        args = [
+            *self._lease_args(run_id, lease),
             b"%d" % commit.seq,
             b"1" if commit.release else b"0",
-            b"%d" % self._ttl_ms(),
+            self._ttl_arg,
+            b"",  # version, workflow, created_at: set below when the commit files index entries
+            b"",
+            b"",
+            b"%d" % len(fields),
+            b"%d" % len(events),
+            b"%d" % len(outputs),
+            b"%d" % len(journal),
         ]
-        facts = self._facts.get(run_id)
-        if (status is not None or gate is not None) and facts is None:
+        for name, value in fields.items():
+            args += (name.encode(), encode(run_id, name, value))
+        if events:
+            args += [encode_event(run_id, e) for e in events]
+        if outputs:
+            args += [encode_output(run_id, o) for o in outputs]
+        for k, v in journal.items():
+            args += (k.encode(), encode(run_id, f"journal {k!r}", v))
+        files = status is not None or gate is not None
+        facts = known.facts
+        if files and facts is None:
             facts = await self._read_facts(run_id)
         for _ in range(3):
             version = self._nonce() if status is not None else b""
             index: list[Command] = []
-            filed = [b"", b"", b""]
             undo: list[Command] = []  # the entries filed here, should the commit not apply
-            if facts is not None and (status is not None or gate is not None):
+            if files and facts is not None:
                 workflow = str(decode(run_id, "workflow", facts[0]))
                 if status is not None:
                     created_at = float(decode(run_id, "created_at", facts[1]))
@@ -285,15 +323,16 @@ class RedisStore:
                     undo = self._index.unfile(run_id, status, workflow, version)
                 if gate is not None:
                     index.append(self._index.file_gate(run_id, workflow, gate))
-                filed = [version, *facts]
-            args = [*head, *filed, *body]
+                args[5:8] = (version, *facts)
             replies = await self._wire.retrying(
                 "commit",
                 run_id,
-                functools.partial(self._wire.eval, lua.COMMIT, keys_b, args, index),
-                keys.rec,
+                functools.partial(self._wire.eval, lua.COMMIT, known.keys, args, index),
+                known.rec,
             )
             reply = replies[-1]
+            if reply == 3:  # applied; no control flag, no status left behind
+                return None
             code = reply[0]
             if code == 4:  # filed under facts the record does not have: file again
                 self._wire.defer(undo)
@@ -322,7 +361,9 @@ class RedisStore:
         return workflow, created_at
 
     def _control(self, run_id: str, raw: Any) -> str | None:
-        value = decode(run_id, f"{self.keys.run(run_id).rec}[control]", raw) if raw else None
+        if not raw or raw == b"null":
+            return None
+        value = decode(run_id, f"{self.keys.run(run_id).rec}[control]", raw)
         return value if isinstance(value, str) else None
 
     async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
@@ -490,7 +531,7 @@ class RedisStore:
             "delete", run_id, lambda: self._wire.eval(lua.DELETE, keys, [nonce])
         )
         reply = replies[-1]
-        self._facts.pop(run_id, None)
+        self._runs.pop(run_id, None)
         if not reply[0]:
             return False
         if len(reply) == 4 and reply[1]:
@@ -521,6 +562,6 @@ class RedisStore:
 
     async def close(self) -> None:
         """Send what clean-ups are queued, and close the connections this store opened."""
-        await self._wire.flush()
+        await self._wire.close()
         if self._owns_client:
             await self.client.aclose()

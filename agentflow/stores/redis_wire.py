@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError, NoScriptError, ResponseError, Time
 from ..errors import CorruptRecordError, StoreError
 from . import lua
 from .lua import Script
+from .redis_lane import Lane
 
 __all__ = ["Command", "Wire", "make_client"]
 
@@ -62,9 +63,20 @@ def make_client(url: str, *, max_connections: int, socket_timeout: float, retry_
     return aioredis.Redis.from_pool(pool)
 
 
+_HEADS = [b"\r\n$%d\r\n" % n for n in range(4096)]  # what goes before an argument of n bytes
+
+
 def pack(command: Command) -> bytes:
     """One command in RESP, the form Redis reads: an array of bulk strings."""
-    return b"*%d\r\n" % len(command) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in command])
+    # Heads from a table, interleaved by slices: most of a commit's packing time otherwise.
+    try:
+        heads = [_HEADS[len(arg)] for arg in command]
+    except IndexError:
+        heads = [b"\r\n$%d\r\n" % len(arg) for arg in command]
+    parts: list[bytes] = heads * 2
+    parts[::2] = heads
+    parts[1::2] = command
+    return b"*%d" % len(command) + b"".join(parts) + b"\r\n"
 
 
 async def _send(conn: Connection, data: bytes) -> None:
@@ -126,14 +138,23 @@ class Wire:
         self.client = client
         self.retry_for = retry_for
         self.where = _where(client)
+        size = max(1, pool.max_connections)
+        # Most round trips share one connection, pipelined (see redis_lane); the others
+        # (WATCH ... EXEC, redis-py's pipelines) take theirs from the rest of the pool.
+        # A pool of one connection is left to them.
+        self._lane = Lane(pool) if size >= 2 else None
         # A pool that raises when full would turn a busy moment into errors: hold back
         # our own operations to its size instead.
         self._slots: contextlib.AbstractAsyncContextManager[Any] = (
             contextlib.nullcontext()
             if isinstance(pool, BlockingConnectionPool)
-            else asyncio.Semaphore(max(1, pool.max_connections))
+            else asyncio.Semaphore(size - 1 if self._lane is not None else size)
         )
         self._deferred: list[Command] = []
+
+    def slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Hold this around a use of one of the pool's connections (redis-py's pipelines)."""
+        return self._slots
 
     # -- retries ----------------------------------------------------------------------
 
@@ -153,8 +174,7 @@ class Wire:
         delay = 0.01
         while True:
             try:
-                async with self._slots:
-                    return await attempt()
+                return await attempt()
             except (ConnectionError, TimeoutError) as exc:
                 left = give_up - time.monotonic()
                 if left <= 0:
@@ -198,15 +218,16 @@ class Wire:
     async def connection(self) -> AsyncIterator[Connection]:
         """A pooled connection of one's own (for WATCH); closed if anything goes wrong."""
         pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
-        try:
-            yield conn
-        except BaseException:
-            # Replies may be left unread, or a WATCH set: never hand it on out of step.
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
+        async with self._slots:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
+            try:
+                yield conn
+            except BaseException:
+                # Replies may be left unread, or a WATCH set: never hand it on out of step.
+                await conn.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(conn)
 
     async def exchange(self, conn: Connection, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` on ``conn`` together and read their replies: one round trip.
@@ -223,17 +244,25 @@ class Wire:
         return replies
 
     async def round_trip(self, commands: Sequence[Command]) -> list[Any]:
-        """:meth:`exchange` on a pooled connection, with the deferred clean-ups in front.
+        """``commands`` sent together, with the deferred clean-ups in front: their replies
+        (an error reply as the exception, in its place), in one round trip on the lane.
 
-        Connection failures raise, as with redis-py, and leave the connection closed.
+        Connection failures raise, as with redis-py.
         """
         deferred, self._deferred = self._deferred, []
+        if deferred:
+            commands = [*deferred, *commands]
         try:
-            async with self.connection() as conn:
-                replies = await self.exchange(conn, [*deferred, *commands])
+            if self._lane is not None:
+                replies = await self._lane.request(b"".join([pack(c) for c in commands]), len(commands))
+            else:
+                async with self.connection() as conn:
+                    replies = await self.exchange(conn, commands)
         except BaseException:
             self.defer(deferred)  # harmless to send again
             raise
+        if not deferred:
+            return replies
         forgotten = [c for c, r in zip(deferred, replies, strict=False) if isinstance(r, NoScriptError)]
         if forgotten:  # a clean-up script the server does not know yet: load it, send them again
             for sha in {c[1] for c in forgotten}:
@@ -293,3 +322,9 @@ class Wire:
                     if not self._deferred:
                         return
                     await self.round_trip([[b"PING"]])
+
+    async def close(self) -> None:
+        """Send the deferred clean-ups, and hand the lane's connection back to the pool."""
+        await self.flush()
+        if self._lane is not None:
+            await self._lane.close()
