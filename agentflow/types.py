@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "FINAL",
     "LIFECYCLE_KINDS",
+    "NO_USAGE",
     "Decision",
     "RunEvent",
     "RunInfo",
@@ -106,6 +107,10 @@ class Usage:
         if not data:
             return cls()
         return cls(int(data.get("input_tokens", 0)), int(data.get("output_tokens", 0)))
+
+
+#: No tokens: what a step that made no agent call used (one shared instance).
+NO_USAGE = Usage()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from ..definition.parallel import Parallel
 from ..definition.steps import END, START, Next, StepFunction
 from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError, redact
 from ..stores.contract import Commit, OutputRecord
-from ..types import RunEvent, RunStatus, Usage
+from ..types import NO_USAGE, RunEvent, RunStatus
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -50,7 +50,7 @@ async def advance_flow(run: LiveRun) -> None:
         frame = Frame(run.state)
         ctx: StepContext[Any, Any] = StepContext(run, name, visit, frame)
         try:
-            if fn.retry is None and fn.timeout is None:
+            if fn.plain:
                 ret = fn.fn(ctx)
                 if fn.is_async or (type(ret) is not str and asyncio.iscoroutine(ret)):
                     ret = await ret
@@ -68,7 +68,7 @@ async def advance_flow(run: LiveRun) -> None:
             and ret in steps
             and not run.pause_requested
             and not run.stop_requested
-            and not run.step_usage.total_tokens
+            and run.step_usage is NO_USAGE
         ):
             # The common case (go to another step), kept lean: it is most of a run's time.
             fields: dict[str, Any] = {"step": ret, "visit": visit}
@@ -92,7 +92,7 @@ async def advance_flow(run: LiveRun) -> None:
                 # The slow path retries through the outage under the same seq.
                 run.outbox = []
                 control = await run._commit_through_outage(commit, exc)
-            if kernel.watched:
+            if kernel.waiters:
                 kernel.notify(run_id)
             if control is not None:
                 await obey(run, control)
@@ -180,7 +180,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
         outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
     usage = run.step_usage
     run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
-    run.step_usage = Usage()
+    run.step_usage = NO_USAGE
     release = False
     if target == END:
         fields["status"] = RunStatus.COMPLETED

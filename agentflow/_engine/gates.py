@@ -21,7 +21,7 @@ from ..definition.gates import Gate, Wait
 from ..definition.steps import END
 from ..errors import InvalidStateError, NotAuthorizedError
 from ..stores.contract import Change, Commit, Lease, RunRecord
-from ..types import Decision, RunEvent, RunStatus
+from ..types import NO_USAGE, Decision, RunEvent, RunStatus
 
 if TYPE_CHECKING:
     from .context import Frame
@@ -71,7 +71,7 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
         fields["state"] = frame.state
     usage = run.step_usage
     run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
-    run.step_usage = type(usage)()
+    run.step_usage = NO_USAGE
     run.event(
         "waiting", name, {k: pending[k] for k in ("approvers", "quorum", "prompt", "context", "deadline")}
     )

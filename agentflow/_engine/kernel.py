@@ -23,16 +23,10 @@ class Kernel(Protocol):
     spec: WorkflowSpec
     store: Store
     owner: str
-
-    @property
-    def stopping(self) -> bool:
-        """True once the process is closing: runs leave (recoverable) instead of going on."""
-        ...
-
-    @property
-    def watched(self) -> bool:
-        """True when anyone in this process waits on a run's changes (so ``notify`` matters)."""
-        ...
+    #: True once the process is closing: runs leave (recoverable) instead of going on.
+    stopping: bool
+    #: Run id → who waits on it here; empty when nobody does (then ``notify`` can be skipped).
+    waiters: dict[str, Any]
 
     def notify(self, run_id: str) -> None:
         """Wake whoever in this process waits on ``run_id``."""

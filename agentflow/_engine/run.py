@@ -32,7 +32,7 @@ from ..errors import (
     redact,
 )
 from ..stores.contract import Commit, Lease, LoadedRun
-from ..types import Decision, RunEvent, RunStatus, Usage
+from ..types import NO_USAGE, Decision, RunEvent, RunStatus, Usage
 from .context import StepResults
 from .journal import StepJournal
 from .values import decode_output, validate_input
@@ -124,7 +124,7 @@ class LiveRun:
         self.decision: Decision | None = None
         self.decisions: tuple[Any, ...] = ()  # every decision as stored (JSON), oldest first
         self.usage = Usage()
-        self.step_usage = Usage()
+        self.step_usage = NO_USAGE
         self.event_seq = 0
         self.commit_seq = 0
         self.outbox: list[RunEvent] = []

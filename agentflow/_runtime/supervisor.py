@@ -49,7 +49,8 @@ class Supervisor:
         self.owner = owner
         self.local: dict[str, LiveRun] = {}
         self.notifier = Notifier()
-        self._stopping = False
+        self.stopping = False
+        self.waiters: dict[str, Any] = self.notifier.waiters
         self.pools = AgentPools(spec.agents) if spec.agents is not None else None
         self.leases = LeaseKeeper(self)
         self.timers = GateTimers(self)
@@ -58,16 +59,6 @@ class Supervisor:
         )
 
     # -- the Kernel ---------------------------------------------------------
-
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`close` began."""
-        return self._stopping
-
-    @property
-    def watched(self) -> bool:
-        """True when a handle in this process waits on some run."""
-        return bool(self.notifier.waiters)
 
     def notify(self, run_id: str) -> None:
         """Wake whoever waits on ``run_id`` here."""
@@ -178,7 +169,7 @@ class Supervisor:
 
     async def close(self) -> None:
         """Stop advancing runs (they stay recoverable) and stop background tasks."""
-        self._stopping = True
+        self.stopping = True
         tasks = [r.task for r in self.local.values() if r.task is not None]
         for r in list(self.local.values()):
             r.cancel()

@@ -82,7 +82,7 @@ class RetryPolicy:
 class StepFunction:
     """A step callable with options attached by :func:`step`. Calls pass through."""
 
-    __slots__ = ("__dict__", "fn", "is_async", "name", "output", "retry", "timeout")
+    __slots__ = ("__dict__", "fn", "is_async", "name", "output", "plain", "retry", "timeout")
 
     fn: Callable[..., Any]
     name: str
@@ -107,6 +107,7 @@ class StepFunction:
         self.output = output
         self.retry = retry
         self.timeout = timeout
+        self.plain = retry is None and timeout is None  # called inline, without invoke()
         self.name = str(name or getattr(inner, "__name__", type(inner).__name__))
         functools.update_wrapper(self, inner)
 

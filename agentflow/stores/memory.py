@@ -19,6 +19,8 @@ from bisect import bisect_left, insort
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import pydantic_core
+
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from .codec import (
@@ -298,7 +300,13 @@ class MemoryStore:
             if (name == "step" and type(value) is str) or (name == "visit" and type(value) is int):
                 sets[name] = value
             elif name == "state":
-                sets[name] = _NULL if value is None else encode(run_id, name, value)
+                if value is None:
+                    sets[name] = _NULL
+                else:
+                    try:
+                        sets[name] = pydantic_core.to_json(value)
+                    except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
+                        sets[name] = encode(run_id, name, value)  # raises the store's error
             else:
                 check_commit_fields(run_id, {name: value})
                 if name in _JSON:
@@ -310,7 +318,18 @@ class MemoryStore:
                     sets[name] = RunStatus(value)
                 else:
                     sets[name] = value
-        events = [_store_event(run_id, e) for e in commit.events] if commit.events else None
+        events: list[_Event] | None = None
+        if commit.events:
+            events = []
+            for e in commit.events:
+                # What _store_event does, inline for the two events of every step.
+                at = e.at
+                if e.data is None and type(e) is RunEvent and type(at) is float and -_INF < at < _INF:
+                    step = e.step
+                    if type(e.kind) is str and (step is None or type(step) is str):
+                        events.append(e)
+                        continue
+                events.append(encode_event(run_id, e))
         outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
             {k: encode(run_id, f"journal {k!r}", v) for k, v in commit.journal.items()}
