@@ -162,8 +162,16 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
     return fields
 
 
+_INDEX_KEYS: dict[tuple[str, RunStatus], tuple[_IndexKey, ...]] = {}
+
+
 def _index_keys(workflow: str, status: RunStatus) -> tuple[_IndexKey, ...]:
-    return ((None, None), (workflow, None), (None, status), (workflow, status))
+    keys = _INDEX_KEYS.get((workflow, status))
+    if keys is None:
+        keys = ((None, None), (workflow, None), (None, status), (workflow, status))
+        if len(_INDEX_KEYS) < 10_000:  # workflows x statuses: small, unless names are made up
+            _INDEX_KEYS[(workflow, status)] = keys
+    return keys
 
 
 class MemoryStore:
@@ -350,7 +358,11 @@ class MemoryStore:
                 f"the lease is {rec['lease_token']} of {rec['lease_owner']!r}",
             )
         status = sets.get("status")
-        old = dict(rec) if status is not None and status != rec["status"] else None
+        old = (
+            {k: rec[k] for k in ("created_at", "run_id", "workflow", "status")}
+            if status is not None and status != rec["status"]
+            else None
+        )
         rec.update(sets)
         now = time.time()
         rec["updated_at"] = now
