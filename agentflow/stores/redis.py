@@ -11,7 +11,8 @@ Writes, each safe to send again after a lost reply:
   on release, the ttl when the run is final. A commit that changes the run's status
   files it in the status indexes in front of the script, in the same round trip.
 * ``update`` is WATCH / HMGET / TIME, then the change's index entries and MULTI ...
-  EXEC: two round trips, retried on conflict. ``change`` gets the server's clock.
+  EXEC: two round trips, retried on conflict. ``change`` gets the server's clock (see
+  :mod:`agentflow.stores.redis_update`).
 * ``create`` and ``delete`` are scripts that recognise their own retry.
 * ``renew`` is a script that sets the lease from the server's clock.
 
@@ -19,7 +20,12 @@ Leases are judged by the server's clock only (``TIME`` in the scripts), so machi
 whose clocks disagree never take each other's runs. Listing reads the indexes
 (:mod:`agentflow.stores.redis_index`): it costs what it returns, not what is stored.
 
-To file a commit's index entries without reading first, the store remembers each
+Round trips (:mod:`agentflow.stores.redis_wire`) are pipelined on one connection that
+every operation but ``update`` shares (:mod:`agentflow.stores.redis_lane`): with many
+runs in flight, their commits travel together, one write and one read for many steps.
+
+A commit that leaves the status alone files nothing in the indexes. To file a commit's
+index entries without reading first, the store remembers each
 run's workflow and ``created_at`` from when it last read or wrote the run (a bounded
 map of facts that never change); the script checks them, so a stale memory costs a
 retry, never a wrong index entry.
@@ -27,12 +33,9 @@ retry, never a wrong index entry.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import functools
 import itertools
 import os
-import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -42,9 +45,7 @@ from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from . import lua
 from .codec import (
-    RECORD_FIELDS,
     check_commit_fields,
-    check_record,
     deadline_of,
     decode,
     encode,
@@ -52,18 +53,16 @@ from .codec import (
     encode_output,
     make_event,
     make_output,
-    make_record,
 )
-from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
-from .keys import Keys, RunKeys
+from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
+from .keys import Keys
 from .redis_index import Index
-from .redis_wire import Command, Wire, make_client
+from .redis_update import Updates, hash_of, record_of
+from .redis_wire import Command, Wire, make_client, pairs
 
 __all__ = ["RedisStore"]
 
-_MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before giving up
 _MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
-_READ = (*RECORD_FIELDS, "_write", "_ix")  # what update reads
 
 
 class _Known:
@@ -131,6 +130,7 @@ class RedisStore:
             )
         self._wire = Wire(client, retry_for)
         self._index = Index(self.keys, self._wire, ttl)
+        self._updates = Updates(self._wire, self._index, self.keys, ttl, self._nonce, self._remember)
         self._runs: dict[str, _Known] = {}  # what the store knows of the runs it saw lately
         self._leases: dict[Lease, tuple[bytes, bytes]] = {}  # a lease's owner and token, as JSON
         self._ttl_arg = b"%d" % self._ttl_ms()
@@ -171,18 +171,6 @@ class RedisStore:
             args = self._leases[lease] = (owner, encode(run_id, "lease_token", lease.token))
         return args
 
-    def _mapping(self, rec: RunRecord) -> dict[str, bytes]:
-        check_record(rec)
-        return {name: encode(rec.run_id, name, getattr(rec, name)) for name in RECORD_FIELDS}
-
-    def _record(self, run_id: str, key: str, raw: dict[Any, Any]) -> RunRecord:
-        values = {}
-        for field, value in raw.items():
-            name = field.decode() if isinstance(field, bytes) else str(field)
-            if not name.startswith("_") and value is not None:
-                values[name] = decode(run_id, f"{key}[{name}]", value)
-        return make_record(run_id, key, values)
-
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000)) if self.ttl is not None else 0
 
@@ -197,17 +185,19 @@ class RedisStore:
         run_id = record.run_id
         if "\0" in run_id:
             raise StoreError(f"run {run_id!r}: a run id cannot hold a NUL character")
-        rec = dataclasses.replace(record, event_count=record.event_count + len(events))
-        mapping = self._mapping(rec)
+        mapping = hash_of(record)
+        if events:
+            mapping["event_count"] = b"%d" % (record.event_count + len(events))
         version = mapping["_ix"] = self._nonce()
-        args = [self._nonce(), b"%d" % (self._ttl_ms() if rec.status in FINAL else 0), b"%d" % len(mapping)]
+        status = record.status
+        args = [self._nonce(), self._ttl_arg if status in FINAL else b"0", b"%d" % len(mapping)]
         for name, value in mapping.items():
             args += (name.encode(), value)
         args += [encode_event(run_id, e) for e in events]
-        index = self._index.file(run_id, rec.status, rec.workflow, rec.created_at, version)
-        gate = deadline_of(rec.pending) if rec.status == RunStatus.WAITING else None
+        index = self._index.file(run_id, status, record.workflow, record.created_at, version)
+        gate = deadline_of(record.pending) if status == RunStatus.WAITING else None
         if gate is not None:
-            index.append(self._index.file_gate(run_id, rec.workflow, gate))
+            index.append(self._index.file_gate(run_id, record.workflow, gate))
         keys = self._known(run_id).keys
         return _Creation(index, keys, args, version, (mapping["workflow"], mapping["created_at"]))
 
@@ -233,30 +223,38 @@ class RedisStore:
         Raises:
             CorruptRecordError: the stored record cannot be read (names the run and key).
         """
-        key = self.keys.run(run_id).rec
-        raw = await self._wire.retrying("get", run_id, lambda: self.client.hgetall(key), key)
+        known = self._known(run_id)
+        command = [b"HGETALL", known.keys[0]]
+        [reply] = await self._wire.retrying("get", run_id, lambda: self._wire.call([command]), known.rec)
+        raw = pairs(reply)
+        key = known.rec
         if not raw:
             return None
         self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"))
-        return self._record(run_id, key, raw)
+        return record_of(run_id, key, raw)
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal, read in one MULTI/EXEC snapshot; or None."""
         keys = self.keys.run(run_id)
+        rec, _, outs, jour = self._known(run_id).keys
+        snapshot = [
+            [b"MULTI"],
+            [b"HGETALL", rec],
+            [b"LRANGE", outs, b"0", b"-1"],
+            [b"HGETALL", jour],
+            [b"EXEC"],
+        ]
 
         async def read() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(keys.rec)
-            pipe.lrange(keys.outputs, 0, -1)
-            pipe.hgetall(keys.journal)
-            return list(await pipe.execute())
+            return self._wire.checked((await self._wire.call(snapshot))[-1])
 
-        raw, outputs, journal = await self._wire.retrying("load", run_id, read, keys.rec)
+        found, outputs, found_journal = await self._wire.retrying("load", run_id, read, keys.rec)
+        raw, journal = pairs(found), pairs(found_journal)
         if not raw:
             return None
         self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"))
         return LoadedRun(
-            self._record(run_id, keys.rec, raw),
+            record_of(run_id, keys.rec, raw),
             [make_output(run_id, keys.outputs, o) for o in outputs],
             {k.decode(): decode(run_id, f"{keys.journal}[{k.decode()}]", v) for k, v in journal.items()},
         )
@@ -351,9 +349,10 @@ class RedisStore:
         raise StoreError(f"run {run_id}: its workflow or created_at keep changing under the commit")
 
     async def _read_facts(self, run_id: str) -> tuple[bytes, bytes] | None:
-        key = self.keys.run(run_id).rec
-        workflow, created_at = await self._wire.retrying(
-            "commit", run_id, lambda: self.client.hmget(key, ["workflow", "created_at"]), key
+        known = self._known(run_id)
+        command = [b"HMGET", known.keys[0], b"workflow", b"created_at"]
+        [(workflow, created_at)] = await self._wire.retrying(
+            "commit", run_id, lambda: self._wire.call([command]), known.rec
         )
         if not isinstance(workflow, bytes) or not isinstance(created_at, bytes):
             return None
@@ -397,103 +396,13 @@ class RedisStore:
         ``change`` runs again after a conflict, and after a lost reply unless the retry
         finds that the first attempt applied.
         """
-        keys = self.keys.run(run_id)
-        nonce = self._nonce()
-        sent: dict[str, Any] = {}  # what the last EXEC sent wrote, for a retry after a lost reply
-        for attempt in range(_MAX_CONFLICTS):
-            done, result, cleanup = await self._wire.retrying(
-                "update", run_id, lambda: self._update_once(run_id, keys, change, nonce, sent), keys.rec
-            )
-            self._wire.defer(cleanup)
-            if done:
-                return result
-            # Someone wrote in between: run the change again on the fresh record.
-            await asyncio.sleep(random.random() * 0.001 * min(attempt, 20))
-        raise StoreError(f"run {run_id}: update gave up after {_MAX_CONFLICTS} conflicting writes")
-
-    async def _update_once(
-        self, run_id: str, keys: RunKeys, change: ChangeFn, nonce: bytes, sent: dict[str, Any]
-    ) -> tuple[bool, RunRecord | None, list[Command]]:
-        """One WATCH ... EXEC attempt: whether it is done, its result, and the clean-ups to queue.
-
-        The clean-ups drop the entries the write made stale, or (after a conflict) the
-        entries filed for a write that did not apply.
-        """
-        wire = self._wire
-        rec_key = keys.rec.encode()
-        async with wire.connection() as conn:
-            watch = [[b"WATCH", rec_key], [b"HMGET", rec_key, *(f.encode() for f in _READ)], [b"TIME"]]
-            _, values, (sec, usec) = wire.checked(await wire.exchange(conn, watch))
-            raw = {name: value for name, value in zip(_READ, values, strict=True) if value is not None}
-            try:
-                if sent and raw.get("_write") == nonce:  # the last EXEC applied, its reply was lost
-                    await wire.exchange(conn, [[b"UNWATCH"]])
-                    return True, sent["record"], sent["stale"]
-                if not raw:
-                    await wire.exchange(conn, [[b"UNWATCH"]])
-                    return True, None, []
-                self._remember(run_id, raw.get("workflow"), raw.get("created_at"))
-                old = self._record(run_id, keys.rec, raw)
-                now = int(sec) + int(usec) / 1e6
-                result = change(old, now)
-                if result is None:
-                    await wire.exchange(conn, [[b"UNWATCH"]])
-                    return True, old, []
-                commands, rec, undo, stale = self._update_commands(run_id, keys, old, raw, result, now, nonce)
-            except BaseException:
-                await wire.exchange(conn, [[b"UNWATCH"]])
-                raise
-            sent.update(record=rec, stale=stale)
-            replies = wire.checked(await wire.exchange(conn, commands))
-            if replies[-1] is None:  # EXEC refused: the record changed since WATCH
-                sent.clear()
-                return False, None, undo
-            return True, rec, stale
-
-    def _update_commands(
-        self,
-        run_id: str,
-        keys: RunKeys,
-        old: RunRecord,
-        raw: dict[str, bytes],
-        result: Change,
-        now: float,
-        nonce: bytes,
-    ) -> tuple[list[Command], RunRecord, list[Command], list[Command]]:
-        """The commands writing ``result``; with the clean-ups for failure and for success."""
-        rec = dataclasses.replace(
-            result.record,
-            updated_at=now,
-            event_count=old.event_count + len(result.events),
-            commit_token=old.commit_token,  # the commits' fence is theirs alone
-            commit_seq=old.commit_seq,
-        )
-        mapping: dict[str, bytes] = {**self._mapping(rec), "_write": nonce}
-        events = [encode_event(run_id, e) for e in result.events]
-        version = self._nonce() if rec.status != old.status or "_ix" not in raw else None
-        if version is not None:
-            mapping["_ix"] = version
-        index, undo, stale = self._index.moved(old, raw.get("status"), raw.get("_ix"), rec, version)
-        commands: list[Command] = [*index, [b"MULTI"]]
-        rec_key = keys.rec.encode()
-        commands.append(
-            [b"HSET", rec_key, *itertools.chain.from_iterable((k.encode(), v) for k, v in mapping.items())]
-        )
-        if events:
-            commands.append([b"RPUSH", keys.events.encode(), *events])
-        if self.ttl is not None and rec.status in FINAL:
-            commands += [[b"PEXPIRE", k.encode(), b"%d" % self._ttl_ms()] for k in keys]
-        elif rec.status != old.status:
-            commands += [[b"PERSIST", k.encode()] for k in keys]
-        commands.append([b"EXEC"])
-        return commands, rec, undo, stale
+        return await self._updates.update(run_id, change)
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
         key = self.keys.run(run_id).events
-        raw = await self._wire.retrying(
-            "events", run_id, lambda: self.client.lrange(key, max(after, 0), -1), key
-        )
+        command = [b"LRANGE", key.encode(), b"%d" % max(after, 0), b"-1"]
+        [raw] = await self._wire.retrying("events", run_id, lambda: self._wire.call([command]), key)
         return [make_event(run_id, f"{key}[{after + i}]", body, after + i + 1) for i, body in enumerate(raw)]
 
     async def list_runs(

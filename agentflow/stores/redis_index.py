@@ -205,7 +205,8 @@ class Index:
             pipe = self.wire.client.pipeline(transaction=False)
             for i in which:
                 pipe.hmget(self.keys.run(run_ids[i]).rec, ["_ix", *fields])
-            return list(await pipe.execute(raise_on_error=False))
+            async with self.wire.slot():
+                return list(await pipe.execute(raise_on_error=False))
 
         for i, values in zip(which, await self.wire.retrying("list_runs", None, read), strict=True):
             if isinstance(values, Exception) or all(v is None for v in values):
@@ -230,7 +231,8 @@ class Index:
             pipe = self.wire.client.pipeline(transaction=False)
             for name, args, kwargs in calls:
                 getattr(pipe, name)(*args, **kwargs)
-            return list(await pipe.execute())
+            async with self.wire.slot():
+                return list(await pipe.execute())
 
         return await self.wire.retrying(what, None, run)
 

@@ -1,13 +1,12 @@
 """The Redis store's wire: connections, round trips, scripts, retries.
 
-* Connections come from a blocking pool (``max_connections``): past that many
-  operations in flight, the next one waits for a free connection rather than failing.
-  Waiting is not an outage; only a wait longer than ``retry_for`` gives up.
-* The scripts' calls skip redis-py's command layer: :meth:`Wire.round_trip` packs the
-  RESP itself from bytes and sends it on a pooled connection, then reads the replies
-  with redis-py (its parser, timeouts and error handling). That is most of a commit's
-  client time otherwise: encoding two dozen arguments one by one, per-command
-  bookkeeping, and on Python < 3.12 a task per send.
+* Round trips go on the lane (:mod:`agentflow.stores.redis_lane`): one connection of
+  the pool that every caller shares, pipelined, with the RESP packed here from bytes
+  (no redis-py command layer) and parsed as it arrives. WATCH ... EXEC, which needs a
+  connection of its own, and redis-py's pipelines take one from the rest of the pool.
+* The pool is a blocking one (``max_connections``): past that many connections in use,
+  the next caller waits for a free one rather than failing. Waiting is not an outage;
+  only a wait longer than ``retry_for`` gives up.
 * Redis unreachable: :meth:`Wire.retrying` retries connection errors and timeouts with
   backoff for ``retry_for`` seconds, then raises :class:`StoreError`. Every write is
   safe to send again (see :mod:`agentflow.stores.lua`). After a server restart the pool
@@ -37,7 +36,7 @@ from . import lua
 from .lua import Script
 from .redis_lane import Lane
 
-__all__ = ["Command", "Wire", "make_client"]
+__all__ = ["Command", "Wire", "make_client", "pack", "pairs"]
 
 T = TypeVar("T")
 Command = Sequence[bytes]
@@ -105,6 +104,13 @@ async def _send(conn: Connection, data: bytes) -> None:
         except OSError as exc:
             await conn.disconnect(nowait=True)
             raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+def pairs(reply: Any) -> dict[Any, Any]:
+    """A hash as HGETALL returns it (a flat list in RESP2, a map in RESP3) as a dict."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 def _where(client: aioredis.Redis) -> str:
@@ -269,6 +275,14 @@ class Wire:
                 await self.round_trip([[b"SCRIPT", b"LOAD", lua.BY_SHA[sha].source.encode()]])
             self.defer(forgotten)
         return replies[len(deferred) :]
+
+    async def call(self, commands: Sequence[Command]) -> list[Any]:
+        """:meth:`round_trip`, raising the first error reply.
+
+        Raises:
+            ResponseError: one of the commands failed.
+        """
+        return self.checked(await self.round_trip(commands))
 
     async def eval(
         self, script: Script, keys: Sequence[bytes], args: Sequence[bytes], before: Sequence[Command] = ()

@@ -1,0 +1,177 @@
+"""The Redis store's lane: replies read from bytes however they are cut, many runs' commits
+in few writes, both protocol versions, replies that do not come, connections handed back."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from conftest import RedisServer
+from redis.exceptions import NoScriptError, ResponseError
+from test_redis_store import CountingConnection, LossyProxy, pause
+
+from agentflow.errors import StoreError
+from agentflow.stores.contract import Commit, OutputRecord
+from agentflow.stores.redis import RedisStore
+from agentflow.stores.redis_lane import Parser
+from agentflow.testing.store_conformance import event, record, started
+from agentflow.types import RunStatus
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> Any:
+    async with LossyProxy(redis_server.port) as p:
+        yield p
+
+
+def _db(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[1]
+
+
+# What Redis may send (RESP2 and RESP3), and what the parser makes of it.
+REPLIES: list[tuple[bytes, Any]] = [
+    (b":3\r\n", 3),
+    (b"+OK\r\n", b"OK"),
+    (b"$5\r\nhe\r\nl\r\n", b"he\r\nl"),  # a bulk string holding CR LF
+    (b"$0\r\n\r\n", b""),
+    (b"$-1\r\n", None),
+    (b"*-1\r\n", None),
+    (b"*0\r\n", []),
+    (b"_\r\n", None),
+    (b"#t\r\n", True),
+    (b",1.5\r\n", 1.5),
+    (b"(12345678901234567890\r\n", 12345678901234567890),
+    (b"=8\r\ntxt:abcd\r\n", b"abcd"),
+    (b"*4\r\n:3\r\n$4\r\nnull\r\n*2\r\n:1\r\n*1\r\n$1\r\nx\r\n$0\r\n\r\n", [3, b"null", [1, [b"x"]], b""]),
+    (b"%2\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*1\r\n:2\r\n", {b"a": 1, b"b": [2]}),
+    (b"~2\r\n:1\r\n:2\r\n", [1, 2]),
+    (b">2\r\n$7\r\nmessage\r\n$1\r\nx\r\n:7\r\n", 7),  # a push is dropped, the reply after it read
+    (b"$20000\r\n" + b"v" * 20000 + b"\r\n", b"v" * 20000),
+    (b"*2\r\n-WRONGTYPE Operation against a key\r\n:1\r\n", [ResponseError, 1]),
+    (b"-NOSCRIPT No matching script\r\n", NoScriptError),
+]
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(want, type):
+        return type(got) is want
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_same, got, want))
+    return bool(got == want) and type(got) is type(want)
+
+
+def test_the_parser_reads_every_reply_however_the_bytes_are_cut() -> None:
+    stream = b"".join(data for data, _ in REPLIES)
+    want = [value for _, value in REPLIES]
+    rng = random.Random(7)
+    for cuts in [[], list(range(1, len(stream)))] + [
+        sorted(rng.sample(range(1, len(stream)), k)) for k in (1, 3, 10, 100) for _ in range(20)
+    ]:
+        parser, got = Parser(), []
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            got += parser.feed(stream[start:end])
+        assert len(got) == len(want) and all(map(_same, got, want)), cuts
+
+
+def test_bytes_that_are_not_resp_fail_the_connection() -> None:
+    from redis.exceptions import ConnectionError
+
+    with pytest.raises(ConnectionError, match="Protocol error"):
+        Parser().feed(b"?what\r\n")
+
+
+async def test_many_runs_commits_go_in_few_writes(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    store = RedisStore(client=client)
+    try:
+        leases = [await started(store, f"r{i}") for i in range(200)]
+        await store.commit("r0", leases[0], Commit(fields={"step": "A"}, seq=1))  # loads the script
+        CountingConnection.sends = 0
+
+        async def commit(i: int) -> None:
+            commit = Commit(
+                fields={"step": "B"}, events=[event("e", 2)], outputs=[OutputRecord(1, "A", i)], seq=2
+            )
+            assert await store.commit(f"r{i}", leases[i], commit) is None
+
+        await asyncio.gather(*(commit(i) for i in range(200)))
+        assert CountingConnection.sends <= 10  # one write per turn of the event loop, not per commit
+        for i in (0, 99, 199):
+            loaded = await store.load(f"r{i}")
+            assert loaded is not None and loaded.record.step == "B" and loaded.outputs[0].value == i
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_every_operation_speaks_either_protocol(redis_url: str, protocol: int) -> None:
+    client = aioredis.Redis.from_url(redis_url, protocol=protocol)
+    store = RedisStore(client=client, ttl=60)
+    try:
+        lease = await started(store)
+        commit = Commit(
+            fields={"step": "B", "visit": 1},
+            outputs=[OutputRecord(1, "A", {"x": 1})],
+            events=[event("step_completed", 2)],
+            journal={"A/1": "reply"},
+            seq=1,
+        )
+        assert await store.commit("r1", lease, commit) is None
+        assert await store.renew("r1", lease, 15.0) is None
+        await store.update("r1", pause)
+        assert await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=2)) == "pause"
+        rec = await store.get("r1")
+        assert rec is not None and (rec.step, rec.control, rec.event_count) == ("C", "pause", 3)
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.journal == {"A/1": "reply"} and len(loaded.outputs) == 1
+        assert [e.seq for e in await store.events("r1", after=1)] == [2, 3]
+        final = Commit(fields={"status": RunStatus.COMPLETED, "control": None}, release=True, seq=3)
+        assert await store.commit("r1", lease, final) is None
+        assert [r.run_id for r in await store.list_runs(status=RunStatus.COMPLETED)] == ["r1"]
+        assert await store.get("nope") is None and await store.load("nope") is None
+        assert await store.delete("r1") and await store.list_runs() == []
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_a_reply_that_does_not_come_within_the_socket_timeout_counts_as_an_outage(
+    proxy: LossyProxy, redis_url: str
+) -> None:
+    store = RedisStore(proxy.url(_db(redis_url)), socket_timeout=0.2, retry_for=1.0)
+    try:
+        lease = await started(store)
+        proxy.delay = 0.5
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="unreachable for 1 s"):
+            await store.commit("r1", lease, Commit(fields={"step": "B"}, seq=1))
+        assert time.monotonic() - t0 < 3
+        proxy.delay = 0
+        # The commit may have been applied: sent again, it is recognised.
+        assert await store.commit("r1", lease, Commit(fields={"step": "B"}, seq=1)) is None
+        assert await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=2)) is None
+        rec = await store.get("r1")
+        assert rec is not None and (rec.step, rec.commit_seq) == ("C", 2)
+    finally:
+        await store.close()
+
+
+async def test_closing_hands_the_connection_back_to_a_given_client(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, max_connections=2)
+    store = RedisStore(client=client)
+    try:
+        await store.create(record(), [])
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 1  # the lane's
+        await store.close()
+        assert len(pool._in_use_connections) == 0
+        assert await client.exists(store.keys.run("r1").rec) == 1  # the client still works
+        with pytest.raises(StoreError, match="closed"):
+            await store.get("r1")
+    finally:
+        await client.aclose()
