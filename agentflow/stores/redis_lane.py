@@ -27,6 +27,7 @@ Operations that need a connection of their own (WATCH ... EXEC) use the rest of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import Any
 
@@ -270,7 +271,8 @@ class _Link(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is None:
             return
-        transport.abort()
+        with contextlib.suppress(RuntimeError):  # its event loop may be closed already
+            transport.abort()
         for handle in (self.flushing, self.timer):
             if handle is not None:
                 handle.cancel()
