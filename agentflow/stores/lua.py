@@ -5,8 +5,10 @@ hash tag (see :mod:`agentflow.stores.keys`), so they run on Redis Cluster too. R
 fields are JSON strings, and the scripts only compare and copy them, never parse them:
 a lease is checked by comparing the stored ``lease_owner`` and ``lease_token`` JSON
 with the caller's, byte for byte. (``event_count`` and ``commit_seq`` are read as
-integers, as HINCRBY would.) The commit script reads the record once (HMGET) and
-writes it once (HSET): each ``redis.call`` costs about as much as the work it does.
+integers, as HINCRBY would.) The commit script reads the fields a step's commit needs
+(one HMGET; a second for a commit that files index entries or may expire the run) and
+writes the record once (HSET): each ``redis.call`` costs about as much as the work it
+does, and a commit's time in Redis is time every other client waits.
 
 Once only: a commit records its ``(lease token, seq)`` in ``commit_token`` and
 ``commit_seq``; a commit that finds its own pair there (or a later seq of its token)
@@ -35,13 +37,14 @@ local function push_range(key, from, to)
   for i = from, to, 1000 do redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 999, to))) end
 end
 local function integer(value)  -- a stored count, or nil when it is not one
-  value = value or '0'
-  if #value > 15 or not string.match(value, '^%-?%d+$') then return nil end
-  return tonumber(value)
+  if not value then return 0 end
+  local n = tonumber(value)  -- written as '%d' by every writer, so it must read back the same
+  if n and #value <= 15 and string.format('%d', n) == value then return n end
+  return nil
 end
 local function now()
   local t = redis.call('TIME')
-  return string.format('%d.%06d', t[1], t[2])
+  return t[1] .. '.' .. string.sub('00000' .. t[2], -6)
 end
 local FINAL = {FINAL_JSON}
 """.replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
@@ -81,23 +84,31 @@ _COMMIT = (
     + """
 local rec = KEYS[1]
 local cur = redis.call('HMGET', rec, 'lease_owner', 'lease_token', 'commit_token', 'commit_seq',
-  'event_count', 'control', 'status', '_ix', 'workflow', 'created_at')
+  'event_count', 'control')
 if not cur[1] then return {0} end
+local ttl = tonumber(ARGV[5])
+-- The rest of the record is read only when the commit needs it: a commit that leaves the
+-- status alone and files nothing, in a store without a ttl, does not.
+local status, ix, workflow, created = false, false, false, false
+if ARGV[6] ~= '' or ARGV[7] ~= '' or ARGV[8] ~= '' or ttl > 0 then
+  local more = redis.call('HMGET', rec, 'status', '_ix', 'workflow', 'created_at')
+  status, ix, workflow, created = more[1], more[2], more[3], more[4]
+end
 local seq = tonumber(ARGV[3])
 if seq > 0 and cur[3] == ARGV[2] then
   local done = integer(cur[4])
   if not done then return redis.error_reply('ERR hash value is not an integer') end
-  if done >= seq then return {2, cur[6] or '', cur[8] or ''} end
+  if done >= seq then return {2, cur[6] or '', ix or ''} end
 end
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return {1} end
-if (ARGV[7] ~= '' and cur[9] ~= ARGV[7]) or (ARGV[8] ~= '' and cur[10] ~= ARGV[8]) then
-  return {4, cur[9] or '', cur[10] or ''}
+if (ARGV[7] ~= '' and workflow ~= ARGV[7]) or (ARGV[8] ~= '' and created ~= ARGV[8]) then
+  return {4, workflow or '', created or ''}
 end
 local nf, ne, no, nj = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 -- Checked before anything is written, as HINCRBY would: a damaged count changes nothing.
 local count = integer(cur[5])
 if not count then return redis.error_reply('ERR hash value is not an integer') end
-local control, status, moved = cur[6], cur[7], false
+local control, was, moved = cur[6], status, false
 local h = {'event_count', string.format('%d', count + ne), 'updated_at', now()}
 local n = 4
 if seq > 0 then
@@ -119,13 +130,12 @@ i = i + ne
 push_range(KEYS[3], i, i + no - 1)
 i = i + no
 hset_range(KEYS[4], i, i + 2 * nj - 1)
-local ttl = tonumber(ARGV[5])
 if ttl > 0 and FINAL[status] then
   for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl) end
 elseif moved then  -- back from a final status (a retried run): it must not expire
   for _, k in ipairs(KEYS) do redis.call('PERSIST', k) end
 end
-if moved then return {3, control or '', cur[7] or '', cur[8] or ''} end
+if moved then return {3, control or '', was or '', ix or ''} end
 if control and control ~= 'null' then return {3, control} end
 return 3  -- the common reply, kept small: parsing replies is much of a commit's client time
 """
