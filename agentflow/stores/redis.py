@@ -161,6 +161,13 @@ class RedisStore:
         if isinstance(workflow, bytes) and isinstance(created_at, bytes):
             self._known(run_id).facts = (workflow, created_at)
 
+    def _forget(self, run_id: str, lease: Lease) -> None:
+        """Drop what the store remembers of a run that leaves this process (waiting, paused,
+        finished): a parked run costs this process nothing. Whoever takes it up again reads
+        its facts on the way."""
+        self._runs.pop(run_id, None)
+        self._leases.pop(lease, None)
+
     def _lease_args(self, run_id: str, lease: Lease) -> tuple[bytes, bytes]:
         """``lease``'s owner and token as the record stores them (JSON), to compare in a script."""
         args = self._leases.get(lease)
@@ -330,6 +337,8 @@ class RedisStore:
             )
             reply = replies[-1]
             if reply == 3:  # applied; no control flag, no status left behind
+                if commit.release:
+                    self._forget(run_id, lease)
                 return None
             code = reply[0]
             if code == 4:  # filed under facts the record does not have: file again
@@ -337,6 +346,8 @@ class RedisStore:
                 facts = (reply[1], reply[2])
                 self._remember(run_id, *facts)
                 continue
+            if commit.release:
+                self._forget(run_id, lease)
             if code in (0, 1):
                 self._wire.defer(undo)
                 detail = f"token {lease.token} is stale" if code == 1 else "the run no longer exists"
