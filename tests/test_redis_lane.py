@@ -175,3 +175,22 @@ async def test_closing_hands_the_connection_back_to_a_given_client(redis_url: st
             await store.get("r1")
     finally:
         await client.aclose()
+
+
+async def test_the_store_holds_nothing_for_runs_that_left_the_process(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    try:
+        for i in range(50):
+            lease = await started(store, f"r{i}")
+            await store.commit(f"r{i}", lease, Commit(fields={"step": "B"}, seq=1))
+            gate = Commit(
+                fields={"status": RunStatus.WAITING, "pending": {"deadline": None}}, release=True, seq=2
+            )
+            await store.commit(f"r{i}", lease, gate)
+        for i in range(100):  # reading runs (a watcher, say) keeps nothing either
+            await store.get(f"r{i}")
+            await store.load(f"r{i}")
+        assert store._runs == {} and store._leases == {}
+        assert len(await store.list_runs(status=RunStatus.WAITING)) == 50
+    finally:
+        await store.close()

@@ -147,19 +147,25 @@ class RedisStore:
     def _nonce(self) -> bytes:
         return f"{self._instance}{next(self._counter):x}".encode()
 
-    def _known(self, run_id: str) -> _Known:
-        """The run's entry in the store's memory (its keys; its facts once seen)."""
+    def _known(self, run_id: str, keep: bool = True) -> _Known:
+        """The run's entry in the store's memory (its keys; its facts once seen).
+
+        ``keep=False`` (a read) does not add a run the store does not remember yet: only
+        the runs this process creates or writes are kept.
+        """
         known = self._runs.get(run_id)
         if known is None:
-            if len(self._runs) >= _MAX_FACTS:
-                del self._runs[next(iter(self._runs))]
             keys = self.keys.run(run_id)
-            known = self._runs[run_id] = _Known(keys.rec, [k.encode() for k in keys])
+            known = _Known(keys.rec, [k.encode() for k in keys])
+            if keep:
+                if len(self._runs) >= _MAX_FACTS:
+                    del self._runs[next(iter(self._runs))]
+                self._runs[run_id] = known
         return known
 
-    def _remember(self, run_id: str, workflow: Any, created_at: Any) -> None:
+    def _remember(self, run_id: str, workflow: Any, created_at: Any, keep: bool = True) -> None:
         if isinstance(workflow, bytes) and isinstance(created_at, bytes):
-            self._known(run_id).facts = (workflow, created_at)
+            self._known(run_id, keep).facts = (workflow, created_at)
 
     def _forget(self, run_id: str, lease: Lease) -> None:
         """Drop what the store remembers of a run that leaves this process (waiting, paused,
@@ -230,20 +236,20 @@ class RedisStore:
         Raises:
             CorruptRecordError: the stored record cannot be read (names the run and key).
         """
-        known = self._known(run_id)
+        known = self._known(run_id, keep=False)
         command = [b"HGETALL", known.keys[0]]
         [reply] = await self._wire.retrying("get", run_id, lambda: self._wire.call([command]), known.rec)
         raw = pairs(reply)
         key = known.rec
         if not raw:
             return None
-        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"))
+        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
         return record_of(run_id, key, raw)
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal, read in one MULTI/EXEC snapshot; or None."""
         keys = self.keys.run(run_id)
-        rec, _, outs, jour = self._known(run_id).keys
+        rec, _, outs, jour = (k.encode() for k in keys)
         snapshot = [
             [b"MULTI"],
             [b"HGETALL", rec],
@@ -259,7 +265,7 @@ class RedisStore:
         raw, journal = pairs(found), pairs(found_journal)
         if not raw:
             return None
-        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"))
+        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
         return LoadedRun(
             record_of(run_id, keys.rec, raw),
             [make_output(run_id, keys.outputs, o) for o in outputs],
