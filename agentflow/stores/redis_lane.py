@@ -308,6 +308,7 @@ class Lane:
         Raises:
             ConnectionError: the connection was lost (or could not be opened).
             TimeoutError: no reply came within the connection's socket timeout.
+            StoreError: the lane was closed (its store is).
         """
         link = self._link
         if self._closed:
