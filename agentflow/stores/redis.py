@@ -58,7 +58,7 @@ from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
 from .keys import Keys
 from .redis_index import Index
 from .redis_update import Updates, hash_of, record_of
-from .redis_wire import Command, Wire, make_client, pairs
+from .redis_wire import Command, Wire, make_client, pack_args, pairs
 
 __all__ = ["RedisStore"]
 
@@ -66,15 +66,17 @@ _MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
 
 
 class _Known:
-    """What the store remembers of a run: its keys, and its workflow and created_at (JSON)
-    once it has read or written them (facts that never change)."""
+    """What the store remembers of a run it advances: its keys, its workflow and created_at
+    (JSON) once read or written (facts that never change), its commits' packed head."""
 
-    __slots__ = ("facts", "keys", "rec")
+    __slots__ = ("facts", "head", "keys", "lease", "rec")
 
     def __init__(self, rec: str, keys: list[bytes]) -> None:
         self.rec = rec
         self.keys = keys
         self.facts: tuple[bytes, bytes] | None = None
+        self.lease: Lease | None = None  # the lease ``head`` was packed for
+        self.head = b""
 
 
 class _Creation(NamedTuple):
@@ -132,7 +134,6 @@ class RedisStore:
         self._index = Index(self.keys, self._wire, ttl)
         self._updates = Updates(self._wire, self._index, self.keys, ttl, self._nonce, self._remember)
         self._runs: dict[str, _Known] = {}  # what the store knows of the runs it saw lately
-        self._leases: dict[Lease, tuple[bytes, bytes]] = {}  # a lease's owner and token, as JSON
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -172,17 +173,17 @@ class RedisStore:
         finished): a parked run costs this process nothing. Whoever takes it up again reads
         its facts on the way."""
         self._runs.pop(run_id, None)
-        self._leases.pop(lease, None)
 
-    def _lease_args(self, run_id: str, lease: Lease) -> tuple[bytes, bytes]:
-        """``lease``'s owner and token as the record stores them (JSON), to compare in a script."""
-        args = self._leases.get(lease)
-        if args is None:
-            if len(self._leases) >= _MAX_FACTS:
-                self._leases.clear()
+    def _head(self, run_id: str, known: _Known, lease: Lease) -> bytes:
+        """The commit script's call up to the commit's own arguments, packed: EVALSHA, the
+        script, the run's keys, and the lease's owner and token as the record stores them
+        (JSON, compared byte for byte in the script)."""
+        if known.lease is not lease:
             owner = encode(run_id, "lease_owner", lease.owner)
-            args = self._leases[lease] = (owner, encode(run_id, "lease_token", lease.token))
-        return args
+            token = encode(run_id, "lease_token", lease.token)
+            known.head = pack_args([b"EVALSHA", lua.COMMIT.sha_bytes, b"4", *known.keys, owner, token])
+            known.lease = lease
+        return known.head
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000)) if self.ttl is not None else 0
@@ -298,7 +299,6 @@ class RedisStore:
             gate = deadline_of(fields["pending"])
         events, outputs, journal = commit.events, commit.outputs, commit.journal
         args = [
-            *self._lease_args(run_id, lease),
             b"%d" % commit.seq,
             b"1" if commit.release else b"0",
             self._ttl_arg,
@@ -334,12 +334,10 @@ class RedisStore:
                     undo = self._index.unfile(run_id, status, workflow, version)
                 if gate is not None:
                     index.append(self._index.file_gate(run_id, workflow, gate))
-                args[5:8] = (version, *facts)
+                args[3:6] = (version, *facts)
+            data = b"*%d" % (9 + len(args)) + self._head(run_id, known, lease) + pack_args(args) + b"\r\n"
             replies = await self._wire.retrying(
-                "commit",
-                run_id,
-                functools.partial(self._wire.eval, lua.COMMIT, known.keys, args, index),
-                known.rec,
+                "commit", run_id, functools.partial(self._wire.evalsha, lua.COMMIT, data, index), known.rec
             )
             reply = replies[-1]
             if reply == 3:  # applied; no control flag, no status left behind

@@ -36,7 +36,7 @@ from . import lua
 from .lua import Script
 from .redis_lane import Lane
 
-__all__ = ["Command", "Wire", "make_client", "pack", "pairs"]
+__all__ = ["Command", "Wire", "make_client", "pack", "pack_args", "pairs"]
 
 T = TypeVar("T")
 Command = Sequence[bytes]
@@ -67,15 +67,25 @@ _HEADS = [b"\r\n$%d\r\n" % n for n in range(4096)]  # what goes before an argume
 
 def pack(command: Command) -> bytes:
     """One command in RESP, the form Redis reads: an array of bulk strings."""
+    return b"*%d" % len(command) + pack_args(command) + b"\r\n"
+
+
+def pack_args(args: Sequence[bytes]) -> bytes:
+    """``args`` packed as a run of a command's arguments: what :func:`pack` puts between the
+    array's head and its last CR LF. Runs packed apart join as they are."""
     # Heads from a table, interleaved by slices: most of a commit's packing time otherwise.
     try:
-        heads = [_HEADS[len(arg)] for arg in command]
+        heads = [_HEADS[len(arg)] for arg in args]
     except IndexError:
-        heads = [b"\r\n$%d\r\n" % len(arg) for arg in command]
+        heads = [b"\r\n$%d\r\n" % len(arg) for arg in args]
     parts: list[bytes] = heads * 2
     parts[::2] = heads
-    parts[1::2] = command
-    return b"*%d" % len(command) + b"".join(parts) + b"\r\n"
+    parts[1::2] = args
+    return b"".join(parts)
+
+
+def _packed(commands: Sequence[Command | bytes]) -> bytes:
+    return b"".join([c if isinstance(c, bytes) else pack(c) for c in commands])
 
 
 async def _send(conn: Connection, data: bytes) -> None:
@@ -235,12 +245,13 @@ class Wire:
             finally:
                 await pool.release(conn)
 
-    async def exchange(self, conn: Connection, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` on ``conn`` together and read their replies: one round trip.
+    async def exchange(self, conn: Connection, commands: Sequence[Command | bytes]) -> list[Any]:
+        """Send ``commands`` (or commands packed already) on ``conn`` together and read their
+        replies: one round trip.
 
         A reply that is an error comes back as the exception, in its place.
         """
-        await _send(conn, b"".join([pack(command) for command in commands]))
+        await _send(conn, _packed(commands))
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -249,7 +260,7 @@ class Wire:
                 replies.append(exc)
         return replies
 
-    async def round_trip(self, commands: Sequence[Command]) -> list[Any]:
+    async def round_trip(self, commands: Sequence[Command | bytes]) -> list[Any]:
         """``commands`` sent together, with the deferred clean-ups in front: their replies
         (an error reply as the exception, in its place), in one round trip on the lane.
 
@@ -260,7 +271,7 @@ class Wire:
             commands = [*deferred, *commands]
         try:
             if self._lane is not None:
-                replies = await self._lane.request(b"".join([pack(c) for c in commands]), len(commands))
+                replies = await self._lane.request(_packed(commands), len(commands))
             else:
                 async with self.connection() as conn:
                     replies = await self.exchange(conn, commands)
@@ -295,7 +306,11 @@ class Wire:
         Raises:
             ResponseError: one of the commands failed.
         """
-        command = [b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args]
+        command = pack([b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args])
+        return await self.evalsha(script, command, before)
+
+    async def evalsha(self, script: Script, command: bytes, before: Sequence[Command] = ()) -> list[Any]:
+        """:meth:`eval` with the EVALSHA command of ``script`` packed already."""
         for _ in range(2):
             replies = await self.round_trip([*before, command])
             if isinstance(replies[-1], NoScriptError):
