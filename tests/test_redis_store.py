@@ -1,150 +1,44 @@
-"""RedisStore beyond the conformance suite: round trips, keys, lost replies, clocks, scale, outages."""
+"""RedisStore beyond the conformance suite: round trips, keys, lost replies, clocks, scale,
+damaged data (connections and outages: ``test_redis_connections``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import shutil
-import socket
 import statistics
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer, free_port
+from conftest import RedisServer
 from redis.crc import key_slot
+from redis_fakes import CountingConnection, LossyProxy, bare_redis_server, db_of, pause
 
-from agentflow.errors import CorruptRecordError, StoreError, WorkflowDefinitionError
-from agentflow.stores import Change, Lease, MemoryStore, SqliteStore, open_store
+from agentflow.errors import CorruptRecordError, WorkflowDefinitionError
+from agentflow.stores import Change, MemoryStore, SqliteStore, open_store
 from agentflow.stores.contract import Commit, OutputRecord, RunRecord
 from agentflow.stores.redis import RedisStore
 from agentflow.stores.redis_wire import pack
 from agentflow.testing.store_conformance import State, acquire, event, expire, record, started, store_now
 from agentflow.types import RunStatus
 
-GATE = {"approvers": ["ops"], "deadline": None}
-
-
-def pause(rec: RunRecord, now: float) -> Change:
-    return Change(dataclasses.replace(rec, control="pause"), [event("pause_requested", rec.event_count + 1)])
-
-
-class CountingWriter:
-    """A connection's stream writer that counts its writes."""
-
-    def __init__(self, writer: Any) -> None:
-        self._writer = writer
-
-    def write(self, data: bytes) -> None:
-        CountingConnection.sends += 1
-        self._writer.write(data)
-
-    def writelines(self, data: Any) -> None:
-        CountingConnection.sends += 1
-        self._writer.writelines(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
-
-
-class CountingConnection(aioredis.Connection):
-    """Counts writes to the socket: one per command, or one per pipeline."""
-
-    sends = 0
-
-    async def _connect(self) -> None:
-        await super()._connect()  # type: ignore[no-untyped-call]
-        self._writer = CountingWriter(self._writer)  # type: ignore[assignment]
-
-
-class LossyProxy:
-    """A TCP proxy to Redis that can lose the reply to a request, as a dropped connection does,
-    or hold replies back (``delay``).
-
-    ``lose(when, between)``: the next request containing ``when`` reaches Redis and runs;
-    its reply is not passed on. ``between()`` runs first (another writer, say), then the
-    client's connection is cut, and the client sees a reply that never came.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.port = 0
-        self.lost = 0
-        self.delay = 0.0  # seconds each piece of a reply is held back
-        self._rule: tuple[bytes, Callable[[], Awaitable[None]]] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> LossyProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def url(self, db: str) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def lose(self, when: bytes, between: Callable[[], Awaitable[None]]) -> None:
-        self._rule = (when, between)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        doomed: list[Callable[[], Awaitable[None]]] = []
-
-        async def up() -> None:
-            while data := await reader.read(65536):
-                if self._rule is not None and self._rule[0] in data:
-                    doomed.append(self._rule[1])
-                    self._rule = None
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def down() -> None:
-            while data := await up_reader.read(65536):
-                if doomed:
-                    await doomed[0]()
-                    self.lost += 1
-                    return
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(data)
-                await writer.drain()
-
-        try:
-            pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            writer.transport.abort()
-            up_writer.transport.abort()
-            self._tasks.discard(task)
-
 
 @pytest.fixture
-async def proxy(redis_server: RedisServer) -> Any:
+async def proxy(redis_server: RedisServer) -> AsyncIterator[LossyProxy]:
     async with LossyProxy(redis_server.port) as p:
         yield p
 
 
-def _db(redis_url: str) -> str:
-    return redis_url.rsplit("/", 1)[1]
+@pytest.fixture(scope="module")
+def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    with bare_redis_server(tmp_path_factory.mktemp("bare-redis")) as port:
+        yield port
+
+
+GATE = {"approvers": ["ops"], "deadline": None}
 
 
 # -- round trips and layout -------------------------------------------------------------
@@ -297,7 +191,7 @@ async def test_a_record_of_another_workflow_is_never_listed_nor_recovered_under_
 async def test_a_commit_whose_reply_is_lost_applies_once_despite_a_pause_in_between(
     proxy: LossyProxy, redis_url: str
 ) -> None:
-    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    store, other = RedisStore(proxy.url(db_of(redis_url))), RedisStore(redis_url)
     try:
         lease = await started(store)
         await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
@@ -329,7 +223,7 @@ async def test_a_commit_whose_reply_is_lost_applies_once_despite_a_pause_in_betw
 
 
 async def test_a_final_commit_whose_reply_is_lost_is_filed_once(proxy: LossyProxy, redis_url: str) -> None:
-    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    store, other = RedisStore(proxy.url(db_of(redis_url))), RedisStore(redis_url)
     try:
         lease = await started(store)
         await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))
@@ -353,7 +247,7 @@ async def test_a_final_commit_whose_reply_is_lost_is_filed_once(proxy: LossyProx
 async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     proxy: LossyProxy, redis_url: str
 ) -> None:
-    store, other = RedisStore(proxy.url(_db(redis_url))), RedisStore(redis_url)
+    store, other = RedisStore(proxy.url(db_of(redis_url))), RedisStore(redis_url)
     try:
         assert await store.create(record("warm-up"), [])  # loads the script
 
@@ -372,7 +266,7 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
 
 
 async def test_an_update_whose_reply_is_lost_is_not_applied_twice(proxy: LossyProxy, redis_url: str) -> None:
-    store = RedisStore(proxy.url(_db(redis_url)))
+    store = RedisStore(proxy.url(db_of(redis_url)))
     try:
         await store.create(record(), [])
         calls: list[tuple[int, float]] = []
@@ -406,7 +300,7 @@ async def test_update_runs_the_change_again_when_another_writer_gets_in_first(
             seen.append(rec.control)
             if len(seen) == 1:  # a competing writer between our read and our EXEC
                 redis_server.command(
-                    "HSET", store.keys.run("r1").rec, "control", '"stop"', db=int(_db(redis_url))
+                    "HSET", store.keys.run("r1").rec, "control", '"stop"', db=int(db_of(redis_url))
                 )
             return Change(dataclasses.replace(rec, visit=rec.visit + 1))
 
@@ -493,29 +387,6 @@ async def _fill(store: RedisStore, port: int, n: int) -> None:
         await writer.wait_closed()
 
 
-@pytest.fixture(scope="module")
-def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A redis-server that keeps nothing on disk: for filling with 100,000 runs quickly."""
-    port = free_port()
-    folder = tmp_path_factory.mktemp("bare-redis")
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 async def test_listing_and_recovery_cost_what_they_return_with_100k_finished_runs(bare_redis: int) -> None:
     redis_url = f"redis://127.0.0.1:{bare_redis}/0"
     store = RedisStore(redis_url, ttl=3600)
@@ -598,143 +469,6 @@ async def test_finished_runs_leave_the_live_indexes_and_expire_from_theirs(redis
             await client.aclose()
     finally:
         await store.close()
-
-
-# -- connections and outages -----------------------------------------------------------
-
-
-async def test_400_concurrent_commits_and_updates_on_a_pool_of_4_wait_for_connections_without_errors(
-    bare_redis: int,
-) -> None:
-    # A server that does not fsync every write, so the commits queue for connections.
-    store = RedisStore(f"redis://127.0.0.1:{bare_redis}/1", max_connections=4, retry_for=2)
-    try:
-        await store.client.flushdb()
-        leases = [await started(store, f"r{i}") for i in range(400)]
-
-        async def timed(work: Awaitable[Any]) -> float:
-            t0 = time.perf_counter()
-            await work
-            return time.perf_counter() - t0
-
-        async def commit(i: int) -> None:
-            commit = Commit(
-                fields={"step": "B"}, events=[event("e", 2)], outputs=[OutputRecord(1, "A", i)], seq=1
-            )
-            assert await store.commit(f"r{i}", leases[i], commit) is None  # no StoreError
-
-        pool = store.client.connection_pool
-        # Commits share one connection, pipelined; updates (WATCH ... EXEC) wait for one of
-        # the other three in turn.
-        for name, work in (("commits", commit), ("updates", lambda i: store.update(f"r{i}", pause))):
-            latencies = sorted(await asyncio.gather(*(timed(work(i)) for i in range(400))))
-            assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
-            p50, p99 = latencies[200] * 1000, latencies[396] * 1000
-            print(f"\n400 {name} on 4 connections: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-            assert latencies[396] < 1.0
-        runs = await store.list_runs(status=RunStatus.RUNNING, limit=1000)
-        assert len(runs) == 400 and {(r.event_count, r.control) for r in runs} == {(3, "pause")}
-    finally:
-        await store.close()
-
-
-async def test_a_client_with_a_small_ordinary_pool_is_not_overrun(redis_url: str) -> None:
-    client = aioredis.Redis.from_url(redis_url, max_connections=3)
-    store = RedisStore(client=client, retry_for=0.5)
-    try:
-        await asyncio.gather(*(store.create(record(f"r{i}"), []) for i in range(300)))
-        assert len(await store.list_runs(limit=1000)) == 300
-        assert store.sibling() is None  # its pool belongs to this event loop
-    finally:
-        await store.close()
-        await client.aclose()
-
-
-async def test_a_redis_restart_mid_operation_fails_nothing_and_the_store_carries_on(
-    redis_server: RedisServer, redis_url: str
-) -> None:
-    store = RedisStore(redis_url, retry_for=20)
-    try:
-        lease = await started(store)
-        doomed = await started(store, "doomed")
-        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))
-        await store.commit("doomed", doomed, Commit(fields={"step": "A"}, seq=1))
-        await asyncio.to_thread(redis_server.stop)
-        t0 = time.monotonic()
-        commit = Commit(
-            fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)], seq=2
-        )
-        work = asyncio.gather(
-            store.commit("r1", lease, commit),
-            store.renew("r1", lease, 15.0),
-            store.create(record("new"), [event("run_started", 1)]),
-            store.update("doomed", lambda rec, now: Change(dataclasses.replace(rec, control="stop"))),
-            store.get("r1"),
-            store.list_runs(),
-            store.recoverable("wf"),
-        )
-        await asyncio.sleep(1.0)
-        assert not work.done()  # waiting for Redis, not failing
-        await asyncio.to_thread(redis_server.start)  # the scripts are forgotten, the connections dead
-        results = await work
-        assert time.monotonic() - t0 < 10
-        assert results[0] is None and results[2] is True
-        loaded = await store.load("r1")
-        assert loaded is not None and loaded.record.step == "B" and len(loaded.outputs) == 1
-        assert [e.seq for e in await store.events("r1")] == [1, 2]
-        assert await store.commit("doomed", doomed, Commit(fields={"step": "B"}, seq=2)) == "stop"
-        assert await store.delete("doomed")
-        assert sorted(r.run_id for r in await store.list_runs()) == ["new", "r1"]
-    finally:
-        await store.close()
-
-
-async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", retry_for=0.5)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreError, match=r"run r1: Redis at 127\.0\.0\.1:\d+/0 unreachable for 0\.5 s"):
-            await store.commit("r1", Lease("w1", 1), Commit(fields={"step": "B"}, seq=1))
-        assert 0.4 < time.monotonic() - t0 < 3
-        for call in (store.get("r1"), store.list_runs(), store.recoverable("wf"), store.update("r1", pause)):
-            with pytest.raises(StoreError, match="unreachable"):
-                await call
-    finally:
-        await store.close()
-
-
-async def test_a_cancelled_commit_leaves_no_connection_out_of_step(proxy: LossyProxy, redis_url: str) -> None:
-    store = RedisStore(proxy.url(_db(redis_url)))
-    try:
-        lease = await started(store)
-        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
-        proxy.delay = 0.05
-        task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"}, seq=2)))
-        await asyncio.sleep(0.01)  # sent, its reply not read yet
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        # The next commands (sent while the cancelled one's reply is on its way, and
-        # after) must not read that reply as theirs.
-        assert await store.commit("r1", lease, Commit(fields={"control": "pause"}, seq=3)) == "pause"
-        proxy.delay = 0
-        assert await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=4)) == "pause"
-        rec = await store.get("r1")
-        assert rec is not None and (rec.step, rec.control) == ("C", "pause")
-    finally:
-        await store.close()
-
-
-async def test_clients_the_store_cannot_use_are_refused(redis_url: str) -> None:
-    for client in (
-        aioredis.Redis.from_url(redis_url, single_connection_client=True),
-        aioredis.Redis.from_url(redis_url, decode_responses=True),
-    ):
-        try:
-            with pytest.raises(StoreError, match="RedisStore needs"):
-                RedisStore(client=client)
-        finally:
-            await client.aclose()
 
 
 # -- damaged data, stale entries, scripts ----------------------------------------------

@@ -1,20 +1,25 @@
-"""The Redis store's lane: replies read from bytes however they are cut, many runs' commits
-in few writes, both protocol versions, replies that do not come, connections handed back."""
+"""RedisStore's connections: the lane (replies read from bytes however they are cut, many
+runs' commits in few writes, both protocol versions, replies that do not come, connections
+handed back, nothing held for runs gone), the pool (waiting for a connection is not an
+outage) and outages (a restart, an unreachable server)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from conftest import RedisServer, free_port
 from redis.exceptions import NoScriptError, ResponseError
-from test_redis_store import CountingConnection, LossyProxy, pause
+from redis_fakes import CountingConnection, LossyProxy, bare_redis_server, db_of, pause
 
 from agentflow.errors import StoreError
+from agentflow.stores import Change, Lease
 from agentflow.stores.contract import Commit, OutputRecord
 from agentflow.stores.redis import RedisStore
 from agentflow.stores.redis_lane import Parser
@@ -23,13 +28,15 @@ from agentflow.types import RunStatus
 
 
 @pytest.fixture
-async def proxy(redis_server: RedisServer) -> Any:
+async def proxy(redis_server: RedisServer) -> AsyncIterator[LossyProxy]:
     async with LossyProxy(redis_server.port) as p:
         yield p
 
 
-def _db(redis_url: str) -> str:
-    return redis_url.rsplit("/", 1)[1]
+@pytest.fixture(scope="module")
+def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    with bare_redis_server(tmp_path_factory.mktemp("bare-redis")) as port:
+        yield port
 
 
 # What Redis may send (RESP2 and RESP3), and what the parser makes of it.
@@ -143,7 +150,7 @@ async def test_every_operation_speaks_either_protocol(redis_url: str, protocol: 
 async def test_a_reply_that_does_not_come_within_the_socket_timeout_counts_as_an_outage(
     proxy: LossyProxy, redis_url: str
 ) -> None:
-    store = RedisStore(proxy.url(_db(redis_url)), socket_timeout=0.2, retry_for=1.0)
+    store = RedisStore(proxy.url(db_of(redis_url)), socket_timeout=0.2, retry_for=1.0)
     try:
         lease = await started(store)
         proxy.delay = 0.5
@@ -194,3 +201,140 @@ async def test_the_store_holds_nothing_for_runs_that_left_the_process(redis_url:
         assert len(await store.list_runs(status=RunStatus.WAITING)) == 50
     finally:
         await store.close()
+
+
+# -- connections and outages -----------------------------------------------------------
+
+
+async def test_400_concurrent_commits_and_updates_on_a_pool_of_4_wait_for_connections_without_errors(
+    bare_redis: int,
+) -> None:
+    # A server that does not fsync every write, so the commits queue for connections.
+    store = RedisStore(f"redis://127.0.0.1:{bare_redis}/1", max_connections=4, retry_for=2)
+    try:
+        await store.client.flushdb()
+        leases = [await started(store, f"r{i}") for i in range(400)]
+
+        async def timed(work: Awaitable[Any]) -> float:
+            t0 = time.perf_counter()
+            await work
+            return time.perf_counter() - t0
+
+        async def commit(i: int) -> None:
+            commit = Commit(
+                fields={"step": "B"}, events=[event("e", 2)], outputs=[OutputRecord(1, "A", i)], seq=1
+            )
+            assert await store.commit(f"r{i}", leases[i], commit) is None  # no StoreError
+
+        pool = store.client.connection_pool
+        # Commits share one connection, pipelined; updates (WATCH ... EXEC) wait for one of
+        # the other three in turn.
+        for name, work in (("commits", commit), ("updates", lambda i: store.update(f"r{i}", pause))):
+            latencies = sorted(await asyncio.gather(*(timed(work(i)) for i in range(400))))
+            assert len(pool._available_connections) + len(pool._in_use_connections) <= 4
+            p50, p99 = latencies[200] * 1000, latencies[396] * 1000
+            print(f"\n400 {name} on 4 connections: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            assert latencies[396] < 1.0
+        runs = await store.list_runs(status=RunStatus.RUNNING, limit=1000)
+        assert len(runs) == 400 and {(r.event_count, r.control) for r in runs} == {(3, "pause")}
+    finally:
+        await store.close()
+
+
+async def test_a_client_with_a_small_ordinary_pool_is_not_overrun(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, max_connections=3)
+    store = RedisStore(client=client, retry_for=0.5)
+    try:
+        await asyncio.gather(*(store.create(record(f"r{i}"), []) for i in range(300)))
+        assert len(await store.list_runs(limit=1000)) == 300
+        assert store.sibling() is None  # its pool belongs to this event loop
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_a_redis_restart_mid_operation_fails_nothing_and_the_store_carries_on(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url, retry_for=20)
+    try:
+        lease = await started(store)
+        doomed = await started(store, "doomed")
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))
+        await store.commit("doomed", doomed, Commit(fields={"step": "A"}, seq=1))
+        await asyncio.to_thread(redis_server.stop)
+        t0 = time.monotonic()
+        commit = Commit(
+            fields={"step": "B"}, outputs=[OutputRecord(1, "A", 1)], events=[event("e", 2)], seq=2
+        )
+        work = asyncio.gather(
+            store.commit("r1", lease, commit),
+            store.renew("r1", lease, 15.0),
+            store.create(record("new"), [event("run_started", 1)]),
+            store.update("doomed", lambda rec, now: Change(dataclasses.replace(rec, control="stop"))),
+            store.get("r1"),
+            store.list_runs(),
+            store.recoverable("wf"),
+        )
+        await asyncio.sleep(1.0)
+        assert not work.done()  # waiting for Redis, not failing
+        await asyncio.to_thread(redis_server.start)  # the scripts are forgotten, the connections dead
+        results = await work
+        assert time.monotonic() - t0 < 10
+        assert results[0] is None and results[2] is True
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.step == "B" and len(loaded.outputs) == 1
+        assert [e.seq for e in await store.events("r1")] == [1, 2]
+        assert await store.commit("doomed", doomed, Commit(fields={"step": "B"}, seq=2)) == "stop"
+        assert await store.delete("doomed")
+        assert sorted(r.run_id for r in await store.list_runs()) == ["new", "r1"]
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_raises_store_error_within_the_bound() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", retry_for=0.5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"run r1: Redis at 127\.0\.0\.1:\d+/0 unreachable for 0\.5 s"):
+            await store.commit("r1", Lease("w1", 1), Commit(fields={"step": "B"}, seq=1))
+        assert 0.4 < time.monotonic() - t0 < 3
+        for call in (store.get("r1"), store.list_runs(), store.recoverable("wf"), store.update("r1", pause)):
+            with pytest.raises(StoreError, match="unreachable"):
+                await call
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_commit_leaves_no_connection_out_of_step(proxy: LossyProxy, redis_url: str) -> None:
+    store = RedisStore(proxy.url(db_of(redis_url)))
+    try:
+        lease = await started(store)
+        await store.commit("r1", lease, Commit(fields={"step": "A"}, seq=1))  # loads the script
+        proxy.delay = 0.05
+        task = asyncio.create_task(store.commit("r1", lease, Commit(fields={"step": "B"}, seq=2)))
+        await asyncio.sleep(0.01)  # sent, its reply not read yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The next commands (sent while the cancelled one's reply is on its way, and
+        # after) must not read that reply as theirs.
+        assert await store.commit("r1", lease, Commit(fields={"control": "pause"}, seq=3)) == "pause"
+        proxy.delay = 0
+        assert await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=4)) == "pause"
+        rec = await store.get("r1")
+        assert rec is not None and (rec.step, rec.control) == ("C", "pause")
+    finally:
+        await store.close()
+
+
+async def test_clients_the_store_cannot_use_are_refused(redis_url: str) -> None:
+    for client in (
+        aioredis.Redis.from_url(redis_url, single_connection_client=True),
+        aioredis.Redis.from_url(redis_url, decode_responses=True),
+    ):
+        try:
+            with pytest.raises(StoreError, match="RedisStore needs"):
+                RedisStore(client=client)
+        finally:
+            await client.aclose()
