@@ -133,7 +133,7 @@ class RedisStore:
         self._wire = Wire(client, retry_for)
         self._index = Index(self.keys, self._wire, ttl)
         self._updates = Updates(self._wire, self._index, self.keys, ttl, self._nonce, self._remember)
-        self._runs: dict[str, _Known] = {}  # what the store knows of the runs it saw lately
+        self._runs: dict[str, _Known] = {}  # what the store knows of the runs it advances
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -168,7 +168,7 @@ class RedisStore:
         if isinstance(workflow, bytes) and isinstance(created_at, bytes):
             self._known(run_id, keep).facts = (workflow, created_at)
 
-    def _forget(self, run_id: str, lease: Lease) -> None:
+    def _forget(self, run_id: str) -> None:
         """Drop what the store remembers of a run that leaves this process (waiting, paused,
         finished): a parked run costs this process nothing. Whoever takes it up again reads
         its facts on the way."""
@@ -342,7 +342,7 @@ class RedisStore:
             reply = replies[-1]
             if reply == 3:  # applied; no control flag, no status left behind
                 if commit.release:
-                    self._forget(run_id, lease)
+                    self._forget(run_id)
                 return None
             code = reply[0]
             if code == 4:  # filed under facts the record does not have: file again
@@ -351,7 +351,7 @@ class RedisStore:
                 self._remember(run_id, *facts)
                 continue
             if commit.release:
-                self._forget(run_id, lease)
+                self._forget(run_id)
             if code in (0, 1):
                 self._wire.defer(undo)
                 detail = f"token {lease.token} is stale" if code == 1 else "the run no longer exists"
