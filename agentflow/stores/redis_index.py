@@ -73,6 +73,7 @@ class Index:
         self.wire = wire
         self.ttl = ttl
         self._registered: dict[str, float] = {}  # bucket -> when this store last filed it
+        self._filed: dict[tuple[str, str, str | None], tuple[bytes, bytes]] = {}
 
     # -- writing ----------------------------------------------------------------------
 
@@ -82,9 +83,9 @@ class Index:
         """Commands filing ``run_id`` (at ``version``) under ``status``; idempotent."""
         member, at = entry(run_id, version), score(created_at)
         if status not in FINAL or self.ttl is None:
-            return [[b"ZADD", k.encode(), at, member] for k in self._keys(status, workflow)]
+            return [[b"ZADD", k, at, member] for k in self._keys(status, workflow)]
         bucket = Keys.bucket(self.ttl, time.time())
-        keys = [k.encode() for k in self._keys(status, workflow, bucket.name)]
+        keys = self._keys(status, workflow, bucket.name)
         life = b"%d" % bucket.ttl_ms
         commands: list[Command] = [[b"ZADD", k, at, member] for k in keys]
         # A new key gets its lifetime from its first run: the end of the bucket plus a
@@ -108,7 +109,7 @@ class Index:
         Entries in time buckets are left to expire.
         """
         member = entry(run_id, version)
-        return [[b"ZREM", k.encode(), member] for k in self._keys(status, workflow)]
+        return [[b"ZREM", k, member] for k in self._keys(status, workflow)]
 
     def unfile_stored(self, run_id: str, workflow: str, status: Any, version: Any) -> list[Command]:
         """:meth:`unfile` for a status and version as a script read them (JSON, raw; '' if unset)."""
@@ -153,8 +154,18 @@ class Index:
         key = self.keys.gates(workflow).encode()
         return [b"EVALSHA", lua.ZREM_IF_SCORE.sha_bytes, b"1", key, run_id.encode(), score(deadline)]
 
-    def _keys(self, status: str, workflow: str, bucket: str | None = None) -> tuple[str, str]:
-        return self.keys.status(status, None, bucket), self.keys.status(status, workflow, bucket)
+    def _keys(self, status: str, workflow: str, bucket: str | None = None) -> tuple[bytes, bytes]:
+        """The index keys a run of ``workflow`` in ``status`` is filed under (every workflow's,
+        then its own), remembered: every run of a workflow is filed under the same few."""
+        found = self._filed.get((status, workflow, bucket))
+        if found is None:
+            if len(self._filed) > 1024:
+                self._filed.clear()
+            found = self._filed[status, workflow, bucket] = (
+                self.keys.status(status, None, bucket).encode(),
+                self.keys.status(status, workflow, bucket).encode(),
+            )
+        return found
 
     # -- reading ----------------------------------------------------------------------
 
