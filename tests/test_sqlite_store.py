@@ -170,21 +170,25 @@ async def test_list_runs_is_light_newest_first_and_paged(store: SqliteStore) -> 
 async def test_a_damaged_row_is_listed_as_corrupt_and_hides_no_other_run(store: SqliteStore) -> None:
     for run_id in ("a", "b", "c"):
         await store.create(record(run_id), [])
+    await store.create(record("d", state={"blob": "z" * 5000}), [])  # kept out of the hot row
     with sqlite3.connect(store.path) as db:
         db.execute("UPDATE agentflow_runs SET pending = '{nope' WHERE run_id = 'b'")
         db.execute("UPDATE agentflow_runs SET visit = 'many' WHERE run_id = 'c'")
-        db.execute("UPDATE agentflow_values SET value = '[1,' WHERE run_id = 'a' AND field = 'state'")
+        db.execute("UPDATE agentflow_runs SET state = '[1,' WHERE run_id = 'a'")
+        db.execute("UPDATE agentflow_values SET value = '[2,' WHERE run_id = 'd' AND field = 'state'")
     db.close()
     listed = {r.run_id: r for r in await store.list_runs()}
-    assert sorted(listed) == ["a", "b", "c"]
-    assert listed["a"].corrupt is None  # a light listing does not read the state
+    assert sorted(listed) == ["a", "b", "c", "d"]
+    assert listed["a"].corrupt is None and listed["d"].corrupt is None  # a light listing reads no state
     assert "agentflow_runs.pending" in (listed["b"].corrupt or "")
     assert "visit" in (listed["c"].corrupt or "") and listed["c"].info().error is not None
     with pytest.raises(CorruptRecordError, match=r"run b: .*agentflow_runs.pending") as exc:
         await store.get("b")
     assert exc.value.run_id == "b"
-    with pytest.raises(CorruptRecordError, match=r"run a: .*agentflow_values\[state\]"):
+    with pytest.raises(CorruptRecordError, match=r"run a: .*agentflow_runs.state"):
         await store.load("a")
+    with pytest.raises(CorruptRecordError, match=r"run d: .*agentflow_values\[state\]"):
+        await store.get("d")
     with pytest.raises(CorruptRecordError, match="run c"):
         await store.update("c", lambda rec, now: None)
 
@@ -203,8 +207,18 @@ async def test_values_that_cannot_be_stored_are_refused_naming_run_and_field(sto
 # -- off the event loop ----------------------------------------------------------------
 
 
-async def test_a_held_write_lock_does_not_block_the_event_loop(store: SqliteStore) -> None:
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_a_held_write_lock_does_not_block_the_event_loop(tmp_path: Path, durability: Any) -> None:
+    store = SqliteStore(str(tmp_path / "agentflow.db"), durability=durability)
+    try:
+        await _held_lock_leaves_the_loop_free(store)
+    finally:
+        await store.close()
+
+
+async def _held_lock_leaves_the_loop_free(store: SqliteStore) -> None:
     lease = await started(store)
+    await store.get("r1")  # the loop's connection is open: at "normal" the commit tries it first
     lag = 0.0
 
     async def tick() -> None:
@@ -229,6 +243,68 @@ async def test_a_held_write_lock_does_not_block_the_event_loop(store: SqliteStor
     assert lag < 0.1, f"the event loop stalled {lag * 1000:.0f} ms"
     rec = await store.get("r1")
     assert rec is not None and rec.visit == 1
+
+
+async def test_reads_and_renewals_go_on_while_another_connection_holds_the_lock(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "agentflow.db"), durability="normal")
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        lease = await started(store)
+        await store.get("r1")
+        other.execute("BEGIN IMMEDIATE")
+        start = time.monotonic()
+        rec = await store.get("r1")
+        assert rec is not None and [e.kind for e in await store.events("r1")] == ["run_started"]
+        assert [r.run_id for r in await store.list_runs()] == ["r1"]
+        assert time.monotonic() - start < 0.5  # reads do not wait for the writer
+        renewal = asyncio.ensure_future(store.renew("r1", lease, 30.0))  # a write: it waits, off the loop
+        bump = asyncio.ensure_future(
+            store.update("r1", lambda rec, now: Change(dataclasses.replace(rec, visit=7)))
+        )
+        await asyncio.sleep(0.3)
+        assert not renewal.done() and not bump.done()
+        other.execute("COMMIT")
+        assert await renewal is None and (await bump) is not None
+        rec = await store.get("r1")
+        assert rec is not None and rec.visit == 7 and rec.lease_expires > time.time() + 20
+    finally:
+        other.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_which_calls_the_store_thread_makes(tmp_path: Path, durability: Any) -> None:
+    """Reads and renewals run on the loop; writes too at "normal"; at "full" the thread flushes."""
+    store = SqliteStore(str(tmp_path / "agentflow.db"), durability=durability)
+    try:
+        await store.get("r0")  # the first call opens the file on the thread
+        hops: list[str] = []
+        submit = store._submit
+
+        def counted(job: Any) -> Any:
+            hops.append(sys._getframe(1).f_code.co_name)
+            return submit(job)
+
+        store._submit = counted  # type: ignore[method-assign]
+        store._next_purge = time.time() + 60  # no purge due
+        lease = await started(store)
+        assert (
+            await store.commit("r1", lease, Commit(fields={"visit": 1}, events=[event("e")], seq=1)) is None
+        )
+        await store.renew("r1", lease, 30.0)
+        await store.get("r1")
+        await store.load("r1")
+        await store.events("r1")
+        await store.list_runs()
+        await store.recoverable("wf")
+        await store.due_gates("wf", time.time())
+        writes = ["_call"] * 3  # create, update (the lease), commit
+        assert hops == ([] if durability == "normal" else writes)
+        hops.clear()
+        assert await store.delete("r1")
+        assert hops == ["_call"]  # a delete is as long as the run: always on the thread
+    finally:
+        await store.close()
 
 
 async def test_the_store_and_its_sibling_serve_other_event_loops(store: SqliteStore) -> None:
@@ -267,6 +343,24 @@ async def test_close_lets_queued_calls_finish_and_a_dropped_store_stops_its_thre
     assert not thread.is_alive()
 
 
+async def test_the_wal_of_the_loop_connection_is_checkpointed_and_started_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agentflow.stores.sqlite.CHECKPOINT_BYTES", 400_000)
+    store = SqliteStore(str(tmp_path / "agentflow.db"), durability="normal")
+    try:
+        lease = await started(store)
+        await store.get("r1")
+        for seq in range(1, 2001):  # a few pages each, back to back: 30 MB of WAL if it never restarts
+            step = Commit(fields={"visit": seq, "state": {"n": seq}}, events=[event("e")], seq=seq)
+            await store.commit("r1", lease, step)
+        assert wal_bytes(store.path) < 2_000_000
+        rec = await store.get("r1")
+        assert rec is not None and rec.visit == 2000 and rec.state == {"n": 2000}
+    finally:
+        await store.close()
+
+
 # -- durability ------------------------------------------------------------------------
 
 
@@ -278,12 +372,23 @@ async def test_durability_sets_synchronous_and_reaches_open_store(tmp_path: Path
         assert isinstance(normal, SqliteStore) and normal.durability == "normal"
         assert full.durability == "full"
         lease = await started(full)
+        await full.get("r1")
         await full.renew("r1", lease, 15.0)  # a renewal, never flushed, leaves the setting as it was
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the next renewal goes to the thread, which flushes
+        renewal = asyncio.ensure_future(full.renew("r1", lease, 15.0))
+        await asyncio.sleep(0.05)
+        other.execute("COMMIT")
+        other.close()
+        assert await renewal is None
+
+        def synchronous(db: sqlite3.Connection) -> Any:
+            return db.execute("PRAGMA synchronous").fetchone()[0]
+
         for store, want in ((full, 2), (normal, 1)):
-            sync = await store._call(
-                "pragma", None, lambda db: db.execute("PRAGMA synchronous").fetchone()[0]
-            )
-            assert sync == want
+            assert await store._call("pragma", None, synchronous, inline=False) == want  # the thread's
+            await store.get("r1")
+            assert await store._call("pragma", None, synchronous) == 1  # the loop's never flushes
     finally:
         await full.close()
         await normal.close()
@@ -379,6 +484,36 @@ async def test_an_unchanged_big_value_is_not_rewritten(store: SqliteStore) -> No
         reader.close()
 
 
+async def test_a_value_moves_out_of_the_hot_row_when_it_grows_and_back_when_it_shrinks(
+    store: SqliteStore,
+) -> None:
+    lease = await started(store)
+
+    def stored() -> tuple[Any, list[Any]]:
+        with sqlite3.connect(store.path) as db:
+            column = db.execute("SELECT state FROM agentflow_runs WHERE run_id = 'r1'").fetchone()[0]
+            spilled = db.execute("SELECT field FROM agentflow_values WHERE run_id = 'r1'").fetchall()
+        db.close()
+        return column, spilled
+
+    assert stored() == ('{"count":0}', [])
+    big = {"blob": "b" * 5000}
+    await store.commit("r1", lease, Commit(fields={"state": big}, seq=1))
+    assert stored() == (None, [("state",)])
+    rec = await store.get("r1")
+    assert rec is not None and rec.state == big
+    await store.commit("r1", lease, Commit(fields={"state": {"count": 1}}, seq=2))
+    assert stored() == ('{"count":1}', [])
+    rec = await store.get("r1")
+    assert rec is not None and rec.state == {"count": 1}
+    await store.update("r1", lambda rec, now: Change(dataclasses.replace(rec, state=big)))
+    assert stored() == (None, [("state",)])
+    await store.update("r1", lambda rec, now: Change(dataclasses.replace(rec, state=[2])))
+    assert stored() == ("[2]", [])
+    loaded = await store.load("r1")
+    assert loaded is not None and loaded.record.state == [2]
+
+
 # -- expiry ----------------------------------------------------------------------------
 
 
@@ -412,7 +547,7 @@ async def test_expired_runs_leave_every_listing_and_are_purged_on_create(tmp_pat
                 rows = db.execute(
                     f"SELECT DISTINCT run_id FROM agentflow_{table} WHERE run_id != 'new'"
                 ).fetchall()
-                assert rows == ([("old",)] if table in ("runs", "values") else []), table
+                assert rows == ([("old",)] if table == "runs" else []), table  # its values are in its row
         db.close()
     finally:
         await store.close()
@@ -457,7 +592,7 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
     with pytest.raises(StoreError, match="closed"):
         await store.get("r1")
@@ -498,6 +633,36 @@ async def test_a_file_of_the_first_layout_is_upgraded_in_place(tmp_path: Path) -
         assert [e.kind for e in await store.events("old")] == ["run_started"]
     finally:
         await store.close()
+
+
+async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "v2.db")
+    store = SqliteStore(path)
+    lease = await started(store)
+    await store.close()
+    with sqlite3.connect(path) as db:  # back to version 2: every big value in agentflow_values
+        for name in ("input", "state", "output"):
+            db.execute(f"ALTER TABLE agentflow_runs DROP COLUMN {name}")
+        db.executemany(
+            "INSERT INTO agentflow_values (ns, run_id, field, value) VALUES ('', 'r1', ?, ?)",
+            [("input", '{"repo":"v2"}'), ("state", '{"count":7}')],
+        )
+        db.execute("PRAGMA user_version = 2")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        rec = await store.get("r1")
+        assert rec is not None and (rec.input, rec.state) == ({"repo": "v2"}, {"count": 7})
+        await store.commit("r1", lease, Commit(fields={"state": {"count": 8}}, seq=1))
+        loaded = await store.load("r1")
+        assert loaded is not None and loaded.record.state == {"count": 8}
+        assert loaded.record.input == {"repo": "v2"}
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("SELECT field FROM agentflow_values").fetchall() == [("input",)]
+    db.close()
 
 
 WORKER = textwrap.dedent(

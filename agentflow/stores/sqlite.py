@@ -1,19 +1,35 @@
 """SQLite store: one file, durable, shared safely by the processes of one machine.
 
 Layout: see :mod:`agentflow.stores.sqlite_schema`. A run's small fields live in one hot
-row; input, state and output live in a table of their own and are written only when a
-commit or update changes them, so a step costs a few pages however big the state is.
-``key_prefix`` is a *column namespace*: every row carries it in ``ns`` and every query
-filters on it, so several prefixes share one file without building table names from
-user text.
+row, with input, state and output when their JSON is short; longer ones live in a table
+of their own and are written only when a commit or update changes them, so a step costs
+a few pages however big the state is. ``key_prefix`` is a *column namespace*: every row
+carries it in ``ns`` and every query filters on it, so several prefixes share one file
+without building table names from user text.
 
-Off the event loop. Every call runs on a thread owned by the store, which owns the
-store's one connection; the caller's loop awaits a future the thread settles. A
-connection of another process holding the write lock for seconds stalls that call,
-not the loop, and any event loop (a second one in another thread too) can use the
-store. One operation is one hop: a commit's check, write and reply, an update's read,
-``change`` and write, a load's three reads. ``sibling()`` gives a second store (thread
-and connection) on the same file, so lease renewals do not queue behind a slow call.
+Where calls run. A call first runs on the caller's thread (the event loop's), on a
+connection that never waits: its ``busy_timeout`` is 0, so when another connection
+(another process, or this store's own thread) holds the write lock, SQLite answers
+SQLITE_BUSY at once, the call's transaction has written nothing, and the call is handed
+to the store's thread, which owns a second connection that waits for the lock
+(``busy_timeout``) while the loop goes on. Reads never wait for writers in WAL mode, so
+they stay on the loop, and so do writes that flush nothing to the disk: at
+``durability="normal"`` every write, at ``"full"`` lease renewals. What may take long
+goes to the thread from the start: every other write at ``"full"`` (a commit flushes
+the disk there, a tenth of a millisecond on an idle SSD but milliseconds on a busy
+one), deletes (as long as the run is big), and the purge of expired runs. Checkpoints
+flush the disk too, so the loop's connection never runs one: after about a thousand
+pages written on it, it asks the thread for one, and sends its writes there until that
+checkpoint is done, so that the checkpoint takes the write lock at once and the WAL
+starts over after it (a checkpoint racing a writer that never pauses cannot finish,
+and the WAL would only grow). Only the thread of the first call has a loop connection;
+calls from other threads (another event loop) go to the store's thread. ``sibling()``
+gives a second store (thread and connections) on the same file, so lease renewals do
+not queue behind a slow call.
+
+One operation is one transaction: a commit's fence check and hot-row write (one
+``UPDATE ... RETURNING``) with its appended rows, an update's read, ``change`` and
+write, a load's three reads.
 
 Concurrency. WAL mode, so readers never block the writer. Every read-modify-write
 starts with ``BEGIN IMMEDIATE``: it takes the write lock before reading, so two
@@ -27,11 +43,13 @@ well as a crash. ``"normal"`` is ``synchronous=NORMAL``: the WAL is flushed at
 checkpoints only, so a crash of the process loses nothing but a power loss may roll
 back the last commits (the file is never corrupted). A lost step is executed again,
 and steps call paid, slow, side-effecting models and tools, so a store sold as durable
-defaults to ``"full"``. Its price is one flush per commit: on an idle virtio SSD a
-commit's median went from about 0.1 ms (``"normal"``) to 0.2 ms (a flush is 0.1 ms),
-far below any model call; with the disk busy with other writers a flush took 5 ms.
-``"normal"`` is there for throughput when a power loss may cost the last steps. Lease
-renewals are never flushed: after a power loss their owners are gone anyway.
+defaults to ``"full"``. Its price is one flush per commit, and the hop to the thread
+that keeps the flush off the loop: on a virtio SSD a commit's median is about 0.04 ms
+at ``"normal"`` and 0.25 ms at ``"full"`` (a flush took 0.1-0.15 ms, the hop there and
+back 0.045 ms), far below any model call; with the disk busy with other writers a flush
+took 5 ms, which the loop never waits for. ``"normal"`` is there for throughput when a
+power loss may cost the last steps. Lease renewals are never flushed: after a power
+loss their owners are gone anyway.
 
 Expiry. Runs that finish with a ``ttl`` get ``expires_at``; expired rows read as absent
 everywhere at once, and a ``create`` now and then purges them in bounded batches
@@ -43,6 +61,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import os
 import queue
 import sqlite3
 import threading
@@ -73,13 +93,26 @@ T = TypeVar("T")
 Durability = Literal["normal", "full"]
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
+#: Bytes written on the loop's connection after which the store's thread checkpoints
+#: (SQLite's own automatic checkpoint comes at 1000 pages of 4 KiB).
+CHECKPOINT_BYTES = 4_000_000
+#: What one write costs in the WAL besides its values: a few whole pages.
+_PAGES = 4 * 4096
+_STATUS_AT = sql.HOT.index("status")
+# SQLITE_BUSY and SQLITE_LOCKED (primary codes): another connection has the lock.
+_LOCKED = frozenset({5, 6})
+# Bumped in a forked child: a connection opened before the fork is not used after it.
+_forks = [0]
+_inherited: list[sqlite3.Connection] = []  # the parent's loop connections, never closed here
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
 class SqliteStore:
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
     The file is opened on first use, by the store's own thread. See the module
-    docstring for the layout, the threading and the durability settings.
+    docstring for the layout, where calls run and the durability settings.
 
     Args:
         path: the database file (created if missing).
@@ -109,24 +142,89 @@ class SqliteStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._next_purge = 0.0  # used on the store's thread only
+        self._next_purge = 0.0
+        # The loop's connection, and (fork count, thread id) of the one thread that uses it.
+        self._inline: sqlite3.Connection | None = None
+        self._home: tuple[int, int] | None = None
+        self._unchecked = 0  # bytes written on the loop's connection since the last checkpoint
+        self._checkpoint = _Pending()
+        # At "full" a write flushes the disk, which may take milliseconds: the thread does it.
+        self._writes_inline = durability == "normal"
         # A store dropped without close() stops its thread, which holds no reference to it.
         weakref.finalize(self, self._jobs.put, None)
 
-    async def _call(self, what: str, run_id: str | None, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``job(connection)`` on the store's thread and await its result."""
+    async def _call(
+        self,
+        what: str,
+        run_id: str | None,
+        job: Callable[[sqlite3.Connection], T],
+        inline: bool = True,
+        write: bool = False,
+        size: int = 0,
+    ) -> T:
+        """Run ``job(connection)`` on the loop's connection, or on the store's thread.
+
+        With ``inline``, the job runs here first; if another connection holds the lock
+        (SQLITE_BUSY: the job's transaction wrote nothing), it goes to the thread. A
+        ``write`` (of about ``size`` bytes) goes to the thread while a checkpoint is
+        pending there, so that the checkpoint finds the write lock free and the WAL
+        starts over after it.
+        """
         if self._closed:
             subject = f"run {run_id}: " if run_id else ""
             raise StoreError(f"{subject}{what} refused: the SQLite store on {self.path} is closed")
         try:
+            if inline and not (write and self._checkpoint.pending):
+                db = self._local()
+                if db is not None:
+                    try:
+                        result = job(db)
+                    except sqlite3.OperationalError as exc:
+                        if exc.sqlite_errorcode & 0xFF not in _LOCKED:
+                            raise
+                    else:
+                        if write:
+                            self._wrote(size)
+                        return result
             return await self._submit(job)
         except sqlite3.Error as exc:
             subject = f"run {run_id}: " if run_id else ""
             raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
 
+    def _local(self) -> sqlite3.Connection | None:
+        """The loop's connection if this thread is the one that uses it (and it is open)."""
+        here = (_forks[0], threading.get_ident())
+        if self._home == here:
+            return self._inline
+        if self._home is None or self._home[0] != here[0]:  # the first call, or in a forked child
+            if self._inline is not None:
+                _inherited.append(self._inline)  # the parent's: closing it here could disturb the parent
+            self._home, self._inline = here, None
+            self._submit(functools.partial(_open_inline, self.path)).add_done_callback(self._opened)
+        return None
+
+    def _opened(self, future: asyncio.Future[sqlite3.Connection]) -> None:
+        """Take the loop's connection the thread opened (first queued job, so first done)."""
+        if future.cancelled() or future.exception() is not None:
+            self._home = None  # the next call tries again; this one's own job reports the error
+        elif self._closed:
+            future.result().close()
+        else:
+            self._inline = future.result()
+
+    def _wrote(self, size: int) -> None:
+        """Count a write on the loop's connection; now and then, ask the thread for a checkpoint."""
+        self._unchecked += size + _PAGES
+        if self._unchecked >= CHECKPOINT_BYTES:
+            self._unchecked = 0
+            if not self._checkpoint.pending:  # one at a time: those behind it would find nothing
+                self._checkpoint.pending = True
+                self._jobs.put((None, None, sql.checkpoint))
+
     def _submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._thread is None or not self._thread.is_alive():  # first call, or in a forked child
-            args = (self._jobs, self.path, self.durability)
+            self._checkpoint.pending = False
+            args = (self._jobs, self.path, self.durability, self._checkpoint)
             self._thread = threading.Thread(target=_serve, args=args, name="agentflow-sqlite", daemon=True)
             self._thread.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -153,27 +251,33 @@ class SqliteStore:
         what it wrote) returns True.
         """
         run_id, ns = record.run_id, self.key_prefix
-        rec = dataclasses.replace(record, event_count=record.event_count + len(events))
-        check_record(rec)
-        hot = [sql.column(run_id, name, getattr(rec, name)) for name in sql.HOT]
-        big = {f: encode(run_id, f, getattr(rec, f)).decode() for f in sql.BIG if getattr(rec, f) is not None}
+        check_record(record)
+        hot = sql.hot_row(record, record.event_count + len(events))
+        columns: dict[str, Any] = {}
+        big: dict[str, str] = {}
+        for name in sql.BIG:
+            if (value := getattr(record, name)) is not None:
+                sql.place(run_id, name, value, columns, big)
         bodies = [encode_event(run_id, e).decode() for e in events]
-        deadline, status = deadline_of(rec.pending), RunStatus(rec.status).value
+        deadline, status = deadline_of(record.pending), hot[_STATUS_AT]
 
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
             with sql.transaction(db):
-                self._purge(db, now)
-                row = db.execute(sql.SELECT_STORED, (ns, run_id)).fetchone()
-                if row is not None:
+                if db is not self._inline:  # a purge deletes up to PURGE_BATCH runs: never on the loop
+                    self._purge(db, now)
+                if not sql.insert_run(db, ns, hot, deadline, self._expires(status, now), columns):
+                    row = db.execute(sql.SELECT_STORED, (ns, run_id)).fetchone()
                     if row[0] is None or row[0] > now:
-                        return list(row[1:]) == [*hot, *(big.get(f) for f in sql.BIG)]
-                    sql.delete_runs(db, ns, [run_id])
-                sql.insert_run(db, ns, hot, deadline, self._expires(status, now))
+                        return list(row[1:]) == sql.stored_form(hot, columns, big)
+                    sql.delete_runs(db, ns, [run_id])  # expired, not purged yet: the id is free
+                    sql.insert_run(db, ns, hot, deadline, self._expires(status, now), columns)
                 sql.insert_rows(db, ns, run_id, 1, bodies, big)
             return True
 
-        return await self._call("create", run_id, job)
+        inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread
+        size = sum(map(len, bodies)) + sum(map(len, big.values()))
+        return await self._call("create", run_id, job, inline, write=True, size=size)
 
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's record, or None.
@@ -230,48 +334,70 @@ class SqliteStore:
             )
         hot: dict[str, Any] = {}
         big: dict[str, str] = {}
+        inline: tuple[str, ...] = ()
         for name, value in commit.fields.items():
             if name in sql.BIG:
-                big[name] = encode(run_id, name, value).decode()
+                sql.place(run_id, name, value, hot, big)
+                if name not in big:
+                    inline += (name,)
             else:
                 hot[name] = sql.column(run_id, name, value)
         if "pending" in hot:
             hot["deadline"] = deadline_of(commit.fields["pending"])
         events = [encode_event(run_id, e).decode() for e in commit.events]
-        outputs = [encode_output(run_id, o).decode() for o in commit.outputs]
+        outputs = [encode_output(run_id, o).decode() for o in commit.outputs] if commit.outputs else []
         journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
-        seq, n = commit.seq, len(events)
+        ns, token, seq, n = self.key_prefix, lease.token, commit.seq, len(events)
+        status = hot.get("status")
+        # One statement checks the fence and writes the hot row. A new status must differ
+        # from the stored one (an unchanged status would rewrite the status indexes for
+        # nothing); when the statement matches no row, the row says why.
+        ttl = self.ttl if status in sql.FINAL_VALUES else None  # a final status makes the run expire
+        fast = sql.commit_update(tuple(hot), commit.release, ttl is not None, inline)
+        last = (status,) if status is not None else ()
 
         def job(db: sqlite3.Connection) -> str | None:
             now = time.time()
             with sql.transaction(db):
-                row = db.execute(sql.SELECT_FENCE, (self.key_prefix, run_id, now)).fetchone()
+                params = [*hot.values()] if ttl is None else [*hot.values(), now + ttl]
+                params += (now, n, token, seq, ns, run_id, now, lease.owner, token, token, seq, *last)
+                if done := db.execute(fast, params).fetchone():
+                    if inline and done[2]:  # a value that shrank: its long form is gone
+                        sql.delete_values(db, ns, run_id, inline)
+                    sql.insert_rows(db, ns, run_id, done[0] - n + 1, events, big, outputs, journal)
+                    return None if done[1] is None else str(done[1])
+                row = db.execute(sql.SELECT_FENCE, (ns, run_id, now)).fetchone()
                 if row is None:
                     raise LeaseLostError(run_id, "the run no longer exists")
-                rowid, owner, token, done_token, done_seq, count, control, status = row
+                rowid, owner, held, done_token, done_seq, count, control, status = row
                 for name, value in (("commit_seq", done_seq), ("event_count", count)):
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise CorruptRecordError(run_id, f"{sql.RUNS}.{name}", f"not an integer: {value!r}")
-                if done_token == lease.token and seq <= done_seq:
+                if done_token == token and seq <= done_seq:
                     return None if control is None else str(control)  # applied before: a retry
-                if owner != lease.owner or token != lease.token:
-                    held = f"the lease is {token} of {owner!r}"
-                    raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {held}")
+                if owner != lease.owner or held != token:
+                    detail = f"the lease is {held} of {owner!r}"
+                    raise LeaseLostError(run_id, f"token {token} of {lease.owner!r} is stale; {detail}")
                 sets = dict(hot)
                 if sets.get("status") == status:
                     del sets["status"]  # an unchanged status leaves the status indexes alone
                 elif "status" in sets and (expires := self._expires(sets["status"], now)) is not None:
                     sets["expires_at"] = expires
-                sets.update(updated_at=now, event_count=count + n, commit_token=lease.token, commit_seq=seq)
+                sets.update(updated_at=now, event_count=count + n, commit_token=token, commit_seq=seq)
                 if commit.release:
                     sets.update(lease_owner=None, lease_expires=0.0)
                 assignments = ", ".join(f"{name} = ?" for name in sets)
                 db.execute(f"UPDATE {sql.RUNS} SET {assignments} WHERE id = ?", [*sets.values(), rowid])
-                sql.insert_rows(db, self.key_prefix, run_id, count + 1, events, big, outputs, journal)
+                if inline:
+                    sql.delete_values(db, ns, run_id, inline)
+                sql.insert_rows(db, ns, run_id, count + 1, events, big, outputs, journal)
             control = sets["control"] if "control" in sets else control
             return None if control is None else str(control)
 
-        return await self._call("commit", run_id, job)
+        size = sum(map(len, events)) + sum(map(len, big.values()))
+        if outputs or journal:
+            size += sum(map(len, outputs)) + sum(map(len, journal.values()))
+        return await self._call("commit", run_id, job, self._writes_inline, write=True, size=size)
 
     async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
         """Extend the lease to ``ttl`` seconds past the store's now; return the control flag.
@@ -284,18 +410,21 @@ class SqliteStore:
 
         def job(db: sqlite3.Connection) -> tuple[bool, Any]:
             now = time.time()
-            if full:  # a renewal lost to a power loss lost nothing: its owner is gone too
+            # A renewal lost to a power loss lost nothing: its owner is gone too. The loop's
+            # connection never flushes; the thread's is told not to for this statement.
+            flushes = full and db is not self._inline
+            if flushes:
                 db.execute("PRAGMA synchronous = NORMAL")
             try:
                 row = db.execute(sql.RENEW, (now + ttl, *key, lease.owner, lease.token, now)).fetchone()
             finally:
-                if full:
+                if flushes:
                     db.execute("PRAGMA synchronous = FULL")
             if row is not None:
                 return True, row[0]
             return False, db.execute(sql.SELECT_LEASE, (*key, now)).fetchone()
 
-        renewed, value = await self._call("renew", run_id, job)
+        renewed, value = await self._call("renew", run_id, job, write=True)
         if not renewed:
             detail = f"the lease is {value[1]} of {value[0]!r}" if value else "the run no longer exists"
             raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
@@ -306,9 +435,10 @@ class SqliteStore:
     ) -> RunRecord | None:
         """Read-modify-write the record under the database write lock.
 
-        ``change(record, now)`` runs on the store's thread, inside the transaction, with
-        ``now`` from this machine's clock; other writers wait instead of conflicting, so
-        it is called once. Only the fields it changes are written.
+        ``change(record, now)`` runs inside the transaction, with ``now`` from this
+        machine's clock; other writers wait instead of conflicting, so it is called once
+        (twice if the loop's connection found the lock held before reading). Only the
+        fields it changes are written.
 
         Raises:
             CorruptRecordError: the stored record cannot be read; nothing was written.
@@ -337,20 +467,23 @@ class SqliteStore:
                     sets["deadline"] = deadline_of(rec.pending)
                 if "status" in sets and (expires := self._expires(sets["status"], now)) is not None:
                     sets["expires_at"] = expires
-                big = {  # the same object is the same value: an unchanged state is not encoded
-                    name: encode(run_id, name, getattr(rec, name)).decode()
-                    for name in sql.BIG
-                    if getattr(rec, name) is not getattr(old, name)
-                }
+                big: dict[str, str] = {}
+                for name in sql.BIG:  # the same object is the same value: an unchanged state is not encoded
+                    if (value := getattr(rec, name)) is not getattr(old, name):
+                        sql.place(run_id, name, value, sets, big)
                 bodies = [encode_event(run_id, e).decode() for e in result.events]
                 assignments = ", ".join(f"{name} = ?" for name in sets)
                 db.execute(
                     f"UPDATE {sql.RUNS} SET {assignments} WHERE ns = ? AND run_id = ?", [*sets.values(), *key]
                 )
+                if inline := [name for name in sql.BIG if sets.get(name) is not None]:
+                    sql.delete_values(db, self.key_prefix, run_id, inline)
                 sql.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
+            if db is self._inline:
+                self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec
 
-        return await self._call("update", run_id, job)
+        return await self._call("update", run_id, job, self._writes_inline, write=True)
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
@@ -427,7 +560,7 @@ class SqliteStore:
                 sql.delete_runs(db, self.key_prefix, [run_id])
             return live is not None
 
-        return await self._call("delete", run_id, job)
+        return await self._call("delete", run_id, job, inline=False)  # as long as the run is big
 
     def sibling(self) -> SqliteStore:
         """A new store on the same file and options, with a thread and connection of its own."""
@@ -438,6 +571,9 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True  # calls made from now on fail; those queued before run first
+        inline, self._inline = self._inline, None
+        if inline is not None and self._home is not None and self._home[0] == _forks[0]:
+            inline.close()
         if self._thread is not None:
             await self._submit(_close)
 
@@ -446,37 +582,71 @@ def _close(db: sqlite3.Connection) -> None:
     """The job that makes the store's thread close its connection and stop."""
 
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[sqlite3.Connection], Any]]
+def _open_inline(path: str, db: sqlite3.Connection) -> sqlite3.Connection:
+    """The job that opens the loop's connection, once the thread's has made the file ready."""
+    return sql.connect_inline(path)
 
 
-def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durability) -> None:
+#: A job, with the loop and future that wait for it (None for a checkpoint nobody waits for).
+_Job = tuple[
+    asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None", Callable[[sqlite3.Connection], Any]
+]
+
+
+class _Pending:
+    """Whether the store's thread has a checkpoint to run: set by the loop, cleared by the thread.
+
+    A plain attribute, not a lock or an event: a fork can never catch it held.
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durability, asked: _Pending) -> None:
     """The store's thread: runs each job on the connection it owns, settles the job's future.
 
     A plain thread and a queue rather than an executor: one wake-up each way per call.
+    Checkpoints run on a connection of their own, which waits for locks only briefly,
+    in one call (while the loop is busy, each call back into Python waits for its turn).
     """
     db: sqlite3.Connection | None = None
+    checkpointer: sqlite3.Connection | None = None
     try:
         while (item := jobs.get()) is not None:
             loop, future, job = item
             outcome: tuple[Any, BaseException | None] = (None, None)
             try:
-                if job is not _close:
+                if job is sql.checkpoint:
+                    try:
+                        if checkpointer is None:
+                            checkpointer = sql.connect_checkpointer(path, durability)
+                        sql.checkpoint(checkpointer)
+                    finally:
+                        asked.pending = False  # writes go back to the loop, and may ask again
+                elif job is not _close:
                     if db is None:
                         db = sql.connect(path, durability)
                     outcome = (job(db), None)
-                elif db is not None:
-                    db.close()
-                    db = None
+                else:  # closed before close() returns
+                    for connection in (checkpointer, db):
+                        if connection is not None:
+                            connection.close()
+                    db = checkpointer = None
             except BaseException as exc:
                 outcome = (None, exc)
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(_settle, future, *outcome)
+            if loop is not None and future is not None:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, future, *outcome)
             if job is _close:
                 return
             del item, loop, future, job, outcome  # hold nothing (the store included) while idle
     finally:
-        if db is not None:
-            db.close()
+        for connection in (checkpointer, db):
+            if connection is not None:
+                connection.close()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

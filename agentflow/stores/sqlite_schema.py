@@ -1,18 +1,25 @@
 """The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
-Layout (schema version 2, kept in ``PRAGMA user_version``)::
+Layout (schema version 3, kept in ``PRAGMA user_version``)::
 
     agentflow_runs      the hot row of a run: one column per small RunRecord field
                         (JSON text for pending, decisions, error, usage), plus
-                        ``deadline`` (the waiting gate's, for due_gates) and
-                        ``expires_at`` (set when a finished run has a ttl)
-    agentflow_values    (ns, run_id, field) -> JSON text, for the big fields: input,
-                        state, output. Written only when that field changes, so a step
-                        that leaves a 1 MB state alone does not rewrite it (SQLite
-                        rewrites the whole row on UPDATE).
+                        ``deadline`` (the waiting gate's, for due_gates),
+                        ``expires_at`` (set when a finished run has a ttl), and
+                        ``input``, ``state``, ``output`` when their JSON is short
+    agentflow_values    (ns, run_id, field) -> JSON text, for the big fields (input,
+                        state, output) whose JSON is longer than ``INLINE_MAX``.
+                        Written only when that field changes, so a step that leaves a
+                        1 MB state alone does not rewrite it (SQLite rewrites the whole
+                        row on UPDATE). A row here wins over the hot row's column.
     agentflow_events    (ns, run_id, seq) -> event JSON; seq is the 1-based position
     agentflow_outputs   step outputs in append order
     agentflow_journal   (ns, run_id, key) -> JSON value
+
+A short value rides in the hot row, which a commit rewrites anyway: a step whose state
+is a few counters writes two pages (the row and its events), not three. When a value
+grows past ``INLINE_MAX`` it moves to ``agentflow_values`` (and the column is cleared);
+when it shrinks back, its row there is deleted.
 
 Indexes make every listing cost what it returns: newest first overall, by workflow,
 by status and by both (``created_at``; the rowid breaks ties), running runs by lease
@@ -22,9 +29,9 @@ The last three are partial indexes, so a run leaves them when it leaves that sta
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import CorruptRecordError, StoreError
@@ -35,9 +42,11 @@ from .contract import RunRecord
 __all__ = [
     "BIG",
     "BUSY_TIMEOUT",
+    "CHECKPOINT_WAIT",
     "EVENTS",
     "FINAL_VALUES",
     "HOT",
+    "INLINE_MAX",
     "JOURNAL",
     "LIVE",
     "OUTPUTS",
@@ -56,15 +65,24 @@ __all__ = [
     "SELECT_OUTPUTS",
     "SELECT_RECOVERABLE",
     "SELECT_STORED",
+    "STATEMENTS",
     "VALUES",
     "VERSION",
+    "checkpoint",
     "column",
+    "commit_update",
     "connect",
+    "connect_checkpointer",
+    "connect_inline",
     "delete_runs",
+    "delete_values",
     "ensure_schema",
+    "hot_row",
     "insert_rows",
     "insert_run",
     "listed",
+    "place",
+    "stored_form",
     "to_record",
     "transaction",
 ]
@@ -78,7 +96,7 @@ RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL = (
 )
 
 #: The layout this module creates; files with a higher ``user_version`` are refused.
-VERSION = 2
+VERSION = 3
 
 _TABLES = (
     f"""CREATE TABLE IF NOT EXISTS {RUNS} (
@@ -104,6 +122,9 @@ _TABLES = (
         commit_seq INTEGER NOT NULL DEFAULT 0,
         deadline REAL,
         expires_at REAL,
+        input TEXT,
+        state TEXT,
+        output TEXT,
         UNIQUE (ns, run_id)
     )""",
     f"""CREATE TABLE IF NOT EXISTS {VALUES} (
@@ -143,8 +164,10 @@ _HOT = (
     "updated_at, event_count, lease_owner, lease_token, lease_expires, control, deadline, expires_at"
 )
 
-# Version 1 kept input, state and output in the run's row, had no commit marker, and
-# indexes under names version 2 reuses with other definitions.
+# Version 2 kept every input, state and output in agentflow_values.
+_FROM_V2 = tuple(f"ALTER TABLE {RUNS} ADD COLUMN {name} TEXT" for name in ("input", "state", "output"))
+# Version 1 kept input, state and output in the run's row (NOT NULL, 'null' for None),
+# had no commit marker, and indexes under names version 2 reuses with other definitions.
 _FROM_V1 = (
     f"DROP INDEX IF EXISTS {RUNS}_by_workflow",
     f"DROP INDEX IF EXISTS {RUNS}_gates",
@@ -162,6 +185,11 @@ _FROM_V1 = (
 
 #: Seconds a contended writer waits for another connection's lock before failing.
 BUSY_TIMEOUT = 10.0
+#: Seconds a checkpoint waits for the write lock, and then for readers to leave the WAL.
+CHECKPOINT_WAIT = 0.05
+#: Prepared statements a connection keeps: commits and updates build theirs from the
+#: fields they set, so there are more than the hundred-odd fixed ones.
+STATEMENTS = 512
 
 
 def connect(path: str, durability: str) -> sqlite3.Connection:
@@ -171,7 +199,7 @@ def connect(path: str, durability: str) -> sqlite3.Connection:
         StoreError: the file was written by a newer layout.
         sqlite3.Error: the file cannot be opened.
     """
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, cached_statements=STATEMENTS)
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
@@ -184,8 +212,52 @@ def connect(path: str, durability: str) -> sqlite3.Connection:
     return db
 
 
+def connect_inline(path: str) -> sqlite3.Connection:
+    """Open ``path`` (made ready by :func:`connect`) for calls made on the event loop's thread.
+
+    Such a call never waits: ``busy_timeout`` is 0, so a write that finds the lock held
+    fails at once with SQLITE_BUSY (and the caller hands it to the store's thread), and
+    automatic checkpoints are off (they flush the disk: the store's thread runs them).
+    ``synchronous=NORMAL``: what this connection writes at ``durability="full"`` (lease
+    renewals) is never flushed. Opened by the store's thread, used by the loop's.
+    """
+    db = sqlite3.connect(
+        path, timeout=0, isolation_level=None, check_same_thread=False, cached_statements=STATEMENTS
+    )
+    try:
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def connect_checkpointer(path: str, durability: str) -> sqlite3.Connection:
+    """Open ``path`` for :func:`checkpoint`: locks are waited for ``CHECKPOINT_WAIT`` at most."""
+    db = sqlite3.connect(path, timeout=CHECKPOINT_WAIT, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def checkpoint(db: sqlite3.Connection) -> None:
+    """Copy the WAL into the database, so that the next writer starts the WAL over.
+
+    A passive checkpoint never catches up with a writer that does not pause: the WAL
+    would only grow. A restarting one takes the write lock (other writers wait), copies
+    the WAL and waits for readers to leave it, so the next write starts it over; on a
+    connection of :func:`connect_checkpointer`, each wait is bounded by
+    ``CHECKPOINT_WAIT``, and a checkpoint that could not finish is taken up by the next.
+    """
+    db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+
+
 def ensure_schema(db: sqlite3.Connection, path: str) -> None:
-    """Create the tables and indexes, upgrading a version 1 file in place (one transaction).
+    """Create the tables and indexes, upgrading an older file in place (one transaction).
 
     Raises:
         StoreError: the file was written by a newer layout than this one.
@@ -199,8 +271,12 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
                 f"to {VERSION}: upgrade agentflow"
             )
         if version < VERSION:
-            old = db.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = 'input'", (RUNS,)).fetchone()
-            for sql in _FROM_V1 if old else _TABLES:
+            if version == 2:
+                steps = _FROM_V2
+            else:  # a file of version 1 (which set no version) has the big fields in its rows
+                v1 = db.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = 'input'", (RUNS,)).fetchone()
+                steps = _FROM_V1 if v1 else _TABLES
+            for sql in steps:
                 db.execute(sql)
             for sql in _INDEXES:
                 db.execute(sql)
@@ -212,14 +288,24 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
         raise
 
 
-#: The big fields, kept in ``agentflow_values``; the others are the hot row's columns.
+#: The big fields: in the hot row when short, else in ``agentflow_values``.
 BIG = ("input", "state", "output")
+#: Longest JSON (in characters) of a big field kept in the hot row.
+INLINE_MAX = 1000
 HOT = tuple(f for f in RECORD_FIELDS if f not in BIG)
 _JSON = frozenset({"pending", "decisions", "error", "usage", *BIG})
+# How ``hot_row`` writes each hot column.
+_AS_IS, _AS_JSON, _AS_STATUS, _AS_COUNT = range(4)
+_KINDS = {"status": _AS_STATUS, "event_count": _AS_COUNT, **dict.fromkeys(_JSON, _AS_JSON)}
+_HOT_KINDS = tuple((f, _KINDS.get(f, _AS_IS)) for f in HOT)
+
 FINAL_VALUES = frozenset(s.value for s in FINAL)
 #: The condition of a run that has not expired; its parameter is now.
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
-_VALUE = f"(SELECT value FROM {VALUES} v WHERE v.ns = r.ns AND v.run_id = r.run_id AND v.field = '{{}}')"
+_VALUE = (
+    f"(SELECT value FROM {VALUES} v WHERE v.ns = r.ns AND v.run_id = r.run_id AND v.field = '{{0}}'), r.{{0}}"
+)
+#: The hot columns, then for each big field its ``agentflow_values`` row and its column.
 _COLUMNS = f"{', '.join(HOT)}, {', '.join(_VALUE.format(f) for f in BIG)}"
 SELECT_LIGHT = f"SELECT {', '.join(HOT)} FROM {RUNS}"
 #: One statement, so one snapshot: the hot row and the big values of one live run.
@@ -258,15 +344,18 @@ RENEW = (
     f"AND lease_token = ? AND {LIVE} RETURNING control"
 )
 _INSERT_RUN = (
-    f"INSERT INTO {RUNS} ({', '.join(HOT)}, ns, deadline, expires_at) "
-    f"VALUES ({', '.join('?' * (len(HOT) + 3))})"
+    f"INSERT INTO {RUNS} ({', '.join(HOT)}, ns, deadline, expires_at, {', '.join(BIG)}) "
+    f"VALUES ({', '.join('?' * (len(HOT) + 3 + len(BIG)))})"
 )
+#: A create that finds the id taken writes nothing (and reads the stored run instead).
+_INSERT_NEW_RUN = f"{_INSERT_RUN} ON CONFLICT (ns, run_id) DO NOTHING"
 _INSERT_EVENT = f"INSERT INTO {EVENTS} (ns, run_id, seq, body) VALUES (?, ?, ?, ?)"
 _INSERT_OUTPUT = f"INSERT INTO {OUTPUTS} (ns, run_id, body) VALUES (?, ?, ?)"
 _UPSERT_JOURNAL = (
     f"INSERT INTO {JOURNAL} (ns, run_id, key, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value"
 )
+_DELETE_VALUES = f"DELETE FROM {VALUES} WHERE ns = ? AND run_id = ? AND field IN ({{}})"
 # An unchanged value (the same JSON) is not written again.
 _UPSERT_VALUE = (
     f"INSERT INTO {VALUES} (ns, run_id, field, value) VALUES (?, ?, ?, ?) ON CONFLICT (ns, run_id, field) "
@@ -274,20 +363,36 @@ _UPSERT_VALUE = (
 )
 
 
-@contextmanager
-def transaction(db: sqlite3.Connection, write: bool = True) -> Iterator[None]:
+class transaction:
     """One transaction: committed when the block ends, rolled back if it raises.
 
     A write transaction takes the write lock before its first read (``BEGIN IMMEDIATE``).
+    A class rather than a generator: it opens and closes every commit.
     """
-    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: sqlite3.Connection, write: bool = True) -> None:
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        self.db = db
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if kind is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+
+def _json(run_id: str, name: str, value: Any) -> str:
+    """``value`` as JSON text; most hot columns hold None or no decisions, known without encoding."""
+    if value is None:
+        return "null"
+    if type(value) is tuple and not value:
+        return "[]"
+    return encode(run_id, name, value).decode()
 
 
 def column(run_id: str, name: str, value: Any) -> Any:
@@ -297,10 +402,46 @@ def column(run_id: str, name: str, value: Any) -> Any:
         StoreError: the value is not JSON-able (names the run and the field).
     """
     if name in _JSON:
-        return encode(run_id, name, value).decode()
+        return _json(run_id, name, value)
     if name == "status":
         return RunStatus(value).value
     return value
+
+
+def hot_row(record: RunRecord, event_count: int) -> list[Any]:
+    """The ``HOT`` columns of ``record`` in order, with ``event_count`` for its own.
+
+    Raises:
+        StoreError: a value is not JSON-able (names the run and the field).
+    """
+    run_id = record.run_id
+    row = []
+    for name, kind in _HOT_KINDS:
+        value = getattr(record, name)
+        if kind == _AS_JSON:
+            value = _json(run_id, name, value)
+        elif kind == _AS_STATUS:
+            value = RunStatus(value).value
+        elif kind == _AS_COUNT:
+            value = event_count
+        row.append(value)
+    return row
+
+
+def place(run_id: str, name: str, value: Any, columns: dict[str, Any], spilled: dict[str, str]) -> None:
+    """Encode the big field ``name``: into ``columns`` when short, else into ``spilled``.
+
+    A spilled value goes to ``agentflow_values`` and its column in ``columns`` is cleared.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    text = encode(run_id, name, value).decode()
+    if len(text) <= INLINE_MAX:
+        columns[name] = text
+    else:
+        columns[name] = None
+        spilled[name] = text
 
 
 def to_record(row: Sequence[Any], light: bool) -> RunRecord:
@@ -316,9 +457,25 @@ def to_record(row: Sequence[Any], light: bool) -> RunRecord:
     if light:
         values["input"] = None
     else:
-        for name, value in zip(BIG, row[len(HOT) :], strict=True):
-            values[name] = None if value is None else decode(run_id, f"{VALUES}[{name}]", value)
+        at = len(HOT)
+        for name in BIG:
+            spilled, column = row[at], row[at + 1]
+            at += 2
+            if spilled is not None:
+                values[name] = decode(run_id, f"{VALUES}[{name}]", spilled)
+            elif column is not None:
+                values[name] = decode(run_id, f"{RUNS}.{name}", column)
+            else:
+                values[name] = None
     return make_record(run_id, RUNS, values)
+
+
+def stored_form(hot: Sequence[Any], columns: Mapping[str, Any], spilled: Mapping[str, str]) -> list[Any]:
+    """What ``SELECT_STORED`` reads back (after ``expires_at``) for a run written so."""
+    out = list(hot)
+    for name in BIG:
+        out += (spilled.get(name), columns.get(name))
+    return out
 
 
 def listed(row: Sequence[Any]) -> RunRecord:
@@ -343,9 +500,62 @@ def listed(row: Sequence[Any]) -> RunRecord:
         )
 
 
-def insert_run(db: sqlite3.Connection, ns: str, hot: Sequence[Any], deadline: Any, expires: Any) -> None:
-    """Insert a run's hot row: ``hot`` holds the ``HOT`` columns in order."""
-    db.execute(_INSERT_RUN, [*hot, ns, deadline, expires])
+def insert_run(
+    db: sqlite3.Connection,
+    ns: str,
+    hot: Sequence[Any],
+    deadline: Any,
+    expires: Any,
+    columns: Mapping[str, Any],
+) -> bool:
+    """Insert a run's hot row unless its id is stored (expired or not); True if inserted.
+
+    ``hot`` holds the ``HOT`` columns in order, ``columns`` the short big values.
+    """
+    params = [*hot, ns, deadline, expires, *(columns.get(name) for name in BIG)]
+    return db.execute(_INSERT_NEW_RUN, params).rowcount == 1
+
+
+def delete_values(db: sqlite3.Connection, ns: str, run_id: str, names: Sequence[str]) -> None:
+    """Delete the ``agentflow_values`` rows of ``names`` (values now kept in the hot row)."""
+    db.execute(_DELETE_VALUES.format(", ".join("?" * len(names))), [ns, run_id, *names])
+
+
+@functools.lru_cache(maxsize=256)
+def commit_update(names: tuple[str, ...], release: bool, expires: bool, inline: tuple[str, ...]) -> str:
+    """A commit's one statement on the hot row: fence, once-only check and write together.
+
+    Its parameters: the values of ``names``; with ``expires``, ``expires_at``; then
+    ``updated_at``, the number of events, the lease token and the commit seq (the new
+    marker); ns, run_id and now; the lease's owner and token, and its token and the
+    seq again (the once-only check); with a ``status`` among ``names``, that status
+    once more. It matches no row — and the caller reads the row to say why — when the
+    run is gone or expired, the lease moved on, the commit was applied before, a
+    counter is not an integer, or the status would not change. With ``release`` it
+    drops the lease. It returns the new ``event_count`` and ``control``, and with
+    ``inline`` (big fields written into the row) whether ``agentflow_values`` still has
+    a row for one of them (to delete).
+    """
+    sets = [f"{name} = ?" for name in names]
+    if expires:
+        sets.append("expires_at = ?")
+    sets += ["updated_at = ?", "event_count = event_count + ?", "commit_token = ?", "commit_seq = ?"]
+    if release:
+        sets += ["lease_owner = NULL", "lease_expires = 0.0"]
+    changes = " AND status IS NOT ?" if "status" in names else ""
+    stale = ""
+    if inline:
+        fields = ", ".join(f"'{name}'" for name in inline)
+        stale = (
+            f", EXISTS (SELECT 1 FROM {VALUES} v WHERE v.ns = {RUNS}.ns AND v.run_id = {RUNS}.run_id "
+            f"AND v.field IN ({fields}))"
+        )
+    return (
+        f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = ? AND run_id = ? AND {LIVE} "
+        "AND lease_owner = ? AND lease_token = ? "
+        "AND typeof(event_count) = 'integer' AND typeof(commit_seq) = 'integer' "
+        f"AND NOT (commit_token = ? AND commit_seq >= ?){changes} RETURNING event_count, control{stale}"
+    )
 
 
 def insert_rows(
@@ -359,14 +569,29 @@ def insert_rows(
     journal: Mapping[str, str] | None = None,
 ) -> None:
     """Append events (numbered from ``first_seq``) and outputs; write big values and journal entries."""
-    if events:
+    if len(events) == 1:
+        db.execute(_INSERT_EVENT, (ns, run_id, first_seq, events[0]))
+    elif 1 < len(events) <= _EVENTS_PER_INSERT:  # one statement for all of them
+        params: list[Any] = []
+        for i, body in enumerate(events, first_seq):
+            params += (ns, run_id, i, body)
+        db.execute(_insert_events(len(events)), params)
+    elif events:
         db.executemany(_INSERT_EVENT, [(ns, run_id, first_seq + i, e) for i, e in enumerate(events)])
-    if big:
-        db.executemany(_UPSERT_VALUE, [(ns, run_id, name, value) for name, value in big.items()])
+    for name, value in big.items():
+        db.execute(_UPSERT_VALUE, (ns, run_id, name, value))
     if outputs:
         db.executemany(_INSERT_OUTPUT, [(ns, run_id, body) for body in outputs])
     if journal:
         db.executemany(_UPSERT_JOURNAL, [(ns, run_id, key, value) for key, value in journal.items()])
+
+
+_EVENTS_PER_INSERT = 64
+
+
+@functools.lru_cache(maxsize=_EVENTS_PER_INSERT)
+def _insert_events(n: int) -> str:
+    return f"INSERT INTO {EVENTS} (ns, run_id, seq, body) VALUES {', '.join(['(?, ?, ?, ?)'] * n)}"
 
 
 def delete_runs(db: sqlite3.Connection, ns: str, run_ids: Sequence[str]) -> None:
