@@ -397,10 +397,9 @@ async def test_a_stored_state_that_no_longer_fits_raises_corrupt_record(tmp_path
         handle = await runner.run({"title": "x"})
         await _until(handle, RunStatus.WAITING)
     with sqlite3.connect(path) as db:
-        # Big values (input, state, output) live in their own table, out of the hot row.
+        # A short state lives in the run's own row (long ones in agentflow_values).
         db.execute(
-            "UPDATE agentflow_values SET value = ? WHERE run_id = ? AND field = 'state'",
-            ('{"drafts": "many"}', handle.run_id),
+            "UPDATE agentflow_runs SET state = ? WHERE run_id = ?", ('{"drafts": "many"}', handle.run_id)
         )
     async with WorkflowRunner(review_flow(_persist("sqlite", path))) as runner:
         with pytest.raises(CorruptRecordError) as info:

@@ -625,3 +625,28 @@ async def test_run_result_has_status_output_state_and_step_results() -> None:
 
     result = await run_to_end(Workflow("W").state(Counter).flow({START: first}))
     assert result == RunResult(RunStatus.COMPLETED, "done", Counter(count=2), {START: "done"})
+
+
+async def test_a_long_flow_of_plain_steps_lets_other_tasks_run() -> None:
+    # Memory commits never suspend: without a yield now and then, a 10,000-step loop
+    # would hold the event loop (watchers, other runs, timers) until it ended.
+    from agentflow import END, START, Workflow, WorkflowRunner
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    wf = Workflow("Long").flow(
+        {START: lambda ctx: "Loop", "Loop": lambda ctx: "Loop" if ctx.visit < 10_000 else END}
+    )
+    async with WorkflowRunner(wf) as runner:
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await (await runner.run()).result()
+        task.cancel()
+    assert ticks - before > 100, "the loop was held for the whole run"

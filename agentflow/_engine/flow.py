@@ -100,6 +100,10 @@ async def advance_flow(run: LiveRun) -> None:
                     return
             if kernel.stopping:
                 return
+            if not visit & 63:
+                # A store whose commits do not suspend (memory, SQLite without contention)
+                # would otherwise hold the loop for the whole of a long flow.
+                await asyncio.sleep(0)
             continue
         await _apply(run, fn, name, frame, ret)
         if run.status is not RunStatus.RUNNING or kernel.stopping:
