@@ -346,7 +346,7 @@ async def test_close_lets_queued_calls_finish_and_a_dropped_store_stops_its_thre
 async def test_the_wal_of_the_loop_connection_is_checkpointed_and_started_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("agentflow.stores.sqlite.CHECKPOINT_BYTES", 400_000)
+    monkeypatch.setattr("agentflow.stores.sqlite_calls.CHECKPOINT_BYTES", 400_000)
     store = SqliteStore(str(tmp_path / "agentflow.db"), durability="normal")
     try:
         lease = await started(store)

@@ -1,0 +1,212 @@
+"""Where the SQLite store's calls run: inline on a connection that never waits, else on its thread.
+
+See :mod:`agentflow.stores.sqlite` for why. This module holds the machinery: the loop's
+connection (one per thread and fork), the store's thread fed by a queue (one wake-up
+each way per call), and the checkpoints it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+from ..errors import StoreError
+from . import sqlite_schema as sql
+
+__all__ = ["CHECKPOINT_BYTES", "Durability", "TwoConnections"]
+
+T = TypeVar("T")
+Durability = Literal["normal", "full"]
+#: Bytes written on the loop's connection after which the store's thread checkpoints
+#: (SQLite's own automatic checkpoint comes at 1000 pages of 4 KiB).
+CHECKPOINT_BYTES = 4_000_000
+#: What one write costs in the WAL besides its values: a few whole pages.
+_PAGES = 4 * 4096
+# SQLITE_BUSY and SQLITE_LOCKED (primary codes): another connection has the lock.
+_LOCKED = frozenset({5, 6})
+# Bumped in a forked child: a connection opened before the fork is not used after it.
+_forks = [0]
+_inherited: list[sqlite3.Connection] = []  # the parent's loop connections, never closed here
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
+class TwoConnections:
+    """The calls of a SQLite store: on the loop's connection first, on the store's thread when they must wait.
+
+    The store sets the attributes below in its ``__init__``.
+    """
+
+    path: str
+    durability: Durability
+    _jobs: queue.SimpleQueue[_Job | None]
+    _thread: threading.Thread | None
+    _closed: bool
+    _inline: sqlite3.Connection | None
+    _home: tuple[int, int] | None
+    _unchecked: int
+    _checkpoint: _Pending
+
+    async def _call(
+        self,
+        what: str,
+        run_id: str | None,
+        job: Callable[[sqlite3.Connection], T],
+        inline: bool = True,
+        write: bool = False,
+        size: int = 0,
+    ) -> T:
+        """Run ``job(connection)`` on the loop's connection, or on the store's thread.
+
+        With ``inline``, the job runs here first; if another connection holds the lock
+        (SQLITE_BUSY: the job's transaction wrote nothing), it goes to the thread. A
+        ``write`` (of about ``size`` bytes) goes to the thread while a checkpoint is
+        pending there, so that the checkpoint finds the write lock free and the WAL
+        starts over after it.
+        """
+        if self._closed:
+            subject = f"run {run_id}: " if run_id else ""
+            raise StoreError(f"{subject}{what} refused: the SQLite store on {self.path} is closed")
+        try:
+            if inline and not (write and self._checkpoint.pending):
+                db = self._local()
+                if db is not None:
+                    try:
+                        result = job(db)
+                    except sqlite3.OperationalError as exc:
+                        if exc.sqlite_errorcode & 0xFF not in _LOCKED:
+                            raise
+                    else:
+                        if write:
+                            self._wrote(size)
+                        return result
+            return await self._submit(job)
+        except sqlite3.Error as exc:
+            subject = f"run {run_id}: " if run_id else ""
+            raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
+
+    def _local(self) -> sqlite3.Connection | None:
+        """The loop's connection if this thread is the one that uses it (and it is open)."""
+        here = (_forks[0], threading.get_ident())
+        if self._home == here:
+            return self._inline
+        if self._home is None or self._home[0] != here[0]:  # the first call, or in a forked child
+            if self._inline is not None:
+                _inherited.append(self._inline)  # the parent's: closing it here could disturb the parent
+            self._home, self._inline = here, None
+            self._submit(functools.partial(_open_inline, self.path)).add_done_callback(self._opened)
+        return None
+
+    def _opened(self, future: asyncio.Future[sqlite3.Connection]) -> None:
+        """Take the loop's connection the thread opened (first queued job, so first done)."""
+        if future.cancelled() or future.exception() is not None:
+            self._home = None  # the next call tries again; this one's own job reports the error
+        elif self._closed:
+            future.result().close()
+        else:
+            self._inline = future.result()
+
+    def _wrote(self, size: int) -> None:
+        """Count a write on the loop's connection; now and then, ask the thread for a checkpoint."""
+        self._unchecked += size + _PAGES
+        if self._unchecked >= CHECKPOINT_BYTES:
+            self._unchecked = 0
+            if not self._checkpoint.pending:  # one at a time: those behind it would find nothing
+                self._checkpoint.pending = True
+                self._jobs.put((None, None, sql.checkpoint))
+
+    def _submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._thread is None or not self._thread.is_alive():  # first call, or in a forked child
+            self._checkpoint.pending = False
+            args = (self._jobs, self.path, self.durability, self._checkpoint)
+            self._thread = threading.Thread(target=_serve, args=args, name="agentflow-sqlite", daemon=True)
+            self._thread.start()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((future.get_loop(), future, job))
+        return future
+
+
+def _close(db: sqlite3.Connection) -> None:
+    """The job that makes the store's thread close its connection and stop."""
+
+
+def _open_inline(path: str, db: sqlite3.Connection) -> sqlite3.Connection:
+    """The job that opens the loop's connection, once the thread's has made the file ready."""
+    return sql.connect_inline(path)
+
+
+#: A job, with the loop and future that wait for it (None for a checkpoint nobody waits for).
+_Job = tuple[
+    asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None", Callable[[sqlite3.Connection], Any]
+]
+
+
+class _Pending:
+    """Whether the store's thread has a checkpoint to run: set by the loop, cleared by the thread.
+
+    A plain attribute, not a lock or an event: a fork can never catch it held.
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durability, asked: _Pending) -> None:
+    """The store's thread: runs each job on the connection it owns, settles the job's future.
+
+    A plain thread and a queue rather than an executor: one wake-up each way per call.
+    Checkpoints run on a connection of their own, which waits for locks only briefly,
+    in one call (while the loop is busy, each call back into Python waits for its turn).
+    """
+    db: sqlite3.Connection | None = None
+    checkpointer: sqlite3.Connection | None = None
+    try:
+        while (item := jobs.get()) is not None:
+            loop, future, job = item
+            outcome: tuple[Any, BaseException | None] = (None, None)
+            try:
+                if job is sql.checkpoint:
+                    try:
+                        if checkpointer is None:
+                            checkpointer = sql.connect_checkpointer(path, durability)
+                        sql.checkpoint(checkpointer)
+                    finally:
+                        asked.pending = False  # writes go back to the loop, and may ask again
+                elif job is not _close:
+                    if db is None:
+                        db = sql.connect(path, durability)
+                    outcome = (job(db), None)
+                else:  # closed before close() returns
+                    for connection in (checkpointer, db):
+                        if connection is not None:
+                            connection.close()
+                    db = checkpointer = None
+            except BaseException as exc:
+                outcome = (None, exc)
+            if loop is not None and future is not None:
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, future, *outcome)
+            if job is _close:
+                return
+            del item, loop, future, job, outcome  # hold nothing (the store included) while idle
+    finally:
+        for connection in (checkpointer, db):
+            if connection is not None:
+                connection.close()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if not future.cancelled():
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
