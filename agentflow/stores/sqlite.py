@@ -1,6 +1,7 @@
 """SQLite store: one file, durable, shared safely by the processes of one machine.
 
-Layout: see :mod:`agentflow.stores.sqlite_schema`. A run's small fields live in one hot
+Layout: see :mod:`agentflow.stores.sqlite_schema` (tables) and :mod:`agentflow.stores.sqlite_rows`
+(statements, rows). A run's small fields live in one hot
 row, with input, state and output when their JSON is short; longer ones live in a table
 of their own and are written only when a commit or update changes them, so a step costs
 a few pages however big the state is. ``key_prefix`` is a *column namespace*: every row
@@ -69,6 +70,7 @@ from typing import Any, TypeVar
 
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from ..types import RunEvent, RunStatus
+from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
 from .codec import (
     check_commit_fields,
@@ -89,7 +91,7 @@ __all__ = ["Durability", "SqliteStore"]
 T = TypeVar("T")
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
-_STATUS_AT = sql.HOT.index("status")
+_STATUS_AT = sqlrows.HOT.index("status")
 
 
 class SqliteStore(TwoConnections):
@@ -141,12 +143,12 @@ class SqliteStore(TwoConnections):
         """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
         if now < self._next_purge:
             return
-        expired = db.execute(sql.SELECT_EXPIRED, (self.key_prefix, now, PURGE_BATCH)).fetchall()
-        sql.delete_runs(db, self.key_prefix, [run_id for (run_id,) in expired])
+        expired = db.execute(sqlrows.SELECT_EXPIRED, (self.key_prefix, now, PURGE_BATCH)).fetchall()
+        sqlrows.delete_runs(db, self.key_prefix, [run_id for (run_id,) in expired])
         self._next_purge = now if len(expired) == PURGE_BATCH else now + min(self.ttl or 60.0, 60.0)
 
     def _expires(self, status: Any, now: float) -> float | None:
-        return now + self.ttl if self.ttl is not None and status in sql.FINAL_VALUES else None
+        return now + self.ttl if self.ttl is not None and status in sqlrows.FINAL_VALUES else None
 
     # -- the Store protocol -----------------------------------------------------------
 
@@ -158,27 +160,27 @@ class SqliteStore(TwoConnections):
         """
         run_id, ns = record.run_id, self.key_prefix
         check_record(record)
-        hot = sql.hot_row(record, record.event_count + len(events))
+        hot = sqlrows.hot_row(record, record.event_count + len(events))
         columns: dict[str, Any] = {}
         big: dict[str, str] = {}
         for name in sql.BIG:
             if (value := getattr(record, name)) is not None:
-                sql.place(run_id, name, value, columns, big)
+                sqlrows.place(run_id, name, value, columns, big)
         bodies = [encode_event(run_id, e).decode() for e in events]
         deadline, status = deadline_of(record.pending), hot[_STATUS_AT]
 
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
-            with sql.transaction(db):
+            with sqlrows.transaction(db):
                 if db is not self._inline:  # a purge deletes up to PURGE_BATCH runs: never on the loop
                     self._purge(db, now)
-                if not sql.insert_run(db, ns, hot, deadline, self._expires(status, now), columns):
-                    row = db.execute(sql.SELECT_STORED, (ns, run_id)).fetchone()
+                if not sqlrows.insert_run(db, ns, hot, deadline, self._expires(status, now), columns):
+                    row = db.execute(sqlrows.SELECT_STORED, (ns, run_id)).fetchone()
                     if row[0] is None or row[0] > now:
-                        return list(row[1:]) == sql.stored_form(hot, columns, big)
-                    sql.delete_runs(db, ns, [run_id])  # expired, not purged yet: the id is free
-                    sql.insert_run(db, ns, hot, deadline, self._expires(status, now), columns)
-                sql.insert_rows(db, ns, run_id, 1, bodies, big)
+                        return list(row[1:]) == sqlrows.stored_form(hot, columns, big)
+                    sqlrows.delete_runs(db, ns, [run_id])  # expired, not purged yet: the id is free
+                    sqlrows.insert_run(db, ns, hot, deadline, self._expires(status, now), columns)
+                sqlrows.insert_rows(db, ns, run_id, 1, bodies, big)
             return True
 
         inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread
@@ -193,8 +195,8 @@ class SqliteStore(TwoConnections):
         """
 
         def job(db: sqlite3.Connection) -> RunRecord | None:
-            row = db.execute(sql.SELECT_FULL, (self.key_prefix, run_id, time.time())).fetchone()
-            return None if row is None else sql.to_record(row, light=False)
+            row = db.execute(sqlrows.SELECT_FULL, (self.key_prefix, run_id, time.time())).fetchone()
+            return None if row is None else sqlrows.to_record(row, light=False)
 
         return await self._call("get", run_id, job)
 
@@ -207,14 +209,14 @@ class SqliteStore(TwoConnections):
         key = (self.key_prefix, run_id)
 
         def job(db: sqlite3.Connection) -> LoadedRun | None:
-            with sql.transaction(db, write=False):
-                row = db.execute(sql.SELECT_FULL, (*key, time.time())).fetchone()
+            with sqlrows.transaction(db, write=False):
+                row = db.execute(sqlrows.SELECT_FULL, (*key, time.time())).fetchone()
                 if row is None:
                     return None
-                outputs = db.execute(sql.SELECT_OUTPUTS, key).fetchall()
-                journal = db.execute(sql.SELECT_JOURNAL, key).fetchall()
+                outputs = db.execute(sqlrows.SELECT_OUTPUTS, key).fetchall()
+                journal = db.execute(sqlrows.SELECT_JOURNAL, key).fetchall()
             return LoadedRun(
-                sql.to_record(row, light=False),
+                sqlrows.to_record(row, light=False),
                 [make_output(run_id, f"{sql.OUTPUTS}[{i}]", body) for i, (body,) in enumerate(outputs)],
                 {k: decode(run_id, f"{sql.JOURNAL}[{k}]", value) for k, value in journal},
             )
@@ -243,11 +245,11 @@ class SqliteStore(TwoConnections):
         inline: tuple[str, ...] = ()
         for name, value in commit.fields.items():
             if name in sql.BIG:
-                sql.place(run_id, name, value, hot, big)
+                sqlrows.place(run_id, name, value, hot, big)
                 if name not in big:
                     inline += (name,)
             else:
-                hot[name] = sql.column(run_id, name, value)
+                hot[name] = sqlrows.column(run_id, name, value)
         if "pending" in hot:
             hot["deadline"] = deadline_of(commit.fields["pending"])
         events = [encode_event(run_id, e).decode() for e in commit.events]
@@ -258,21 +260,21 @@ class SqliteStore(TwoConnections):
         # One statement checks the fence and writes the hot row. A new status must differ
         # from the stored one (an unchanged status would rewrite the status indexes for
         # nothing); when the statement matches no row, the row says why.
-        ttl = self.ttl if status in sql.FINAL_VALUES else None  # a final status makes the run expire
-        fast = sql.commit_update(tuple(hot), commit.release, ttl is not None, inline)
+        ttl = self.ttl if status in sqlrows.FINAL_VALUES else None  # a final status makes the run expire
+        fast = sqlrows.commit_update(tuple(hot), commit.release, ttl is not None, inline)
         last = (status,) if status is not None else ()
 
         def job(db: sqlite3.Connection) -> str | None:
             now = time.time()
-            with sql.transaction(db):
+            with sqlrows.transaction(db):
                 params = [*hot.values()] if ttl is None else [*hot.values(), now + ttl]
                 params += (now, n, token, seq, ns, run_id, now, lease.owner, token, token, seq, *last)
                 if done := db.execute(fast, params).fetchone():
                     if inline and done[2]:  # a value that shrank: its long form is gone
-                        sql.delete_values(db, ns, run_id, inline)
-                    sql.insert_rows(db, ns, run_id, done[0] - n + 1, events, big, outputs, journal)
+                        sqlrows.delete_values(db, ns, run_id, inline)
+                    sqlrows.insert_rows(db, ns, run_id, done[0] - n + 1, events, big, outputs, journal)
                     return None if done[1] is None else str(done[1])
-                row = db.execute(sql.SELECT_FENCE, (ns, run_id, now)).fetchone()
+                row = db.execute(sqlrows.SELECT_FENCE, (ns, run_id, now)).fetchone()
                 if row is None:
                     raise LeaseLostError(run_id, "the run no longer exists")
                 rowid, owner, held, done_token, done_seq, count, control, status = row
@@ -295,8 +297,8 @@ class SqliteStore(TwoConnections):
                 assignments = ", ".join(f"{name} = ?" for name in sets)
                 db.execute(f"UPDATE {sql.RUNS} SET {assignments} WHERE id = ?", [*sets.values(), rowid])
                 if inline:
-                    sql.delete_values(db, ns, run_id, inline)
-                sql.insert_rows(db, ns, run_id, count + 1, events, big, outputs, journal)
+                    sqlrows.delete_values(db, ns, run_id, inline)
+                sqlrows.insert_rows(db, ns, run_id, count + 1, events, big, outputs, journal)
             control = sets["control"] if "control" in sets else control
             return None if control is None else str(control)
 
@@ -322,13 +324,13 @@ class SqliteStore(TwoConnections):
             if flushes:
                 db.execute("PRAGMA synchronous = NORMAL")
             try:
-                row = db.execute(sql.RENEW, (now + ttl, *key, lease.owner, lease.token, now)).fetchone()
+                row = db.execute(sqlrows.RENEW, (now + ttl, *key, lease.owner, lease.token, now)).fetchone()
             finally:
                 if flushes:
                     db.execute("PRAGMA synchronous = FULL")
             if row is not None:
                 return True, row[0]
-            return False, db.execute(sql.SELECT_LEASE, (*key, now)).fetchone()
+            return False, db.execute(sqlrows.SELECT_LEASE, (*key, now)).fetchone()
 
         renewed, value = await self._call("renew", run_id, job, write=True)
         if not renewed:
@@ -352,12 +354,12 @@ class SqliteStore(TwoConnections):
         key = (self.key_prefix, run_id)
 
         def job(db: sqlite3.Connection) -> RunRecord | None:
-            with sql.transaction(db):
+            with sqlrows.transaction(db):
                 now = time.time()
-                row = db.execute(sql.SELECT_FULL, (*key, now)).fetchone()
+                row = db.execute(sqlrows.SELECT_FULL, (*key, now)).fetchone()
                 if row is None:
                     return None
-                old = sql.to_record(row, light=False)
+                old = sqlrows.to_record(row, light=False)
                 result = change(old, now)
                 if result is None:
                     return old
@@ -365,8 +367,8 @@ class SqliteStore(TwoConnections):
                 rec = dataclasses.replace(result.record, updated_at=now, event_count=count)
                 check_record(rec)
                 sets = {
-                    name: sql.column(run_id, name, getattr(rec, name))
-                    for name in sql.HOT[1:]
+                    name: sqlrows.column(run_id, name, getattr(rec, name))
+                    for name in sqlrows.HOT[1:]
                     if name in ("updated_at", "event_count") or getattr(rec, name) != getattr(old, name)
                 }
                 if "pending" in sets or "status" in sets:
@@ -376,15 +378,15 @@ class SqliteStore(TwoConnections):
                 big: dict[str, str] = {}
                 for name in sql.BIG:  # the same object is the same value: an unchanged state is not encoded
                     if (value := getattr(rec, name)) is not getattr(old, name):
-                        sql.place(run_id, name, value, sets, big)
+                        sqlrows.place(run_id, name, value, sets, big)
                 bodies = [encode_event(run_id, e).decode() for e in result.events]
                 assignments = ", ".join(f"{name} = ?" for name in sets)
                 db.execute(
                     f"UPDATE {sql.RUNS} SET {assignments} WHERE ns = ? AND run_id = ?", [*sets.values(), *key]
                 )
                 if inline := [name for name in sql.BIG if sets.get(name) is not None]:
-                    sql.delete_values(db, self.key_prefix, run_id, inline)
-                sql.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
+                    sqlrows.delete_values(db, self.key_prefix, run_id, inline)
+                sqlrows.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
             if db is self._inline:
                 self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec
@@ -395,7 +397,7 @@ class SqliteStore(TwoConnections):
         """The run's events with ``seq`` greater than ``after``, in order."""
 
         def job(db: sqlite3.Connection) -> list[RunEvent]:
-            rows = db.execute(sql.SELECT_EVENTS, (self.key_prefix, run_id, after, time.time())).fetchall()
+            rows = db.execute(sqlrows.SELECT_EVENTS, (self.key_prefix, run_id, after, time.time())).fetchall()
             return [make_event(run_id, f"{sql.EVENTS}[{seq}]", body, seq) for seq, body in rows]
 
         return await self._call("events", run_id, job)
@@ -415,7 +417,7 @@ class SqliteStore(TwoConnections):
         Raises:
             StoreError: ``after`` names a run that is not stored (deleted since).
         """
-        where, params = f"ns = ? AND {sql.LIVE}", [self.key_prefix, time.time()]
+        where, params = f"ns = ? AND {sqlrows.LIVE}", [self.key_prefix, time.time()]
         if workflow is not None:
             where, params = where + " AND workflow = ?", [*params, workflow]
         if status is not None:
@@ -423,7 +425,7 @@ class SqliteStore(TwoConnections):
 
         def job(db: sqlite3.Connection) -> list[RunRecord]:
             if after is not None:
-                cursor = db.execute(sql.SELECT_CURSOR, (self.key_prefix, after)).fetchone()
+                cursor = db.execute(sqlrows.SELECT_CURSOR, (self.key_prefix, after)).fetchone()
                 if cursor is None:
                     raise StoreError(
                         f"list_runs(after={after!r}): run {after} is not stored (deleted since the previous "
@@ -433,8 +435,8 @@ class SqliteStore(TwoConnections):
             else:
                 bound, page = "", [*params, limit]
             order = "ORDER BY created_at DESC, id DESC LIMIT ?"
-            rows = db.execute(f"{sql.SELECT_LIGHT} WHERE {where}{bound} {order}", page).fetchall()
-            return [sql.listed(row) for row in rows]
+            rows = db.execute(f"{sqlrows.SELECT_LIGHT} WHERE {where}{bound} {order}", page).fetchall()
+            return [sqlrows.listed(row) for row in rows]
 
         return await self._call("list_runs", after, job)
 
@@ -443,7 +445,9 @@ class SqliteStore(TwoConnections):
 
         def job(db: sqlite3.Connection) -> list[str]:
             now = time.time()
-            rows = db.execute(sql.SELECT_RECOVERABLE, (self.key_prefix, workflow, now, now, limit)).fetchall()
+            rows = db.execute(
+                sqlrows.SELECT_RECOVERABLE, (self.key_prefix, workflow, now, now, limit)
+            ).fetchall()
             return [str(run_id) for (run_id,) in rows]
 
         return await self._call("recoverable", None, job)
@@ -452,7 +456,7 @@ class SqliteStore(TwoConnections):
         """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
 
         def job(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute(sql.SELECT_DUE, (self.key_prefix, workflow, now, time.time())).fetchall()
+            rows = db.execute(sqlrows.SELECT_DUE, (self.key_prefix, workflow, now, time.time())).fetchall()
             return [str(run_id) for (run_id,) in rows]
 
         return await self._call("due_gates", None, job)
@@ -461,9 +465,9 @@ class SqliteStore(TwoConnections):
         """Remove a run with its values, events, outputs and journal; False if it did not exist."""
 
         def job(db: sqlite3.Connection) -> bool:
-            with sql.transaction(db):
-                live = db.execute(sql.SELECT_LIVE, (self.key_prefix, run_id, time.time())).fetchone()
-                sql.delete_runs(db, self.key_prefix, [run_id])
+            with sqlrows.transaction(db):
+                live = db.execute(sqlrows.SELECT_LIVE, (self.key_prefix, run_id, time.time())).fetchone()
+                sqlrows.delete_runs(db, self.key_prefix, [run_id])
             return live is not None
 
         return await self._call("delete", run_id, job, inline=False)  # as long as the run is big
