@@ -101,12 +101,38 @@ def check_scalars(run_id: str, fields: Mapping[str, Any]) -> None:
                 raise StoreError(f"run {run_id}: cannot store {name!r}: {exc}") from None
 
 
+def _plain_scalars(rec: RunRecord) -> bool:
+    """True when every scalar of ``rec`` has its exact type (the common case, checked inline)."""
+    return (
+        type(rec.run_id) is str
+        and type(rec.workflow) is str
+        and type(rec.status) is RunStatus
+        and (rec.step is None or type(rec.step) is str)
+        and type(rec.visit) is int
+        and type(rec.decisions) is tuple
+        and type(rec.created_at) is float
+        and type(rec.updated_at) is float
+        and type(rec.event_count) is int
+        and (rec.lease_owner is None or type(rec.lease_owner) is str)
+        and type(rec.lease_token) is int
+        and type(rec.lease_expires) is float
+        and (rec.control is None or type(rec.control) is str)
+        and type(rec.commit_token) is int
+        and type(rec.commit_seq) is int
+    )
+
+
 def check_record(record: RunRecord) -> None:
     """:func:`check_scalars` over every scalar field of ``record``.
+
+    A record whose scalars all have their exact types (every record the engine builds)
+    passes without the generic conversion of each field.
 
     Raises:
         StoreError: names the run and the field.
     """
+    if _plain_scalars(record):
+        return
     check_scalars(record.run_id, {name: getattr(record, name) for name in _CONVERT})
 
 

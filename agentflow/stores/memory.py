@@ -117,31 +117,9 @@ class _Run:
         return (self.fields["created_at"], self.fields["run_id"])
 
 
-def _plain_scalars(rec: RunRecord) -> bool:
-    """True when every scalar of ``rec`` has its exact type (the common case, checked inline)."""
-    return (
-        type(rec.run_id) is str
-        and type(rec.workflow) is str
-        and type(rec.status) is RunStatus
-        and (rec.step is None or type(rec.step) is str)
-        and type(rec.visit) is int
-        and type(rec.decisions) is tuple
-        and type(rec.created_at) is float
-        and type(rec.updated_at) is float
-        and type(rec.event_count) is int
-        and (rec.lease_owner is None or type(rec.lease_owner) is str)
-        and type(rec.lease_token) is int
-        and type(rec.lease_expires) is float
-        and (rec.control is None or type(rec.control) is str)
-        and type(rec.commit_token) is int
-        and type(rec.commit_seq) is int
-    )
-
-
 def _encode_record(rec: RunRecord) -> dict[str, Any]:
     """Every field of ``rec`` in its stored form, checked; raises StoreError before any write."""
-    if not _plain_scalars(rec):
-        check_record(rec)
+    check_record(rec)
     run_id = rec.run_id
     fields: dict[str, Any] = {}
     for name in RECORD_FIELDS:

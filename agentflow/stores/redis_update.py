@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import StoreError
-from ..types import FINAL, RunStatus
+from ..types import FINAL
 from .codec import RECORD_FIELDS, check_record, decode, encode, encode_event, make_record
 from .contract import Change, ChangeFn, RunRecord
 from .keys import Keys, RunKeys
@@ -32,35 +32,13 @@ _MAX_CONFLICTS = 1000  # update attempts lost to concurrent writers before givin
 _READ = (*RECORD_FIELDS, "_write", "_ix")  # what update reads
 
 
-def _plain_scalars(rec: RunRecord) -> bool:
-    """True when every scalar of ``rec`` has its exact type (the common case, checked inline)."""
-    return (
-        type(rec.run_id) is str
-        and type(rec.workflow) is str
-        and type(rec.status) is RunStatus
-        and (rec.step is None or type(rec.step) is str)
-        and type(rec.visit) is int
-        and type(rec.decisions) is tuple
-        and type(rec.created_at) is float
-        and type(rec.updated_at) is float
-        and type(rec.event_count) is int
-        and (rec.lease_owner is None or type(rec.lease_owner) is str)
-        and type(rec.lease_token) is int
-        and type(rec.lease_expires) is float
-        and (rec.control is None or type(rec.control) is str)
-        and type(rec.commit_token) is int
-        and type(rec.commit_seq) is int
-    )
-
-
 def hash_of(rec: RunRecord) -> dict[str, bytes]:
     """The record's fields as its hash stores them.
 
     Raises:
         StoreError: a field cannot be stored (names the run and field).
     """
-    if not _plain_scalars(rec):
-        check_record(rec)
+    check_record(rec)
     run_id = rec.run_id
     return {name: encode(run_id, name, getattr(rec, name)) for name in RECORD_FIELDS}
 
