@@ -12,18 +12,14 @@ import pytest
 from ..errors import LeaseLostError
 from ..stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, Store
 from ..types import RunStatus
-from .store_builders import (  # noqa: F401 - the suite's vocabulary
+from .store_builders import (
     _PENDING_GATE,
-    BuildOutput,
     State,
     StoreFactory,
     _ids,
-    _writing,
     acquire,
-    as_json,
     event,
     expire,
-    is_plain_json,
     record,
     same_record,
     started,

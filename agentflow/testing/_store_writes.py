@@ -13,22 +13,17 @@ import pytest
 from ..errors import LeaseLostError, StoreError
 from ..stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, Store
 from ..types import RunStatus
-from .store_builders import (  # noqa: F401 - the suite's vocabulary
-    _PENDING_GATE,
+from .store_builders import (
     BuildOutput,
     State,
-    StoreFactory,
-    _ids,
     _writing,
     acquire,
     as_json,
     event,
-    expire,
     is_plain_json,
     record,
     same_record,
     started,
-    store_now,
 )
 
 __all__ = ["WriteConformance"]
