@@ -6,7 +6,7 @@ no LLM SDK (providers are separate distributions found through entry points).
 
 from .config import Agent, AgentReply, AgentsConfig, TokenBudget
 from .pool import AgentAccessor, AgentHandle, AgentPools, PoolStatistics, load_provider
-from .spi import AgentJournal, Message, Provider, ProviderReply, ProviderRequest, reply_body
+from .spi import AgentJournal, Message, Provider, ProviderReply, ProviderRequest, redacting, reply_body
 
 __all__ = [
     "Agent",
@@ -23,5 +23,6 @@ __all__ = [
     "ProviderRequest",
     "TokenBudget",
     "load_provider",
+    "redacting",
     "reply_body",
 ]

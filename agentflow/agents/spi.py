@@ -7,11 +7,12 @@ Providers live in their own distributions and are found by name through the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import ProviderError
+from ..errors import ProviderError, redact
 from ..types import Usage
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Provider",
     "ProviderReply",
     "ProviderRequest",
+    "redacting",
     "reply_body",
 ]
 
@@ -81,6 +83,25 @@ class ProviderReply:
     text: str
     data: Any = None
     usage: Usage = field(default_factory=Usage)
+
+
+@contextmanager
+def redacting(*secrets: str | None) -> Iterator[None]:
+    """Raise a :class:`ProviderError` from the block with ``secrets`` (an API key) redacted.
+
+    A redacted error is raised without its cause: the SDK's exception quotes the same
+    message, and a traceback would print it. An error with nothing secret in it, nor in
+    the SDK error it came from, passes unchanged.
+    """
+    try:
+        yield
+    except ProviderError as exc:
+        message = str(exc)
+        clean = redact(message, *secrets)
+        cause = str(exc.__cause__ or "")
+        if clean == message and redact(cause, *secrets) == cause:
+            raise
+        raise ProviderError(clean, status=exc.status, provider=exc.provider) from None
 
 
 def reply_body(provider: str, request: ProviderRequest, content: bytes) -> dict[str, Any]:

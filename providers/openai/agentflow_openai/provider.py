@@ -6,15 +6,14 @@ import inspect
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import openai
 
-from agentflow.agents import ProviderReply, ProviderRequest, reply_body
+from agentflow.agents import ProviderReply, ProviderRequest, redacting, reply_body
 from agentflow.agents.retrying import RetryPolicy
-from agentflow.errors import ProviderError, redact
+from agentflow.errors import ProviderError
 from agentflow.types import Usage
 
 __all__ = ["OpenAIProvider"]
@@ -149,8 +148,8 @@ class OpenAIProvider:
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
         """Send one Chat Completions request and return the whole reply."""
-        with self._redacting():
-            client = self.client
+        client = self.client  # resolves the API key that redacting() hides
+        with redacting(self._key):
             params = self._params(request)
             # The raw response skips building the SDK's ChatCompletion model (~0.1 ms of CPU
             # per call): the fields needed are read from the JSON directly. Not being
@@ -182,8 +181,8 @@ class OpenAIProvider:
         Raises:
             ProviderError: the call failed, the stream broke off, or it carried no chunk.
         """
-        with self._redacting():
-            client = self.client
+        client = self.client  # resolves the API key that redacting() hides
+        with redacting(self._key):
             params = self._params(request)
             params["stream_options"] = {"include_usage": True}
             chunks = await self._retrying(lambda: client.chat.completions.create(stream=True, **params))
@@ -261,23 +260,6 @@ class OpenAIProvider:
         what = f"HTTP {status}" if status is not None else type(exc).__name__
         suffix = f" ({context})" if context else ""
         return ProviderError(f"openai: {what}: {detail}{suffix}", status=status, provider=self.name)
-
-    @contextmanager
-    def _redacting(self) -> Iterator[None]:
-        """Raise a :class:`ProviderError` from the block with the secrets in its message redacted.
-
-        A redacted error is raised without its cause: the SDK's exception quotes the same
-        message, and a traceback would print it.
-        """
-        try:
-            yield
-        except ProviderError as exc:
-            message = str(exc)
-            clean = redact(message, self._key)
-            cause = str(exc.__cause__ or "")
-            if clean == message and redact(cause, self._key) == cause:
-                raise  # nothing secret in the message nor in the SDK error it came from
-            raise ProviderError(clean, status=exc.status, provider=exc.provider) from None
 
 
 def _data(request: ProviderRequest, text: str) -> Any:
