@@ -21,6 +21,7 @@ import pytest
 from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from agentflow.stores import SqliteStore, open_store
 from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord
+from agentflow.testing.store_builders import acquire
 from agentflow.types import RunEvent, RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,16 +42,6 @@ def record(run_id: str = "r1", workflow: str = "wf", created_at: float = 1000.0,
 
 def event(kind: str, seq: int = 0, step: str | None = None) -> RunEvent:
     return RunEvent(kind=kind, run_id="r1", step=step, data=None, at=1000.0 + seq, seq=seq)
-
-
-async def acquire(store: SqliteStore, run_id: str = "r1", owner: str = "w1", ttl: float = 15.0) -> Lease:
-    def take(rec: RunRecord, now: float) -> Change:
-        lease = {"lease_owner": owner, "lease_token": rec.lease_token + 1, "lease_expires": now + ttl}
-        return Change(dataclasses.replace(rec, status=RunStatus.RUNNING, **lease))
-
-    rec = await store.update(run_id, take)
-    assert rec is not None
-    return Lease(owner, rec.lease_token)
 
 
 async def started(store: SqliteStore, run_id: str = "r1", **fields: Any) -> Lease:

@@ -154,12 +154,7 @@ def check_commit_fields(run_id: str, fields: Mapping[str, Any]) -> None:
             continue
         elif name not in COMMIT_FIELDS:
             raise StoreError(f"run {run_id}: {name!r} cannot be committed; allowed: {sorted(COMMIT_FIELDS)}")
-        convert = _CONVERT.get(name)
-        if convert is not None:
-            try:
-                convert(value)
-            except (TypeError, ValueError) as exc:
-                raise StoreError(f"run {run_id}: cannot store {name!r}: {exc}") from None
+        check_scalars(run_id, {name: value})
 
 
 def deadline_of(pending: Any) -> float | None:
