@@ -10,6 +10,7 @@ out by the store's clock).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import uuid
@@ -333,8 +334,12 @@ class WorkflowRunner:
                 # resume), or ends there when a stop was asked for too.
                 status = RunStatus.STOPPED if rec.control == "stop" else RunStatus.PAUSED
                 ev = RunEvent(status.value, run_id, rec.step, None, time.time(), rec.event_count + 1)
-                return Change(_replace(rec, status=status, lease_owner=None, control=None), [ev])
-            return None if rec.control in ("pause", "stop") else Change(_replace(rec, control="pause"))
+                return Change(dataclasses.replace(rec, status=status, lease_owner=None, control=None), [ev])
+            return (
+                None
+                if rec.control in ("pause", "stop")
+                else Change(dataclasses.replace(rec, control="pause"))
+            )
 
         while True:
             rec = await sup.update(run_id, change)
@@ -365,7 +370,7 @@ class WorkflowRunner:
 
         rec = await self.supervisor.transition(run_id, fn)
         if rec.status == RunStatus.WAITING and rec.control == "pause":
-            await self.supervisor.update(run_id, lambda r, now: Change(_replace(r, control=None)))
+            await self.supervisor.update(run_id, lambda r, now: Change(dataclasses.replace(r, control=None)))
 
     async def _stop(self, run_id: str) -> None:
         sup = self.supervisor
@@ -384,10 +389,12 @@ class WorkflowRunner:
                         f"run {run_id} is already {rec.status.value}; it cannot be stopped"
                     )
                 if rec.status == RunStatus.RUNNING and rec.lease_expires > now and rec.lease_owner:
-                    return None if rec.control == "stop" else Change(_replace(rec, control="stop"))
+                    return None if rec.control == "stop" else Change(dataclasses.replace(rec, control="stop"))
                 ev = RunEvent("stopped", run_id, rec.step, None, time.time(), rec.event_count + 1)
                 return Change(
-                    _replace(rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None),
+                    dataclasses.replace(
+                        rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None
+                    ),
                     [ev],
                 )
 
@@ -457,9 +464,3 @@ class WorkflowRunner:
                 if rec.status in FINAL and rec.event_count <= after:
                     return
             await sup.notifier.changed(run_id, _POLL)
-
-
-def _replace(rec: RunRecord, **fields: Any) -> RunRecord:
-    import dataclasses
-
-    return dataclasses.replace(rec, **fields)

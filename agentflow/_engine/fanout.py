@@ -172,7 +172,7 @@ async def run_parallel(
                     if fn.is_async or asyncio.iscoroutine(out):
                         out = await out
                 else:
-                    out = await invoke(fn, (bctx,), bframe, set_attempt=_attempt_setter(bctx))
+                    out = await invoke(fn, (bctx,), bframe, ctx=bctx)
                 out = step_output(fn, oname, run.run_id, out)
             finally:
                 await bframe.close_agents()
@@ -224,10 +224,3 @@ async def run_parallel(
     else:
         outputs = [OutputRecord(visit, job[0], v) for job, v in zip(jobs, values, strict=True)]
     return state, outputs
-
-
-def _attempt_setter(ctx: StepContext[Any, Any]) -> Callable[[int], None]:
-    def set_attempt(n: int) -> None:
-        ctx.attempt = n
-
-    return set_attempt

@@ -55,7 +55,7 @@ async def advance_flow(run: LiveRun) -> None:
                 if fn.is_async or (type(ret) is not str and asyncio.iscoroutine(ret)):
                     ret = await ret
             else:
-                ret = await invoke(fn, (ctx,), frame, _retry_events(run, name), _attempt_setter(ctx))
+                ret = await invoke(fn, (ctx,), frame, _retry_events(run, name), ctx)
         except (asyncio.CancelledError, Stop, LeaseLostError, StoreError):
             raise
         except Exception as exc:
@@ -116,13 +116,6 @@ def _retry_events(run: LiveRun, step: str) -> Any:
         run.emit("step_failed", step, data)
 
     return on_retry
-
-
-def _attempt_setter(ctx: StepContext[Any, Any]) -> Any:
-    def set_attempt(n: int) -> None:
-        ctx.attempt = n
-
-    return set_attempt
 
 
 def _target(run: LiveRun, name: str, target: Any) -> str:

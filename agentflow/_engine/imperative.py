@@ -118,7 +118,7 @@ class ImperativeContext(StepContext[Any, Any]):
         frame = self._frame
         frame.base = frame.state
         try:
-            value = await invoke(spec, args, frame, set_attempt=self._set_attempt, kwargs=kwargs)
+            value = await invoke(spec, args, frame, ctx=self, kwargs=kwargs)
             if spec.output is not None and value is not None and not isinstance(value, spec.output):
                 value = spec.output.model_validate(value)
             elif spec.output is None:
@@ -185,9 +185,6 @@ class ImperativeContext(StepContext[Any, Any]):
         assert main is not None
         await park(run, step, self._frame, gate, Wait(gate, main.name, main.name, main.name))
         raise Suspend()
-
-    def _set_attempt(self, attempt: int) -> None:
-        self.attempt = attempt
 
 
 def _typed(spec: StepFunction, value: Any) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..definition.steps import StepFunction
-from .context import Frame
+from .context import Frame, StepContext
 
 __all__ = ["OnRetry", "invoke"]
 
@@ -25,7 +25,7 @@ async def invoke(
     args: tuple[Any, ...],
     frame: Frame,
     on_retry: OnRetry | None = None,
-    set_attempt: Callable[[int], None] | None = None,
+    ctx: StepContext[Any, Any] | None = None,
     kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Call ``spec.fn(*args, **kwargs)`` under its timeout and retry policy.
@@ -46,8 +46,8 @@ async def invoke(
                 await frame.close_agents()
                 if frame.updates is not None:
                     frame.updates = {}
-            if set_attempt is not None:
-                set_attempt(attempt)
+            if ctx is not None:
+                ctx.attempt = attempt
             try:
                 return await _once(spec, args, kwargs or {})
             except Exception as exc:

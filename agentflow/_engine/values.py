@@ -76,8 +76,6 @@ def normalize(value: Any, where: str) -> Any:
         raise OutputValidationError(
             f"{where}: output is not JSON-able ({exc}); return JSON data or a pydantic model"
         ) from None
-    if type(value) is float:
-        return pydantic_core.from_json(raw)
     try:
         return decode("-", "-", raw)
     except Exception as exc:
