@@ -305,3 +305,32 @@ async def test_stop_cancels_the_call_in_flight() -> None:
         with pytest.raises(RunStoppedError):
             await handle.result()
     assert log == ["cancelled"]
+
+
+async def test_a_long_imperative_run_lets_other_tasks_run() -> None:
+    # As in a flow: journaled steps on the memory store never suspend, so the run yields
+    # now and then instead of holding the loop until it ends.
+    import asyncio as _asyncio
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await _asyncio.sleep(0)
+
+    async def main(ctx):
+        total = 0
+        for i in range(2_000):
+            total += await ctx.step(f"s{i}", lambda n=i: n)
+        return total
+
+    async with WorkflowRunner(Workflow("LongImperative").execute(main).max_steps(5_000)) as runner:
+        task = _asyncio.create_task(ticker())
+        await _asyncio.sleep(0)
+        before = ticks
+        result = await (await runner.run()).result()
+        task.cancel()
+    assert result.output == sum(range(2_000))
+    assert ticks - before > 10, "the loop was held for the whole run"

@@ -20,7 +20,7 @@ from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
 from .invoke import invoke
-from .run import LiveRun, StepError, Stop
+from .run import _YIELD_EVERY, LiveRun, StepError, Stop
 from .values import encode_branch, run_output, step_output
 
 __all__ = ["advance_flow", "obey"]
@@ -100,10 +100,8 @@ async def advance_flow(run: LiveRun) -> None:
                     return
             if kernel.stopping:
                 return
-            if not visit & 63:
-                # A store whose commits do not suspend (memory, SQLite without contention)
-                # would otherwise hold the loop for the whole of a long flow.
-                await asyncio.sleep(0)
+            if not commit.seq & _YIELD_EVERY:
+                await asyncio.sleep(0)  # as LiveRun.commit does
             continue
         await _apply(run, fn, name, frame, ret)
         if run.status is not RunStatus.RUNNING or kernel.stopping:

@@ -44,6 +44,11 @@ __all__ = ["LiveRun", "StepError", "Stop", "Suspend", "error_info"]
 
 log = logging.getLogger("agentflow")
 
+#: A commit numbered a multiple of 64 yields to the loop: a store whose commits do not
+#: suspend (memory, SQLite without contention) would otherwise let a long run, flow or
+#: imperative, hold the loop (watchers, other runs, timers) until it ended.
+_YIELD_EVERY = 63
+
 #: Seconds between retries of a commit while the store is unreachable (doubling, capped).
 _OUTAGE_FIRST, _OUTAGE_MAX = 0.05, 2.0
 
@@ -243,6 +248,8 @@ class LiveRun:
         except StoreError as exc:
             control = await self._commit_through_outage(commit, exc)
         self.kernel.notify(self.run_id)
+        if not commit.seq & _YIELD_EVERY:
+            await asyncio.sleep(0)
         return control
 
     async def _commit_through_outage(self, commit: Commit, first: StoreError) -> str | None:
