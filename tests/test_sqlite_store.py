@@ -583,7 +583,7 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
     with pytest.raises(StoreError, match="closed"):
         await store.get("r1")
@@ -632,6 +632,7 @@ async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) 
     lease = await started(store)
     await store.close()
     with sqlite3.connect(path) as db:  # back to version 2: every big value in agentflow_values
+        _back_to_version_3(db)
         for name in ("input", "state", "output"):
             db.execute(f"ALTER TABLE agentflow_runs DROP COLUMN {name}")
         db.executemany(
@@ -651,8 +652,42 @@ async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) 
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         assert db.execute("SELECT field FROM agentflow_values").fetchall() == [("input",)]
+    db.close()
+
+
+def _back_to_version_3(db: sqlite3.Connection) -> None:
+    """Make a file of this layout one of version 3: no parent, children nor approval index."""
+    for name in ("parent", "children"):
+        db.execute(f"ALTER TABLE agentflow_runs DROP COLUMN {name}")
+    for table in ("agentflow_approvals", "agentflow_approvers"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 3")
+
+
+async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "v3.db")
+    store = SqliteStore(path)
+    lease = await started(store, state={"count": 3})
+    await store.close()
+    with sqlite3.connect(path) as db:
+        _back_to_version_3(db)
+    db.close()
+    store = SqliteStore(path)
+    try:
+        rec = await store.get("r1")
+        assert rec is not None and (rec.parent, rec.children, rec.state) == (None, (), {"count": 3})
+        await store.commit("r1", lease, Commit(fields={"children": ("r1/Fan.1",)}, seq=1))
+        parent = {"run_id": "r1", "step": "Fan", "visit": 1, "index": None}
+        assert await store.create(record("r1/Fan.1", parent=parent), [])
+        rec, child = await store.get("r1"), await store.get("r1/Fan.1")
+        assert rec is not None and rec.children == ("r1/Fan.1",) and rec.lease_token == lease.token
+        assert child is not None and child.parent == parent
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
 
 

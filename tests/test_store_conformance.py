@@ -43,7 +43,11 @@ class TestSqliteStore(DurableStoreConformance):
                     (store.key_prefix, run_id, field, raw),
                 )
             else:  # JSON columns hold JSON text, the others plain values
-                value: Any = raw if field in ("pending", "decisions", "error", "usage") else json.loads(raw)
+                value: Any = (
+                    raw
+                    if field in ("pending", "decisions", "error", "usage", "parent", "children")
+                    else json.loads(raw)
+                )
                 db.execute(
                     f"UPDATE {RUNS} SET {field} = ? WHERE ns = ? AND run_id = ?",
                     (value, store.key_prefix, run_id),

@@ -119,6 +119,8 @@ def _plain_scalars(rec: RunRecord) -> bool:
         and (rec.control is None or type(rec.control) is str)
         and type(rec.commit_token) is int
         and type(rec.commit_seq) is int
+        and type(rec.children) is tuple
+        and all(type(child) is str for child in rec.children)
     )
 
 
@@ -192,6 +194,14 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else _str(value)
 
 
+def _children(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"expected a list of run ids, got {type(value).__name__}")
+    return tuple(_str(child) for child in value)
+
+
 def _decisions(value: Any) -> tuple[Any, ...]:
     if value is None:
         return ()
@@ -216,6 +226,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "control": _opt_str,
     "commit_token": _int,
     "commit_seq": _int,
+    "children": _children,
 }
 
 

@@ -95,6 +95,11 @@ class RunRecord:
         control: ``"pause"`` or ``"stop"`` when another process asked the owner to.
         commit_token / commit_seq: the lease token and ``Commit.seq`` of the last
             commit applied (what makes a retried commit apply once).
+        parent: ``{"run_id", "step", "visit", "index"}`` (JSON) for a child run: the run
+            and step that started it (``index``: its position in a ``Parallel.map`` of
+            children, else None); None for a run started on its own. Set at create.
+        children: ids of every child run this run started, in the order it started
+            them (append-only; a commit may set it).
         corrupt: set (to the reason) only on a listed record that could not be decoded.
     """
 
@@ -119,6 +124,8 @@ class RunRecord:
     control: str | None = None
     commit_token: int = 0
     commit_seq: int = 0
+    parent: Any = None
+    children: tuple[str, ...] = ()
     corrupt: str | None = None
 
     def info(self) -> RunInfo:
@@ -142,7 +149,19 @@ class RunRecord:
 
 #: RunRecord fields a :class:`Commit` may set.
 COMMIT_FIELDS = frozenset(
-    {"status", "state", "step", "visit", "pending", "decisions", "output", "error", "usage", "control"}
+    {
+        "status",
+        "state",
+        "step",
+        "visit",
+        "pending",
+        "decisions",
+        "output",
+        "error",
+        "usage",
+        "control",
+        "children",
+    }
 )
 
 

@@ -40,7 +40,9 @@ from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, OutputRecord, 
 __all__ = ["MemoryStore"]
 
 # Record fields kept as JSON bytes; the others are scalars kept as they are.
-_JSON = frozenset({"input", "state", "pending", "decisions", "output", "error", "usage"})
+_JSON = frozenset(
+    {"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"}
+)
 # What a listed (light) record leaves out.
 _HEAVY = frozenset({"input", "state", "output"})
 _LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in _JSON and name not in _HEAVY)
@@ -127,7 +129,7 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
         if name in _JSON:
             if value is None:
                 fields[name] = _NULL
-            elif name == "decisions":
+            elif name in ("decisions", "children"):
                 fields[name] = encode(run_id, name, list(value)) if value else b"[]"
             else:
                 fields[name] = encode(run_id, name, value)
@@ -236,6 +238,7 @@ class MemoryStore:
             raw = fields[name]
             values[name] = None if raw == _NULL else decode(run_id, name, raw)
         values["decisions"] = tuple(values["decisions"] or ())
+        values["children"] = tuple(values["children"] or ())
         return RunRecord(**values)
 
     # -- the Store protocol --------------------------------------------------------

@@ -14,7 +14,7 @@ from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from .codec import RECORD_FIELDS, decode, encode, make_record
 from .contract import RunRecord
-from .sqlite_schema import BIG, EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES
+from .sqlite_schema import APPROVALS, APPROVERS, BIG, EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES
 
 __all__ = [
     "FINAL_VALUES",
@@ -53,7 +53,7 @@ __all__ = [
 #: Longest JSON (in characters) of a big field kept in the hot row.
 INLINE_MAX = 1000
 HOT = tuple(f for f in RECORD_FIELDS if f not in BIG)
-_JSON = frozenset({"pending", "decisions", "error", "usage", *BIG})
+_JSON = frozenset({"pending", "decisions", "error", "usage", "parent", "children", *BIG})
 # How ``hot_row`` writes each hot column.
 _AS_IS, _AS_JSON, _AS_STATUS, _AS_COUNT = range(4)
 _KINDS = {"status": _AS_STATUS, "event_count": _AS_COUNT, **dict.fromkeys(_JSON, _AS_JSON)}
@@ -357,5 +357,5 @@ def _insert_events(n: int) -> str:
 def delete_runs(db: sqlite3.Connection, ns: str, run_ids: Sequence[str]) -> None:
     """Delete the runs and every row stored with them."""
     rows = [(ns, run_id) for run_id in run_ids]
-    for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, RUNS):
+    for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, APPROVALS, APPROVERS, RUNS):
         db.executemany(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", rows)

@@ -1,9 +1,10 @@
 """The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
-Layout (schema version 3, kept in ``PRAGMA user_version``)::
+Layout (schema version 4, kept in ``PRAGMA user_version``)::
 
     agentflow_runs      the hot row of a run: one column per small RunRecord field
-                        (JSON text for pending, decisions, error, usage), plus
+                        (JSON text for pending, decisions, error, usage, parent,
+                        children), plus
                         ``deadline`` (the waiting gate's, for due_gates),
                         ``expires_at`` (set when a finished run has a ttl), and
                         ``input``, ``state``, ``output`` when their JSON is short
@@ -15,6 +16,10 @@ Layout (schema version 3, kept in ``PRAGMA user_version``)::
     agentflow_events    (ns, run_id, seq) -> event JSON; seq is the 1-based position
     agentflow_outputs   step outputs in append order
     agentflow_journal   (ns, run_id, key) -> JSON value
+    agentflow_approvals (ns, id) -> the pending approval's JSON, with its run,
+                        workflow, kind and created_at: one row per approval that
+                        a waiting run's ``pending`` holds, kept with ``pending``
+    agentflow_approvers (ns, approver, created_at, id): who may decide each of them
 
 A short value rides in the hot row, which a commit rewrites anyway: a step whose state
 is a few counters writes two pages (the row and its events), not three. When a value
@@ -34,6 +39,8 @@ import sqlite3
 from ..errors import StoreError
 
 __all__ = [
+    "APPROVALS",
+    "APPROVERS",
     "BIG",
     "BUSY_TIMEOUT",
     "CHECKPOINT_WAIT",
@@ -51,16 +58,18 @@ __all__ = [
     "ensure_schema",
 ]
 
-RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL = (
+RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
     "agentflow_runs",
     "agentflow_values",
     "agentflow_events",
     "agentflow_outputs",
     "agentflow_journal",
+    "agentflow_approvals",
+    "agentflow_approvers",
 )
 
 #: The layout this module creates; files with a higher ``user_version`` are refused.
-VERSION = 3
+VERSION = 4
 
 _TABLES = (
     f"""CREATE TABLE IF NOT EXISTS {RUNS} (
@@ -89,6 +98,8 @@ _TABLES = (
         input TEXT,
         state TEXT,
         output TEXT,
+        parent TEXT NOT NULL DEFAULT 'null',
+        children TEXT NOT NULL DEFAULT '[]',
         UNIQUE (ns, run_id)
     )""",
     f"""CREATE TABLE IF NOT EXISTS {VALUES} (
@@ -106,6 +117,16 @@ _TABLES = (
         ns TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
         PRIMARY KEY (ns, run_id, key)
     ) WITHOUT ROWID""",
+    f"""CREATE TABLE IF NOT EXISTS {APPROVALS} (
+        ns TEXT NOT NULL, id TEXT NOT NULL, run_id TEXT NOT NULL, workflow TEXT NOT NULL,
+        kind TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL,
+        PRIMARY KEY (ns, id)
+    ) WITHOUT ROWID""",
+    f"""CREATE TABLE IF NOT EXISTS {APPROVERS} (
+        ns TEXT NOT NULL, approver TEXT NOT NULL, created_at REAL NOT NULL, id TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (ns, approver, created_at, id)
+    ) WITHOUT ROWID""",
 )
 
 # The partial indexes name their status as a literal: SQLite uses a partial index only
@@ -121,6 +142,11 @@ _INDEXES = (
     "WHERE status = 'waiting' AND deadline IS NOT NULL",
     f"CREATE INDEX IF NOT EXISTS {RUNS}_expiry ON {RUNS} (ns, expires_at) WHERE expires_at IS NOT NULL",
     f"CREATE INDEX IF NOT EXISTS {OUTPUTS}_by_run ON {OUTPUTS} (ns, run_id, id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_created ON {APPROVALS} (ns, created_at, id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_workflow ON {APPROVALS} (ns, workflow, created_at, id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_kind ON {APPROVALS} (ns, kind, created_at, id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_run ON {APPROVALS} (ns, run_id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVERS}_by_run ON {APPROVERS} (ns, run_id)",
 )
 
 _HOT = (
@@ -128,8 +154,17 @@ _HOT = (
     "updated_at, event_count, lease_owner, lease_token, lease_expires, control, deadline, expires_at"
 )
 
+# Version 3 had no parent, children nor approval index (the new tables are in _TABLES).
+_FROM_V3 = (
+    f"ALTER TABLE {RUNS} ADD COLUMN parent TEXT NOT NULL DEFAULT 'null'",
+    f"ALTER TABLE {RUNS} ADD COLUMN children TEXT NOT NULL DEFAULT '[]'",
+    *_TABLES,
+)
 # Version 2 kept every input, state and output in agentflow_values.
-_FROM_V2 = tuple(f"ALTER TABLE {RUNS} ADD COLUMN {name} TEXT" for name in ("input", "state", "output"))
+_FROM_V2 = (
+    *(f"ALTER TABLE {RUNS} ADD COLUMN {name} TEXT" for name in ("input", "state", "output")),
+    *_FROM_V3,
+)
 # Version 1 kept input, state and output in the run's row (NOT NULL, 'null' for None),
 # had no commit marker, and indexes under names version 2 reuses with other definitions.
 _FROM_V1 = (
@@ -235,7 +270,10 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
                 f"to {VERSION}: upgrade agentflow"
             )
         if version < VERSION:
-            if version == 2:
+            steps: tuple[str, ...]
+            if version == 3:
+                steps = _FROM_V3
+            elif version == 2:
                 steps = _FROM_V2
             else:  # a file of version 1 (which set no version) has the big fields in its rows
                 v1 = db.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = 'input'", (RUNS,)).fetchone()

@@ -116,6 +116,34 @@ class WriteConformance:
         assert again.record.state == want and again.record.decisions[0] == want
         assert again.journal["A/1"] == want
 
+    async def test_parent_and_children_round_trip(self, store: Store) -> None:
+        parent = {"run_id": "p1", "step": "Fan", "visit": 3, "index": 2}
+        assert await store.create(record("p1/Fan.3.2", parent=parent), [])
+        child = await store.get("p1/Fan.3.2")
+        assert child is not None and child.parent == parent and child.children == ()
+        lease = await started(store, "p1")
+        fresh = await store.get("p1")
+        assert fresh is not None and fresh.parent is None and fresh.children == ()
+        await store.commit("p1", lease, Commit(fields={"children": ("p1/Fan.3.0",)}, seq=1))
+        await store.commit("p1", lease, Commit(fields={"children": ("p1/Fan.3.0", "p1/Fan.3.1")}, seq=2))
+        loaded = await store.load("p1")
+        assert loaded is not None
+        assert loaded.record.children == ("p1/Fan.3.0", "p1/Fan.3.1")
+        assert type(loaded.record.children) is tuple
+        listed = {r.run_id: r for r in await store.list_runs()}  # light records keep both
+        assert listed["p1/Fan.3.2"].parent == parent and listed["p1"].children == loaded.record.children
+        # An update keeps them unless it changes them.
+        await store.update("p1", _writing(step="B"))
+        rec = await store.get("p1")
+        assert rec is not None and rec.children == ("p1/Fan.3.0", "p1/Fan.3.1")
+        await store.update("p1", lambda r, now: Change(dataclasses.replace(r, children=(*r.children, "x"))))
+        rec = await store.get("p1")
+        assert rec is not None and rec.children == ("p1/Fan.3.0", "p1/Fan.3.1", "x")
+        child = await store.get("p1/Fan.3.2")
+        assert child is not None and child.parent == parent
+        with pytest.raises(StoreError, match=r"run c1\b.*'children'"):
+            await store.create(record("c1", children=("a", 1)), [])
+
     # -- commit -----------------------------------------------------------------------
 
     async def test_commit_applies_fields_outputs_events_and_journal(self, store: Store) -> None:
@@ -267,7 +295,8 @@ class WriteConformance:
         await self._assert_untouched(store, before)
 
     @pytest.mark.parametrize(
-        ("name", "value"), [("status", "sleeping"), ("visit", "many"), ("step", 3), ("control", 5)]
+        ("name", "value"),
+        [("status", "sleeping"), ("visit", "many"), ("step", 3), ("control", 5), ("children", ("c1", 2))],
     )
     async def test_commit_refuses_a_badly_typed_scalar(self, store: Store, name: str, value: Any) -> None:
         lease = await started(store)
