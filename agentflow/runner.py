@@ -56,8 +56,37 @@ def _open_store(spec: WorkflowSpec) -> tuple[Store, bool]:
     return open_store(p.store, **options), True
 
 
+def _served(workflow: Workflow) -> dict[str, WorkflowSpec]:
+    """``workflow`` and every workflow it may run as a child (theirs too), compiled, by name.
+
+    Raises:
+        WorkflowDefinitionError: a child's definition is wrong, or two different
+            workflows of the family share a name.
+    """
+    objs = {workflow.name: workflow}
+    specs = {workflow.name: workflow.compile()}
+    todo = [specs[workflow.name]]
+    while todo:
+        for name, wf in todo.pop().children.items():
+            if name in objs:
+                if objs[name] is not wf:
+                    raise WorkflowDefinitionError(
+                        f"workflow {workflow.name!r}: two different workflows of its children are "
+                        f"named {name!r}; give each a name of its own"
+                    )
+                continue
+            objs[name] = wf
+            specs[name] = wf.compile()
+            todo.append(specs[name])
+    return specs
+
+
+#: Child runs a pause, a resume or a stop reaches at once.
+_FAN = 64
+
+
 class WorkflowRunner:
-    """Starts and controls the runs of one workflow.
+    """Starts and controls the runs of one workflow (and of the workflows it runs as children).
 
     The store comes from the workflow's ``.persistence(...)`` (memory without it), or
     from ``store=`` here. Use it as an async context manager, or call ``close()``.
@@ -75,6 +104,7 @@ class WorkflowRunner:
             raise WorkflowDefinitionError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
         self.workflow = workflow
         self.spec = workflow.compile()
+        self._specs = _served(workflow)
         self._owns_store = False
         if store is None:
             store, self._owns_store = _open_store(self.spec)
@@ -88,7 +118,7 @@ class WorkflowRunner:
     def supervisor(self) -> Supervisor:
         """The per-process machinery (created on first use, inside the running event loop)."""
         if self._sup is None:
-            self._sup = Supervisor(self.spec, self.store, self._lease_ttl, self.owner)
+            self._sup = Supervisor(self.spec, self.store, self._lease_ttl, self.owner, self._specs)
         return self._sup
 
     async def __aenter__(self) -> WorkflowRunner:
@@ -182,17 +212,25 @@ class WorkflowRunner:
         """
         sup = self.supervisor
         handles = []
+        for name in self._specs:  # the workflow's runs, and those of its children
+            handles += await self._recover(sup.of(name))
+        for name in self._specs:
+            wsup = sup.of(name)
+            await wsup.timers.sweep()
+            wsup.watch_deadlines()
+            await self._check_parents(wsup)
+        return handles
+
+    async def _recover(self, sup: Supervisor) -> list[RunHandle]:
+        name = sup.spec.name
+        handles = []
         while True:
-            ids = [i for i in await self.store.recoverable(self.spec.name, 100) if i not in sup.local]
+            ids = [i for i in await self.store.recoverable(name, 100) if i not in sup.local]
             taken = 0
             for run_id in ids:
 
                 def take_over(r: RunRecord, now: float) -> Transition | None:
-                    if (
-                        r.status != RunStatus.RUNNING
-                        or r.lease_expires >= now
-                        or r.workflow != self.spec.name
-                    ):
+                    if r.status != RunStatus.RUNNING or r.lease_expires >= now or r.workflow != name:
                         return None  # someone else got there first (or not ours)
                     data = {"recovered": True, "from": r.lease_owner}
                     return Transition({}, [("resumed", r.step, data)], r.step or START)
@@ -209,6 +247,25 @@ class WorkflowRunner:
         await sup.timers.sweep()
         sup.watch_deadlines()
         return handles
+
+    async def _check_parents(self, sup: Supervisor) -> None:
+        """Resume the waiting runs of ``sup``'s workflow whose child runs all ended.
+
+        A process that finished a run's last child and died before it resumed the
+        parent leaves it waiting: its check-back deadline finds it later, this at once.
+        """
+        after = None
+        while True:
+            page = await self.store.list_runs(sup.spec.name, RunStatus.WAITING, 100, after)
+            for r in page:
+                if isinstance(r.pending, dict) and r.pending.get("kind") == "children":
+                    try:
+                        await sup.watch.check(r.run_id, rearm=True)
+                    except AgentflowError:
+                        continue
+            if len(page) < 100:
+                return
+            after = page[-1].run_id
 
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False when there was no such run.
@@ -273,7 +330,7 @@ class WorkflowRunner:
         return RunHandle(self, run_id, self.supervisor.local.get(run_id), status=rec.status)
 
     def _check_workflow(self, rec: RunRecord) -> None:
-        if rec.workflow != self.spec.name:
+        if rec.workflow not in self._specs:
             raise AgentflowError(
                 f"run {rec.run_id} belongs to workflow {rec.workflow!r}, not {self.spec.name!r}; "
                 "use that workflow's runner"
@@ -313,7 +370,36 @@ class WorkflowRunner:
             left = _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
             await sup.notifier.changed(run_id, left)
 
+    async def _each_child(self, run_id: str, action: Callable[[str], Any], every: bool = False) -> None:
+        """Apply ``action`` to ``run_id``'s child runs (those of its wait; with ``every``, all).
+
+        A child that cannot take it (it ended meanwhile) is left as it is.
+        """
+        rec = await self.store.get(run_id)
+        if rec is None:
+            return
+        if every:
+            ids = list(rec.children)
+        elif isinstance(rec.pending, dict) and rec.pending.get("kind") == "children":
+            ids = [str(c["run_id"]) for c in rec.pending.get("children") or ()]
+        else:
+            return
+
+        async def one(child: str) -> None:
+            try:
+                await action(child)
+            except (InvalidStateError, RunNotFoundError):
+                pass
+
+        for i in range(0, len(ids), _FAN):
+            await asyncio.gather(*(one(c) for c in ids[i : i + _FAN]))
+
     async def _pause(self, run_id: str) -> None:
+        """Pause the run, and its child runs (they pause where they are; the parent waits on)."""
+        await self._pause_one(run_id)
+        await self._each_child(run_id, self._pause)
+
+    async def _pause_one(self, run_id: str) -> None:
         sup = self.supervisor
         live = sup.local.get(run_id)
         if live is not None and live.status is RunStatus.RUNNING and not live.finished:
@@ -357,6 +443,11 @@ class WorkflowRunner:
                 continue
 
     async def _resume(self, run_id: str) -> None:
+        """Resume the run, and its paused child runs."""
+        await self._resume_one(run_id)
+        await self._each_child(run_id, self._resume)
+
+    async def _resume_one(self, run_id: str) -> None:
         def fn(rec: RunRecord, now: float) -> Transition | None:
             if rec.status == RunStatus.RUNNING:
                 return None
@@ -373,6 +464,11 @@ class WorkflowRunner:
             await self.supervisor.update(run_id, lambda r, now: Change(dataclasses.replace(r, control=None)))
 
     async def _stop(self, run_id: str) -> None:
+        """Stop the run, then every child run it started that has not ended."""
+        await self._stop_one(run_id)
+        await self._each_child(run_id, self._stop, every=True)
+
+    async def _stop_one(self, run_id: str) -> None:
         sup = self.supervisor
         while True:
             live = sup.local.get(run_id)
@@ -402,6 +498,7 @@ class WorkflowRunner:
             if rec is None:
                 raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
             sup.notify(run_id)
+            sup.settled(rec)
             if rec.status in FINAL:
                 return
             # Owned elsewhere (alive): it stops at its next commit or lease renewal. If it
@@ -433,7 +530,7 @@ class WorkflowRunner:
         loaded = await self.store.load(run_id)
         if loaded is None:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
-        spec = self.spec
+        spec = self._specs.get(rec.workflow, self.spec)
         results: dict[str, Any] = {}
         for out in loaded.outputs:
             results[out.step] = decode_output(spec, out.step, out.value)

@@ -26,6 +26,7 @@ __all__ = [
     "LIFECYCLE_KINDS",
     "NO_USAGE",
     "Decision",
+    "ParentRef",
     "RunEvent",
     "RunInfo",
     "RunResult",
@@ -205,6 +206,20 @@ class RunEvent(NamedTuple):
         )
 
 
+class ParentRef(NamedTuple):
+    """The run (and its step) that started a child run (``RunInfo.parent``)."""
+
+    run_id: str
+    step: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> ParentRef | None:
+        """Read a stored ``RunRecord.parent`` back (None for a run started on its own)."""
+        if not isinstance(data, dict):
+            return None
+        return cls(str(data["run_id"]), str(data["step"]))
+
+
 @dataclass(frozen=True, slots=True)
 class RunInfo:
     """A snapshot of a run for display and control.
@@ -215,6 +230,8 @@ class RunInfo:
         error: failure details while status is ``failed``.
         usage: tokens the run's agent calls consumed.
         decisions: every decision taken at the run's gates, oldest first.
+        parent: the run and step that started this run, for a child run (else None).
+        children: ids of the child runs this run started, oldest first.
     """
 
     run_id: str
@@ -227,6 +244,8 @@ class RunInfo:
     created_at: datetime
     updated_at: datetime
     decisions: tuple[Decision, ...] = ()
+    parent: ParentRef | None = None
+    children: tuple[str, ...] = ()
 
     def _repr_html_(self) -> str:
         rows = [

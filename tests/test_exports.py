@@ -36,6 +36,7 @@ SPEC_NAMES = [
     # SPEC section 11, "as they arrive"
     "StepContext",
     "RunNotFoundError",
+    "Run",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -83,6 +84,7 @@ EXPECTED = [
     "PoolTimeoutError",
     "ProviderError",
     "RetryPolicy",
+    "Run",
     "RunEvent",
     "RunFailedError",
     "RunHandle",

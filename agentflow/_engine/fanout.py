@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from collections.abc import Coroutine as CoroutineABC
 from typing import TYPE_CHECKING, Any
 
+from ..definition.compose import Run
 from ..definition.parallel import BranchError, Parallel
 from ..definition.steps import StepFunction
 from ..stores.contract import Commit, OutputRecord
+from .compose import Spawned, spawn
 from .context import Frame, StepContext, validate_state
 from .invoke import invoke
 from .values import decode_output, step_output
@@ -161,11 +163,12 @@ async def run_parallel(
             if finished and not batch:
                 return
 
-    def make(oname: str, key: str, fn: StepFunction, item: Any) -> Callable[[], Any]:
+    def make(oname: str, key: str, fn: StepFunction, item: Any, index: int) -> Callable[[], Any]:
         async def call() -> Any:
             bframe = Frame(frame.state, key)
             bframe.updates = {}
             bctx: StepContext[Any, Any] = StepContext(run, oname, visit, bframe, item)
+            child = None
             try:
                 if fn.retry is None and fn.timeout is None:
                     out = fn.fn(bctx)
@@ -173,10 +176,17 @@ async def run_parallel(
                         out = await out
                 else:
                     out = await invoke(fn, (bctx,), bframe, ctx=bctx)
-                out = step_output(fn, oname, run.run_id, out)
+                if isinstance(out, Run):
+                    # The branch runs a child workflow: its result comes when the child ends.
+                    child = await spawn(run, name, visit, out, index)
+                    out = None
+                else:
+                    out = step_output(fn, oname, run.run_id, out)
             finally:
                 await bframe.close_agents()
             entry = {"output": out, "updates": bframe.updates}
+            if child is not None:
+                entry["child"], entry["workflow"] = child["run_id"], child["workflow"]
             done[key] = entry
             batch[key] = entry
             wake.set()
@@ -186,12 +196,14 @@ async def run_parallel(
 
     calls = []
     call_keys = []
-    for oname, label, key, fn, item in jobs:
+    for index, (oname, label, key, fn, item) in enumerate(jobs):
         stored = journal.get(key)
         if stored is not None:
             done[key] = {"output": decode_output(spec, oname, stored["output"]), "updates": stored["updates"]}
+            if "child" in stored:
+                done[key]["child"], done[key]["workflow"] = stored["child"], stored.get("workflow")
         else:
-            calls.append((label, make(oname, key, fn, item)))
+            calls.append((label, make(oname, key, fn, item, index)))
             call_keys.append(key)
 
     try:
@@ -206,6 +218,27 @@ async def run_parallel(
         raise unwrap(group) from None
     journal.update(done)
     errors = {k: r for k, r in zip(call_keys, results, strict=True) if isinstance(r, BaseException)}
+    refs = [
+        {"run_id": done[key]["child"], "workflow": done[key]["workflow"], "index": i}
+        for i, (_o, _l, key, _f, _i) in enumerate(jobs)
+        if key in done and "child" in done[key]
+    ]
+    if refs:
+        # The join waits for the child runs: the step parks, and joins when they ended.
+        failed = {
+            key: {
+                "output": BranchError(label, type(errors[key]).__name__, str(errors[key])).to_json(),
+                "updates": {},
+            }
+            for _o, label, key, _f, _i in jobs
+            if key in errors
+        }
+        join: dict[str, Any] = {"prefix": prefix, "on_error": par.on_error}
+        if par.items is not None:
+            join.update(map=par.map_name, count=len(jobs))
+        else:
+            join["branches"] = list(par.branches)
+        raise Spawned(refs, join, failed)
     state = frame.state
     model = spec.state_model
     values: list[Any] = []

@@ -10,12 +10,14 @@ import asyncio
 import time
 from typing import Any
 
+from ..definition.compose import Run
 from ..definition.gates import Wait
 from ..definition.parallel import Parallel
 from ..definition.steps import END, START, Next, StepFunction
 from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError, redact
 from ..stores.contract import Commit, OutputRecord
 from ..types import NO_USAGE, RunEvent, RunStatus
+from .compose import Spawned, park_children, resume_children, spawn
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -34,6 +36,13 @@ async def advance_flow(run: LiveRun) -> None:
     store = kernel.store
     max_steps = spec.max_steps
     run_id = run.run_id
+    if run.resolving is not None:
+        # Back from a wait on child runs that ended: the step that started them completes.
+        control = await resume_children(run)
+        if control is not None:
+            await obey(run, control)
+        if run.status is not RunStatus.RUNNING or kernel.stopping:
+            return
     while True:
         name = run.step
         fn = steps[name]
@@ -148,11 +157,24 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
             return await park(run, name, frame, ret.gate, ret)
         elif isinstance(ret, Parallel):
             target = _target(run, name, ret.target)
-            frame.state, outputs = await run_parallel(run, name, frame, ret)
+            try:
+                frame.state, outputs = await run_parallel(run, name, frame, ret)
+            except Spawned as sp:
+                # Some branches started child runs: the join waits for them, parked.
+                refs, join, journal = sp.refs, sp.join, sp.journal
+                return await park_children(run, name, frame, refs, target, join=join, journal=journal)
+        elif isinstance(ret, Run):
+            for t in (ret.target, ret.on_fail, ret.on_reject):
+                if t is not None:
+                    _target(run, name, t)
+            if run.stop_requested:
+                raise Stop()
+            ref = await spawn(run, name, run.visit, ret)
+            return await park_children(run, name, frame, [ref], ret.target, ret.on_fail, ret.on_reject)
         else:
             raise TypeError(
                 f"run {run.run_id}: step {name!r} returned {ret!r}; a step returns a step name, END, "
-                "Next(target, output=...), Wait(...) or Parallel(...)"
+                "Next(target, output=...), Wait(...), Parallel(...) or Run(...)"
             )
         final = run_output(spec, run.run_id, output) if target == END else None
     except (asyncio.CancelledError, Stop, LeaseLostError, StoreError, StepError):

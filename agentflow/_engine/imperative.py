@@ -13,12 +13,15 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..definition.compose import Run
 from ..definition.gates import Gate, Wait
 from ..definition.parallel import BranchError, OnError, Parallel
 from ..definition.steps import StepFunction, as_step
+from ..definition.workflow import Workflow
 from ..errors import NonDeterminismError, StepLimitExceeded
 from ..stores.contract import Commit, OutputRecord
 from ..types import Decision, RunStatus
+from .compose import ChildOutcome, park_children, read_children, spawn
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -30,7 +33,7 @@ __all__ = ["ImperativeContext", "advance_imperative"]
 
 
 class ImperativeContext(StepContext[Any, Any]):
-    """``ctx`` of an ``.execute(fn)`` workflow: adds ``step``, ``parallel`` and ``wait``."""
+    """``ctx`` of an ``.execute(fn)`` workflow: adds ``step``, ``parallel``, ``wait`` and ``run``."""
 
     __slots__ = ("_decisions", "_seq")
 
@@ -68,7 +71,9 @@ class ImperativeContext(StepContext[Any, Any]):
         if model is not None and entry.get("state") is not None:
             self._frame.state = model.model_validate(entry["state"])
 
-    async def _record(self, key: str, entry: dict[str, Any], name: str, value: Any) -> None:
+    async def _record(
+        self, key: str, entry: dict[str, Any], name: str, value: Any, extra: dict[str, Any] | None = None
+    ) -> None:
         run = self._run
         state = self._frame.state
         if run.spec.state_model is not None:
@@ -76,7 +81,7 @@ class ImperativeContext(StepContext[Any, Any]):
         run.journal[key] = entry
         run.results[name] = value
         run.history.setdefault(name, []).append(value)
-        fields: dict[str, Any] = {"visit": run.visit}
+        fields: dict[str, Any] = {"visit": run.visit, **(extra or {})}
         if state is not run.state:
             run.state = state
             fields["state"] = state
@@ -185,6 +190,65 @@ class ImperativeContext(StepContext[Any, Any]):
         assert main is not None
         await park(run, step, self._frame, gate, Wait(gate, main.name, main.name, main.name))
         raise Suspend()
+
+    async def run(self, workflow: Workflow, input: Any = None) -> Any:
+        """Run ``workflow`` as a child run and return its output (typed by its ``.output(Model)``).
+
+        The parent parks (holding no task) until the child ends; on replay the child's
+        journaled result comes back and no second child starts.
+
+        Raises:
+            RunFailedError: the child failed (naming the child run and its failing step).
+            RunStoppedError: the child was stopped.
+            RunRejectedError: the child ended rejected or expired at a gate.
+            WorkflowDefinitionError: ``workflow`` is not one of this workflow's children.
+        """
+        if not isinstance(workflow, Workflow):
+            raise TypeError(f"run {self.run_id}: ctx.run() takes a Workflow, got {workflow!r}")
+        key, entry = self._next("run", workflow.name)
+        step = f"run:{self._seq}"
+        run = self._run
+        if entry is not None:
+            self._replayed(entry)
+            return self._child_result(entry)
+        resolving = run.resolving
+        if resolving is not None and resolving.get("step") == step:
+            run.resolving = None
+            (outcome,) = await read_children(run, list(resolving["children"]))
+            run.usage = run.usage + outcome.usage
+            if outcome.ok:
+                entry = {
+                    "kind": "run",
+                    "name": workflow.name,
+                    "child": outcome.run_id,
+                    "value": outcome.value,
+                }
+            else:
+                entry = {
+                    "kind": "run",
+                    "name": workflow.name,
+                    "child": outcome.run_id,
+                    "error": outcome.to_json(),
+                }
+            extra = {"pending": None, "usage": run.usage.to_json()}
+            await self._record(key, entry, workflow.name, outcome.value, extra)
+            return self._child_result(entry)
+        self._count(step)
+        ref = await spawn(run, step, run.visit, Run(workflow, input))
+        main = run.spec.main
+        assert main is not None
+        await park_children(run, step, self._frame, [ref], main.name)
+        raise Suspend()
+
+    def _child_result(self, entry: dict[str, Any]) -> Any:
+        """A journaled child result: its output typed again, or its failure raised again."""
+        if entry.get("error") is not None:
+            raise ChildOutcome.from_json(entry["error"]).exception()
+        try:
+            spec = self._run.kernel.child_kernel(str(entry["name"])).spec
+        except KeyError:
+            return entry.get("value")
+        return run_output(spec, str(entry.get("child")), entry.get("value"))
 
 
 def _typed(spec: StepFunction, value: Any) -> Any:

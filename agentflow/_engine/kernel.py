@@ -43,3 +43,24 @@ class Kernel(Protocol):
     def forget(self, run: LiveRun) -> None:
         """``run`` left this process."""
         ...
+
+    # -- child runs ---------------------------------------------------------------
+
+    #: Seconds a lease lasts without renewal (a child run's first lease too).
+    lease_ttl: float
+
+    def child_kernel(self, workflow: str) -> Kernel:
+        """The kernel of the runs of ``workflow`` (a child workflow) in this process.
+
+        Raises:
+            KeyError: this process does not serve ``workflow``.
+        """
+        ...
+
+    def start(self, run: LiveRun) -> None:
+        """Advance ``run`` (just created, its lease held) in a task of its own."""
+        ...
+
+    def watch_children(self, run_id: str) -> None:
+        """``run_id`` parked on child runs: resume it once they all ended."""
+        ...

@@ -84,6 +84,7 @@ class LiveRun:
     """A run owned and advanced by this process."""
 
     __slots__ = (
+        "children",
         "commit_seq",
         "decision",
         "decisions",
@@ -97,7 +98,9 @@ class LiveRun:
         "lease",
         "outbox",
         "output",
+        "parent",
         "pause_requested",
+        "resolving",
         "results",
         "results_view",
         "run_id",
@@ -143,6 +146,10 @@ class LiveRun:
         self.finished = False
         self.failure: BaseException | None = None  # a store failure that left the run at its last commit
         self.watchers: list[asyncio.Future[None]] = []
+        self.parent: dict[str, Any] | None = None  # for a child run: RunRecord.parent
+        self.children: tuple[str, ...] = ()  # every child run started, as stored
+        # The pending of a wait on children that ended: the step to finish first.
+        self.resolving: dict[str, Any] | None = None
 
     @classmethod
     def restore(cls, kernel: Kernel, loaded: LoadedRun, lease: Lease) -> LiveRun:
@@ -188,6 +195,11 @@ class LiveRun:
         run.journal = dict(loaded.journal)
         run.pause_requested = rec.control == "pause"
         run.stop_requested = rec.control == "stop"
+        run.parent = rec.parent if isinstance(rec.parent, dict) else None
+        run.children = tuple(rec.children)
+        pending = rec.pending
+        if isinstance(pending, dict) and pending.get("kind") == "children":
+            run.resolving = pending
         return run
 
     # -- events ---------------------------------------------------------------

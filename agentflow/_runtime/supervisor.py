@@ -25,7 +25,8 @@ from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
 from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError
 from ..stores.contract import Commit, Lease, RunRecord, Store
-from ..types import RunEvent, RunStatus
+from ..types import FINAL, RunEvent, RunStatus
+from .children import ChildWatch
 from .leases import LeaseKeeper
 from .notify import Notifier
 from .timers import GateTimers
@@ -42,17 +43,40 @@ _UPDATE_TRIES, _UPDATE_FIRST = 5, 0.05
 class Supervisor:
     """Per-runner machinery: the store, the runs this process owns, leases, deadlines."""
 
-    def __init__(self, spec: WorkflowSpec, store: Store, lease_ttl: float, owner: str) -> None:
+    def __init__(
+        self,
+        spec: WorkflowSpec,
+        store: Store,
+        lease_ttl: float,
+        owner: str,
+        specs: dict[str, WorkflowSpec] | None = None,
+        root: Supervisor | None = None,
+    ) -> None:
         self.spec = spec
         self.store = store
         self.lease_ttl = lease_ttl
         self.owner = owner
-        self.local: dict[str, LiveRun] = {}
-        self.notifier = Notifier()
         self.stopping = False
-        self.waiters: dict[str, Any] = self.notifier.waiters
         self.pools = AgentPools(spec.agents) if spec.agents is not None else None
-        self.leases = LeaseKeeper(self)
+        if root is None:
+            # The first workflow's supervisor: the runs, watchers, leases and the
+            # workflows served (the runner's and its children's) are kept here, shared.
+            self.root: Supervisor = self
+            self.local: dict[str, LiveRun] = {}
+            self.notifier = Notifier()
+            self.leases = LeaseKeeper(self)
+            self.specs = dict(specs or {spec.name: spec})
+            self.family: dict[str, Supervisor] = {spec.name: self}
+            self.watch = ChildWatch(self)
+        else:
+            self.root = root
+            self.local = root.local
+            self.notifier = root.notifier
+            self.leases = root.leases
+            self.specs = root.specs
+            self.family = root.family
+            self.watch = root.watch
+        self.waiters: dict[str, Any] = self.notifier.waiters
         self.timers = GateTimers(self)
         self.advance: Callable[[LiveRun], Awaitable[None]] = (
             advance_imperative if spec.imperative else advance_flow
@@ -78,6 +102,37 @@ class Supervisor:
         if self.local.get(run.run_id) is run:
             del self.local[run.run_id]
         self.notify(run.run_id)
+        if run.parent is not None and run.status in FINAL:
+            self.watch.child_ended(run.parent, run.run_id)
+
+    # -- several workflows (a runner's and its children's) -----------------------
+
+    def of(self, workflow: str) -> Supervisor:
+        """The supervisor of ``workflow``'s runs here (made on first use; one per workflow).
+
+        Raises:
+            KeyError: this runner does not serve ``workflow``.
+        """
+        sup = self.family.get(workflow)
+        if sup is None:
+            root = self.root
+            sup = Supervisor(self.specs[workflow], self.store, self.lease_ttl, self.owner, root=root)
+            sup.stopping = root.stopping
+            self.family[workflow] = sup
+        return sup
+
+    def child_kernel(self, workflow: str) -> Supervisor:
+        """The kernel of a child workflow's runs (see :meth:`of`)."""
+        return self.of(workflow)
+
+    def watch_children(self, run_id: str) -> None:
+        """``run_id`` parked on child runs: resume it once they all ended."""
+        self.watch.parked(run_id)
+
+    def settled(self, rec: RunRecord) -> None:
+        """A change made here left ``rec`` as written: a child run that ended checks on its parent."""
+        if rec.parent is not None and rec.status in FINAL:
+            self.watch.child_ended(rec.parent, rec.run_id)
 
     # -- owning runs ----------------------------------------------------------
 
@@ -138,7 +193,10 @@ class Supervisor:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
         if rec.lease_owner == self.owner and rec.lease_token in taken and run_id not in self.local:
-            await self.adopt(run_id, Lease(self.owner, rec.lease_token))
+            # The run may be of a child workflow: the supervisor of its own workflow adopts it.
+            owner = self.of(rec.workflow) if rec.workflow in self.specs else self
+            await owner.adopt(run_id, Lease(self.owner, rec.lease_token))
+        self.settled(rec)
         return rec
 
     async def update(self, run_id: str, change: Callable[[RunRecord, float], Any]) -> RunRecord | None:
@@ -163,18 +221,36 @@ class Supervisor:
             delay *= 2
         return await self.store.update(run_id, change)
 
+    async def check_children(self, run_id: str) -> None:
+        """The check-back deadline of ``run_id``, parked on child runs (pending kind ``"children"``), passed.
+
+        Called by the timer sweeper (and so by ``recover()``), possibly in several
+        processes at once for the same run: whatever it does must be an atomic,
+        idempotent transition of the parent (resume it if its children ended, else set
+        the next check-back deadline).
+        """
+        await self.watch.check(run_id, rearm=True)
+
     async def expire(self, run_id: str) -> None:
         """Time out the gate of ``run_id`` if its deadline passed."""
         await self.transition(run_id, lambda rec, now: expired(rec))
 
     async def close(self) -> None:
-        """Stop advancing runs (they stay recoverable) and stop background tasks."""
-        self.stopping = True
-        tasks = [r.task for r in self.local.values() if r.task is not None]
-        for r in list(self.local.values()):
-            r.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.leases.close()
-        await self.timers.close()
-        if self.pools is not None:
-            await self.pools.aclose()
+        """Stop advancing runs (they stay recoverable) and stop background tasks.
+
+        Closing the first supervisor closes those of the child workflows with it.
+        """
+        family = list(self.family.values()) if self.root is self else [self]
+        for sup in family:
+            sup.stopping = True
+        if self.root is self:
+            await self.watch.close()
+            tasks = [r.task for r in self.local.values() if r.task is not None]
+            for r in list(self.local.values()):
+                r.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.leases.close()
+        for sup in family:
+            await sup.timers.close()
+            if sup.pools is not None:
+                await sup.pools.aclose()

@@ -1,5 +1,6 @@
-"""What a user declares: workflows, steps, gates, parallel branches. No I/O, no tasks."""
+"""What a user declares: workflows, steps, gates, parallel branches, child runs. No I/O, no tasks."""
 
+from .compose import Run
 from .gates import Gate, HumanApproval, Wait
 from .parallel import BranchError, Parallel
 from .steps import END, START, Next, RetryPolicy, StepFunction, step
@@ -15,6 +16,7 @@ __all__ = [
     "Parallel",
     "Persistence",
     "RetryPolicy",
+    "Run",
     "StepFunction",
     "Wait",
     "Workflow",

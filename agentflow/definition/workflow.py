@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from ..agents.config import Agent, AgentsConfig, TokenBudget
 from ..errors import WorkflowDefinitionError
 from ..stores.contract import Store
+from .compose import referenced_workflows, scope_of
 from .graph import mermaid
 from .steps import END, START, StepFunction, as_step
 
@@ -50,6 +51,9 @@ class WorkflowSpec:
     persistence: Persistence | None
     agents: AgentsConfig | None
     output_types: dict[str, type[BaseModel]] = field(default_factory=dict)
+    #: Workflows a step may run as children (``Run(...)``, ``ctx.run``), by name: found
+    #: from the steps' code or declared with ``.children(...)``.
+    children: dict[str, Workflow] = field(default_factory=dict)
 
     @property
     def imperative(self) -> bool:
@@ -96,6 +100,20 @@ def _referenced_steps(fn: Callable[..., Any], found: dict[str, type[BaseModel]],
         codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
 
 
+def _children_by_function(name: str, fn: Callable[..., Any]) -> list[tuple[str, set[Workflow]]]:
+    """``(label, workflows)`` for ``fn`` (labelled ``name``) and each function its code calls."""
+    out = [(name, set(referenced_workflows(fn)))]
+    code = getattr(fn, "__code__", None)
+    scope = scope_of(fn)
+    for ref in (*code.co_names, *code.co_freevars) if code is not None else ():
+        obj = scope.get(ref)
+        if isinstance(obj, StepFunction):
+            out.append((obj.name, set(referenced_workflows(obj.fn))))
+        elif isinstance(obj, types.FunctionType) and obj is not fn:
+            out.append((obj.__name__, set(referenced_workflows(obj))))
+    return [(label, kids) for label, kids in out if kids]
+
+
 class Workflow:
     """A durable workflow: typed input and state, steps, gates, parallel branches.
 
@@ -121,6 +139,7 @@ class Workflow:
         self._persistence: Persistence | None = None
         self._agents: AgentsConfig | None = None
         self._max_steps = 10_000
+        self._children: list[Workflow] = []
         self._spec: WorkflowSpec | None = None
 
     def _changed(self) -> Self:
@@ -243,6 +262,17 @@ class Workflow:
         self._max_steps = n
         return self._changed()
 
+    def children(self, *workflows: Workflow) -> Self:
+        """Declare workflows a step may run as children (needed when one is chosen at run time).
+
+        Workflows a step's code refers to by name are found without this.
+        """
+        for wf in workflows:
+            if not isinstance(wf, Workflow):
+                raise WorkflowDefinitionError(f"{self.name}.children() takes Workflows, got {wf!r}")
+        self._children.extend(workflows)
+        return self._changed()
+
     def compile(self) -> WorkflowSpec:
         """Validate the definition and freeze it (cached until the next builder call)."""
         if self._spec is not None:
@@ -268,6 +298,7 @@ class Workflow:
                 output_types[name] = fn.output
         for fn in [*steps.values(), *([self._main] if self._main else [])]:
             _referenced_steps(fn.fn, output_types)
+        children = self._find_children(steps, output_types)
         self._spec = WorkflowSpec(
             name=self.name,
             description=self.description,
@@ -281,8 +312,44 @@ class Workflow:
             persistence=self._persistence,
             agents=self._agents,
             output_types=output_types,
+            children=children,
         )
         return self._spec
+
+    def _find_children(
+        self, steps: dict[str, StepFunction], output_types: dict[str, type[BaseModel]]
+    ) -> dict[str, Workflow]:
+        """The child workflows (declared, then found in step code) by name.
+
+        A step (or a function it calls, such as a ``Parallel.map`` branch) that runs one
+        child workflow with an ``.output(Model)`` has that model as its output type, so
+        its result comes back typed after a reload.
+        """
+        found: dict[str, Workflow] = {}
+
+        def add(wf: Workflow) -> None:
+            other = found.setdefault(wf.name, wf)
+            if other is not wf:
+                raise WorkflowDefinitionError(
+                    f"workflow {self.name!r}: two different child workflows are named {wf.name!r}; "
+                    "give each a name of its own"
+                )
+
+        for wf in self._children:
+            add(wf)
+        fns = [(name, fn.fn) for name, fn in steps.items()]
+        if self._main is not None:
+            fns.append((self._main.name, self._main.fn))
+        for name, fn in fns:
+            for label, kids in _children_by_function(name, fn):
+                for wf in kids:
+                    add(wf)
+                models = {wf._output for wf in kids}
+                if len(models) == 1 and None not in models and (self._main is None or label != name):
+                    model = next(iter(models))
+                    assert model is not None
+                    output_types.setdefault(label, model)
+        return found
 
     def mermaid(self) -> str:
         """A Mermaid flowchart of the steps and their edges, gates and parallel branches marked."""

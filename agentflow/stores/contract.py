@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..types import Decision, RunEvent, RunInfo, RunStatus, Usage, utc
+from ..types import Decision, ParentRef, RunEvent, RunInfo, RunStatus, Usage, utc
 
 __all__ = [
     "COMMIT_FIELDS",
@@ -144,6 +144,8 @@ class RunRecord:
             created_at=utc(self.created_at),
             updated_at=utc(self.updated_at),
             decisions=tuple(Decision.from_json(d) for d in self.decisions),
+            parent=ParentRef.from_json(self.parent),
+            children=tuple(self.children),
         )
 
 

@@ -1,0 +1,500 @@
+"""Child runs: starting them, parking the parent on them, and finishing the parent's step.
+
+A step that returns ``Run(child, input, target)`` (a ``Parallel.map`` branch too, or
+``await ctx.run(child, input)`` in imperative code) starts a run of its own in the
+same store, under an id derived from the parent's and the step visit
+(:func:`child_id`): a replay or a recovery of the step finds the child it started
+(``Store.create`` refuses a second one) instead of starting another.
+
+The order makes crashes harmless:
+
+1. the child is created (its record names the parent) and started here;
+2. the parent commits as ``waiting`` with ``pending`` of kind ``"children"`` (the
+   children, where to go next, a check-back deadline) and the child ids appended to
+   its ``children``, and lets go of its lease: it holds no task while it waits.
+
+A crash between 1 and 2 leaves the parent running with its lease running out:
+recovery runs the step again, which finds the same child. When the last child ends,
+the process that sees it (or a timer sweep at the check-back deadline, or
+``recover()``) moves the parent back to running through one atomic ``Store.update``
+(:func:`ended`, judged on the parent's record: exactly once, whoever tries). The
+``pending`` stays on the record until the parent's new owner commits the step's
+completion (:func:`resume_children`), so a crash in between leaves a running parent
+that recovery finishes the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..definition.compose import Run
+from ..definition.parallel import BranchError
+from ..definition.steps import END, START
+from ..errors import (
+    RunFailedError,
+    RunRejectedError,
+    RunStoppedError,
+    StepLimitExceeded,
+    WorkflowDefinitionError,
+)
+from ..stores.contract import Commit, Lease, OutputRecord, RunRecord
+from ..types import FINAL, NO_USAGE, RunStatus, Usage
+from .context import Frame, validate_state
+from .run import LiveRun, StepError
+from .values import decode_output, encode_branch, run_output, validate_input
+
+if TYPE_CHECKING:
+    from .gates import Transition
+    from .kernel import Kernel
+
+__all__ = [
+    "CHECK_BACK",
+    "ChildOutcome",
+    "Spawned",
+    "child_id",
+    "ended",
+    "park_children",
+    "read_children",
+    "resume_children",
+    "spawn",
+]
+
+#: Seconds from parking on children to the first check-back: the timer sweep looks at
+#: the children then (in case the process that finished the last one died before it
+#: resumed the parent), and again later, backing off to :data:`CHECK_BACK_MAX`.
+CHECK_BACK = 5.0
+CHECK_BACK_MAX = 60.0
+
+#: Children read from the store at once when a parent's step finishes.
+_READ_BATCH = 64
+
+
+def child_id(parent: str, step: str, visit: int, index: int | None = None) -> str:
+    """The id of the child a step visit starts (``index``: its position in a fan-out).
+
+    Derived, never random, so running the step again finds the same child. Kept short
+    when the parent's own id is long (a child of a child of ...).
+    """
+    base = parent if len(parent) <= 64 else "c" + hashlib.sha256(parent.encode()).hexdigest()[:31]
+    tail = f"{step}.{visit}" if index is None else f"{step}.{visit}.{index}"
+    return f"{base}/{tail}"
+
+
+class Spawned(Exception):
+    """Internal: parallel branches started child runs; the step parks on them.
+
+    Attributes:
+        refs: the children, ``{"run_id", "workflow", "index"}``, in branch order.
+        join: how to join the branches once the children ended (see ``run_parallel``).
+        journal: failed branches' results (``on_error="collect"``), kept for the join.
+    """
+
+    def __init__(self, refs: list[dict[str, Any]], join: dict[str, Any], journal: dict[str, Any]) -> None:
+        super().__init__(f"{len(refs)} child runs started")
+        self.refs = refs
+        self.join = join
+        self.journal = journal
+
+
+async def spawn(run: LiveRun, step: str, visit: int, child: Run, index: int | None = None) -> dict[str, Any]:
+    """Create (or find again) and start the child run ``child`` asks for; its ref.
+
+    Raises:
+        WorkflowDefinitionError: the workflow is not one of the parent's children.
+        InvalidInputError: the input does not fit the child's input model.
+        StepLimitExceeded: runs nest deeper than the child's ``max_steps``.
+    """
+    spec = run.spec
+    wf = child.workflow
+    name = wf.name
+    if spec.children.get(name) is not wf:
+        known = sorted(spec.children)
+        raise WorkflowDefinitionError(
+            f"run {run.run_id}, step {step!r}: workflow {name!r} is not a child of {spec.name!r} "
+            f"(children: {known}); name it in the step's code or declare it with "
+            f"Workflow({spec.name!r}).children(...)"
+        )
+    kernel = run.kernel.child_kernel(name)
+    cspec = kernel.spec
+    depth = int((run.parent or {}).get("depth", 0)) + 1
+    if depth > cspec.max_steps:
+        raise StepLimitExceeded(
+            f"run {run.run_id}, step {step!r}: child runs nest {depth} deep (workflow {name!r} "
+            f"allows {cspec.max_steps} steps); a cycle of workflows that never ends?"
+        )
+    inp = validate_input(cspec, child.input)
+    cid = child_id(run.run_id, step, visit, index)
+    parent = {"run_id": run.run_id, "step": step, "visit": visit, "index": index, "depth": depth}
+    await start_child(kernel, cid, inp, parent)
+    return {"run_id": cid, "workflow": name, "index": index}
+
+
+async def start_child(kernel: Kernel, run_id: str, inp: Any, parent: dict[str, Any]) -> None:
+    """Store the child's first record and advance it here; nothing when it exists already."""
+    spec = kernel.spec
+    state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
+    lease = Lease(kernel.owner, 1)
+    first = spec.main.name if spec.main is not None else START
+    now = time.time()
+    rec = RunRecord(
+        run_id=run_id,
+        workflow=spec.name,
+        status=RunStatus.RUNNING,
+        input=inp,
+        state=state,
+        step=first,
+        created_at=now,
+        updated_at=now,
+        lease_owner=lease.owner,
+        lease_token=lease.token,
+        lease_expires=now + kernel.lease_ttl,
+        parent=parent,
+    )
+    child = LiveRun(kernel, run_id, lease, inp, state)
+    child.step = first
+    child.parent = parent
+    data = {"workflow": spec.name, "parent": parent["run_id"], "step": parent["step"]}
+    events = [child.event("run_started", None, data), child.event("step_started", first)]
+    child.outbox.clear()
+    if await kernel.store.create(rec, events):
+        kernel.start(child)
+
+
+async def park_children(
+    run: LiveRun,
+    name: str,
+    frame: Frame,
+    refs: list[dict[str, Any]],
+    target: str,
+    on_fail: str | None = None,
+    on_reject: str | None = None,
+    join: dict[str, Any] | None = None,
+    journal: dict[str, Any] | None = None,
+) -> None:
+    """Commit the parent as ``waiting`` on ``refs`` and let go of it (see the module docstring)."""
+    now = time.time()
+    pending = {
+        "kind": "children",
+        "workflow": run.spec.name,
+        "step": name,
+        "visit": run.visit,
+        "target": target,
+        "on_reject": on_reject,
+        "on_timeout": None,
+        "on_fail": on_fail,
+        "since": now,
+        "deadline": now + CHECK_BACK,
+        "approvals": [],
+        "children": refs,
+        "join": join,
+    }
+    known = set(run.children)
+    new = tuple(r["run_id"] for r in refs if r["run_id"] not in known)
+    run.children = (*run.children, *new)
+    fields: dict[str, Any] = {
+        "status": RunStatus.WAITING,
+        "pending": pending,
+        "step": name,
+        "visit": run.visit,
+        "children": run.children,
+    }
+    if run.pause_requested:
+        fields["control"] = "pause"
+    if frame.state is not run.state:
+        run.state = frame.state
+        fields["state"] = frame.state
+    if journal:
+        run.journal.update(journal)
+    ids = [r["run_id"] for r in refs]
+    run.event("waiting", name, {"kind": "children", "count": len(ids), "children": ids[:20]})
+    run.status = RunStatus.WAITING
+    await run.commit(Commit(fields=fields, journal=dict(journal or {}), release=True))
+    run.kernel.watch_deadlines()
+    run.kernel.watch_children(run.run_id)
+
+
+def ended(rec: RunRecord, step: str, visit: int) -> Transition | None:
+    """The parent goes on: its children (of the wait at ``step``, ``visit``) all ended.
+
+    Pure and judged on the parent's record alone: of several processes that saw the
+    last child end, only the first moves the parent on. The pending stays (its
+    deadline dropped), for the new owner to read the children's results from.
+    """
+    from .gates import Transition
+
+    pending = rec.pending
+    if (
+        rec.status != RunStatus.WAITING
+        or not isinstance(pending, dict)
+        or pending.get("kind") != "children"
+        or pending.get("step") != step
+        or pending.get("visit") != visit
+    ):
+        return None
+    data = {"children": len(pending.get("children") or ())}
+    resumed = {**pending, "deadline": None, "ended": True}
+    return Transition({"pending": resumed}, [("resumed", step, data)], resume_at=step)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildOutcome:
+    """How a child run ended, as its parent's step sees it."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    value: Any = None
+    usage: Usage = NO_USAGE
+    error: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
+    step: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The child completed."""
+        return self.status is RunStatus.COMPLETED
+
+    @property
+    def rejected(self) -> bool:
+        """The child ended at a gate (rejected, or expired without a decision)."""
+        return self.status in (RunStatus.REJECTED, RunStatus.EXPIRED)
+
+    def exception(self) -> Exception:
+        """The error the parent's step fails with (or ``ctx.run`` raises)."""
+        if self.status is RunStatus.STOPPED:
+            return RunStoppedError(self.run_id, self.step)
+        if self.rejected:
+            d = self.decision or {}
+            return RunRejectedError(self.run_id, self.status.value, d.get("comment"), d.get("by"))
+        err = self.error or {}
+        return RunFailedError(
+            self.run_id,
+            err.get("step"),
+            err.get("type", "Error"),
+            err.get("message", ""),
+            err.get("traceback", ""),
+        )
+
+    def branch_error(self) -> BranchError:
+        """The result a routed (``on_fail``, ``on_reject``) or collected failure leaves."""
+        exc = self.exception()
+        return BranchError(self.run_id, type(exc).__name__, str(exc))
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form of a failure (an imperative journal entry)."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "status": self.status.value,
+            "error": self.error,
+            "decision": self.decision,
+            "step": self.step,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ChildOutcome:
+        """Read a stored failure back."""
+        return cls(
+            str(data["run_id"]),
+            str(data["workflow"]),
+            RunStatus(data["status"]),
+            error=data.get("error"),
+            decision=data.get("decision"),
+            step=data.get("step"),
+        )
+
+
+def _outcome(run: LiveRun, ref: dict[str, Any], rec: RunRecord | None) -> ChildOutcome:
+    cid, wf = str(ref["run_id"]), str(ref["workflow"])
+    if rec is None:
+        error = {"step": None, "type": "RunNotFoundError", "message": f"child run {cid} vanished"}
+        return ChildOutcome(cid, wf, RunStatus.FAILED, error=error)
+    usage = Usage.from_json(rec.usage)
+    if rec.status is RunStatus.COMPLETED:
+        try:
+            spec = run.kernel.child_kernel(wf).spec
+        except KeyError:
+            value = rec.output
+        else:
+            value = run_output(spec, cid, rec.output)
+        return ChildOutcome(cid, wf, rec.status, value, usage, step=rec.step)
+    if rec.status not in FINAL:
+        # Only a parent whose children all ended is resumed: this one was reset meanwhile.
+        error = {"step": rec.step, "type": "InvalidStateError", "message": f"child run {cid} is {rec.status}"}
+        return ChildOutcome(cid, wf, RunStatus.FAILED, usage=usage, error=error, step=rec.step)
+    decision = dict(rec.decisions[-1]) if rec.decisions else None
+    return ChildOutcome(cid, wf, rec.status, None, usage, rec.error, decision, rec.step)
+
+
+async def read_children(run: LiveRun, refs: list[dict[str, Any]]) -> list[ChildOutcome]:
+    """How each child in ``refs`` ended, in order (read from the store, a batch at a time)."""
+    store = run.kernel.store
+    out: list[ChildOutcome] = []
+    for i in range(0, len(refs), _READ_BATCH):
+        chunk = refs[i : i + _READ_BATCH]
+        recs = await asyncio.gather(*(store.get(str(r["run_id"])) for r in chunk))
+        out.extend(_outcome(run, r, rec) for r, rec in zip(chunk, recs, strict=True))
+    return out
+
+
+def _add_usage(run: LiveRun, outcomes: list[ChildOutcome]) -> None:
+    total = NO_USAGE
+    for o in outcomes:
+        if o.usage.total_tokens:
+            total = total + o.usage
+    if total.total_tokens:
+        run.usage = run.usage + total
+        run.step_usage = run.step_usage + total
+
+
+def join_jobs(join: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(output name, label, journal key)`` of each branch of a parked ``Parallel``, in order."""
+    prefix = join["prefix"]
+    if join.get("map") is not None:
+        m = join["map"]
+        return [(m, f"{m}[{i}]", f"{prefix}{m}:{i}") for i in range(int(join["count"]))]
+    return [(b, b, f"{prefix}{b}") for b in join["branches"]]
+
+
+async def resume_children(run: LiveRun) -> str | None:
+    """Finish the step that parked on children (their results read now); the control flag.
+
+    The step completes to its target (``on_fail`` / ``on_reject`` when a child did not
+    complete and they are given), or the parent fails (a child failed or was stopped),
+    or ends ``rejected`` / ``expired`` with the child (a child ended at a gate).
+    """
+    from .fanout import BranchFailed
+
+    pending = run.resolving
+    assert pending is not None
+    run.resolving = None
+    spec = run.spec
+    name = str(pending["step"])
+    refs = list(pending.get("children") or ())
+    outcomes = await read_children(run, refs)
+    _add_usage(run, outcomes)
+    join = pending.get("join")
+    output: Any = None
+    outputs: list[OutputRecord] = []
+    state = run.state
+    if join is None:
+        o = outcomes[0]
+        if o.ok:
+            target, output = str(pending["target"]), o.value
+        else:
+            route = pending.get("on_reject") if o.rejected else pending.get("on_fail")
+            if route:
+                target, output = str(route), o.branch_error()
+            elif o.rejected:
+                await _end_with(run, name, o)
+                return None
+            else:
+                raise StepError(name, o.exception())
+    else:
+        target = str(pending["target"])
+        by_id = {o.run_id: o for o in outcomes}
+        collect = join.get("on_error") == "collect"
+        values: list[Any] = []
+        jobs = join_jobs(join)
+        for oname, label, key in jobs:
+            entry = run.journal.get(key) or {}
+            cid = entry.get("child")
+            if cid is None:
+                values.append(decode_output(spec, oname, entry.get("output")))
+            else:
+                o = by_id[cid]
+                if o.ok:
+                    values.append(o.value)
+                elif collect:
+                    values.append(o.branch_error())
+                    continue
+                elif o.rejected:
+                    await _end_with(run, name, o)
+                    return None
+                else:
+                    raise StepError(name, BranchFailed(label, o.exception()))
+            updates = entry.get("updates")
+            if updates and spec.state_model is not None:
+                state = validate_state(
+                    spec.state_model, state, updates, f"run {run.run_id}, join of {name!r}"
+                )
+        if join.get("map") is not None:
+            outputs = [OutputRecord(run.visit, str(join["map"]), values)]
+        else:
+            outputs = [OutputRecord(run.visit, job[0], v) for job, v in zip(jobs, values, strict=True)]
+    if target != END and target not in spec.steps:
+        raise StepError(
+            name, WorkflowDefinitionError(f"run {run.run_id}: step {name!r} has no step {target!r}")
+        )
+    return await _complete(run, name, target, output, outputs, state)
+
+
+async def _complete(
+    run: LiveRun, name: str, target: str, output: Any, outputs: list[OutputRecord], state: Any
+) -> str | None:
+    spec = run.spec
+    try:
+        final = run_output(spec, run.run_id, output) if target == END else None
+    except Exception as exc:
+        raise StepError(name, exc) from exc
+    fields: dict[str, Any] = {
+        "step": target,
+        "visit": run.visit,
+        "pending": None,
+        "usage": run.usage.to_json(),
+    }
+    if state is not run.state:
+        run.state = fields["state"] = state
+    if output is not None:
+        outputs.append(OutputRecord(run.visit, name, output))
+    for rec in outputs:
+        run.results[rec.step] = rec.value
+        run.history.setdefault(rec.step, []).append(rec.value)
+    outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
+    usage = run.step_usage
+    run.step_usage = NO_USAGE
+    run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
+    release = False
+    if target == END:
+        fields.update(status=RunStatus.COMPLETED, output=final, control=None)
+        run.output = final
+        run.event("completed", None)
+        run.status = RunStatus.COMPLETED
+        release = True
+    elif run.pause_requested:
+        fields.update(status=RunStatus.PAUSED, control=None)
+        run.event("paused", target)
+        run.status = RunStatus.PAUSED
+        release = True
+    else:
+        run.event("step_started", target)
+    run.step = target
+    control = await run.commit(Commit(fields=fields, outputs=outputs, release=release))
+    return control if run.status is RunStatus.RUNNING else None
+
+
+async def _end_with(run: LiveRun, name: str, o: ChildOutcome) -> None:
+    """The parent ends as its child did at a gate (rejected or expired), the decision kept."""
+    status = o.status
+    decision = {**(o.decision or {}), "child": o.run_id}
+    decision.setdefault("approved", False)
+    decision.setdefault("at", time.time())
+    decision.setdefault("step", name)
+    run.decisions = (*run.decisions, decision)
+    fields = {
+        "status": status,
+        "pending": None,
+        "control": None,
+        "decisions": run.decisions,
+        "usage": run.usage.to_json(),
+    }
+    run.step_usage = NO_USAGE
+    run.event(
+        status.value, name, {"child": o.run_id, "by": decision.get("by"), "reason": decision.get("comment")}
+    )
+    run.status = status
+    await run.commit(Commit(fields=fields, release=True))
