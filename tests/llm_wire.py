@@ -37,6 +37,7 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     id: str = ""
+    raw: str | None = None  # OpenAI only: the arguments text as sent, JSON or not (a model's mistake)
 
 
 @dataclass
@@ -183,11 +184,11 @@ async def openai_reply(http: Exchange, body: dict[str, Any], reply: Reply) -> No
         {
             "id": c.id or f"call_{next(_IDS)}",
             "type": "function",
-            "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+            "function": {"name": c.name, "arguments": json.dumps(c.arguments) if c.raw is None else c.raw},
         }
         for c in reply.tool_calls
     ]
-    content = None if calls else json.dumps(data) if data is not None else reply.text
+    content = (reply.text or None) if calls else json.dumps(data) if data is not None else reply.text
     if content is None and not calls:
         content = _echo(body)
     used_in, used_out = _usage(body, reply, content or json.dumps([c["function"] for c in calls]))
@@ -246,6 +247,8 @@ async def anthropic_reply(http: Exchange, body: dict[str, Any], reply: Reply) ->
         blocks.append({"type": "tool_use", "id": f"toolu_{next(_IDS)}", "name": tool_name, "input": data})
     elif data is not None:
         blocks.append({"type": "text", "text": json.dumps(data)})
+    elif reply.text and reply.tool_calls:
+        blocks.append({"type": "text", "text": reply.text})  # what the model says beside its calls
     for call in reply.tool_calls:
         blocks.append(
             {

@@ -6,7 +6,17 @@ no LLM SDK (providers are separate distributions found through entry points).
 
 from .config import Agent, AgentReply, AgentsConfig, TokenBudget
 from .pool import AgentAccessor, AgentHandle, AgentPools, PoolStatistics, load_provider
-from .spi import AgentJournal, Message, Provider, ProviderReply, ProviderRequest, redacting, reply_body
+from .spi import (
+    AgentJournal,
+    Message,
+    Provider,
+    ProviderReply,
+    ProviderRequest,
+    ToolSpec,
+    ToolUse,
+    redacting,
+    reply_body,
+)
 
 __all__ = [
     "Agent",
@@ -22,6 +32,8 @@ __all__ = [
     "ProviderReply",
     "ProviderRequest",
     "TokenBudget",
+    "ToolSpec",
+    "ToolUse",
     "load_provider",
     "redacting",
     "reply_body",

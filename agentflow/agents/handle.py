@@ -18,7 +18,7 @@ from ..errors import (
 )
 from ..types import Usage
 from .config import AgentReply
-from .spi import Message, Provider, ProviderReply, ProviderRequest
+from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolUse
 
 if TYPE_CHECKING:
     from .pool import AgentAccessor, _Pool
@@ -280,12 +280,20 @@ def _errors(exc: ValidationError) -> str:
 
 
 def _reply_to_json(raw: ProviderReply) -> dict[str, Any]:
-    return {"text": raw.text, "data": raw.data, "usage": raw.usage.to_json()}
+    out: dict[str, Any] = {"text": raw.text, "data": raw.data, "usage": raw.usage.to_json()}
+    if raw.tool_calls:
+        calls = raw.tool_calls
+        out["tool_calls"] = [{"id": c.call_id, "name": c.name, "arguments": c.arguments} for c in calls]
+    return out
 
 
 def _reply_from_json(value: Any) -> ProviderReply:
     if isinstance(value, str):  # a store that hands back the JSON text
         value = json.loads(value)
+    calls = tuple(ToolUse(c["id"], c["name"], c["arguments"]) for c in value.get("tool_calls") or ())
     return ProviderReply(
-        text=value.get("text", ""), data=value.get("data"), usage=Usage.from_json(value.get("usage"))
+        text=value.get("text", ""),
+        data=value.get("data"),
+        usage=Usage.from_json(value.get("usage")),
+        tool_calls=calls,
     )

@@ -21,6 +21,8 @@ __all__ = [
     "Provider",
     "ProviderReply",
     "ProviderRequest",
+    "ToolSpec",
+    "ToolUse",
     "redacting",
     "reply_body",
 ]
@@ -50,11 +52,48 @@ class Provider(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool call the model asked for, as it asked.
+
+    Attributes:
+        call_id: the model's id for the call (OpenAI ``tool_calls[].id``, Anthropic
+            ``tool_use.id``); a tool result answers it by this id.
+        name: the tool's name.
+        arguments: the arguments as the JSON text the model wrote; not parsed here,
+            since a model may write text that is not JSON (the loop tells it so).
+    """
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool as a provider shows it to the model: name, description, JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of a conversation: ``role`` is ``"user"`` or ``"assistant"``."""
+    """One turn of a conversation.
+
+    Attributes:
+        role: ``"user"``, ``"assistant"``, or ``"tool"`` (the result of one tool call).
+        content: the text (for ``"tool"``, the result as text; JSON for structured results).
+        tool_calls: for ``"assistant"``: the tool calls the model made in that turn.
+        call_id: for ``"tool"``: the call this is the result of.
+        is_error: for ``"tool"``: the call failed and ``content`` says how.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolUse, ...] = ()
+    call_id: str | None = None
+    is_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +102,9 @@ class ProviderRequest:
 
     Attributes:
         output_schema: JSON schema the reply must follow (structured output), or None.
+            With ``tools``, it is the shape of the final answer, the one without a tool call.
         output_name: a name for that schema (the model's class name).
+        tools: the tools the model may call in this turn.
     """
 
     model: str
@@ -74,15 +115,21 @@ class ProviderRequest:
     output_schema: dict[str, Any] | None = None
     output_name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[ToolSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderReply:
-    """A provider's answer: the text, the structured data (parsed JSON) if asked for, usage."""
+    """A provider's answer: the text, the structured data (parsed JSON) if asked for, usage.
+
+    ``tool_calls``: the tools the model calls in this turn, in its order (empty for a
+    final answer); ``text`` is then whatever it said alongside them.
+    """
 
     text: str
     data: Any = None
     usage: Usage = field(default_factory=Usage)
+    tool_calls: tuple[ToolUse, ...] = ()
 
 
 @contextmanager

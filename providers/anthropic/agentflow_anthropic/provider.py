@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import anthropic
 
-from agentflow.agents import ProviderReply, ProviderRequest, redacting, reply_body
+from agentflow.agents import Message, ProviderReply, ProviderRequest, ToolUse, redacting, reply_body
 from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
 from agentflow.types import Usage
@@ -140,36 +140,44 @@ class AnthropicProvider:
             # streamed, its body has been read already.
             raw = await self._retrying(lambda: client.messages.with_raw_response.create(**params))
             message = reply_body(self.name, request, raw.http_response.content)
-        forced = params.get("tool_choice", {}).get("name")
+        answer = _output_tool(request)
         texts: list[str] = []
+        calls: list[ToolUse] = []
         data: Any = None
         for block in message.get("content") or ():
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
                 texts.append(block.get("text") or "")
-            elif kind == "tool_use" and block.get("name") == forced:
+            elif kind == "tool_use" and block.get("name") == answer:
                 data = block.get("input")
+            elif kind == "tool_use":
+                calls.append(_tool_use(block.get("id"), block.get("name"), block.get("input")))
         text = json.dumps(data) if data is not None else "".join(texts)
         usage = message.get("usage")
-        if not isinstance(usage, dict):
-            return ProviderReply(text=text, data=data, usage=Usage())
-        spent = Usage(_input_tokens(usage), usage.get("output_tokens") or 0)
-        return ProviderReply(text=text, data=data, usage=spent)
+        spent = (
+            Usage(_input_tokens(usage), usage.get("output_tokens") or 0)
+            if isinstance(usage, dict)
+            else Usage()
+        )
+        return ProviderReply(text=text, data=data, usage=spent, tool_calls=tuple(calls))
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
-        """Yield text (or, for structured output, tool-input JSON) deltas, then the whole reply.
+        """Yield text (or, for structured output, its JSON) deltas, then the whole reply.
+
+        Tool calls arrive whole in the final reply; their argument deltas are not yielded.
 
         Raises:
             ProviderError: the call failed, the stream broke off, or it ended before
                 ``message_stop`` (one that carried no event at all included).
         """
         client = self.client  # resolves the API key that redacting() hides
+        answer = _output_tool(request)
         with redacting(self._key):
             params = self._params(request)
             events = await self._retrying(lambda: client.messages.create(stream=True, **params))
             parts: list[str] = []
-            tool_json: list[str] = []
-            tool_used = started = stopped = False
+            blocks: dict[int, list[Any]] = {}  # index of a tool_use block -> [id, name, json parts...]
+            started = stopped = False
             input_tokens = output_tokens = 0
             try:
                 async with events:
@@ -179,14 +187,17 @@ class AnthropicProvider:
                             input_tokens = _input_tokens(event.message.usage)
                             output_tokens = event.message.usage.output_tokens
                         elif event.type == "content_block_start" and event.content_block.type == "tool_use":
-                            tool_used = True
+                            blocks[event.index] = [event.content_block.id, event.content_block.name]
                         elif event.type == "content_block_delta":
                             if event.delta.type == "text_delta":
                                 parts.append(event.delta.text)
                                 yield event.delta.text
                             elif event.delta.type == "input_json_delta" and event.delta.partial_json:
-                                tool_json.append(event.delta.partial_json)
-                                yield event.delta.partial_json
+                                block = blocks.get(event.index)
+                                if block is not None:
+                                    block.append(event.delta.partial_json)
+                                    if block[1] == answer:
+                                        yield event.delta.partial_json
                         elif event.type == "message_delta":
                             # message_delta carries cumulative counts; input only when it changed.
                             output_tokens = event.usage.output_tokens
@@ -205,14 +216,20 @@ class AnthropicProvider:
                     f"anthropic: the stream for model {request.model!r} {what}", provider=self.name
                 )
         data: Any = None
-        if tool_used:
-            raw = "".join(tool_json)
-            try:
-                data = json.loads(raw) if raw else {}
-            except ValueError:
-                data = None
+        calls: list[ToolUse] = []
+        for _, (call_id, name, *pieces) in sorted(blocks.items()):
+            raw = "".join(pieces)
+            if name == answer:
+                try:
+                    data = json.loads(raw) if raw else {}
+                except ValueError:
+                    data = None
+            else:
+                calls.append(ToolUse(str(call_id), str(name), raw or "{}"))
         text = json.dumps(data) if data is not None else "".join(parts)
-        yield ProviderReply(text=text, data=data, usage=Usage(input_tokens, output_tokens))
+        yield ProviderReply(
+            text=text, data=data, usage=Usage(input_tokens, output_tokens), tool_calls=tuple(calls)
+        )
 
     async def aclose(self) -> None:
         """Close the SDK client and its connections (a later call makes a new one)."""
@@ -224,22 +241,30 @@ class AnthropicProvider:
         params: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens or self._default_max_tokens,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": _messages(request.messages),
         }
         if request.instructions:
             params["system"] = request.instructions
         if request.temperature is not None:
             params["temperature"] = request.temperature
-        if request.output_schema is not None:
-            name = _NAME.sub("_", request.output_name or "output")[:64]
-            params["tools"] = [
+        tools = [
+            {"name": t.name, "description": t.description, "input_schema": t.parameters}
+            for t in request.tools
+        ]
+        answer = _output_tool(request)
+        if answer is not None:
+            # Structured output is a tool the model must call: alone, it is forced; beside
+            # the real tools, the model must call one of them all ("any").
+            tools.append(
                 {
-                    "name": name,
-                    "description": f"Give the answer as a {name} object.",
-                    "input_schema": request.output_schema,
+                    "name": answer,
+                    "description": f"Give the final answer as a {answer} object.",
+                    "input_schema": request.output_schema or {},
                 }
-            ]
-            params["tool_choice"] = {"type": "tool", "name": name}
+            )
+            params["tool_choice"] = {"type": "any"} if request.tools else {"type": "tool", "name": answer}
+        if tools:
+            params["tools"] = tools
         params.update(request.options)
         extra = {key: params.pop(key) for key in list(params) if key not in self._accepted}
         if extra:
@@ -264,3 +289,65 @@ class AnthropicProvider:
         what = f"HTTP {status}" if status is not None else type(exc).__name__
         suffix = f" ({context})" if context else ""
         return ProviderError(f"anthropic: {what}: {detail}{suffix}", status=status, provider=self.name)
+
+
+def _output_tool(request: ProviderRequest) -> str | None:
+    """The name of the tool that carries a structured answer, when one is asked for."""
+    if request.output_schema is None:
+        return None
+    name = _NAME.sub("_", request.output_name or "output")[:64]
+    taken = {t.name for t in request.tools}
+    while name in taken:  # never shadow a real tool
+        name = f"{name[:60]}_out"
+    return name
+
+
+def _tool_use(call_id: Any, name: Any, arguments: Any) -> ToolUse:
+    return ToolUse(
+        str(call_id or ""), str(name or ""), json.dumps(arguments if arguments is not None else {})
+    )
+
+
+def _messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The conversation in Messages form: tool calls as ``tool_use`` blocks, results as ``tool_result``.
+
+    Tool results go in a user turn; consecutive user-side turns (results, then a prompt)
+    are merged into one, since the API wants user and assistant turns to alternate.
+    """
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "assistant" and m.tool_calls:
+            content: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
+            for c in m.tool_calls:
+                try:
+                    arguments = json.loads(c.arguments) if c.arguments else {}
+                except ValueError:
+                    arguments = {}
+                if not isinstance(arguments, dict):
+                    arguments = {}
+                content.append({"type": "tool_use", "id": c.call_id, "name": c.name, "input": arguments})
+            out.append({"role": "assistant", "content": content})
+            continue
+        if m.role == "tool":
+            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.call_id, "content": m.content}
+            if m.is_error:
+                block["is_error"] = True
+        elif m.role == "user":
+            block = {"type": "text", "text": m.content}
+        else:
+            out.append({"role": m.role, "content": m.content})
+            continue
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and last["role"] == "user"
+            and (m.role == "tool" or isinstance(last["content"], list))
+        ):
+            if isinstance(last["content"], str):
+                last["content"] = [{"type": "text", "text": last["content"]}]
+            last["content"].append(block)
+        elif m.role == "tool":
+            out.append({"role": "user", "content": [block]})
+        else:
+            out.append({"role": "user", "content": m.content})
+    return out

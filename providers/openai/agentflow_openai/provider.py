@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from agentflow.agents import ProviderReply, ProviderRequest, redacting, reply_body
+from agentflow.agents import Message, ProviderReply, ProviderRequest, ToolUse, redacting, reply_body
 from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
 from agentflow.types import Usage
@@ -155,11 +155,12 @@ class OpenAIProvider:
             # per call): the fields needed are read from the JSON directly. Not being
             # streamed, its body has been read already.
             raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
-            text, spent = self._reply(request, raw.http_response.content)
-        return ProviderReply(text=text, data=_data(request, text), usage=spent)
+            text, spent, calls = self._reply(request, raw.http_response.content)
+        data = None if calls else _data(request, text)
+        return ProviderReply(text=text, data=data, usage=spent, tool_calls=calls)
 
-    def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage]:
-        """Text (content, else refusal) and usage of a ``chat.completion`` body."""
+    def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage, tuple[ToolUse, ...]]:
+        """Text (content, else refusal), usage and tool calls of a ``chat.completion`` body."""
         body = reply_body(self.name, request, content)
         choices = body.get("choices")
         if not choices or not isinstance(choices[0], dict):
@@ -170,10 +171,11 @@ class OpenAIProvider:
         if not isinstance(message, dict):
             message = {}
         text = message.get("content") or message.get("refusal") or ""
+        calls = tuple(_tool_use(c) for c in message.get("tool_calls") or () if isinstance(c, dict))
         usage = body.get("usage")
         if not isinstance(usage, dict):
-            return text, Usage()
-        return text, Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+            return text, Usage(), calls
+        return text, Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0), calls
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
         """Yield content deltas as they arrive, then the whole reply with its usage.
@@ -187,6 +189,7 @@ class OpenAIProvider:
             params["stream_options"] = {"include_usage": True}
             chunks = await self._retrying(lambda: client.chat.completions.create(stream=True, **params))
             parts: list[str] = []
+            calls: dict[int, list[str]] = {}  # index -> [id, name, argument fragments...]
             spent = Usage()
             received = False
             try:
@@ -196,9 +199,21 @@ class OpenAIProvider:
                         if chunk.usage is not None:
                             spent = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                         for choice in chunk.choices:
-                            if choice.index == 0 and choice.delta.content:
-                                parts.append(choice.delta.content)
-                                yield choice.delta.content
+                            if choice.index != 0:
+                                continue
+                            delta = choice.delta
+                            for tc in delta.tool_calls or ():
+                                call = calls.setdefault(tc.index, ["", ""])
+                                if tc.id:
+                                    call[0] = tc.id
+                                if tc.function is not None:
+                                    if tc.function.name:
+                                        call[1] += tc.function.name
+                                    if tc.function.arguments:
+                                        call.append(tc.function.arguments)
+                            if delta.content:
+                                parts.append(delta.content)
+                                yield delta.content
             except Exception as exc:
                 # Deltas were already handed out, so a broken stream cannot be retried here.
                 # Not every SDK wraps transport errors raised mid-stream, hence the broad except.
@@ -209,7 +224,9 @@ class OpenAIProvider:
                     provider=self.name,
                 )
         text = "".join(parts)
-        yield ProviderReply(text=text, data=_data(request, text), usage=spent)
+        uses = tuple(ToolUse(c[0], c[1], "".join(c[2:])) for _, c in sorted(calls.items()))
+        data = None if uses else _data(request, text)
+        yield ProviderReply(text=text, data=data, usage=spent, tool_calls=uses)
 
     async def aclose(self) -> None:
         """Close the SDK client and its connections (a later call makes a new one)."""
@@ -221,8 +238,16 @@ class OpenAIProvider:
         messages: list[dict[str, Any]] = []
         if request.instructions:
             messages.append({"role": "system", "content": request.instructions})
-        messages += ({"role": m.role, "content": m.content} for m in request.messages)
+        messages += map(_message, request.messages)
         params: dict[str, Any] = {"model": request.model, "messages": messages}
+        if request.tools:
+            params["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in request.tools
+            ]
         if request.temperature is not None:
             params["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -260,6 +285,31 @@ class OpenAIProvider:
         what = f"HTTP {status}" if status is not None else type(exc).__name__
         suffix = f" ({context})" if context else ""
         return ProviderError(f"openai: {what}: {detail}{suffix}", status=status, provider=self.name)
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """A conversation turn in Chat Completions form (tool calls and tool results included)."""
+    if m.role == "tool":
+        return {"role": "tool", "tool_call_id": m.call_id, "content": m.content}
+    if m.tool_calls:
+        calls = [
+            {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+        return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    return {"role": m.role, "content": m.content}
+
+
+def _tool_use(call: dict[str, Any]) -> ToolUse:
+    """One ``tool_calls`` item of a reply (arguments kept as the text the model wrote)."""
+    fn = call.get("function")
+    fn = fn if isinstance(fn, dict) else {}
+    arguments = fn.get("arguments")
+    return ToolUse(
+        str(call.get("id") or ""),
+        str(fn.get("name") or ""),
+        arguments if isinstance(arguments, str) else "" if arguments is None else json.dumps(arguments),
+    )
 
 
 def _data(request: ProviderRequest, text: str) -> Any:
