@@ -256,3 +256,45 @@ async def test_the_answer_tool_never_shadows_a_real_tool(
     assert reply.tool_calls == (ToolUse("c1", "lookup", '{"repo": "a/b"}'),) and reply.data is None
     (sent,) = env.requests
     assert [t["name"] for t in sent.body["tools"]] == ["lookup", "lookup_out"]
+
+
+async def test_the_scripted_provider_scripts_tool_calls_and_records_their_results() -> None:
+    from agentflow.testing import ScriptedCall, ScriptedProvider, call
+
+    model = ScriptedProvider(
+        [
+            call("lookup", repo="acme/app"),
+            [call("deploy", version="1.2"), ScriptedCall("lookup", raw="{oops")],
+            "Done.",
+        ]
+    )
+    first = await model.complete(ask(tools=(LOOKUP, DEPLOY)))
+    assert first.tool_calls == (ToolUse("call_1", "lookup", '{"repo": "acme/app"}'),) and first.text == ""
+    second = await model.complete(
+        ask(
+            Message("user", "ship 1.2"),
+            Message("assistant", "", tool_calls=first.tool_calls),
+            Message("tool", "[]", call_id="call_1"),
+        )
+    )
+    assert second.tool_calls == (
+        ToolUse("call_2", "deploy", '{"version": "1.2"}'),
+        ToolUse("call_3", "lookup", "{oops"),
+    )
+    third = await model.complete(
+        ask(
+            Message("user", "ship 1.2"),
+            Message("assistant", "", tool_calls=second.tool_calls),
+            Message("tool", "ok", call_id="call_2"),
+            Message("tool", "invalid arguments", call_id="call_3", is_error=True),
+        )
+    )
+    assert third.text == "Done." and third.tool_calls == ()
+    assert model.prompts == ["ship 1.2"] * 3
+    assert model.tool_results == [
+        [],
+        [("call_1", "[]", False)],
+        [("call_2", "ok", False), ("call_3", "invalid arguments", True)],
+    ]
+    deltas = [d async for d in ScriptedProvider([call("lookup", repo="x")]).stream(ask())]
+    assert isinstance(deltas[-1], ProviderReply) and deltas[-1].tool_calls[0].name == "lookup"

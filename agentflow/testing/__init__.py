@@ -19,21 +19,46 @@ import json
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from ..agents.spi import ProviderReply, ProviderRequest
+from ..agents.spi import ProviderReply, ProviderRequest, ToolUse
 from ..errors import ProviderError
 from ..types import Usage
 
-__all__ = ["MemoryJournal", "ScriptItem", "ScriptedProvider"]
+__all__ = ["MemoryJournal", "ScriptItem", "ScriptedCall", "ScriptedProvider", "call"]
 
-#: One scripted answer: text, structured data (a dict), a full reply, an exception to
-#: raise (instance or class), or a callable of the request returning any of these
-#: (sync or async).
+
+@dataclass(frozen=True, slots=True)
+class ScriptedCall:
+    """A tool call in a script: the model calls ``name`` with ``arguments``.
+
+    Attributes:
+        call_id: the call's id (default: ``call_1``, ``call_2``, ... per provider).
+        raw: the arguments as text, sent instead of ``arguments`` (to script a model
+            that writes arguments that are not JSON).
+    """
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    call_id: str | None = None
+    raw: str | None = None
+
+
+def call(name: str, /, **arguments: Any) -> ScriptedCall:
+    """A scripted turn in which the model calls tool ``name`` (a list of them: parallel calls)."""
+    return ScriptedCall(name, arguments)
+
+
+#: One scripted answer: text, structured data (a dict), a full reply, a tool call
+#: (``call(...)``) or a list of them (one turn, parallel calls), an exception to raise
+#: (instance or class), or a callable of the request returning any of these (sync or async).
 ScriptItem: TypeAlias = (
     str
     | dict[str, Any]
     | ProviderReply
+    | ScriptedCall
+    | list[ScriptedCall]
     | BaseException
     | type[BaseException]
     | Callable[[ProviderRequest], Any]
@@ -71,6 +96,7 @@ class ScriptedProvider:
         self.closed = False
         self._script: deque[ScriptItem] = deque(replies)
         self._given = len(self._script)
+        self._calls = 0
 
     def __repr__(self) -> str:
         return (
@@ -90,7 +116,22 @@ class ScriptedProvider:
     @property
     def prompts(self) -> list[str]:
         """The last user message of every request, in order."""
-        return [r.messages[-1].content if r.messages else "" for r in self.requests]
+        return [
+            next((m.content for m in reversed(r.messages) if m.role == "user"), "") for r in self.requests
+        ]
+
+    @property
+    def tool_results(self) -> list[list[tuple[str, str, bool]]]:
+        """Per request, the tool results after its last model turn: ``(call_id, content, is_error)``."""
+        out = []
+        for r in self.requests:
+            tail: list[tuple[str, str, bool]] = []
+            for m in reversed(r.messages):
+                if m.role != "tool":
+                    break
+                tail.append((m.call_id or "", m.content, m.is_error))
+            out.append(tail[::-1])
+        return out
 
     async def complete(self, request: ProviderRequest) -> ProviderReply:
         """Answer ``request`` with the next scripted reply (or raise the scripted error)."""
@@ -127,6 +168,13 @@ class ScriptedProvider:
             raise item
         if isinstance(item, ProviderReply):
             return item
+        spent_in = _words(request.instructions) + sum(_words(m.content) for m in request.messages)
+        if isinstance(item, ScriptedCall) or (
+            isinstance(item, list) and item and all(isinstance(c, ScriptedCall) for c in item)
+        ):
+            uses = tuple(self._use(c) for c in ([item] if isinstance(item, ScriptedCall) else item))
+            said = sum(_words(u.arguments) for u in uses)
+            return ProviderReply(text="", usage=Usage(spent_in, said), tool_calls=uses)
         data = None
         if isinstance(item, dict):
             data, text = item, json.dumps(item)
@@ -134,11 +182,16 @@ class ScriptedProvider:
             text = item
         else:
             raise TypeError(
-                f"ScriptedProvider {self.name!r}: a script item must be str, dict, ProviderReply, an "
-                f"exception or a callable returning one of those, got {type(item).__name__}"
+                f"ScriptedProvider {self.name!r}: a script item must be str, dict, ProviderReply, call(...), "
+                f"a list of call(...), an exception or a callable returning one of those, "
+                f"got {type(item).__name__}"
             )
-        spent_in = _words(request.instructions) + sum(_words(m.content) for m in request.messages)
         return ProviderReply(text=text, data=data, usage=Usage(spent_in, _words(text)))
+
+    def _use(self, c: ScriptedCall) -> ToolUse:
+        self._calls += 1
+        arguments = c.raw if c.raw is not None else json.dumps(c.arguments)
+        return ToolUse(c.call_id or f"call_{self._calls}", c.name, arguments)
 
 
 def _is_exception(item: object) -> bool:
