@@ -40,7 +40,7 @@ from .errors import (
 from .runner import RunHandle, WorkflowRunner
 from .steward import Steward, WorkflowInfo
 from .stores.contract import Store
-from .types import Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
+from .types import Approval, Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
 
 __all__ = [
     "END",
@@ -48,6 +48,7 @@ __all__ = [
     "Agent",
     "AgentReply",
     "AgentflowError",
+    "Approval",
     "BranchError",
     "BudgetExceededError",
     "CorruptRecordError",

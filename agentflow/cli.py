@@ -6,6 +6,7 @@ comes from its own ``.persistence(...)``::
     agentflow runs myapp.flows --status waiting
     agentflow show myapp.flows 4f0c...           # the pending gate, with its review context
     agentflow approve myapp.flows 4f0c... --by ops-lead --comment "ship it"
+    agentflow approve myapp.flows 4f0c... --by ops-lead --approval ap_91c2...   # one of several
     agentflow reject myapp.flows 4f0c... --by ops-lead --reason "tests are red"
     agentflow recover myapp.flows                # resume runs whose worker died
 
@@ -40,11 +41,18 @@ def _info_json(info: RunInfo) -> dict[str, Any]:
         "workflow": info.workflow,
         "status": info.status.value,
         "step": info.step,
-        "pending": info.pending,
+        "pending": info.pending.to_json() if info.pending else None,
+        "approvals": [a.to_json() for a in info.approvals],
         "error": {k: v for k, v in info.error.items() if k != "traceback"} if info.error else None,
         "usage": {"input_tokens": info.usage.input_tokens, "output_tokens": info.usage.output_tokens},
         "decisions": [
-            {"approved": d.approved, "by": d.by, "comment": d.comment, "at": d.at.isoformat()}
+            {
+                "approved": d.approved,
+                "by": d.by,
+                "comment": d.comment,
+                "at": d.at.isoformat(),
+                "approval": d.approval,
+            }
             for d in info.decisions
         ],
         "created_at": info.created_at.isoformat(),
@@ -110,9 +118,11 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
             runner, handle = await _find(steward, args.run_id)
             if args.command == "approve":
                 data = json.loads(args.data) if args.data else None
-                await runner.approve(args.run_id, by=args.by, comment=args.comment, data=data)
+                await runner.approve(
+                    args.run_id, by=args.by, approval=args.approval, comment=args.comment, data=data
+                )
             else:
-                await runner.reject(args.run_id, by=args.by, reason=args.reason)
+                await runner.reject(args.run_id, by=args.by, approval=args.approval, reason=args.reason)
             if args.follow:
                 info = await _follow(handle, out)
                 print(f"run {info.run_id} is {info.status.value}", file=out)
@@ -157,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help in (("approve", "approve the gate a run waits at"), ("reject", "reject it")):
         p = command(name, help, run_id=True)
         p.add_argument("--by", required=True, help="the approver's name")
+        p.add_argument("--approval", help="the approval's id (needed when the run waits for several)")
         if name == "approve":
             p.add_argument("--comment")
             p.add_argument("--data", help="JSON: the reviewer's edit of the reviewed content")

@@ -112,13 +112,15 @@ class RunHandle:
         await self._runner._stop(self.run_id)
         self._status = RunStatus.STOPPED
 
-    async def approve(self, by: str, comment: str | None = None, data: Any = None) -> RunHandle:
-        """Approve the gate the run waits at (see ``WorkflowRunner.approve``)."""
-        return await self._runner.approve(self.run_id, by, comment, data)
+    async def approve(
+        self, by: str, approval: str | None = None, comment: str | None = None, data: Any = None
+    ) -> RunHandle:
+        """Approve an approval the run waits for (see ``WorkflowRunner.approve``)."""
+        return await self._runner.approve(self.run_id, by, approval, comment, data)
 
-    async def reject(self, by: str, reason: str | None = None) -> RunHandle:
-        """Reject the gate the run waits at (see ``WorkflowRunner.reject``)."""
-        return await self._runner.reject(self.run_id, by, reason)
+    async def reject(self, by: str, approval: str | None = None, reason: str | None = None) -> RunHandle:
+        """Reject an approval the run waits for (see ``WorkflowRunner.reject``)."""
+        return await self._runner.reject(self.run_id, by, approval, reason)
 
     def __repr__(self) -> str:
         status = self.status

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ._engine.gates import Transition, decide, expired
+from ._engine.gates import Transition, choose, decide, expired, form_of
 from ._engine.run import LiveRun
 from ._engine.values import decode_output, run_output, validate_input
 from ._runtime.supervisor import Supervisor
@@ -288,22 +288,46 @@ class WorkflowRunner:
 
     # -- decisions -----------------------------------------------------------
 
-    async def approve(self, run_id: str, by: str, comment: str | None = None, data: Any = None) -> RunHandle:
-        """Approve the gate ``run_id`` waits at; the run continues in this process.
+    async def approve(
+        self,
+        run_id: str,
+        by: str,
+        approval: str | None = None,
+        comment: str | None = None,
+        data: Any = None,
+    ) -> RunHandle:
+        """Approve an approval ``run_id`` waits for; once its quorum is met the run continues here.
+
+        Args:
+            run_id: the waiting run.
+            by: who approves (one of the approval's approvers).
+            approval: the approval's id; may be left out while the run waits for one.
+            comment: the approver's comment.
+            data: the reviewer's edit of the reviewed content; validated into the gate's
+                ``form`` model when it has one.
 
         Raises:
             NotAuthorizedError: ``by`` is not an approver; nothing changes.
-            InvalidStateError: the run is not waiting.
+            InvalidInputError: ``data`` does not fit the gate's form (names the field);
+                nothing changes.
+            InvalidStateError: the run is not waiting; ``approval`` is not pending (unknown
+                or decided already); or it is left out while several are pending (the ids
+                are listed). Nothing changes.
             RunNotFoundError: there is no such run.
         """
-        return await self._decide(run_id, True, by, comment, data)
+        return await self._decide(run_id, True, by, approval, comment, data)
 
-    async def reject(self, run_id: str, by: str, reason: str | None = None) -> RunHandle:
-        """Reject the gate ``run_id`` waits at: on_reject if given, else the run ends ``rejected``."""
-        return await self._decide(run_id, False, by, reason, None)
+    async def reject(
+        self, run_id: str, by: str, approval: str | None = None, reason: str | None = None
+    ) -> RunHandle:
+        """Reject an approval ``run_id`` waits for: on_reject if given, else the run ends ``rejected``.
+
+        ``approval`` as for :meth:`approve`; raises what it raises.
+        """
+        return await self._decide(run_id, False, by, approval, reason, None)
 
     async def _decide(
-        self, run_id: str, approved: bool, by: str, comment: str | None, data: Any
+        self, run_id: str, approved: bool, by: str, approval: str | None, comment: str | None, data: Any
     ) -> RunHandle:
         decision_id = os.urandom(8).hex()
 
@@ -312,14 +336,23 @@ class WorkflowRunner:
             if any(d.get("id") == decision_id for d in rec.decisions):
                 return None  # a retry after a lost reply: the decision is already counted
             if rec.status != RunStatus.WAITING:
+                if approval is not None:
+                    done = any(d.get("approval") == approval for d in rec.decisions)
+                    why = "was decided already" if done else "is not an approval of this run"
+                    raise InvalidStateError(
+                        f"run {run_id}: approval {approval!r} {why}; the run is {rec.status.value}"
+                    )
                 raise InvalidStateError(
                     f"run {run_id} is {rec.status.value}, not waiting at a gate; nothing to decide"
                 )
+            chosen = choose(run_id, rec.pending, approval, rec.decisions)
             if expired(rec) is not None:
                 raise InvalidStateError(
-                    f"run {run_id}: the gate at step {rec.pending.get('step')!r} timed out"
+                    f"run {run_id}: approval {chosen['id']} at step {chosen.get('step')!r} timed out"
                 )
-            out = decide(run_id, rec.pending, approved, by, comment, data)
+            spec = self._specs.get(rec.workflow, self.spec)
+            form = form_of(spec, chosen.get("step")) if chosen.get("form") is not None else None
+            out = decide(run_id, rec.pending, chosen, approved, by, comment, data, form)
             return Transition.of(rec, out, decision_id)
 
         try:

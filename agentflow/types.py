@@ -25,6 +25,7 @@ __all__ = [
     "FINAL",
     "LIFECYCLE_KINDS",
     "NO_USAGE",
+    "Approval",
     "Decision",
     "ParentRef",
     "RunEvent",
@@ -125,6 +126,7 @@ class Decision:
         data: a reviewer's edit of the reviewed content (JSON-able), if any.
         at: when it was decided (UTC).
         timed_out: True when no decision came before the gate's timeout.
+        approval: the id of the :class:`Approval` it decided.
     """
 
     approved: bool
@@ -133,6 +135,7 @@ class Decision:
     data: Any = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     timed_out: bool = False
+    approval: str | None = None
 
     @property
     def reason(self) -> str | None:
@@ -148,6 +151,7 @@ class Decision:
             "data": self.data,
             "at": self.at.timestamp(),
             "timed_out": self.timed_out,
+            "approval": self.approval,
         }
 
     @classmethod
@@ -160,6 +164,99 @@ class Decision:
             data=data.get("data"),
             at=utc(float(data["at"])),
             timed_out=bool(data.get("timed_out", False)),
+            approval=data.get("approval"),
+        )
+
+
+def _when(value: Any) -> datetime | None:
+    return None if value is None else utc(float(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A decision a run waits for: at a gate, or (issue 10) on a tool call or its unknown outcome.
+
+    Attributes:
+        id: globally unique, and the same after a crash and a re-park (it is derived
+            from the run, the step and its visit).
+        kind: ``"gate"``, ``"tool_call"`` or ``"tool_outcome"``.
+        run_id: the run that waits.
+        step: the step it waits at.
+        approvers: who may decide.
+        quorum: how many distinct approvals it takes.
+        prompt: what the reviewer is asked.
+        context: JSON-able data for review (an agent's draft, a diff).
+        form: the JSON schema the reviewer's ``data`` must fit, or None.
+        deadline: when it times out (UTC), or None.
+        votes: who approved so far (while the quorum is not met).
+        created_at: when the run started waiting for it (UTC).
+        agent / tool / arguments: the agent, tool and arguments of a tool call (None for
+            a gate).
+        workflow: the workflow of the run.
+        visit: the visit of ``step`` the run waits at.
+    """
+
+    id: str
+    kind: str
+    run_id: str
+    step: str | None
+    approvers: tuple[str, ...]
+    quorum: int = 1
+    prompt: str | None = None
+    context: Any = None
+    form: dict[str, Any] | None = None
+    deadline: datetime | None = None
+    votes: tuple[str, ...] = ()
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    agent: str | None = None
+    tool: str | None = None
+    arguments: Any = None
+    workflow: str = ""
+    visit: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (what ``pending["approvals"]`` and ``Store.approvals`` hold)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "step": self.step,
+            "visit": self.visit,
+            "approvers": list(self.approvers),
+            "quorum": self.quorum,
+            "prompt": self.prompt,
+            "context": self.context,
+            "form": self.form,
+            "deadline": None if self.deadline is None else self.deadline.timestamp(),
+            "votes": list(self.votes),
+            "created_at": self.created_at.timestamp(),
+            "agent": self.agent,
+            "tool": self.tool,
+            "arguments": self.arguments,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Approval:
+        """Read the stored form back."""
+        return cls(
+            id=str(data["id"]),
+            kind=str(data.get("kind", "gate")),
+            run_id=str(data["run_id"]),
+            step=data.get("step"),
+            approvers=tuple(data.get("approvers") or ()),
+            quorum=int(data.get("quorum", 1)),
+            prompt=data.get("prompt"),
+            context=data.get("context"),
+            form=data.get("form"),
+            deadline=_when(data.get("deadline")),
+            votes=tuple(data.get("votes") or ()),
+            created_at=utc(float(data.get("created_at") or 0.0)),
+            agent=data.get("agent"),
+            tool=data.get("tool"),
+            arguments=data.get("arguments"),
+            workflow=str(data.get("workflow") or ""),
+            visit=int(data.get("visit") or 0),
         )
 
 
@@ -225,11 +322,12 @@ class RunInfo:
     """A snapshot of a run for display and control.
 
     Attributes:
-        pending: the waiting gate (approvers, quorum, prompt, context, deadline,
-            approvals so far) while status is ``waiting``, else None.
+        pending: the first of ``approvals``, or None.
         error: failure details while status is ``failed``.
         usage: tokens the run's agent calls consumed.
         decisions: every decision taken at the run's gates, oldest first.
+        approvals: every approval the run waits for (its children's included, when
+            read through a runner), oldest first.
         parent: the run and step that started this run, for a child run (else None).
         children: ids of the child runs this run started, oldest first.
     """
@@ -238,12 +336,13 @@ class RunInfo:
     workflow: str
     status: RunStatus
     step: str | None
-    pending: dict[str, Any] | None
+    pending: Approval | None
     error: dict[str, Any] | None
     usage: Usage
     created_at: datetime
     updated_at: datetime
     decisions: tuple[Decision, ...] = ()
+    approvals: tuple[Approval, ...] = ()
     parent: ParentRef | None = None
     children: tuple[str, ...] = ()
 
@@ -253,7 +352,7 @@ class RunInfo:
             ("workflow", self.workflow),
             ("status", self.status.value),
             ("step", self.step or ""),
-            ("waiting for", ", ".join(self.pending.get("approvers", [])) if self.pending else ""),
+            ("waiting for", ", ".join(self.pending.approvers) if self.pending else ""),
             ("error", f"{self.error['type']}: {self.error['message']}" if self.error else ""),
             ("tokens", f"{self.usage.input_tokens} in / {self.usage.output_tokens} out"),
             ("updated", self.updated_at.isoformat(timespec="seconds")),

@@ -101,8 +101,9 @@ async def main() -> None:
         async for ev in handle.events():  # history, then live, until a final status
             print(f"  [{ev.seq:>2}] {ev.kind:<15} {ev.step or ''}")
             if ev.kind == "waiting":
-                info = await handle.info()
-                print(f"       waiting for {info.pending['approvers']}: {info.pending['prompt']}")
+                pending = (await handle.info()).pending
+                assert pending is not None
+                print(f"       waiting for {list(pending.approvers)}: {pending.prompt}")
                 print("       approving as ops-lead")
                 await runner.approve(handle.run_id, by="ops-lead", comment="ship it")
         result = await handle.result()

@@ -144,12 +144,13 @@ async def main() -> None:
                 # The run ended before the gate (a provider refused a call, say): its
                 # result raises the reason.
                 await handle.result()
-            info = await handle.info()
-            review = info.pending["context"]["review"]
-            who = info.pending["approvers"]
+            pending = (await handle.info()).pending
+            assert pending is not None
+            review = pending.context["review"]
+            who = list(pending.approvers)
             print(f"waiting for {who}; critic scored {review['score']}: {review['issues']}")
-            print("draft:\n" + info.pending["context"]["draft"])
-            edited = info.pending["context"]["draft"] + "\n- Export API docs: https://docs.example.com/export"
+            print("draft:\n" + pending.context["draft"])
+            edited = pending.context["draft"] + "\n- Export API docs: https://docs.example.com/export"
             await runner.approve(
                 handle.run_id, by="editor", comment="added the docs link", data={"draft": edited}
             )

@@ -43,7 +43,9 @@ async def test_list_show_and_approve_with_an_edit(parked):
     assert run_id in listed.stdout and "waiting" in listed.stdout
     shown = cli("show", "cli_flows", run_id, db=db)
     info = json.loads(shown.stdout)
-    assert info["pending"]["context"] == {"draft": "first draft"} and info["pending"]["prompt"] == "Publish?"
+    [pending] = info["approvals"]
+    assert pending["context"] == {"draft": "first draft"} and pending["prompt"] == "Publish?"
+    assert info["pending"] == pending and pending["approvers"] == ["editor"]
     denied = cli("approve", "cli_flows", run_id, "--by", "intruder", db=db)
     assert denied.returncode == 2 and "NotAuthorizedError" in denied.stderr
     approved = cli("approve", "cli_flows", run_id, "--by", "editor", "--data", '{"text": "edited"}', db=db)

@@ -319,7 +319,7 @@ async def test_wait_for_returns_the_info_at_the_gate() -> None:
         handle = await runner.run()
         info = await handle.wait_for("waiting", timeout=5)
         assert (info.run_id, info.status, info.step) == (handle.run_id, RunStatus.WAITING, START)
-        assert info.pending["prompt"] == "Ship?"
+        assert info.pending is not None and info.pending.prompt == "Ship?"
         assert handle.status == RunStatus.WAITING
         with pytest.raises(TimeoutError):
             await handle.wait_for(RunStatus.PAUSED, timeout=0.1)

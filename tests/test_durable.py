@@ -96,7 +96,7 @@ async def test_gate_decided_by_another_runner_after_the_first_closed(kind, tmp_p
     async with WorkflowRunner(review_flow(_persist(kind, target))) as first:
         handle = await first.run({"title": "v2"})
         info = await _until(handle, RunStatus.WAITING)
-        assert info.pending["context"] == {"draft": "notes for v2"}
+        assert info.pending is not None and info.pending.context == {"draft": "notes for v2"}
     # Every process that touched the run is gone; a new one decides and carries it on.
     async with WorkflowRunner(review_flow(_persist(kind, target))) as second:
         waiting = await second.list_runs(status="waiting")

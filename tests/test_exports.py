@@ -37,6 +37,7 @@ SPEC_NAMES = [
     "StepContext",
     "RunNotFoundError",
     "Run",
+    "Approval",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -67,6 +68,7 @@ EXPECTED = [
     "Agent",
     "AgentReply",
     "AgentflowError",
+    "Approval",
     "BranchError",
     "BudgetExceededError",
     "CorruptRecordError",

@@ -95,12 +95,15 @@ async def test_reaching_a_gate_commits_a_waiting_run_with_the_pending_approval()
     assert info.status == RunStatus.WAITING
     assert info.step == "Draft"
     pending = info.pending
-    assert pending is not None
-    assert pending["approvers"] == ["alice", "bob"]
-    assert pending["quorum"] == 1
-    assert pending["prompt"] == "Publish this?"
-    assert pending["context"] == {"draft": "draft v1"}
-    assert pending["approvals"] == []
+    assert pending is not None and info.approvals == (pending,)
+    assert pending.kind == "gate" and pending.id.startswith("ap_")
+    assert (pending.run_id, pending.workflow, pending.step) == (handle.run_id, "Review", "Draft")
+    assert pending.approvers == ("alice", "bob")
+    assert pending.quorum == 1
+    assert pending.prompt == "Publish this?"
+    assert pending.context == {"draft": "draft v1"}
+    assert pending.votes == () and pending.form is None and pending.deadline is None
+    assert (pending.agent, pending.tool, pending.arguments) == (None, None, None)
     assert calls == {"Draft": 1}
 
 
@@ -212,7 +215,7 @@ async def test_quorum_counts_the_same_approver_once() -> None:
         await handle.approve(by="alice", comment="again")
         info = await handle.info()
         assert info.status == RunStatus.WAITING
-        assert info.pending["approvals"] == ["alice"]
+        assert info.pending is not None and info.pending.votes == ("alice",)
         assert calls == {"Draft": 1}
         result = await (await handle.approve(by="carol", comment="second")).result()
         decided = [e.data for e in await all_events(handle) if e.kind == "decided"]
@@ -274,7 +277,7 @@ async def test_timeout_without_on_timeout_ends_the_run_expired() -> None:
     async with WorkflowRunner(review_flow(calls, [], timeout=timedelta(milliseconds=100))) as runner:
         handle = await runner.run()
         info = await wait_status(handle, RunStatus.WAITING)
-        assert info.pending["deadline"] is not None
+        assert info.pending is not None and info.pending.deadline is not None
         with pytest.raises(RunRejectedError) as err:
             await handle.result(timeout=5)
         assert (await handle.info()).status == RunStatus.EXPIRED

@@ -65,7 +65,7 @@ async def test_finished_steps_are_not_run_again_when_main_replays_after_a_gate()
     async with WorkflowRunner(wf) as runner:
         handle = await runner.run({"repo": "acme/app"})
         info = await wait_status(handle, RunStatus.WAITING)
-        assert info.pending["prompt"] == "Ship /src/acme/app.tar?"
+        assert info.pending is not None and info.pending.prompt == "Ship /src/acme/app.tar?"
         assert calls == {"main": 1, "clone": 1, "build": 1}
         result = await (await handle.approve(by="ops-lead", comment="go")).result()
     assert result.output == {"released": True, "by": "ops-lead", "artifact": "/src/acme/app.tar"}
@@ -122,7 +122,8 @@ async def test_two_waits_each_return_their_own_decision() -> None:
         await wait_status(handle, RunStatus.WAITING)
         await handle.approve(by="alice")
         await wait_status(handle, RunStatus.WAITING)
-        assert (await handle.info()).pending["approvers"] == ["bob"]
+        pending = (await handle.info()).pending
+        assert pending is not None and pending.approvers == ("bob",)
         await handle.reject(by="bob", reason="no")
         assert (await handle.result()).output == "done"
     assert decisions == [("alice", True), ("bob", False)]

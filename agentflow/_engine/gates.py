@@ -1,10 +1,15 @@
 """At a gate: parking a run, deciding it, timing it out, and resuming it.
 
-A waiting run is only a stored record: the pending gate (approvers, quorum, prompt,
-context, deadline, approvals so far, where to go next). Deciding is a pure function
-of that record, applied through ``Store.update`` by whichever process decides, and
-idempotent: a decision carries an id, and a retry that finds it recorded changes
-nothing (so a decision whose reply was lost is neither lost nor counted twice).
+A waiting run is only a stored record: its ``pending`` says where it parked, where it
+goes next, and the approvals it waits for (Approval JSON: id, approvers, quorum,
+prompt, context, form, deadline, votes so far). Deciding is a pure function of that
+record, applied through ``Store.update`` by whichever process decides, and idempotent:
+a decision carries an id, and a retry that finds it recorded changes nothing (so a
+decision whose reply was lost is neither lost nor counted twice). A decision names the
+approval it decides, and an approval is decided once: it leaves ``pending`` then.
+
+A gate parked before approvals had ids (``kind: "human_approval"``, its approvers at
+the top and its votes as names) is read as the one approval it is (:func:`normalized`).
 """
 
 from __future__ import annotations
@@ -12,41 +17,101 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
+from pydantic import BaseModel, ValidationError
 
 from ..definition.gates import Gate, Wait
 from ..definition.steps import END
-from ..errors import InvalidStateError, NotAuthorizedError
-from ..stores.contract import Change, Commit, Lease, RunRecord
+from ..errors import InvalidInputError, InvalidStateError, NotAuthorizedError
+from ..stores.contract import Change, Commit, Lease, RunRecord, approval_id, pending_approvals
 from ..types import NO_USAGE, Decision, RunEvent, RunStatus
 
 if TYPE_CHECKING:
+    from ..definition.workflow import WorkflowSpec
     from .context import Frame
     from .run import LiveRun
 
-__all__ = ["Outcome", "Transition", "apply", "decide", "park", "pending_gate", "time_out"]
+__all__ = [
+    "Outcome",
+    "Transition",
+    "apply",
+    "choose",
+    "decide",
+    "form_of",
+    "normalized",
+    "park",
+    "pending_gate",
+    "time_out",
+    "typed_decision",
+]
 
 
-def pending_gate(wait: Wait | None, gate: Gate, step: str, visit: int, workflow: str) -> dict[str, Any]:
-    """The stored form of a gate a run now waits at (``workflow`` lets a store index it)."""
+def pending_gate(
+    wait: Wait | None, gate: Gate, step: str, visit: int, workflow: str, run_id: str = ""
+) -> dict[str, Any]:
+    """The stored form of a gate a run now waits at (``workflow`` lets a store index it).
+
+    A gate waits for one approval, whose id is derived from the run, step and visit.
+    """
     data = gate.describe()
     timeout = data.get("timeout")
     now = time.time()
-    data.update(
-        workflow=workflow,
-        step=step,
-        visit=visit,
-        target=wait.target if wait else None,
-        on_reject=wait.on_reject if wait else None,
-        on_timeout=wait.on_timeout if wait else None,
-        since=now,
-        deadline=now + timeout if timeout else None,
-        approvals=[],
-    )
-    return data
+    deadline = now + timeout if timeout else None
+    approval = {
+        "id": approval_id(run_id, step, visit),
+        "kind": "gate",
+        "run_id": run_id,
+        "workflow": workflow,
+        "step": step,
+        "visit": visit,
+        "approvers": list(data.get("approvers") or ()),
+        "quorum": data.get("quorum", 1),
+        "prompt": data.get("prompt"),
+        "context": data.get("context"),
+        "form": data.get("form"),
+        "deadline": deadline,
+        "votes": [],
+        "created_at": now,
+        "agent": None,
+        "tool": None,
+        "arguments": None,
+    }
+    return {
+        "kind": "gate",
+        "workflow": workflow,
+        "step": step,
+        "visit": visit,
+        "target": wait.target if wait else None,
+        "on_reject": wait.on_reject if wait else None,
+        "on_timeout": wait.on_timeout if wait else None,
+        "on_fail": None,
+        "since": now,
+        "deadline": deadline,
+        "approvals": [approval],
+    }
+
+
+def normalized(run_id: str, pending: dict[str, Any]) -> dict[str, Any]:
+    """``pending`` in the current shape: a gate stored before approvals had ids is converted."""
+    if pending.get("kind") not in (None, "human_approval"):
+        return pending
+    return {
+        "kind": "gate",
+        "workflow": pending.get("workflow"),
+        "step": pending.get("step"),
+        "visit": pending.get("visit"),
+        "target": pending.get("target"),
+        "on_reject": pending.get("on_reject"),
+        "on_timeout": pending.get("on_timeout"),
+        "on_fail": None,
+        "since": pending.get("since"),
+        "deadline": pending.get("deadline"),
+        "approvals": pending_approvals(run_id, pending),
+    }
 
 
 async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | None) -> None:
@@ -57,7 +122,7 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
     another process asked for that this one has not seen yet (the commit leaves the
     flag as it is).
     """
-    pending = pending_gate(wait, gate, name, run.visit, run.spec.name)
+    pending = pending_gate(wait, gate, name, run.visit, run.spec.name, run.run_id)
     fields: dict[str, Any] = {
         "status": RunStatus.WAITING,
         "pending": pending,
@@ -72,9 +137,9 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
     usage = run.step_usage
     run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
     run.step_usage = NO_USAGE
-    run.event(
-        "waiting", name, {k: pending[k] for k in ("approvers", "quorum", "prompt", "context", "deadline")}
-    )
+    approval = pending["approvals"][0]
+    keys = ("approvers", "quorum", "prompt", "context", "deadline")
+    run.event("waiting", name, {**{k: approval[k] for k in keys}, "approval": approval["id"]})
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, release=True))
     if pending["deadline"] is not None:
@@ -87,7 +152,8 @@ class Outcome:
 
     Attributes:
         decision: the decision to record.
-        pending: the updated gate when the quorum is not met yet, else None.
+        pending: the updated ``pending`` while the run still waits (the quorum is not
+            met yet, or other approvals are pending), else None.
         resume_at: where the run continues (a step name, possibly END), or None when the
             run ends with ``final``.
         final: ``"rejected"`` or ``"expired"`` when the run ends here.
@@ -99,35 +165,145 @@ class Outcome:
     final: str | None
 
 
-def decide(
-    run_id: str, pending: dict[str, Any] | None, approved: bool, by: str, comment: str | None, data: Any
-) -> Outcome:
-    """Apply one reviewer's decision to the pending gate."""
+def choose(
+    run_id: str, pending: dict[str, Any] | None, approval: str | None, decisions: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """The approval (JSON) of ``pending`` a decision is for: ``approval``, or the only one.
+
+    Raises:
+        InvalidStateError: the run waits for no approval; several are pending and
+            ``approval`` is None (the ids are listed); or ``approval`` is not pending
+            (unknown, or decided already). Nothing changes.
+    """
     if pending is None:
         raise InvalidStateError(f"run {run_id} is not waiting at a gate, so it cannot be decided")
-    approvers = pending.get("approvers", [])
+    approvals = normalized(run_id, pending)["approvals"]
+    ids = [a["id"] for a in approvals]
+    if approval is None:
+        if len(approvals) == 1:
+            return dict(approvals[0])
+        if not approvals:
+            raise InvalidStateError(f"run {run_id} waits for no approval, so there is nothing to decide")
+        raise InvalidStateError(
+            f"run {run_id} waits for {len(ids)} approvals: {ids}; say which one with approval=..."
+        )
+    for a in approvals:
+        if a["id"] == approval:
+            return dict(a)
+    done = any(isinstance(d, dict) and d.get("approval") == approval for d in decisions)
+    why = "was decided already" if done else "is not an approval of this run"
+    raise InvalidStateError(f"run {run_id}: approval {approval!r} {why}; pending approvals are {ids}")
+
+
+def decide(
+    run_id: str,
+    pending: dict[str, Any],
+    approval: dict[str, Any],
+    approved: bool,
+    by: str,
+    comment: str | None,
+    data: Any,
+    form: type[BaseModel] | None = None,
+) -> Outcome:
+    """Apply one reviewer's decision on ``approval`` (one of :func:`choose`) to ``pending``.
+
+    With a ``form`` model, an approval's ``data`` is validated into it (None stays None).
+
+    Raises:
+        NotAuthorizedError: ``by`` is not one of the approval's approvers.
+        InvalidInputError: ``data`` does not fit ``form`` (names the field).
+    """
+    pending = normalized(run_id, pending)
+    step, aid = approval.get("step"), approval["id"]
+    approvers = list(approval.get("approvers") or ())
     if by not in approvers:
         raise NotAuthorizedError(
-            f"run {run_id}: {by!r} may not decide the gate at step {pending.get('step')!r}; "
-            f"approvers are {approvers}"
+            f"run {run_id}: {by!r} may not decide approval {aid} at step {step!r}; approvers are {approvers}"
         )
+    if approved and form is not None and data is not None:
+        data = _fill(run_id, step, aid, form, data)
     decision = Decision(
-        approved=approved, by=by, comment=comment, data=pydantic_core.to_jsonable_python(data)
+        approved=approved,
+        by=by,
+        comment=comment,
+        data=pydantic_core.to_jsonable_python(data),
+        approval=aid,
     )
     if not approved:
         target = pending.get("on_reject")
         return Outcome(decision, None, target, None if target else "rejected")
-    approvals = list(pending.get("approvals", []))
-    if by not in approvals:
-        approvals.append(by)
-    if len(approvals) < int(pending.get("quorum", 1)):
+    votes = list(approval.get("votes") or ())
+    if by not in votes:
+        votes.append(by)
+    if len(votes) < int(approval.get("quorum", 1)):
+        approvals = [{**a, "votes": votes} if a["id"] == aid else a for a in pending["approvals"]]
         return Outcome(decision, {**pending, "approvals": approvals}, None, None)
+    others = [a for a in pending["approvals"] if a["id"] != aid]
+    if others:  # decided; the run goes on once every approval it waits for is
+        return Outcome(decision, {**pending, "approvals": others}, None, None)
     return Outcome(decision, None, pending.get("target"), None)
 
 
-def time_out(pending: dict[str, Any]) -> Outcome:
+def _fill(run_id: str, step: Any, aid: str, form: type[BaseModel], data: Any) -> BaseModel:
+    """``data`` validated into ``form``; nothing is recorded when it does not fit."""
+    if isinstance(data, form):
+        return data
+    try:
+        return form.model_validate(pydantic_core.to_jsonable_python(data))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        detail = "; ".join(f"field {'.'.join(map(str, e['loc'])) or '(data)'!r}: {e['msg']}" for e in errors)
+        raise InvalidInputError(
+            f"run {run_id}, step {step!r}: data for approval {aid} does not fit the form "
+            f"{form.__name__}: {detail}",
+            errors=errors,
+        ) from None
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"run {run_id}, step {step!r}: data for approval {aid} is not JSON-able: {exc}"
+        ) from None
+
+
+def form_of(spec: WorkflowSpec, step: str | None, data: Any = None) -> type[BaseModel] | None:
+    """The form model of the gate at ``step``, as the workflow's code declares it.
+
+    A step that may wait with one of several forms has them all declared; the first
+    ``data`` fits is the one (without ``data``: the first).
+    """
+    if step is None:
+        return None
+    models = spec.forms.get(step)
+    if models is None and spec.main is not None:  # imperative: the gates of the main function
+        models = spec.forms.get(spec.main.name)
+    if not models:
+        return None
+    if data is None or len(models) == 1:
+        return models[0]
+    for model in models:
+        try:
+            model.model_validate(data)
+        except ValidationError:
+            continue
+        return model
+    return models[0]
+
+
+def typed_decision(spec: WorkflowSpec, stored: dict[str, Any]) -> Decision:
+    """A stored decision with its ``data`` back in the gate's form model (when it has one)."""
+    decision = Decision.from_json(stored)
+    if decision.data is None or not decision.approved:
+        return decision
+    model = form_of(spec, stored.get("step"), decision.data)
+    if model is None:
+        return decision
+    return dataclasses.replace(decision, data=model.model_validate(decision.data))
+
+
+def time_out(pending: dict[str, Any], run_id: str = "") -> Outcome:
     """The outcome of a gate whose deadline passed with no quorum."""
-    decision = Decision(approved=False, by=None, comment="timed out", timed_out=True)
+    approvals = pending_approvals(run_id, pending)
+    aid = approvals[0]["id"] if approvals else None
+    decision = Decision(approved=False, by=None, comment="timed out", timed_out=True, approval=aid)
     target = pending.get("on_timeout")
     return Outcome(decision, None, target, None if target else "expired")
 
@@ -170,7 +346,7 @@ def expired(rec: RunRecord) -> Transition | None:
     deadline = rec.pending.get("deadline")
     if deadline is None or deadline > time.time():
         return None
-    return Transition.of(rec, time_out(rec.pending))
+    return Transition.of(rec, time_out(rec.pending, rec.run_id))
 
 
 def apply(

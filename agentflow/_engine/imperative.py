@@ -10,6 +10,7 @@ without running again, and a position asked for under another name raises
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -183,6 +184,9 @@ class ImperativeContext(StepContext[Any, Any]):
         step = f"wait:{self._seq}"
         decision = self._decisions.get(step)
         if decision is not None:
+            form = getattr(gate, "form", None)
+            if form is not None and decision.approved and decision.data is not None:
+                return dataclasses.replace(decision, data=form.model_validate(decision.data))
             return decision
         run = self._run
         run.visit += 1

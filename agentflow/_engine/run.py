@@ -34,6 +34,7 @@ from ..errors import (
 from ..stores.contract import Commit, Lease, LoadedRun
 from ..types import NO_USAGE, Decision, RunEvent, RunStatus, Usage
 from .context import StepResults
+from .gates import typed_decision
 from .journal import StepJournal
 from .values import decode_output, validate_input
 
@@ -184,7 +185,7 @@ class LiveRun:
             key = "decisions"
             run.decisions = rec.decisions
             if rec.decisions:
-                run.decision = Decision.from_json(rec.decisions[-1])
+                run.decision = typed_decision(spec, rec.decisions[-1])
         except (ValidationError, InvalidInputError, KeyError, TypeError, ValueError) as exc:
             raise CorruptRecordError(rec.run_id, key, str(exc)) from None
         run.step = rec.step or START

@@ -6,15 +6,28 @@ What happens at a gate (parking the run, deciding, timing out) is the engine's
 
 from __future__ import annotations
 
+import ast
+import functools
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
 import pydantic_core
+from pydantic import BaseModel
 
 from ..errors import WorkflowDefinitionError
+from .graph import _source_node
+from .steps import StepFunction
 
-__all__ = ["Gate", "HumanApproval", "Wait", "seconds"]
+__all__ = ["Gate", "HumanApproval", "Wait", "form_schema", "forms_of", "seconds"]
+
+
+@functools.lru_cache(maxsize=256)
+def form_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of a form model (built once per model: every parked gate carries it)."""
+    return model.model_json_schema()
 
 
 def seconds(value: float | timedelta | None, what: str) -> float | None:
@@ -48,6 +61,9 @@ class HumanApproval:
         timeout: seconds or a timedelta; past it the gate times out.
         prompt: what the reviewer is asked.
         context: JSON-able data for review (an agent's draft, a diff).
+        form: a pydantic model the reviewer's ``data`` is validated into; the next
+            step sees ``ctx.decision.data`` as an instance of it (after a reload too),
+            and the stored approval carries its JSON schema.
     """
 
     approvers: list[str]
@@ -55,6 +71,7 @@ class HumanApproval:
     timeout: float | timedelta | None = None
     prompt: str | None = None
     context: Any = None
+    form: type[BaseModel] | None = None
     kind: str = field(default="human_approval", init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +82,10 @@ class HumanApproval:
                 f"HumanApproval quorum {self.quorum} cannot be met by approvers {self.approvers}"
             )
         seconds(self.timeout, "HumanApproval timeout")
+        if self.form is not None and not (isinstance(self.form, type) and issubclass(self.form, BaseModel)):
+            raise WorkflowDefinitionError(
+                f"HumanApproval form must be a pydantic model class, got {self.form!r}"
+            )
         try:
             pydantic_core.to_json(self.context)
         except pydantic_core.PydanticSerializationError as exc:
@@ -78,6 +99,7 @@ class HumanApproval:
             "timeout": seconds(self.timeout, "timeout"),
             "prompt": self.prompt,
             "context": pydantic_core.to_jsonable_python(self.context),
+            "form": None if self.form is None else form_schema(self.form),
         }
 
 
@@ -93,3 +115,71 @@ class Wait:
     target: str
     on_reject: str | None = None
     on_timeout: str | None = None
+
+
+def forms_of(fn: Callable[..., Any]) -> tuple[type[BaseModel], ...]:
+    """The form models of the gates a step may return, found from its code.
+
+    ``step(fn, form=Model)`` declares one. Otherwise they are read from the code: a
+    ``HumanApproval(..., form=Model)`` call in the step (or in a function it calls), a
+    ``HumanApproval`` or ``Wait`` it refers to by name. As for declared outputs, the
+    types come from the code, never from the store.
+    """
+    found: list[type[BaseModel]] = []
+    _collect_forms(fn, found, 0)
+    return tuple(found)
+
+
+def _collect_forms(fn: Any, found: list[type[BaseModel]], depth: int) -> None:
+    if isinstance(fn, StepFunction):
+        if fn.form is not None and fn.form not in found:
+            found.append(fn.form)
+        fn = fn.fn
+    code = getattr(fn, "__code__", None)
+    if code is None or depth > 3:
+        return
+    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+
+    def add(model: Any) -> None:
+        if isinstance(model, type) and issubclass(model, BaseModel) and model not in found:
+            found.append(model)
+
+    tree = _source_node(fn)
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Call) and _callee(node.func) == "HumanApproval":
+            for kw in node.keywords:
+                if kw.arg == "form":
+                    add(_resolve(kw.value, scope))
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        for name in (*c.co_names, *c.co_freevars):
+            obj = scope.get(name)
+            gate = obj.gate if isinstance(obj, Wait) else obj
+            if isinstance(gate, HumanApproval):
+                add(gate.form)
+            elif isinstance(obj, StepFunction) or (isinstance(obj, types.FunctionType) and obj is not fn):
+                _collect_forms(obj, found, depth + 1)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+
+
+def _callee(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _resolve(node: ast.AST, scope: dict[str, Any]) -> Any:
+    """The object a name (``Model``) or dotted name (``forms.Model``) in ``scope`` stands for."""
+    if isinstance(node, ast.Name):
+        return scope.get(node.id)
+    if isinstance(node, ast.Attribute):
+        return getattr(_resolve(node.value, scope), node.attr, None)
+    return None

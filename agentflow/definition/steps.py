@@ -82,7 +82,7 @@ class RetryPolicy:
 class StepFunction:
     """A step callable with options attached by :func:`step`. Calls pass through."""
 
-    __slots__ = ("__dict__", "fn", "is_async", "name", "output", "plain", "retry", "timeout")
+    __slots__ = ("__dict__", "fn", "form", "is_async", "name", "output", "plain", "retry", "timeout")
 
     fn: Callable[..., Any]
     name: str
@@ -94,17 +94,21 @@ class StepFunction:
         retry: RetryPolicy | None,
         timeout: float | None,
         name: str | None,
+        form: type[BaseModel] | None = None,
     ) -> None:
         if not callable(fn):
             raise WorkflowDefinitionError(f"step() needs a callable, got {fn!r}")
         if output is not None and not (isinstance(output, type) and issubclass(output, BaseModel)):
             raise WorkflowDefinitionError(f"step(output=...) must be a pydantic model class, got {output!r}")
+        if form is not None and not (isinstance(form, type) and issubclass(form, BaseModel)):
+            raise WorkflowDefinitionError(f"step(form=...) must be a pydantic model class, got {form!r}")
         if timeout is not None and timeout <= 0:
             raise WorkflowDefinitionError(f"step(timeout=...) must be positive, got {timeout!r}")
         inner = fn.fn if isinstance(fn, StepFunction) else fn
         self.fn = inner
         self.is_async = is_async_callable(inner)
         self.output = output
+        self.form = form
         self.retry = retry
         self.timeout = timeout
         self.plain = retry is None and timeout is None  # called inline, without invoke()
@@ -141,6 +145,7 @@ def step(
     retry: int | RetryPolicy | None = None,
     timeout: float | None = None,
     name: str | None = None,
+    form: type[BaseModel] | None = None,
 ) -> StepFunction: ...
 
 
@@ -152,6 +157,7 @@ def step(
     retry: int | RetryPolicy | None = None,
     timeout: float | None = None,
     name: str | None = None,
+    form: type[BaseModel] | None = None,
 ) -> Callable[[Callable[..., Any]], StepFunction]: ...
 
 
@@ -162,6 +168,7 @@ def step(
     retry: int | RetryPolicy | None = None,
     timeout: float | None = None,
     name: str | None = None,
+    form: type[BaseModel] | None = None,
 ) -> StepFunction | Callable[[Callable[..., Any]], StepFunction]:
     """Attach options to a step; usable as ``step(fn, ...)`` or ``@step(...)``.
 
@@ -173,11 +180,14 @@ def step(
         timeout: seconds one attempt may take (``TimeoutError`` past it). A sync step
             with a timeout runs in a worker thread so it can be abandoned.
         name: the name its output is stored under when used as a parallel branch.
+        form: the form model of the gate this step returns (``HumanApproval(form=...)``),
+            for a step whose code does not name it (a gate built elsewhere at run time):
+            the reviewer's data is validated into it and the next step sees it typed.
     """
     policy = _policy(retry)
 
     def wrap(f: Callable[..., Any]) -> StepFunction:
-        return StepFunction(f, output, policy, timeout, name)
+        return StepFunction(f, output, policy, timeout, name, form)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -13,6 +13,7 @@ from ..agents.config import Agent, AgentsConfig, TokenBudget
 from ..errors import WorkflowDefinitionError
 from ..stores.contract import Store
 from .compose import referenced_workflows, scope_of
+from .gates import forms_of
 from .graph import mermaid
 from .steps import END, START, StepFunction, as_step
 
@@ -51,6 +52,9 @@ class WorkflowSpec:
     persistence: Persistence | None
     agents: AgentsConfig | None
     output_types: dict[str, type[BaseModel]] = field(default_factory=dict)
+    #: The form models of the gates each step may return (``HumanApproval(form=...)``),
+    #: found from the steps' code or declared with ``step(fn, form=...)``.
+    forms: dict[str, tuple[type[BaseModel], ...]] = field(default_factory=dict)
     #: Workflows a step may run as children (``Run(...)``, ``ctx.run``), by name: found
     #: from the steps' code or declared with ``.children(...)``.
     children: dict[str, Workflow] = field(default_factory=dict)
@@ -299,6 +303,7 @@ class Workflow:
         for fn in [*steps.values(), *([self._main] if self._main else [])]:
             _referenced_steps(fn.fn, output_types)
         children = self._find_children(steps, output_types)
+        gated = [*steps.items(), *([(self._main.name, self._main)] if self._main else [])]
         self._spec = WorkflowSpec(
             name=self.name,
             description=self.description,
@@ -312,6 +317,7 @@ class Workflow:
             persistence=self._persistence,
             agents=self._agents,
             output_types=output_types,
+            forms={name: models for name, fn in gated if (models := forms_of(fn))},
             children=children,
         )
         return self._spec

@@ -41,11 +41,12 @@ store, ours and others'.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ..types import Decision, ParentRef, RunEvent, RunInfo, RunStatus, Usage, utc
+from ..types import Approval, Decision, ParentRef, RunEvent, RunInfo, RunStatus, Usage, utc
 
 __all__ = [
     "COMMIT_FIELDS",
@@ -56,7 +57,58 @@ __all__ = [
     "OutputRecord",
     "RunRecord",
     "Store",
+    "approval_id",
+    "pending_approvals",
 ]
+
+
+def approval_id(run_id: str, step: str, visit: int, n: int = 0) -> str:
+    """The id of approval ``n`` of ``step``'s visit ``visit`` in ``run_id`` (0 for a gate).
+
+    Derived, not drawn: a run parked again at the same place after a crash waits for
+    the same approval, and ids are unique across runs.
+    """
+    digest = hashlib.sha256(f"{run_id}\0{step}\0{visit}\0{n}".encode()).hexdigest()
+    return "ap_" + digest[:20]
+
+
+def pending_approvals(run_id: str, pending: Any) -> list[dict[str, Any]]:
+    """The approvals (Approval JSON) a run's ``pending`` waits for; [] when it waits for none.
+
+    A gate parked before approvals had ids (``kind: "human_approval"``, its votes in
+    ``approvals`` as names) reads as the one approval it is, with the id it gets now.
+    """
+    if not isinstance(pending, Mapping):
+        return []
+    found = pending.get("approvals")
+    if pending.get("kind") == "human_approval" or (
+        "kind" not in pending and "approvers" in pending
+    ):  # the gate's own fields at the top, its votes as names
+        step, visit, since = pending.get("step"), pending.get("visit"), pending.get("since")
+        return [
+            {
+                "id": approval_id(run_id, str(step), int(visit or 0)),
+                "kind": "gate",
+                "run_id": run_id,
+                "workflow": pending.get("workflow"),
+                "step": step,
+                "visit": visit,
+                "approvers": list(pending.get("approvers") or ()),
+                "quorum": pending.get("quorum", 1),
+                "prompt": pending.get("prompt"),
+                "context": pending.get("context"),
+                "form": None,
+                "deadline": pending.get("deadline"),
+                "votes": [v for v in found or () if isinstance(v, str)],
+                "created_at": since if isinstance(since, int | float) else 0.0,
+                "agent": None,
+                "tool": None,
+                "arguments": None,
+            }
+        ]
+    if not isinstance(found, list):
+        return []
+    return [a for a in found if isinstance(a, dict) and isinstance(a.get("id"), str)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,17 +185,19 @@ class RunRecord:
         error = self.error
         if self.corrupt is not None:
             error = {"step": self.step, "type": "CorruptRecordError", "message": self.corrupt}
+        approvals = tuple(Approval.from_json(dict(a)) for a in pending_approvals(self.run_id, self.pending))
         return RunInfo(
             run_id=self.run_id,
             workflow=self.workflow,
             status=self.status,
             step=self.step,
-            pending=self.pending,
             error=error,
             usage=Usage.from_json(self.usage),
             created_at=utc(self.created_at),
             updated_at=utc(self.updated_at),
             decisions=tuple(Decision.from_json(d) for d in self.decisions),
+            pending=approvals[0] if approvals else None,
+            approvals=approvals,
             parent=ParentRef.from_json(self.parent),
             children=tuple(self.children),
         )
