@@ -11,7 +11,8 @@ import pytest
 from pydantic import BaseModel
 
 from agentflow import HumanApproval, RetryPolicy
-from agentflow.definition.tools import Tool, ToolContext, check_tools, tool
+from agentflow.agents import Agent
+from agentflow.definition.tools import Tool, ToolContext, tool
 from agentflow.errors import InvalidInputError, WorkflowDefinitionError
 
 
@@ -210,10 +211,10 @@ def test_approval_and_retry_are_kept() -> None:
     assert t(3) == 3  # still the function
 
 
-def test_check_tools() -> None:
-    assert check_tools([search_issues, deploy], "agent 'ops'") == (search_issues, deploy)
+def test_an_agent_refuses_plain_functions_and_two_tools_of_one_name() -> None:
+    assert Agent(provider="openai", model="m", tools=[search_issues, deploy]).tools == (search_issues, deploy)
     other = tool(_no_doc, name="search_issues", description="Another.")
-    with pytest.raises(WorkflowDefinitionError, match="agent 'ops': two tools are named 'search_issues'"):
-        check_tools([search_issues, other], "agent 'ops'")
+    with pytest.raises(WorkflowDefinitionError, match="two tools are named 'search_issues'"):
+        Agent(provider="openai", model="m", tools=[search_issues, other])
     with pytest.raises(WorkflowDefinitionError, match="_no_doc is not a tool; declare it with @tool"):
-        check_tools([_no_doc], "agent 'ops'")
+        Agent(provider="openai", model="m", tools=[_no_doc])

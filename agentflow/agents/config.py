@@ -7,8 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ..errors import WorkflowDefinitionError
 from ..types import Usage
-from .spi import Provider
+from .spi import Provider, ToolLike
 
 __all__ = ["Agent", "AgentReply", "AgentsConfig", "TokenBudget"]
 
@@ -26,6 +27,10 @@ class Agent:
         temperature: sampling temperature.
         max_tokens: cap on output tokens per call.
         options: extra provider-specific request options.
+        tools: the tools ``handle.run`` lets the model call (``@tool`` functions).
+
+    Raises:
+        WorkflowDefinitionError: a tool that is not one, or two tools of one name.
     """
 
     provider: str | Provider
@@ -35,6 +40,22 @@ class Agent:
     temperature: float | None = None
     max_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[ToolLike, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for t in self.tools:
+            if not isinstance(t, ToolLike):
+                what = getattr(t, "__name__", repr(t))
+                raise WorkflowDefinitionError(
+                    f"agent on model {self.model!r}: {what} is not a tool; declare it with @tool or tool(fn)"
+                )
+            if t.name in seen:
+                raise WorkflowDefinitionError(
+                    f"agent on model {self.model!r}: two tools are named {t.name!r}; give one another name="
+                )
+            seen.add(t.name)
+        object.__setattr__(self, "tools", tuple(self.tools))
 
 
 @dataclass(frozen=True, slots=True)

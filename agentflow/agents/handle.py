@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,8 @@ from ..errors import (
 )
 from ..types import Usage
 from .config import AgentReply
-from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolUse
+from .loop import AgentRun, run_loop, tool_specs
+from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolSpec, ToolUse
 
 if TYPE_CHECKING:
     from .pool import AgentAccessor, _Pool
@@ -151,6 +152,37 @@ class AgentHandle:
         finally:
             self._busy = False
 
+    async def run(
+        self, prompt: str, max_turns: int = 10, output: type[BaseModel] | None = None, **options: Any
+    ) -> AgentRun:
+        """Run the agent loop: the model calls the agent's tools until it answers (see ``agents.loop``).
+
+        Args:
+            prompt: the user message that starts the loop.
+            max_turns: model calls allowed (a turn is one call, with the tool calls it asks for).
+            output: a pydantic model the final answer must fit (default: the agent's ``output``).
+            **options: as for :meth:`send`, for every model call of the loop.
+
+        Raises:
+            MaxTurnsExceeded: no final answer within ``max_turns`` calls (names run, step, agent).
+            ToolOutcomeUnknownError: a call of a tool that is not idempotent may have run
+                before the process stopped; it is not run again.
+            BudgetExceededError, ProviderError: as for :meth:`send`.
+        """
+        self._begin()
+        try:
+            specs = tool_specs(self.agent.tools)
+            model = output if output is not None else self.agent.output
+
+            def request(messages: Sequence[Message], out: type[BaseModel] | None) -> ProviderRequest:
+                return self._build(messages, out, options, specs)
+
+            result = await run_loop(self, prompt, max_turns, model, self._complete, request)
+            self.last_reply = AgentReply(result.text, result.output, result.usage)
+            return result
+        finally:
+            self._busy = False
+
     async def close(self) -> None:
         """Give the handle's slot back to the pool. Closing twice is harmless."""
         if self._closed:
@@ -185,22 +217,33 @@ class AgentHandle:
         return f"agent:{scope}:{self.agent_name}:{self._seq}:{self._calls}"
 
     def _request(self, prompt: str, options: dict[str, Any]) -> ProviderRequest:
+        return self._build((*self._history, Message("user", prompt)), self.agent.output, options)
+
+    def _build(
+        self,
+        messages: Sequence[Message],
+        output: type[BaseModel] | None,
+        options: dict[str, Any],
+        tools: tuple[ToolSpec, ...] = (),
+    ) -> ProviderRequest:
         agent = self.agent
+        options = dict(options)
         temperature = options.pop("temperature", agent.temperature)
         max_tokens = options.pop("max_tokens", agent.max_tokens)
         schema = name = None
-        if agent.output is not None:
-            schema = agent.output.model_json_schema()
-            name = agent.output.__name__
+        if output is not None:
+            schema = output.model_json_schema()
+            name = output.__name__
         return ProviderRequest(
             model=agent.model,
-            messages=(*self._history, Message("user", prompt)),
+            messages=tuple(messages),
             instructions=agent.instructions,
             temperature=temperature,
             max_tokens=max_tokens,
             output_schema=schema,
             output_name=name,
             options={**agent.options, **options},
+            tools=tools,
         )
 
     def _check_budget(self, request: ProviderRequest) -> None:

@@ -7,7 +7,7 @@ Providers live in their own distributions and are found by name through the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -21,6 +21,8 @@ __all__ = [
     "Provider",
     "ProviderReply",
     "ProviderRequest",
+    "ToolContext",
+    "ToolLike",
     "ToolSpec",
     "ToolUse",
     "redacting",
@@ -167,6 +169,83 @@ def reply_body(provider: str, request: ProviderRequest, content: bytes) -> dict[
     return body if isinstance(body, dict) else {}
 
 
+class ToolContext:
+    """The calling run's context, for a tool whose first parameter is annotated ``ToolContext``.
+
+    Attributes:
+        run_id: the run whose agent called the tool.
+        step_name: the step the agent runs in.
+        agent: the agent's name.
+        call_id: the model's id for this call (as in ``ToolCall.call_id``).
+        attempt: 1 on the first execution of this call, 2 on the next, ...
+        idempotency_key: the same across retries, replays and recoveries of this call,
+            different for every other call: pass it to the API the tool calls.
+        decision: the reviewer's decision, when the call needed an approval.
+    """
+
+    __slots__ = ("_emit", "agent", "attempt", "call_id", "decision", "idempotency_key", "run_id", "step_name")
+
+    def __init__(
+        self,
+        run_id: str,
+        step_name: str,
+        agent: str,
+        call_id: str,
+        idempotency_key: str,
+        attempt: int = 1,
+        decision: Any = None,
+        emit: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.step_name = step_name
+        self.agent = agent
+        self.call_id = call_id
+        self.idempotency_key = idempotency_key
+        self.attempt = attempt
+        self.decision = decision
+        self._emit = emit
+
+    def emit(self, name: str, data: Any = None) -> None:
+        """Record a custom event ``name`` on the run (as ``ctx.emit`` does in a step)."""
+        if self._emit is not None:
+            self._emit(name, data)
+
+    def __repr__(self) -> str:
+        return (
+            f"ToolContext(run_id={self.run_id!r}, step_name={self.step_name!r}, agent={self.agent!r}, "
+            f"call_id={self.call_id!r}, attempt={self.attempt})"
+        )
+
+
+@runtime_checkable
+class ToolLike(Protocol):
+    """What the agent loop needs of a tool (:class:`agentflow.definition.tools.Tool` is one)."""
+
+    fn: Callable[..., Any]
+    name: str
+    idempotent: bool
+    timeout: float | None
+    takes_context: bool
+    is_async: bool
+
+    @property
+    def retry(self) -> Any:
+        """A policy with ``retrying()`` (a tenacity controller), or None."""
+        ...
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name", "description", "parameters"}``."""
+        ...
+
+    def validate(self, arguments: Any, where: str = "") -> Any:
+        """The arguments as a pydantic model; raises ``InvalidInputError``."""
+        ...
+
+    def keywords(self, arguments: Any) -> dict[str, Any]:
+        """Validated arguments as keyword arguments of ``fn``."""
+        ...
+
+
 class AgentJournal(Protocol):
     """The engine's side of agent calls, one per step execution.
 
@@ -179,12 +258,26 @@ class AgentJournal(Protocol):
         """A key prefix unique to this step visit (same across retries and crash re-runs)."""
         ...
 
+    @property
+    def run_id(self) -> str:
+        """The run the calls belong to."""
+        ...
+
+    @property
+    def step_name(self) -> str:
+        """The step the calls are made in."""
+        ...
+
     def lookup(self, key: str) -> Any | None:
         """A journaled reply (JSON) stored under ``key``, or None."""
         ...
 
     async def record(self, key: str, value: Any, usage: Usage) -> None:
         """Persist ``value`` under ``key`` durably and add ``usage`` to the step and run."""
+        ...
+
+    async def record_many(self, entries: Mapping[str, Any], usage: Usage) -> None:
+        """Persist several entries in one durable write (one round trip) and add ``usage``."""
         ...
 
     def spent(self) -> int:

@@ -10,7 +10,8 @@ the schema.
 
 Every mistake that can be known from the declaration (no description, a parameter type
 pydantic cannot describe, ``*args``, a name the providers refuse, two tools of one
-name) raises :class:`~agentflow.errors.WorkflowDefinitionError` here, not mid-run.
+name, caught by ``Agent(tools=...)``) raises
+:class:`~agentflow.errors.WorkflowDefinitionError` when declared, not mid-run.
 Running a tool — journaling, approvals, timeouts, retries — is the engine's.
 """
 
@@ -20,7 +21,7 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, overload
@@ -30,62 +31,15 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
+from ..agents.spi import ToolContext
 from ..errors import InvalidInputError, WorkflowDefinitionError
 from .gates import HumanApproval, seconds
 from .steps import RetryPolicy, is_async_callable
 
-__all__ = ["Tool", "ToolContext", "check_tools", "tool"]
+__all__ = ["Tool", "ToolContext", "tool"]
 
 #: What both providers accept as a tool (function) name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class ToolContext:
-    """The calling run's context, for a tool whose first parameter is annotated ``ToolContext``.
-
-    Attributes:
-        run_id: the run whose agent called the tool.
-        step_name: the step the agent runs in.
-        agent: the agent's name.
-        call_id: the model's id for this call (as in ``ToolCall.call_id``).
-        attempt: 1 on the first execution of this call, 2 on the next, ...
-        idempotency_key: the same across retries, replays and recoveries of this call,
-            different for every other call: pass it to the API the tool calls.
-        decision: the reviewer's decision, when the call needed an approval.
-    """
-
-    __slots__ = ("_emit", "agent", "attempt", "call_id", "decision", "idempotency_key", "run_id", "step_name")
-
-    def __init__(
-        self,
-        run_id: str,
-        step_name: str,
-        agent: str,
-        call_id: str,
-        idempotency_key: str,
-        attempt: int = 1,
-        decision: Any = None,
-        emit: Callable[[str, Any], None] | None = None,
-    ) -> None:
-        self.run_id = run_id
-        self.step_name = step_name
-        self.agent = agent
-        self.call_id = call_id
-        self.idempotency_key = idempotency_key
-        self.attempt = attempt
-        self.decision = decision
-        self._emit = emit
-
-    def emit(self, name: str, data: Any = None) -> None:
-        """Record a custom event ``name`` on the run (as ``ctx.emit`` does in a step)."""
-        if self._emit is not None:
-            self._emit(name, data)
-
-    def __repr__(self) -> str:
-        return (
-            f"ToolContext(run_id={self.run_id!r}, step_name={self.step_name!r}, agent={self.agent!r}, "
-            f"call_id={self.call_id!r}, attempt={self.attempt})"
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,22 +301,3 @@ def _caller_locals() -> Mapping[str, Any] | None:
     """The names where the tool is declared (two frames up), so hints may name local classes."""
     frame = sys._getframe(2)
     return None if frame.f_locals is frame.f_globals else frame.f_locals
-
-
-def check_tools(tools: Iterable[Any], where: str) -> tuple[Tool, ...]:
-    """``tools`` as a tuple, each a :class:`Tool`, no two of one name.
-
-    Raises:
-        WorkflowDefinitionError: a plain function (wrap it with ``tool``) or a repeated name.
-    """
-    out: list[Tool] = []
-    seen: set[str] = set()
-    for t in tools:
-        if not isinstance(t, Tool):
-            what = getattr(t, "__name__", repr(t))
-            raise WorkflowDefinitionError(f"{where}: {what} is not a tool; declare it with @tool or tool(fn)")
-        if t.name in seen:
-            raise WorkflowDefinitionError(f"{where}: two tools are named {t.name!r}; give one another name=")
-        seen.add(t.name)
-        out.append(t)
-    return tuple(out)

@@ -18,7 +18,7 @@ import inspect
 import json
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -213,16 +213,35 @@ class MemoryJournal:
         events: ``(kind, data)`` of every event emitted (``agent_leak``).
     """
 
-    def __init__(self, scope: str = "run:step:1", entries: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        scope: str = "run:step:1",
+        entries: dict[str, Any] | None = None,
+        run_id: str = "run",
+        step_name: str = "step",
+    ) -> None:
         self._scope = scope
         self.entries: dict[str, Any] = dict(entries or {})
         self.usage = Usage()
         self.events: list[tuple[str, Any]] = []
+        self.writes = 0
+        self._run_id = run_id
+        self._step_name = step_name
 
     @property
     def scope(self) -> str:
         """The key prefix of this step visit."""
         return self._scope
+
+    @property
+    def run_id(self) -> str:
+        """The simulated run's id."""
+        return self._run_id
+
+    @property
+    def step_name(self) -> str:
+        """The simulated step's name."""
+        return self._step_name
 
     def lookup(self, key: str) -> Any | None:
         """The reply journaled under ``key``, or None."""
@@ -232,6 +251,13 @@ class MemoryJournal:
         """Journal ``value`` under ``key`` and add ``usage``."""
         self.entries[key] = json.loads(json.dumps(value))
         self.usage = self.usage + usage
+        self.writes += 1
+
+    async def record_many(self, entries: Mapping[str, Any], usage: Usage) -> None:
+        """Journal several entries as one write and add ``usage``."""
+        self.entries.update(json.loads(json.dumps(dict(entries))))
+        self.usage = self.usage + usage
+        self.writes += 1
 
     def spent(self) -> int:
         """Tokens recorded so far."""
