@@ -50,8 +50,8 @@ class RunHandle:
         return self._status
 
     async def info(self) -> RunInfo:
-        """A snapshot: status, step, pending gate, error, usage, timestamps."""
-        info = (await self._runner._record(self.run_id)).info()
+        """A snapshot: status, step, pending approvals (its child runs' too), error, usage, timestamps."""
+        info = await self._runner._info(self.run_id)
         self._status = info.status
         return info
 

@@ -36,7 +36,7 @@ from .handle import RunHandle, status_of
 from .stores import open_store
 from .stores.contract import Change, Lease, RunRecord, Store
 from .stores.memory import MemoryStore
-from .types import FINAL, RunEvent, RunInfo, RunResult, RunStatus
+from .types import FINAL, Approval, RunEvent, RunInfo, RunResult, RunStatus
 
 __all__ = ["RunHandle", "WorkflowRunner"]  # RunHandle lives in agentflow.handle
 
@@ -329,6 +329,7 @@ class WorkflowRunner:
     async def _decide(
         self, run_id: str, approved: bool, by: str, approval: str | None, comment: str | None, data: Any
     ) -> RunHandle:
+        run_id = await self._holder(run_id, approval)  # a child's approval is decided on the child
         decision_id = os.urandom(8).hex()
 
         def fn(rec: RunRecord, now: float) -> Transition | None:
@@ -361,6 +362,50 @@ class WorkflowRunner:
             await self.supervisor.expire(run_id)  # a gate past its deadline expires now
             raise
         return RunHandle(self, run_id, self.supervisor.local.get(run_id), status=rec.status)
+
+    async def _holder(self, run_id: str, approval: str | None) -> str:
+        """The run that holds ``approval``: ``run_id`` itself, or one of the child runs it waits on.
+
+        Without ``approval``, a run that waits only on its children, of which exactly
+        one approval is pending, hands that one's run. Otherwise ``run_id`` (whose own
+        decision then says what is wrong).
+        """
+        rec = await self.store.get(run_id)
+        if rec is None or not isinstance(rec.pending, dict) or rec.pending.get("kind") != "children":
+            return run_id
+        found = await self._child_approvals(rec)
+        if approval is None:
+            return found[0].run_id if len(found) == 1 else run_id
+        return next((a.run_id for a in found if a.id == approval), run_id)
+
+    async def _child_approvals(self, rec: RunRecord) -> list[Approval]:
+        """Pending approvals of the child runs ``rec`` waits on (their children's too), in child order."""
+        pending = rec.pending
+        if (
+            not isinstance(pending, dict)
+            or pending.get("kind") != "children"
+            or rec.status != RunStatus.WAITING
+        ):
+            return []
+        ids = [str(c["run_id"]) for c in pending.get("children") or ()]
+        out: list[Approval] = []
+        for i in range(0, len(ids), _FAN):
+            for child in await asyncio.gather(*(self.store.get(c) for c in ids[i : i + _FAN])):
+                if child is None or child.status != RunStatus.WAITING:
+                    continue
+                out += child.info().approvals
+                out += await self._child_approvals(child)
+        return out
+
+    async def _info(self, run_id: str) -> RunInfo:
+        """``RunInfo`` of ``run_id``, its children's pending approvals listed after its own."""
+        rec = await self._record(run_id)
+        info = rec.info()
+        children = await self._child_approvals(rec)
+        if not children:
+            return info
+        approvals = (*info.approvals, *children)
+        return dataclasses.replace(info, approvals=approvals, pending=approvals[0])
 
     def _check_workflow(self, rec: RunRecord) -> None:
         if rec.workflow not in self._specs:

@@ -391,3 +391,21 @@ async def test_children_of_children_and_a_cycle_bounded_by_max_steps():
         with pytest.raises(RunFailedError) as err:
             await (await runner.run(run_id="c")).result(timeout=10)
     assert StepLimitExceeded.__name__ in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+async def test_a_reviewer_of_the_parent_sees_and_decides_its_childrens_approvals(make_store, kind):
+    async with WorkflowRunner(fan, store=make_store(kind)) as runner:
+        handle = await runner.run(["a", "b"], run_id="rv")
+        await wait_status(handle, RunStatus.WAITING)
+        for cid in ("rv/__start__.1.0", "rv/__start__.1.1"):
+            await wait_status(await runner.attach(cid), RunStatus.WAITING)
+        info = await handle.info()
+        assert [a.run_id for a in info.approvals] == ["rv/__start__.1.0", "rv/__start__.1.1"]
+        assert info.pending == info.approvals[0] and list(info.approvals[0].approvers) == ["qa"]
+        first, second = info.approvals
+        await runner.approve("rv", by="qa", approval=second.id)  # the parent's id, a child's approval
+        assert [a.id for a in (await handle.info()).approvals] == [first.id]
+        await handle.approve(by="qa")  # one left: no id needed
+        result = await handle.result(timeout=10)
+        assert result.output["artifacts"] == ["a", "b"]

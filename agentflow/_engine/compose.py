@@ -57,10 +57,14 @@ __all__ = [
     "Spawned",
     "child_id",
     "ended",
+    "ended_here",
+    "finish_step",
     "park_children",
     "read_children",
     "resume_children",
     "spawn",
+    "wait_of",
+    "wait_on",
 ]
 
 #: Seconds from parking on children to the first check-back: the timer sweep looks at
@@ -162,59 +166,6 @@ async def start_child(kernel: Kernel, run_id: str, inp: Any, parent: dict[str, A
     child.outbox.clear()
     if await kernel.store.create(rec, events):
         kernel.start(child)
-
-
-async def park_children(
-    run: LiveRun,
-    name: str,
-    frame: Frame,
-    refs: list[dict[str, Any]],
-    target: str,
-    on_fail: str | None = None,
-    on_reject: str | None = None,
-    join: dict[str, Any] | None = None,
-    journal: dict[str, Any] | None = None,
-) -> None:
-    """Commit the parent as ``waiting`` on ``refs`` and let go of it (see the module docstring)."""
-    now = time.time()
-    pending = {
-        "kind": "children",
-        "workflow": run.spec.name,
-        "step": name,
-        "visit": run.visit,
-        "target": target,
-        "on_reject": on_reject,
-        "on_timeout": None,
-        "on_fail": on_fail,
-        "since": now,
-        "deadline": now + CHECK_BACK,
-        "approvals": [],
-        "children": refs,
-        "join": join,
-    }
-    known = set(run.children)
-    new = tuple(r["run_id"] for r in refs if r["run_id"] not in known)
-    run.children = (*run.children, *new)
-    fields: dict[str, Any] = {
-        "status": RunStatus.WAITING,
-        "pending": pending,
-        "step": name,
-        "visit": run.visit,
-        "children": run.children,
-    }
-    if run.pause_requested:
-        fields["control"] = "pause"
-    if frame.state is not run.state:
-        run.state = frame.state
-        fields["state"] = frame.state
-    if journal:
-        run.journal.update(journal)
-    ids = [r["run_id"] for r in refs]
-    run.event("waiting", name, {"kind": "children", "count": len(ids), "children": ids[:20]})
-    run.status = RunStatus.WAITING
-    await run.commit(Commit(fields=fields, journal=dict(journal or {}), release=True))
-    run.kernel.watch_deadlines()
-    run.kernel.watch_children(run.run_id)
 
 
 def ended(rec: RunRecord, step: str, visit: int) -> Transition | None:
@@ -331,24 +282,49 @@ def _outcome(run: LiveRun, ref: dict[str, Any], rec: RunRecord | None) -> ChildO
 
 
 async def read_children(run: LiveRun, refs: list[dict[str, Any]]) -> list[ChildOutcome]:
-    """How each child in ``refs`` ended, in order (read from the store, a batch at a time)."""
-    store = run.kernel.store
-    out: list[ChildOutcome] = []
-    for i in range(0, len(refs), _READ_BATCH):
-        chunk = refs[i : i + _READ_BATCH]
-        recs = await asyncio.gather(*(store.get(str(r["run_id"])) for r in chunk))
-        out.extend(_outcome(run, r, rec) for r, rec in zip(chunk, recs, strict=True))
-    return out
+    """How each child in ``refs`` ended, in order.
+
+    A child that completed in this process is known without a read; the others are
+    read from the store, a batch at a time.
+    """
+    kernel = run.kernel
+    known = kernel.ended_children(run.run_id)
+    store = kernel.store
+    out: list[ChildOutcome | None] = [known.get(str(r["run_id"])) for r in refs]
+    missing = [i for i, o in enumerate(out) if o is None]
+    for j in range(0, len(missing), _READ_BATCH):
+        chunk = missing[j : j + _READ_BATCH]
+        recs = await asyncio.gather(*(store.get(str(refs[i]["run_id"])) for i in chunk))
+        for i, rec in zip(chunk, recs, strict=True):
+            out[i] = _outcome(run, refs[i], rec)
+    kernel.forget_children(run.run_id)
+    return [o for o in out if o is not None]
 
 
-def _add_usage(run: LiveRun, outcomes: list[ChildOutcome]) -> None:
+async def ended_here(run: LiveRun, refs: list[dict[str, Any]]) -> bool:
+    """True when every child in ``refs`` ended in this process, after one turn of the loop.
+
+    Children that finish at once (in memory, a few plain steps) then complete the
+    parent's step without parking it: the parent never let go of its lease, so it goes
+    on exactly once, and a crash before its commit runs the step again, which finds
+    the same (ended) children.
+    """
+    await asyncio.sleep(0)
+    ended = run.kernel.ended_children(run.run_id)
+    return all(str(r["run_id"]) in ended for r in refs)
+
+
+def _add_usage(run: LiveRun, outcomes: list[ChildOutcome]) -> bool:
+    """Add the children's usage to the run's (and the step's); True when there was any."""
     total = NO_USAGE
     for o in outcomes:
         if o.usage.total_tokens:
             total = total + o.usage
-    if total.total_tokens:
-        run.usage = run.usage + total
-        run.step_usage = run.step_usage + total
+    if not total.total_tokens:
+        return False
+    run.usage = run.usage + total
+    run.step_usage = run.step_usage + total
+    return True
 
 
 def join_jobs(join: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -361,26 +337,111 @@ def join_jobs(join: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 async def resume_children(run: LiveRun) -> str | None:
-    """Finish the step that parked on children (their results read now); the control flag.
-
-    The step completes to its target (``on_fail`` / ``on_reject`` when a child did not
-    complete and they are given), or the parent fails (a child failed or was stopped),
-    or ends ``rejected`` / ``expired`` with the child (a child ended at a gate).
-    """
-    from .fanout import BranchFailed
-
+    """Finish the step that parked on children (their results read now); the control flag."""
     pending = run.resolving
     assert pending is not None
     run.resolving = None
+    return await finish_step(run, pending, run.state, parked=True)
+
+
+def wait_of(
+    run: LiveRun,
+    name: str,
+    refs: list[dict[str, Any]],
+    target: str,
+    on_fail: str | None = None,
+    on_reject: str | None = None,
+    join: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a step waits on once it started children (the ``pending`` it parks with)."""
+    now = time.time()
+    return {
+        "kind": "children",
+        "workflow": run.spec.name,
+        "step": name,
+        "visit": run.visit,
+        "target": target,
+        "on_reject": on_reject,
+        "on_timeout": None,
+        "on_fail": on_fail,
+        "since": now,
+        "deadline": now + CHECK_BACK,
+        "approvals": [],
+        "children": refs,
+        "join": join,
+    }
+
+
+async def wait_on(
+    run: LiveRun, frame: Frame, pending: dict[str, Any], journal: dict[str, Any] | None = None
+) -> str | None:
+    """The step started the children of ``pending``: complete it now if they all ended here, else park.
+
+    Returns the control flag of the commit that completed the step (None when parked).
+    """
+    if await ended_here(run, list(pending["children"])):
+        return await finish_step(run, pending, frame.state, journal)
+    await park_children(run, frame, pending, journal)
+    return None
+
+
+async def park_children(
+    run: LiveRun, frame: Frame, pending: dict[str, Any], journal: dict[str, Any] | None = None
+) -> None:
+    """Commit the parent as ``waiting`` on its children and let go of it (see the module docstring)."""
+    name = str(pending["step"])
+    refs = list(pending["children"])
+    fields: dict[str, Any] = {
+        "status": RunStatus.WAITING,
+        "pending": pending,
+        "step": name,
+        "visit": run.visit,
+    }
+    _new_children(run, refs, fields)
+    if run.pause_requested:
+        fields["control"] = "pause"
+    if frame.state is not run.state:
+        run.state = frame.state
+        fields["state"] = frame.state
+    if journal:
+        run.journal.update(journal)
+    ids = [r["run_id"] for r in refs]
+    run.event("waiting", name, {"kind": "children", "count": len(ids), "children": ids[:20]})
+    run.status = RunStatus.WAITING
+    await run.commit(Commit(fields=fields, journal=dict(journal or {}), release=True))
+    run.kernel.watch_deadlines()
+    run.kernel.watch_children(run.run_id)
+
+
+async def finish_step(
+    run: LiveRun,
+    pending: dict[str, Any],
+    state: Any,
+    journal: dict[str, Any] | None = None,
+    parked: bool = False,
+) -> str | None:
+    """Complete the step that started the children of ``pending``; the control flag.
+
+    The step goes to its target (``on_fail`` / ``on_reject`` when a child did not
+    complete and they are given), or the parent fails (a child failed or was stopped),
+    or ends ``rejected`` / ``expired`` with the child (a child ended at a gate).
+    ``state`` is the step's state; ``journal`` entries are committed with it; ``parked``
+    says the record holds ``pending`` (the run waited), which the commit clears.
+    """
+    from .fanout import BranchFailed
+
     spec = run.spec
     name = str(pending["step"])
     refs = list(pending.get("children") or ())
     outcomes = await read_children(run, refs)
-    _add_usage(run, outcomes)
+    extra: dict[str, Any] = {"pending": None} if parked else {}
+    if _add_usage(run, outcomes) or parked:
+        extra["usage"] = run.usage.to_json()
     join = pending.get("join")
     output: Any = None
     outputs: list[OutputRecord] = []
-    state = run.state
+    if journal:
+        run.journal.update(journal)
     if join is None:
         o = outcomes[0]
         if o.ok:
@@ -390,7 +451,7 @@ async def resume_children(run: LiveRun) -> str | None:
             if route:
                 target, output = str(route), o.branch_error()
             elif o.rejected:
-                await _end_with(run, name, o)
+                await _end_with(run, name, o, refs, journal)
                 return None
             else:
                 raise StepError(name, o.exception())
@@ -413,7 +474,7 @@ async def resume_children(run: LiveRun) -> str | None:
                     values.append(o.branch_error())
                     continue
                 elif o.rejected:
-                    await _end_with(run, name, o)
+                    await _end_with(run, name, o, refs, journal)
                     return None
                 else:
                     raise StepError(name, BranchFailed(label, o.exception()))
@@ -430,11 +491,27 @@ async def resume_children(run: LiveRun) -> str | None:
         raise StepError(
             name, WorkflowDefinitionError(f"run {run.run_id}: step {name!r} has no step {target!r}")
         )
-    return await _complete(run, name, target, output, outputs, state)
+    return await _complete(run, name, target, output, outputs, state, refs, journal, extra)
+
+
+def _new_children(run: LiveRun, refs: list[dict[str, Any]], fields: dict[str, Any]) -> None:
+    """Append the ids in ``refs`` the run does not list yet to ``run.children`` (and ``fields``)."""
+    known = set(run.children)
+    new = tuple(str(r["run_id"]) for r in refs if r["run_id"] not in known)
+    if new:
+        run.children = fields["children"] = (*run.children, *new)
 
 
 async def _complete(
-    run: LiveRun, name: str, target: str, output: Any, outputs: list[OutputRecord], state: Any
+    run: LiveRun,
+    name: str,
+    target: str,
+    output: Any,
+    outputs: list[OutputRecord],
+    state: Any,
+    refs: list[dict[str, Any]],
+    journal: dict[str, Any] | None,
+    extra: dict[str, Any],
 ) -> str | None:
     spec = run.spec
     try:
@@ -444,9 +521,9 @@ async def _complete(
     fields: dict[str, Any] = {
         "step": target,
         "visit": run.visit,
-        "pending": None,
-        "usage": run.usage.to_json(),
+        **extra,
     }
+    _new_children(run, refs, fields)
     if state is not run.state:
         run.state = fields["state"] = state
     if output is not None:
@@ -473,11 +550,14 @@ async def _complete(
     else:
         run.event("step_started", target)
     run.step = target
-    control = await run.commit(Commit(fields=fields, outputs=outputs, release=release))
+    commit = Commit(fields=fields, outputs=outputs, journal=dict(journal or {}), release=release)
+    control = await run.commit(commit)
     return control if run.status is RunStatus.RUNNING else None
 
 
-async def _end_with(run: LiveRun, name: str, o: ChildOutcome) -> None:
+async def _end_with(
+    run: LiveRun, name: str, o: ChildOutcome, refs: list[dict[str, Any]], journal: dict[str, Any] | None
+) -> None:
     """The parent ends as its child did at a gate (rejected or expired), the decision kept."""
     status = o.status
     decision = {**(o.decision or {}), "child": o.run_id}
@@ -485,16 +565,17 @@ async def _end_with(run: LiveRun, name: str, o: ChildOutcome) -> None:
     decision.setdefault("at", time.time())
     decision.setdefault("step", name)
     run.decisions = (*run.decisions, decision)
-    fields = {
+    fields: dict[str, Any] = {
         "status": status,
         "pending": None,
         "control": None,
         "decisions": run.decisions,
         "usage": run.usage.to_json(),
     }
+    _new_children(run, refs, fields)
     run.step_usage = NO_USAGE
     run.event(
         status.value, name, {"child": o.run_id, "by": decision.get("by"), "reason": decision.get("comment")}
     )
     run.status = status
-    await run.commit(Commit(fields=fields, release=True))
+    await run.commit(Commit(fields=fields, journal=dict(journal or {}), release=True))

@@ -17,7 +17,7 @@ from ..definition.steps import END, START, Next, StepFunction
 from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError, redact
 from ..stores.contract import Commit, OutputRecord
 from ..types import NO_USAGE, RunEvent, RunStatus
-from .compose import Spawned, park_children, resume_children, spawn
+from .compose import Spawned, resume_children, spawn, wait_of, wait_on
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -161,8 +161,11 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
                 frame.state, outputs = await run_parallel(run, name, frame, ret)
             except Spawned as sp:
                 # Some branches started child runs: the join waits for them, parked.
-                refs, join, journal = sp.refs, sp.join, sp.journal
-                return await park_children(run, name, frame, refs, target, join=join, journal=journal)
+                pending = wait_of(run, name, sp.refs, target, join=sp.join)
+                control = await wait_on(run, frame, pending, sp.journal)
+                if control is not None:
+                    await obey(run, control)
+                return
         elif isinstance(ret, Run):
             for t in (ret.target, ret.on_fail, ret.on_reject):
                 if t is not None:
@@ -170,7 +173,11 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
             if run.stop_requested:
                 raise Stop()
             ref = await spawn(run, name, run.visit, ret)
-            return await park_children(run, name, frame, [ref], ret.target, ret.on_fail, ret.on_reject)
+            pending = wait_of(run, name, [ref], ret.target, ret.on_fail, ret.on_reject)
+            control = await wait_on(run, frame, pending)
+            if control is not None:
+                await obey(run, control)
+            return
         else:
             raise TypeError(
                 f"run {run.run_id}: step {name!r} returned {ret!r}; a step returns a step name, END, "

@@ -22,7 +22,7 @@ from ..definition.workflow import Workflow
 from ..errors import NonDeterminismError, StepLimitExceeded
 from ..stores.contract import Commit, OutputRecord
 from ..types import Decision, RunStatus
-from .compose import ChildOutcome, park_children, read_children, spawn
+from .compose import ChildOutcome, Spawned, ended_here, park_children, read_children, spawn, wait_of
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -161,6 +161,14 @@ class ImperativeContext(StepContext[Any, Any]):
                 state, outputs = await run_parallel(self._run, label, self._frame, par, prefix=f"{key}:")
             except (asyncio.CancelledError, Suspend):
                 raise
+            except Spawned:
+                raise StepError(
+                    label,
+                    TypeError(
+                        f"run {self.run_id}: a branch of ctx.parallel returned Run(...); in imperative "
+                        "code run a child with await ctx.run(child, input)"
+                    ),
+                ) from None
             except Exception as exc:
                 raise StepError(label, exc) from exc
             self._frame.state = state
@@ -215,34 +223,34 @@ class ImperativeContext(StepContext[Any, Any]):
         if entry is not None:
             self._replayed(entry)
             return self._child_result(entry)
-        resolving = run.resolving
-        if resolving is not None and resolving.get("step") == step:
-            run.resolving = None
-            (outcome,) = await read_children(run, list(resolving["children"]))
+        pending = run.resolving
+        parked = pending is not None and pending.get("step") == step
+        if parked:
+            run.resolving = None  # back from the wait: the child ended
+        else:
+            self._count(step)
+            ref = await spawn(run, step, run.visit, Run(workflow, input))
+            main = run.spec.main
+            assert main is not None
+            pending = wait_of(run, step, [ref], main.name)
+            if not await ended_here(run, [ref]):
+                await park_children(run, self._frame, pending)
+                raise Suspend()
+        assert pending is not None
+        (outcome,) = await read_children(run, list(pending["children"]))
+        extra: dict[str, Any] = {"pending": None} if parked else {}
+        if outcome.usage.total_tokens:
             run.usage = run.usage + outcome.usage
-            if outcome.ok:
-                entry = {
-                    "kind": "run",
-                    "name": workflow.name,
-                    "child": outcome.run_id,
-                    "value": outcome.value,
-                }
-            else:
-                entry = {
-                    "kind": "run",
-                    "name": workflow.name,
-                    "child": outcome.run_id,
-                    "error": outcome.to_json(),
-                }
-            extra = {"pending": None, "usage": run.usage.to_json()}
-            await self._record(key, entry, workflow.name, outcome.value, extra)
-            return self._child_result(entry)
-        self._count(step)
-        ref = await spawn(run, step, run.visit, Run(workflow, input))
-        main = run.spec.main
-        assert main is not None
-        await park_children(run, step, self._frame, [ref], main.name)
-        raise Suspend()
+            extra["usage"] = run.usage.to_json()
+        entry = {"kind": "run", "name": workflow.name, "child": outcome.run_id}
+        if outcome.ok:
+            entry["value"] = outcome.value
+        else:
+            entry["error"] = outcome.to_json()
+        if outcome.run_id not in run.children:
+            run.children = extra["children"] = (*run.children, outcome.run_id)
+        await self._record(key, entry, workflow.name, outcome.value, extra)
+        return self._child_result(entry)
 
     def _child_result(self, entry: dict[str, Any]) -> Any:
         """A journaled child result: its output typed again, or its failure raised again."""

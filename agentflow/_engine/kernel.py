@@ -64,3 +64,12 @@ class Kernel(Protocol):
     def watch_children(self, run_id: str) -> None:
         """``run_id`` parked on child runs: resume it once they all ended."""
         ...
+
+    def ended_children(self, run_id: str) -> dict[str, Any]:
+        """Children of ``run_id`` that ended in this process: id → how (a ``ChildOutcome``
+        when it completed, else None: read it from the store)."""
+        ...
+
+    def forget_children(self, run_id: str) -> None:
+        """``run_id`` read its children's results: drop what :meth:`ended_children` kept."""
+        ...

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .._engine.compose import CHECK_BACK, CHECK_BACK_MAX, ended
+from .._engine.compose import CHECK_BACK, CHECK_BACK_MAX, ChildOutcome, ended
 from ..errors import AgentflowError
 from ..stores.contract import Change, RunRecord
 from ..types import FINAL, RunStatus
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["ChildWatch"]
 
 log = logging.getLogger("agentflow")
+
+#: Parents whose ended children (and their outputs) are kept at most, waiting to be read.
+_KEPT = 10_000
 
 
 def _waiting_on_children(rec: RunRecord | None) -> dict[str, Any] | None:
@@ -49,19 +52,39 @@ class ChildWatch:
 
     def __init__(self, root: Supervisor) -> None:
         self._root = root
-        self._ended: dict[str, set[str]] = {}  # parent id → its children seen ending here
+        # parent id → its children that ended here: id → the outcome when it completed
+        # (else None: read it from the store). Kept until the parent reads them.
+        self._ended: dict[str, dict[str, ChildOutcome | None]] = {}
         # parent id → (its pending, its workflow, how many of its children are known ended)
         self._cursor: dict[str, tuple[dict[str, Any], str, int]] = {}
         self._scheduled: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def child_ended(self, parent: Any, child_id: str) -> None:
+    def child_ended(self, parent: Any, child_id: str, outcome: ChildOutcome | None = None) -> None:
         """The child ``child_id`` of ``parent`` (its ``RunRecord.parent``) ended here."""
         if not isinstance(parent, dict) or "run_id" not in parent:
             return
         pid = str(parent["run_id"])
-        self._ended.setdefault(pid, set()).add(child_id)
+        ended = self._ended.get(pid)
+        if ended is None:
+            if len(self._ended) >= _KEPT:
+                # Parents that never came back for their children's results (they went on
+                # in another process): forget the oldest.
+                del self._ended[next(iter(self._ended))]
+            ended = self._ended[pid] = {}
+        ended[child_id] = outcome
+        live = self._root.local.get(pid)
+        if live is not None and not live.finished and live.status is RunStatus.RUNNING:
+            return  # the parent runs here and has not parked: it looks at its children itself
         self.schedule(pid)
+
+    def ended(self, parent_id: str) -> dict[str, ChildOutcome | None]:
+        """The children of ``parent_id`` that ended here (see ``Kernel.ended_children``)."""
+        return self._ended.get(parent_id) or {}
+
+    def forget_ended(self, parent_id: str) -> None:
+        """``parent_id`` read its children's results."""
+        self._ended.pop(parent_id, None)
 
     def parked(self, parent_id: str) -> None:
         """``parent_id`` just parked on children (here): check on them from the start."""
@@ -99,6 +122,8 @@ class ChildWatch:
             pending = _waiting_on_children(rec)
             if pending is None or rec is None:
                 self._forget(parent_id)
+                if rec is None or rec.status in FINAL:
+                    self._ended.pop(parent_id, None)
                 return False
             cached = (pending, rec.workflow, 0)
         pending, workflow, pos = cached
@@ -146,7 +171,6 @@ class ChildWatch:
 
     def _forget(self, parent_id: str) -> None:
         self._cursor.pop(parent_id, None)
-        self._ended.pop(parent_id, None)
 
     async def close(self) -> None:
         """Cancel checks in flight (the check-back deadlines stay in the store)."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._engine.compose import ChildOutcome
 from .._engine.drive import drive
 from .._engine.flow import advance_flow
 from .._engine.gates import Transition, apply, expired
@@ -103,7 +104,14 @@ class Supervisor:
             del self.local[run.run_id]
         self.notify(run.run_id)
         if run.parent is not None and run.status in FINAL:
-            self.watch.child_ended(run.parent, run.run_id)
+            outcome = None
+            if run.status is RunStatus.COMPLETED:
+                # What the parent's step reads: known here, so it needs no read of the store.
+                spec = self.spec
+                outcome = ChildOutcome(
+                    run.run_id, spec.name, run.status, run.output, run.usage, step=run.step
+                )
+            self.watch.child_ended(run.parent, run.run_id, outcome)
 
     # -- several workflows (a runner's and its children's) -----------------------
 
@@ -128,6 +136,14 @@ class Supervisor:
     def watch_children(self, run_id: str) -> None:
         """``run_id`` parked on child runs: resume it once they all ended."""
         self.watch.parked(run_id)
+
+    def ended_children(self, run_id: str) -> dict[str, Any]:
+        """Children of ``run_id`` that ended here (id → ``ChildOutcome`` when completed, else None)."""
+        return self.watch.ended(run_id)
+
+    def forget_children(self, run_id: str) -> None:
+        """``run_id`` read its children's results."""
+        self.watch.forget_ended(run_id)
 
     def settled(self, rec: RunRecord) -> None:
         """A change made here left ``rec`` as written: a child run that ended checks on its parent."""
