@@ -44,9 +44,12 @@ def test_build_and_deploy_example(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
 def test_every_example_is_listed_here(name):
-    assert name in {"build_and_deploy.py", "resume_after_crash.py", "review_release_notes.py"}, (
-        f"examples/{name} has no test"
-    )
+    assert name in {
+        "build_and_deploy.py",
+        "release_train.py",
+        "resume_after_crash.py",
+        "review_release_notes.py",
+    }, f"examples/{name} has no test"
 
 
 def test_resume_after_crash_example(tmp_path):
@@ -80,3 +83,11 @@ def test_review_release_notes_with_real_providers_against_the_local_server(tmp_p
     assert "writer: OpenAI provider" in out and "critic: Anthropic provider" in out
     assert "critic scored 9" in out and "- faster builds" in out
     assert [r.protocol for r in llm_server.requests] == ["openai", "anthropic"]
+
+
+def test_release_train_example(tmp_path):
+    out = _run(
+        [str(ROOT / "examples" / "release_train.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "t.db")}
+    )
+    assert "waits on 3 child runs" in out
+    assert out.count("approved ") == 3
