@@ -4,11 +4,16 @@
    step) against a run of three plain steps of the same flow, in memory, milliseconds
    per run. The child step starts a run of its own, parks the parent, ends the child,
    resumes the parent and reads the child's result back. Target: no more than three
-   plain steps' cost (ratio <= 1).
+   plain steps' cost (ratio <= 1). And a run whose one step runs the three-step flow as
+   a child against that flow run on its own: what wrapping a flow as a child adds, in
+   units of the flow's own cost (ratio <= 2: it adds no more than its three steps).
 2. ``Parallel.map`` of 1,000 child runs (each child three plain steps) against
    ``Parallel.map`` of 1,000 plain branches, milliseconds per fan-out, in memory
    (target: within 10x), then the same on SQLite and on Redis (printed; a child run is
    a durable run there, each of its steps a commit, where a branch is one journal entry).
+   Beside each, the same 1,000 child runs started on their own (``runner.run`` each, then
+   every result awaited): the floor of running that many runs, which the fan-out pays
+   too; the second ratio is what composition adds to it.
 
 Each measurement is repeated with the sides interleaved (one of each per round, each
 from a collected heap); medians are printed, and a ratio is the median of the
@@ -50,6 +55,7 @@ with_child = Workflow("WithChild").flow({START: lambda ctx: Run(unit, None, END)
 three_steps = Workflow("ThreeSteps").flow(
     {START: lambda ctx: "b", "b": lambda ctx: "c", "c": lambda ctx: END}
 )
+wraps_three = Workflow("WrapsThree").flow({START: lambda ctx: Run(three_steps, None, END)})
 
 
 async def per_run_ms(wf: Workflow, runs: int) -> float:
@@ -103,6 +109,19 @@ async def fanout_ms(wf: Workflow, key: str, n: int, store: Store | None = None, 
     return median(out) * 1000
 
 
+async def runs_ms(n: int, store: Store | None = None, times: int = 2) -> float:
+    """``n`` runs of the child workflow started on their own, then every result awaited."""
+    async with WorkflowRunner(leg, store=store) as runner:
+        out = []
+        for _ in range(times):
+            t = time.perf_counter()
+            handles = [await runner.run({"n": i}) for i in range(n)]
+            results = [await h.result(timeout=600) for h in handles]
+            out.append(time.perf_counter() - t)
+        assert [r.output for r in results] == [i * 2 for i in range(n)]
+    return median(out) * 1000
+
+
 def store_of(kind: str, where: str) -> Store:
     if kind == "sqlite":
         from agentflow.stores import SqliteStore
@@ -113,14 +132,18 @@ def store_of(kind: str, where: str) -> Store:
     return RedisStore(where, key_prefix=f"bench-compose:{time.monotonic_ns()}:")
 
 
-def durable_row(kind: str, where: str, n: int, repeats: int) -> Row:
+def durable_rows(kind: str, where: str, n: int, repeats: int) -> list[Row]:
     children, branches = fan("FanChildren", run_leg, n), fan("FanBranches", plain_branch, n)
-    c, b = rounds(
+    c, b, f = rounds(
         repeats,
         lambda: asyncio.run(fanout_ms(children, "run_leg", n, store_of(kind, where), times=1)),
         lambda: asyncio.run(fanout_ms(branches, "plain_branch", n, store_of(kind, where), times=1)),
+        lambda: asyncio.run(runs_ms(n, store_of(kind, where), times=1)),
     )
-    return compare(f"{n:,} child runs vs {n:,} branches, {kind}", c, b, "{:.1f} ms")
+    return [
+        compare(f"{n:,} child runs vs {n:,} branches, {kind}", c, b, "{:.1f} ms"),
+        compare(f"{n:,} child runs vs {n:,} runs on their own, {kind}", c, f, "{:.1f} ms"),
+    ]
 
 
 def main() -> None:
@@ -138,18 +161,26 @@ def main() -> None:
         lambda: asyncio.run(per_run_ms(three_steps, args.runs)),
     )
     rows = [compare("a child step vs 3 plain steps, memory", a, b, "{:.3f} ms", at_most=1.0)]
+    w, t = rounds(
+        args.repeats,
+        lambda: asyncio.run(per_run_ms(wraps_three, args.runs)),
+        lambda: asyncio.run(per_run_ms(three_steps, args.runs)),
+    )
+    rows.append(compare("3 steps as a child vs on their own, memory", w, t, "{:.3f} ms", at_most=2.0))
     children, branches = fan("FanChildren", run_leg, n), fan("FanBranches", plain_branch, n)
-    c, p = rounds(
+    c, p, f = rounds(
         args.repeats,
         lambda: asyncio.run(fanout_ms(children, "run_leg", n)),
         lambda: asyncio.run(fanout_ms(branches, "plain_branch", n)),
+        lambda: asyncio.run(runs_ms(n)),
     )
     rows.append(compare(f"{n:,} child runs vs {n:,} branches, memory", c, p, "{:.1f} ms", at_most=10.0))
+    rows.append(compare(f"{n:,} child runs vs {n:,} runs on their own, memory", c, f, "{:.1f} ms"))
     with tempfile.TemporaryDirectory() as where:
-        rows.append(durable_row("sqlite", where, n, max(2, args.repeats // 2)))
+        rows += durable_rows("sqlite", where, n, max(2, args.repeats // 2))
     if not args.no_redis:
         with redis_url() as (url, _ours):
-            rows.append(durable_row("redis", url, n, max(2, args.repeats // 2)))
+            rows += durable_rows("redis", url, n, max(2, args.repeats // 2))
     print_table("Composition (medians; ratio = composed / plain, per round)", rows, peer="plain")
 
 

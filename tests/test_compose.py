@@ -409,3 +409,9 @@ async def test_a_reviewer_of_the_parent_sees_and_decides_its_childrens_approvals
         await handle.approve(by="qa")  # one left: no id needed
         result = await handle.result(timeout=10)
         assert result.output["artifacts"] == ["a", "b"]
+
+
+def test_mermaid_draws_where_a_child_step_goes():
+    chart = release.mermaid()
+    assert "__start__ -- child run ended --> s_Ship" in chart
+    assert "__start__ -- child run failed --> s_Broken" in chart

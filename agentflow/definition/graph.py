@@ -17,7 +17,8 @@ __all__ = ["Edge", "edges_of", "mermaid"]
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """``source`` may go to ``target``; ``kind`` is next, approve, reject, timeout or parallel."""
+    """``source`` may go to ``target``; ``kind`` is next, approve, reject, timeout, parallel,
+    child (a child run ended) or fail (a child run failed)."""
 
     source: str
     target: str
@@ -120,6 +121,11 @@ def _targets(expr: ast.expr, source: str, known: set[str]) -> Iterator[Edge]:
             target = _const(args[pos] if len(args) > pos else kwargs.get(key), known)
             if target:
                 yield Edge(source, target, kind)
+    elif callee == "Run":
+        for kind, pos, key in (("child", 2, "target"), ("fail", 3, "on_fail"), ("reject", 4, "on_reject")):
+            target = _const(args[pos] if len(args) > pos else kwargs.get(key), known)
+            if target:
+                yield Edge(source, target, kind)
     elif callee in ("Parallel", "map"):
         pos = 2 if callee == "map" else 1
         target = _const(args[pos] if len(args) > pos else kwargs.get("target"), known)
@@ -198,7 +204,7 @@ def _node_id(name: str) -> str:
 def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
     """A Mermaid flowchart: steps, edges, gates (hexagons) and parallel branches."""
     edges = edges_of(steps)
-    gates = {e.source for e in edges if e.kind in ("approve", "reject", "timeout")}
+    gates = {e.source for e in edges if e.kind in ("approve", "reject", "timeout", "child", "fail")}
     lines = ["flowchart TD", "    __start__([START])", "    __end__([END])"]
     for name in steps:
         if name == START:
@@ -212,7 +218,13 @@ def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
     for name in unknown_edges(steps):
         # Said, not silently left out: the chart would otherwise look complete.
         lines.append(f"    %% edges of step {name!r} unknown: its source is not available")
-    labels = {"approve": "approved", "reject": "rejected", "timeout": "timed out"}
+    labels = {
+        "approve": "approved",
+        "reject": "rejected",
+        "timeout": "timed out",
+        "child": "child run ended",
+        "fail": "child run failed",
+    }
     for e in edges:
         src, dst = _node_id(e.source), _node_id(e.target)
         if e.kind == "parallel" and e.branches:
