@@ -11,6 +11,9 @@ Steps append ``start NAME PID`` / ``end NAME PID`` lines to ``LOG`` (fsynced per
 * ``resume``: the child run ended, the update that would resume the parent is about
   to be sent;
 * ``none``: no kill.
+
+With ``COMPOSE_FLOW=fan`` in the environment the parent fans out five child runs
+(``Parallel.map`` over ``Run``) instead of running one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agentflow import END, START, Next, Run, RunStatus, Workflow, WorkflowRunner
+from agentflow import END, START, Next, Parallel, Run, RunStatus, Workflow, WorkflowRunner
 from agentflow.stores.contract import Commit, Lease, Store
 
 LOG = ""
@@ -95,6 +98,24 @@ def after(ctx):
 train = Workflow("Train").flow({START: prep, "After": after})
 
 
+def fan_one(ctx):
+    return Run(leg, {"n": ctx.item})
+
+
+def fan(ctx):
+    log("start prep")
+    return Parallel.map(fan_one, range(5), "After")
+
+
+def fan_after(ctx):
+    outs = ctx.step_results["fan_one"]
+    log("start after")
+    return Next(END, output={"doubled": [o.doubled for o in outs], "typed": type(outs[0]).__name__})
+
+
+fan_train = Workflow("Train").flow({START: fan, "After": fan_after})
+
+
 def open_store(kind: str, target: str) -> Store:
     if kind == "sqlite":
         from agentflow.stores import SqliteStore
@@ -109,7 +130,8 @@ async def main(cmd: str, kind: str, target: str, run_id: str) -> None:
     inner = open_store(kind, target)
     store: Any = Killing(inner)
     try:
-        async with WorkflowRunner(train, store=store, lease_ttl=1.0) as runner:
+        wf = fan_train if os.environ.get("COMPOSE_FLOW") == "fan" else train
+        async with WorkflowRunner(wf, store=store, lease_ttl=1.0) as runner:
             if cmd == "start":
                 handle = await runner.run(None, run_id=run_id)
             else:

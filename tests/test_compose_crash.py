@@ -19,10 +19,12 @@ from test_crash import _lines, _store, _target
 SCRIPT = str(Path(__file__).with_name("composeflows.py"))
 
 
-def _spawn(cmd: str, kind: str, target: str, log: Path, run_id: str, kill_at: str) -> subprocess.Popen[str]:
+def _spawn(
+    cmd: str, kind: str, target: str, log: Path, run_id: str, kill_at: str, flow: str = "one"
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, SCRIPT, cmd, kind, target, str(log), run_id, kill_at],
-        env=dict(os.environ),
+        env={**os.environ, "COMPOSE_FLOW": flow},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -97,3 +99,20 @@ async def test_sigkill_between_the_child_ending_and_the_parent_resuming_two_reco
     assert counts["after"] == 1
     assert {pid for what, name, pid in lines if name == "after"} <= {a.pid, b.pid}
     assert await _runs(kind, target, "Leg") == ["train-2/__start__.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_sigkill_in_a_fan_out_of_children_before_the_parent_parks(kind, tmp_path, request):
+    target = _target(kind, tmp_path, request)
+    log = tmp_path / "compose.log"
+    _killed(_spawn("start", kind, target, log, "fan-1", "park", flow="fan"))
+    ids = [f"fan-1/__start__.1.{i}" for i in range(5)]
+    assert sorted(await _runs(kind, target, "Leg")) == ids  # every child was created before the kill
+
+    out = _finish(_spawn("recover", kind, target, log, "fan-1", "none", flow="fan"))
+    assert "result completed {'doubled': [0, 2, 4, 6, 8], 'typed': 'LegOut'}" in out
+    assert sorted(await _runs(kind, target, "Leg")) == ids  # the same five, none started twice
+    counts = collections.Counter(name for what, name, _ in _lines(log) if what == "start")
+    assert counts["after"] == 1

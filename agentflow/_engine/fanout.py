@@ -198,10 +198,12 @@ async def run_parallel(
     call_keys = []
     for index, (oname, label, key, fn, item) in enumerate(jobs):
         stored = journal.get(key)
-        if stored is not None:
+        if stored is not None and "child" in stored:
+            # The branch started a child run: its result is the child's, read at the join.
+            done[key] = {"output": None, "updates": stored["updates"], "child": stored["child"]}
+            done[key]["workflow"] = stored.get("workflow")
+        elif stored is not None:
             done[key] = {"output": decode_output(spec, oname, stored["output"]), "updates": stored["updates"]}
-            if "child" in stored:
-                done[key]["child"], done[key]["workflow"] = stored["child"], stored.get("workflow")
         else:
             calls.append((label, make(oname, key, fn, item, index)))
             call_keys.append(key)
