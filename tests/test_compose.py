@@ -227,9 +227,12 @@ async def test_parallel_map_over_run_fans_out_child_runs_each_with_its_gate(make
         result = await handle.result(timeout=10)
         assert result.output == {"artifacts": ["a", "b", "c"], "types": ["BuildOut"]}
         assert (await runner.attach("f/__start__.1.1")).run_id == "f/__start__.1.1"
-        assert [c.parent.step for c in [await (await runner.attach(i)).info() for i in info.children]] == [
-            START
-        ] * 3
+        parents = [(await (await runner.attach(i)).info()).parent for i in info.children]
+        assert [(p.run_id, p.step) for p in parents if p is not None] == [("f", START)] * 3
+    if kind != "memory":
+        async with WorkflowRunner(fan, store=make_store(kind)) as again:
+            res = await (await again.attach("f")).result()
+            assert [type(o).__name__ for o in res.step_results["_one"]] == ["BuildOut"] * 3
 
 
 async def test_collect_keeps_failed_children_as_branch_errors():
@@ -415,3 +418,24 @@ def test_mermaid_draws_where_a_child_step_goes():
     chart = release.mermaid()
     assert "__start__ -- child run ended --> s_Ship" in chart
     assert "__start__ -- child run failed --> s_Broken" in chart
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_imperative_child_result_is_typed_again_on_replay(make_store, kind):
+    seen: list[str] = []
+
+    async def main(ctx):
+        built = await ctx.run(build, {"version": "9"})
+        seen.append(type(built).__name__)
+        decision = await ctx.wait(HumanApproval(approvers=["qa"]))
+        return {"artifact": built.artifact, "approved": decision.approved}
+
+    wf = Workflow("ImperativeReplay").execute(main)
+    async with WorkflowRunner(wf, store=make_store(kind)) as runner:
+        handle = await runner.run(run_id="ir")
+        await wait_status(handle, RunStatus.WAITING)
+        assert (await handle.info()).children == ("ir/run:1.1",)
+        await runner.approve("ir", by="qa")
+        result = await handle.result(timeout=10)
+    assert result.output == {"artifact": "app-9.tar", "approved": True}
+    assert seen == ["BuildOut", "BuildOut"]  # the replay after the gate got it typed from the journal
