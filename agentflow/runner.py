@@ -204,6 +204,28 @@ class WorkflowRunner:
         recs = await self.store.list_runs(workflow or self.spec.name, st, limit, after)
         return [r.info() for r in recs]
 
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[Approval]:
+        """Pending approvals across the store (every workflow's, unless ``workflow``), newest first.
+
+        A page of at most ``limit``, read from the store's approval index (not a scan of
+        runs). ``approver``: those this person may decide; ``kind``: ``"gate"``,
+        ``"tool_call"`` or ``"tool_outcome"``; ``after``: the id of the last approval of
+        the previous page (it may have been decided since).
+
+        Raises:
+            StoreError: ``after`` is an approval the store does not know (its run was
+                deleted since); list again from the first page.
+        """
+        found = await self.store.approvals(approver, workflow, kind, limit, after)
+        return [Approval.from_json(a) for a in found]
+
     async def recover(self) -> list[RunHandle]:
         """Resume every run of this workflow whose owner died (running, lease run out by the store's clock).
 

@@ -304,3 +304,61 @@ async def test_an_imperative_gate_gives_its_form_typed(store: Store) -> None:
             await handle.approve(by="alice", approval=approval.id, data={"title": "a", "risk": 3})
         ).result()
     assert result.output == "a" and seen == [Review(title="a", risk=3)]
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def two_workflows() -> tuple[Workflow, Workflow]:
+    def ask(approvers: list[str]):
+        return lambda ctx: Wait(HumanApproval(approvers=approvers, prompt=f"ok, {approvers[0]}?"), "Done")
+
+    def done(ctx):
+        return END
+
+    a = Workflow("ListA").flow({START: ask(["alice", "bob"]), "Done": done})
+    b = Workflow("ListB").flow({START: ask(["carol", "alice"]), "Done": done})
+    return a, b
+
+
+async def test_runner_lists_pending_approvals_across_workflows(store: Store) -> None:
+    flow_a, flow_b = two_workflows()
+    async with WorkflowRunner(flow_a, store=store) as a, WorkflowRunner(flow_b, store=store) as b:
+        made = [await parked(runner) for runner in (a, b, a, b, a)]  # created in this order
+        newest_first = [approval for _, approval in reversed(made)]
+        listed = await b.approvals()
+        assert listed == newest_first and all(isinstance(x, Approval) for x in listed)
+        assert await a.approvals(workflow="ListB") == [x for x in newest_first if x.workflow == "ListB"]
+        assert await a.approvals(approver="bob") == [x for x in newest_first if x.workflow == "ListA"]
+        assert await a.approvals(approver="alice", workflow="ListA", kind="gate") == await a.approvals(
+            approver="bob"
+        )
+        assert await a.approvals(kind="tool_call") == [] and await a.approvals(approver="mallory") == []
+        pages, after = [], None
+        while page := await a.approvals(limit=2, after=after):
+            pages.append(page)
+            after = page[-1].id
+        assert [len(p) for p in pages] == [2, 2, 1] and [x for p in pages for x in p] == newest_first
+        # A reviewer decides what the first page showed; the next page starts where it ended.
+        first = await a.approvals(limit=2)
+        for approval in first:
+            runner = a if approval.workflow == "ListA" else b
+            await (await runner.approve(approval.run_id, by="alice", approval=approval.id)).result()
+        assert await a.approvals(limit=2, after=first[-1].id) == newest_first[2:4]
+        assert await a.approvals() == newest_first[2:]
+        # Deleted and stopped runs leave the listing too.
+        await a.delete(newest_first[2].run_id)
+        await (await b.attach(newest_first[3].run_id)).stop()
+        assert await b.approvals() == newest_first[4:]
+
+
+async def test_an_expired_gate_leaves_the_listing(store: Store) -> None:
+    async with (
+        WorkflowRunner(gate_flow(timeout=0.2), store=store) as runner,
+        WorkflowRunner(gate_flow("Kept"), store=store) as other,
+    ):
+        handle, approval = await parked(runner)
+        _, kept = await parked(other)
+        assert await runner.approvals() == [kept, approval]
+        await wait_status(handle, RunStatus.EXPIRED)
+        assert await runner.approvals() == [kept]

@@ -618,3 +618,33 @@ async def test_open_store_builds_each_kind(redis_url: str, tmp_path: Path) -> No
     finally:
         await red.close()
         await sqlite.close()
+
+
+# -- the approval index ---------------------------------------------------------------------
+
+
+async def test_stale_approval_entries_are_never_listed_and_are_dropped(redis_url: str) -> None:
+    from agentflow.testing._store_approvals import approval, gate_pending
+
+    store = RedisStore(redis_url)
+    try:
+        live, lost = approval("r1", created_at=1001.0), approval("r2", created_at=1002.0)
+        assert await store.create(record("r1", status=RunStatus.WAITING, pending=gate_pending(live)), [])
+        # A process filed r2's approval and died before the write that gave r2 its pending.
+        await store.client.zadd(store.keys.approvals(), {lost["id"].encode() + b"\0r2": 1002.0})
+        await store.client.zadd(store.keys.approvals("by", "ops"), {lost["id"].encode() + b"\0r2": 1002.0})
+        # r1's record vanished under the index (a key expired, say) after a second filing.
+        assert await store.create(
+            record("r3", status=RunStatus.WAITING, pending=gate_pending(approval("r3"))), []
+        )
+        await store.client.delete(store.keys.run("r3").rec)
+        assert [a["id"] for a in await store.approvals()] == [live["id"]]
+        assert [a["id"] for a in await store.approvals(approver="ops")] == [live["id"]]
+        members = await store.client.zrange(store.keys.approvals(), 0, -1)
+        assert members == [live["id"].encode() + b"\0r1"]  # the stale ones were dropped on the way
+        # Deleting a run takes its entries, and its approval's place, with it.
+        assert await store.delete("r1")
+        assert await store.client.zcard(store.keys.approvals("by", "ops")) == 0
+        assert await store.client.hlen(store.keys.approval_places()) == 1  # r3's, whose record is gone
+    finally:
+        await store.close()

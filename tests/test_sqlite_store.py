@@ -20,7 +20,8 @@ import pytest
 
 from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from agentflow.stores import SqliteStore, open_store
-from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord
+from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, approval_id
+from agentflow.stores.sqlite_rows import page_of_approvals
 from agentflow.testing.store_builders import acquire
 from agentflow.types import RunEvent, RunStatus
 
@@ -670,6 +671,8 @@ async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -
     path = str(tmp_path / "v3.db")
     store = SqliteStore(path)
     lease = await started(store, state={"count": 3})
+    old_gate = {"kind": "human_approval", "approvers": ["ops"], "quorum": 1, "step": "Review", "visit": 2}
+    await store.create(record("gate", status=RunStatus.WAITING, pending={**old_gate, "since": 5.0}), [])
     await store.close()
     with sqlite3.connect(path) as db:
         _back_to_version_3(db)
@@ -684,11 +687,34 @@ async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -
         rec, child = await store.get("r1"), await store.get("r1/Fan.1")
         assert rec is not None and rec.children == ("r1/Fan.1",) and rec.lease_token == lease.token
         assert child is not None and child.parent == parent
+        # The gate the file had waiting is in the new index of approvals.
+        [listed] = await store.approvals(approver="ops")
+        assert (listed["id"], listed["run_id"]) == (approval_id("gate", "Review", 2), "gate")
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.close()
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"approver": "ops"}, {"workflow": "wf"}, {"kind": "gate"}, {"approver": "ops", "kind": "gate"}],
+)
+async def test_a_page_of_approvals_is_read_from_an_index(tmp_path: Path, filters: dict[str, str]) -> None:
+    store = SqliteStore(str(tmp_path / "plan.db"))
+    try:
+        await store.get("r1")  # opens the file
+        for after in (False, True):
+            sql = page_of_approvals("approver" in filters, "workflow" in filters, "kind" in filters, after)
+            params = ["", *filters.values(), *((1.0, "x") if after else ()), 50]
+            with sqlite3.connect(store.path) as db:
+                plan = " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            db.close()
+            assert "USING" in plan and "TEMP B-TREE" not in plan, plan  # no sort, no scan of a table
+            assert not any(f"SCAN {t}" in plan for t in ("a", "p", "agentflow_approvals")), plan
+    finally:
+        await store.close()
 
 
 WORKER = textwrap.dedent(

@@ -28,6 +28,8 @@ from .contract import COMMIT_FIELDS, OutputRecord, RunRecord
 
 __all__ = [
     "RECORD_FIELDS",
+    "approval_rank",
+    "approvers_of",
     "check_commit_fields",
     "check_record",
     "check_scalars",
@@ -157,6 +159,22 @@ def check_commit_fields(run_id: str, fields: Mapping[str, Any]) -> None:
         elif name not in COMMIT_FIELDS:
             raise StoreError(f"run {run_id}: {name!r} cannot be committed; allowed: {sorted(COMMIT_FIELDS)}")
         check_scalars(run_id, {name: value})
+
+
+def approval_rank(approval: Mapping[str, Any]) -> tuple[float, str]:
+    """Where an approval (JSON) sorts in :meth:`Store.approvals`: ``(created_at, id)``."""
+    at = approval.get("created_at")
+    if isinstance(at, int | float) and not isinstance(at, bool) and at == at:
+        return (float(at), str(approval["id"]))
+    return (0.0, str(approval["id"]))
+
+
+def approvers_of(approval: Mapping[str, Any]) -> list[str]:
+    """The distinct approvers of an approval (JSON), in order."""
+    names = approval.get("approvers")
+    if not isinstance(names, list | tuple):
+        return []
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
 
 
 def deadline_of(pending: Any) -> float | None:

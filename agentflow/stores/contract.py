@@ -58,6 +58,7 @@ __all__ = [
     "RunRecord",
     "Store",
     "approval_id",
+    "indexed_approvals",
     "pending_approvals",
 ]
 
@@ -70,6 +71,23 @@ def approval_id(run_id: str, step: str, visit: int, n: int = 0) -> str:
     """
     digest = hashlib.sha256(f"{run_id}\0{step}\0{visit}\0{n}".encode()).hexdigest()
     return "ap_" + digest[:20]
+
+
+def indexed_approvals(record: RunRecord) -> list[dict[str, Any]]:
+    """What a store lists of ``record`` in :meth:`Store.approvals`: a waiting run's approvals.
+
+    Each is complete (``run_id`` and ``workflow`` from the record when the stored JSON
+    lacks them).
+    """
+    if record.status != RunStatus.WAITING:
+        return []
+    found = pending_approvals(record.run_id, record.pending)
+    return [
+        a
+        if a.get("run_id") == record.run_id and a.get("workflow") == record.workflow
+        else {**a, "run_id": record.run_id, "workflow": record.workflow}
+        for a in found
+    ]
 
 
 def pending_approvals(run_id: str, pending: Any) -> list[dict[str, Any]]:
@@ -351,6 +369,28 @@ class Store(Protocol):
 
     async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
         """Ids of ``workflow``'s running runs whose lease ran out by the store's clock."""
+        ...
+
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals (Approval JSON) of waiting runs across the store, newest first.
+
+        Newest is by ``created_at``, then ``id``, descending. Filters: one of an
+        approval's ``approvers``, the run's ``workflow``, the approval's ``kind``.
+        ``after`` is the id of the last approval of the previous page, and may have
+        been decided since. From an index kept with each run's ``pending`` (by create,
+        commit, update, delete and expiry): the cost follows what is returned.
+
+        Raises:
+            StoreError: ``after`` is an approval the store does not know (its run was
+                deleted since); list again from the first page.
+        """
         ...
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:

@@ -11,6 +11,15 @@ Layout (``P`` is the key prefix, verbatim; ``<id>`` and ``<wf>`` are escaped)::
     P#wf:<wf>:gates         ZSET   the workflow's runs waiting at a gate with a deadline,
                                    scored by that deadline
     P#buckets               ZSET   the time buckets of finished runs' index keys (below)
+    P#ap:all                ZSET   pending approvals, member ``<id> NUL <run id>``, scored
+                                   by their created_at
+    P#ap:wf:<wf>            ZSET   the same, of one workflow's runs
+    P#ap:kind:<kind>        ZSET   the same, of one kind
+    P#ap:by:<approver>      ZSET   the same, that ``approver`` may decide
+    P#ap:at                 HASH   approval id -> ``<score> NUL <run id>``: where a pending
+                                   approval sorts, so a page can start after it
+    P#ap:gone:<day>         HASH   the same for approvals decided on that day (UTC); the key
+                                   expires two days later
 
 Unambiguous: ``#`` is escaped everywhere after the prefix, so the prefix is what comes
 before a key's last ``#``: two prefixes never build the same key, whatever run ids or
@@ -118,6 +127,14 @@ class Keys:
     def gates(self, workflow: str) -> str:
         """The index of ``workflow``'s runs waiting at a gate, scored by its deadline."""
         return f"{self._base}wf:{escape(workflow)}:gates"
+
+    def approvals(self, scope: str = "all", value: str | None = None) -> str:
+        """An index of pending approvals: ``all``, or by ``wf``, ``kind`` or ``by`` (approver) ``value``."""
+        return f"{self._base}ap:all" if value is None else f"{self._base}ap:{scope}:{escape(value)}"
+
+    def approval_places(self, day: int | None = None) -> str:
+        """Where approvals sort: pending ones, or (``day``, days since 1970 UTC) those decided then."""
+        return f"{self._base}ap:at" if day is None else f"{self._base}ap:gone:{day}"
 
     def buckets(self) -> str:
         """The registry of time buckets in use, scored by when their keys expire."""

@@ -156,14 +156,14 @@ return cur[3] or ''
 """
 )
 
-# KEYS: rec, events, outputs, journal.  Returns {1, workflow, status, _ix} (JSON, '' when
-# unreadable) when it deleted the run, {0} when there was no such run.
+# KEYS: rec, events, outputs, journal.  Returns {1, workflow, status, _ix, pending} (JSON,
+# '' when unreadable) when it deleted the run, {0} when there was no such run.
 _DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local found = redis.pcall('HMGET', KEYS[1], 'workflow', 'status', '_ix')
+local found = redis.pcall('HMGET', KEYS[1], 'workflow', 'status', '_ix', 'pending')
 if found.err then found = {} end  -- not a hash: deleted all the same
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-return {1, found[1] or '', found[2] or '', found[3] or ''}
+return {1, found[1] or '', found[2] or '', found[3] or '', found[4] or ''}
 """
 
 # KEYS: rec.  ARGV: field names.  Reads a record for a listing in one reply: {_ix, the

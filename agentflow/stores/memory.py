@@ -8,7 +8,9 @@ or was reloaded from a durable store, and no caller can change a stored value in
 
 Listing reads indexes: per workflow and status, sorted lists of ``(created_at,
 run_id)``, so ``list_runs`` costs the page it returns and ``recoverable`` and
-``due_gates`` look at running and waiting runs only.
+``due_gates`` look at running and waiting runs only. Pending approvals are kept in
+sorted lists of ``(created_at, id)`` (all, per workflow, per kind, per approver),
+updated whenever a run's ``pending`` or status changes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import heapq
 import time
 from bisect import bisect_left, insort
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic_core
 
@@ -25,6 +28,8 @@ from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from .codec import (
     RECORD_FIELDS,
+    approval_rank,
+    approvers_of,
     check_commit_fields,
     check_record,
     deadline_of,
@@ -35,7 +40,17 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, OutputRecord, RunRecord, Store
+from .contract import (
+    Change,
+    ChangeFn,
+    Commit,
+    Lease,
+    LoadedRun,
+    OutputRecord,
+    RunRecord,
+    Store,
+    indexed_approvals,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -52,6 +67,20 @@ _INF = float("inf")
 
 _IndexKey = tuple[str | None, RunStatus | None]
 _SortKey = tuple[float, str]
+# The approval lists: ("", "") all, ("wf", name), ("kind", kind), ("by", approver).
+_ApprovalKey = tuple[str, str]
+_GONE = 100_000  # decided approvals whose place a page may still start after
+
+
+class _Approval(NamedTuple):
+    rank: _SortKey
+    body: bytes
+    run_id: str
+    workflow: str
+    kind: str
+    keys: tuple[_ApprovalKey, ...]
+
+
 # A stored event: its JSON, or the event itself when it carries no data (its str and
 # float parts are immutable JSON as they are).
 _Event = bytes | RunEvent
@@ -104,7 +133,7 @@ def _read_output(run_id: str, i: int, stored: _Output) -> OutputRecord:
 class _Run:
     """A run's stored parts, every value as JSON bytes (the record's scalars as they are)."""
 
-    __slots__ = ("deadline", "events", "expires", "fields", "journal", "outputs")
+    __slots__ = ("approvals", "deadline", "events", "expires", "fields", "journal", "outputs")
 
     def __init__(self, fields: dict[str, Any], events: list[_Event]) -> None:
         self.fields = fields
@@ -113,6 +142,7 @@ class _Run:
         self.journal: dict[str, bytes] = {}
         self.deadline: float | None = None
         self.expires: float | None = None
+        self.approvals: tuple[str, ...] = ()  # ids of its approvals in the store's lists
 
     @property
     def sort_key(self) -> _SortKey:
@@ -169,6 +199,9 @@ class MemoryStore:
         self._runs: dict[str, _Run] = {}
         self._index: dict[_IndexKey, list[_SortKey]] = {}
         self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
+        self._approvals: dict[str, _Approval] = {}
+        self._approval_index: dict[_ApprovalKey, list[_SortKey]] = {}
+        self._gone: OrderedDict[str, _SortKey] = OrderedDict()
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -186,6 +219,53 @@ class MemoryStore:
         if run is None:
             return False
         self._unindex(run.sort_key, _index_keys(run.fields["workflow"], run.fields["status"]))
+        for approval_id in run.approvals:
+            self._unfile_approval(approval_id)
+        return True
+
+    def _file_approvals(self, run_id: str, run: _Run) -> None:
+        """Keep the store's approval lists in step with the run's ``pending`` and status."""
+        fields = run.fields
+        found: list[dict[str, Any]] = []
+        if fields["status"] == RunStatus.WAITING:
+            pending = fields["pending"]
+            rec = RunRecord(
+                run_id,
+                fields["workflow"],
+                RunStatus.WAITING,
+                None,
+                pending=decode(run_id, "pending", pending),
+            )
+            found = indexed_approvals(rec)
+        ids = tuple(a["id"] for a in found)
+        for approval_id in run.approvals:
+            old = self._approvals.get(approval_id)
+            if old is not None and self._unfile_approval(approval_id) and approval_id not in ids:
+                # Decided: a page may still start after it.
+                self._gone[approval_id] = old.rank
+                if len(self._gone) > _GONE:
+                    self._gone.popitem(last=False)
+        for a in found:
+            rank = approval_rank(a)
+            kind = str(a.get("kind") or "gate")
+            keys: tuple[_ApprovalKey, ...] = (("", ""), ("wf", fields["workflow"]), ("kind", kind))
+            keys += tuple(("by", name) for name in approvers_of(a))
+            body = encode(run_id, "pending", a)
+            self._approvals[a["id"]] = _Approval(rank, body, run_id, fields["workflow"], kind, keys)
+            self._gone.pop(a["id"], None)
+            for key in keys:
+                insort(self._approval_index.setdefault(key, []), rank)
+        run.approvals = ids
+
+    def _unfile_approval(self, approval_id: str) -> bool:
+        found = self._approvals.pop(approval_id, None)
+        if found is None:
+            return False
+        for key in found.keys:
+            entries = self._approval_index[key]
+            del entries[bisect_left(entries, found.rank)]
+            if not entries:
+                del self._approval_index[key]
         return True
 
     def _purge(self) -> None:
@@ -257,6 +337,8 @@ class MemoryStore:
         run.deadline = deadline_of(record.pending)
         for index_key in _index_keys(fields["workflow"], fields["status"]):
             insort(self._index.setdefault(index_key, []), run.sort_key)
+        if fields["status"] == RunStatus.WAITING:
+            self._file_approvals(run_id, run)
         self._set_expiry(run_id, run, time.time())
         return True
 
@@ -361,6 +443,8 @@ class MemoryStore:
             rec["lease_expires"] = 0.0
         if "pending" in sets:
             run.deadline = deadline_of(commit.fields["pending"])
+        if "pending" in sets or (old is not None and (run.approvals or status == RunStatus.WAITING)):
+            self._file_approvals(run_id, run)
         if old is not None:
             self._reindex(run, old)
             self._set_expiry(run_id, run, now)
@@ -409,6 +493,8 @@ class MemoryStore:
         run.fields = fields
         run.events.extend(bodies)
         run.deadline = deadline_of(new.pending)
+        if fields["pending"] != old["pending"] or fields["status"] != old["status"]:
+            self._file_approvals(run_id, run)
         if (fields["status"], fields["workflow"], fields["created_at"]) != (
             old["status"],
             old["workflow"],
@@ -464,6 +550,54 @@ class MemoryStore:
                 expired.append((expires, run_id))
         return [run_id for _, run_id in heapq.nsmallest(limit, expired)]
 
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals, newest first (``created_at``, then ``id``, descending), at most ``limit``.
+
+        Reads the list of the most selective filter (approver, then workflow, then
+        kind) and checks the others on the way.
+
+        Raises:
+            StoreError: ``after`` is not an approval of a stored run.
+        """
+        if self.ttl is not None:
+            self._purge()
+        if limit <= 0:
+            return []
+        if approver is not None:
+            key: _ApprovalKey = ("by", approver)
+        elif workflow is not None:
+            key = ("wf", workflow)
+        elif kind is not None:
+            key = ("kind", kind)
+        else:
+            key = ("", "")
+        entries = self._approval_index.get(key, [])
+        end = len(entries)
+        if after is not None:
+            known = self._approvals.get(after)
+            rank = known.rank if known is not None else self._gone.get(after)
+            if rank is None:
+                raise StoreError(
+                    f"approvals(after={after!r}): approval {after} is not stored (its run was deleted "
+                    "since the previous page); list again from the first page"
+                )
+            end = bisect_left(entries, rank)
+        out: list[dict[str, Any]] = []
+        for i in range(end - 1, -1, -1):
+            found = self._approvals[entries[i][1]]
+            if (workflow is None or found.workflow == workflow) and (kind is None or found.kind == kind):
+                out.append(decode(found.run_id, "pending", found.body))
+                if len(out) == limit:
+                    break
+        return out
+
     async def due_gates(self, workflow: str, now: float) -> list[str]:
         """Ids of ``workflow``'s waiting runs whose gate deadline is at or before ``now``."""
         runs = self._runs
@@ -487,3 +621,6 @@ class MemoryStore:
         self._runs.clear()
         self._index.clear()
         self._expiring.clear()
+        self._approvals.clear()
+        self._approval_index.clear()
+        self._gone.clear()

@@ -54,8 +54,18 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
+from .contract import (
+    ChangeFn,
+    Commit,
+    Lease,
+    LoadedRun,
+    RunRecord,
+    Store,
+    indexed_approvals,
+    pending_approvals,
+)
 from .keys import Keys
+from .redis_approvals import Approvals
 from .redis_index import Index
 from .redis_update import Updates, hash_of, record_of
 from .redis_wire import Command, Wire, make_client, pack_args, pairs
@@ -132,7 +142,10 @@ class RedisStore:
             )
         self._wire = Wire(client, retry_for)
         self._index = Index(self.keys, self._wire, ttl)
-        self._updates = Updates(self._wire, self._index, self.keys, ttl, self._nonce, self._remember)
+        self._approvals = Approvals(self.keys, self._wire, self._index)
+        self._updates = Updates(
+            self._wire, self._index, self.keys, ttl, self._nonce, self._remember, self._approvals
+        )
         self._runs: dict[str, _Known] = {}  # what the store knows of the runs it advances
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
@@ -212,6 +225,7 @@ class RedisStore:
         gate = deadline_of(record.pending) if status == RunStatus.WAITING else None
         if gate is not None:
             index.append(self._index.file_gate(run_id, record.workflow, gate))
+        index += self._approvals.file(run_id, record.workflow, indexed_approvals(record))
         keys = self._known(run_id).keys
         return _Creation(index, keys, args, version, (mapping["workflow"], mapping["created_at"]))
 
@@ -295,8 +309,10 @@ class RedisStore:
         known = self._known(run_id)
         status = RunStatus(fields["status"]) if "status" in fields else None
         gate = None
+        approvals: list[dict[str, Any]] = []
         if "pending" in fields and (status or RunStatus.WAITING) == RunStatus.WAITING:
             gate = deadline_of(fields["pending"])
+            approvals = pending_approvals(run_id, fields["pending"])
         events, outputs, journal = commit.events, commit.outputs, commit.journal
         args = [
             b"%d" % commit.seq,
@@ -318,7 +334,7 @@ class RedisStore:
             args += [encode_output(run_id, o) for o in outputs]
         for k, v in journal.items():
             args += (k.encode(), encode(run_id, f"journal {k!r}", v))
-        files = status is not None or gate is not None
+        files = status is not None or gate is not None or bool(approvals)
         facts = known.facts
         if files and facts is None:
             facts = await self._read_facts(run_id)
@@ -334,6 +350,10 @@ class RedisStore:
                     undo = self._index.unfile(run_id, status, workflow, version)
                 if gate is not None:
                     index.append(self._index.file_gate(run_id, workflow, gate))
+                if approvals:
+                    filed = [{**a, "run_id": run_id, "workflow": workflow} for a in approvals]
+                    index += self._approvals.file(run_id, workflow, filed)
+                    undo += self._approvals.unfile(run_id, workflow, filed, decided=False)
                 args[3:6] = (version, *facts)
             data = b"*%d" % (9 + len(args)) + self._head(run_id, known, lease) + pack_args(args) + b"\r\n"
             replies = await self._wire.retrying(
@@ -443,6 +463,32 @@ class RedisStore:
         """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
         return await self._index.due_gates(workflow, now)
 
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals, newest first, at most ``limit``, from the approval index (see
+        :mod:`agentflow.stores.redis_approvals`).
+
+        Raises:
+            StoreError: ``after`` is not an approval of a stored run (or was decided more
+                than two days ago).
+        """
+        return await self._approvals.page(approver, workflow, kind, limit, after)
+
+    def _unfile_deleted(self, run_id: str, workflow: str, pending: Any) -> list[Command]:
+        """The clean-ups of a deleted run's approvals (``pending`` as the delete script read it)."""
+        try:
+            value = decode(run_id, "pending", pending) if isinstance(pending, bytes) and pending else None
+        except StoreError:
+            return []
+        found = [{**a, "run_id": run_id, "workflow": workflow} for a in pending_approvals(run_id, value)]
+        return self._approvals.unfile(run_id, workflow, found, decided=False)
+
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False if it did not exist.
 
@@ -458,13 +504,14 @@ class RedisStore:
         self._runs.pop(run_id, None)
         if not reply[0]:
             return False
-        if len(reply) == 4 and reply[1]:
+        if len(reply) >= 4 and reply[1]:
             try:
                 workflow = decode(run_id, "workflow", reply[1])
             except StoreError:
                 workflow = None
             if isinstance(workflow, str):
                 self._wire.defer(self._index.unfile_stored(run_id, workflow, reply[2], reply[3]))
+                self._wire.defer(self._unfile_deleted(run_id, workflow, reply[4] if len(reply) > 4 else None))
                 await self._wire.flush()
         return True
 

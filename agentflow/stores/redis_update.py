@@ -21,8 +21,9 @@ from typing import Any
 from ..errors import StoreError
 from ..types import FINAL
 from .codec import RECORD_FIELDS, check_record, decode, encode, encode_event, make_record
-from .contract import Change, ChangeFn, RunRecord
+from .contract import Change, ChangeFn, RunRecord, indexed_approvals
 from .keys import Keys, RunKeys
+from .redis_approvals import Approvals
 from .redis_index import Index
 from .redis_wire import Command, Wire
 
@@ -67,6 +68,7 @@ class Updates:
         ttl: seconds a finished run is kept, or None.
         nonce: makes a value no other write of any store uses.
         remember: ``remember(run_id, workflow, created_at)`` with what a read saw (JSON).
+        approvals: the store's approval index.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Updates:
         ttl: float | None,
         nonce: Callable[[], bytes],
         remember: Callable[[str, Any, Any], None],
+        approvals: Approvals,
     ) -> None:
         self.wire = wire
         self.index = index
@@ -84,6 +87,7 @@ class Updates:
         self.ttl_ms = max(1, int(ttl * 1000)) if ttl is not None else None
         self.nonce = nonce
         self.remember = remember
+        self.approvals = approvals
 
     async def update(self, run_id: str, change: ChangeFn) -> RunRecord | None:
         """Read-modify-write the record; ``change(record, now)`` with the server's clock.
@@ -168,6 +172,10 @@ class Updates:
         if version is not None:
             mapping["_ix"] = version
         index, undo, stale = self.index.moved(old, raw.get("status"), raw.get("_ix"), rec, version)
+        old_approvals, new_approvals = indexed_approvals(old), indexed_approvals(rec)
+        if old_approvals or new_approvals:
+            filed, unfiled, decided = self.approvals.moved(run_id, rec.workflow, old_approvals, new_approvals)
+            index, undo, stale = [*index, *filed], [*undo, *unfiled], [*stale, *decided]
         commands: list[Command] = [*index, [b"MULTI"]]
         rec_key = keys.rec.encode()
         commands.append(

@@ -168,6 +168,7 @@ class SqliteStore(TwoConnections):
                 sqlrows.place(run_id, name, value, columns, big)
         bodies = [encode_event(run_id, e).decode() for e in events]
         deadline, status = deadline_of(record.pending), hot[_STATUS_AT]
+        approvals = sqlrows.approval_rows(run_id, record.workflow, status, record.pending)
 
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
@@ -181,6 +182,8 @@ class SqliteStore(TwoConnections):
                     sqlrows.delete_runs(db, ns, [run_id])  # expired, not purged yet: the id is free
                     sqlrows.insert_run(db, ns, hot, deadline, self._expires(status, now), columns)
                 sqlrows.insert_rows(db, ns, run_id, 1, bodies, big)
+                if approvals:
+                    sqlrows.file_approvals(db, ns, run_id, approvals)
             return True
 
         inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread
@@ -257,6 +260,18 @@ class SqliteStore(TwoConnections):
         journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
         ns, token, seq, n = self.key_prefix, lease.token, commit.seq, len(events)
         status = hot.get("status")
+        # What the run's approvals become, when the commit sets its pending or status.
+        refile = "pending" in commit.fields or status is not None
+        pending = commit.fields.get("pending")
+
+        def approvals(db: sqlite3.Connection) -> None:
+            workflow, now_status, stored = db.execute(sqlrows.SELECT_RUN_PENDING, (ns, run_id)).fetchone()
+            value = pending
+            if now_status == RunStatus.WAITING.value and "pending" not in commit.fields:
+                value = decode(run_id, f"{sql.RUNS}.pending", stored)
+            rows = sqlrows.approval_rows(run_id, str(workflow), now_status, value)
+            sqlrows.file_approvals(db, ns, run_id, rows)
+
         # One statement checks the fence and writes the hot row. A new status must differ
         # from the stored one (an unchanged status would rewrite the status indexes for
         # nothing); when the statement matches no row, the row says why.
@@ -273,6 +288,8 @@ class SqliteStore(TwoConnections):
                     if inline and done[2]:  # a value that shrank: its long form is gone
                         sqlrows.delete_values(db, ns, run_id, inline)
                     sqlrows.insert_rows(db, ns, run_id, done[0] - n + 1, events, big, outputs, journal)
+                    if refile:
+                        approvals(db)
                     return None if done[1] is None else str(done[1])
                 row = db.execute(sqlrows.SELECT_FENCE, (ns, run_id, now)).fetchone()
                 if row is None:
@@ -299,6 +316,8 @@ class SqliteStore(TwoConnections):
                 if inline:
                     sqlrows.delete_values(db, ns, run_id, inline)
                 sqlrows.insert_rows(db, ns, run_id, count + 1, events, big, outputs, journal)
+                if refile:
+                    approvals(db)
             control = sets["control"] if "control" in sets else control
             return None if control is None else str(control)
 
@@ -387,6 +406,11 @@ class SqliteStore(TwoConnections):
                 if inline := [name for name in sql.BIG if sets.get(name) is not None]:
                     sqlrows.delete_values(db, self.key_prefix, run_id, inline)
                 sqlrows.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
+                if "pending" in sets or "status" in sets:
+                    rows = sqlrows.approval_rows(
+                        run_id, rec.workflow, RunStatus(rec.status).value, rec.pending
+                    )
+                    sqlrows.file_approvals(db, self.key_prefix, run_id, rows)
             if db is self._inline:
                 self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec
@@ -451,6 +475,44 @@ class SqliteStore(TwoConnections):
             return [str(run_id) for (run_id,) in rows]
 
         return await self._call("recoverable", None, job)
+
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals, newest first, at most ``limit`` (one indexed statement).
+
+        Raises:
+            StoreError: ``after`` is not an approval of a stored run.
+        """
+        if limit <= 0:
+            return []
+        ns = self.key_prefix
+
+        def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            params: list[Any] = [ns]
+            if approver is not None:
+                params.append(approver)
+            params += [v for v in (workflow, kind) if v is not None]
+            if after is not None:
+                cursor = db.execute(sqlrows.SELECT_APPROVAL_CURSOR, (ns, after)).fetchone()
+                if cursor is None:
+                    raise StoreError(
+                        f"approvals(after={after!r}): approval {after} is not stored (its run was deleted "
+                        "since the previous page); list again from the first page"
+                    )
+                params += cursor
+            query = sqlrows.page_of_approvals(
+                approver is not None, workflow is not None, kind is not None, after is not None
+            )
+            rows = db.execute(query, [*params, limit]).fetchall()
+            return [decode("", f"{sql.APPROVALS}.body", body) for (body,) in rows]
+
+        return await self._call("approvals", after, job)
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:
         """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""

@@ -16,10 +16,12 @@ Layout (schema version 4, kept in ``PRAGMA user_version``)::
     agentflow_events    (ns, run_id, seq) -> event JSON; seq is the 1-based position
     agentflow_outputs   step outputs in append order
     agentflow_journal   (ns, run_id, key) -> JSON value
-    agentflow_approvals (ns, id) -> the pending approval's JSON, with its run,
-                        workflow, kind and created_at: one row per approval that
-                        a waiting run's ``pending`` holds, kept with ``pending``
-    agentflow_approvers (ns, approver, created_at, id): who may decide each of them
+    agentflow_approvals (ns, id) -> an approval's JSON, with its run, workflow, kind
+                        and created_at: a row per approval a waiting run's ``pending``
+                        holds (``pending = 1``), written with ``pending``; a decided
+                        one stays (``pending = 0``) until its run goes, so a page can
+                        start after it
+    agentflow_approvers (ns, approver, created_at, id): who may decide each pending one
 
 A short value rides in the hot row, which a commit rewrites anyway: a step whose state
 is a few counters writes two pages (the row and its events), not three. When a value
@@ -36,7 +38,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from ..errors import StoreError
+from ..errors import CorruptRecordError, StoreError
+from .codec import decode
 
 __all__ = [
     "APPROVALS",
@@ -119,7 +122,7 @@ _TABLES = (
     ) WITHOUT ROWID""",
     f"""CREATE TABLE IF NOT EXISTS {APPROVALS} (
         ns TEXT NOT NULL, id TEXT NOT NULL, run_id TEXT NOT NULL, workflow TEXT NOT NULL,
-        kind TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL,
+        kind TEXT NOT NULL, created_at REAL NOT NULL, body TEXT NOT NULL, pending INTEGER NOT NULL,
         PRIMARY KEY (ns, id)
     ) WITHOUT ROWID""",
     f"""CREATE TABLE IF NOT EXISTS {APPROVERS} (
@@ -142,9 +145,11 @@ _INDEXES = (
     "WHERE status = 'waiting' AND deadline IS NOT NULL",
     f"CREATE INDEX IF NOT EXISTS {RUNS}_expiry ON {RUNS} (ns, expires_at) WHERE expires_at IS NOT NULL",
     f"CREATE INDEX IF NOT EXISTS {OUTPUTS}_by_run ON {OUTPUTS} (ns, run_id, id)",
-    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_created ON {APPROVALS} (ns, created_at, id)",
-    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_workflow ON {APPROVALS} (ns, workflow, created_at, id)",
-    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_kind ON {APPROVALS} (ns, kind, created_at, id)",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_pending ON {APPROVALS} (ns, created_at, id) WHERE pending = 1",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_workflow ON {APPROVALS} (ns, workflow, created_at, id) "
+    "WHERE pending = 1",
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_kind ON {APPROVALS} (ns, kind, created_at, id) "
+    "WHERE pending = 1",
     f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_run ON {APPROVALS} (ns, run_id)",
     f"CREATE INDEX IF NOT EXISTS {APPROVERS}_by_run ON {APPROVERS} (ns, run_id)",
 )
@@ -282,12 +287,27 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
                 db.execute(sql)
             for sql in _INDEXES:
                 db.execute(sql)
+            _index_waiting_runs(db)
             db.execute(f"PRAGMA user_version = {VERSION}")
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def _index_waiting_runs(db: sqlite3.Connection) -> None:
+    """File the approvals of the runs an older file has waiting (version 4 indexes them)."""
+    from . import sqlite_rows  # the row codec builds on this module
+
+    waiting = db.execute(f"SELECT ns, run_id, workflow, pending FROM {RUNS} WHERE status = 'waiting'")
+    for ns, run_id, workflow, pending in waiting.fetchall():
+        try:
+            value = decode(run_id, "pending", pending)
+        except CorruptRecordError:
+            continue  # read as damaged, with the run
+        rows = sqlite_rows.approval_rows(run_id, workflow, "waiting", value)
+        sqlite_rows.file_approvals(db, ns, run_id, rows)
 
 
 #: The big fields: in the hot row when short, else in ``agentflow_values``.

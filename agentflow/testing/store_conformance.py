@@ -42,6 +42,7 @@ import pytest
 from ..errors import CorruptRecordError, LeaseLostError
 from ..stores.contract import Commit, OutputRecord, Store
 from ..types import RunStatus
+from ._store_approvals import ApprovalConformance
 from ._store_reads import ReadConformance
 from ._store_writes import WriteConformance
 from .store_builders import (
@@ -79,7 +80,7 @@ __all__ = [
 
 
 @pytest.mark.asyncio
-class StoreConformance(WriteConformance, ReadConformance):
+class StoreConformance(WriteConformance, ReadConformance, ApprovalConformance):
     """The contract every store keeps. Subclasses provide the ``store_factory`` fixture."""
 
     @pytest.fixture

@@ -1,0 +1,214 @@
+"""The Redis store's index of pending approvals: filing them with each run's ``pending``, and listing.
+
+Keys are :mod:`agentflow.stores.keys`'s (``P#ap:...``). An approval is filed in four
+sorted sets (every approval, its workflow's, its kind's, and one per approver), member
+``<id> NUL <run id>`` scored by its ``created_at``, so a set orders approvals by
+``(created_at, id)``; ``P#ap:at`` says where each sorts, so a page can start after it.
+
+As with the status indexes, writers file an approval *before* the write that gives a
+run its ``pending`` (in the same round trip), and drop the entries of the approvals a
+write decided once it applied; a decided approval's place moves to the day's
+``P#ap:gone:<day>`` (kept two days), so a page that ended on it goes on. Readers check
+every entry against the run's record (waiting, with that approval in ``pending``),
+drop the stale ones they meet (a crash between the two writes, a run that expired or
+was deleted) and never list an approval its record does not hold. Listing costs the
+page (plus the stale entries met, once), not what is stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import StoreError
+from ..types import RunStatus
+from .codec import approval_rank, approvers_of
+from .contract import pending_approvals
+from .keys import Keys
+from .redis_index import Index, score
+from .redis_wire import Command, Wire
+
+__all__ = ["Approvals"]
+
+_DAY = 86_400
+_KEEP_GONE_MS = 2 * _DAY * 1000  # how long a decided approval's place is kept
+_TIES = 10_000  # approvals sharing one created_at that paging tells apart
+
+
+def _member(approval: dict[str, Any], run_id: str) -> bytes:
+    return str(approval["id"]).encode() + b"\0" + run_id.encode()
+
+
+def _pairs(reply: Any) -> list[tuple[bytes, float]]:
+    """A WITHSCORES reply (flat in RESP2, pairs in RESP3) as ``(member, score)``."""
+    if reply and isinstance(reply[0], list | tuple):
+        return [(m, float(s)) for m, s in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+class Approvals:
+    """Files approvals in the index of ``keys`` and lists them through ``wire``.
+
+    Args:
+        keys: the store's key builder.
+        wire: the store's round trips.
+        index: the store's run indexes (whose reads check records in one round trip).
+    """
+
+    def __init__(self, keys: Keys, wire: Wire, index: Index) -> None:
+        self.keys = keys
+        self.wire = wire
+        self.index = index
+
+    def _sets(self, approval: dict[str, Any], workflow: str) -> list[bytes]:
+        keys = self.keys
+        names = [
+            keys.approvals(),
+            keys.approvals("wf", workflow),
+            keys.approvals("kind", str(approval.get("kind") or "gate")),
+        ]
+        names += [keys.approvals("by", name) for name in approvers_of(approval)]
+        return [k.encode() for k in names]
+
+    def file(self, run_id: str, workflow: str, approvals: Sequence[dict[str, Any]]) -> list[Command]:
+        """Commands filing ``approvals`` of run ``run_id`` (idempotent)."""
+        commands: list[Command] = []
+        for a in approvals:
+            at, _ = approval_rank(a)
+            member, place = _member(a, run_id), score(at)
+            commands += [[b"ZADD", key, place, member] for key in self._sets(a, workflow)]
+            commands.append(
+                [
+                    b"HSET",
+                    self.keys.approval_places().encode(),
+                    member[: member.index(b"\0")],
+                    place + b"\0" + run_id.encode(),
+                ]
+            )
+        return commands
+
+    def unfile(
+        self, run_id: str, workflow: str, approvals: Sequence[dict[str, Any]], decided: bool = True
+    ) -> list[Command]:
+        """Commands dropping the entries of ``approvals``; ``decided`` keeps their places a while."""
+        commands: list[Command] = []
+        gone = self.keys.approval_places(int(time.time()) // _DAY).encode()
+        for a in approvals:
+            at, aid = approval_rank(a)
+            member = _member(a, run_id)
+            commands += [[b"ZREM", key, member] for key in self._sets(a, workflow)]
+            commands.append([b"HDEL", self.keys.approval_places().encode(), aid.encode()])
+            if decided:
+                commands.append([b"HSET", gone, aid.encode(), score(at) + b"\0" + run_id.encode()])
+                commands.append([b"PEXPIRE", gone, b"%d" % _KEEP_GONE_MS, b"NX"])
+        return commands
+
+    def moved(
+        self, run_id: str, workflow: str, old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
+    ) -> tuple[list[Command], list[Command], list[Command]]:
+        """What a write taking a run's approvals from ``old`` to ``new`` files, with the clean-ups
+        should it not apply, and those once it did (the decided ones)."""
+        before = {a["id"] for a in old}
+        after = {a["id"] for a in new}
+        entries = self.file(run_id, workflow, new)
+        undo = self.unfile(run_id, workflow, [a for a in new if a["id"] not in before], decided=False)
+        stale = self.unfile(run_id, workflow, [a for a in old if a["id"] not in after])
+        return entries, undo, stale
+
+    async def _place(self, after: str) -> tuple[float, bytes]:
+        """Where approval ``after`` sorts (pending, or decided within two days)."""
+        today = int(time.time()) // _DAY
+        names = [
+            self.keys.approval_places(),
+            *(self.keys.approval_places(d) for d in (today, today - 1, today - 2)),
+        ]
+        commands = [[b"HGET", name.encode(), after.encode()] for name in names]
+        replies = await self.wire.retrying("approvals", None, lambda: self.wire.call(commands))
+        for found in replies:
+            if isinstance(found, bytes) and b"\0" in found:
+                at, _, run_id = found.partition(b"\0")
+                return float(at), after.encode() + b"\0" + run_id
+        raise StoreError(
+            f"approvals(after={after!r}): approval {after} is not stored (its run was deleted since the "
+            "previous page); list again from the first page"
+        )
+
+    async def page(
+        self,
+        approver: str | None,
+        workflow: str | None,
+        kind: str | None,
+        limit: int,
+        after: str | None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals, newest first (``created_at``, then id), after approval ``after``."""
+        if limit <= 0:
+            return []
+        if approver is not None:
+            key = self.keys.approvals("by", approver)
+        elif workflow is not None:
+            key = self.keys.approvals("wf", workflow)
+        elif kind is not None:
+            key = self.keys.approvals("kind", kind)
+        else:
+            key = self.keys.approvals()
+        source = key.encode()
+        cursor = await self._place(after) if after is not None else None
+        out: list[dict[str, Any]] = []
+        drops: list[Command] = []
+        while len(out) < limit:
+            count = limit - len(out) + 2
+            candidates, exhausted = await self._candidates(source, cursor, count)
+            if not candidates:
+                break
+            run_ids = [m[m.index(b"\0") + 1 :].decode(errors="replace") for m, _ in candidates]
+            found = await self.index._read(run_ids, ("status", "workflow", "pending"))
+            for (member, at), run_id, rec in zip(candidates, run_ids, found, strict=True):
+                cursor = (at, member)
+                aid = member[: member.index(b"\0")].decode(errors="replace")
+                if isinstance(rec, Exception) or (rec is not None and rec.broken):
+                    continue  # a damaged record: listed by list_runs, not here
+                approval = None
+                if rec is not None and rec.values.get("status") == RunStatus.WAITING:
+                    own = rec.values.get("workflow")
+                    for a in pending_approvals(run_id, rec.values.get("pending")):
+                        if a["id"] == aid:
+                            approval = {**a, "run_id": run_id, "workflow": own}
+                if approval is None:
+                    drops.append([b"ZREM", source, member])  # decided, gone, or never written
+                    continue
+                if workflow is not None and approval["workflow"] != workflow:
+                    continue
+                if kind is not None and str(approval.get("kind") or "gate") != kind:
+                    continue
+                if approver is not None and approver not in approvers_of(approval):
+                    continue
+                out.append(approval)
+                if len(out) == limit:
+                    break
+            if exhausted:
+                break
+        if drops:
+            self.wire.defer(drops)
+            await self.wire.flush()
+        return out
+
+    async def _candidates(
+        self, key: bytes, cursor: tuple[float, bytes] | None, count: int
+    ) -> tuple[list[tuple[bytes, float]], bool]:
+        """The next ``count`` entries of ``key``, newest first, past ``cursor``; and whether none is left."""
+        page = [b"BYSCORE", b"REV", b"LIMIT", b"0", b"%d" % count, b"WITHSCORES"]
+        if cursor is None:
+            commands = [[b"ZRANGE", key, b"+inf", b"-inf", *page]]
+        else:
+            at = repr(cursor[0]).encode()
+            ties = [b"BYSCORE", b"REV", b"LIMIT", b"0", b"%d" % _TIES, b"WITHSCORES"]
+            commands = [[b"ZRANGE", key, b"(" + at, b"-inf", *page], [b"ZRANGE", key, at, at, *ties]]
+        replies = await self.wire.retrying("approvals", None, lambda: self.wire.call(commands))
+        below = _pairs(replies[0])
+        merged = list(below)
+        if cursor is not None:
+            merged += [(m, s) for m, s in _pairs(replies[1]) if m < cursor[1]]
+        merged.sort(key=lambda e: (e[1], e[0]), reverse=True)
+        return merged[:count], len(below) < count and len(merged) <= count
