@@ -67,7 +67,9 @@ class RunHandle:
         def done(rec: RunRecord) -> bool:
             return rec.status in wanted or rec.status in FINAL
 
-        rec = await self._runner._until(self.run_id, done, timeout)
+        rec = await self._runner._record(self.run_id)  # there already (say, running here)?
+        if not done(rec):
+            rec = await self._runner._until(self.run_id, done, timeout)
         self._status = rec.status
         return rec.info()
 
@@ -106,6 +108,14 @@ class RunHandle:
         """Continue a paused run from its next step, in this process."""
         await self._runner._resume(self.run_id)
         self._live = self._runner.supervisor.local.get(self.run_id)
+
+    async def retry(self) -> RunHandle:
+        """Continue the failed run at its failing step, in this process (see ``WorkflowRunner.retry``)."""
+        return await self._runner.retry(self.run_id)
+
+    async def fork(self, at: str, state: Any = None, run_id: str | None = None) -> RunHandle:
+        """A new run from where this one last reached step ``at`` (see ``WorkflowRunner.fork``)."""
+        return await self._runner.fork(self.run_id, at=at, state=state, run_id=run_id)
 
     async def stop(self) -> None:
         """Cancel the step in flight, close its agent handles; status ``stopped`` (final)."""

@@ -14,10 +14,14 @@ import dataclasses
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
+from ._engine.context import validate_state
 from ._engine.gates import Transition, choose, decide, expired, form_of
+from ._engine.history import reached
 from ._engine.run import LiveRun
 from ._engine.values import decode_output, run_output, validate_input
 from ._runtime.supervisor import Supervisor
@@ -30,11 +34,13 @@ from .errors import (
     RunNotFoundError,
     RunRejectedError,
     RunStoppedError,
+    StateValidationError,
+    UnknownStepError,
     WorkflowDefinitionError,
 )
 from .handle import RunHandle, status_of
 from .stores import open_store
-from .stores.contract import Change, Lease, RunRecord, Store
+from .stores.contract import Change, Commit, Lease, RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import FINAL, Approval, RunEvent, RunInfo, RunResult, RunStatus
 
@@ -42,6 +48,13 @@ __all__ = ["RunHandle", "WorkflowRunner"]  # RunHandle lives in agentflow.handle
 
 _FINAL_KINDS = frozenset(s.value for s in FINAL)
 _POLL = 0.1  # seconds between store polls for runs another process advances
+
+
+def _fields_of(state: Mapping[str, Any] | BaseModel) -> Mapping[str, Any]:
+    """State updates given as a mapping or a model (its set fields)."""
+    if isinstance(state, BaseModel):
+        return {k: getattr(state, k) for k in state.model_fields_set}
+    return state
 
 
 def _open_store(spec: WorkflowSpec) -> tuple[Store, bool]:
@@ -122,6 +135,7 @@ class WorkflowRunner:
         return self._sup
 
     async def __aenter__(self) -> WorkflowRunner:
+        self.supervisor.watch_deadlines()  # serve the workflow's timers from now on
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -302,6 +316,122 @@ class WorkflowRunner:
         if rec.status == RunStatus.RUNNING:
             raise InvalidStateError(f"run {run_id} is running; stop it before deleting it")
         return await self.store.delete(run_id)
+
+    # -- retry and fork --------------------------------------------------------
+
+    async def retry(self, run_id: str) -> RunHandle:
+        """Continue a failed run at its failing step; the run goes on in this process.
+
+        The step runs again with the state and step results the run had before it (a
+        failed step commits nothing), ``ctx.attempt`` counting on from its earlier
+        attempts, and agent calls it had finished coming back from the journal. Works in
+        any process that reaches the store. A ``resumed`` event with
+        ``data["retried"]`` (and the error retried) marks it in the history.
+
+        Raises:
+            InvalidStateError: the run is not failed.
+            RunNotFoundError: there is no such run.
+        """
+        sup = self.supervisor
+        here = run_id in sup.local
+
+        def fn(rec: RunRecord, now: float) -> Transition | None:
+            self._check_workflow(rec)
+            if rec.status == RunStatus.RUNNING and rec.lease_owner == sup.owner and not here:
+                return None  # a retry after a lost reply: it took the run for this process
+            if rec.status != RunStatus.FAILED:
+                raise InvalidStateError(
+                    f"run {run_id} is {rec.status.value}, not failed; only a failed run can be retried"
+                )
+            err = rec.error or {}
+            data = {"retried": True, "error": {"type": err.get("type"), "message": err.get("message")}}
+            return Transition({"error": None}, [("resumed", rec.step, data)], rec.step or START)
+
+        rec = await sup.transition(run_id, fn)
+        return RunHandle(self, run_id, sup.local.get(run_id), status=rec.status)
+
+    async def fork(
+        self,
+        source: str,
+        /,
+        at: str,
+        state: Mapping[str, Any] | BaseModel | None = None,
+        run_id: str | None = None,
+    ) -> RunHandle:
+        """Start a new run from the point where run ``source`` last reached step ``at``.
+
+        The new run (id ``run_id``, or a fresh one) has the original's input, its step
+        results and decisions from before that point, and the state the original had
+        when it reached ``at`` with ``state`` merged in (shallowly, as ``set_state``
+        does); it starts at ``at`` in this process. The original is untouched. With a
+        ``run_id`` that already exists, returns that run's handle and starts nothing.
+
+        Raises:
+            UnknownStepError: ``at`` is not a step of the workflow.
+            InvalidStateError: run ``source`` never reached step ``at``.
+            StateValidationError: ``state`` does not fit the state model (naming the field).
+            RunNotFoundError: there is no run ``source``.
+        """
+        spec = self.spec
+        if spec.imperative:
+            raise AgentflowError(
+                f"cannot fork run {source}: {spec.name!r} is an .execute(fn) workflow, which has no "
+                "steps to start at; fork works on .flow({...}) workflows"
+            )
+        if at not in spec.steps:
+            known = sorted(s for s in spec.steps if s != START)
+            raise UnknownStepError(
+                f"cannot fork run {source} at step {at!r}: {spec.name!r} has no such step; steps are {known}"
+            )
+        loaded = await self.store.load(source)
+        if loaded is None:
+            raise RunNotFoundError(f"no run {source!r} in the store of workflow {spec.name!r}")
+        rec = loaded.record
+        self._check_workflow(rec)
+        where = reached(await self.store.events(source), at)
+        if where is None:
+            raise InvalidStateError(f"cannot fork run {source} at step {at!r}: the run never reached it")
+        label = f"fork of run {source} at step {at!r}"
+        model = spec.state_model
+        new_state: BaseModel | None = None
+        if model is not None:
+            then = validate_state(model, None, {**spec.initial_state, **where.changes}, label)
+            new_state = then if state is None else validate_state(model, then, _fields_of(state), label)
+        elif state:
+            raise StateValidationError(
+                f"{label}: the workflow declares no state model, so no state can be merged in"
+            )
+        sup = self.supervisor
+        new_id = run_id or os.urandom(16).hex()
+        lease = Lease(sup.owner, 1)
+        now = time.time()
+        record = RunRecord(
+            run_id=new_id,
+            workflow=spec.name,
+            status=RunStatus.RUNNING,
+            input=rec.input,
+            state=new_state,
+            step=at,
+            visit=where.visit - 1,
+            decisions=tuple(d for d in rec.decisions if int(d.get("visit") or 0) < where.visit),
+            created_at=now,
+            updated_at=now,
+            lease_owner=lease.owner,
+            lease_token=lease.token,
+            lease_expires=now + sup.lease_ttl,
+        )
+        origin = {"workflow": spec.name, "forked_from": {"run_id": source, "step": at, "visit": where.visit}}
+        events = [
+            RunEvent("run_started", new_id, None, origin, now, 1),
+            RunEvent("step_started", new_id, at, None, now, 2),
+        ]
+        if not await self.store.create(record, events):
+            return await self.attach(new_id)
+        outputs = [o for o in loaded.outputs if o.visit < where.visit]
+        if outputs:
+            await self.store.commit(new_id, lease, Commit(outputs=outputs, seq=1))
+        live = await sup.adopt(new_id, lease)
+        return RunHandle(self, new_id, live)
 
     def agent_statistics(self) -> dict[str, Any]:
         """Per agent: handles open, acquirers waiting, pool size and calls sent (for display)."""
@@ -654,8 +784,11 @@ class WorkflowRunner:
                     continue
                 after = ev.seq
                 yield ev
-                if ev.kind in _FINAL_KINDS:
-                    return
+                if ev.kind in _FINAL_KINDS and ev is batch[-1]:
+                    # The end, unless the run went on since (a failed run that was retried).
+                    rec = await self._record(run_id)
+                    if rec.status in FINAL and rec.event_count <= after:
+                        return
             if not batch:
                 rec = await self._record(run_id)
                 if rec.status in FINAL and rec.event_count <= after:

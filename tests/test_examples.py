@@ -46,6 +46,7 @@ def test_build_and_deploy_example(tmp_path):
 def test_every_example_is_listed_here(name):
     assert name in {
         "build_and_deploy.py",
+        "follow_up.py",
         "release_train.py",
         "resume_after_crash.py",
         "review_release_notes.py",
@@ -85,9 +86,22 @@ def test_review_release_notes_with_real_providers_against_the_local_server(tmp_p
     assert [r.protocol for r in llm_server.requests] == ["openai", "anthropic"]
 
 
+def test_follow_up_example(tmp_path):
+    out = _run([str(ROOT / "examples" / "follow_up.py")], tmp_path)
+    assert "is waiting: sleeping until" in out
+    assert "the timer fired in the second runner; the run failed at step 'FollowUp': ConnectionError" in out
+    assert out.count("welcome: mailing") == 1  # neither the retry nor the fork welcomed again
+    assert "follow-up (attempt 2, formal)" in out  # the retry counted the failed attempt
+    assert "retried: completed" in out and "sent=['welcome', 'follow-up']" in out
+    assert "at 'FollowUp': completed \"Hey! How's it going?\"" in out
+    assert "original untouched: 'Dear user, how is it going?'" in out
+
+
 def test_release_train_example(tmp_path):
     out = _run(
         [str(ROOT / "examples" / "release_train.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "t.db")}
     )
     assert "waits on 3 child runs" in out
     assert out.count("approved ") == 3
+    assert "completed: {'released': ['api (ana)', 'web (bo)', 'worker (ana)']}" in out
+    assert out.count("ServiceRelease completed, parent step '__start__'") == 3

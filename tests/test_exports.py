@@ -36,6 +36,7 @@ SPEC_NAMES = [
     # SPEC section 11, "as they arrive"
     "StepContext",
     "RunNotFoundError",
+    "Sleep",
     "Run",
     "Approval",
 ]
@@ -97,6 +98,7 @@ EXPECTED = [
     "RunStatus",
     "RunStoppedError",
     "START",
+    "Sleep",
     "StateValidationError",
     "StepContext",
     "StepLimitExceeded",

@@ -74,7 +74,9 @@ def validate_state(
                 f"{where}: {model.__name__} has no field {key!r}; fields are {sorted(fields)}", field=key
             )
         if type(value) not in _SCALARS:
-            problem = check_json(value)
+            # As deep as it is stored: in the state, and in a step_completed event's
+            # data["state"] (the fields a step changed; see _engine/history.py).
+            problem = check_json({"data": {"state": {key: value}}})
             if problem is not None:
                 raise StateValidationError(
                     f"{where}: state field {key!r} cannot be stored: {problem}", field=key

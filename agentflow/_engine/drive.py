@@ -81,9 +81,19 @@ async def _finish_failed(run: LiveRun, err: StepError) -> None:
     data = {"type": info["type"], "message": info["message"]}
     run.event("step_failed", err.step, data)
     run.event("failed", err.step, data)
+    journal = {}
+    if err.at is not None:
+        # How many attempts the failing step made: a retry of the run counts on from there.
+        attempts = dict(run.journal.get("attempts") or {})
+        attempts[err.at] = err.attempt
+        journal["attempts"] = attempts
     try:
         await run.commit(
-            Commit(fields={"status": RunStatus.FAILED, "error": info, "control": None}, release=True)
+            Commit(
+                fields={"status": RunStatus.FAILED, "error": info, "control": None},
+                journal=journal,
+                release=True,
+            )
         )
     except StoreError as exc:
         # Lease lost, or the process closes while the store is out of reach: the run

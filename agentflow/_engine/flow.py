@@ -21,6 +21,7 @@ from .compose import Spawned, resume_children, spawn, wait_of, wait_on
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
+from .history import state_delta
 from .invoke import invoke
 from .run import _YIELD_EVERY, LiveRun, StepError, Stop
 from .values import encode_branch, run_output, step_output
@@ -36,6 +37,7 @@ async def advance_flow(run: LiveRun) -> None:
     store = kernel.store
     max_steps = spec.max_steps
     run_id = run.run_id
+    attempts = run.journal.get("attempts")  # of steps that failed before a retry
     if run.resolving is not None:
         # Back from a wait on child runs that ended: the step that started them completes.
         control = await resume_children(run)
@@ -58,6 +60,8 @@ async def advance_flow(run: LiveRun) -> None:
             )
         frame = Frame(run.state)
         ctx: StepContext[Any, Any] = StepContext(run, name, visit, frame)
+        if attempts:
+            ctx.attempt += attempts.get(f"{visit}:{name}", 0)
         try:
             if fn.plain:
                 ret = fn.fn(ctx)
@@ -68,7 +72,7 @@ async def advance_flow(run: LiveRun) -> None:
         except (asyncio.CancelledError, Stop, LeaseLostError, StoreError):
             raise
         except Exception as exc:
-            raise StepError(name, exc) from exc
+            raise StepError(name, exc, ctx.attempt, f"{visit}:{name}") from exc
         finally:
             if frame.agents is not None:
                 await frame.close_agents()
@@ -81,13 +85,15 @@ async def advance_flow(run: LiveRun) -> None:
         ):
             # The common case (go to another step), kept lean: it is most of a run's time.
             fields: dict[str, Any] = {"step": ret, "visit": visit}
+            done = None
             if frame.state is not run.state:
+                done = {"state": state_delta(run.state, frame.state)}  # what fork() replays
                 run.state = fields["state"] = frame.state
             seq = run.event_seq
             run.event_seq = seq + 2
             now = time.time()
             events = run.outbox
-            events.append(RunEvent("step_completed", run_id, name, None, now, seq + 1))
+            events.append(RunEvent("step_completed", run_id, name, done, now, seq + 1))
             events.append(RunEvent("step_started", run_id, ret, None, now, seq + 2))
             run.outbox = []
             run.step = ret
@@ -192,7 +198,9 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
         raise Stop()
 
     fields: dict[str, Any] = {"step": target, "visit": run.visit}
+    done: dict[str, Any] = {}
     if frame.state is not run.state:
+        done["state"] = state_delta(run.state, frame.state)
         run.state = frame.state
         fields["state"] = frame.state
     if output is not None:
@@ -203,7 +211,9 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
     if outputs:
         outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
     usage = run.step_usage
-    run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
+    if usage.total_tokens:
+        done["usage"] = usage.to_json()
+    run.event("step_completed", name, done or None)
     run.step_usage = NO_USAGE
     release = False
     if target == END:

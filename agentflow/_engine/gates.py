@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from ..definition.gates import Gate, Wait
+from ..definition.gates import Gate, Sleep, Wait
 from ..definition.steps import END
 from ..errors import InvalidInputError, InvalidStateError, NotAuthorizedError
 from ..stores.contract import Change, Commit, Lease, RunRecord, approval_id, pending_approvals
-from ..types import NO_USAGE, Decision, RunEvent, RunStatus
+from ..types import NO_USAGE, Decision, RunEvent, RunStatus, utc
+from .history import state_delta
 
 if TYPE_CHECKING:
     from ..definition.workflow import WorkflowSpec
@@ -47,6 +48,7 @@ __all__ = [
     "pending_gate",
     "time_out",
     "typed_decision",
+    "wake",
 ]
 
 
@@ -57,6 +59,8 @@ def pending_gate(
 
     A gate waits for one approval, whose id is derived from the run, step and visit.
     """
+    if isinstance(gate, Sleep):
+        return pending_sleep(wait, gate, step, visit, workflow)
     data = gate.describe()
     timeout = data.get("timeout")
     now = time.time()
@@ -114,6 +118,25 @@ def normalized(run_id: str, pending: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def pending_sleep(wait: Wait | None, gate: Sleep, step: str, visit: int, workflow: str) -> dict[str, Any]:
+    """The stored form of a durable timer: due at ``deadline``, then on at ``target``."""
+    now = time.time()
+    return {
+        "kind": "sleep",
+        "seconds": gate.seconds,
+        "workflow": workflow,
+        "step": step,
+        "visit": visit,
+        "target": wait.target if wait else None,
+        "on_reject": None,
+        "on_timeout": None,
+        "on_fail": None,
+        "since": now,
+        "deadline": now + gate.seconds,
+        "approvals": [],
+    }
+
+
 async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | None) -> None:
     """Commit the run as ``waiting`` at ``gate`` and let go of it.
 
@@ -131,15 +154,22 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
     }
     if run.pause_requested:
         fields["control"] = "pause"
+    done: dict[str, Any] = {}
     if frame.state is not run.state:
+        done["state"] = state_delta(run.state, frame.state)
         run.state = frame.state
         fields["state"] = frame.state
     usage = run.step_usage
-    run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
+    if usage.total_tokens:
+        done["usage"] = usage.to_json()
+    run.event("step_completed", name, done or None)
     run.step_usage = NO_USAGE
-    approval = pending["approvals"][0]
-    keys = ("approvers", "quorum", "prompt", "context", "deadline")
-    run.event("waiting", name, {**{k: approval[k] for k in keys}, "approval": approval["id"]})
+    if pending["kind"] == "sleep":
+        run.event("waiting", name, {k: pending[k] for k in ("kind", "seconds", "deadline")})
+    else:
+        approval = pending["approvals"][0]
+        keys = ("approvers", "quorum", "prompt", "context", "deadline")
+        run.event("waiting", name, {**{k: approval[k] for k in keys}, "approval": approval["id"]})
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, release=True))
     if pending["deadline"] is not None:
@@ -177,6 +207,11 @@ def choose(
     """
     if pending is None:
         raise InvalidStateError(f"run {run_id} is not waiting at a gate, so it cannot be decided")
+    if pending.get("kind") == "sleep":
+        raise InvalidStateError(
+            f"run {run_id} is sleeping at step {pending.get('step')!r} until {utc(pending['deadline'])}; "
+            "there is no decision to make"
+        )
     approvals = normalized(run_id, pending)["approvals"]
     ids = [a["id"] for a in approvals]
     if approval is None:
@@ -340,13 +375,30 @@ class Transition:
 
 
 def expired(rec: RunRecord) -> Transition | None:
-    """The timeout of ``rec``'s gate, if its deadline passed."""
-    if rec.status != RunStatus.WAITING or not rec.pending:
+    """The timeout of ``rec``'s gate, if its deadline passed (a timer is not a gate: see :func:`wake`)."""
+    if rec.status != RunStatus.WAITING or not rec.pending or rec.pending.get("kind") in ("sleep", "children"):
         return None
     deadline = rec.pending.get("deadline")
     if deadline is None or deadline > time.time():
         return None
     return Transition.of(rec, time_out(rec.pending, rec.run_id))
+
+
+def wake(rec: RunRecord) -> Transition | None:
+    """A sleeping run whose timer is due goes on at its target; None when it is not (or no longer) due.
+
+    Pure and judged on the record alone, so of two processes sweeping the same timer
+    (through ``Store.update``) only the first moves the run on.
+    """
+    pending = rec.pending
+    if rec.status != RunStatus.WAITING or not pending or pending.get("kind") != "sleep":
+        return None
+    deadline = pending.get("deadline")
+    if deadline is None or deadline > time.time():
+        return None
+    data = {"timer": True, "deadline": deadline, "late": round(max(0.0, time.time() - deadline), 6)}
+    events: list[tuple[str, str | None, Any]] = [("resumed", pending.get("step"), data)]
+    return Transition({"pending": None}, events, pending.get("target") or END)
 
 
 def apply(

@@ -123,6 +123,8 @@ class ImperativeContext(StepContext[Any, Any]):
         run.event("step_started", name)
         frame = self._frame
         frame.base = frame.state
+        attempts = run.journal.get("attempts")
+        self.attempt = 1 + (attempts.get(key, 0) if attempts else 0)
         try:
             value = await invoke(spec, args, frame, ctx=self, kwargs=kwargs)
             if spec.output is not None and value is not None and not isinstance(value, spec.output):
@@ -132,7 +134,7 @@ class ImperativeContext(StepContext[Any, Any]):
         except (asyncio.CancelledError, Suspend):
             raise
         except Exception as exc:
-            raise StepError(name, exc) from exc
+            raise StepError(name, exc, self.attempt, key) from exc
         await self._record(key, {"kind": "step", "name": name, "value": value}, name, value)
         return value
 

@@ -33,11 +33,14 @@ async def invoke(
     Each attempt after the first starts from the state the first one saw, with fresh
     agent handles (so its agent calls get the same journal keys and finished ones come
     back from the journal), and, in a parallel branch, no updates carried over.
+    ``ctx.attempt`` counts on from the value the caller set (above 1 for a step of a
+    retried run, which counts its earlier attempts too).
     """
     policy = spec.retry
     if policy is None:
         return await _once(spec, args, kwargs or {})
     attempt = 0
+    base = ctx.attempt - 1 if ctx is not None else 0
     async for trial in policy.retrying():
         with trial:
             attempt += 1
@@ -47,12 +50,12 @@ async def invoke(
                 if frame.updates is not None:
                     frame.updates = {}
             if ctx is not None:
-                ctx.attempt = attempt
+                ctx.attempt = base + attempt
             try:
                 return await _once(spec, args, kwargs or {})
             except Exception as exc:
                 if on_retry is not None and attempt < policy.max_attempts and policy.retryable(exc):
-                    on_retry(attempt, exc)
+                    on_retry(base + attempt, exc)
                 raise
     raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 

@@ -55,12 +55,18 @@ _OUTAGE_FIRST, _OUTAGE_MAX = 0.05, 2.0
 
 
 class StepError(Exception):
-    """Internal: a step failed; carries the step name and the cause."""
+    """Internal: a step failed; carries the step name and the cause.
 
-    def __init__(self, step: str, error: BaseException) -> None:
+    ``attempt`` is the last attempt's ``ctx.attempt`` and ``at`` the step execution's
+    key in the journal's ``"attempts"`` entry, so a retried run counts on from there.
+    """
+
+    def __init__(self, step: str, error: BaseException, attempt: int = 0, at: str | None = None) -> None:
         super().__init__(str(error))
         self.step = step
         self.error = error
+        self.attempt = attempt
+        self.at = at
 
 
 class Stop(Exception):

@@ -79,6 +79,8 @@ class Supervisor:
             self.watch = root.watch
         self.waiters: dict[str, Any] = self.notifier.waiters
         self.timers = GateTimers(self)
+        # Timers that came due while no process served the workflow fire once one does.
+        self.timers.ensure()
         self.advance: Callable[[LiveRun], Awaitable[None]] = (
             advance_imperative if spec.imperative else advance_flow
         )

@@ -1,4 +1,20 @@
-"""Timers: gate deadlines enforced while a process serving the workflow lives."""
+"""Timers: every deadline of a parked run, enforced while a process serving the workflow lives.
+
+One sweeper per workflow and process looks at the store's index of due deadlines
+(``Store.due_gates``) every :data:`SWEEP_INTERVAL` seconds and acts on each due run by
+the kind of what it waits on (``pending["kind"]``):
+
+* a gate (``"gate"``, or ``"human_approval"`` in older records): it times out;
+* a timer (``"sleep"``): the run goes on at its target, here;
+* children (``"children"``): the supervisor checks on them
+  (:meth:`Supervisor.check_children`), which resumes the parent if they ended.
+
+Each action is an atomic transition judged on the record as the store holds it, so a
+timer swept by two processes at once (or by a sweeper and ``recover()``) fires once.
+Nothing is held per parked run: a run is in this process only from the moment its
+timer fires. The sweeper starts when the workflow's supervisor is first used, so a
+timer that came due while no process was alive fires as soon as one starts.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +22,26 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from .._engine.gates import Transition, expired, wake
 from ..errors import AgentflowError, StoreError
+from ..stores.contract import RunRecord
+from ..types import RunStatus
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 __all__ = ["GateTimers"]
 
-#: Seconds between looks at the store's index of due gates.
+#: Seconds between looks at the store's index of due deadlines: a due timer fires on
+#: average half of this late (plus the time to move the runs due with it on).
 SWEEP_INTERVAL = 0.2
+
+#: Due runs acted on at once in one sweep (each is one store update).
+_SWEEP_BATCH = 64
 
 
 class GateTimers:
-    """Times out gates whose deadline passed (through the store's due-gates index)."""
+    """Acts on parked runs whose deadline passed (through the store's due-deadlines index)."""
 
     __slots__ = ("_sup", "_task")
 
@@ -27,9 +50,13 @@ class GateTimers:
         self._task: asyncio.Task[None] | None = None
 
     def ensure(self) -> None:
-        """Start sweeping if not already."""
+        """Start sweeping if not already (outside a running event loop: at the next call inside one)."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="agentflow:gates")
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._task = loop.create_task(self._loop(), name=f"agentflow:timers:{self._sup.spec.name}")
 
     async def close(self) -> None:
         """Stop sweeping."""
@@ -39,13 +66,40 @@ class GateTimers:
             self._task = None
 
     async def sweep(self) -> None:
-        """Time out every gate due now."""
+        """Act on every run due now: time out gates, wake timers, check on children."""
         sup = self._sup
-        for run_id in await sup.store.due_gates(sup.spec.name, time.time()):
-            try:
-                await sup.expire(run_id)
-            except AgentflowError:
-                pass
+        due = await sup.store.due_gates(sup.spec.name, time.time())
+        for i in range(0, len(due), _SWEEP_BATCH):
+            await asyncio.gather(*(self.fire(run_id) for run_id in due[i : i + _SWEEP_BATCH]))
+
+    async def fire(self, run_id: str) -> None:
+        """Act on ``run_id`` if its deadline passed, by the kind of what it waits on.
+
+        Errors are the run's own (it vanished, it cannot be loaded: it is failed alone)
+        and do not stop the sweep.
+        """
+        sup = self._sup
+        children: list[bool] = []
+
+        def due(rec: RunRecord, now: float) -> Transition | None:
+            pending = rec.pending
+            if rec.status != RunStatus.WAITING or not isinstance(pending, dict):
+                return None
+            kind = pending.get("kind")
+            if kind == "sleep":
+                return wake(rec)
+            if kind == "children":
+                deadline = pending.get("deadline")
+                children.append(deadline is not None and deadline <= time.time())
+                return None
+            return expired(rec)
+
+        try:
+            await sup.transition(run_id, due)
+            if children and children[-1]:
+                await sup.check_children(run_id)
+        except AgentflowError:
+            pass
 
     async def _loop(self) -> None:
         while not self._sup.stopping:

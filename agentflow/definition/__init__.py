@@ -1,7 +1,7 @@
 """What a user declares: workflows, steps, gates, parallel branches, child runs. No I/O, no tasks."""
 
 from .compose import Run
-from .gates import Gate, HumanApproval, Wait
+from .gates import Gate, HumanApproval, Sleep, Wait
 from .parallel import BranchError, Parallel
 from .steps import END, START, Next, RetryPolicy, StepFunction, step
 from .workflow import Persistence, Workflow, WorkflowSpec
@@ -17,6 +17,7 @@ __all__ = [
     "Persistence",
     "RetryPolicy",
     "Run",
+    "Sleep",
     "StepFunction",
     "Wait",
     "Workflow",

@@ -21,7 +21,7 @@ from ..errors import WorkflowDefinitionError
 from .graph import _source_node
 from .steps import StepFunction
 
-__all__ = ["Gate", "HumanApproval", "Wait", "form_schema", "forms_of", "seconds"]
+__all__ = ["Gate", "HumanApproval", "Sleep", "Wait", "form_schema", "forms_of", "seconds"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -101,6 +101,32 @@ class HumanApproval:
             "context": pydantic_core.to_jsonable_python(self.context),
             "form": None if self.form is None else form_schema(self.form),
         }
+
+
+@dataclass(frozen=True, init=False)
+class Sleep:
+    """A durable timer: ``Wait(Sleep(seconds), target)`` parks the run until it is due.
+
+    The run holds no task while it sleeps; when the time has come it continues at
+    ``target`` in whichever process serves the workflow's store (one that starts later
+    picks up timers that came due while no process was alive).
+
+    Args:
+        duration: seconds or a timedelta (positive).
+    """
+
+    seconds: float
+    kind: str = field(default="sleep", init=False)
+
+    def __init__(self, duration: float | timedelta) -> None:
+        if isinstance(duration, bool) or not isinstance(duration, int | float | timedelta):
+            raise WorkflowDefinitionError(f"Sleep takes seconds or a timedelta, got {duration!r}")
+        value = seconds(duration, "Sleep duration")
+        assert value is not None
+        object.__setattr__(self, "seconds", value)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seconds": self.seconds}
 
 
 @dataclass(frozen=True, slots=True)
