@@ -433,9 +433,38 @@ async def test_imperative_child_result_is_typed_again_on_replay(make_store, kind
     wf = Workflow("ImperativeReplay").execute(main)
     async with WorkflowRunner(wf, store=make_store(kind)) as runner:
         handle = await runner.run(run_id="ir")
-        await wait_status(handle, RunStatus.WAITING)
-        assert (await handle.info()).children == ("ir/run:1.1",)
+        info = await wait_status(handle, RunStatus.WAITING)
+        while not info.approvals:  # on SQLite it may wait on its child first, then at its gate
+            await asyncio.sleep(0.01)
+            info = await handle.info()
+        assert info.children == ("ir/run:1.1",)
         await runner.approve("ir", by="qa")
         result = await handle.result(timeout=10)
     assert result.output == {"artifact": "app-9.tar", "approved": True}
     assert seen == ["BuildOut", "BuildOut"]  # the replay after the gate got it typed from the journal
+
+
+async def test_stopping_a_parent_mid_fan_out_stops_the_children_it_already_started():
+    hold = asyncio.Event()
+
+    async def branch(ctx):
+        if ctx.item == "slow":
+            await hold.wait()  # a plain branch still running: the parent has not parked yet
+            return "never"
+        return Run(gated, {"version": ctx.item})
+
+    wf = Workflow("Mixed").flow(
+        {START: lambda ctx: Parallel.map(branch, ["a", "slow"], "Join"), "Join": lambda ctx: END}
+    )
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run(run_id="m")
+        for _ in range(500):
+            if await runner.store.get("m/__start__.1.0") is not None:
+                break
+            await asyncio.sleep(0.01)
+        child = await runner.attach("m/__start__.1.0")
+        await wait_status(child, RunStatus.WAITING)
+        assert (await handle.info()).status == RunStatus.RUNNING
+        await handle.stop()
+        assert (await handle.info()).children == ("m/__start__.1.0",)
+        assert (await child.info()).status == RunStatus.STOPPED

@@ -134,6 +134,8 @@ async def spawn(run: LiveRun, step: str, visit: int, child: Run, index: int | No
     cid = child_id(run.run_id, step, visit, index)
     parent = {"run_id": run.run_id, "step": step, "visit": visit, "index": index, "depth": depth}
     await start_child(kernel, cid, inp, parent)
+    if cid not in run.children:
+        run.spawned.append(cid)
     return {"run_id": cid, "workflow": name, "index": index}
 
 
@@ -498,6 +500,7 @@ def _new_children(run: LiveRun, refs: list[dict[str, Any]], fields: dict[str, An
     """Append the ids in ``refs`` the run does not list yet to ``run.children`` (and ``fields``)."""
     known = set(run.children)
     new = tuple(str(r["run_id"]) for r in refs if r["run_id"] not in known)
+    run.spawned = []
     if new:
         run.children = fields["children"] = (*run.children, *new)
 
