@@ -260,16 +260,14 @@ class SqliteStore(TwoConnections):
         journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
         ns, token, seq, n = self.key_prefix, lease.token, commit.seq, len(events)
         status = hot.get("status")
-        # What the run's approvals become, when the commit sets its pending or status.
-        refile = "pending" in commit.fields or status is not None
+        # A commit that sets the run's pending files its approvals. (One that only sets a
+        # status has none to drop: a run has an owner that commits only while it runs.)
+        refile = "pending" in commit.fields
         pending = commit.fields.get("pending")
 
         def approvals(db: sqlite3.Connection) -> None:
-            workflow, now_status, stored = db.execute(sqlrows.SELECT_RUN_PENDING, (ns, run_id)).fetchone()
-            value = pending
-            if now_status == RunStatus.WAITING.value and "pending" not in commit.fields:
-                value = decode(run_id, f"{sql.RUNS}.pending", stored)
-            rows = sqlrows.approval_rows(run_id, str(workflow), now_status, value)
+            workflow, now_status = db.execute(sqlrows.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
+            rows = sqlrows.approval_rows(run_id, str(workflow), now_status, pending)
             sqlrows.file_approvals(db, ns, run_id, rows)
 
         # One statement checks the fence and writes the hot row. A new status must differ

@@ -35,7 +35,7 @@ __all__ = [
     "SELECT_LIVE",
     "SELECT_OUTPUTS",
     "SELECT_RECOVERABLE",
-    "SELECT_RUN_PENDING",
+    "SELECT_RUN_STATUS",
     "SELECT_STORED",
     "ApprovalRow",
     "approval_rows",
@@ -104,8 +104,8 @@ SELECT_EXPIRED = (
     f"SELECT run_id FROM {RUNS} WHERE ns = ? AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
 )
 SELECT_LIVE = f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}"
-#: What a commit that sets a run's status or pending (not both) files its approvals from.
-SELECT_RUN_PENDING = f"SELECT workflow, status, pending FROM {RUNS} WHERE ns = ? AND run_id = ?"
+#: What a commit that sets a run's pending files its approvals with.
+SELECT_RUN_STATUS = f"SELECT workflow, status FROM {RUNS} WHERE ns = ? AND run_id = ?"
 #: Where an approval sorts, pending or decided (a page may start after a decided one).
 SELECT_APPROVAL_CURSOR = f"SELECT created_at, id FROM {APPROVALS} WHERE ns = ? AND id = ?"
 _RETIRE_APPROVALS = f"UPDATE {APPROVALS} SET pending = 0 WHERE ns = ? AND run_id = ? AND pending = 1"

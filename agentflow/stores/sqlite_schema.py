@@ -150,7 +150,8 @@ _INDEXES = (
     "WHERE pending = 1",
     f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_kind ON {APPROVALS} (ns, kind, created_at, id) "
     "WHERE pending = 1",
-    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_by_run ON {APPROVALS} (ns, run_id)",
+    # With pending: an index on (ns, run_id) alone is not used by the UPDATE that sets it.
+    f"CREATE INDEX IF NOT EXISTS {APPROVALS}_of_run ON {APPROVALS} (ns, run_id, pending)",
     f"CREATE INDEX IF NOT EXISTS {APPROVERS}_by_run ON {APPROVERS} (ns, run_id)",
 )
 
