@@ -262,3 +262,22 @@ async def test_the_loop_over_the_real_sdks(
     else:
         assert [m["role"] for m in second] == ["user", "assistant", "user"]
         assert [b["tool_use_id"] for b in second[2]["content"]] == ["c1", "c2"]
+
+
+async def test_a_tool_that_needs_approval_is_never_run_without_it() -> None:
+    from agentflow import HumanApproval
+    from agentflow.errors import AgentflowError
+
+    @tool(approval=HumanApproval(approvers=["ops-lead"]))
+    async def guarded(version: str) -> str:
+        """Deploy for real."""
+        CALLS.log.append(("guarded", version))
+        return "done"
+
+    model = ScriptedProvider([call("guarded", version="1"), "ok"])
+    pools = AgentPools(AgentsConfig({"ops": Agent(provider=model, model="m", tools=[guarded])}))
+    async with pools.accessor(MemoryJournal()).ops as ops:
+        with pytest.raises(AgentflowError, match="tool 'guarded' needs an approval"):
+            await ops.run("go")
+    await pools.aclose()
+    assert CALLS.log == []

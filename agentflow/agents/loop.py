@@ -244,6 +244,13 @@ async def _run_calls(
             results[i] = call
             unjournaled[keys.call(use.call_id)] = call.to_json()
             continue
+        if getattr(tool, "approval", None) is not None:
+            # Never run a call that must be approved without its approval.
+            raise AgentflowError(
+                f"run {journal.run_id}, step {journal.step_name!r}: tool {tool.name!r} needs an approval "
+                "for each call, and parking a run on a tool call's approval is not available yet; "
+                "nothing was run"
+            )
         if not tool.idempotent and keys.replayed:
             # The reply that asked for this call was journaled before it could run (it is
             # the call's intent); no result was: it may have run, or not.
