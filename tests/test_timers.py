@@ -319,3 +319,36 @@ def make_crash_store(kind: str, target: str) -> Store:
     from agentflow.stores.redis import RedisStore
 
     return RedisStore(target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_ctx_wait_sleep_in_imperative_code_parks_and_goes_on_after_the_timer(kind, make_store) -> None:
+    calls: collections.Counter[str] = collections.Counter()
+
+    def fetch() -> str:
+        calls["fetch"] += 1
+        return "page"
+
+    def publish(page: str) -> str:
+        calls["publish"] += 1
+        return f"published {page}"
+
+    async def main(ctx):
+        page = await ctx.step("fetch", fetch)
+        woke = await ctx.wait(Sleep(0.3))
+        assert woke.approved and woke.by is None
+        return await ctx.step("publish", publish, page)
+
+    store = make_store(kind)
+    wf = Workflow("ImperativeNap").execute(main)
+    async with WorkflowRunner(wf, store=store) as first:
+        handle = await first.run()
+        await wait_status(handle, RunStatus.WAITING)
+        assert (await record(store, handle.run_id)).pending["kind"] == "sleep"
+    await asyncio.sleep(0.4)  # due while no runner is open
+    async with WorkflowRunner(wf, store=shared(make_store, kind, store)) as second:
+        result = await (await second.attach(handle.run_id)).result(timeout=5)
+        events = await all_events(await second.attach(handle.run_id))
+    assert result.output == "published page"
+    assert calls == {"fetch": 1, "publish": 1}
+    assert [e.kind for e in events].count("waiting") == 1  # the replay did not sleep again

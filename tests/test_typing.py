@@ -57,3 +57,18 @@ def test_a_wrong_field_on_the_typed_input_is_caught(tmp_path: Path) -> None:
         TYPED.replace("artifact: str | None = ctx.state.artifact", "artifact: int = ctx.state.artifact"),
     )
     assert out.returncode == 1 and "Incompatible types in assignment" in out.stdout
+
+
+def test_gates_and_timers_type_check_as_wait_arguments(tmp_path: Path) -> None:
+    out = mypy(
+        tmp_path,
+        """
+        from datetime import timedelta
+
+        from agentflow import HumanApproval, Sleep, Wait
+
+        gate = Wait(HumanApproval(approvers=["ops"]), "Deploy")
+        nap = Wait(Sleep(timedelta(hours=1)), "Remind")
+        """,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -137,8 +137,15 @@ def pending_sleep(wait: Wait | None, gate: Sleep, step: str, visit: int, workflo
     }
 
 
-async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | None) -> None:
-    """Commit the run as ``waiting`` at ``gate`` and let go of it.
+async def park(
+    run: LiveRun,
+    name: str,
+    frame: Frame,
+    gate: Gate,
+    wait: Wait | None,
+    journal: dict[str, Any] | None = None,
+) -> None:
+    """Commit the run as ``waiting`` at ``gate`` (with ``journal`` entries) and let go of it.
 
     A pause asked for while the step ran is kept on the record (``control``), so the
     run pauses where the decision sends it instead of going on; so is a pause or stop
@@ -171,7 +178,7 @@ async def park(run: LiveRun, name: str, frame: Frame, gate: Gate, wait: Wait | N
         keys = ("approvers", "quorum", "prompt", "context", "deadline")
         run.event("waiting", name, {**{k: approval[k] for k in keys}, "approval": approval["id"]})
     run.status = RunStatus.WAITING
-    await run.commit(Commit(fields=fields, release=True))
+    await run.commit(Commit(fields=fields, journal=journal or {}, release=True))
     if pending["deadline"] is not None:
         run.kernel.watch_deadlines()
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..definition.compose import Run
-from ..definition.gates import Gate, Wait
+from ..definition.gates import Gate, Sleep, Wait
 from ..definition.parallel import BranchError, OnError, Parallel
 from ..definition.steps import StepFunction, as_step
 from ..definition.workflow import Workflow
 from ..errors import NonDeterminismError, StepLimitExceeded
 from ..stores.contract import Commit, OutputRecord
-from ..types import Decision, RunStatus
+from ..types import Decision, RunStatus, utc
 from .compose import ChildOutcome, Spawned, ended_here, park_children, read_children, spawn, wait_of
 from .context import Frame, StepContext
 from .fanout import run_parallel
@@ -189,9 +190,12 @@ class ImperativeContext(StepContext[Any, Any]):
         """Park the run at ``gate`` (holding no task) and return the decision once made.
 
         A rejection or a timeout also returns: ``decision.approved`` is False then.
+        ``ctx.wait(Sleep(...))`` returns once the timer fired: approved, by no one.
         """
-        self._next("wait", "gate")
+        key, entry = self._next("wait", "gate")
         step = f"wait:{self._seq}"
+        if isinstance(gate, Sleep):
+            return await self._sleep(key, entry, step, gate)
         decision = self._decisions.get(step)
         if decision is not None:
             form = getattr(gate, "form", None)
@@ -203,6 +207,23 @@ class ImperativeContext(StepContext[Any, Any]):
         main = run.spec.main
         assert main is not None
         await park(run, step, self._frame, gate, Wait(gate, main.name, main.name, main.name))
+        raise Suspend()
+
+    async def _sleep(self, key: str, entry: dict[str, Any] | None, step: str, gate: Sleep) -> Decision:
+        """A durable timer: its due time is journaled with the park, so a replay knows it fired."""
+        now = time.time()
+        until = entry.get("until") if entry is not None else None
+        if isinstance(until, int | float) and until <= now:
+            return Decision(approved=True, by=None, comment="timer fired", at=utc(until))
+        if not isinstance(until, int | float):
+            entry, until = {"kind": "wait", "name": "gate", "until": now + gate.seconds}, now + gate.seconds
+        run = self._run
+        run.visit += 1
+        main = run.spec.main
+        assert main is not None
+        left = Sleep(max(0.001, until - now))
+        await park(run, step, self._frame, left, Wait(left, main.name), journal={key: entry})
+        run.journal[key] = entry
         raise Suspend()
 
     async def run(self, workflow: Workflow, input: Any = None) -> Any:

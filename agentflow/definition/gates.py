@@ -44,7 +44,10 @@ def seconds(value: float | timedelta | None, what: str) -> float | None:
 class Gate(Protocol):
     """Something a run waits on. ``kind`` names it in the stored record."""
 
-    kind: str
+    @property
+    def kind(self) -> str:
+        """What the stored record calls it (``"human_approval"``, ``"sleep"``)."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """The gate as JSON-able data, kept with the waiting run."""
