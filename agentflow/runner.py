@@ -254,7 +254,8 @@ class WorkflowRunner:
             wsup = sup.of(name)
             await wsup.timers.sweep()
             wsup.watch_deadlines()
-            await self._check_parents(wsup)
+            if wsup.spec.children:  # only a workflow that runs children has runs waiting on them
+                await self._check_parents(wsup)
         return handles
 
     async def _recover(self, sup: Supervisor) -> list[RunHandle]:
