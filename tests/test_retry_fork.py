@@ -383,3 +383,37 @@ async def test_retry_of_an_imperative_run_replays_finished_calls_and_counts_atte
     assert result.output == "published 42"
     assert calls == {"fetch": 1, "publish": 2}
     assert attempts == [1, 2]
+
+
+async def test_a_step_that_returned_an_unknown_step_counts_its_attempt_on_retry() -> None:
+    attempts: list[int] = []
+    route = {"to": "Nowhere"}
+
+    def pick(ctx):
+        attempts.append(ctx.attempt)
+        return route["to"]
+
+    wf = Workflow("Route").flow({START: pick, "Done": lambda ctx: Next(END, output="done")})
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        with pytest.raises(RunFailedError) as err:
+            await handle.result(timeout=5)
+        assert err.value.error_type == "UnknownStepError"
+        route["to"] = "Done"
+        assert (await (await handle.retry()).result(timeout=5)).output == "done"
+    assert attempts == [1, 2]
+
+
+async def test_fork_at_start_runs_again_from_the_top_with_the_same_input() -> None:
+    seen: list[str] = []
+
+    def start(ctx):
+        seen.append(ctx.input["who"])
+        return Next(END, output=f"hello {ctx.input['who']}")
+
+    async with WorkflowRunner(Workflow("Hello").flow({START: start})) as runner:
+        original = await runner.run({"who": "ada"})
+        await original.result(timeout=5)
+        fork = await runner.fork(original.run_id, at=START)
+        assert (await fork.result(timeout=5)).output == "hello ada"
+    assert seen == ["ada", "ada"]

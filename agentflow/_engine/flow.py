@@ -118,7 +118,12 @@ async def advance_flow(run: LiveRun) -> None:
             if not commit.seq & _YIELD_EVERY:
                 await asyncio.sleep(0)  # as LiveRun.commit does
             continue
-        await _apply(run, fn, name, frame, ret)
+        try:
+            await _apply(run, fn, name, frame, ret)
+        except StepError as err:
+            if err.at is None:  # what the step returned failed it: its attempt counts too
+                err.attempt, err.at = ctx.attempt, f"{visit}:{name}"
+            raise
         if run.status is not RunStatus.RUNNING or kernel.stopping:
             return
 

@@ -19,6 +19,7 @@ timer that came due while no process was alive fires as soon as one starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 __all__ = ["GateTimers"]
+
+log = logging.getLogger("agentflow")
 
 #: Seconds between looks at the store's index of due deadlines: a due timer fires on
 #: average half of this late (plus the time to move the runs due with it on).
@@ -106,5 +109,8 @@ class GateTimers:
             try:
                 await self.sweep()
             except StoreError:
-                pass
+                pass  # the store is out of reach: the next sweep tries again
+            except Exception:
+                # A sweeper that died would leave every timer of the workflow unfired.
+                log.exception("workflow %s: a timer sweep failed; the next one goes on", self._sup.spec.name)
             await asyncio.sleep(SWEEP_INTERVAL)
