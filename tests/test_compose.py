@@ -468,3 +468,19 @@ async def test_stopping_a_parent_mid_fan_out_stops_the_children_it_already_start
         await handle.stop()
         assert (await handle.info()).children == ("m/__start__.1.0",)
         assert (await child.info()).status == RunStatus.STOPPED
+
+
+async def test_bad_child_input_fails_the_step_naming_the_child_workflow_and_field():
+    wf = Workflow("BadInput").flow({START: lambda ctx: Run(build, {"version": 3.5j}, END)})
+    async with WorkflowRunner(wf) as runner:
+        with pytest.raises(RunFailedError) as err:
+            await (await runner.run(run_id="b")).result(timeout=5)
+    assert err.value.step == START and err.value.error_type == "InvalidInputError"
+    assert "'Build'" in str(err.value) and "version" in str(err.value)
+
+
+async def test_run_without_a_target_ends_the_parent_with_the_childs_output():
+    wf = Workflow("Delegates").output(BuildOut).flow({START: lambda ctx: Run(build, {"version": "7"})})
+    async with WorkflowRunner(wf) as runner:
+        result = await (await runner.run()).result(timeout=5)
+    assert result.output == BuildOut(artifact="app-7.tar", size=1)

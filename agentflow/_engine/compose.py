@@ -13,6 +13,10 @@ The order makes crashes harmless:
    children, where to go next, a check-back deadline) and the child ids appended to
    its ``children``, and lets go of its lease: it holds no task while it waits.
 
+Children that end at once (after one turn of the loop: in memory, a few plain steps)
+spare the parent the wait: its step completes in the same task, under the lease it
+never let go of (:func:`wait_on`), so it still goes on exactly once.
+
 A crash between 1 and 2 leaves the parent running with its lease running out:
 recovery runs the step again, which finds the same child. When the last child ends,
 the process that sees it (or a timer sweep at the check-back deadline, or

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import WorkflowDefinitionError
-from .steps import StepFunction
+from .steps import END, StepFunction
 
 if TYPE_CHECKING:
     from .workflow import Workflow
@@ -35,7 +35,8 @@ class Run:
         workflow: the child workflow; it must be found in the parent's step code or
             declared with ``Workflow.children(...)``.
         input: the child's input (validated against the child's input model).
-        target: the step the parent goes to once the child completed.
+        target: the step the parent goes to once the child completed (``END``, the
+            default, ends the parent with the child's output as its output).
         on_fail: the step to go to when the child fails (its result is then a
             ``BranchError`` naming the child run); without it the parent fails.
         on_reject: the step to go to when the child ends rejected or expired (its
@@ -45,7 +46,7 @@ class Run:
 
     workflow: Workflow
     input: Any = None
-    target: str = "__end__"
+    target: str = END
     on_fail: str | None = None
     on_reject: str | None = None
 
