@@ -484,3 +484,37 @@ async def test_run_without_a_target_ends_the_parent_with_the_childs_output():
     async with WorkflowRunner(wf) as runner:
         result = await (await runner.run()).result(timeout=5)
     assert result.output == BuildOut(artifact="app-7.tar", size=1)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_named_parallel_branches_mix_a_child_run_and_a_plain_branch(make_store, kind):
+    def release_branch(ctx):
+        return Run(gated, {"version": "r1"})
+
+    def notes_branch(ctx):
+        ctx.set_state(notes="written")
+        return "notes"
+
+    class Notes(BaseModel):
+        notes: str = ""
+
+    wf = (
+        Workflow("Mix")
+        .state(Notes)
+        .flow(
+            {
+                START: lambda ctx: Parallel({"release": release_branch, "notes": notes_branch}, "Join"),
+                "Join": lambda ctx: Next(
+                    END,
+                    output=[ctx.step_results["release"].artifact, ctx.step_results["notes"], ctx.state.notes],
+                ),
+            }
+        )
+    )
+    async with WorkflowRunner(wf, store=make_store(kind)) as runner:
+        handle = await runner.run(run_id="mix")
+        await wait_status(handle, RunStatus.WAITING)
+        await wait_status(await runner.attach("mix/__start__.1.0"), RunStatus.WAITING)
+        await runner.approve("mix", by="qa")  # the one approval pending, a child's
+        result = await handle.result(timeout=10)
+    assert result.output == ["r1", "notes", "written"]
