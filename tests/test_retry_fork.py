@@ -18,6 +18,7 @@ from agentflow import (
     Next,
     Parallel,
     RetryPolicy,
+    Run,
     RunFailedError,
     RunNotFoundError,
     RunStatus,
@@ -417,3 +418,29 @@ async def test_fork_at_start_runs_again_from_the_top_with_the_same_input() -> No
         fork = await runner.fork(original.run_id, at=START)
         assert (await fork.result(timeout=5)).output == "hello ada"
     assert seen == ["ada", "ada"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_fork_after_a_step_that_ran_a_child_sees_the_state_that_step_set(kind, make_store) -> None:
+    seen: list[Ledger] = []
+
+    def child(ctx):
+        return Next(END, output=ctx.input["n"] * 10)
+
+    kid = Workflow("Kid").flow({START: child})
+
+    def spawn(ctx):
+        ctx.set_state(note="before the child", count=5)
+        return Run(kid, {"n": 4}, "After")
+
+    def after(ctx):
+        seen.append(ctx.state)
+        return Next(END, output=ctx.step_results[START])
+
+    wf = Workflow("Parent").state(Ledger).flow({START: spawn, "After": after})
+    async with WorkflowRunner(wf, store=make_store(kind)) as runner:
+        original = await runner.run()
+        assert (await original.result(timeout=10)).output == 40
+        fork = await runner.fork(original.run_id, at="After", state={"items": ["forked"]})
+        assert (await fork.result(timeout=10)).output == 40
+    assert seen[1] == Ledger(items=["forked"], note="before the child", count=5)

@@ -48,6 +48,7 @@ from ..errors import (
 from ..stores.contract import Commit, Lease, OutputRecord, RunRecord
 from ..types import FINAL, NO_USAGE, RunStatus, Usage
 from .context import Frame, validate_state
+from .history import state_delta
 from .run import LiveRun, StepError
 from .values import decode_output, encode_branch, run_output, validate_input
 
@@ -406,13 +407,15 @@ async def park_children(
     _new_children(run, refs, fields)
     if run.pause_requested:
         fields["control"] = "pause"
+    waiting: dict[str, Any] = {}
     if frame.state is not run.state:
+        waiting["state"] = state_delta(run.state, frame.state)  # what fork() replays
         run.state = frame.state
         fields["state"] = frame.state
     if journal:
         run.journal.update(journal)
     ids = [r["run_id"] for r in refs]
-    run.event("waiting", name, {"kind": "children", "count": len(ids), "children": ids[:20]})
+    run.event("waiting", name, {"kind": "children", "count": len(ids), "children": ids[:20], **waiting})
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, journal=dict(journal or {}), release=True))
     run.kernel.watch_deadlines()
@@ -531,7 +534,9 @@ async def _complete(
         **extra,
     }
     _new_children(run, refs, fields)
+    done: dict[str, Any] = {}
     if state is not run.state:
+        done["state"] = state_delta(run.state, state)  # what fork() replays
         run.state = fields["state"] = state
     if output is not None:
         outputs.append(OutputRecord(run.visit, name, output))
@@ -541,7 +546,9 @@ async def _complete(
     outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
     usage = run.step_usage
     run.step_usage = NO_USAGE
-    run.event("step_completed", name, {"usage": usage.to_json()} if usage.total_tokens else None)
+    if usage.total_tokens:
+        done["usage"] = usage.to_json()
+    run.event("step_completed", name, done or None)
     release = False
     if target == END:
         fields.update(status=RunStatus.COMPLETED, output=final, control=None)

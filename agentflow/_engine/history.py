@@ -3,7 +3,8 @@
 The record keeps only the latest state. So that a run can be forked at an earlier step,
 the ``step_completed`` event of a step that changed the state carries the top-level
 fields it changed (``data["state"]``; the state is merged shallowly, as ``set_state``
-does). Replaying those changes over the initial state gives the state the run had when
+does), and so does the ``waiting`` event of a step that parks on child runs before it
+completes. Replaying those changes over the initial state gives the state the run had when
 it reached any step, at the cost of the changed fields only: a step that leaves a big
 state alone writes nothing more, and one that changes a small field writes that field.
 
@@ -81,8 +82,8 @@ def reached(events: Sequence[RunEvent], step: str) -> Reached | None:
     found: Reached | None = None
     for ev in events:
         kind = ev.kind
-        if kind == "step_completed":
-            completed += 1
+        if kind == "step_completed" or kind == "waiting":
+            completed += kind == "step_completed"
             data = ev.data
             if isinstance(data, dict) and isinstance(data.get("state"), dict):
                 changes.update(data["state"])
