@@ -36,6 +36,7 @@ bench: $(VENV)/.installed redis-server
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_stores.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_approvals.py
 	$(BIN)/python benchmarks/bench_pool.py
 
 clean:

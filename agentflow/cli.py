@@ -4,6 +4,7 @@ Workflows are found by importing a module (``Steward.discover``); the store each
 comes from its own ``.persistence(...)``::
 
     agentflow runs myapp.flows --status waiting
+    agentflow approvals myapp.flows --approver ops-lead   # what waits for them, newest first
     agentflow show myapp.flows 4f0c...           # the pending gate, with its review context
     agentflow approve myapp.flows 4f0c... --by ops-lead --comment "ship it"
     agentflow approve myapp.flows 4f0c... --by ops-lead --approval ap_91c2...   # one of several
@@ -111,6 +112,26 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
                     when = info.updated_at.isoformat(timespec="seconds")
                     where = f"{info.workflow:<20} {info.status.value:<10} {info.step or '':<16}"
                     print(f"{info.run_id}  {where} {when}", file=out)
+        elif args.command == "approvals":
+            seen: set[str] = set()
+            for wf in steward.workflows():
+                page = await steward.runner(wf.name).approvals(
+                    approver=args.approver, workflow=wf.name, kind=args.kind, limit=args.limit
+                )
+                for a in page:
+                    if a.id in seen:
+                        continue
+                    seen.add(a.id)
+                    if args.json:
+                        print(json.dumps(a.to_json(), default=str), file=out)
+                        continue
+                    votes = f"{len(a.votes)}/{a.quorum}"
+                    who = ",".join(a.approvers)
+                    print(
+                        f"{a.id}  {a.workflow:<20} {a.run_id}  {a.step or '':<12} {votes:>5}  {who}", file=out
+                    )
+                    if a.prompt:
+                        print(f"    {a.prompt}", file=out)
         elif args.command == "show":
             _, handle = await _find(steward, args.run_id)
             print(json.dumps(_info_json(await handle.info()), indent=2, default=str), file=out)
@@ -163,6 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     command("describe", "the workflows' schemas, steps and Mermaid charts")
     runs = command("runs", "list runs")
     runs.add_argument("--status", choices=[s.value for s in RunStatus])
+    pending = command("approvals", "pending approvals, newest first")
+    pending.add_argument("--approver", help="only those this person may decide")
+    pending.add_argument("--kind", choices=["gate", "tool_call", "tool_outcome"])
+    pending.add_argument("--limit", type=int, default=100, help="at most this many per workflow")
+    pending.add_argument("--json", action="store_true", help="one Approval as JSON per line")
     command("show", "a run's status, pending gate (with its review context), decisions", run_id=True)
     for name, help in (("approve", "approve the gate a run waits at"), ("reject", "reject it")):
         p = command(name, help, run_id=True)

@@ -46,6 +46,14 @@ async def test_list_show_and_approve_with_an_edit(parked):
     [pending] = info["approvals"]
     assert pending["context"] == {"draft": "first draft"} and pending["prompt"] == "Publish?"
     assert info["pending"] == pending and pending["approvers"] == ["editor"]
+    listed = cli("approvals", "cli_flows", "--approver", "editor", "--json", db=db)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line) for line in listed.stdout.splitlines()] == [pending]
+    assert cli("approvals", "cli_flows", "--approver", "intruder", db=db).stdout == ""
+    table = cli("approvals", "cli_flows", db=db).stdout
+    assert pending["id"] in table and run_id in table and "0/1" in table and "Publish?" in table
+    wrong = cli("approve", "cli_flows", run_id, "--by", "editor", "--approval", "ap_nope", db=db)
+    assert wrong.returncode == 2 and "InvalidStateError" in wrong.stderr and "ap_nope" in wrong.stderr
     denied = cli("approve", "cli_flows", run_id, "--by", "intruder", db=db)
     assert denied.returncode == 2 and "NotAuthorizedError" in denied.stderr
     approved = cli("approve", "cli_flows", run_id, "--by", "editor", "--data", '{"text": "edited"}', db=db)

@@ -46,11 +46,26 @@ def test_build_and_deploy_example(tmp_path):
 def test_every_example_is_listed_here(name):
     assert name in {
         "build_and_deploy.py",
+        "change_review.py",
         "follow_up.py",
         "release_train.py",
         "resume_after_crash.py",
         "review_release_notes.py",
     }, f"examples/{name} has no test"
+
+
+def test_change_review_example(tmp_path):
+    out = _run(
+        [str(ROOT / "examples" / "change_review.py")], tmp_path, {"AGENTFLOW_DB": str(tmp_path / "c.db")}
+    )
+    assert "alice has 3 approvals waiting, in 2 pages:" in out and out.count("  ap_") == 3
+    assert "the form asks for: ['risk', 'window']" in out
+    assert "step 'Review': data for approval ap_" in out and "field 'risk'" in out
+    assert "billing: votes ['alice'] of 2" in out
+    assert "billing: applied tonight (risk 2, last by bob)" in out
+    assert "search: shelved (wait for the freeze to end)" in out
+    assert "auth: applied Sunday 06:00 (risk 4, last by carol)" in out
+    assert "pending approvals left: 0" in out
 
 
 def test_resume_after_crash_example(tmp_path):
