@@ -518,3 +518,13 @@ async def test_named_parallel_branches_mix_a_child_run_and_a_plain_branch(make_s
         await runner.approve("mix", by="qa")  # the one approval pending, a child's
         result = await handle.result(timeout=10)
     assert result.output == ["r1", "notes", "written"]
+
+
+def test_a_step_that_only_names_a_workflow_keeps_its_own_output_untyped():
+    def describe(ctx):
+        return Next(END, output={"child": build.name})
+
+    spec = Workflow("Names").flow({START: describe}).compile()
+    assert "Build" in spec.children  # it may run it...
+    assert START not in spec.output_types  # ...but its output is its own, not a BuildOut
+    assert release.compile().output_types[START] is BuildOut

@@ -104,18 +104,34 @@ def _referenced_steps(fn: Callable[..., Any], found: dict[str, type[BaseModel]],
         codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
 
 
-def _children_by_function(name: str, fn: Callable[..., Any]) -> list[tuple[str, set[Workflow]]]:
-    """``(label, workflows)`` for ``fn`` (labelled ``name``) and each function its code calls."""
-    out = [(name, set(referenced_workflows(fn)))]
+def _children_by_function(name: str, fn: Callable[..., Any]) -> list[tuple[str, set[Workflow], bool]]:
+    """``(label, workflows, runs)`` for ``fn`` (labelled ``name``) and each function its code calls.
+
+    ``runs``: the function's code names ``Run``, so what it returns may be a child run
+    (only then is a child's output model taken as its output type).
+    """
+    out = [(name, set(referenced_workflows(fn)), _names_run(fn))]
     code = getattr(fn, "__code__", None)
     scope = scope_of(fn)
     for ref in (*code.co_names, *code.co_freevars) if code is not None else ():
         obj = scope.get(ref)
         if isinstance(obj, StepFunction):
-            out.append((obj.name, set(referenced_workflows(obj.fn))))
+            out.append((obj.name, set(referenced_workflows(obj.fn)), _names_run(obj.fn)))
         elif isinstance(obj, types.FunctionType) and obj is not fn:
-            out.append((obj.__name__, set(referenced_workflows(obj))))
-    return [(label, kids) for label, kids in out if kids]
+            out.append((obj.__name__, set(referenced_workflows(obj)), _names_run(obj)))
+    return [entry for entry in out if entry[1]]
+
+
+def _names_run(fn: Callable[..., Any]) -> bool:
+    """True when ``fn``'s code (nested code included) refers to the name ``Run``."""
+    code = getattr(fn, "__code__", None)
+    codes = [code] if isinstance(code, types.CodeType) else []
+    while codes:
+        c = codes.pop()
+        if "Run" in c.co_names or "Run" in c.co_freevars:
+            return True
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return False
 
 
 class Workflow:
@@ -347,11 +363,11 @@ class Workflow:
         if self._main is not None:
             fns.append((self._main.name, self._main.fn))
         for name, fn in fns:
-            for label, kids in _children_by_function(name, fn):
+            for label, kids, runs in _children_by_function(name, fn):
                 for wf in kids:
                     add(wf)
                 models = {wf._output for wf in kids}
-                if len(models) == 1 and None not in models and (self._main is None or label != name):
+                if runs and len(models) == 1 and None not in models and (self._main is None or label != name):
                     model = next(iter(models))
                     assert model is not None
                     output_types.setdefault(label, model)
