@@ -63,10 +63,15 @@ class Run:
                 )
 
 
-def _is_workflow(obj: Any) -> bool:
-    from .workflow import Workflow
+_WORKFLOW: list[type] = []  # the Workflow class, imported on first use (it imports this module)
 
-    return isinstance(obj, Workflow)
+
+def _is_workflow(obj: Any) -> bool:
+    if not _WORKFLOW:
+        from .workflow import Workflow
+
+        _WORKFLOW.append(Workflow)
+    return isinstance(obj, _WORKFLOW[0])
 
 
 def scope_of(fn: Callable[..., Any]) -> dict[str, Any]:
