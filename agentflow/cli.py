@@ -158,6 +158,26 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
                         f"(agentflow recover {args.module})",
                         file=out,
                     )
+        elif args.command in ("retry", "fork"):
+            runner, _ = await _find(steward, args.run_id)
+            if args.command == "retry":
+                handle = await runner.retry(args.run_id)
+            else:
+                state = json.loads(args.state) if args.state else None
+                handle = await runner.fork(args.run_id, at=args.at, state=state, run_id=args.new_run_id)
+                print(f"forked run {args.run_id} at step {args.at!r} as run {handle.run_id}", file=out)
+            if not args.follow:
+                # This process exits now and releases the run: it is not advancing.
+                print(
+                    f"run {handle.run_id} waits for a worker to go on (agentflow recover {args.module})",
+                    file=out,
+                )
+                return 0
+            info = await _follow(handle, out)
+            print(f"run {info.run_id} is {info.status.value}", file=out)
+            if info.error:
+                print(f"failed at step {info.error.get('step')!r}: {info.error.get('message')}", file=out)
+            return 1 if info.status.value in ("failed", "rejected", "expired") else 0
         elif args.command == "recover":
             for wf in steward.workflows():
                 runner = steward.runner(wf.name)
@@ -199,6 +219,15 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="JSON: the reviewer's edit of the reviewed content")
         else:
             p.add_argument("--reason")
+        p.add_argument(
+            "--no-follow", dest="follow", action="store_false", help="return without following the run"
+        )
+    retry = command("retry", "continue a failed run at its failing step, and follow it", run_id=True)
+    fork = command("fork", "start a new run from where a run reached a step, and follow it", run_id=True)
+    fork.add_argument("--at", required=True, help="the step the new run starts at")
+    fork.add_argument("--state", help="JSON: state fields merged into the state the run had there")
+    fork.add_argument("--run-id", dest="new_run_id", help="the new run's id (default: a fresh one)")
+    for p in (retry, fork):
         p.add_argument(
             "--no-follow", dest="follow", action="store_false", help="return without following the run"
         )

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from cli_flows import review
 
-from agentflow import WorkflowRunner
+from agentflow import RunFailedError, WorkflowRunner
 
 HERE = Path(__file__).parent
 
 
-def cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CLI_DB": str(db), "PYTHONPATH": str(HERE)}
+def cli(*args: str, db: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLI_DB": str(db), "PYTHONPATH": str(HERE), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "agentflow.cli", *args], capture_output=True, text=True, env=env, timeout=60
     )
@@ -90,3 +90,32 @@ async def test_approve_without_following_says_the_run_waits_for_a_worker(parked)
     assert out.returncode == 0, out.stderr
     assert f"run {run_id} " in out.stdout
     assert "waits for a worker" in out.stdout or "is completed" in out.stdout
+
+
+async def test_retry_and_fork_from_the_command_line(tmp_path, monkeypatch) -> None:
+    from cli_retry_flows import flaky
+
+    db, fixed = tmp_path / "cli.db", tmp_path / "fixed"
+    monkeypatch.setenv("CLI_FIXED", str(fixed))
+    async with WorkflowRunner(flaky.persistence(store="sqlite", path=str(db))) as runner:
+        handle = await runner.run()
+        with pytest.raises(RunFailedError):
+            await handle.result(timeout=5)
+    still = cli("retry", "cli_retry_flows", handle.run_id, db=db, env={"CLI_FIXED": str(fixed)})
+    assert still.returncode == 1, still.stderr
+    assert f"run {handle.run_id} is failed" in still.stdout and "the registry is down" in still.stdout
+    fixed.write_text("")
+    retried = cli("retry", "cli_retry_flows", handle.run_id, db=db, env={"CLI_FIXED": str(fixed)})
+    assert retried.returncode == 0, retried.stderr
+    assert "resumed" in retried.stdout and f"run {handle.run_id} is completed" in retried.stdout
+    forked = cli(
+        "fork", "cli_retry_flows", handle.run_id, "--at", "Publish", "--state", '{"note": "again"}',
+        "--run-id", "forked-1", db=db, env={"CLI_FIXED": str(fixed)},
+    )  # fmt: skip
+    assert forked.returncode == 0, forked.stderr
+    assert f"forked run {handle.run_id} at step 'Publish' as run forked-1" in forked.stdout
+    assert "run forked-1 is completed" in forked.stdout
+    async with WorkflowRunner(flaky.persistence(store="sqlite", path=str(db))) as runner:
+        assert (await (await runner.attach("forked-1")).result(timeout=5)).output == "published (again)"
+    bad = cli("fork", "cli_retry_flows", handle.run_id, "--at", "Nope", db=db, env={"CLI_FIXED": str(fixed)})
+    assert bad.returncode == 2 and "UnknownStepError" in bad.stderr and "'Nope'" in bad.stderr
