@@ -106,10 +106,13 @@ async def _finish_failed(run: LiveRun, err: StepError) -> None:
 async def _finish_stopped(run: LiveRun) -> None:
     run.status = RunStatus.STOPPED
     run.event("stopped", run.step)
+    fields: dict[str, object] = {"status": RunStatus.STOPPED, "control": None}
+    if run.spawned:
+        # Children the step started before it was stopped: recorded, so the stop reaches them.
+        run.children = fields["children"] = (*run.children, *run.spawned)
+        run.spawned = []
     try:
-        await asyncio.shield(
-            run.commit(Commit(fields={"status": RunStatus.STOPPED, "control": None}, release=True))
-        )
+        await asyncio.shield(run.commit(Commit(fields=fields, release=True)))
     except (StoreError, asyncio.CancelledError) as exc:
         # The stopper sees the run is not final and finishes the stop through the store.
         log.warning("run %s: could not record its stop here: %s", run.run_id, exc)

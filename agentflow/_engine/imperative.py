@@ -270,6 +270,7 @@ class ImperativeContext(StepContext[Any, Any]):
             entry["value"] = outcome.value
         else:
             entry["error"] = outcome.to_json()
+        run.spawned = []
         if outcome.run_id not in run.children:
             run.children = extra["children"] = (*run.children, outcome.run_id)
         await self._record(key, entry, workflow.name, outcome.value, extra)

@@ -111,6 +111,7 @@ class LiveRun:
         "results",
         "results_view",
         "run_id",
+        "spawned",
         "spec",
         "started",
         "state",
@@ -155,6 +156,7 @@ class LiveRun:
         self.watchers: list[asyncio.Future[None]] = []
         self.parent: dict[str, Any] | None = None  # for a child run: RunRecord.parent
         self.children: tuple[str, ...] = ()  # every child run started, as stored
+        self.spawned: list[str] = []  # child runs started since, not stored with the run yet
         # The pending of a wait on children that ended: the step to finish first.
         self.resolving: dict[str, Any] | None = None
 
