@@ -528,3 +528,28 @@ def test_a_step_that_only_names_a_workflow_keeps_its_own_output_untyped():
     assert "Build" in spec.children  # it may run it...
     assert START not in spec.output_types  # ...but its output is its own, not a BuildOut
     assert release.compile().output_types[START] is BuildOut
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_parent_whose_child_ended_where_nobody_could_resume_it_goes_on_at_its_check_back(
+    make_store, kind, monkeypatch
+):
+    import agentflow._engine.compose as compose
+
+    monkeypatch.setattr(compose, "CHECK_BACK", 0.3)
+    parent = Workflow("CheckBack").flow(
+        {START: lambda ctx: Run(gated, {"version": "cb"}, "After"), "After": lambda ctx: END}
+    )
+    async with (
+        WorkflowRunner(parent, store=make_store(kind)) as a,
+        WorkflowRunner(gated, store=make_store(kind)) as b,  # serves the child's workflow only
+    ):
+        handle = await a.run(run_id="cb")
+        await wait_status(handle, RunStatus.WAITING)
+        child = await a.attach("cb/__start__.1")
+        await wait_status(child, RunStatus.WAITING)
+        await b.approve(child.run_id, by="qa")  # the child ends in b, which cannot resume a "CheckBack"
+        await wait_status(child, RunStatus.COMPLETED)
+        # Nothing in a saw the child end: a's timer sweep finds the parent at its check-back
+        # deadline, sees its child ended, and resumes it.
+        await wait_status(handle, RunStatus.COMPLETED, timeout=10)
