@@ -4,7 +4,9 @@ When a child run ends in this process (it finished here, or a decision, a timeou
 stop ended it here), its parent is checked: if every child of the parent's wait has
 ended, the parent is moved back to running through one atomic update judged on its
 record (:func:`agentflow._engine.compose.ended`), so of two processes that both see the
-last child end only one resumes it. A parent whose last child ended in a process that
+last child end only one resumes it. A process that does not serve the parent's workflow
+(a worker of the child's workflow alone) makes the parent's check-back due now instead,
+so the processes that serve it resume it at their next timer sweep. A parent whose last child ended in a process that
 died before it could do this is found by its check-back deadline (the timer sweep calls
 :meth:`ChildWatch.check` with ``rearm``) or by ``recover()``.
 
@@ -149,7 +151,10 @@ class ChildWatch:
         try:
             sup = root.of(workflow)
         except KeyError:
-            return False  # not served here: the parent's own processes resume it
+            # Not served here: bring its check-back forward, so the sweepers of the
+            # processes that serve it resume it now.
+            await self._rearm(parent_id, pending, at_once=True)
+            return False
         step, visit = pending["step"], pending["visit"]
         rec = await sup.transition(parent_id, lambda r, now: ended(r, step, visit))
         again = _waiting_on_children(rec)
@@ -157,14 +162,18 @@ class ChildWatch:
             return await self.check(parent_id)  # it moved on and waits on other children now
         return rec.status != RunStatus.WAITING
 
-    async def _rearm(self, parent_id: str, pending: dict[str, Any]) -> None:
+    async def _rearm(self, parent_id: str, pending: dict[str, Any], at_once: bool = False) -> None:
+        """Set the parent's next check-back deadline (backing off), or make it due now."""
         step, visit = pending["step"], pending["visit"]
 
         def later(r: RunRecord, now: float) -> Change | None:
             p = _waiting_on_children(r)
             if p is None or (p.get("step"), p.get("visit")) != (step, visit):
                 return None
-            wait = min(CHECK_BACK_MAX, max(CHECK_BACK, (now - float(p.get("since") or now)) / 2))
+            if at_once:
+                wait = 0.0
+            else:
+                wait = min(CHECK_BACK_MAX, max(CHECK_BACK, (now - float(p.get("since") or now)) / 2))
             return Change(dataclasses.replace(r, pending={**p, "deadline": now + wait}))
 
         await self._root.update(parent_id, later)
