@@ -22,7 +22,17 @@ from agentflow.stores import Change, MemoryStore, SqliteStore, open_store
 from agentflow.stores.contract import Commit, OutputRecord, RunRecord
 from agentflow.stores.redis import RedisStore
 from agentflow.stores.redis_wire import pack
-from agentflow.testing.store_conformance import State, acquire, event, expire, record, started, store_now
+from agentflow.testing.store_conformance import (
+    State,
+    acquire,
+    approval,
+    event,
+    expire,
+    gate_pending,
+    record,
+    started,
+    store_now,
+)
 from agentflow.types import RunStatus
 
 
@@ -624,8 +634,6 @@ async def test_open_store_builds_each_kind(redis_url: str, tmp_path: Path) -> No
 
 
 async def test_stale_approval_entries_are_never_listed_and_are_dropped(redis_url: str) -> None:
-    from agentflow.testing._store_approvals import approval, gate_pending
-
     store = RedisStore(redis_url)
     try:
         live, lost = approval("r1", created_at=1001.0), approval("r2", created_at=1002.0)

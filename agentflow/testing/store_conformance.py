@@ -29,8 +29,8 @@ field, raw)``: overwrite one stored record field with ``raw``, the JSON text the
 should now hold (a store that keeps scalars natively stores the decoded value).
 
 The suite compares values in their JSON form and assumes the store's clock is this
-machine's within a minute. The builders below (``record``, ``event``, ``started``, ...)
-are there for a store's own further tests.
+machine's within a minute. The builders below (``record``, ``event``, ``started``,
+``approval``, ``gate_pending``, ...) are there for a store's own further tests.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import pytest
 from ..errors import CorruptRecordError, LeaseLostError
 from ..stores.contract import Commit, OutputRecord, Store
 from ..types import RunStatus
-from ._store_approvals import ApprovalConformance
+from ._store_approvals import ApprovalConformance, approval, gate_pending
 from ._store_reads import ReadConformance
 from ._store_writes import WriteConformance
 from .store_builders import (
@@ -68,9 +68,11 @@ __all__ = [
     "StoreConformance",
     "StoreFactory",
     "acquire",
+    "approval",
     "as_json",
     "event",
     "expire",
+    "gate_pending",
     "is_plain_json",
     "record",
     "same_record",
