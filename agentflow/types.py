@@ -174,7 +174,7 @@ def _when(value: Any) -> datetime | None:
 
 @dataclass(frozen=True, slots=True)
 class Approval:
-    """A decision a run waits for: at a gate, or (issue 10) on a tool call or its unknown outcome.
+    """A decision a run waits for: at a gate, on a tool call, or on a tool call's unknown outcome.
 
     Attributes:
         id: globally unique, and the same after a crash and a re-park (it is derived
