@@ -6,21 +6,18 @@ JSON-able is refused, as SQLite and Redis refuse it, before anything is written)
 decoded when it goes out, so a run sees the same plain JSON data whether it lives here
 or was reloaded from a durable store, and no caller can change a stored value in place.
 
-Listing reads indexes: per workflow and status, sorted lists of ``(created_at,
-run_id)``, so ``list_runs`` costs the page it returns and ``recoverable`` and
-``due_gates`` look at running and waiting runs only. Pending approvals are kept in
-sorted lists of ``(created_at, id)`` (all, per workflow, per kind, per approver),
-updated whenever a run's ``pending`` or status changes.
+Listing reads indexes (:mod:`agentflow.stores.memory_index`): per workflow and status,
+so ``list_runs`` costs the page it returns and ``recoverable`` and ``due_gates`` look at
+running and waiting runs only; pending approvals per workflow, kind and approver.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from bisect import bisect_left, insort
-from collections import OrderedDict
+from bisect import bisect_left
 from collections.abc import Collection, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import pydantic_core
 
@@ -28,8 +25,6 @@ from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from .codec import (
     RECORD_FIELDS,
-    approval_rank,
-    approvers_of,
     check_commit_fields,
     check_record,
     deadline_of,
@@ -49,8 +44,8 @@ from .contract import (
     OutputRecord,
     RunRecord,
     Store,
-    indexed_approvals,
 )
+from .memory_index import ApprovalIndex, RunIndex, SortKey
 
 __all__ = ["MemoryStore"]
 
@@ -64,22 +59,6 @@ _LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in _JSON and name not
 _NULL = b"null"
 
 _INF = float("inf")
-
-_IndexKey = tuple[str | None, RunStatus | None]
-_SortKey = tuple[float, str]
-# The approval lists: ("", "") all, ("wf", name), ("kind", kind), ("by", approver).
-_ApprovalKey = tuple[str, str]
-_GONE = 100_000  # decided approvals whose place a page may still start after
-
-
-class _Approval(NamedTuple):
-    rank: _SortKey
-    body: bytes
-    run_id: str
-    workflow: str
-    kind: str
-    keys: tuple[_ApprovalKey, ...]
-
 
 # A stored event: its JSON, or the event itself when it carries no data (its str and
 # float parts are immutable JSON as they are).
@@ -145,7 +124,7 @@ class _Run:
         self.approvals: tuple[str, ...] = ()  # ids of its approvals in the store's lists
 
     @property
-    def sort_key(self) -> _SortKey:
+    def sort_key(self) -> SortKey:
         return (self.fields["created_at"], self.fields["run_id"])
 
 
@@ -172,18 +151,6 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
     return fields
 
 
-_INDEX_KEYS: dict[tuple[str, RunStatus], tuple[_IndexKey, ...]] = {}
-
-
-def _index_keys(workflow: str, status: RunStatus) -> tuple[_IndexKey, ...]:
-    keys = _INDEX_KEYS.get((workflow, status))
-    if keys is None:
-        keys = ((None, None), (workflow, None), (None, status), (workflow, status))
-        if len(_INDEX_KEYS) < 10_000:  # workflows x statuses: small, unless names are made up
-            _INDEX_KEYS[(workflow, status)] = keys
-    return keys
-
-
 class MemoryStore:
     """Keeps runs in dicts. Every operation completes without yielding, so each is atomic.
 
@@ -197,11 +164,9 @@ class MemoryStore:
     def __init__(self, ttl: float | None = None) -> None:
         self.ttl = ttl
         self._runs: dict[str, _Run] = {}
-        self._index: dict[_IndexKey, list[_SortKey]] = {}
+        self._index = RunIndex()
         self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
-        self._approvals: dict[str, _Approval] = {}
-        self._approval_index: dict[_ApprovalKey, list[_SortKey]] = {}
-        self._gone: OrderedDict[str, _SortKey] = OrderedDict()
+        self._approvals = ApprovalIndex()
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -218,55 +183,18 @@ class MemoryStore:
         run = self._runs.pop(run_id, None)
         if run is None:
             return False
-        self._unindex(run.sort_key, _index_keys(run.fields["workflow"], run.fields["status"]))
+        fields = run.fields
+        self._index.remove(run.sort_key, fields["workflow"], fields["status"])
         for approval_id in run.approvals:
-            self._unfile_approval(approval_id)
+            self._approvals.unfile(approval_id)
         return True
 
     def _file_approvals(self, run_id: str, run: _Run) -> None:
         """Keep the store's approval lists in step with the run's ``pending`` and status."""
         fields = run.fields
-        found: list[dict[str, Any]] = []
-        if fields["status"] == RunStatus.WAITING:
-            pending = fields["pending"]
-            rec = RunRecord(
-                run_id,
-                fields["workflow"],
-                RunStatus.WAITING,
-                None,
-                pending=decode(run_id, "pending", pending),
-            )
-            found = indexed_approvals(rec)
-        ids = tuple(a["id"] for a in found)
-        for approval_id in run.approvals:
-            old = self._approvals.get(approval_id)
-            if old is not None and self._unfile_approval(approval_id) and approval_id not in ids:
-                # Decided: a page may still start after it.
-                self._gone[approval_id] = old.rank
-                if len(self._gone) > _GONE:
-                    self._gone.popitem(last=False)
-        for a in found:
-            rank = approval_rank(a)
-            kind = str(a.get("kind") or "gate")
-            keys: tuple[_ApprovalKey, ...] = (("", ""), ("wf", fields["workflow"]), ("kind", kind))
-            keys += tuple(("by", name) for name in approvers_of(a))
-            body = encode(run_id, "pending", a)
-            self._approvals[a["id"]] = _Approval(rank, body, run_id, fields["workflow"], kind, keys)
-            self._gone.pop(a["id"], None)
-            for key in keys:
-                insort(self._approval_index.setdefault(key, []), rank)
-        run.approvals = ids
-
-    def _unfile_approval(self, approval_id: str) -> bool:
-        found = self._approvals.pop(approval_id, None)
-        if found is None:
-            return False
-        for key in found.keys:
-            entries = self._approval_index[key]
-            del entries[bisect_left(entries, found.rank)]
-            if not entries:
-                del self._approval_index[key]
-        return True
+        run.approvals = self._approvals.file(
+            run_id, fields["workflow"], fields["status"], fields["pending"], run.approvals
+        )
 
     def _purge(self) -> None:
         """Drop the finished runs whose ttl ran out."""
@@ -281,28 +209,6 @@ class MemoryStore:
         if self.ttl is not None and run.fields["status"] in FINAL:
             run.expires = now + self.ttl
             heapq.heappush(self._expiring, (run.expires, run_id))
-
-    def _unindex(self, key: _SortKey, index_keys: Sequence[_IndexKey]) -> None:
-        for index_key in index_keys:
-            entries = self._index[index_key]
-            del entries[bisect_left(entries, key)]
-            if not entries:
-                del self._index[index_key]
-
-    def _reindex(self, run: _Run, old: dict[str, Any]) -> None:
-        """Move ``run`` between indexes after its workflow, status or creation time changed."""
-        new = run.fields
-        old_key, new_key = (old["created_at"], old["run_id"]), run.sort_key
-        old_keys = _index_keys(old["workflow"], old["status"])
-        new_keys = _index_keys(new["workflow"], new["status"])
-        if old_key == new_key:
-            old_keys, new_keys = (
-                tuple(k for k in old_keys if k not in new_keys),
-                tuple(k for k in new_keys if k not in old_keys),
-            )
-        self._unindex(old_key, old_keys)
-        for index_key in new_keys:
-            insort(self._index.setdefault(index_key, []), new_key)
 
     @staticmethod
     def _record(run: _Run, light: bool = False) -> RunRecord:
@@ -335,8 +241,7 @@ class MemoryStore:
         fields["event_count"] += len(bodies)
         run = self._runs[run_id] = _Run(fields, bodies)
         run.deadline = deadline_of(record.pending)
-        for index_key in _index_keys(fields["workflow"], fields["status"]):
-            insort(self._index.setdefault(index_key, []), run.sort_key)
+        self._index.add(run.sort_key, fields["workflow"], fields["status"])
         if fields["status"] == RunStatus.WAITING:
             self._file_approvals(run_id, run)
         self._set_expiry(run_id, run, time.time())
@@ -446,7 +351,7 @@ class MemoryStore:
         if "pending" in sets or (old is not None and (run.approvals or status == RunStatus.WAITING)):
             self._file_approvals(run_id, run)
         if old is not None:
-            self._reindex(run, old)
+            self._index.move(old, run.fields)
             self._set_expiry(run_id, run, now)
         control = rec["control"]
         return control
@@ -500,7 +405,7 @@ class MemoryStore:
             old["workflow"],
             old["created_at"],
         ):
-            self._reindex(run, old)
+            self._index.move(old, run.fields)
         self._set_expiry(run_id, run, now)
         return self._record(run)
 
@@ -525,7 +430,7 @@ class MemoryStore:
         """
         if self.ttl is not None:
             self._purge()
-        entries = self._index.get((workflow, None if status is None else RunStatus(status)))
+        entries = self._index.get(workflow, None if status is None else RunStatus(status))
         if not entries or limit <= 0:
             return []
         end = len(entries)
@@ -544,7 +449,7 @@ class MemoryStore:
         now = time.time()
         runs = self._runs
         expired = []
-        for _, run_id in self._index.get((workflow, RunStatus.RUNNING), ()):
+        for _, run_id in self._index.get(workflow, RunStatus.RUNNING):
             expires = runs[run_id].fields["lease_expires"]
             if expires <= now:
                 expired.append((expires, run_id))
@@ -560,49 +465,18 @@ class MemoryStore:
     ) -> list[dict[str, Any]]:
         """Pending approvals, newest first (``created_at``, then ``id``, descending), at most ``limit``.
 
-        Reads the list of the most selective filter (approver, then workflow, then
-        kind) and checks the others on the way.
-
         Raises:
             StoreError: ``after`` is not an approval of a stored run.
         """
         if self.ttl is not None:
             self._purge()
-        if limit <= 0:
-            return []
-        if approver is not None:
-            key: _ApprovalKey = ("by", approver)
-        elif workflow is not None:
-            key = ("wf", workflow)
-        elif kind is not None:
-            key = ("kind", kind)
-        else:
-            key = ("", "")
-        entries = self._approval_index.get(key, [])
-        end = len(entries)
-        if after is not None:
-            known = self._approvals.get(after)
-            rank = known.rank if known is not None else self._gone.get(after)
-            if rank is None:
-                raise StoreError(
-                    f"approvals(after={after!r}): approval {after} is not stored (its run was deleted "
-                    "since the previous page); list again from the first page"
-                )
-            end = bisect_left(entries, rank)
-        out: list[dict[str, Any]] = []
-        for i in range(end - 1, -1, -1):
-            found = self._approvals[entries[i][1]]
-            if (workflow is None or found.workflow == workflow) and (kind is None or found.kind == kind):
-                out.append(decode(found.run_id, "pending", found.body))
-                if len(out) == limit:
-                    break
-        return out
+        return self._approvals.page(approver, workflow, kind, limit, after)
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:
         """Ids of ``workflow``'s waiting runs whose gate deadline is at or before ``now``."""
         runs = self._runs
         due = []
-        for _, run_id in self._index.get((workflow, RunStatus.WAITING), ()):
+        for _, run_id in self._index.get(workflow, RunStatus.WAITING):
             run = runs[run_id]
             if run.deadline is not None and run.deadline <= now:
                 due.append(run_id)
@@ -622,5 +496,3 @@ class MemoryStore:
         self._index.clear()
         self._expiring.clear()
         self._approvals.clear()
-        self._approval_index.clear()
-        self._gone.clear()
