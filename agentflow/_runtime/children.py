@@ -6,9 +6,10 @@ ended, the parent is moved back to running through one atomic update judged on i
 record (:func:`agentflow._engine.compose.ended`), so of two processes that both see the
 last child end only one resumes it. A process that does not serve the parent's workflow
 (a worker of the child's workflow alone) makes the parent's check-back due now instead,
-so the processes that serve it resume it at their next timer sweep. A parent whose last child ended in a process that
-died before it could do this is found by its check-back deadline (the timer sweep calls
-:meth:`ChildWatch.check` with ``rearm``) or by ``recover()``.
+so the processes that serve it resume it at their next timer sweep. A parent whose
+last child ended in a process that died before it could do this is found by its
+check-back deadline (the timer sweep calls :meth:`ChildWatch.check` with ``rearm``)
+or by ``recover()``.
 
 A check is cheap in the common case (the children run here): it walks the parent's
 children from where the last check stopped, and stops at the first that is still
