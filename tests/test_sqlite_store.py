@@ -21,7 +21,7 @@ import pytest
 from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from agentflow.stores import SqliteStore, open_store
 from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, approval_id
-from agentflow.stores.sqlite_rows import page_of_approvals
+from agentflow.stores.sqlite_index import page_of_approvals
 from agentflow.testing.store_builders import acquire
 from agentflow.types import RunEvent, RunStatus
 

@@ -1,32 +1,16 @@
 """SQLite store: one file, durable, shared safely by the processes of one machine.
 
-Layout: see :mod:`agentflow.stores.sqlite_schema` (tables) and :mod:`agentflow.stores.sqlite_rows`
-(statements, rows). A run's small fields live in one hot
-row, with input, state and output when their JSON is short; longer ones live in a table
-of their own and are written only when a commit or update changes them, so a step costs
-a few pages however big the state is. ``key_prefix`` is a *column namespace*: every row
-carries it in ``ns`` and every query filters on it, so several prefixes share one file
-without building table names from user text.
+Layout: see :mod:`agentflow.stores.sqlite_schema` (tables), :mod:`agentflow.stores.sqlite_rows`
+(statements, rows) and :mod:`agentflow.stores.sqlite_index` (listings, approvals). A
+run's small fields live in one hot row, with input, state and output when their JSON is
+short; longer ones live in a table of their own and are written only when a commit or
+update changes them, so a step costs a few pages however big the state is.
+``key_prefix`` is a *column namespace*: every row carries it in ``ns`` and every query
+filters on it, so several prefixes share one file without building table names from
+user text.
 
-Where calls run. A call first runs on the caller's thread (the event loop's), on a
-connection that never waits: its ``busy_timeout`` is 0, so when another connection
-(another process, or this store's own thread) holds the write lock, SQLite answers
-SQLITE_BUSY at once, the call's transaction has written nothing, and the call is handed
-to the store's thread, which owns a second connection that waits for the lock
-(``busy_timeout``) while the loop goes on. Reads never wait for writers in WAL mode, so
-they stay on the loop, and so do writes that flush nothing to the disk: at
-``durability="normal"`` every write, at ``"full"`` lease renewals. What may take long
-goes to the thread from the start: every other write at ``"full"`` (a commit flushes
-the disk there, a tenth of a millisecond on an idle SSD but milliseconds on a busy
-one), deletes (as long as the run is big), and the purge of expired runs. Checkpoints
-flush the disk too, so the loop's connection never runs one: after about a thousand
-pages written on it, it asks the thread for one, and sends its writes there until that
-checkpoint is done, so that the checkpoint takes the write lock at once and the WAL
-starts over after it (a checkpoint racing a writer that never pauses cannot finish,
-and the WAL would only grow). Only the thread of the first call has a loop connection;
-calls from other threads (another event loop) go to the store's thread. ``sibling()``
-gives a second store (thread and connections) on the same file, so lease renewals do
-not queue behind a slow call.
+Where calls run (on the event loop's thread, or on the store's own): see
+:mod:`agentflow.stores.sqlite_calls`.
 
 One operation is one transaction: a commit's fence check and hot-row write (one
 ``UPDATE ... RETURNING``) with its appended rows, an update's read, ``change`` and
@@ -70,6 +54,7 @@ from typing import Any, TypeVar
 
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from ..types import RunEvent, RunStatus
+from . import sqlite_index as sqlindex
 from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
 from .codec import (
@@ -168,7 +153,7 @@ class SqliteStore(TwoConnections):
                 sqlrows.place(run_id, name, value, columns, big)
         bodies = [encode_event(run_id, e).decode() for e in events]
         deadline, status = deadline_of(record.pending), hot[_STATUS_AT]
-        approvals = sqlrows.approval_rows(run_id, record.workflow, status, record.pending)
+        approvals = sqlindex.approval_rows(run_id, record.workflow, status, record.pending)
 
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
@@ -183,7 +168,7 @@ class SqliteStore(TwoConnections):
                     sqlrows.insert_run(db, ns, hot, deadline, self._expires(status, now), columns)
                 sqlrows.insert_rows(db, ns, run_id, 1, bodies, big)
                 if approvals:
-                    sqlrows.file_approvals(db, ns, run_id, approvals)
+                    sqlindex.file_approvals(db, ns, run_id, approvals)
             return True
 
         inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread
@@ -266,9 +251,9 @@ class SqliteStore(TwoConnections):
         pending = commit.fields.get("pending")
 
         def approvals(db: sqlite3.Connection) -> None:
-            workflow, now_status = db.execute(sqlrows.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
-            rows = sqlrows.approval_rows(run_id, str(workflow), now_status, pending)
-            sqlrows.file_approvals(db, ns, run_id, rows)
+            workflow, now_status = db.execute(sqlindex.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
+            rows = sqlindex.approval_rows(run_id, str(workflow), now_status, pending)
+            sqlindex.file_approvals(db, ns, run_id, rows)
 
         # One statement checks the fence and writes the hot row. A new status must differ
         # from the stored one (an unchanged status would rewrite the status indexes for
@@ -405,10 +390,10 @@ class SqliteStore(TwoConnections):
                     sqlrows.delete_values(db, self.key_prefix, run_id, inline)
                 sqlrows.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
                 if "pending" in sets or "status" in sets:
-                    rows = sqlrows.approval_rows(
+                    rows = sqlindex.approval_rows(
                         run_id, rec.workflow, RunStatus(rec.status).value, rec.pending
                     )
-                    sqlrows.file_approvals(db, self.key_prefix, run_id, rows)
+                    sqlindex.file_approvals(db, self.key_prefix, run_id, rows)
             if db is self._inline:
                 self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec
@@ -439,26 +424,11 @@ class SqliteStore(TwoConnections):
         Raises:
             StoreError: ``after`` names a run that is not stored (deleted since).
         """
-        where, params = f"ns = ? AND {sqlrows.LIVE}", [self.key_prefix, time.time()]
-        if workflow is not None:
-            where, params = where + " AND workflow = ?", [*params, workflow]
-        if status is not None:
-            where, params = where + " AND status = ?", [*params, RunStatus(status).value]
+
+        status = None if status is None else RunStatus(status)
 
         def job(db: sqlite3.Connection) -> list[RunRecord]:
-            if after is not None:
-                cursor = db.execute(sqlrows.SELECT_CURSOR, (self.key_prefix, after)).fetchone()
-                if cursor is None:
-                    raise StoreError(
-                        f"list_runs(after={after!r}): run {after} is not stored (deleted since the previous "
-                        "page); list again from the first page"
-                    )
-                bound, page = " AND (created_at, id) < (?, ?)", [*params, *cursor, limit]
-            else:
-                bound, page = "", [*params, limit]
-            order = "ORDER BY created_at DESC, id DESC LIMIT ?"
-            rows = db.execute(f"{sqlrows.SELECT_LIGHT} WHERE {where}{bound} {order}", page).fetchall()
-            return [sqlrows.listed(row) for row in rows]
+            return sqlindex.list_runs(db, self.key_prefix, time.time(), workflow, status, limit, after)
 
         return await self._call("list_runs", after, job)
 
@@ -466,11 +436,7 @@ class SqliteStore(TwoConnections):
         """Ids of ``workflow``'s running runs whose lease ran out by this machine's clock."""
 
         def job(db: sqlite3.Connection) -> list[str]:
-            now = time.time()
-            rows = db.execute(
-                sqlrows.SELECT_RECOVERABLE, (self.key_prefix, workflow, now, now, limit)
-            ).fetchall()
-            return [str(run_id) for (run_id,) in rows]
+            return sqlindex.recoverable(db, self.key_prefix, workflow, time.time(), limit)
 
         return await self._call("recoverable", None, job)
 
@@ -489,26 +455,9 @@ class SqliteStore(TwoConnections):
         """
         if limit <= 0:
             return []
-        ns = self.key_prefix
 
         def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            params: list[Any] = [ns]
-            if approver is not None:
-                params.append(approver)
-            params += [v for v in (workflow, kind) if v is not None]
-            if after is not None:
-                cursor = db.execute(sqlrows.SELECT_APPROVAL_CURSOR, (ns, after)).fetchone()
-                if cursor is None:
-                    raise StoreError(
-                        f"approvals(after={after!r}): approval {after} is not stored (its run was deleted "
-                        "since the previous page); list again from the first page"
-                    )
-                params += cursor
-            query = sqlrows.page_of_approvals(
-                approver is not None, workflow is not None, kind is not None, after is not None
-            )
-            rows = db.execute(query, [*params, limit]).fetchall()
-            return [decode("", f"{sql.APPROVALS}.body", body) for (body,) in rows]
+            return sqlindex.list_approvals(db, self.key_prefix, approver, workflow, kind, limit, after)
 
         return await self._call("approvals", after, job)
 
@@ -516,8 +465,7 @@ class SqliteStore(TwoConnections):
         """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
 
         def job(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute(sqlrows.SELECT_DUE, (self.key_prefix, workflow, now, time.time())).fetchall()
-            return [str(run_id) for (run_id,) in rows]
+            return sqlindex.due_gates(db, self.key_prefix, workflow, now, time.time())
 
         return await self._call("due_gates", None, job)
 

@@ -1,8 +1,27 @@
 """Where the SQLite store's calls run: inline on a connection that never waits, else on its thread.
 
-See :mod:`agentflow.stores.sqlite` for why. This module holds the machinery: the loop's
-connection (one per thread and fork), the store's thread fed by a queue (one wake-up
-each way per call), and the checkpoints it runs.
+A call first runs on the caller's thread (the event loop's), on a
+connection that never waits: its ``busy_timeout`` is 0, so when another connection
+(another process, or this store's own thread) holds the write lock, SQLite answers
+SQLITE_BUSY at once, the call's transaction has written nothing, and the call is handed
+to the store's thread, which owns a second connection that waits for the lock
+(``busy_timeout``) while the loop goes on. Reads never wait for writers in WAL mode, so
+they stay on the loop, and so do writes that flush nothing to the disk: at
+``durability="normal"`` every write, at ``"full"`` lease renewals. What may take long
+goes to the thread from the start: every other write at ``"full"`` (a commit flushes
+the disk there, a tenth of a millisecond on an idle SSD but milliseconds on a busy
+one), deletes (as long as the run is big), and the purge of expired runs. Checkpoints
+flush the disk too, so the loop's connection never runs one: after about a thousand
+pages written on it, it asks the thread for one, and sends its writes there until that
+checkpoint is done, so that the checkpoint takes the write lock at once and the WAL
+starts over after it (a checkpoint racing a writer that never pauses cannot finish,
+and the WAL would only grow). Only the thread of the first call has a loop connection;
+calls from other threads (another event loop) go to the store's thread. ``sibling()``
+gives a second store (thread and connections) on the same file, so lease renewals do
+not queue behind a slow call.
+
+This module holds the machinery: the loop's connection (one per thread and fork), the
+store's thread fed by a queue (one wake-up each way per call), and the checkpoints it runs.
 """
 
 from __future__ import annotations

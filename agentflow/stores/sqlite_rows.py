@@ -1,6 +1,7 @@
 """SQLite rows: the statements the store runs, and runs turned into rows and back.
 
 The tables are :mod:`agentflow.stores.sqlite_schema`'s; this module knows their columns.
+The listings and the approval index are :mod:`agentflow.stores.sqlite_index`'s.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
-from .codec import RECORD_FIELDS, approval_rank, approvers_of, decode, encode, make_record
-from .contract import RunRecord, indexed_approvals
+from .codec import RECORD_FIELDS, decode, encode, make_record
+from .contract import RunRecord
 from .sqlite_schema import APPROVALS, APPROVERS, BIG, EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES
 
 __all__ = [
@@ -22,9 +23,6 @@ __all__ = [
     "INLINE_MAX",
     "LIVE",
     "RENEW",
-    "SELECT_APPROVAL_CURSOR",
-    "SELECT_CURSOR",
-    "SELECT_DUE",
     "SELECT_EVENTS",
     "SELECT_EXPIRED",
     "SELECT_FENCE",
@@ -34,21 +32,15 @@ __all__ = [
     "SELECT_LIGHT",
     "SELECT_LIVE",
     "SELECT_OUTPUTS",
-    "SELECT_RECOVERABLE",
-    "SELECT_RUN_STATUS",
     "SELECT_STORED",
-    "ApprovalRow",
-    "approval_rows",
     "column",
     "commit_update",
     "delete_runs",
     "delete_values",
-    "file_approvals",
     "hot_row",
     "insert_rows",
     "insert_run",
     "listed",
-    "page_of_approvals",
     "place",
     "stored_form",
     "to_record",
@@ -91,34 +83,10 @@ SELECT_EVENTS = (
     "WHERE e.ns = ? AND e.run_id = ? AND e.seq > ? AND (r.expires_at IS NULL OR r.expires_at > ?) "
     "ORDER BY e.seq"
 )
-SELECT_CURSOR = f"SELECT created_at, id FROM {RUNS} WHERE ns = ? AND run_id = ?"
-SELECT_RECOVERABLE = (
-    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'running' "
-    f"AND lease_expires <= ? AND {LIVE} ORDER BY lease_expires LIMIT ?"
-)
-SELECT_DUE = (
-    f"SELECT run_id FROM {RUNS} WHERE ns = ? AND workflow = ? AND status = 'waiting' "
-    f"AND deadline IS NOT NULL AND deadline <= ? AND {LIVE} ORDER BY deadline"
-)
 SELECT_EXPIRED = (
     f"SELECT run_id FROM {RUNS} WHERE ns = ? AND expires_at IS NOT NULL AND expires_at <= ? LIMIT ?"
 )
 SELECT_LIVE = f"SELECT 1 FROM {RUNS} WHERE ns = ? AND run_id = ? AND {LIVE}"
-#: What a commit that sets a run's pending files its approvals with.
-SELECT_RUN_STATUS = f"SELECT workflow, status FROM {RUNS} WHERE ns = ? AND run_id = ?"
-#: Where an approval sorts, pending or decided (a page may start after a decided one).
-SELECT_APPROVAL_CURSOR = f"SELECT created_at, id FROM {APPROVALS} WHERE ns = ? AND id = ?"
-_RETIRE_APPROVALS = f"UPDATE {APPROVALS} SET pending = 0 WHERE ns = ? AND run_id = ? AND pending = 1"
-_DELETE_APPROVERS = f"DELETE FROM {APPROVERS} WHERE ns = ? AND run_id = ?"
-_UPSERT_APPROVAL = (
-    f"INSERT INTO {APPROVALS} (ns, id, run_id, workflow, kind, created_at, body, pending) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (ns, id) DO UPDATE SET run_id = excluded.run_id, "
-    "workflow = excluded.workflow, kind = excluded.kind, created_at = excluded.created_at, "
-    "body = excluded.body, pending = 1"
-)
-_INSERT_APPROVER = (
-    f"INSERT OR IGNORE INTO {APPROVERS} (ns, approver, created_at, id, run_id) VALUES (?, ?, ?, ?, ?)"
-)
 #: One statement takes the write lock up front, so a renewal needs no BEGIN.
 RENEW = (
     f"UPDATE {RUNS} SET lease_expires = ? WHERE ns = ? AND run_id = ? AND lease_owner = ? "
@@ -380,61 +348,3 @@ def delete_runs(db: sqlite3.Connection, ns: str, run_ids: Sequence[str]) -> None
     rows = [(ns, run_id) for run_id in run_ids]
     for table in (EVENTS, OUTPUTS, JOURNAL, VALUES, APPROVALS, APPROVERS, RUNS):
         db.executemany(f"DELETE FROM {table} WHERE ns = ? AND run_id = ?", rows)
-
-
-#: An approval as its rows hold it: id, run, workflow, kind, created_at, JSON, approvers.
-ApprovalRow = tuple[str, str, str, str, float, str, tuple[str, ...]]
-
-
-def approval_rows(run_id: str, workflow: str, status: str, pending: Any) -> list[ApprovalRow]:
-    """The approvals a run with ``status`` and ``pending`` files (none unless it is waiting).
-
-    Raises:
-        StoreError: an approval is not JSON-able (names the run).
-    """
-    if status != RunStatus.WAITING:
-        return []
-    rec = RunRecord(run_id, workflow, RunStatus.WAITING, None, pending=pending)
-    out: list[ApprovalRow] = []
-    for a in indexed_approvals(rec):
-        at, aid = approval_rank(a)
-        body = encode(run_id, "pending", a).decode()
-        out.append((aid, run_id, workflow, str(a.get("kind") or "gate"), at, body, tuple(approvers_of(a))))
-    return out
-
-
-def file_approvals(db: sqlite3.Connection, ns: str, run_id: str, rows: Sequence[ApprovalRow]) -> None:
-    """Make ``rows`` the run's pending approvals: the others are decided (kept, not listed)."""
-    db.execute(_RETIRE_APPROVALS, (ns, run_id))
-    db.execute(_DELETE_APPROVERS, (ns, run_id))
-    for aid, rid, workflow, kind, at, body, approvers in rows:
-        db.execute(_UPSERT_APPROVAL, (ns, aid, rid, workflow, kind, at, body))
-        for name in approvers:
-            db.execute(_INSERT_APPROVER, (ns, name, at, aid, rid))
-
-
-@functools.lru_cache(maxsize=32)
-def page_of_approvals(by_approver: bool, workflow: bool, kind: bool, after: bool) -> str:
-    """The statement reading a page of pending approvals, newest first.
-
-    Its parameters: ns; the approver (``by_approver``); the workflow; the kind; the
-    cursor's created_at and id (``after``); the limit. By approver it walks the
-    approver's rows and joins each approval; else the index of the first filter given.
-    """
-    where = ["a.pending = 1"]
-    if by_approver:
-        head = (
-            f"SELECT a.body FROM {APPROVERS} p JOIN {APPROVALS} a ON a.ns = p.ns AND a.id = p.id "
-            "WHERE p.ns = ? AND p.approver = ?"
-        )
-        order, rank = "p.created_at DESC, p.id DESC", "(p.created_at, p.id)"
-    else:
-        head = f"SELECT a.body FROM {APPROVALS} a WHERE a.ns = ?"
-        order, rank = "a.created_at DESC, a.id DESC", "(a.created_at, a.id)"
-    if workflow:
-        where.append("a.workflow = ?")
-    if kind:
-        where.append("a.kind = ?")
-    if after:
-        where.append(f"{rank} < (?, ?)")
-    return f"{head} AND {' AND '.join(where)} ORDER BY {order} LIMIT ?"

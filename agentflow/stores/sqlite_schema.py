@@ -299,7 +299,7 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
 
 def _index_waiting_runs(db: sqlite3.Connection) -> None:
     """File the approvals of the runs an older file has waiting (version 4 indexes them)."""
-    from . import sqlite_rows  # the row codec builds on this module
+    from . import sqlite_index  # the approval index builds on this module
 
     waiting = db.execute(f"SELECT ns, run_id, workflow, pending FROM {RUNS} WHERE status = 'waiting'")
     for ns, run_id, workflow, pending in waiting.fetchall():
@@ -307,8 +307,8 @@ def _index_waiting_runs(db: sqlite3.Connection) -> None:
             value = decode(run_id, "pending", pending)
         except CorruptRecordError:
             continue  # read as damaged, with the run
-        rows = sqlite_rows.approval_rows(run_id, workflow, "waiting", value)
-        sqlite_rows.file_approvals(db, ns, run_id, rows)
+        rows = sqlite_index.approval_rows(run_id, workflow, "waiting", value)
+        sqlite_index.file_approvals(db, ns, run_id, rows)
 
 
 #: The big fields: in the hot row when short, else in ``agentflow_values``.
