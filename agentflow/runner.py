@@ -281,8 +281,6 @@ class WorkflowRunner:
                     handles.append(RunHandle(self, run_id, sup.local[run_id]))
             if len(ids) < 100 or not taken:
                 break
-        await sup.timers.sweep()
-        sup.watch_deadlines()
         return handles
 
     async def _check_parents(self, sup: Supervisor) -> None:

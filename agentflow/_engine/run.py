@@ -312,4 +312,4 @@ class LiveRun:
                 f"run {self.run_id}, step {step!r}: the workflow declares no agents; "
                 "add .agents({...}) to the workflow"
             )
-        return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}"))
+        return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}", step))
