@@ -197,7 +197,7 @@ async def test_the_store_holds_nothing_for_runs_that_left_the_process(redis_url:
         for i in range(100):  # reading runs (a watcher, say) keeps nothing either
             await store.get(f"r{i}")
             await store.load(f"r{i}")
-        assert store._runs == {}
+        assert store._known.runs == {}
         assert len(await store.list_runs(status=RunStatus.WAITING)) == 50
     finally:
         await store.close()

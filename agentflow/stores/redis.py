@@ -25,10 +25,8 @@ every operation but ``update`` shares (:mod:`agentflow.stores.redis_lane`): with
 runs in flight, their commits travel together, one write and one read for many steps.
 
 A commit that leaves the status alone files nothing in the indexes. To file a commit's
-index entries without reading first, the store remembers each
-run's workflow and ``created_at`` from when it last read or wrote the run (a bounded
-map of facts that never change); the script checks them, so a stale memory costs a
-retry, never a wrong index entry.
+index entries without reading first, the store remembers each run's workflow and
+``created_at`` (:mod:`agentflow.stores.redis_known`); the script checks them.
 """
 
 from __future__ import annotations
@@ -67,26 +65,11 @@ from .contract import (
 from .keys import Keys
 from .redis_approvals import Approvals
 from .redis_index import Index
+from .redis_known import KnownRuns
 from .redis_update import Updates, hash_of, record_of
 from .redis_wire import Command, Wire, make_client, pack_args, pairs
 
 __all__ = ["RedisStore"]
-
-_MAX_FACTS = 10_000  # runs whose workflow and created_at the store remembers
-
-
-class _Known:
-    """What the store remembers of a run it advances: its keys, its workflow and created_at
-    (JSON) once read or written (facts that never change), its commits' packed head."""
-
-    __slots__ = ("facts", "head", "keys", "lease", "rec")
-
-    def __init__(self, rec: str, keys: list[bytes]) -> None:
-        self.rec = rec
-        self.keys = keys
-        self.facts: tuple[bytes, bytes] | None = None
-        self.lease: Lease | None = None  # the lease ``head`` was packed for
-        self.head = b""
 
 
 class _Creation(NamedTuple):
@@ -143,10 +126,10 @@ class RedisStore:
         self._wire = Wire(client, retry_for)
         self._index = Index(self.keys, self._wire, ttl)
         self._approvals = Approvals(self.keys, self._wire, self._index)
+        self._known = KnownRuns(self.keys, self._wire)  # what the store knows of the runs it advances
         self._updates = Updates(
-            self._wire, self._index, self.keys, ttl, self._nonce, self._remember, self._approvals
+            self._wire, self._index, self.keys, ttl, self._nonce, self._known.remember, self._approvals
         )
-        self._runs: dict[str, _Known] = {}  # what the store knows of the runs it advances
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -160,43 +143,6 @@ class RedisStore:
 
     def _nonce(self) -> bytes:
         return f"{self._instance}{next(self._counter):x}".encode()
-
-    def _known(self, run_id: str, keep: bool = True) -> _Known:
-        """The run's entry in the store's memory (its keys; its facts once seen).
-
-        ``keep=False`` (a read) does not add a run the store does not remember yet: only
-        the runs this process creates or writes are kept.
-        """
-        known = self._runs.get(run_id)
-        if known is None:
-            keys = self.keys.run(run_id)
-            known = _Known(keys.rec, [k.encode() for k in keys])
-            if keep:
-                if len(self._runs) >= _MAX_FACTS:
-                    del self._runs[next(iter(self._runs))]
-                self._runs[run_id] = known
-        return known
-
-    def _remember(self, run_id: str, workflow: Any, created_at: Any, keep: bool = True) -> None:
-        if isinstance(workflow, bytes) and isinstance(created_at, bytes):
-            self._known(run_id, keep).facts = (workflow, created_at)
-
-    def _forget(self, run_id: str) -> None:
-        """Drop what the store remembers of a run that leaves this process (waiting, paused,
-        finished): a parked run costs this process nothing. Whoever takes it up again reads
-        its facts on the way."""
-        self._runs.pop(run_id, None)
-
-    def _head(self, run_id: str, known: _Known, lease: Lease) -> bytes:
-        """The commit script's call up to the commit's own arguments, packed: EVALSHA, the
-        script, the run's keys, and the lease's owner and token as the record stores them
-        (JSON, compared byte for byte in the script)."""
-        if known.lease is not lease:
-            owner = encode(run_id, "lease_owner", lease.owner)
-            token = encode(run_id, "lease_token", lease.token)
-            known.head = pack_args([b"EVALSHA", lua.COMMIT.sha_bytes, b"4", *known.keys, owner, token])
-            known.lease = lease
-        return known.head
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000)) if self.ttl is not None else 0
@@ -226,7 +172,7 @@ class RedisStore:
         if gate is not None:
             index.append(self._index.file_gate(run_id, record.workflow, gate))
         index += self._approvals.file(run_id, record.workflow, indexed_approvals(record))
-        keys = self._known(run_id).keys
+        keys = self._known.get(run_id).keys
         return _Creation(index, keys, args, version, (mapping["workflow"], mapping["created_at"]))
 
     async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
@@ -242,7 +188,7 @@ class RedisStore:
         if not replies[-1]:
             self._wire.defer(self._index.unfile(run_id, record.status, record.workflow, made.version))
             return False
-        self._remember(run_id, *made.facts)
+        self._known.remember(run_id, *made.facts)
         return True
 
     async def get(self, run_id: str) -> RunRecord | None:
@@ -251,14 +197,14 @@ class RedisStore:
         Raises:
             CorruptRecordError: the stored record cannot be read (names the run and key).
         """
-        known = self._known(run_id, keep=False)
+        known = self._known.get(run_id, keep=False)
         command = [b"HGETALL", known.keys[0]]
         [reply] = await self._wire.retrying("get", run_id, lambda: self._wire.call([command]), known.rec)
         raw = pairs(reply)
         key = known.rec
         if not raw:
             return None
-        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
+        self._known.remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
         return record_of(run_id, key, raw)
 
     async def load(self, run_id: str) -> LoadedRun | None:
@@ -280,7 +226,7 @@ class RedisStore:
         raw, journal = pairs(found), pairs(found_journal)
         if not raw:
             return None
-        self._remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
+        self._known.remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
         return LoadedRun(
             record_of(run_id, keys.rec, raw),
             [make_output(run_id, keys.outputs, o) for o in outputs],
@@ -306,7 +252,7 @@ class RedisStore:
                 f"run {run_id}: commit seq {commit.seq} is not a commit number; a commit carries the "
                 "loaded record's commit_seq plus one per commit since"
             )
-        known = self._known(run_id)
+        known = self._known.get(run_id)
         status = RunStatus(fields["status"]) if "status" in fields else None
         gate = None
         approvals: list[dict[str, Any]] = []
@@ -337,7 +283,8 @@ class RedisStore:
         files = status is not None or gate is not None or bool(approvals)
         facts = known.facts
         if files and facts is None:
-            facts = await self._read_facts(run_id)
+            facts = await self._known.read_facts(run_id, "commit")
+        head = known.head_for(run_id, lease, lua.COMMIT.sha_bytes)
         for _ in range(3):
             version = self._nonce() if status is not None else b""
             index: list[Command] = []
@@ -355,23 +302,23 @@ class RedisStore:
                     index += self._approvals.file(run_id, workflow, filed)
                     undo += self._approvals.unfile(run_id, workflow, filed, decided=False)
                 args[3:6] = (version, *facts)
-            data = b"*%d" % (9 + len(args)) + self._head(run_id, known, lease) + pack_args(args) + b"\r\n"
+            data = b"*%d" % (9 + len(args)) + head + pack_args(args) + b"\r\n"
             replies = await self._wire.retrying(
                 "commit", run_id, functools.partial(self._wire.evalsha, lua.COMMIT, data, index), known.rec
             )
             reply = replies[-1]
             if reply == 3:  # applied; no control flag, no status left behind
                 if commit.release:
-                    self._forget(run_id)
+                    self._known.forget(run_id)
                 return None
             code = reply[0]
             if code == 4:  # filed under facts the record does not have: file again
                 self._wire.defer(undo)
                 facts = (reply[1], reply[2])
-                self._remember(run_id, *facts)
+                self._known.remember(run_id, *facts)
                 continue
             if commit.release:
-                self._forget(run_id)
+                self._known.forget(run_id)
             if code in (0, 1):
                 self._wire.defer(undo)
                 detail = f"token {lease.token} is stale" if code == 1 else "the run no longer exists"
@@ -382,17 +329,6 @@ class RedisStore:
                 self._wire.defer(self._index.unfile_stored(run_id, workflow, *reply[2:4]))
             return self._control(run_id, reply[1])
         raise StoreError(f"run {run_id}: its workflow or created_at keep changing under the commit")
-
-    async def _read_facts(self, run_id: str) -> tuple[bytes, bytes] | None:
-        known = self._known(run_id)
-        command = [b"HMGET", known.keys[0], b"workflow", b"created_at"]
-        [(workflow, created_at)] = await self._wire.retrying(
-            "commit", run_id, lambda: self._wire.call([command]), known.rec
-        )
-        if not isinstance(workflow, bytes) or not isinstance(created_at, bytes):
-            return None
-        self._remember(run_id, workflow, created_at)
-        return workflow, created_at
 
     def _control(self, run_id: str, raw: Any) -> str | None:
         if not raw or raw == b"null":
@@ -480,15 +416,6 @@ class RedisStore:
         """
         return await self._approvals.page(approver, workflow, kind, limit, after)
 
-    def _unfile_deleted(self, run_id: str, workflow: str, pending: Any) -> list[Command]:
-        """The clean-ups of a deleted run's approvals (``pending`` as the delete script read it)."""
-        try:
-            value = decode(run_id, "pending", pending) if isinstance(pending, bytes) and pending else None
-        except StoreError:
-            return []
-        found = [{**a, "run_id": run_id, "workflow": workflow} for a in pending_approvals(run_id, value)]
-        return self._approvals.unfile(run_id, workflow, found, decided=False)
-
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False if it did not exist.
 
@@ -501,7 +428,7 @@ class RedisStore:
             "delete", run_id, lambda: self._wire.eval(lua.DELETE, keys, [nonce])
         )
         reply = replies[-1]
-        self._runs.pop(run_id, None)
+        self._known.forget(run_id)
         if not reply[0]:
             return False
         if len(reply) >= 4 and reply[1]:
@@ -511,7 +438,8 @@ class RedisStore:
                 workflow = None
             if isinstance(workflow, str):
                 self._wire.defer(self._index.unfile_stored(run_id, workflow, reply[2], reply[3]))
-                self._wire.defer(self._unfile_deleted(run_id, workflow, reply[4] if len(reply) > 4 else None))
+                pending = reply[4] if len(reply) > 4 else None
+                self._wire.defer(self._approvals.unfile_deleted(run_id, workflow, pending))
                 await self._wire.flush()
         return True
 

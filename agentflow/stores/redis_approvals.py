@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..types import RunStatus
-from .codec import approval_rank, approvers_of
+from .codec import approval_rank, approvers_of, decode
 from .contract import pending_approvals
 from .keys import Keys
 from .redis_index import Index, score
@@ -103,6 +103,15 @@ class Approvals:
                 commands.append([b"HSET", gone, aid.encode(), score(at) + b"\0" + run_id.encode()])
                 commands.append([b"PEXPIRE", gone, b"%d" % _KEEP_GONE_MS, b"NX"])
         return commands
+
+    def unfile_deleted(self, run_id: str, workflow: str, pending: Any) -> list[Command]:
+        """The clean-ups of a deleted run's approvals (``pending`` as the delete script read it)."""
+        try:
+            value = decode(run_id, "pending", pending) if isinstance(pending, bytes) and pending else None
+        except StoreError:
+            return []
+        found = [{**a, "run_id": run_id, "workflow": workflow} for a in pending_approvals(run_id, value)]
+        return self.unfile(run_id, workflow, found, decided=False)
 
     def moved(
         self, run_id: str, workflow: str, old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
