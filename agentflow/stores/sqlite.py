@@ -250,16 +250,23 @@ class SqliteStore(TwoConnections):
         refile = "pending" in commit.fields
         pending = commit.fields.get("pending")
 
-        def approvals(db: sqlite3.Connection) -> None:
-            workflow, now_status = db.execute(sqlindex.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
+        def approvals(db: sqlite3.Connection, workflow: Any = None, now_status: Any = None) -> None:
+            retire = True
+            if workflow is None:  # the fence's slow path: read what the row holds
+                workflow, now_status = db.execute(sqlindex.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
+            elif status is not None:  # the statement matched only another stored status
+                retire = status != RunStatus.WAITING
+            else:
+                retire = now_status == RunStatus.WAITING
             rows = sqlindex.approval_rows(run_id, str(workflow), now_status, pending)
-            sqlindex.file_approvals(db, ns, run_id, rows)
+            if rows or retire:
+                sqlindex.file_approvals(db, ns, run_id, rows, retire)
 
         # One statement checks the fence and writes the hot row. A new status must differ
         # from the stored one (an unchanged status would rewrite the status indexes for
         # nothing); when the statement matches no row, the row says why.
         ttl = self.ttl if status in sqlrows.FINAL_VALUES else None  # a final status makes the run expire
-        fast = sqlrows.commit_update(tuple(hot), commit.release, ttl is not None, inline)
+        fast = sqlrows.commit_update(tuple(hot), commit.release, ttl is not None, inline, refile)
         last = (status,) if status is not None else ()
 
         def job(db: sqlite3.Connection) -> str | None:
@@ -272,7 +279,7 @@ class SqliteStore(TwoConnections):
                         sqlrows.delete_values(db, ns, run_id, inline)
                     sqlrows.insert_rows(db, ns, run_id, done[0] - n + 1, events, big, outputs, journal)
                     if refile:
-                        approvals(db)
+                        approvals(db, done[-2], done[-1])
                     return None if done[1] is None else str(done[1])
                 row = db.execute(sqlrows.SELECT_FENCE, (ns, run_id, now)).fetchone()
                 if row is None:
@@ -393,7 +400,9 @@ class SqliteStore(TwoConnections):
                     rows = sqlindex.approval_rows(
                         run_id, rec.workflow, RunStatus(rec.status).value, rec.pending
                     )
-                    sqlindex.file_approvals(db, self.key_prefix, run_id, rows)
+                    retire = old.status == RunStatus.WAITING  # else it has none filed
+                    if rows or retire:
+                        sqlindex.file_approvals(db, self.key_prefix, run_id, rows, retire)
             if db is self._inline:
                 self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec

@@ -4,6 +4,8 @@ Every listing reads an index and costs what it returns (see
 :mod:`agentflow.stores.sqlite_schema` for the indexes). The approvals a waiting run's
 ``pending`` holds are filed as rows of ``agentflow_approvals`` (one per approval) and
 ``agentflow_approvers`` (one per approver), in the transaction that writes the run.
+Only a run stored as waiting has pending approvals, so a write that finds the run in
+another status has none to retire, and parking a run costs its new rows only.
 """
 
 from __future__ import annotations
@@ -129,14 +131,22 @@ def approval_rows(run_id: str, workflow: str, status: str, pending: Any) -> list
     return out
 
 
-def file_approvals(db: sqlite3.Connection, ns: str, run_id: str, rows: Sequence[ApprovalRow]) -> None:
-    """Make ``rows`` the run's pending approvals: the others are decided (kept, not listed)."""
-    db.execute(_RETIRE_APPROVALS, (ns, run_id))
-    db.execute(_DELETE_APPROVERS, (ns, run_id))
+def file_approvals(
+    db: sqlite3.Connection, ns: str, run_id: str, rows: Sequence[ApprovalRow], retire: bool = True
+) -> None:
+    """Make ``rows`` the run's pending approvals: the others are decided (kept, not listed).
+
+    ``retire=False`` when the run has no pending approvals yet (it was not waiting).
+    """
+    if retire:
+        db.execute(_RETIRE_APPROVALS, (ns, run_id))
+        db.execute(_DELETE_APPROVERS, (ns, run_id))
     for aid, rid, workflow, kind, at, body, approvers in rows:
         db.execute(_UPSERT_APPROVAL, (ns, aid, rid, workflow, kind, at, body))
-        for name in approvers:
-            db.execute(_INSERT_APPROVER, (ns, name, at, aid, rid))
+        if len(approvers) == 1:
+            db.execute(_INSERT_APPROVER, (ns, approvers[0], at, aid, rid))
+        elif approvers:
+            db.executemany(_INSERT_APPROVER, [(ns, name, at, aid, rid) for name in approvers])
 
 
 def list_approvals(

@@ -271,7 +271,9 @@ def delete_values(db: sqlite3.Connection, ns: str, run_id: str, names: Sequence[
 
 
 @functools.lru_cache(maxsize=256)
-def commit_update(names: tuple[str, ...], release: bool, expires: bool, inline: tuple[str, ...]) -> str:
+def commit_update(
+    names: tuple[str, ...], release: bool, expires: bool, inline: tuple[str, ...], filing: bool = False
+) -> str:
     """A commit's one statement on the hot row: fence, once-only check and write together.
 
     Its parameters: the values of ``names``; with ``expires``, ``expires_at``; then
@@ -283,7 +285,8 @@ def commit_update(names: tuple[str, ...], release: bool, expires: bool, inline: 
     counter is not an integer, or the status would not change. With ``release`` it
     drops the lease. It returns the new ``event_count`` and ``control``, and with
     ``inline`` (big fields written into the row) whether ``agentflow_values`` still has
-    a row for one of them (to delete).
+    a row for one of them (to delete), and with ``filing`` the run's workflow and status
+    last (to file its approvals with).
     """
     sets = [f"{name} = ?" for name in names]
     if expires:
@@ -299,11 +302,13 @@ def commit_update(names: tuple[str, ...], release: bool, expires: bool, inline: 
             f", EXISTS (SELECT 1 FROM {VALUES} v WHERE v.ns = {RUNS}.ns AND v.run_id = {RUNS}.run_id "
             f"AND v.field IN ({fields}))"
         )
+    filed = ", workflow, status" if filing else ""
     return (
         f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = ? AND run_id = ? AND {LIVE} "
         "AND lease_owner = ? AND lease_token = ? "
         "AND typeof(event_count) = 'integer' AND typeof(commit_seq) = 'integer' "
-        f"AND NOT (commit_token = ? AND commit_seq >= ?){changes} RETURNING event_count, control{stale}"
+        f"AND NOT (commit_token = ? AND commit_seq >= ?){changes} "
+        f"RETURNING event_count, control{stale}{filed}"
     )
 
 
