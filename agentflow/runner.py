@@ -24,7 +24,7 @@ from ._engine.gates import Transition, choose, decide, expired, form_of
 from ._engine.history import reached
 from ._engine.run import LiveRun
 from ._engine.values import decode_output, run_output, validate_input
-from ._runtime.supervisor import Supervisor
+from ._runtime.supervisor import Supervisor, stop_change
 from .definition.steps import START
 from .definition.workflow import Workflow, WorkflowSpec
 from .errors import (
@@ -94,8 +94,28 @@ def _served(workflow: Workflow) -> dict[str, WorkflowSpec]:
     return specs
 
 
-#: Child runs a pause, a resume or a stop reaches at once.
+#: Child runs a pause, a resume, a stop, a retry or a delete reaches at once.
 _FAN = 64
+
+
+def _child_ids(rec: RunRecord) -> list[str]:
+    """Every child run ``rec`` started: those it lists, and those of its wait it has not listed yet."""
+    ids = list(rec.children)
+    if isinstance(rec.pending, dict) and rec.pending.get("kind") == "children":
+        ids += [str(c["run_id"]) for c in rec.pending.get("children") or () if c["run_id"] not in ids]
+    return ids
+
+
+def _failed_wait(rec: RunRecord) -> dict[str, Any] | None:
+    """The wait on child runs whose ending failed ``rec``, if that is how it failed.
+
+    A failed run holds a wait on children only when their ending failed it: a step that
+    completes after a wait clears it.
+    """
+    pending = rec.pending
+    if rec.status != RunStatus.FAILED or not isinstance(pending, dict) or pending.get("kind") != "children":
+        return None
+    return pending
 
 
 class WorkflowRunner:
@@ -303,17 +323,32 @@ class WorkflowRunner:
             after = page[-1].run_id
 
     async def delete(self, run_id: str) -> bool:
-        """Remove a run and everything stored with it; False when there was no such run.
+        """Remove a run and everything stored with it, its child runs too; False when there was no such run.
+
+        The child runs it started (and theirs) are deleted with it, children first, so
+        nothing of the run is left behind. Nothing is deleted when any of them is running.
 
         Raises:
-            InvalidStateError: the run is running; stop it first.
+            InvalidStateError: the run, or one of its child runs, is running; stop it
+                first (stopping a parent stops its children).
         """
         rec = await self.store.get(run_id)
         if rec is None:
             return False
         self._check_workflow(rec)
-        if rec.status == RunStatus.RUNNING:
-            raise InvalidStateError(f"run {run_id} is running; stop it before deleting it")
+        tree = [rec]
+        seen = {run_id}
+        for r in tree:  # grows while it is walked: every child run, breadth first
+            if r.status == RunStatus.RUNNING:
+                what = f"run {run_id}" if r is rec else f"run {run_id}: its child run {r.run_id}"
+                raise InvalidStateError(f"{what} is running; stop it before deleting it")
+            ids = [c for c in _child_ids(r) if c not in seen]
+            seen.update(ids)
+            for i in range(0, len(ids), _FAN):
+                found = await asyncio.gather(*(self.store.get(c) for c in ids[i : i + _FAN]))
+                tree += [c for c in found if c is not None]
+        for r in reversed(tree[1:]):
+            await self.store.delete(r.run_id)
         return await self.store.delete(run_id)
 
     # -- retry and fork --------------------------------------------------------
@@ -327,12 +362,21 @@ class WorkflowRunner:
         any process that reaches the store. A ``resumed`` event with
         ``data["retried"]`` (and the error retried) marks it in the history.
 
+        A step that failed because child runs it started failed or were stopped (or an
+        imperative ``ctx.run`` whose child's failure failed the run) does not run
+        again: its failed children are retried (each at its own failing step,
+        with its own state), a new run of the child workflow (same input, id
+        ``"{child}~2"``) takes the place of each stopped one, and the run waits on them
+        again, going on once they ended. Children that completed, or ended rejected or
+        expired, are left as they are.
+
         Raises:
             InvalidStateError: the run is not failed.
             RunNotFoundError: there is no such run.
         """
         sup = self.supervisor
         here = run_id in sup.local
+        await self._retry_children(run_id)
 
         def fn(rec: RunRecord, now: float) -> Transition | None:
             self._check_workflow(rec)
@@ -343,11 +387,40 @@ class WorkflowRunner:
                     f"run {run_id} is {rec.status.value}, not failed; only a failed run can be retried"
                 )
             err = rec.error or {}
-            data = {"retried": True, "error": {"type": err.get("type"), "message": err.get("message")}}
-            return Transition({"error": None}, [("resumed", rec.step, data)], rec.step or START)
+            data: dict[str, Any] = {
+                "retried": True,
+                "error": {"type": err.get("type"), "message": err.get("message")},
+            }
+            fields: dict[str, Any] = {"error": None}
+            wait = _failed_wait(rec)
+            if wait is not None:
+                # The step finishes from its children (retried or replaced), not from the top.
+                fields["pending"] = {**wait, "retried": True}
+                data["children"] = [str(c["run_id"]) for c in wait.get("children") or ()][:20]
+            return Transition(fields, [("resumed", rec.step, data)], rec.step or START)
 
         rec = await sup.transition(run_id, fn)
         return RunHandle(self, run_id, sup.local.get(run_id), status=rec.status)
+
+    async def _retry_children(self, run_id: str) -> None:
+        """Retry the failed child runs whose ending failed ``run_id`` (theirs first, recursively)."""
+        rec = await self.store.get(run_id)
+        wait = _failed_wait(rec) if rec is not None else None
+        if wait is None:
+            return
+        ids = [str(c["run_id"]) for c in wait.get("children") or ()]
+
+        async def one(child: RunRecord | None) -> None:
+            if child is None or child.status != RunStatus.FAILED:
+                return
+            try:
+                await self.retry(child.run_id)
+            except (InvalidStateError, RunNotFoundError):
+                pass  # retried meanwhile (by another process): the parent waits on it all the same
+
+        for i in range(0, len(ids), _FAN):
+            children = await asyncio.gather(*(self.store.get(c) for c in ids[i : i + _FAN]))
+            await asyncio.gather(*(one(c) for c in children))
 
     async def fork(
         self,
@@ -707,21 +780,11 @@ class WorkflowRunner:
                 await live.wait_finished()
 
             def change(rec: RunRecord, now: float) -> Change | None:
-                if rec.status in FINAL:
-                    if rec.status == RunStatus.STOPPED:
-                        return None
+                if rec.status in FINAL and rec.status != RunStatus.STOPPED:
                     raise InvalidStateError(
                         f"run {run_id} is already {rec.status.value}; it cannot be stopped"
                     )
-                if rec.status == RunStatus.RUNNING and rec.lease_expires > now and rec.lease_owner:
-                    return None if rec.control == "stop" else Change(dataclasses.replace(rec, control="stop"))
-                ev = RunEvent("stopped", run_id, rec.step, None, time.time(), rec.event_count + 1)
-                return Change(
-                    dataclasses.replace(
-                        rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None
-                    ),
-                    [ev],
-                )
+                return stop_change(rec, now)
 
             rec = await sup.update(run_id, change)
             if rec is None:

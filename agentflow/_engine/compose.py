@@ -30,6 +30,7 @@ that recovery finishes the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ __all__ = [
     "read_children",
     "resume_children",
     "spawn",
+    "replace_stopped",
+    "successor_id",
+    "wait_again",
     "wait_of",
     "wait_on",
 ]
@@ -93,6 +97,17 @@ def child_id(parent: str, step: str, visit: int, index: int | None = None) -> st
     return f"{base}/{tail}"
 
 
+def successor_id(child: str) -> str:
+    """The id of the run that takes the place of the stopped child ``child`` (``…~2``, ``…~3``).
+
+    Derived, as :func:`child_id` is, so a replay finds the successor it started.
+    """
+    base, sep, n = child.rpartition("~")
+    if sep and n.isdigit():
+        return f"{base}~{int(n) + 1}"
+    return f"{child}~2"
+
+
 class Spawned(Exception):
     """Internal: parallel branches started child runs; the step parks on them.
 
@@ -109,8 +124,13 @@ class Spawned(Exception):
         self.journal = journal
 
 
-async def spawn(run: LiveRun, step: str, visit: int, child: Run, index: int | None = None) -> dict[str, Any]:
+async def spawn(
+    run: LiveRun, step: str, visit: int, child: Run, index: int | None = None, after: str | None = None
+) -> dict[str, Any]:
     """Create (or find again) and start the child run ``child`` asks for; its ref.
+
+    ``after``: the stopped child this one takes the place of (its id is then
+    :func:`successor_id` of it).
 
     Raises:
         WorkflowDefinitionError: the workflow is not one of the parent's children.
@@ -136,7 +156,7 @@ async def spawn(run: LiveRun, step: str, visit: int, child: Run, index: int | No
             f"allows {cspec.max_steps} steps); a cycle of workflows that never ends?"
         )
     inp = validate_input(cspec, child.input)
-    cid = child_id(run.run_id, step, visit, index)
+    cid = successor_id(after) if after is not None else child_id(run.run_id, step, visit, index)
     parent = {"run_id": run.run_id, "step": step, "visit": visit, "index": index, "depth": depth}
     await start_child(kernel, cid, inp, parent)
     if cid not in run.children:
@@ -210,6 +230,8 @@ class ChildOutcome:
     error: dict[str, Any] | None = None
     decision: dict[str, Any] | None = None
     step: str | None = None
+    #: The child has not ended (it was retried, or reset, since the parent was resumed).
+    going: bool = False
 
     @property
     def ok(self) -> bool:
@@ -283,7 +305,7 @@ def _outcome(run: LiveRun, ref: dict[str, Any], rec: RunRecord | None) -> ChildO
     if rec.status not in FINAL:
         # Only a parent whose children all ended is resumed: this one was reset meanwhile.
         error = {"step": rec.step, "type": "InvalidStateError", "message": f"child run {cid} is {rec.status}"}
-        return ChildOutcome(cid, wf, RunStatus.FAILED, usage=usage, error=error, step=rec.step)
+        return ChildOutcome(cid, wf, RunStatus.FAILED, usage=usage, error=error, step=rec.step, going=True)
     decision = dict(rec.decisions[-1]) if rec.decisions else None
     return ChildOutcome(cid, wf, rec.status, None, usage, rec.error, decision, rec.step)
 
@@ -432,10 +454,14 @@ async def finish_step(
     """Complete the step that started the children of ``pending``; the control flag.
 
     The step goes to its target (``on_fail`` / ``on_reject`` when a child did not
-    complete and they are given), or the parent fails (a child failed or was stopped),
-    or ends ``rejected`` / ``expired`` with the child (a child ended at a gate).
-    ``state`` is the step's state; ``journal`` entries are committed with it; ``parked``
-    says the record holds ``pending`` (the run waited), which the commit clears.
+    complete and they are given), or the parent fails (a child failed or was stopped:
+    the wait is kept with the failure, for a retry), or ends ``rejected`` / ``expired``
+    with the child (a child ended at a gate). ``state`` is the step's state; ``journal``
+    entries are committed with it; ``parked`` says the record holds ``pending`` (the
+    run waited), which the commit clears.
+
+    A parent that was retried (``pending["retried"]``) first puts a new run in the
+    place of each stopped child; the step parks again while any child is going.
     """
     from .fanout import BranchFailed
 
@@ -443,6 +469,12 @@ async def finish_step(
     name = str(pending["step"])
     refs = list(pending.get("children") or ())
     outcomes = await read_children(run, refs)
+    if pending.get("retried"):
+        refs, outcomes, journal = await replace_stopped(run, pending, refs, outcomes, journal)
+    if any(o.going for o in outcomes):
+        # Children retried (or reset) since: wait on them again.
+        await park_children(run, Frame(state), wait_again(pending, refs), journal)
+        return None
     extra: dict[str, Any] = {"pending": None} if parked else {}
     if _add_usage(run, outcomes) or parked:
         extra["usage"] = run.usage.to_json()
@@ -463,7 +495,7 @@ async def finish_step(
                 await _end_with(run, name, o, refs, journal)
                 return None
             else:
-                raise StepError(name, o.exception())
+                raise StepError(name, o.exception(), wait=wait_again(pending, refs))
     else:
         target = str(pending["target"])
         by_id = {o.run_id: o for o in outcomes}
@@ -486,7 +518,7 @@ async def finish_step(
                     await _end_with(run, name, o, refs, journal)
                     return None
                 else:
-                    raise StepError(name, BranchFailed(label, o.exception()))
+                    raise StepError(name, BranchFailed(label, o.exception()), wait=wait_again(pending, refs))
             updates = entry.get("updates")
             if updates and spec.state_model is not None:
                 state = validate_state(
@@ -501,6 +533,56 @@ async def finish_step(
             name, WorkflowDefinitionError(f"run {run.run_id}: step {name!r} has no step {target!r}")
         )
     return await _complete(run, name, target, output, outputs, state, refs, journal, extra)
+
+
+def wait_again(pending: dict[str, Any], refs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``pending`` as a fresh wait on the children ``refs``."""
+    now = time.time()
+    kept = {k: v for k, v in pending.items() if k not in ("ended", "retried")}
+    return {**kept, "children": refs, "since": now, "deadline": now + CHECK_BACK}
+
+
+async def replace_stopped(
+    run: LiveRun,
+    pending: dict[str, Any],
+    refs: list[dict[str, Any]],
+    outcomes: list[ChildOutcome],
+    journal: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[ChildOutcome], dict[str, Any] | None]:
+    """Start a new run in the place of each stopped child of a retried parent (same input and step).
+
+    A stopped run is final: its successor (:func:`successor_id`) runs the child
+    workflow again from its start, and the stopped one stays in the store. A fan-out's
+    journal entry of the branch is pointed at the successor.
+    """
+    if not any(o.status is RunStatus.STOPPED for o in outcomes):
+        return refs, outcomes, journal
+    journal = dict(journal or {})
+    keys: dict[str, str] = {}
+    join = pending.get("join")
+    if join is not None:
+        for _o, _l, key in join_jobs(join):
+            cid = (journal.get(key) or run.journal.get(key) or {}).get("child")
+            if cid is not None:
+                keys[str(cid)] = key
+    refs, outcomes = list(refs), list(outcomes)
+    for i, o in enumerate(outcomes):
+        if o.status is not RunStatus.STOPPED:
+            continue
+        rec = await run.kernel.store.get(o.run_id)
+        if rec is None or not isinstance(rec.parent, dict):
+            continue
+        kernel = run.kernel.child_kernel(o.workflow)
+        new = successor_id(o.run_id)
+        await start_child(kernel, new, validate_input(kernel.spec, rec.input), rec.parent)
+        if new not in run.children:
+            run.spawned.append(new)
+        refs[i] = {**refs[i], "run_id": new}
+        outcomes[i] = dataclasses.replace(o, run_id=new, going=True)
+        at = keys.get(o.run_id)
+        if at is not None:
+            journal[at] = {**(journal.get(at) or run.journal[at]), "child": new}
+    return refs, outcomes, journal or None
 
 
 def _new_children(run: LiveRun, refs: list[dict[str, Any]], fields: dict[str, Any]) -> None:

@@ -87,14 +87,18 @@ async def _finish_failed(run: LiveRun, err: StepError) -> None:
         attempts = dict(run.journal.get("attempts") or {})
         attempts[err.at] = err.attempt
         journal["attempts"] = attempts
+    fields: dict[str, object] = {"status": RunStatus.FAILED, "error": info, "control": None}
+    if err.wait is not None:
+        # Child runs failed the step: their wait is kept, so a retry retries them and waits again.
+        fields["pending"] = {**err.wait, "deadline": None, "ended": True}
+        fields["visit"] = run.visit = int(err.wait["visit"])
+    if run.spawned:
+        # Children the step started before it failed: recorded, so stop and delete reach them.
+        new = [c for c in dict.fromkeys(run.spawned) if c not in run.children]
+        run.children = fields["children"] = (*run.children, *new)
+        run.spawned = []
     try:
-        await run.commit(
-            Commit(
-                fields={"status": RunStatus.FAILED, "error": info, "control": None},
-                journal=journal,
-                release=True,
-            )
-        )
+        await run.commit(Commit(fields=fields, journal=journal, release=True))
     except StoreError as exc:
         # Lease lost, or the process closes while the store is out of reach: the run
         # stays at its last commit, recoverable later.

@@ -1,8 +1,11 @@
 """Parallel branches: run them under a task group, checkpoint each finished one, join.
 
 Finished branches are written to the journal in batches (group commit) while the
-others run, so after a crash only unfinished branches run again. Every task lives in
-an ``asyncio.TaskGroup``: a failure or a cancellation leaves none behind.
+others run, so after a crash only unfinished branches run again; when a branch fails
+under ``on_error="fail"``, the branches that finished before it are written before the
+failure propagates, so a retry runs only the unfinished ones, and the child runs
+that branches started are stopped (a retry starts new ones in their place). Every
+task lives in an ``asyncio.TaskGroup``: a failure or a cancellation leaves none behind.
 """
 
 from __future__ import annotations
@@ -129,6 +132,25 @@ async def run_branches(
     return results
 
 
+async def _stop_children(run: LiveRun, done: dict[str, Any]) -> None:
+    """A branch failed the fan-out: stop the child runs its siblings started, and say so in the journal.
+
+    The stops go through the store (as a stop of the parent reaches its children); the
+    journal marks those branches, so a retry runs them again under new child runs.
+    """
+    started = {key: entry for key, entry in done.items() if entry.get("child") is not None}
+    ids = [str(e["child"]) for e in started.values()]
+    ids += [c for c in run.spawned if c not in ids]  # started by a branch cancelled before it returned
+    if not ids:
+        return
+    stopped = await run.kernel.stop_runs(ids)
+    marks = {key: {**entry, "stopped": True} for key, entry in started.items() if entry["child"] in stopped}
+    if not marks:
+        return
+    run.journal.update(marks)
+    await run.commit(Commit(journal=marks))
+
+
 async def run_parallel(
     run: LiveRun, name: str, frame: Frame, par: Parallel, prefix: str | None = None
 ) -> tuple[Any, list[OutputRecord]]:
@@ -163,7 +185,9 @@ async def run_parallel(
             if finished and not batch:
                 return
 
-    def make(oname: str, key: str, fn: StepFunction, item: Any, index: int) -> Callable[[], Any]:
+    def make(
+        oname: str, key: str, fn: StepFunction, item: Any, index: int, after: str | None = None
+    ) -> Callable[[], Any]:
         async def call() -> Any:
             bframe = Frame(frame.state, key)
             bframe.updates = {}
@@ -178,7 +202,7 @@ async def run_parallel(
                     out = await invoke(fn, (bctx,), bframe, ctx=bctx)
                 if isinstance(out, Run):
                     # The branch runs a child workflow: its result comes when the child ends.
-                    child = await spawn(run, name, visit, out, index)
+                    child = await spawn(run, name, visit, out, index, after)
                     out = None
                 else:
                     out = step_output(fn, oname, run.run_id, out)
@@ -198,7 +222,11 @@ async def run_parallel(
     call_keys = []
     for index, (oname, label, key, fn, item) in enumerate(jobs):
         stored = journal.get(key)
-        if stored is not None and "child" in stored:
+        if stored is not None and stored.get("stopped"):
+            # Its child run was stopped when a sibling failed: the branch runs again.
+            calls.append((label, make(oname, key, fn, item, index, str(stored["child"]))))
+            call_keys.append(key)
+        elif stored is not None and "child" in stored:
             # The branch started a child run: its result is the child's, read at the join.
             done[key] = {"output": None, "updates": stored["updates"], "child": stored["child"]}
             done[key]["workflow"] = stored.get("workflow")
@@ -208,16 +236,22 @@ async def run_parallel(
             calls.append((label, make(oname, key, fn, item, index)))
             call_keys.append(key)
 
+    failure: BranchFailed | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(flusher())
             try:
                 results = await run_branches(calls, par.max_concurrency, par.on_error == "fail")
+            except BranchFailed as failed_branch:
+                failure = failed_branch  # the flusher writes the branches that finished before it goes on
             finally:
                 finished = True
                 wake.set()
     except BaseExceptionGroup as group:
         raise unwrap(group) from None
+    if failure is not None:
+        await _stop_children(run, done)
+        raise failure
     journal.update(done)
     errors = {k: r for k, r in zip(call_keys, results, strict=True) if isinstance(r, BaseException)}
     refs = [

@@ -23,7 +23,17 @@ from ..definition.workflow import Workflow
 from ..errors import NonDeterminismError, StepLimitExceeded
 from ..stores.contract import Commit, OutputRecord
 from ..types import Decision, RunStatus, utc
-from .compose import ChildOutcome, Spawned, ended_here, park_children, read_children, spawn, wait_of
+from .compose import (
+    ChildOutcome,
+    Spawned,
+    ended_here,
+    park_children,
+    read_children,
+    replace_stopped,
+    spawn,
+    wait_again,
+    wait_of,
+)
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
@@ -37,12 +47,15 @@ __all__ = ["ImperativeContext", "advance_imperative"]
 class ImperativeContext(StepContext[Any, Any]):
     """``ctx`` of an ``.execute(fn)`` workflow: adds ``step``, ``parallel``, ``wait`` and ``run``."""
 
-    __slots__ = ("_decisions", "_seq")
+    __slots__ = ("_decisions", "_seq", "child_failure")
 
     def __init__(self, run: LiveRun, name: str, frame: Frame, decisions: dict[str, Decision]) -> None:
         super().__init__(run, name, run.visit, frame)
         self._seq = 0
         self._decisions = decisions
+        # The error the last ctx.run raised for its child's ending, and the wait on that
+        # child: when it fails the run, the wait is kept for a retry.
+        self.child_failure: tuple[BaseException, dict[str, Any]] | None = None
 
     def _next(self, kind: str, name: str) -> tuple[str, Any]:
         self._seq += 1
@@ -243,11 +256,11 @@ class ImperativeContext(StepContext[Any, Any]):
         key, entry = self._next("run", workflow.name)
         step = f"run:{self._seq}"
         run = self._run
-        if entry is not None:
-            self._replayed(entry)
-            return self._child_result(entry)
         pending = run.resolving
         parked = pending is not None and pending.get("step") == step
+        if entry is not None and not parked:
+            self._replayed(entry)
+            return self._child_result(entry)
         if parked:
             run.resolving = None  # back from the wait: the child ended
         else:
@@ -260,7 +273,14 @@ class ImperativeContext(StepContext[Any, Any]):
                 await park_children(run, self._frame, pending)
                 raise Suspend()
         assert pending is not None
-        (outcome,) = await read_children(run, list(pending["children"]))
+        refs = list(pending["children"])
+        outcomes = await read_children(run, refs)
+        if pending.get("retried"):  # a retry of the run: its journaled failure is not replayed
+            refs, outcomes, _ = await replace_stopped(run, pending, refs, outcomes, None)
+        (outcome,) = outcomes
+        if outcome.going:
+            await park_children(run, self._frame, wait_again(pending, refs))
+            raise Suspend()
         extra: dict[str, Any] = {"pending": None} if parked else {}
         if outcome.usage.total_tokens:
             run.usage = run.usage + outcome.usage
@@ -274,6 +294,10 @@ class ImperativeContext(StepContext[Any, Any]):
         if outcome.run_id not in run.children:
             run.children = extra["children"] = (*run.children, outcome.run_id)
         await self._record(key, entry, workflow.name, outcome.value, extra)
+        if not outcome.ok:
+            exc = outcome.exception()
+            self.child_failure = (exc, wait_again(pending, refs))
+            raise exc
         return self._child_result(entry)
 
     def _child_result(self, entry: dict[str, Any]) -> Any:
@@ -310,7 +334,9 @@ async def advance_imperative(run: LiveRun) -> None:
     except (asyncio.CancelledError, StepError):
         raise
     except Exception as exc:
-        raise StepError(main.name, exc) from exc
+        failed = ctx.child_failure
+        wait = failed[1] if failed is not None and failed[0] is exc else None
+        raise StepError(main.name, exc, wait=wait) from exc
     finally:
         await frame.close_agents()
     output = run.output = run_output(spec, run.run_id, value)

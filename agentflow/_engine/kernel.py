@@ -70,6 +70,14 @@ class Kernel(Protocol):
         when it completed, else None: read it from the store)."""
         ...
 
+    async def stop_runs(self, run_ids: list[str]) -> set[str]:
+        """Stop these runs (child runs of a failed step) and their children, through the store.
+
+        Returns the ids of those that were stopped (or are stopping, owned elsewhere);
+        a run that had ended is left as it is.
+        """
+        ...
+
     def forget_children(self, run_id: str) -> None:
         """``run_id`` read its children's results: drop what :meth:`ended_children` kept."""
         ...

@@ -59,14 +59,24 @@ class StepError(Exception):
 
     ``attempt`` is the last attempt's ``ctx.attempt`` and ``at`` the step execution's
     key in the journal's ``"attempts"`` entry, so a retried run counts on from there.
+    ``wait`` is the wait on child runs whose ending failed the step (kept with the
+    failure, so a retry of the run retries those children and waits on them again).
     """
 
-    def __init__(self, step: str, error: BaseException, attempt: int = 0, at: str | None = None) -> None:
+    def __init__(
+        self,
+        step: str,
+        error: BaseException,
+        attempt: int = 0,
+        at: str | None = None,
+        wait: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(str(error))
         self.step = step
         self.error = error
         self.attempt = attempt
         self.at = at
+        self.wait = wait
 
 
 class Stop(Exception):

@@ -10,6 +10,7 @@ released).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,20 +26,41 @@ from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
 from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError
-from ..stores.contract import Commit, Lease, RunRecord, Store
+from ..stores.contract import Change, Commit, Lease, RunRecord, Store
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper
 from .notify import Notifier
 from .timers import GateTimers
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "stop_change"]
 
 log = logging.getLogger("agentflow")
 
 #: A store update that raised StoreError is tried this many times in all, the first
 #: retry after this many seconds (doubling): about 0.75 s before giving up.
 _UPDATE_TRIES, _UPDATE_FIRST = 5, 0.05
+
+#: Runs a stop reaches at once.
+_FAN = 64
+
+
+def stop_change(rec: RunRecord, now: float) -> Change | None:
+    """The store change that stops ``rec``; None when it has ended or a stop is asked for already.
+
+    A run its owner is advancing (lease alive) gets the ``stop`` control flag, seen at
+    its next commit or lease renewal; any other (parked, paused, its owner dead) ends
+    ``stopped`` here.
+    """
+    if rec.status in FINAL:
+        return None
+    if rec.status == RunStatus.RUNNING and rec.lease_expires > now and rec.lease_owner:
+        return None if rec.control == "stop" else Change(dataclasses.replace(rec, control="stop"))
+    ev = RunEvent("stopped", rec.run_id, rec.step, None, time.time(), rec.event_count + 1)
+    return Change(
+        dataclasses.replace(rec, status=RunStatus.STOPPED, pending=None, lease_owner=None, control=None),
+        [ev],
+    )
 
 
 class Supervisor:
@@ -146,6 +168,35 @@ class Supervisor:
     def forget_children(self, run_id: str) -> None:
         """``run_id`` read its children's results."""
         self.watch.forget_ended(run_id)
+
+    async def stop_runs(self, run_ids: list[str]) -> set[str]:
+        """Stop these runs and their children (see ``Kernel.stop_runs``); the ids stopped or stopping."""
+        stopped: set[str] = set()
+        for i in range(0, len(run_ids), _FAN):
+            chunk = run_ids[i : i + _FAN]
+            for run_id, rec in zip(chunk, await asyncio.gather(*(self._stop(c) for c in chunk)), strict=True):
+                if rec is not None and (rec.status == RunStatus.STOPPED or rec.control == "stop"):
+                    stopped.add(run_id)
+        return stopped
+
+    async def _stop(self, run_id: str) -> RunRecord | None:
+        live = self.local.get(run_id)
+        if live is not None and not live.finished:
+            live.stop_requested = True
+            live.cancel()
+            await live.wait_finished()
+        try:
+            rec = await self.update(run_id, stop_change)
+        except (StoreError, CorruptRecordError) as exc:
+            log.warning("run %s: could not stop it: %s", run_id, exc)
+            return None
+        if rec is None:
+            return None
+        self.notify(run_id)
+        self.settled(rec)
+        if rec.status == RunStatus.STOPPED and rec.children:
+            await self.stop_runs(list(rec.children))
+        return rec
 
     def settled(self, rec: RunRecord) -> None:
         """A change made here left ``rec`` as written: a child run that ended checks on its parent."""
