@@ -14,6 +14,7 @@ running and waiting runs only; pending approvals per workflow, kind and approver
 from __future__ import annotations
 
 import heapq
+import operator
 import time
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
@@ -128,26 +129,29 @@ class _Run:
         return (self.fields["created_at"], self.fields["run_id"])
 
 
+_ALL_FIELDS = operator.attrgetter(*RECORD_FIELDS)
+_JSON_NAMES = tuple(name for name in RECORD_FIELDS if name in _JSON)
+_LISTS = frozenset({"decisions", "children"})
+
+
 def _encode_record(rec: RunRecord) -> dict[str, Any]:
     """Every field of ``rec`` in its stored form, checked; raises StoreError before any write."""
     check_record(rec)
     run_id = rec.run_id
-    fields: dict[str, Any] = {}
-    for name in RECORD_FIELDS:
-        value = getattr(rec, name)
-        if name in _JSON:
-            if value is None:
-                fields[name] = _NULL
-            elif name in ("decisions", "children"):
-                fields[name] = encode(run_id, name, list(value)) if value else b"[]"
-            else:
-                fields[name] = encode(run_id, name, value)
-        elif name == "status":
-            fields[name] = RunStatus(value)
-        elif name in ("created_at", "updated_at", "lease_expires"):
-            fields[name] = float(value)
+    fields: dict[str, Any] = dict(zip(RECORD_FIELDS, _ALL_FIELDS(rec), strict=True))
+    for name in _JSON_NAMES:
+        value = fields[name]
+        if value is None:
+            fields[name] = _NULL
+        elif name in _LISTS:
+            fields[name] = encode(run_id, name, list(value)) if value else b"[]"
         else:
-            fields[name] = value
+            fields[name] = encode(run_id, name, value)
+    if type(fields["status"]) is not RunStatus:
+        fields["status"] = RunStatus(fields["status"])
+    for name in ("created_at", "updated_at", "lease_expires"):
+        if type(fields[name]) is not float:
+            fields[name] = float(fields[name])
     return fields
 
 
@@ -283,6 +287,12 @@ class MemoryStore:
                         sets[name] = pydantic_core.to_json(value)
                     except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
                         sets[name] = encode(run_id, name, value)  # raises the store's error
+            elif name == "status" and type(value) is RunStatus:
+                sets[name] = value
+            elif name == "control" and (value is None or type(value) is str):
+                sets[name] = value
+            elif name == "output":
+                sets[name] = _NULL if value is None else encode(run_id, name, value)
             else:
                 check_commit_fields(run_id, {name: value})
                 if name in _JSON:

@@ -40,6 +40,26 @@ def _index_keys(workflow: str, status: RunStatus) -> tuple[_IndexKey, ...]:
     return keys
 
 
+_MOVES: dict[tuple[str, RunStatus, str, RunStatus], tuple[tuple[_IndexKey, ...], tuple[_IndexKey, ...]]] = {}
+
+
+def _moves(
+    old_workflow: str, old_status: RunStatus, workflow: str, status: RunStatus
+) -> tuple[tuple[_IndexKey, ...], tuple[_IndexKey, ...]]:
+    """The lists a run leaves and joins when its workflow or status changes (cached)."""
+    plan_key = (old_workflow, old_status, workflow, status)
+    plan = _MOVES.get(plan_key)
+    if plan is None:
+        old_keys, new_keys = _index_keys(old_workflow, old_status), _index_keys(workflow, status)
+        plan = (
+            tuple(k for k in old_keys if k not in new_keys),
+            tuple(k for k in new_keys if k not in old_keys),
+        )
+        if len(_MOVES) < 10_000:
+            _MOVES[plan_key] = plan
+    return plan
+
+
 class RunIndex:
     """Sorted lists of ``(created_at, run_id)`` per workflow, status, both, and neither."""
 
@@ -68,13 +88,11 @@ class RunIndex:
         ``old`` and ``new`` hold the run's ``created_at``, ``run_id``, ``workflow`` and ``status``.
         """
         old_key, new_key = (old["created_at"], old["run_id"]), (new["created_at"], new["run_id"])
-        old_keys = _index_keys(old["workflow"], old["status"])
-        new_keys = _index_keys(new["workflow"], new["status"])
         if old_key == new_key:
-            old_keys, new_keys = (
-                tuple(k for k in old_keys if k not in new_keys),
-                tuple(k for k in new_keys if k not in old_keys),
-            )
+            old_keys, new_keys = _moves(old["workflow"], old["status"], new["workflow"], new["status"])
+        else:
+            old_keys = _index_keys(old["workflow"], old["status"])
+            new_keys = _index_keys(new["workflow"], new["status"])
         self._unindex(old_key, old_keys)
         lists = self.lists
         for index_key in new_keys:
