@@ -251,16 +251,14 @@ class SqliteStore(TwoConnections):
         pending = commit.fields.get("pending")
 
         def approvals(db: sqlite3.Connection, workflow: Any = None, now_status: Any = None) -> None:
-            retire = True
             if workflow is None:  # the fence's slow path: read what the row holds
                 workflow, now_status = db.execute(sqlindex.SELECT_RUN_STATUS, (ns, run_id)).fetchone()
-            elif status is not None:  # the statement matched only another stored status
+                retire = True
+            elif status is not None:  # the fast statement matched only a stored status other than this
                 retire = status != RunStatus.WAITING
             else:
                 retire = now_status == RunStatus.WAITING
-            rows = sqlindex.approval_rows(run_id, str(workflow), now_status, pending)
-            if rows or retire:
-                sqlindex.file_approvals(db, ns, run_id, rows, retire)
+            sqlindex.file_pending(db, ns, run_id, str(workflow), now_status, pending, retire)
 
         # One statement checks the fence and writes the hot row. A new status must differ
         # from the stored one (an unchanged status would rewrite the status indexes for
@@ -397,12 +395,9 @@ class SqliteStore(TwoConnections):
                     sqlrows.delete_values(db, self.key_prefix, run_id, inline)
                 sqlrows.insert_rows(db, self.key_prefix, run_id, old.event_count + 1, bodies, big)
                 if "pending" in sets or "status" in sets:
-                    rows = sqlindex.approval_rows(
-                        run_id, rec.workflow, RunStatus(rec.status).value, rec.pending
-                    )
-                    retire = old.status == RunStatus.WAITING  # else it has none filed
-                    if rows or retire:
-                        sqlindex.file_approvals(db, self.key_prefix, run_id, rows, retire)
+                    retire = old.status == RunStatus.WAITING
+                    now_status = RunStatus(rec.status).value
+                    sqlindex.file_pending(db, *key, rec.workflow, now_status, rec.pending, retire)
             if db is self._inline:
                 self._unchecked += sum(map(len, bodies)) + sum(map(len, big.values()))
             return rec

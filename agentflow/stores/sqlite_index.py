@@ -28,6 +28,7 @@ __all__ = [
     "approval_rows",
     "due_gates",
     "file_approvals",
+    "file_pending",
     "list_approvals",
     "list_runs",
     "page_of_approvals",
@@ -147,6 +148,21 @@ def file_approvals(
             db.execute(_INSERT_APPROVER, (ns, approvers[0], at, aid, rid))
         elif approvers:
             db.executemany(_INSERT_APPROVER, [(ns, name, at, aid, rid) for name in approvers])
+
+
+def file_pending(
+    db: sqlite3.Connection, ns: str, run_id: str, workflow: str, status: str, pending: Any, retire: bool
+) -> None:
+    """File the approvals of a run now ``status`` with ``pending``, in place of those filed before.
+
+    ``retire=False`` when the run was not waiting before the write: it has none filed.
+
+    Raises:
+        StoreError: an approval is not JSON-able (names the run).
+    """
+    rows = approval_rows(run_id, workflow, status, pending)
+    if rows or retire:
+        file_approvals(db, ns, run_id, rows, retire)
 
 
 def list_approvals(
