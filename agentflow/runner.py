@@ -24,6 +24,7 @@ from ._engine.gates import Transition, choose, decide, expired, form_of
 from ._engine.history import reached
 from ._engine.run import LiveRun
 from ._engine.values import decode_output, run_output, validate_input
+from ._runtime.leases import take_over
 from ._runtime.supervisor import Supervisor, stop_change
 from .definition.steps import START
 from .definition.workflow import Workflow, WorkflowSpec
@@ -285,15 +286,8 @@ class WorkflowRunner:
             ids = [i for i in await self.store.recoverable(name, 100) if i not in sup.local]
             taken = 0
             for run_id in ids:
-
-                def take_over(r: RunRecord, now: float) -> Transition | None:
-                    if r.status != RunStatus.RUNNING or r.lease_expires >= now or r.workflow != name:
-                        return None  # someone else got there first (or not ours)
-                    data = {"recovered": True, "from": r.lease_owner}
-                    return Transition({}, [("resumed", r.step, data)], r.step or START)
-
                 try:
-                    await sup.transition(run_id, take_over)
+                    await sup.transition(run_id, take_over(name))
                 except (AgentflowError, RunNotFoundError):
                     continue
                 taken += 1

@@ -353,3 +353,42 @@ async def test_branches_that_finished_before_a_sibling_failed_do_not_run_again_o
         result = await (await handle.retry()).result(timeout=10)
     assert result.output == ["quick", "also", "fixed"]
     assert calls == {"quick": 1, "also": 1, "fails": 2}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_waiting_parent_gets_back_a_child_whose_owner_died_without_recover(
+    make_store, kind, monkeypatch
+):
+    """The parent's check-back takes over a child whose owner died: no one need call recover().
+
+    (A parent recovered a moment before its children's leases ran out used to wait on
+    them for good.)
+    """
+    from agentflow._engine import compose as engine_compose
+    from agentflow._runtime import children as runtime_children
+
+    monkeypatch.setattr(engine_compose, "CHECK_BACK", 0.3)
+    monkeypatch.setattr(runtime_children, "CHECK_BACK", 0.3)
+    hold = asyncio.Event()
+    ran: list[str] = []
+
+    async def slow(ctx):
+        ran.append(ctx.run_id)
+        await hold.wait()
+        return END
+
+    leg = Workflow("OrphanLeg").flow({START: slow})
+    boss = Workflow("OrphanBoss").flow({START: lambda ctx: Run(leg, None, END)})
+    a = WorkflowRunner(boss, store=make_store(kind), lease_ttl=0.5)
+    handle = await a.run(run_id="orphan")
+    await wait_status(handle, RunStatus.WAITING)
+    child_id = "orphan/__start__.1"
+    await asyncio.sleep(0.05)
+    assert ran == [child_id]
+    await a.close()  # the process that ran the child is gone; the child stays running
+    hold.set()
+    async with WorkflowRunner(boss, store=make_store(kind), lease_ttl=0.5) as b:
+        again = await b.attach("orphan")
+        result = await again.result(timeout=20)
+    assert result.status == RunStatus.COMPLETED
+    assert ran == [child_id, child_id]  # taken over once, by b

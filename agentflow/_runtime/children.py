@@ -27,6 +27,7 @@ from .._engine.compose import CHECK_BACK, CHECK_BACK_MAX, ChildOutcome, ended
 from ..errors import AgentflowError
 from ..stores.contract import Change, RunRecord
 from ..types import FINAL, RunStatus
+from .leases import take_over
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -141,6 +142,8 @@ class ChildWatch:
                     break  # still going here: its end checks again
                 child = await store.get(cid)
                 if child is not None and child.status not in FINAL:
+                    if rearm and child.status == RunStatus.RUNNING:
+                        await self._recover(child)  # its owner may have died since it started
                     break
             pos += 1
         if pos < len(refs):
@@ -162,6 +165,24 @@ class ChildWatch:
         if again is not None and (again.get("step"), again.get("visit")) != (step, visit):
             return await self.check(parent_id)  # it moved on and waits on other children now
         return rec.status != RunStatus.WAITING
+
+    async def _recover(self, child: RunRecord) -> None:
+        """Take over a running child whose lease ran out (by the store's clock), if it is served here.
+
+        A parent's check-back is where a child orphaned by a dead process is noticed
+        even when no one calls ``recover()`` again: a parent recovered a moment before its
+        children's leases ran out would otherwise wait on them for good.
+        """
+        try:
+            sup = self._root.of(child.workflow)
+        except KeyError:
+            return  # another workflow's processes recover it
+        if child.run_id in sup.local:
+            return
+        try:
+            await sup.transition(child.run_id, take_over(child.workflow))
+        except AgentflowError as exc:
+            log.warning("run %s: could not recover its child run %s: %s", child.parent, child.run_id, exc)
 
     async def _rearm(self, parent_id: str, pending: dict[str, Any], at_once: bool = False) -> None:
         """Set the parent's next check-back deadline (backing off), or make it due now."""

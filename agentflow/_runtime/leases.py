@@ -17,9 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .._engine.gates import Transition
+from ..definition.steps import START
 from ..errors import LeaseLostError, StoreError
+from ..stores.contract import RunRecord
 from ..types import RunStatus
 
 if TYPE_CHECKING:
@@ -27,7 +31,24 @@ if TYPE_CHECKING:
     from ..stores.contract import Store
     from .supervisor import Supervisor
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["LeaseKeeper", "take_over"]
+
+
+def take_over(workflow: str) -> Callable[[RunRecord, float], Transition | None]:
+    """The transition that resumes a run of ``workflow`` whose owner died.
+
+    The lease is judged by the store's clock (``now``); a run that is not running, whose
+    lease still holds, or of another workflow is left alone (someone got there first).
+    """
+
+    def change(r: RunRecord, now: float) -> Transition | None:
+        if r.status != RunStatus.RUNNING or r.lease_expires >= now or r.workflow != workflow:
+            return None
+        data = {"recovered": True, "from": r.lease_owner}
+        return Transition({}, [("resumed", r.step, data)], r.step or START)
+
+    return change
+
 
 log = logging.getLogger("agentflow")
 
