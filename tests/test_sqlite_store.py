@@ -754,3 +754,27 @@ async def test_processes_updating_one_file_lose_no_writes(store: SqliteStore) ->
     rec = await store.get("r1")
     assert rec is not None and rec.visit == 450 and rec.event_count == 450
     assert [e.seq for e in await store.events("r1")] == list(range(1, 451))
+
+
+def test_stores_opening_one_new_file_at_once_all_open(tmp_path: Path) -> None:
+    """Switching a new file to WAL does not wait on busy_timeout: it is retried instead."""
+    from agentflow.stores import sqlite_schema
+
+    errors: list[BaseException] = []
+    for i in range(150):
+        path = str(tmp_path / f"new-{i}.db")
+        barrier = threading.Barrier(5)
+
+        def open_it(path: str = path, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                sqlite_schema.connect(path, "normal").close()
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

@@ -37,6 +37,7 @@ The last three are partial indexes, so a run leaves them when it leaves that sta
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from ..errors import CorruptRecordError, StoreError
 from .codec import decode
@@ -206,7 +207,7 @@ def connect(path: str, durability: str) -> sqlite3.Connection:
     """
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, cached_statements=STATEMENTS)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
+        _wal(db)
         db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
         if durability == "full":
             db.execute("PRAGMA fullfsync = ON")  # macOS: flush the drive's cache too
@@ -215,6 +216,25 @@ def connect(path: str, durability: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL mode, waiting out another connection that is switching the same new file.
+
+    Changing the journal mode does not wait on ``busy_timeout``: two stores opening a new
+    file at once could see "database is locked". It is retried for up to ``BUSY_TIMEOUT``.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (5, 6) or time.monotonic() >= deadline:  # BUSY, LOCKED
+                raise
+        time.sleep(delay)  # the store's thread: the event loop never waits here
+        delay = min(delay * 2, 0.05)
 
 
 def connect_inline(path: str) -> sqlite3.Connection:
