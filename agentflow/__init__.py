@@ -2,6 +2,8 @@
 
 from ._engine.context import StepContext
 from .agents import Agent, AgentReply, TokenBudget
+from .agents.loop import AgentRun, ToolCall
+from .agents.spi import ToolContext
 from .definition import (
     END,
     START,
@@ -16,6 +18,7 @@ from .definition import (
     Workflow,
     step,
 )
+from .definition.tools import tool
 from .errors import (
     AgentflowError,
     BudgetExceededError,
@@ -23,6 +26,7 @@ from .errors import (
     InvalidInputError,
     InvalidStateError,
     LeaseLostError,
+    MaxTurnsExceeded,
     NonDeterminismError,
     NotAuthorizedError,
     OutputValidationError,
@@ -48,6 +52,7 @@ __all__ = [
     "START",
     "Agent",
     "AgentReply",
+    "AgentRun",
     "AgentflowError",
     "Approval",
     "BranchError",
@@ -58,6 +63,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
+    "MaxTurnsExceeded",
     "Next",
     "NonDeterminismError",
     "NotAuthorizedError",
@@ -84,6 +90,8 @@ __all__ = [
     "Store",
     "StoreError",
     "TokenBudget",
+    "ToolCall",
+    "ToolContext",
     "UnknownStepError",
     "Usage",
     "Wait",
@@ -92,5 +100,6 @@ __all__ = [
     "WorkflowInfo",
     "WorkflowRunner",
     "step",
+    "tool",
 ]
 __version__ = "0.1.0"

@@ -39,6 +39,11 @@ SPEC_NAMES = [
     "Sleep",
     "Run",
     "Approval",
+    "tool",
+    "ToolContext",
+    "ToolCall",
+    "AgentRun",
+    "MaxTurnsExceeded",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -68,6 +73,7 @@ SPEC_ERRORS = [
 EXPECTED = [
     "Agent",
     "AgentReply",
+    "AgentRun",
     "AgentflowError",
     "Approval",
     "BranchError",
@@ -79,6 +85,7 @@ EXPECTED = [
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
+    "MaxTurnsExceeded",
     "Next",
     "NonDeterminismError",
     "NotAuthorizedError",
@@ -106,6 +113,8 @@ EXPECTED = [
     "Store",
     "StoreError",
     "TokenBudget",
+    "ToolCall",
+    "ToolContext",
     "UnknownStepError",
     "Usage",
     "Wait",
@@ -114,6 +123,7 @@ EXPECTED = [
     "WorkflowInfo",
     "WorkflowRunner",
     "step",
+    "tool",
 ]
 
 
