@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -86,10 +87,16 @@ def utc(ts: float) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens an agent call (or a step, or a run) consumed."""
+    """Tokens an agent call (or a step, or a run) consumed, and what they cost.
+
+    ``cost`` is in USD, from the genai-prices data for the call's provider and model;
+    None when no call of it had a known price (an unknown model, a self-hosted server).
+    A sum counts the calls whose price is known.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cost: Decimal | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -97,18 +104,28 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)
+        a, b = self.cost, other.cost
+        cost = a if b is None else b if a is None else a + b
+        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens, cost)
 
-    def to_json(self) -> dict[str, int]:
-        """The stored form."""
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (a cost as a decimal string, so no cent is lost to a float)."""
+        out: dict[str, Any] = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        if self.cost is not None:
+            out["cost"] = str(self.cost)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Usage:
         """Read the stored form back."""
         if not data:
             return cls()
-        return cls(int(data.get("input_tokens", 0)), int(data.get("output_tokens", 0)))
+        cost = data.get("cost")
+        return cls(
+            int(data.get("input_tokens", 0)),
+            int(data.get("output_tokens", 0)),
+            None if cost is None else Decimal(str(cost)),
+        )
 
 
 #: No tokens: what a step that made no agent call used (one shared instance).

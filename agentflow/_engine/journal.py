@@ -8,6 +8,7 @@ retry, a recovery and a replay of the same step find the same entries.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ..stores.contract import Commit
@@ -67,6 +68,10 @@ class StepJournal:
     def spent(self) -> int:
         """Tokens the run has consumed so far."""
         return self._run.usage.total_tokens
+
+    def cost(self) -> Decimal | None:
+        """What the run's calls of known price have cost so far (USD)."""
+        return self._run.usage.cost
 
     def emit(self, kind: str, data: Any = None) -> None:
         """Record an event on the run (``agent_leak``)."""

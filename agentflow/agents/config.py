@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -75,9 +76,24 @@ class AgentReply:
 
 @dataclass(frozen=True, slots=True)
 class TokenBudget:
-    """A run's token allowance; a call that would pass it raises ``BudgetExceededError``."""
+    """A run's allowance of tokens and of money (USD): a call past it raises ``BudgetExceededError``.
 
-    max_tokens: int
+    ``max_cost`` counts the calls whose price is known (see ``Usage.cost``); a call is
+    refused once the run's cost has reached it (a call's cost is known only after it).
+    """
+
+    max_tokens: int | None = None
+    max_cost: Decimal | float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is None and self.max_cost is None:
+            raise WorkflowDefinitionError("TokenBudget needs max_tokens, max_cost or both")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise WorkflowDefinitionError(
+                f"TokenBudget max_tokens must not be negative, got {self.max_tokens}"
+            )
+        if self.max_cost is not None:
+            object.__setattr__(self, "max_cost", Decimal(str(self.max_cost)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,13 +250,23 @@ class AgentHandle:
         budget = self._accessor._pools.config.budget
         if budget is None:
             return
-        spent, cap = self._accessor._journal.spent(), request.max_tokens
-        if spent >= budget.max_tokens or (cap is not None and spent + cap > budget.max_tokens):
-            this_call = f" and this call may use up to {cap}" if cap is not None else ""
-            raise BudgetExceededError(
-                f"agent {self.agent_name!r}: the run has spent {spent} of its {budget.max_tokens}-token "
-                f"budget{this_call}, so the call was not sent"
-            )
+        journal = self._accessor._journal
+        cap = budget.max_tokens
+        if cap is not None:
+            spent, most = journal.spent(), request.max_tokens
+            if spent >= cap or (most is not None and spent + most > cap):
+                this_call = f" and this call may use up to {most}" if most is not None else ""
+                raise BudgetExceededError(
+                    f"agent {self.agent_name!r}: the run has spent {spent} of its {cap}-token "
+                    f"budget{this_call}, so the call was not sent"
+                )
+        if budget.max_cost is not None:
+            cost = journal.cost()
+            if cost is not None and cost >= budget.max_cost:
+                raise BudgetExceededError(
+                    f"agent {self.agent_name!r}: the run has spent ${cost} of its ${budget.max_cost} "
+                    "budget, so the call was not sent"
+                )
 
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
         journaled = self._accessor._journal.lookup(key)

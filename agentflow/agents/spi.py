@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ProviderError, redact
@@ -282,6 +283,10 @@ class AgentJournal(Protocol):
 
     def spent(self) -> int:
         """Tokens the run has consumed so far (for the budget)."""
+        ...
+
+    def cost(self) -> Decimal | None:
+        """What the run's calls of known price have cost so far, in USD (for the budget)."""
         ...
 
     def emit(self, kind: str, data: Any = None) -> None:

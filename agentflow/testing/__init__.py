@@ -20,6 +20,7 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeAlias
 
 from ..agents.spi import ProviderReply, ProviderRequest, ToolUse
@@ -262,6 +263,10 @@ class MemoryJournal:
     def spent(self) -> int:
         """Tokens recorded so far."""
         return self.usage.total_tokens
+
+    def cost(self) -> Decimal | None:
+        """The cost recorded so far (USD), None when no call had a known price."""
+        return self.usage.cost
 
     def emit(self, kind: str, data: Any = None) -> None:
         """Remember an event."""

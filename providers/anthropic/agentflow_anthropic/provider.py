@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import anthropic
 
 from agentflow.agents import Message, ProviderReply, ProviderRequest, ToolUse, redacting, reply_body
+from agentflow.agents.pricing import priced
 from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
 from agentflow.types import Usage
@@ -159,7 +160,9 @@ class AnthropicProvider:
             if isinstance(usage, dict)
             else Usage()
         )
-        return ProviderReply(text=text, data=data, usage=spent, tool_calls=tuple(calls))
+        return ProviderReply(
+            text=text, data=data, usage=self._priced(spent, request), tool_calls=tuple(calls)
+        )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
         """Yield text (or, for structured output, its JSON) deltas, then the whole reply.
@@ -227,9 +230,12 @@ class AnthropicProvider:
             else:
                 calls.append(ToolUse(str(call_id), str(name), raw or "{}"))
         text = json.dumps(data) if data is not None else "".join(parts)
-        yield ProviderReply(
-            text=text, data=data, usage=Usage(input_tokens, output_tokens), tool_calls=tuple(calls)
-        )
+        spent = self._priced(Usage(input_tokens, output_tokens), request)
+        yield ProviderReply(text=text, data=data, usage=spent, tool_calls=tuple(calls))
+
+    def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
+        """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""
+        return priced(usage, self.name, request.model, self._base_url or os.environ.get("ANTHROPIC_BASE_URL"))
 
     async def aclose(self) -> None:
         """Close the SDK client and its connections (a later call makes a new one)."""

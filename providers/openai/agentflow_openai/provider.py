@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import openai
 
 from agentflow.agents import Message, ProviderReply, ProviderRequest, ToolUse, redacting, reply_body
+from agentflow.agents.pricing import priced
 from agentflow.agents.retrying import RetryPolicy
 from agentflow.errors import ProviderError
 from agentflow.types import Usage
@@ -157,7 +158,7 @@ class OpenAIProvider:
             raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
             text, spent, calls = self._reply(request, raw.http_response.content)
         data = None if calls else _data(request, text)
-        return ProviderReply(text=text, data=data, usage=spent, tool_calls=calls)
+        return ProviderReply(text=text, data=data, usage=self._priced(spent, request), tool_calls=calls)
 
     def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage, tuple[ToolUse, ...]]:
         """Text (content, else refusal), usage and tool calls of a ``chat.completion`` body."""
@@ -226,7 +227,11 @@ class OpenAIProvider:
         text = "".join(parts)
         uses = tuple(ToolUse(c[0], c[1], "".join(c[2:])) for _, c in sorted(calls.items()))
         data = None if uses else _data(request, text)
-        yield ProviderReply(text=text, data=data, usage=spent, tool_calls=uses)
+        yield ProviderReply(text=text, data=data, usage=self._priced(spent, request), tool_calls=uses)
+
+    def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
+        """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""
+        return priced(usage, self.name, request.model, self._base_url or os.environ.get("OPENAI_BASE_URL"))
 
     async def aclose(self) -> None:
         """Close the SDK client and its connections (a later call makes a new one)."""
