@@ -38,6 +38,7 @@ bench: $(VENV)/.installed redis-server
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_approvals.py
 	$(BIN)/python benchmarks/bench_compose.py
+	$(BIN)/python benchmarks/bench_agents.py
 	$(BIN)/python benchmarks/bench_pool.py
 
 clean:

@@ -39,9 +39,9 @@ async def search(ctx: ToolContext, repo: str) -> list[str]:
     return [f"{repo}#12 crash on start"]
 
 
-@tool
+@tool(timeout=5)
 def read_file(path: str) -> str:
-    """Read a file (sync: runs in a worker thread)."""
+    """Read a file (sync with a timeout: runs in a worker thread)."""
     CALLS.log.append(("read_file", path))
     time.sleep(0.05)
     return f"contents of {path}"
@@ -281,3 +281,28 @@ async def test_a_tool_that_needs_approval_is_never_run_without_it() -> None:
             await ops.run("go")
     await pools.aclose()
     assert CALLS.log == []
+
+
+async def test_a_sync_tool_without_a_timeout_runs_inline_and_one_with_a_timeout_in_a_thread() -> None:
+    import threading
+
+    seen: list[str] = []
+
+    @tool
+    def inline() -> str:
+        """On the loop's thread."""
+        seen.append(threading.current_thread().name)
+        return "ok"
+
+    @tool(timeout=1)
+    def threaded() -> str:
+        """In a worker thread."""
+        seen.append(threading.current_thread().name)
+        return "ok"
+
+    model = ScriptedProvider([[call("inline"), call("threaded")], "done"])
+    pools = AgentPools(AgentsConfig({"ops": Agent(provider=model, model="m", tools=[inline, threaded])}))
+    async with pools.accessor(MemoryJournal()).ops as ops:
+        await ops.run("go")
+    await pools.aclose()
+    assert seen[0] == threading.current_thread().name and seen[1] != seen[0]

@@ -303,10 +303,13 @@ async def _execute(
     started = time.perf_counter()
 
     async def attempt() -> Any:
+        fn = tool.fn
         if tool.is_async:
-            coro = tool.fn(ctx, **kwargs) if tool.takes_context else tool.fn(**kwargs)
-        else:
-            fn = tool.fn
+            coro = fn(ctx, **kwargs) if tool.takes_context else fn(**kwargs)
+        elif tool.timeout is None:
+            # A sync tool is called inline, as a sync step is: cheap code needs no thread.
+            return fn(ctx, **kwargs) if tool.takes_context else fn(**kwargs)
+        else:  # with a timeout it runs in a worker thread, so the timeout can be kept
             coro = asyncio.to_thread(lambda: fn(ctx, **kwargs) if tool.takes_context else fn(**kwargs))
         async with asyncio.timeout(tool.timeout):
             return await coro
