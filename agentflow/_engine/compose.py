@@ -1,10 +1,10 @@
-"""Child runs: starting them, parking the parent on them, and finishing the parent's step.
+"""Child runs: parking the parent on them, and finishing the parent's step from how they ended.
 
 A step that returns ``Run(child, input, target)`` (a ``Parallel.map`` branch too, or
-``await ctx.run(child, input)`` in imperative code) starts a run of its own in the
-same store, under an id derived from the parent's and the step visit
-(:func:`child_id`): a replay or a recovery of the step finds the child it started
-(``Store.create`` refuses a second one) instead of starting another.
+``await ctx.run(child, input)`` in imperative code) starts child runs
+(:mod:`.compose_spawn`: under ids derived from the parent's, so a replay finds them
+again); their endings are read as :class:`ChildOutcome` (:mod:`.compose_outcome`).
+This module re-exports both, as the one entry to child runs.
 
 The order makes crashes harmless:
 
@@ -29,25 +29,16 @@ that recovery finishes the same way.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import hashlib
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..definition.compose import Run
-from ..definition.parallel import BranchError
-from ..definition.steps import END, START
-from ..errors import (
-    RunFailedError,
-    RunRejectedError,
-    RunStoppedError,
-    StepLimitExceeded,
-    WorkflowDefinitionError,
-)
-from ..stores.contract import Commit, Lease, OutputRecord, RunRecord
-from ..types import FINAL, NO_USAGE, RunStatus, Usage
+from ..definition.steps import END
+from ..errors import WorkflowDefinitionError
+from ..stores.contract import Commit, OutputRecord, RunRecord
+from ..types import NO_USAGE, RunStatus
+from .compose_outcome import ChildOutcome, add_usage, ended_here, read_children
+from .compose_spawn import Spawned, child_id, spawn, start_child, successor_id
 from .context import Frame, validate_state
 from .history import state_delta
 from .run import LiveRun, StepError
@@ -55,7 +46,6 @@ from .values import decode_output, encode_branch, run_output, validate_input
 
 if TYPE_CHECKING:
     from .gates import Transition
-    from .kernel import Kernel
 
 __all__ = [
     "CHECK_BACK",
@@ -82,118 +72,6 @@ __all__ = [
 CHECK_BACK = 5.0
 CHECK_BACK_MAX = 60.0
 
-#: Children read from the store at once when a parent's step finishes.
-_READ_BATCH = 64
-
-
-def child_id(parent: str, step: str, visit: int, index: int | None = None) -> str:
-    """The id of the child a step visit starts (``index``: its position in a fan-out).
-
-    Derived, never random, so running the step again finds the same child. Kept short
-    when the parent's own id is long (a child of a child of ...).
-    """
-    base = parent if len(parent) <= 64 else "c" + hashlib.sha256(parent.encode()).hexdigest()[:31]
-    tail = f"{step}.{visit}" if index is None else f"{step}.{visit}.{index}"
-    return f"{base}/{tail}"
-
-
-def successor_id(child: str) -> str:
-    """The id of the run that takes the place of the stopped child ``child`` (``…~2``, ``…~3``).
-
-    Derived, as :func:`child_id` is, so a replay finds the successor it started.
-    """
-    base, sep, n = child.rpartition("~")
-    if sep and n.isdigit():
-        return f"{base}~{int(n) + 1}"
-    return f"{child}~2"
-
-
-class Spawned(Exception):
-    """Internal: parallel branches started child runs; the step parks on them.
-
-    Attributes:
-        refs: the children, ``{"run_id", "workflow", "index"}``, in branch order.
-        join: how to join the branches once the children ended (see ``run_parallel``).
-        journal: failed branches' results (``on_error="collect"``), kept for the join.
-    """
-
-    def __init__(self, refs: list[dict[str, Any]], join: dict[str, Any], journal: dict[str, Any]) -> None:
-        super().__init__(f"{len(refs)} child runs started")
-        self.refs = refs
-        self.join = join
-        self.journal = journal
-
-
-async def spawn(
-    run: LiveRun, step: str, visit: int, child: Run, index: int | None = None, after: str | None = None
-) -> dict[str, Any]:
-    """Create (or find again) and start the child run ``child`` asks for; its ref.
-
-    ``after``: the stopped child this one takes the place of (its id is then
-    :func:`successor_id` of it).
-
-    Raises:
-        WorkflowDefinitionError: the workflow is not one of the parent's children.
-        InvalidInputError: the input does not fit the child's input model.
-        StepLimitExceeded: runs nest deeper than the child's ``max_steps``.
-    """
-    spec = run.spec
-    wf = child.workflow
-    name = wf.name
-    if spec.children.get(name) is not wf:
-        known = sorted(spec.children)
-        raise WorkflowDefinitionError(
-            f"run {run.run_id}, step {step!r}: workflow {name!r} is not a child of {spec.name!r} "
-            f"(children: {known}); name it in the step's code or declare it with "
-            f"Workflow({spec.name!r}).children(...)"
-        )
-    kernel = run.kernel.child_kernel(name)
-    cspec = kernel.spec
-    depth = int((run.parent or {}).get("depth", 0)) + 1
-    if depth > cspec.max_steps:
-        raise StepLimitExceeded(
-            f"run {run.run_id}, step {step!r}: child runs nest {depth} deep (workflow {name!r} "
-            f"allows {cspec.max_steps} steps); a cycle of workflows that never ends?"
-        )
-    inp = validate_input(cspec, child.input)
-    cid = successor_id(after) if after is not None else child_id(run.run_id, step, visit, index)
-    parent = {"run_id": run.run_id, "step": step, "visit": visit, "index": index, "depth": depth}
-    await start_child(kernel, cid, inp, parent)
-    if cid not in run.children:
-        run.spawned.append(cid)
-    return {"run_id": cid, "workflow": name, "index": index}
-
-
-async def start_child(kernel: Kernel, run_id: str, inp: Any, parent: dict[str, Any]) -> None:
-    """Store the child's first record and advance it here; nothing when it exists already."""
-    spec = kernel.spec
-    state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
-    lease = Lease(kernel.owner, 1)
-    first = spec.main.name if spec.main is not None else START
-    now = time.time()
-    rec = RunRecord(
-        run_id=run_id,
-        workflow=spec.name,
-        status=RunStatus.RUNNING,
-        input=inp,
-        state=state,
-        step=first,
-        created_at=now,
-        updated_at=now,
-        lease_owner=lease.owner,
-        lease_token=lease.token,
-        lease_expires=now + kernel.lease_ttl,
-        parent=parent,
-    )
-    child = LiveRun(kernel, run_id, lease, inp, state)
-    child.step = first
-    child.parent = parent
-    data = {"workflow": spec.name, "parent": parent["run_id"], "step": parent["step"]}
-    events = [child.event("run_started", None, data), child.event("step_started", first)]
-    child.outbox.clear()
-    if await kernel.store.create(rec, events):
-        kernel.start(child)
-
 
 def ended(rec: RunRecord, step: str, visit: int) -> Transition | None:
     """The parent goes on: its children (of the wait at ``step``, ``visit``) all ended.
@@ -216,144 +94,6 @@ def ended(rec: RunRecord, step: str, visit: int) -> Transition | None:
     data = {"children": len(pending.get("children") or ())}
     resumed = {**pending, "deadline": None, "ended": True}
     return Transition({"pending": resumed}, [("resumed", step, data)], resume_at=step)
-
-
-@dataclass(frozen=True, slots=True)
-class ChildOutcome:
-    """How a child run ended, as its parent's step sees it."""
-
-    run_id: str
-    workflow: str
-    status: RunStatus
-    value: Any = None
-    usage: Usage = NO_USAGE
-    error: dict[str, Any] | None = None
-    decision: dict[str, Any] | None = None
-    step: str | None = None
-    #: The child has not ended (it was retried, or reset, since the parent was resumed).
-    going: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """The child completed."""
-        return self.status is RunStatus.COMPLETED
-
-    @property
-    def rejected(self) -> bool:
-        """The child ended at a gate (rejected, or expired without a decision)."""
-        return self.status in (RunStatus.REJECTED, RunStatus.EXPIRED)
-
-    def exception(self) -> Exception:
-        """The error the parent's step fails with (or ``ctx.run`` raises)."""
-        if self.status is RunStatus.STOPPED:
-            return RunStoppedError(self.run_id, self.step)
-        if self.rejected:
-            d = self.decision or {}
-            return RunRejectedError(self.run_id, self.status.value, d.get("comment"), d.get("by"))
-        err = self.error or {}
-        return RunFailedError(
-            self.run_id,
-            err.get("step"),
-            err.get("type", "Error"),
-            err.get("message", ""),
-            err.get("traceback", ""),
-        )
-
-    def branch_error(self) -> BranchError:
-        """The result a routed (``on_fail``, ``on_reject``) or collected failure leaves."""
-        exc = self.exception()
-        return BranchError(self.run_id, type(exc).__name__, str(exc))
-
-    def to_json(self) -> dict[str, Any]:
-        """The stored form of a failure (an imperative journal entry)."""
-        return {
-            "run_id": self.run_id,
-            "workflow": self.workflow,
-            "status": self.status.value,
-            "error": self.error,
-            "decision": self.decision,
-            "step": self.step,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ChildOutcome:
-        """Read a stored failure back."""
-        return cls(
-            str(data["run_id"]),
-            str(data["workflow"]),
-            RunStatus(data["status"]),
-            error=data.get("error"),
-            decision=data.get("decision"),
-            step=data.get("step"),
-        )
-
-
-def _outcome(run: LiveRun, ref: dict[str, Any], rec: RunRecord | None) -> ChildOutcome:
-    cid, wf = str(ref["run_id"]), str(ref["workflow"])
-    if rec is None:
-        error = {"step": None, "type": "RunNotFoundError", "message": f"child run {cid} vanished"}
-        return ChildOutcome(cid, wf, RunStatus.FAILED, error=error)
-    usage = Usage.from_json(rec.usage)
-    if rec.status is RunStatus.COMPLETED:
-        try:
-            spec = run.kernel.child_kernel(wf).spec
-        except KeyError:
-            value = rec.output
-        else:
-            value = run_output(spec, cid, rec.output)
-        return ChildOutcome(cid, wf, rec.status, value, usage, step=rec.step)
-    if rec.status not in FINAL:
-        # Only a parent whose children all ended is resumed: this one was reset meanwhile.
-        error = {"step": rec.step, "type": "InvalidStateError", "message": f"child run {cid} is {rec.status}"}
-        return ChildOutcome(cid, wf, RunStatus.FAILED, usage=usage, error=error, step=rec.step, going=True)
-    decision = dict(rec.decisions[-1]) if rec.decisions else None
-    return ChildOutcome(cid, wf, rec.status, None, usage, rec.error, decision, rec.step)
-
-
-async def read_children(run: LiveRun, refs: list[dict[str, Any]]) -> list[ChildOutcome]:
-    """How each child in ``refs`` ended, in order.
-
-    A child that completed in this process is known without a read; the others are
-    read from the store, a batch at a time.
-    """
-    kernel = run.kernel
-    known = kernel.ended_children(run.run_id)
-    store = kernel.store
-    out: list[ChildOutcome | None] = [known.get(str(r["run_id"])) for r in refs]
-    missing = [i for i, o in enumerate(out) if o is None]
-    for j in range(0, len(missing), _READ_BATCH):
-        chunk = missing[j : j + _READ_BATCH]
-        recs = await asyncio.gather(*(store.get(str(refs[i]["run_id"])) for i in chunk))
-        for i, rec in zip(chunk, recs, strict=True):
-            out[i] = _outcome(run, refs[i], rec)
-    kernel.forget_children(run.run_id)
-    return [o for o in out if o is not None]
-
-
-async def ended_here(run: LiveRun, refs: list[dict[str, Any]]) -> bool:
-    """True when every child in ``refs`` ended in this process, after one turn of the loop.
-
-    Children that finish at once (in memory, a few plain steps) then complete the
-    parent's step without parking it: the parent never let go of its lease, so it goes
-    on exactly once, and a crash before its commit runs the step again, which finds
-    the same (ended) children.
-    """
-    await asyncio.sleep(0)
-    ended = run.kernel.ended_children(run.run_id)
-    return all(str(r["run_id"]) in ended for r in refs)
-
-
-def _add_usage(run: LiveRun, outcomes: list[ChildOutcome]) -> bool:
-    """Add the children's usage to the run's (and the step's); True when there was any."""
-    total = NO_USAGE
-    for o in outcomes:
-        if o.usage.total_tokens:
-            total = total + o.usage
-    if not total.total_tokens:
-        return False
-    run.usage = run.usage + total
-    run.step_usage = run.step_usage + total
-    return True
 
 
 def join_jobs(join: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -476,7 +216,7 @@ async def finish_step(
         await park_children(run, Frame(state), wait_again(pending, refs), journal)
         return None
     extra: dict[str, Any] = {"pending": None} if parked else {}
-    if _add_usage(run, outcomes) or parked:
+    if add_usage(run, outcomes) or parked:
         extra["usage"] = run.usage.to_json()
     join = pending.get("join")
     output: Any = None

@@ -19,7 +19,7 @@ from ..definition.compose import Run
 from ..definition.parallel import BranchError, Parallel
 from ..definition.steps import StepFunction
 from ..stores.contract import Commit, OutputRecord
-from .compose import Spawned, spawn
+from .compose_spawn import Spawned, spawn
 from .context import Frame, StepContext, validate_state
 from .invoke import invoke
 from .values import decode_output, step_output

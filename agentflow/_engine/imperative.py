@@ -23,17 +23,9 @@ from ..definition.workflow import Workflow
 from ..errors import NonDeterminismError, StepLimitExceeded
 from ..stores.contract import Commit, OutputRecord
 from ..types import Decision, RunStatus, utc
-from .compose import (
-    ChildOutcome,
-    Spawned,
-    ended_here,
-    park_children,
-    read_children,
-    replace_stopped,
-    spawn,
-    wait_again,
-    wait_of,
-)
+from .compose import park_children, replace_stopped, wait_again, wait_of
+from .compose_outcome import ChildOutcome, ended_here, read_children
+from .compose_spawn import Spawned, spawn
 from .context import Frame, StepContext
 from .fanout import run_parallel
 from .gates import park
