@@ -1,0 +1,115 @@
+"""Following a run from the runner: until it gets somewhere, its result, its events.
+
+Each follows the run in memory while it advances in this process, and otherwise polls
+the store, woken early by this process's change notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._engine.values import decode_output, run_output
+from .errors import RunFailedError, RunNotFoundError, RunRejectedError, RunStoppedError
+from .stores.contract import RunRecord
+from .types import FINAL, RunEvent, RunResult, RunStatus
+
+if TYPE_CHECKING:
+    from .runner import WorkflowRunner
+
+__all__ = ["events", "result", "until"]
+
+_FINAL_KINDS = frozenset(s.value for s in FINAL)
+_POLL = 0.1  # seconds between store polls for runs another process advances
+
+
+async def until(
+    runner: WorkflowRunner, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None
+) -> RunRecord:
+    """The run's record once ``done`` holds for it.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed first.
+        RunNotFoundError: there is no such run.
+    """
+    sup = runner.supervisor
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        live = sup.local.get(run_id)
+        if live is not None and not live.finished:
+            try:
+                async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                    await live.wait_finished()
+            except TimeoutError:
+                raise TimeoutError(f"run {run_id} did not get there within {timeout} s") from None
+            if live.failure is not None:
+                raise live.failure
+        rec = await runner._record(run_id)
+        if done(rec):
+            return rec
+        if rec.status == RunStatus.WAITING and rec.pending and rec.pending.get("deadline"):
+            sup.watch_deadlines()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"run {run_id} did not get there within {timeout} s")
+        left = _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
+        await sup.notifier.changed(run_id, left)
+
+
+async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> RunResult:
+    """The run's result once it is final, read from the store; raises as ``RunHandle.result`` does."""
+    rec = await until(runner, run_id, lambda r: r.status in FINAL, timeout)
+    if rec.status == RunStatus.FAILED:
+        err = rec.error or {}
+        raise RunFailedError(
+            run_id,
+            err.get("step"),
+            err.get("type", "Error"),
+            err.get("message", ""),
+            err.get("traceback", ""),
+        )
+    if rec.status == RunStatus.STOPPED:
+        raise RunStoppedError(run_id, rec.step)
+    if rec.status in (RunStatus.REJECTED, RunStatus.EXPIRED):
+        last = rec.decisions[-1] if rec.decisions else {}
+        raise RunRejectedError(run_id, rec.status.value, last.get("comment"), last.get("by"))
+    loaded = await runner.store.load(run_id)
+    if loaded is None:
+        raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {runner.spec.name!r}")
+    spec = runner._specs.get(rec.workflow, runner.spec)
+    results: dict[str, Any] = {}
+    for out in loaded.outputs:
+        results[out.step] = decode_output(spec, out.step, out.value)
+    state = (
+        spec.state_model.model_validate(rec.state)
+        if spec.state_model and rec.state is not None
+        else rec.state
+    )
+    return RunResult(rec.status, run_output(spec, run_id, rec.output), state, results)
+
+
+async def events(runner: WorkflowRunner, run_id: str) -> AsyncIterator[RunEvent]:
+    """The run's events from its first (history, then live), ending at a final status."""
+    sup = runner.supervisor
+    after = 0
+    while True:
+        batch = await runner.store.events(run_id, after)
+        live = sup.local.get(run_id)
+        if live is not None:
+            batch = [*batch, *(e for e in live.outbox if e.seq > (batch[-1].seq if batch else after))]
+        for ev in batch:
+            if ev.seq <= after:
+                continue
+            after = ev.seq
+            yield ev
+            if ev.kind in _FINAL_KINDS and ev is batch[-1]:
+                # The end, unless the run went on since (a failed run that was retried).
+                rec = await runner._record(run_id)
+                if rec.status in FINAL and rec.event_count <= after:
+                    return
+        if not batch:
+            rec = await runner._record(run_id)
+            if rec.status in FINAL and rec.event_count <= after:
+                return
+        await sup.notifier.changed(run_id, _POLL)
