@@ -306,3 +306,46 @@ async def test_a_sync_tool_without_a_timeout_runs_inline_and_one_with_a_timeout_
         await ops.run("go")
     await pools.aclose()
     assert seen[0] == threading.current_thread().name and seen[1] != seen[0]
+
+
+@pytest.mark.parametrize("kind", ["scripted", "openai", "anthropic"])
+async def test_stream_streams_the_loop_and_replays_it_as_one_delta(
+    kind: str, monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer
+) -> None:
+    if kind == "scripted":
+        provider: Any = ScriptedProvider([call("status", version="1"), "It is live, ship it."])
+    else:
+        monkeypatch.setenv("OPENAI_API_KEY", "k")
+        monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
+        llm_server.script(
+            Reply(tool_calls=[ToolCall("status", {"version": "1"}, id="c1")]), "It is live, ship it."
+        )
+        provider = kind
+    journal = MemoryJournal(scope="1:Ship:", run_id="r1", step_name="Ship")
+    pools = AgentPools(AgentsConfig({"ops": Agent(provider=provider, model="m", tools=TOOLS)}))
+    try:
+        async with pools.accessor(journal).ops as ops:
+            deltas = [d async for d in ops.stream("ship?", max_turns=3)]
+        assert len(deltas) > 1 and "".join(deltas) == "It is live, ship it."
+        assert ops.last_run is not None and [c.name for c in ops.last_run.tool_calls] == ["status"]
+        assert ops.last_run.turns == 2 and CALLS.log == [("status", "1")]
+        async with pools.accessor(journal).ops as again:  # the step runs again: all from the journal
+            replayed = [d async for d in again.stream("ship?", max_turns=3)]
+        assert replayed == ["It is live, ship it."] and CALLS.log == [("status", "1")]
+    finally:
+        await pools.aclose()
+
+
+async def test_a_streamed_loop_past_max_turns_raises() -> None:
+    model = ScriptedProvider([call("status", version="1"), call("status", version="2")])
+    pools = AgentPools(AgentsConfig({"ops": Agent(provider=model, model="m", tools=TOOLS)}))
+    try:
+        async with pools.accessor(MemoryJournal()).ops as ops:
+            with pytest.raises(MaxTurnsExceeded):
+                async for _ in ops.stream("go", max_turns=2):
+                    pass
+            assert ops.last_run is None
+    finally:
+        await pools.aclose()

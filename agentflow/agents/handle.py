@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class AgentHandle:
         agent_name: the agent's name in ``Workflow.agents``.
         agent: the :class:`~agentflow.agents.Agent` it talks to.
         last_reply: the latest reply (set after ``send`` and after a finished ``stream``).
+        last_run: the latest agent loop's :class:`AgentRun` (after ``run``, or ``stream`` with tools).
     """
 
     __slots__ = (
@@ -53,6 +55,7 @@ class AgentHandle:
         "agent",
         "agent_name",
         "last_reply",
+        "last_run",
     )
 
     def __init__(self, accessor: AgentAccessor, pool: _Pool, provider: Provider, seq: int) -> None:
@@ -67,6 +70,7 @@ class AgentHandle:
         self.agent_name = pool.name
         self.agent = pool.agent
         self.last_reply: AgentReply | None = None
+        self.last_run: AgentRun | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -116,7 +120,14 @@ class AgentHandle:
         text as a single delta. Arguments and errors are those of :meth:`send`; for a
         structured-output agent the deltas are the JSON text, and a repair, if needed,
         is made without streaming.
+        With tools (``Agent(tools=...)``) it streams the agent loop of :meth:`run`: the
+        text deltas of every model turn (``max_turns`` and ``output`` as for ``run``), and
+        :attr:`last_run` holds the :class:`AgentRun` afterwards.
         """
+        if self.agent.tools:
+            async for delta in self._stream_loop(prompt, options):
+                yield delta
+            return
         self._begin()
         try:
             request = self._request(prompt, options)
@@ -171,15 +182,76 @@ class AgentHandle:
         """
         self._begin()
         try:
-            specs = tool_specs(self.agent.tools)
-            model = output if output is not None else self.agent.output
+            return await self._loop(prompt, max_turns, output, options, self._complete)
+        finally:
+            self._busy = False
 
-            def request(messages: Sequence[Message], out: type[BaseModel] | None) -> ProviderRequest:
-                return self._build(messages, out, options, specs)
+    async def _loop(
+        self,
+        prompt: str,
+        max_turns: int,
+        output: type[BaseModel] | None,
+        options: dict[str, Any],
+        complete: Callable[[str, ProviderRequest], Awaitable[ProviderReply]],
+    ) -> AgentRun:
+        specs = tool_specs(self.agent.tools)
+        model = output if output is not None else self.agent.output
 
-            result = await run_loop(self, prompt, max_turns, model, self._complete, request)
-            self.last_reply = AgentReply(result.text, result.output, result.usage)
-            return result
+        def request(messages: Sequence[Message], out: type[BaseModel] | None) -> ProviderRequest:
+            return self._build(messages, out, options, specs)
+
+        result = await run_loop(self, prompt, max_turns, model, complete, request)
+        self.last_reply = AgentReply(result.text, result.output, result.usage)
+        self.last_run = result
+        return result
+
+    async def _stream_loop(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[str]:
+        """The agent loop, yielding the text deltas of each model turn as they arrive."""
+        max_turns = int(options.pop("max_turns", 10))
+        output = options.pop("output", None)
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def complete(key: str, request: ProviderRequest) -> ProviderReply:
+            journaled = self._accessor._journal.lookup(key)
+            if journaled is not None:  # replayed: its text as one delta
+                raw = _reply_from_json(journaled)
+                if raw.text:
+                    deltas.put_nowait(raw.text)
+                return raw
+            self._check_budget(request)
+            final: ProviderReply | None = None
+            stream = self._provider.stream(request)
+            try:
+                async for item in stream:
+                    if isinstance(item, ProviderReply):
+                        final = item
+                    else:
+                        deltas.put_nowait(item)
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if final is None:
+                raise ProviderError(
+                    f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
+                    "without a final reply",
+                    provider=self._provider.name,
+                )
+            await self._journal_reply(key, final)
+            return final
+
+        self._begin()
+        try:
+            task = asyncio.ensure_future(self._loop(prompt, max_turns, output, options, complete))
+            task.add_done_callback(lambda _: deltas.put_nowait(None))
+            try:
+                while (delta := await deltas.get()) is not None:
+                    yield delta
+                await task  # the loop's error, if it failed
+            finally:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         finally:
             self._busy = False
 
