@@ -11,7 +11,6 @@ calls them through the runner.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -19,16 +18,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import runner_control, runner_decisions, runner_follow, runner_rerun
-from ._engine.run import LiveRun
+from ._engine.run import new_run
 from ._engine.values import validate_input
 from ._runtime.leases import take_over
 from ._runtime.supervisor import Supervisor
-from .definition.steps import START
 from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
 from .stores import open_store
-from .stores.contract import Lease, RunRecord, Store
+from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
 
@@ -138,27 +136,7 @@ class WorkflowRunner:
         inp = validate_input(spec, input)
         sup = self.supervisor
         run_id = run_id or os.urandom(16).hex()
-        state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
-        lease = Lease(sup.owner, 1)
-        first = spec.main.name if spec.main is not None else START
-        now = time.time()
-        rec = RunRecord(
-            run_id=run_id,
-            workflow=spec.name,
-            status=RunStatus.RUNNING,
-            input=inp,
-            state=state,
-            step=first,
-            created_at=now,
-            updated_at=now,
-            lease_owner=lease.owner,
-            lease_token=lease.token,
-            lease_expires=now + sup.lease_ttl,
-        )
-        run = LiveRun(sup, run_id, lease, inp, state)
-        run.step = first
-        events = [run.event("run_started", None, {"workflow": spec.name}), run.event("step_started", first)]
-        run.outbox.clear()
+        rec, run, events = new_run(sup, run_id, inp, {"workflow": spec.name})
         if not await self.store.create(rec, events):
             return await self.attach(run_id)  # the run exists: start nothing (and check it is ours)
         sup.start(run)

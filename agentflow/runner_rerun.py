@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from ._engine.context import validate_state
 from ._engine.gates import Transition
 from ._engine.history import reached
+from ._engine.run import first_record
 from .definition.steps import START
 from .errors import (
     AgentflowError,
@@ -22,7 +22,7 @@ from .errors import (
     UnknownStepError,
 )
 from .handle import RunHandle
-from .stores.contract import Commit, Lease, RunRecord
+from .stores.contract import Commit, RunRecord
 from .types import RunEvent, RunStatus
 
 if TYPE_CHECKING:
@@ -54,26 +54,7 @@ def _failed_wait(rec: RunRecord) -> dict[str, Any] | None:
 
 
 async def retry(runner: WorkflowRunner, run_id: str) -> RunHandle:
-    """Continue a failed run at its failing step; the run goes on in this process.
-
-    The step runs again with the state and step results the run had before it (a
-    failed step commits nothing), ``ctx.attempt`` counting on from its earlier
-    attempts, and agent calls it had finished coming back from the journal. Works in
-    any process that reaches the store. A ``resumed`` event with
-    ``data["retried"]`` (and the error retried) marks it in the history.
-
-    A step that failed because child runs it started failed or were stopped (or an
-    imperative ``ctx.run`` whose child's failure failed the run) does not run
-    again: its failed children are retried (each at its own failing step,
-    with its own state), a new run of the child workflow (same input, id
-    ``"{child}~2"``) takes the place of each stopped one, and the run waits on them
-    again, going on once they ended. Children that completed, or ended rejected or
-    expired, are left as they are.
-
-    Raises:
-        InvalidStateError: the run is not failed.
-        RunNotFoundError: there is no such run.
-    """
+    """``WorkflowRunner.retry``: continue failed run ``run_id`` at its failing step."""
     sup = runner.supervisor
     here = run_id in sup.local
     await _retry_children(runner, run_id)
@@ -132,20 +113,7 @@ async def fork(
     state: Mapping[str, Any] | BaseModel | None = None,
     run_id: str | None = None,
 ) -> RunHandle:
-    """Start a new run from the point where run ``source`` last reached step ``at``.
-
-    The new run (id ``run_id``, or a fresh one) has the original's input, its step
-    results and decisions from before that point, and the state the original had
-    when it reached ``at`` with ``state`` merged in (shallowly, as ``set_state``
-    does); it starts at ``at`` in this process. The original is untouched. With a
-    ``run_id`` that already exists, returns that run's handle and starts nothing.
-
-    Raises:
-        UnknownStepError: ``at`` is not a step of the workflow.
-        InvalidStateError: run ``source`` never reached step ``at``.
-        StateValidationError: ``state`` does not fit the state model (naming the field).
-        RunNotFoundError: there is no run ``source``.
-    """
+    """``WorkflowRunner.fork``: a new run from where run ``source`` last reached step ``at``."""
     spec = runner.spec
     if spec.imperative:
         raise AgentflowError(
@@ -177,27 +145,14 @@ async def fork(
         )
     sup = runner.supervisor
     new_id = run_id or os.urandom(16).hex()
-    lease = Lease(sup.owner, 1)
-    now = time.time()
-    record = RunRecord(
-        run_id=new_id,
-        workflow=spec.name,
-        status=RunStatus.RUNNING,
-        input=rec.input,
-        state=new_state,
-        step=at,
-        visit=where.visit - 1,
-        decisions=tuple(d for d in rec.decisions if int(d.get("visit") or 0) < where.visit),
-        created_at=now,
-        updated_at=now,
-        lease_owner=lease.owner,
-        lease_token=lease.token,
-        lease_expires=now + sup.lease_ttl,
+    decisions = tuple(d for d in rec.decisions if int(d.get("visit") or 0) < where.visit)
+    record, lease = first_record(
+        sup, new_id, rec.input, new_state, at, visit=where.visit - 1, decisions=decisions
     )
     origin = {"workflow": spec.name, "forked_from": {"run_id": source, "step": at, "visit": where.visit}}
     events = [
-        RunEvent("run_started", new_id, None, origin, now, 1),
-        RunEvent("step_started", new_id, at, None, now, 2),
+        RunEvent("run_started", new_id, None, origin, record.created_at, 1),
+        RunEvent("step_started", new_id, at, None, record.created_at, 2),
     ]
     if not await runner.store.create(record, events):
         return await runner.attach(new_id)

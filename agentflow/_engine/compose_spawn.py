@@ -11,15 +11,11 @@ parent on what it started, and finishing its step, is :mod:`.compose`'s.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import TYPE_CHECKING, Any
 
 from ..definition.compose import Run
-from ..definition.steps import START
 from ..errors import StepLimitExceeded, WorkflowDefinitionError
-from ..stores.contract import Lease, RunRecord
-from ..types import RunStatus
-from .run import LiveRun
+from .run import LiveRun, new_run
 from .values import validate_input
 
 if TYPE_CHECKING:
@@ -108,30 +104,7 @@ async def spawn(
 
 async def start_child(kernel: Kernel, run_id: str, inp: Any, parent: dict[str, Any]) -> None:
     """Store the child's first record and advance it here; nothing when it exists already."""
-    spec = kernel.spec
-    state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
-    lease = Lease(kernel.owner, 1)
-    first = spec.main.name if spec.main is not None else START
-    now = time.time()
-    rec = RunRecord(
-        run_id=run_id,
-        workflow=spec.name,
-        status=RunStatus.RUNNING,
-        input=inp,
-        state=state,
-        step=first,
-        created_at=now,
-        updated_at=now,
-        lease_owner=lease.owner,
-        lease_token=lease.token,
-        lease_expires=now + kernel.lease_ttl,
-        parent=parent,
-    )
-    child = LiveRun(kernel, run_id, lease, inp, state)
-    child.step = first
-    child.parent = parent
-    data = {"workflow": spec.name, "parent": parent["run_id"], "step": parent["step"]}
-    events = [child.event("run_started", None, data), child.event("step_started", first)]
-    child.outbox.clear()
+    data = {"workflow": kernel.spec.name, "parent": parent["run_id"], "step": parent["step"]}
+    rec, child, events = new_run(kernel, run_id, inp, data, parent)
     if await kernel.store.create(rec, events):
         kernel.start(child)

@@ -31,7 +31,7 @@ from ..errors import (
     StoreError,
     redact,
 )
-from ..stores.contract import Commit, Lease, LoadedRun
+from ..stores.contract import Commit, Lease, LoadedRun, RunRecord
 from ..types import NO_USAGE, Decision, RunEvent, RunStatus, Usage
 from .context import StepResults
 from .gates import typed_decision
@@ -41,7 +41,7 @@ from .values import decode_output, validate_input
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-__all__ = ["LiveRun", "StepError", "Stop", "Suspend", "error_info"]
+__all__ = ["LiveRun", "StepError", "Stop", "Suspend", "error_info", "first_record", "new_run"]
 
 log = logging.getLogger("agentflow")
 
@@ -323,3 +323,49 @@ class LiveRun:
                 "add .agents({...}) to the workflow"
             )
         return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}", step))
+
+
+def first_record(
+    kernel: Kernel, run_id: str, inp: Any, state: Any, step: str, **fields: Any
+) -> tuple[RunRecord, Lease]:
+    """The first record of a run this process starts: running at ``step``, leased to it (token 1).
+
+    ``fields`` sets other record fields (``parent``; a fork's ``visit`` and ``decisions``).
+    """
+    lease = Lease(kernel.owner, 1)
+    now = time.time()
+    rec = RunRecord(
+        run_id=run_id,
+        workflow=kernel.spec.name,
+        status=RunStatus.RUNNING,
+        input=inp,
+        state=state,
+        step=step,
+        created_at=now,
+        updated_at=now,
+        lease_owner=lease.owner,
+        lease_token=lease.token,
+        lease_expires=now + kernel.lease_ttl,
+        **fields,
+    )
+    return rec, lease
+
+
+def new_run(
+    kernel: Kernel, run_id: str, inp: Any, started: dict[str, Any], parent: dict[str, Any] | None = None
+) -> tuple[RunRecord, LiveRun, list[RunEvent]]:
+    """A run about to start at its first step, in the workflow's initial state.
+
+    Returns its first record, its :class:`LiveRun` and its first two events
+    (``run_started`` with ``started`` as data, and ``step_started``), for ``Store.create``.
+    """
+    spec = kernel.spec
+    state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
+    first = spec.main.name if spec.main is not None else START
+    rec, lease = first_record(kernel, run_id, inp, state, first, parent=parent)
+    run = LiveRun(kernel, run_id, lease, inp, state)
+    run.step = first
+    run.parent = parent
+    events = [run.event("run_started", None, started), run.event("step_started", first)]
+    run.outbox.clear()
+    return rec, run, events
