@@ -139,24 +139,13 @@ class AgentHandle:
                     yield raw.text
             else:
                 self._check_budget(request)
-                final: ProviderReply | None = None
-                deltas = self._provider.stream(request)
-                try:
-                    async for item in deltas:
-                        if isinstance(item, ProviderReply):
-                            final = item
-                        else:
-                            yield item
-                finally:
-                    aclose = getattr(deltas, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                if final is None:
-                    raise ProviderError(
-                        f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
-                        "without a final reply",
-                        provider=self._provider.name,
-                    )
+                final = None
+                async for item in self._provider_stream(request):
+                    if isinstance(item, ProviderReply):
+                        final = item
+                    else:
+                        yield item
+                assert final is not None  # _provider_stream ends with the reply or raises
                 raw = final
                 await self._journal_reply(key, raw)
             await self._finish(key, request, raw)
@@ -205,6 +194,29 @@ class AgentHandle:
         self.last_run = result
         return result
 
+    async def _provider_stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
+        """The provider's stream of ``request``: text deltas, then the whole reply.
+
+        The provider's stream is closed however the caller stops. One that ends without
+        its reply raises :class:`ProviderError`.
+        """
+        stream = self._provider.stream(request)
+        ended = False
+        try:
+            async for item in stream:
+                ended = ended or isinstance(item, ProviderReply)
+                yield item
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if not ended:
+            raise ProviderError(
+                f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
+                "without a final reply",
+                provider=self._provider.name,
+            )
+
     async def _stream_loop(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[str]:
         """The agent loop, yielding the text deltas of each model turn as they arrive."""
         max_turns = int(options.pop("max_turns", 10))
@@ -219,24 +231,13 @@ class AgentHandle:
                     deltas.put_nowait(raw.text)
                 return raw
             self._check_budget(request)
-            final: ProviderReply | None = None
-            stream = self._provider.stream(request)
-            try:
-                async for item in stream:
-                    if isinstance(item, ProviderReply):
-                        final = item
-                    else:
-                        deltas.put_nowait(item)
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            if final is None:
-                raise ProviderError(
-                    f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
-                    "without a final reply",
-                    provider=self._provider.name,
-                )
+            final = None
+            async for item in self._provider_stream(request):
+                if isinstance(item, ProviderReply):
+                    final = item
+                else:
+                    deltas.put_nowait(item)
+            assert final is not None  # _provider_stream ends with the reply or raises
             await self._journal_reply(key, final)
             return final
 
