@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_fixtures import llm_server  # noqa: F401  (the local LLM API server fixture)
+from llm_fixtures import llm_env, llm_server  # noqa: F401  (the local LLM API server fixtures)
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
 

@@ -231,14 +231,8 @@ async def test_a_tool_result_json_cannot_carry_is_a_tool_error() -> None:
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
-async def test_the_loop_over_the_real_sdks(
-    kind: str, monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer
-) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "k")
-    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
-    llm_server.script(
+async def test_the_loop_over_the_real_sdks(kind: str, llm_env: LLMServer) -> None:
+    llm_env.script(
         Reply(
             text="Looking.",
             tool_calls=[
@@ -255,7 +249,7 @@ async def test_the_loop_over_the_real_sdks(
     finally:
         await pools.aclose()
     assert result.text == "Blocked by #12." and [c.name for c in result.tool_calls] == ["search", "status"]
-    second = llm_server.requests[1].body["messages"]
+    second = llm_env.requests[1].body["messages"]
     if kind == "openai":
         assert [m["role"] for m in second] == ["user", "assistant", "tool", "tool"]
         assert json.loads(second[2]["content"]) == ["a/b#12 crash on start"]
@@ -309,17 +303,11 @@ async def test_a_sync_tool_without_a_timeout_runs_inline_and_one_with_a_timeout_
 
 
 @pytest.mark.parametrize("kind", ["scripted", "openai", "anthropic"])
-async def test_stream_streams_the_loop_and_replays_it_as_one_delta(
-    kind: str, monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer
-) -> None:
+async def test_stream_streams_the_loop_and_replays_it_as_one_delta(kind: str, llm_env: LLMServer) -> None:
     if kind == "scripted":
         provider: Any = ScriptedProvider([call("status", version="1"), "It is live, ship it."])
     else:
-        monkeypatch.setenv("OPENAI_API_KEY", "k")
-        monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
-        llm_server.script(
+        llm_env.script(
             Reply(tool_calls=[ToolCall("status", {"version": "1"}, id="c1")]), "It is live, ship it."
         )
         provider = kind

@@ -30,12 +30,8 @@ class Review(BaseModel):
 
 
 @pytest.fixture
-def providers_env(llm_server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "ak-test")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
-    return llm_server
+def providers_env(llm_env):
+    return llm_env
 
 
 async def test_openai_and_anthropic_agents_in_one_flow(providers_env):

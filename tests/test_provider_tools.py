@@ -45,16 +45,7 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer) -> LLMServer:
-    monkeypatch.setenv("OPENAI_API_KEY", "test-openai-key")
-    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-anthropic-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
-    return llm_server
-
-
-@pytest.fixture
-async def make(env: LLMServer) -> AsyncIterator[Callable[[str], Provider]]:
+async def make(llm_env: LLMServer) -> AsyncIterator[Callable[[str], Provider]]:
     made: list[Provider] = []
 
     def factory(kind: str) -> Provider:
@@ -90,9 +81,9 @@ def ask(*messages: Message, **fields: Any) -> ProviderRequest:
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_parallel_tool_calls_come_back_in_order_with_the_text_beside_them(
-    kind: str, streamed: bool, make: Callable[[str], Provider], env: LLMServer
+    kind: str, streamed: bool, make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
-    env.script(
+    llm_env.script(
         Reply(
             text="Checking first.",
             tool_calls=[
@@ -110,7 +101,7 @@ async def test_parallel_tool_calls_come_back_in_order_with_the_text_beside_them(
     assert reply.usage.output_tokens > 0
     if streamed:
         assert "".join(deltas) == "Checking first."  # text only: no argument fragments
-    (sent,) = env.requests
+    (sent,) = llm_env.requests
     if kind == "openai":
         assert sent.body["tools"] == [
             {"type": "function", "function": lookup.spec()},
@@ -133,9 +124,9 @@ async def test_parallel_tool_calls_come_back_in_order_with_the_text_beside_them(
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 async def test_openai_arguments_that_are_not_json_are_kept_as_written(
-    streamed: bool, make: Callable[[str], Provider], env: LLMServer
+    streamed: bool, make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
-    env.script(Reply(tool_calls=[ToolCall("lookup", {}, id="c9", raw='{"repo": "acme/app"')]))
+    llm_env.script(Reply(tool_calls=[ToolCall("lookup", {}, id="c9", raw='{"repo": "acme/app"')]))
     _, reply = await call(make("openai"), ask(tools=(LOOKUP,)), streamed)
     assert reply.tool_calls == (ToolUse("c9", "lookup", '{"repo": "acme/app"'),)
 
@@ -158,12 +149,12 @@ CONVERSATION = (
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_tool_calls_and_results_go_back_in_each_protocols_shape(
-    kind: str, make: Callable[[str], Provider], env: LLMServer
+    kind: str, make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
-    env.script("Blocked by #12.")
+    llm_env.script("Blocked by #12.")
     reply = await make(kind).complete(ask(*CONVERSATION, tools=(LOOKUP, DEPLOY)))
     assert reply.text == "Blocked by #12." and reply.tool_calls == ()
-    (sent,) = env.requests
+    (sent,) = llm_env.requests
     if kind == "openai":
         assert sent.body["messages"] == [
             {"role": "user", "content": "ship 1.2"},
@@ -217,18 +208,18 @@ async def test_tool_calls_and_results_go_back_in_each_protocols_shape(
 @pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_structured_final_answer_beside_tools(
-    kind: str, streamed: bool, make: Callable[[str], Provider], env: LLMServer
+    kind: str, streamed: bool, make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
     schema = Verdict.model_json_schema()
     if kind == "openai":
-        env.script(Reply(data={"ship": False, "why": "#12"}))
+        llm_env.script(Reply(data={"ship": False, "why": "#12"}))
     else:  # the answer is a call of the answer tool, which the model must choose among all
-        env.script(Reply(tool_calls=[ToolCall("Verdict", {"ship": False, "why": "#12"})]))
+        llm_env.script(Reply(tool_calls=[ToolCall("Verdict", {"ship": False, "why": "#12"})]))
     request = ask(tools=(LOOKUP,), output_schema=schema, output_name="Verdict")
     _, reply = await call(make(kind), request, streamed)
     assert reply.data == {"ship": False, "why": "#12"} and reply.tool_calls == ()
     assert json.loads(reply.text) == reply.data
-    (sent,) = env.requests
+    (sent,) = llm_env.requests
     if kind == "openai":
         assert sent.body["response_format"]["type"] == "json_schema"
         assert [t["function"]["name"] for t in sent.body["tools"]] == ["lookup"]
@@ -239,22 +230,22 @@ async def test_a_structured_final_answer_beside_tools(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_real_tool_call_beside_the_answer_tool_is_a_tool_call(
-    kind: str, make: Callable[[str], Provider], env: LLMServer
+    kind: str, make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
-    env.script(Reply(tool_calls=[ToolCall("lookup", {"repo": "a/b"}, id="c1")]))
+    llm_env.script(Reply(tool_calls=[ToolCall("lookup", {"repo": "a/b"}, id="c1")]))
     request = ask(tools=(LOOKUP,), output_schema=Verdict.model_json_schema(), output_name="Verdict")
     reply = await make(kind).complete(request)
     assert reply.tool_calls == (ToolUse("c1", "lookup", '{"repo": "a/b"}'),) and reply.data is None
 
 
 async def test_the_answer_tool_never_shadows_a_real_tool(
-    make: Callable[[str], Provider], env: LLMServer
+    make: Callable[[str], Provider], llm_env: LLMServer
 ) -> None:
-    env.script(Reply(tool_calls=[ToolCall("lookup", {"repo": "a/b"}, id="c1")]))
+    llm_env.script(Reply(tool_calls=[ToolCall("lookup", {"repo": "a/b"}, id="c1")]))
     request = ask(tools=(LOOKUP,), output_schema=Verdict.model_json_schema(), output_name="lookup")
     reply = await make("anthropic").complete(request)
     assert reply.tool_calls == (ToolUse("c1", "lookup", '{"repo": "a/b"}'),) and reply.data is None
-    (sent,) = env.requests
+    (sent,) = llm_env.requests
     assert [t["name"] for t in sent.body["tools"]] == ["lookup", "lookup_out"]
 
 

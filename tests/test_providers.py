@@ -47,13 +47,9 @@ class Review(BaseModel):
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, llm_server: LLMServer) -> LLMServer:
+def env(llm_env: LLMServer) -> LLMServer:
     """Point both SDKs at the local server through their usual variables."""
-    monkeypatch.setenv("OPENAI_API_KEY", "test-openai-key")
-    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.openai_base_url)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-anthropic-key")
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", llm_server.anthropic_base_url)
-    return llm_server
+    return llm_env
 
 
 @pytest.fixture
