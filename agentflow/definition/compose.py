@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import WorkflowDefinitionError
+from .graph import scope_of
 from .steps import END, StepFunction
 
 if TYPE_CHECKING:
     from .workflow import Workflow
 
-__all__ = ["Run", "referenced_workflows", "scope_of"]
+__all__ = ["Run", "referenced_workflows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,20 +73,6 @@ def _is_workflow(obj: Any) -> bool:
 
         _WORKFLOW.append(Workflow)
     return isinstance(obj, _WORKFLOW[0])
-
-
-def scope_of(fn: Callable[..., Any]) -> dict[str, Any]:
-    """The names ``fn``'s code can see: its globals, and its closure's cells over them."""
-    code = getattr(fn, "__code__", None)
-    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
-    if code is None:
-        return scope
-    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
-        try:
-            scope[name] = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-    return scope
 
 
 def referenced_workflows(fn: Callable[..., Any], depth: int = 0) -> Iterator[Workflow]:

@@ -18,7 +18,7 @@ import pydantic_core
 from pydantic import BaseModel
 
 from ..errors import WorkflowDefinitionError
-from .graph import _source_node
+from .graph import _source_node, scope_of
 from .steps import StepFunction
 
 __all__ = ["Gate", "HumanApproval", "Sleep", "Wait", "form_schema", "forms_of", "seconds"]
@@ -167,12 +167,7 @@ def _collect_forms(fn: Any, found: list[type[BaseModel]], depth: int) -> None:
     code = getattr(fn, "__code__", None)
     if code is None or depth > 3:
         return
-    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
-    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
-        try:
-            scope[name] = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
+    scope = scope_of(fn)
 
     def add(model: Any) -> None:
         if isinstance(model, type) and issubclass(model, BaseModel) and model not in found:

@@ -12,7 +12,21 @@ from typing import Any
 
 from .steps import END, START
 
-__all__ = ["Edge", "edges_of", "mermaid"]
+__all__ = ["Edge", "edges_of", "mermaid", "scope_of"]
+
+
+def scope_of(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The names ``fn``'s code can see: its globals, and its closure's cells over them."""
+    code = getattr(fn, "__code__", None)
+    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
+    if code is None:
+        return scope
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    return scope
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ValidationError
 from ..agents.config import Agent, AgentsConfig, TokenBudget
 from ..errors import WorkflowDefinitionError
 from ..stores.contract import Store
-from .compose import referenced_workflows, scope_of
+from .compose import referenced_workflows
 from .gates import forms_of
-from .graph import mermaid
+from .graph import mermaid, scope_of
 from .steps import END, START, StepFunction, as_step
 
 __all__ = ["Persistence", "Workflow", "WorkflowSpec"]
@@ -80,12 +80,7 @@ def _referenced_steps(fn: Callable[..., Any], found: dict[str, type[BaseModel]],
     code = getattr(fn, "__code__", None)
     if code is None or depth > 3:
         return
-    scope: dict[str, Any] = dict(getattr(fn, "__globals__", {}))
-    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
-        try:
-            scope[name] = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
+    scope = scope_of(fn)
     codes = [code]
     while codes:
         c = codes.pop()
