@@ -37,12 +37,13 @@ from ..definition.steps import END
 from ..errors import WorkflowDefinitionError
 from ..stores.contract import Commit, OutputRecord, RunRecord
 from ..types import NO_USAGE, RunStatus
+from .advance import complete_step
 from .compose_outcome import ChildOutcome, add_usage, ended_here, read_children
 from .compose_spawn import Spawned, child_id, spawn, start_child, successor_id
 from .context import Frame, validate_state
 from .history import state_delta
 from .run import LiveRun, StepError
-from .values import decode_output, encode_branch, run_output, validate_input
+from .values import decode_output, run_output, validate_input
 
 if TYPE_CHECKING:
     from .gates import Transition
@@ -350,44 +351,9 @@ async def _complete(
         final = run_output(spec, run.run_id, output) if target == END else None
     except Exception as exc:
         raise StepError(name, exc) from exc
-    fields: dict[str, Any] = {
-        "step": target,
-        "visit": run.visit,
-        **extra,
-    }
+    fields = dict(extra)
     _new_children(run, refs, fields)
-    done: dict[str, Any] = {}
-    if state is not run.state:
-        done["state"] = state_delta(run.state, state)  # what fork() replays
-        run.state = fields["state"] = state
-    if output is not None:
-        outputs.append(OutputRecord(run.visit, name, output))
-    for rec in outputs:
-        run.results[rec.step] = rec.value
-        run.history.setdefault(rec.step, []).append(rec.value)
-    outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
-    usage = run.step_usage
-    run.step_usage = NO_USAGE
-    if usage.total_tokens:
-        done["usage"] = usage.to_json()
-    run.event("step_completed", name, done or None)
-    release = False
-    if target == END:
-        fields.update(status=RunStatus.COMPLETED, output=final, control=None)
-        run.output = final
-        run.event("completed", None)
-        run.status = RunStatus.COMPLETED
-        release = True
-    elif run.pause_requested:
-        fields.update(status=RunStatus.PAUSED, control=None)
-        run.event("paused", target)
-        run.status = RunStatus.PAUSED
-        release = True
-    else:
-        run.event("step_started", target)
-    run.step = target
-    commit = Commit(fields=fields, outputs=outputs, journal=dict(journal or {}), release=release)
-    control = await run.commit(commit)
+    control = await complete_step(run, name, target, state, output, outputs, final, fields, journal)
     return control if run.status is RunStatus.RUNNING else None
 
 

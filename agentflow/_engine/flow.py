@@ -17,6 +17,7 @@ from ..definition.steps import END, START, Next, StepFunction
 from ..errors import LeaseLostError, StepLimitExceeded, StoreError, UnknownStepError, redact
 from ..stores.contract import Commit, OutputRecord
 from ..types import NO_USAGE, RunEvent, RunStatus
+from .advance import complete_step
 from .compose import Spawned, resume_children, spawn, wait_of, wait_on
 from .context import Frame, StepContext
 from .fanout import run_parallel
@@ -24,7 +25,7 @@ from .gates import park
 from .history import state_delta
 from .invoke import invoke
 from .run import _YIELD_EVERY, LiveRun, StepError, Stop
-from .values import encode_branch, run_output, step_output
+from .values import run_output, step_output
 
 __all__ = ["advance_flow", "obey"]
 
@@ -202,42 +203,7 @@ async def _apply(run: LiveRun, fn: StepFunction, name: str, frame: Frame, ret: A
     if run.stop_requested:
         raise Stop()
 
-    fields: dict[str, Any] = {"step": target, "visit": run.visit}
-    done: dict[str, Any] = {}
-    if frame.state is not run.state:
-        done["state"] = state_delta(run.state, frame.state)
-        run.state = frame.state
-        fields["state"] = frame.state
-    if output is not None:
-        outputs.append(OutputRecord(run.visit, name, output))
-    for rec in outputs:
-        run.results[rec.step] = rec.value
-        run.history.setdefault(rec.step, []).append(rec.value)
-    if outputs:
-        outputs = [OutputRecord(o.visit, o.step, encode_branch(o.value)) for o in outputs]
-    usage = run.step_usage
-    if usage.total_tokens:
-        done["usage"] = usage.to_json()
-    run.event("step_completed", name, done or None)
-    run.step_usage = NO_USAGE
-    release = False
-    if target == END:
-        fields["status"] = RunStatus.COMPLETED
-        fields["output"] = run.output = final
-        fields["control"] = None
-        run.event("completed", None)
-        run.status = RunStatus.COMPLETED
-        release = True
-    elif run.pause_requested:
-        fields["status"] = RunStatus.PAUSED
-        fields["control"] = None
-        run.event("paused", target)
-        run.status = RunStatus.PAUSED
-        release = True
-    else:
-        run.event("step_started", target)
-    run.step = target
-    control = await run.commit(Commit(fields=fields, outputs=outputs, release=release))
+    control = await complete_step(run, name, target, frame.state, output, outputs, final)
     if control is not None and run.status is RunStatus.RUNNING:
         await obey(run, control)
 
