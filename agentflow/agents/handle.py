@@ -20,7 +20,7 @@ from ..errors import (
 from ..types import Usage
 from .config import AgentReply
 from .loop import AgentRun, run_loop, tool_specs
-from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolSpec, ToolUse
+from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolLike, ToolSpec, ToolUse
 
 if TYPE_CHECKING:
     from .pool import AgentAccessor, _Pool
@@ -183,13 +183,14 @@ class AgentHandle:
         options: dict[str, Any],
         complete: Callable[[str, ProviderRequest], Awaitable[ProviderReply]],
     ) -> AgentRun:
-        specs = tool_specs(self.agent.tools)
+        tools = await self._tools()
+        specs = tool_specs(tools)
         model = output if output is not None else self.agent.output
 
         def request(messages: Sequence[Message], out: type[BaseModel] | None) -> ProviderRequest:
             return self._build(messages, out, options, specs)
 
-        result = await run_loop(self, prompt, max_turns, model, complete, request)
+        result = await run_loop(self, prompt, max_turns, model, complete, request, tools)
         self.last_reply = AgentReply(result.text, result.output, result.usage)
         self.last_run = result
         return result
@@ -283,6 +284,10 @@ class AgentHandle:
                 "conversation, so await each call before the next, or acquire another handle"
             )
         self._busy = True
+
+    async def _tools(self) -> tuple[ToolLike, ...]:
+        """The tools the model may call in a loop of this handle."""
+        return self.agent.tools
 
     def _next_key(self) -> str:
         self._calls += 1

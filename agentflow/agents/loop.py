@@ -159,16 +159,18 @@ async def run_loop(
     output: type[BaseModel] | None,
     complete: Callable[[str, ProviderRequest], Awaitable[ProviderReply]],
     request: Callable[[Sequence[Message], type[BaseModel] | None], ProviderRequest],
+    tools: Sequence[ToolLike],
 ) -> AgentRun:
     """Run the loop for ``handle`` (see the module docstring).
 
     ``complete(key, request)`` makes (or replays) one model call under a journal key;
-    ``request(messages, output)`` builds the provider request for a conversation.
+    ``request(messages, output)`` builds the provider request for a conversation;
+    ``tools`` are the tools the model may call.
     """
     if max_turns < 1:
         raise AgentflowError(f"agent {handle.agent_name!r}: max_turns must be at least 1, got {max_turns}")
     journal = handle._accessor._journal
-    tools: dict[str, ToolLike] = {t.name: t for t in handle.agent.tools}
+    by_name: dict[str, ToolLike] = {t.name: t for t in tools}
     base = handle._next_key()
     messages: list[Message] = [*handle._history, Message("user", prompt)]
     calls: list[ToolCall] = []
@@ -208,7 +210,7 @@ async def run_loop(
                 f"run {journal.run_id}, step {journal.step_name!r}: agent {handle.agent_name!r} still "
                 f"called tools at its last allowed model call (max_turns={max_turns})"
             )
-        done = await _run_calls(handle, keys, reply.tool_calls, tools)
+        done = await _run_calls(handle, keys, reply.tool_calls, by_name)
         calls += done
         for use, call in zip(reply.tool_calls, done, strict=True):
             content, is_error = _as_content(call)
