@@ -331,7 +331,9 @@ class WorkflowRunner:
             approval: the approval's id; may be left out while the run waits for one.
             comment: the approver's comment.
             data: the reviewer's edit of the reviewed content; validated into the gate's
-                ``form`` model when it has one.
+                ``form`` model when it has one. For a ``tool_call``,
+                ``{"arguments": {...}}``: the call runs with these arguments instead,
+                validated against the tool's schema (the model is told of the edit).
 
         Raises:
             NotAuthorizedError: ``by`` is not an approver; nothing changes.
@@ -342,16 +344,39 @@ class WorkflowRunner:
                 are listed). Nothing changes.
             RunNotFoundError: there is no such run.
         """
-        return await runner_decisions.decide_approval(self, run_id, True, by, approval, comment, data)
+        return await runner_decisions.decide_approval(self, run_id, "approve", by, approval, comment, data)
 
     async def reject(
         self, run_id: str, by: str, approval: str | None = None, reason: str | None = None
     ) -> RunHandle:
         """Reject an approval ``run_id`` waits for: on_reject if given, else the run ends ``rejected``.
 
+        A tool call's approval rejected does not end the run: the model is told ``reason``
+        (of a ``tool_outcome``: that the call failed), and the agent goes on.
         ``approval`` as for :meth:`approve`; raises what it raises.
         """
-        return await runner_decisions.decide_approval(self, run_id, False, by, approval, reason, None)
+        return await runner_decisions.decide_approval(self, run_id, "reject", by, approval, reason, None)
+
+    async def respond(
+        self,
+        run_id: str,
+        by: str,
+        approval: str | None = None,
+        result: Any = None,
+        comment: str | None = None,
+    ) -> RunHandle:
+        """Answer a tool call for its tool: the model gets ``result`` and the tool does not run.
+
+        For a ``tool_call`` approval the call is not made; for a ``tool_outcome`` (the
+        call may have run before a crash) ``result`` is what it returned.
+
+        Raises:
+            InvalidStateError: the approval is a gate's (approve or reject it), or as for
+                :meth:`approve`.
+            InvalidInputError: ``result`` is not JSON-able; nothing changes.
+            NotAuthorizedError, RunNotFoundError: as for :meth:`approve`.
+        """
+        return await runner_decisions.decide_approval(self, run_id, "respond", by, approval, comment, result)
 
     def _check_workflow(self, rec: RunRecord) -> None:
         if rec.workflow not in self._specs:

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._engine.gates import Transition, choose, decide, expired, form_of
+from ._engine.gates import Transition, choose, decide, form_of
+from ._engine.tool_gates import TOOL_KINDS, check_respond, decide_tool, past_deadline
 from .errors import InvalidStateError
 from .handle import RunHandle
 from .stores.contract import RunRecord
 from .types import Approval, RunInfo, RunStatus
 
 if TYPE_CHECKING:
+    from .definition.workflow import WorkflowSpec
     from .runner import WorkflowRunner
 
 __all__ = ["child_approvals", "decide_approval", "run_info"]
@@ -31,12 +35,13 @@ _FAN = 64
 async def decide_approval(
     runner: WorkflowRunner,
     run_id: str,
-    approved: bool,
+    action: str,
     by: str,
     approval: str | None,
     comment: str | None,
     data: Any,
 ) -> RunHandle:
+    """``approve``, ``reject`` or ``respond`` (``action``) to an approval ``run_id`` holds."""
     run_id = await _holder(runner, run_id, approval)  # a child's approval is decided on the child
     decision_id = os.urandom(8).hex()
 
@@ -55,13 +60,19 @@ async def decide_approval(
                 f"run {run_id} is {rec.status.value}, not waiting at a gate; nothing to decide"
             )
         chosen = choose(run_id, rec.pending, approval, rec.decisions)
-        if expired(rec) is not None:
+        if past_deadline(rec) is not None and _past(chosen):
             raise InvalidStateError(
                 f"run {run_id}: approval {chosen['id']} at step {chosen.get('step')!r} timed out"
             )
         spec = runner._specs.get(rec.workflow, runner.spec)
+        if chosen.get("kind") in TOOL_KINDS:
+            validate = _argument_check(spec, chosen)
+            out = decide_tool(run_id, rec.pending or {}, chosen, action, by, comment, data, validate)
+            return Transition.of(rec, out, decision_id)
+        if action == "respond":
+            check_respond(chosen.get("kind"), run_id, chosen["id"])
         form = form_of(spec, chosen.get("step")) if chosen.get("form") is not None else None
-        out = decide(run_id, rec.pending, chosen, approved, by, comment, data, form)
+        out = decide(run_id, rec.pending, chosen, action == "approve", by, comment, data, form)
         return Transition.of(rec, out, decision_id)
 
     try:
@@ -70,6 +81,26 @@ async def decide_approval(
         await runner.supervisor.expire(run_id)  # a gate past its deadline expires now
         raise
     return RunHandle(runner, run_id, runner.supervisor.local.get(run_id), status=rec.status)
+
+
+def _past(approval: dict[str, Any]) -> bool:
+    deadline = approval.get("deadline")
+    return deadline is not None and deadline <= time.time()
+
+
+def _argument_check(spec: WorkflowSpec, approval: dict[str, Any]) -> Callable[[Any], Any] | None:
+    """The argument check of the tool a ``tool_call`` approval is for, as this code declares it.
+
+    None when the tool is not known here (a tool listed from an MCP server): the loop
+    checks the edited arguments when the call runs, and tells the model if they fail.
+    """
+    agents = spec.agents
+    agent = agents.agents.get(str(approval.get("agent"))) if agents is not None else None
+    for t in agent.tools if agent is not None else ():
+        if getattr(t, "name", None) == approval.get("tool") and hasattr(t, "validate"):
+            where = f"run {approval.get('run_id')}, step {approval.get('step')!r}, approval {approval['id']}"
+            return lambda arguments: t.validate(arguments, where).model_dump(mode="json")
+    return None
 
 
 async def _holder(runner: WorkflowRunner, run_id: str, approval: str | None) -> str:

@@ -144,6 +144,9 @@ class Decision:
         at: when it was decided (UTC).
         timed_out: True when no decision came before the gate's timeout.
         approval: the id of the :class:`Approval` it decided.
+        responded: True when a reviewer answered a tool call with its result
+            (``runner.respond``) instead of letting the tool run; ``data`` is
+            ``{"result": ...}`` then.
     """
 
     approved: bool
@@ -153,6 +156,7 @@ class Decision:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     timed_out: bool = False
     approval: str | None = None
+    responded: bool = False
 
     @property
     def reason(self) -> str | None:
@@ -169,6 +173,7 @@ class Decision:
             "at": self.at.timestamp(),
             "timed_out": self.timed_out,
             "approval": self.approval,
+            "responded": self.responded,
         }
 
     @classmethod
@@ -182,6 +187,7 @@ class Decision:
             at=utc(float(data["at"])),
             timed_out=bool(data.get("timed_out", False)),
             approval=data.get("approval"),
+            responded=bool(data.get("responded", False)),
         )
 
 

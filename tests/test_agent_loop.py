@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from agentflow.agents import Agent, AgentPools, AgentsConfig
 from agentflow.agents.loop import AgentRun
 from agentflow.definition.tools import ToolContext, tool
-from agentflow.errors import MaxTurnsExceeded, ToolOutcomeUnknownError
-from agentflow.testing import MemoryJournal, ScriptedCall, ScriptedProvider, call
+from agentflow.errors import MaxTurnsExceeded
+from agentflow.testing import ApprovalRequested, MemoryJournal, ScriptedCall, ScriptedProvider, call
 
 
 class Calls:
@@ -199,9 +199,11 @@ async def test_a_non_idempotent_call_whose_outcome_is_unknown_is_not_run_again()
     async with pools.accessor(journal).ops as ops:
         await ops._complete("agent:3:Ship::ops:1:1:t1", ops._build([], None, {}))
     await pools.aclose()
-    with pytest.raises(ToolOutcomeUnknownError, match=r"call call_1 of tool 'deploy' may have run") as err:
+    with pytest.raises(ApprovalRequested, match=r"waits for tool_outcome of deploy") as err:
         await loop([], journal=journal)
-    assert err.value.tool == "deploy" and CALLS.log == []
+    ((key, asked),) = err.value.approvals
+    assert asked["kind"] == "tool_outcome" and asked["tool"] == "deploy" and CALLS.log == []
+    assert asked["idempotency_key"] == "r1/agent:3:Ship::ops:1:1:t1/call_1" and key.endswith(":outcome:1")
     # An idempotent call in the same spot simply runs again.
     journal2 = MemoryJournal(scope="3:Ship:", run_id="r1", step_name="Ship")
     crashed2 = ScriptedProvider([call("status", version="1.2")])
@@ -260,7 +262,6 @@ async def test_the_loop_over_the_real_sdks(kind: str, llm_env: LLMServer) -> Non
 
 async def test_a_tool_that_needs_approval_is_never_run_without_it() -> None:
     from agentflow import HumanApproval
-    from agentflow.errors import AgentflowError
 
     @tool(approval=HumanApproval(approvers=["ops-lead"]))
     async def guarded(version: str) -> str:
@@ -271,9 +272,16 @@ async def test_a_tool_that_needs_approval_is_never_run_without_it() -> None:
     model = ScriptedProvider([call("guarded", version="1"), "ok"])
     pools = AgentPools(AgentsConfig({"ops": Agent(provider=model, model="m", tools=[guarded])}))
     async with pools.accessor(MemoryJournal()).ops as ops:
-        with pytest.raises(AgentflowError, match="tool 'guarded' needs an approval"):
+        with pytest.raises(ApprovalRequested) as err:
             await ops.run("go")
     await pools.aclose()
+    ((_, asked),) = err.value.approvals
+    assert (asked["kind"], asked["tool"], asked["arguments"], asked["approvers"]) == (
+        "tool_call",
+        "guarded",
+        {"version": "1"},
+        ["ops-lead"],
+    )
     assert CALLS.log == []
 
 

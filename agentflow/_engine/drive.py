@@ -18,7 +18,7 @@ from ..stores.contract import Commit
 from ..types import RunStatus
 from .fanout import BranchFailed
 from .flow import pause_here
-from .run import LiveRun, StepError, Stop, error_info
+from .run import LiveRun, StepError, Stop, Suspend, error_info
 
 __all__ = ["drive"]
 
@@ -41,6 +41,8 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Awaitable[None]]) -> 
             await pause_here(run)  # asked for while nobody owned the run
             return
         await advance(run)
+    except Suspend:
+        pass  # parked inside a step (a tool call waits for its approval): committed already
     except asyncio.CancelledError:
         if run.stop_requested:
             await _finish_stopped(run)

@@ -383,7 +383,9 @@ class Transition:
 
 def expired(rec: RunRecord) -> Transition | None:
     """The timeout of ``rec``'s gate, if its deadline passed (a timer is not a gate: see :func:`wake`)."""
-    if rec.status != RunStatus.WAITING or not rec.pending or rec.pending.get("kind") in ("sleep", "children"):
+    if rec.status != RunStatus.WAITING or not rec.pending:
+        return None
+    if rec.pending.get("kind") in ("sleep", "children", "tools"):  # tools: see tool_gates.past_deadline
         return None
     deadline = rec.pending.get("deadline")
     if deadline is None or deadline > time.time():

@@ -7,12 +7,13 @@ retry, a recovery and a replay of the same step find the same entries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..stores.contract import Commit
+from ..stores.contract import Commit, approval_id
 from ..types import Usage
+from .tool_gates import park_tools, refuse_in_branch, tool_approval
 
 if TYPE_CHECKING:
     from .run import LiveRun
@@ -23,12 +24,16 @@ __all__ = ["StepJournal"]
 class StepJournal:
     """The engine's side of agent calls for one step execution (an ``AgentJournal``)."""
 
-    __slots__ = ("_run", "_scope", "_step")
+    __slots__ = ("_branch", "_run", "_scope", "_step", "_visit")
 
-    def __init__(self, run: LiveRun, scope: str, step: str = "") -> None:
+    def __init__(
+        self, run: LiveRun, scope: str, step: str = "", visit: int = 0, branch: bool = False
+    ) -> None:
         self._run = run
         self._scope = scope
         self._step = step
+        self._visit = visit
+        self._branch = branch
 
     @property
     def scope(self) -> str:
@@ -76,3 +81,32 @@ class StepJournal:
     def emit(self, kind: str, data: Any = None) -> None:
         """Record an event on the run (``agent_leak``)."""
         self._run.emit(kind, None, data)
+
+    # -- approvals of tool calls (see ``tool_gates``) ---------------------------------
+
+    @property
+    def operators(self) -> tuple[str, ...]:
+        """Who decides a tool call's unknown outcome when its tool names no approvers."""
+        return self._run.spec.operators
+
+    def approval_id(self, key: str) -> str:
+        """The id of the approval named ``key`` in this step visit."""
+        return approval_id(self._run.run_id, self._step, self._visit, key)
+
+    def decided(self, approval: str) -> dict[str, Any] | None:
+        """The stored decision (JSON) of ``approval``, or None while it is undecided."""
+        for d in reversed(self._run.decisions):
+            if isinstance(d, dict) and d.get("approval") == approval:
+                return d
+        return None
+
+    async def wait_for(self, asks: Sequence[tuple[str, dict[str, Any]]]) -> NoReturn:
+        """Park the run on these approvals (``(key, what)`` pairs) and unwind the step.
+
+        Raises:
+            AgentflowError: in a parallel branch, where a run cannot park on a call.
+        """
+        if self._branch:
+            raise refuse_in_branch(self._run.run_id, self._step, str(asks[0][1].get("tool")))
+        run, step, visit = self._run, self._step, self._visit
+        await park_tools(run, step, visit, [tool_approval(run, step, visit, k, a) for k, a in asks])

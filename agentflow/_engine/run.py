@@ -36,6 +36,7 @@ from ..types import NO_USAGE, Decision, RunEvent, RunStatus, Usage
 from .context import StepResults
 from .gates import typed_decision
 from .journal import StepJournal
+from .signals import Stop, Suspend
 from .values import decode_output, validate_input
 
 if TYPE_CHECKING:
@@ -77,14 +78,6 @@ class StepError(Exception):
         self.attempt = attempt
         self.at = at
         self.wait = wait
-
-
-class Stop(Exception):
-    """Internal: the run must stop (asked here, or by another process through the control flag)."""
-
-
-class Suspend(BaseException):
-    """Internal: the run parked (a gate, a pause); unwinds user code that cannot catch it by accident."""
 
 
 def error_info(step: str | None, exc: BaseException) -> dict[str, Any]:
@@ -322,7 +315,7 @@ class LiveRun:
                 f"run {self.run_id}, step {step!r}: the workflow declares no agents; "
                 "add .agents({...}) to the workflow"
             )
-        return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}", step))
+        return self.kernel.agents(StepJournal(self, f"{visit}:{step}:{scope}", step, visit, bool(scope)))
 
 
 def first_record(

@@ -19,9 +19,10 @@ from typing import Any
 from .._engine.compose import ChildOutcome
 from .._engine.drive import drive
 from .._engine.flow import advance_flow
-from .._engine.gates import Transition, apply, expired
+from .._engine.gates import Transition, apply
 from .._engine.imperative import advance_imperative
 from .._engine.run import LiveRun
+from .._engine.tool_gates import past_deadline
 from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
@@ -302,7 +303,7 @@ class Supervisor:
 
     async def expire(self, run_id: str) -> None:
         """Time out the gate of ``run_id`` if its deadline passed."""
-        await self.transition(run_id, lambda rec, now: expired(rec))
+        await self.transition(run_id, lambda rec, now: past_deadline(rec))
 
     async def close(self) -> None:
         """Stop advancing runs (they stay recoverable) and stop background tasks.

@@ -23,7 +23,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .._engine.gates import Transition, expired, wake
+from .._engine.gates import Transition, wake
+from .._engine.tool_gates import past_deadline
 from ..errors import AgentflowError, StoreError
 from ..stores.contract import RunRecord
 from ..types import RunStatus
@@ -95,7 +96,7 @@ class GateTimers:
                 deadline = pending.get("deadline")
                 children.append(deadline is not None and deadline <= time.time())
                 return None
-            return expired(rec)
+            return past_deadline(rec)
 
         try:
             await sup.transition(run_id, due)

@@ -12,9 +12,17 @@ a recovery after a crash) replays what finished instead of doing it twice:
 
 A re-run finds a finished call's result and does not run the tool. A call whose intent
 was journaled but whose result was not (the process died while it ran) is run again
-only if its tool is idempotent; otherwise its outcome is unknown and the step fails with
-:class:`~agentflow.errors.ToolOutcomeUnknownError` rather than risk a second payment,
-deploy or e-mail.
+only if its tool is idempotent; otherwise its outcome is unknown, and rather than risk a
+second payment, deploy or e-mail the run parks on a ``tool_outcome`` approval (approve:
+run it again; respond: here is what it returned; reject: the model is told it failed).
+
+A call of a tool with ``approval=`` parks the run on a ``tool_call`` approval, bound to
+the call and the digest of its arguments; the turn's other calls run and are journaled
+first. The step runs again on the decision: the approved call runs (with a reviewer's
+edited arguments, which the model is told of), a rejection's reason or a reviewer's
+response goes to the model instead. A decision started on is journaled (``go`` markers)
+before a call that is not idempotent runs, so a crash during it is an unknown outcome
+again, never a second blind run.
 
 The model never reaches a tool with bad arguments: a call of an unknown tool, arguments
 that are not JSON or fail validation, and a tool's exception go back to the model as a
@@ -24,6 +32,7 @@ tool error (its type and message), and count against ``max_turns`` like any turn
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from ..errors import AgentflowError, MaxTurnsExceeded, ToolOutcomeUnknownError, redact
-from ..types import Usage
+from ..errors import AgentflowError, MaxTurnsExceeded, redact
+from ..types import Decision, Usage
 from .spi import Message, ProviderReply, ProviderRequest, ToolContext, ToolLike, ToolSpec, ToolUse
 
 if TYPE_CHECKING:
@@ -56,6 +65,8 @@ class ToolCall:
         error: ``"Type: message"`` when the call failed (bad arguments, unknown tool,
             the tool's exception), else None.
         duration: seconds the tool ran (0 for a call that did not run, or was replayed).
+        edited: a reviewer changed the arguments before the call ran (``arguments`` are
+            the edited ones; the model was told).
     """
 
     call_id: str
@@ -64,6 +75,7 @@ class ToolCall:
     result: Any = None
     error: str | None = None
     duration: float = 0.0
+    edited: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The journaled form."""
@@ -74,6 +86,7 @@ class ToolCall:
             "result": self.result,
             "error": self.error,
             "duration": self.duration,
+            "edited": self.edited,
         }
 
     @classmethod
@@ -86,6 +99,7 @@ class ToolCall:
             data.get("result"),
             data.get("error"),
             float(data.get("duration") or 0.0),
+            bool(data.get("edited", False)),
         )
 
 
@@ -122,7 +136,11 @@ def _as_content(call: ToolCall) -> tuple[str, bool]:
     """The text the model gets for a call: the result (JSON unless a str), or the error."""
     if call.error is not None:
         return call.error, True
-    return (call.result if isinstance(call.result, str) else json.dumps(call.result)), False
+    content = call.result if isinstance(call.result, str) else json.dumps(call.result)
+    if call.edited:
+        edit = json.dumps(call.arguments)
+        content = f"(A reviewer edited this call's arguments before it ran; it ran with {edit}.)\n{content}"
+    return content, False
 
 
 def _jsonable(tool: ToolLike, value: Any) -> Any:
@@ -174,6 +192,7 @@ async def run_loop(
     base = handle._next_key()
     messages: list[Message] = [*handle._history, Message("user", prompt)]
     calls: list[ToolCall] = []
+    said: list[str] = []  # the model's text so far, shown to a reviewer of a call
     usage = Usage()
     turn = 0
     while True:
@@ -205,12 +224,14 @@ async def run_loop(
             handle._history = messages
             return AgentRun(reply.text, value, usage, tuple(calls), turn)
         messages.append(Message("assistant", reply.text, tool_calls=reply.tool_calls))
+        if reply.text:
+            said.append(reply.text)
         if turn >= max_turns:
             raise MaxTurnsExceeded(
                 f"run {journal.run_id}, step {journal.step_name!r}: agent {handle.agent_name!r} still "
                 f"called tools at its last allowed model call (max_turns={max_turns})"
             )
-        done = await _run_calls(handle, keys, reply.tool_calls, by_name)
+        done = await _run_calls(handle, keys, reply.tool_calls, by_name, "\n\n".join(said))
         calls += done
         for use, call in zip(reply.tool_calls, done, strict=True):
             content, is_error = _as_content(call)
@@ -218,13 +239,20 @@ async def run_loop(
 
 
 async def _run_calls(
-    handle: AgentHandle, keys: _Turn, uses: Sequence[ToolUse], tools: Mapping[str, ToolLike]
+    handle: AgentHandle, keys: _Turn, uses: Sequence[ToolUse], tools: Mapping[str, ToolLike], text: str
 ) -> list[ToolCall]:
-    """Run (or replay) one turn's calls concurrently, journaling their results (see the module doc)."""
+    """Run (or replay) one turn's calls concurrently, journaling their results (see the module doc).
+
+    Calls that wait for a decision (an approval, or an unknown outcome's) are asked for
+    once the others have run and been journaled: the run parks and the step runs again
+    when they are decided (``text`` is the model's text so far, shown to the reviewer).
+    """
     journal = handle._accessor._journal
     results: list[ToolCall | None] = [None] * len(uses)
     unjournaled: dict[str, Any] = {}  # results that ride in the turn's last write
-    runs: list[tuple[int, ToolUse, ToolLike, BaseModel]] = []
+    markers: dict[str, Any] = {}  # attempts started on a decision: journaled before they run
+    runs: list[tuple[int, ToolUse, ToolLike, _Go]] = []
+    asks: list[tuple[str, dict[str, Any]]] = []
     for i, use in enumerate(uses):
         found = journal.lookup(keys.call(use.call_id))
         if found is not None:
@@ -246,28 +274,22 @@ async def _run_calls(
             results[i] = call
             unjournaled[keys.call(use.call_id)] = call.to_json()
             continue
-        if getattr(tool, "approval", None) is not None:
-            # Never run a call that must be approved without its approval.
-            raise AgentflowError(
-                f"run {journal.run_id}, step {journal.step_name!r}: tool {tool.name!r} needs an approval "
-                "for each call, and parking a run on a tool call's approval is not available yet; "
-                "nothing was run"
-            )
-        if not tool.idempotent and keys.replayed:
-            # The reply that asked for this call was journaled before it could run (it is
-            # the call's intent); no result was: it may have run, or not.
-            raise ToolOutcomeUnknownError(
-                f"run {journal.run_id}, step {journal.step_name!r}: agent {handle.agent_name!r}'s call "
-                f"{use.call_id} of tool {tool.name!r} may have run before the process stopped, and "
-                "its outcome is unknown; it is not idempotent, so it is not run again "
-                f"(idempotency key {_idempotency_key(journal.run_id, keys, use)})",
-                tool=tool.name,
-                call_id=use.call_id,
-            )
-        runs.append((i, use, tool, args))
+        plan = _plan(handle, keys, use, tool, args, text)
+        if isinstance(plan, ToolCall):  # decided without running: rejected, answered, timed out
+            results[i] = plan
+            unjournaled[keys.call(use.call_id)] = plan.to_json()
+        elif isinstance(plan, _Ask):
+            asks.append((plan.key, plan.what))
+        else:
+            if plan.marker is not None:
+                markers[plan.marker] = {"approval": plan.approval}
+            runs.append((i, use, tool, plan))
 
-    async def one(i: int, use: ToolUse, tool: ToolLike, args: BaseModel) -> None:
-        call = await _execute(handle, keys, use, tool, args)
+    if markers:
+        await journal.record_many(markers, Usage())
+
+    async def one(i: int, use: ToolUse, tool: ToolLike, go: _Go) -> None:
+        call = await _execute(handle, keys, use, tool, go)
         results[i] = call
         if tool.idempotent:
             unjournaled[keys.call(use.call_id)] = call.to_json()
@@ -275,22 +297,184 @@ async def _run_calls(
             await journal.record(keys.call(use.call_id), call.to_json(), Usage())
 
     async with asyncio.TaskGroup() as tg:
-        for i, use, tool, args in runs:
-            tg.create_task(one(i, use, tool, args))
+        for i, use, tool, go in runs:
+            tg.create_task(one(i, use, tool, go))
     if unjournaled:
         await journal.record_many(unjournaled, Usage())
+    if asks:
+        await journal.wait_for(asks)  # parks the run: the step runs again once decided
     return [r for r in results if r is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Go:
+    """A call to run: its arguments, and the decision that lets it (when one did).
+
+    ``marker``: the journal key that records the attempt started, when the call's
+    intent is not already journaled (a run on a decision of a tool that is not
+    idempotent); ``edited``: a reviewer changed the arguments.
+    """
+
+    args: BaseModel
+    decision: Decision | None = None
+    approval: str | None = None
+    marker: str | None = None
+    edited: bool = False
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """An approval a call waits for: its name in the step visit, and what it shows."""
+
+    key: str
+    what: dict[str, Any]
+
+
+def _plan(
+    handle: AgentHandle, keys: _Turn, use: ToolUse, tool: ToolLike, args: BaseModel, text: str
+) -> _Go | _Ask | ToolCall:
+    """What to do with a call that has no journaled result: run it, wait for a decision, or
+    give the model what a reviewer decided.
+
+    Attempts of a tool that is not idempotent are counted: the first attempt of a call
+    that needs no approval was journaled as its turn's reply; each attempt started on a
+    decision journals a marker ``{call}:go{n}``. An attempt that started and left no
+    result has an unknown outcome: a ``tool_outcome`` approval ``{call}:outcome:{n}``
+    decides it.
+    """
+    journal = handle._accessor._journal
+    call_key = keys.call(use.call_id)
+    arguments = args.model_dump(mode="json")
+    gate = getattr(tool, "approval", None)
+    shown = _described(gate)
+    go = _Go(args)
+    if gate is not None:
+        digest = _digest(arguments)
+        key = f"{call_key}:call:{digest}"
+        aid = journal.approval_id(key)
+        stored = journal.decided(aid)
+        if stored is None:
+            return _Ask(key, _ask("tool_call", handle, use, tool, arguments, shown, text, digest=digest))
+        decision = Decision.from_json(stored)
+        answered = _answered(use, tool, arguments, decision, "call")
+        if answered is not None:
+            return answered
+        edited = isinstance(decision.data, dict) and "arguments" in decision.data
+        if edited:
+            try:
+                args = tool.validate(decision.data["arguments"])
+            except AgentflowError as exc:
+                error = f"InvalidArguments: the reviewer's edited arguments do not fit: {exc}"
+                return ToolCall(use.call_id, use.name, decision.data["arguments"], None, error)
+        go = _Go(args, decision, aid, edited=edited)
+    if tool.idempotent:
+        return go
+    started = 1 if gate is None and keys.replayed else 0
+    while journal.lookup(f"{call_key}:go{started + 1}") is not None:
+        started += 1
+    if started:  # attempt ``started`` began and left no result: its outcome is unknown
+        key = f"{call_key}:outcome:{started}"
+        aid = journal.approval_id(key)
+        stored = journal.decided(aid)
+        if stored is None:
+            approvers = list(shown.get("approvers") or ()) or list(journal.operators)
+            what = _ask("tool_outcome", handle, use, tool, arguments, shown, text, approvers=approvers)
+            what["idempotency_key"] = _idempotency_key(journal.run_id, keys, use)
+            what["context"] = {
+                **what["context"],
+                "attempt": started,
+                "idempotency_key": what["idempotency_key"],
+            }
+            return _Ask(key, what)
+        decision = Decision.from_json(stored)
+        answered = _answered(use, tool, arguments, decision, "outcome")
+        if answered is not None:
+            return answered
+        go = _Go(go.args, decision, aid, edited=go.edited)
+    elif go.decision is None:
+        return go  # a first attempt: its intent is its turn's journaled reply
+    return _Go(go.args, go.decision, go.approval, f"{call_key}:go{started + 1}", go.edited, started + 1)
+
+
+def _described(gate: Any) -> dict[str, Any]:
+    """A tool's approval as JSON (approvers, quorum, timeout, prompt, context), {} without one."""
+    if gate is None:
+        return {}
+    describe = getattr(gate, "describe", None)
+    return dict(describe()) if describe is not None else {}
+
+
+def _digest(arguments: Any) -> str:
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _ask(
+    kind: str,
+    handle: AgentHandle,
+    use: ToolUse,
+    tool: ToolLike,
+    arguments: Any,
+    shown: dict[str, Any],
+    text: str,
+    *,
+    digest: str | None = None,
+    approvers: list[str] | None = None,
+) -> dict[str, Any]:
+    """What an approval of ``kind`` on this call shows a reviewer."""
+    if kind == "tool_call":
+        prompt = shown.get("prompt") or f"Run {tool.name} with these arguments?"
+        form = tool.spec().get("parameters")
+    else:
+        prompt = (
+            f"The call of {tool.name} may have run before the process stopped, and its outcome is "
+            "unknown. Approve to run it again, respond with what it returned, or reject to tell "
+            "the model it failed."
+        )
+        form = None
+    return {
+        "kind": kind,
+        "agent": handle.agent_name,
+        "tool": tool.name,
+        "arguments": arguments,
+        "call_id": use.call_id,
+        "digest": digest,
+        "approvers": approvers if approvers is not None else list(shown.get("approvers") or ()),
+        "quorum": shown.get("quorum", 1) if kind == "tool_call" else 1,
+        "timeout": shown.get("timeout") if kind == "tool_call" else None,
+        "prompt": prompt,
+        "context": {"text": text, "context": shown.get("context")},
+        "form": form,
+    }
+
+
+def _answered(use: ToolUse, tool: ToolLike, arguments: Any, d: Decision, what: str) -> ToolCall | None:
+    """The call as a decision settled it without running the tool, or None when it may run."""
+    if d.responded:
+        result = d.data.get("result") if isinstance(d.data, dict) else None
+        return ToolCall(use.call_id, tool.name, arguments, result)
+    if d.approved:
+        return None
+    if d.timed_out:
+        error = "Rejected: no reviewer decided on this call in time, so it was not run"
+    elif what == "outcome":
+        error = f"ToolFailed: {d.by} reported that the call failed" + (f": {d.comment}" if d.comment else "")
+    else:
+        error = f"Rejected: {d.by} rejected this call, so it was not run" + (
+            f"; their reason: {d.comment}" if d.comment else ""
+        )
+    return ToolCall(use.call_id, tool.name, arguments, None, error)
 
 
 def _idempotency_key(run_id: str, keys: _Turn, use: ToolUse) -> str:
     return f"{run_id}/{keys.base}/{use.call_id}"
 
 
-async def _execute(
-    handle: AgentHandle, keys: _Turn, use: ToolUse, tool: ToolLike, args: BaseModel
-) -> ToolCall:
+async def _execute(handle: AgentHandle, keys: _Turn, use: ToolUse, tool: ToolLike, go: _Go) -> ToolCall:
     """Run one tool call (with its timeout and retries); its failure becomes the call's error."""
     journal = handle._accessor._journal
+    args = go.args
     arguments = args.model_dump(mode="json")
     ctx = ToolContext(
         journal.run_id,
@@ -298,6 +482,8 @@ async def _execute(
         handle.agent_name,
         use.call_id,
         _idempotency_key(journal.run_id, keys, use),
+        attempt=go.attempt,
+        decision=go.decision,
         emit=lambda kind, data: journal.emit(kind, data),
     )
     kwargs = tool.keywords(args)
@@ -323,7 +509,7 @@ async def _execute(
             value = None
             async for trying in tool.retry.retrying():
                 with trying:
-                    ctx.attempt = trying.retry_state.attempt_number
+                    ctx.attempt = go.attempt + trying.retry_state.attempt_number - 1
                     value = await attempt()
         result = _jsonable(tool, value)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -334,10 +520,10 @@ async def _execute(
         journal.emit(
             "tool_failed", {"call_id": use.call_id, "tool": tool.name, "error": error, "duration": duration}
         )
-        return ToolCall(use.call_id, tool.name, arguments, None, error, duration)
+        return ToolCall(use.call_id, tool.name, arguments, None, error, duration, go.edited)
     duration = time.perf_counter() - started
     journal.emit("tool_completed", {"call_id": use.call_id, "tool": tool.name, "duration": duration})
-    return ToolCall(use.call_id, tool.name, arguments, result, None, duration)
+    return ToolCall(use.call_id, tool.name, arguments, result, None, duration, go.edited)
 
 
 def tool_specs(tools: Sequence[ToolLike]) -> tuple[ToolSpec, ...]:

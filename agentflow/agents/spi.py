@@ -7,11 +7,11 @@ Providers live in their own distributions and are found by name through the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 from ..errors import ProviderError, redact
 from ..types import Usage
@@ -291,4 +291,24 @@ class AgentJournal(Protocol):
 
     def emit(self, kind: str, data: Any = None) -> None:
         """Record an event on the run (``agent_leak``)."""
+        ...
+
+    @property
+    def operators(self) -> tuple[str, ...]:
+        """Who decides a tool call's unknown outcome when its tool names no approvers."""
+        ...
+
+    def approval_id(self, key: str) -> str:
+        """The id of the approval named ``key`` (a call's journal key and what it decides)."""
+        ...
+
+    def decided(self, approval: str) -> dict[str, Any] | None:
+        """The stored decision (``Decision`` JSON) of ``approval``, or None while undecided."""
+        ...
+
+    async def wait_for(self, asks: Sequence[tuple[str, dict[str, Any]]]) -> NoReturn:
+        """Park the run on approvals (``(key, what)`` pairs: see ``tool_approval``); never returns.
+
+        The step runs again once they are decided; its journal brings back what finished.
+        """
         ...

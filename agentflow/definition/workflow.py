@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -58,6 +58,8 @@ class WorkflowSpec:
     #: Workflows a step may run as children (``Run(...)``, ``ctx.run``), by name: found
     #: from the steps' code or declared with ``.children(...)``.
     children: dict[str, Workflow] = field(default_factory=dict)
+    #: Who decides a tool call's unknown outcome when the tool names no approvers.
+    operators: tuple[str, ...] = ()
 
     @property
     def imperative(self) -> bool:
@@ -153,6 +155,7 @@ class Workflow:
         self._main: StepFunction | None = None
         self._persistence: Persistence | None = None
         self._agents: AgentsConfig | None = None
+        self._operators: tuple[str, ...] = ()
         self._max_steps = 10_000
         self._children: list[Workflow] = []
         self._spec: WorkflowSpec | None = None
@@ -288,6 +291,18 @@ class Workflow:
         self._children.extend(workflows)
         return self._changed()
 
+    def operators(self, names: Sequence[str]) -> Self:
+        """The people who decide what happens to a tool call whose outcome is unknown.
+
+        A call of a tool that is not idempotent, cut off by a crash while it ran, parks
+        the run on a ``tool_outcome`` approval: its tool's approvers decide it when the
+        tool has ``approval=``, else these operators, else anyone.
+        """
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise WorkflowDefinitionError(f"{self.name}.operators() takes a list of names, got {names!r}")
+        self._operators = tuple(names)
+        return self._changed()
+
     def compile(self) -> WorkflowSpec:
         """Validate the definition and freeze it (cached until the next builder call)."""
         if self._spec is not None:
@@ -330,6 +345,7 @@ class Workflow:
             output_types=output_types,
             forms={name: models for name, fn in gated if (models := forms_of(fn))},
             children=children,
+            operators=self._operators,
         )
         return self._spec
 

@@ -63,8 +63,9 @@ __all__ = [
 ]
 
 
-def approval_id(run_id: str, step: str, visit: int, n: int = 0) -> str:
-    """The id of approval ``n`` of ``step``'s visit ``visit`` in ``run_id`` (0 for a gate).
+def approval_id(run_id: str, step: str, visit: int, n: int | str = 0) -> str:
+    """The id of approval ``n`` of ``step``'s visit ``visit`` in ``run_id`` (0 for a gate;
+    a tool call's approvals are named by the call's journal key and what they decide).
 
     Derived, not drawn: a run parked again at the same place after a crash waits for
     the same approval, and ids are unique across runs.

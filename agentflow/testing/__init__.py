@@ -21,13 +21,26 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from ..agents.spi import ProviderReply, ProviderRequest, ToolUse
-from ..errors import ProviderError
-from ..types import Usage
+from ..errors import AgentflowError, ProviderError
+from ..stores.contract import approval_id
+from ..types import Decision, Usage
 
-__all__ = ["MemoryJournal", "ScriptItem", "ScriptedCall", "ScriptedProvider", "call"]
+__all__ = ["ApprovalRequested", "MemoryJournal", "ScriptItem", "ScriptedCall", "ScriptedProvider", "call"]
+
+
+class ApprovalRequested(AgentflowError):
+    """Raised by :class:`MemoryJournal` where a run would park on tool approvals.
+
+    Attributes:
+        approvals: ``(key, what)`` of each approval asked for (see ``MemoryJournal.decide``).
+    """
+
+    def __init__(self, message: str, approvals: list[tuple[str, dict[str, Any]]]) -> None:
+        super().__init__(message)
+        self.approvals = approvals
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +239,9 @@ class MemoryJournal:
         self.usage = Usage()
         self.events: list[tuple[str, Any]] = []
         self.writes = 0
+        self.decisions: dict[str, dict[str, Any]] = {}
+        self.asked: list[list[tuple[str, dict[str, Any]]]] = []
+        self.operators_: tuple[str, ...] = ()
         self._run_id = run_id
         self._step_name = step_name
 
@@ -271,3 +287,28 @@ class MemoryJournal:
     def emit(self, kind: str, data: Any = None) -> None:
         """Remember an event."""
         self.events.append((kind, data))
+
+    @property
+    def operators(self) -> tuple[str, ...]:
+        """Who decides unknown outcomes of tools without approvers (set ``.operators_``)."""
+        return self.operators_
+
+    def approval_id(self, key: str) -> str:
+        """The approval id of ``key`` in this simulated step visit."""
+        return approval_id(self._run_id, self._step_name, 0, key)
+
+    def decided(self, approval: str) -> dict[str, Any] | None:
+        """A decision given with :meth:`decide`, or None."""
+        return self.decisions.get(approval)
+
+    def decide(self, key: str, decision: Decision) -> None:
+        """Decide the approval asked for under ``key`` (what a reviewer would do)."""
+        aid = self.approval_id(key)
+        self.decisions[aid] = {**decision.to_json(), "approval": aid}
+
+    async def wait_for(self, asks: Any) -> NoReturn:
+        """A run would park here: raise :class:`ApprovalRequested` with what it asks for."""
+        asks = list(asks)
+        self.asked.append(asks)
+        names = ", ".join(f"{a['kind']} of {a['tool']}" for _, a in asks)
+        raise ApprovalRequested(f"run {self._run_id}, step {self._step_name!r} waits for {names}", asks)
