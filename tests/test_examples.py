@@ -48,6 +48,7 @@ def test_every_example_is_listed_here(name):
         "build_and_deploy.py",
         "change_review.py",
         "follow_up.py",
+        "ops_agent.py",
         "release_train.py",
         "resume_after_crash.py",
         "review_release_notes.py",
@@ -120,3 +121,36 @@ def test_release_train_example(tmp_path):
     assert out.count("approved ") == 3
     assert "completed: {'released': ['api (ana)', 'web (bo)', 'worker (ana)']}" in out
     assert out.count("ServiceRelease completed, parent step '__start__'") == 3
+
+
+def _ops_agent_checks(out: str) -> None:
+    assert "ops-lead sees a tool_call: Deploy this version to production?" in out
+    assert "tool deploy, arguments {'service': 'api', 'version': '2.4.1'}" in out
+    assert "killed with SIGKILL (exit -9) during the deploy" in out
+    assert "waiting: tool_outcome of deploy" in out
+    assert "the deploy ledger has 1 deploy(s) under that key" in out  # deployed once, never again
+    assert out.count("] deploy: api 2.4.1") == 1
+    assert "run completed:" in out and "'tools': ['search_incidents', 'deploy']" in out
+
+
+def test_ops_agent_example_with_the_scripted_provider(tmp_path):
+    env = {k: "" for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    out = _run([str(ROOT / "examples" / "ops_agent.py")], tmp_path, env)
+    assert "model: scripted" in out
+    _ops_agent_checks(out)
+
+
+def test_ops_agent_example_with_the_openai_sdk_against_the_local_server(tmp_path, llm_server):
+    from llm_server import Reply, ToolCall
+
+    llm_server.script(
+        Reply("Checking first.", tool_calls=[ToolCall("search_incidents", {"service": "api"}, id="s1")]),
+        Reply("Deploying.", tool_calls=[ToolCall("deploy", {"service": "api", "version": "2.4.1"}, id="d1")]),
+        "api 2.4.1 is rolled out.",
+    )
+    env = {"OPENAI_API_KEY": "sk-local", "OPENAI_BASE_URL": llm_server.openai_base_url}
+    out = _run([str(ROOT / "examples" / "ops_agent.py")], tmp_path, env)
+    assert "model: gpt-4o-mini" in out
+    _ops_agent_checks(out)
+    # three model calls in all, across four processes: none was made twice
+    assert len(llm_server.requests) == 3
