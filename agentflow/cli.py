@@ -135,12 +135,20 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
         elif args.command == "show":
             _, handle = await _find(steward, args.run_id)
             print(json.dumps(_info_json(await handle.info()), indent=2, default=str), file=out)
-        elif args.command in ("approve", "reject"):
+        elif args.command in ("approve", "reject", "respond"):
             runner, handle = await _find(steward, args.run_id)
             if args.command == "approve":
                 data = json.loads(args.data) if args.data else None
                 await runner.approve(
                     args.run_id, by=args.by, approval=args.approval, comment=args.comment, data=data
+                )
+            elif args.command == "respond":
+                await runner.respond(
+                    args.run_id,
+                    by=args.by,
+                    approval=args.approval,
+                    result=json.loads(args.result),
+                    comment=args.comment,
                 )
             else:
                 await runner.reject(args.run_id, by=args.by, approval=args.approval, reason=args.reason)
@@ -210,13 +218,24 @@ def _parser() -> argparse.ArgumentParser:
     pending.add_argument("--limit", type=int, default=100, help="at most this many per workflow")
     pending.add_argument("--json", action="store_true", help="one Approval as JSON per line")
     command("show", "a run's status, pending gate (with its review context), decisions", run_id=True)
-    for name, help in (("approve", "approve the gate a run waits at"), ("reject", "reject it")):
+    decisions = (
+        ("approve", "approve what a run waits for (a gate, a tool call)"),
+        ("reject", "reject it"),
+        ("respond", "answer a tool call with its result instead of running the tool"),
+    )
+    for name, help in decisions:
         p = command(name, help, run_id=True)
         p.add_argument("--by", required=True, help="the approver's name")
         p.add_argument("--approval", help="the approval's id (needed when the run waits for several)")
         if name == "approve":
             p.add_argument("--comment")
-            p.add_argument("--data", help="JSON: the reviewer's edit of the reviewed content")
+            p.add_argument(
+                "--data",
+                help="JSON: the reviewer's edit (a gate's form; {\"arguments\": {...}} for a tool call)",
+            )
+        elif name == "respond":
+            p.add_argument("--result", required=True, help="JSON: what the model is told the call returned")
+            p.add_argument("--comment")
         else:
             p.add_argument("--reason")
         p.add_argument(

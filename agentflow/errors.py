@@ -48,7 +48,6 @@ __all__ = [
     "StateValidationError",
     "StepLimitExceeded",
     "StoreError",
-    "ToolOutcomeUnknownError",
     "UnknownStepError",
     "WorkflowDefinitionError",
     "redact",
@@ -195,18 +194,6 @@ class RunRejectedError(AgentflowError):
 
 class MaxTurnsExceeded(AgentflowError):
     """An agent loop made ``max_turns`` model calls without a final answer (names run, step, agent)."""
-
-
-class ToolOutcomeUnknownError(AgentflowError):
-    """A call of a tool that is not idempotent may have run before the process stopped.
-
-    It is not run again blindly. Attributes: ``tool`` and ``call_id``.
-    """
-
-    def __init__(self, message: str, tool: str | None = None, call_id: str | None = None) -> None:
-        super().__init__(message)
-        self.tool = tool
-        self.call_id = call_id
 
 
 class PoolTimeoutError(AgentflowError):

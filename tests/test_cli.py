@@ -119,3 +119,30 @@ async def test_retry_and_fork_from_the_command_line(tmp_path, monkeypatch) -> No
         assert (await (await runner.attach("forked-1")).result(timeout=5)).output == "published (again)"
     bad = cli("fork", "cli_retry_flows", handle.run_id, "--at", "Nope", db=db, env={"CLI_FIXED": str(fixed)})
     assert bad.returncode == 2 and "UnknownStepError" in bad.stderr and "'Nope'" in bad.stderr
+
+
+async def test_respond_answers_a_tool_call_from_the_command_line(tmp_path, monkeypatch) -> None:
+    from cli_flows import tooling
+
+    db = tmp_path / "cli.db"
+    monkeypatch.setenv("CLI_DB", str(db))
+    async with WorkflowRunner(tooling.persistence(store="sqlite", path=str(db))) as runner:
+        handle = await runner.run()
+        await handle.wait_for("waiting", timeout=10)
+    listed = cli("approvals", "cli_flows", "--kind", "tool_call", "--json", db=db)
+    [approval] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (approval["tool"], approval["arguments"], approval["run_id"]) == (
+        "deploy",
+        {"version": "2.0"},
+        handle.run_id,
+    )
+    bad = cli("respond", "cli_flows", handle.run_id, "--by", "ops-lead", "--result", "{nope", db=db)
+    assert bad.returncode == 2 and "JSON" in bad.stderr
+    answered = cli(
+        "respond", "cli_flows", handle.run_id, "--by", "ops-lead", "--result", '{"ok": true}', db=db
+    )
+    assert answered.returncode == 0, answered.stderr
+    assert f"run {handle.run_id} is completed" in answered.stdout
+    async with WorkflowRunner(tooling.persistence(store="sqlite", path=str(db))) as runner:
+        result = await (await runner.attach(handle.run_id)).result(timeout=5)
+    assert result.output == 'deploy said: {"ok": true}'

@@ -263,3 +263,65 @@ async def test_a_call_in_a_parallel_branch_cannot_park_and_says_so() -> None:
         "message", ""
     )
     assert RAN["deploy"] == 0
+
+
+async def test_an_imperative_workflow_parks_on_a_tool_call_and_replays_to_it() -> None:
+    model = ScriptedProvider([call("deploy", version="3.0"), "Deployed 3.0."])
+    steps: list[str] = []
+
+    def prepare() -> str:
+        steps.append("prepare")
+        return "ready"
+
+    async def main(ctx: Any) -> dict[str, Any]:
+        await ctx.step("prepare", prepare)
+        async with ctx.agents.ops as ops:
+            run = await ops.run("deploy 3.0")
+        return {"text": run.text}
+
+    wf = (
+        Workflow("Imperative").execute(main).agents({"ops": Agent(provider=model, model="m", tools=[deploy])})
+    )
+    async with WorkflowRunner(wf) as runner:
+        run_id, info = await _parked(runner)
+        assert [a.kind for a in info.approvals] == ["tool_call"]
+        await runner.approve(run_id, by="ops-lead")
+        result = await (await runner.attach(run_id)).result(timeout=10)
+    assert result.output == {"text": "Deployed 3.0."} and RAN["deploy"] == 1
+    assert steps == ["prepare"] and len(model.requests) == 2  # replayed, not re-run
+
+
+async def test_an_unknown_outcome_with_no_approvers_or_operators_is_anyones_to_decide(tmp_path: Any) -> None:
+    started = asyncio.Event()
+
+    @tool
+    async def send_email(to: str) -> str:
+        """Send an e-mail (not idempotent)."""
+        RAN["send"] += 1
+        started.set()
+        await asyncio.sleep(60)
+        return "sent"
+
+    def wf(model: ScriptedProvider) -> Workflow:
+        return _workflow(model, send_email, name="Mail").persistence(
+            store="sqlite", path=str(tmp_path / "m.db")
+        )
+
+    runner = WorkflowRunner(wf(ScriptedProvider([call("send_email", to="ana@example.com")])))
+    handle = await runner.run()
+    await asyncio.wait_for(started.wait(), 10)
+    await runner.close()
+    model = ScriptedProvider(["It did not go out; I will tell the user."])
+    async with WorkflowRunner(wf(model)) as runner:
+        await runner.recover()
+        info = await (await runner.attach(handle.run_id)).wait_for(RunStatus.WAITING, timeout=10)
+        assert [(a.kind, a.approvers) for a in info.approvals] == [("tool_outcome", ())]
+        await runner.reject(handle.run_id, by="whoever-is-on-call", reason="bounced")
+        result = await (await runner.attach(handle.run_id)).result(timeout=10)
+        (decision,) = (await (await runner.attach(handle.run_id)).info()).decisions
+    assert RAN["send"] == 1 and decision.by == "whoever-is-on-call"
+    assert (
+        result.output["calls"][0][3]
+        == "ToolFailed: whoever-is-on-call reported that the call failed: bounced"
+    )
+    assert model.tool_results[0][0][2] is True

@@ -165,9 +165,11 @@ class AgentHandle:
 
         Raises:
             MaxTurnsExceeded: no final answer within ``max_turns`` calls (names run, step, agent).
-            ToolOutcomeUnknownError: a call of a tool that is not idempotent may have run
-                before the process stopped; it is not run again.
             BudgetExceededError, ProviderError: as for :meth:`send`.
+
+        A call that must wait for a reviewer (its tool has ``approval=``, or it may have
+        run before a crash and its tool is not idempotent) parks the run; the step runs
+        again once it is decided, and this call returns then.
         """
         self._begin()
         try:
@@ -286,8 +288,8 @@ class AgentHandle:
         self._busy = True
 
     async def _tools(self) -> tuple[ToolLike, ...]:
-        """The tools the model may call in a loop of this handle."""
-        return self.agent.tools
+        """The tools the model may call in a loop of this handle (MCP servers' tools listed in)."""
+        return await self._accessor._pools.tools(self.agent_name)
 
     def _next_key(self) -> str:
         self._calls += 1
