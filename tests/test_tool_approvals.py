@@ -325,3 +325,19 @@ async def test_an_unknown_outcome_with_no_approvers_or_operators_is_anyones_to_d
         == "ToolFailed: whoever-is-on-call reported that the call failed: bounced"
     )
     assert model.tool_results[0][0][2] is True
+
+
+async def test_the_step_that_parked_reports_the_usage_of_all_its_turns_once() -> None:
+    model = ScriptedProvider([call("deploy", version="1.2"), "Shipped."])
+    async with WorkflowRunner(_workflow(model)) as runner:
+        run_id, _ = await _parked(runner)
+        await runner.approve(run_id, by="ops-lead")
+        handle = await runner.attach(run_id)
+        await handle.result(timeout=10)
+        info = await handle.info()
+        done = [e async for e in handle.events() if e.kind == "step_completed" and e.step == "Ship"]
+    (event,) = done
+    assert info.usage.total_tokens > 0
+    assert (
+        event.data["usage"]["input_tokens"] + event.data["usage"]["output_tokens"] == info.usage.total_tokens
+    )

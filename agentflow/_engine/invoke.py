@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..definition.steps import StepFunction
+from ..types import NO_USAGE
 from .context import Frame, StepContext
 
 __all__ = ["OnRetry", "invoke"]
@@ -47,6 +48,8 @@ async def invoke(
             if attempt > 1:
                 frame.state = frame.base
                 await frame.close_agents()
+                if ctx is not None and not frame.scope:
+                    ctx._run.step_usage = NO_USAGE  # the attempt's replayed agent calls count it again
                 if frame.updates is not None:
                     frame.updates = {}
             if ctx is not None:

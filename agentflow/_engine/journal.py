@@ -70,6 +70,15 @@ class StepJournal:
         run.step_usage = run.step_usage + usage
         await run.commit(Commit(fields={"usage": run.usage.to_json()}, journal=dict(entries)))
 
+    def replayed(self, usage: Usage) -> None:
+        """A journaled reply was used again by a re-run of the step: the step reports its usage.
+
+        (Not in a parallel branch: the branches of a step share its count, and one
+        branch's retry cannot start it again.)
+        """
+        if not self._branch:
+            self._run.step_usage = self._run.step_usage + usage
+
     def spent(self) -> int:
         """Tokens the run has consumed so far."""
         return self._run.usage.total_tokens

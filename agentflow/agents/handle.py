@@ -132,9 +132,8 @@ class AgentHandle:
         try:
             request = self._request(prompt, options)
             key = self._next_key()
-            journaled = self._accessor._journal.lookup(key)
-            if journaled is not None:
-                raw = _reply_from_json(journaled)
+            raw = self._replayed(key)
+            if raw is not None:
                 if raw.text:
                     yield raw.text
             else:
@@ -227,9 +226,8 @@ class AgentHandle:
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def complete(key: str, request: ProviderRequest) -> ProviderReply:
-            journaled = self._accessor._journal.lookup(key)
-            if journaled is not None:  # replayed: its text as one delta
-                raw = _reply_from_json(journaled)
+            raw = self._replayed(key)
+            if raw is not None:  # replayed: its text as one delta
                 if raw.text:
                     deltas.put_nowait(raw.text)
                 return raw
@@ -348,10 +346,20 @@ class AgentHandle:
                     "budget, so the call was not sent"
                 )
 
+    def _replayed(self, key: str) -> ProviderReply | None:
+        """The reply journaled under ``key`` (its usage counted toward the step again), or None."""
+        journal = self._accessor._journal
+        journaled = journal.lookup(key)
+        if journaled is None:
+            return None
+        raw = _reply_from_json(journaled)
+        journal.replayed(raw.usage)
+        return raw
+
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
-        journaled = self._accessor._journal.lookup(key)
-        if journaled is not None:
-            return _reply_from_json(journaled)
+        raw = self._replayed(key)
+        if raw is not None:
+            return raw
         self._check_budget(request)
         raw = await self._provider.complete(request)
         await self._journal_reply(key, raw)

@@ -281,6 +281,11 @@ class AgentJournal(Protocol):
         """Persist several entries in one durable write (one round trip) and add ``usage``."""
         ...
 
+    def replayed(self, usage: Usage) -> None:
+        """A journaled reply was used again: its ``usage`` counts toward this step's
+        (the run's has it already)."""
+        ...
+
     def spent(self) -> int:
         """Tokens the run has consumed so far (for the budget)."""
         ...

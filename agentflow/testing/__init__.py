@@ -276,6 +276,9 @@ class MemoryJournal:
         self.usage = self.usage + usage
         self.writes += 1
 
+    def replayed(self, usage: Usage) -> None:
+        """A journaled reply was used again (nothing to count here: ``usage`` has it)."""
+
     def spent(self) -> int:
         """Tokens recorded so far."""
         return self.usage.total_tokens
