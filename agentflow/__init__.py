@@ -1,7 +1,7 @@
 """agentflow: durable LLM workflows with typed state, human approval gates and pooled agents."""
 
 from ._engine.context import StepContext
-from .agents import Agent, AgentReply, TokenBudget
+from .agents import Agent, AgentReply, MCPServer, TokenBudget
 from .agents.loop import AgentRun, ToolCall
 from .agents.spi import ToolContext
 from .definition import (
@@ -63,6 +63,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
+    "MCPServer",
     "MaxTurnsExceeded",
     "Next",
     "NonDeterminismError",

@@ -44,6 +44,7 @@ SPEC_NAMES = [
     "ToolCall",
     "AgentRun",
     "MaxTurnsExceeded",
+    "MCPServer",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -85,6 +86,7 @@ EXPECTED = [
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
+    "MCPServer",
     "MaxTurnsExceeded",
     "Next",
     "NonDeterminismError",

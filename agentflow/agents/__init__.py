@@ -5,6 +5,7 @@ no LLM SDK (providers are separate distributions found through entry points).
 """
 
 from .config import Agent, AgentReply, AgentsConfig, TokenBudget
+from .mcp import MCPServer
 from .pool import AgentAccessor, AgentHandle, AgentPools, PoolStatistics, load_provider
 from .spi import (
     AgentJournal,
@@ -26,6 +27,7 @@ __all__ = [
     "AgentPools",
     "AgentReply",
     "AgentsConfig",
+    "MCPServer",
     "Message",
     "PoolStatistics",
     "Provider",

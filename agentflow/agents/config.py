@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from ..errors import WorkflowDefinitionError
 from ..types import Usage
+from .mcp import MCPServer
 from .spi import Provider, ToolLike
 
 __all__ = ["Agent", "AgentReply", "AgentsConfig", "TokenBudget"]
@@ -28,10 +29,14 @@ class Agent:
         temperature: sampling temperature.
         max_tokens: cap on output tokens per call.
         options: extra provider-specific request options.
-        tools: the tools ``handle.run`` lets the model call (``@tool`` functions).
+        tools: the tools ``handle.run`` lets the model call: ``@tool`` functions, and
+            :class:`MCPServer` entries for all the tools of a Model Context Protocol
+            server (listed when a loop first needs them; a name two of them share is
+            an error then).
 
     Raises:
-        WorkflowDefinitionError: a tool that is not one, or two tools of one name.
+        WorkflowDefinitionError: a tool that is not one, two tools of one name, or one
+            MCP server listed twice.
     """
 
     provider: str | Provider
@@ -41,15 +46,24 @@ class Agent:
     temperature: float | None = None
     max_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    tools: tuple[ToolLike, ...] = ()
+    tools: tuple[ToolLike | MCPServer, ...] = ()
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
+        servers: set[int] = set()
         for t in self.tools:
+            if isinstance(t, MCPServer):
+                if id(t) in servers:
+                    raise WorkflowDefinitionError(
+                        f"agent on model {self.model!r}: {t!r} is listed twice in tools"
+                    )
+                servers.add(id(t))
+                continue
             if not isinstance(t, ToolLike):
                 what = getattr(t, "__name__", repr(t))
                 raise WorkflowDefinitionError(
-                    f"agent on model {self.model!r}: {what} is not a tool; declare it with @tool or tool(fn)"
+                    f"agent on model {self.model!r}: {what} is not a tool; declare it with @tool or "
+                    "tool(fn), or give an MCP server as MCPServer.stdio(...) or MCPServer.http(...)"
                 )
             if t.name in seen:
                 raise WorkflowDefinitionError(

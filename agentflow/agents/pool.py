@@ -31,7 +31,8 @@ from ..errors import (
 )
 from .config import Agent, AgentsConfig
 from .handle import AgentHandle
-from .spi import AgentJournal, Provider
+from .mcp import MCPConnection, MCPServer
+from .spi import AgentJournal, Provider, ToolLike
 
 __all__ = [
     "PROVIDER_GROUP",
@@ -160,7 +161,9 @@ class AgentPools:
     """Every agent of a workflow, each with its own pool of ``max_handles`` handles.
 
     Providers are created lazily, one instance per provider name, and shared by all
-    agents that name it, so their HTTP connection pools are reused across handles.
+    agents that name it, so their HTTP connection pools are reused across handles. So
+    are MCP servers' sessions: one per :class:`MCPServer`, connected when a loop first
+    needs its tools, and closed with the pools.
 
     Args:
         config: what ``Workflow.agents(...)`` recorded.
@@ -178,6 +181,7 @@ class AgentPools:
             for name, agent in config.agents.items()
         }
         self._providers: dict[str, Provider] = {}
+        self._mcp: dict[MCPServer, MCPConnection] = {}
 
     def accessor(self, journal: AgentJournal) -> AgentAccessor:
         """Make the ``ctx.agents`` of one step execution, journaling through ``journal``."""
@@ -199,8 +203,45 @@ class AgentPools:
         pool.provider = provider
         return provider
 
+    async def tools(self, name: str) -> tuple[ToolLike, ...]:
+        """The tools agent ``name``'s loops may call: its own, and those its MCP servers list.
+
+        A server is connected (and its tools listed) once, on the first call that needs it.
+
+        Raises:
+            WorkflowDefinitionError: two of the tools share a name (names both sources),
+                or an MCP server's ``approval``/``idempotent`` name a tool it does not have.
+            AgentflowError: an MCP server could not be started or reached (names it).
+        """
+        agent = self._pools[name].agent
+        if not any(isinstance(t, MCPServer) for t in agent.tools):
+            return cast(tuple[ToolLike, ...], agent.tools)  # no MCPServer among them
+        tools: list[ToolLike] = []
+        source: dict[str, str] = {}
+        for entry in agent.tools:
+            if isinstance(entry, MCPServer):
+                connection = self._mcp.get(entry)
+                if connection is None:
+                    connection = self._mcp[entry] = MCPConnection(entry)
+                found: tuple[ToolLike, ...] = await connection.tools()
+                where = f"MCP server {entry.name!r}"
+            else:
+                found, where = (entry,), "the agent's own tools"
+            for t in found:
+                if t.name in source:
+                    raise WorkflowDefinitionError(
+                        f"agent {name!r}: tool {t.name!r} of {where} has the name of tool {t.name!r} of "
+                        f"{source[t.name]}; the model could not tell them apart (rename one, or leave "
+                        "one server out)"
+                    )
+                source[t.name] = where
+                tools.append(t)
+        return tuple(tools)
+
     async def aclose(self) -> None:
-        """Close every provider this object created or was given (their HTTP clients)."""
+        """Close every provider this object created or was given (their HTTP clients), and MCP sessions."""
+        connections = list(self._mcp.values())
+        self._mcp.clear()
         providers: dict[int, Provider] = {id(p): p for p in self._providers.values()}
         for pool in self._pools.values():
             if not isinstance(pool.agent.provider, str):
@@ -209,6 +250,11 @@ class AgentPools:
                 pool.provider = None  # created lazily again if the pools are used after closing
         self._providers.clear()
         first: BaseException | None = None
+        for connection in connections:
+            try:
+                await connection.aclose()
+            except Exception as exc:  # close the rest before reporting
+                first = first or exc
         for provider in providers.values():
             try:
                 await provider.aclose()
