@@ -33,7 +33,7 @@ from agentflow import (
     tool,
 )
 from agentflow.agents import AgentPools, AgentsConfig
-from agentflow.testing import ScriptedProvider, call
+from agentflow.testing import ApprovalRequested, MemoryJournal, ScriptedCall, ScriptedProvider, call
 
 SERVER = str(Path(__file__).with_name("mcp_server.py"))
 
@@ -233,6 +233,33 @@ async def test_idempotent_and_approval_are_set_by_the_servers_tool_names(http: H
         assert await pools.tools("ops") == tuple(tools.values())  # listed once, kept
     finally:
         await pools.aclose()
+
+
+async def test_a_call_cut_off_by_a_crash_runs_again_only_if_idempotent(http: HTTPServer) -> None:
+    server = MCPServer.http(http.url, idempotent={"status": True})
+
+    async def rerun(cut_off: ScriptedCall, answer: str) -> Any:
+        # The process died while the call ran: the reply that asked for it (its intent) is
+        # journaled, its result is not. Then the step runs again on that journal.
+        journal = MemoryJournal(scope="3:Ship:", run_id="r1", step_name="Ship")
+        crashed = AgentPools(AgentsConfig({"ops": Agent(provider=ScriptedProvider([cut_off]), model="m")}))
+        async with crashed.accessor(journal).ops as ops:
+            await ops._complete("agent:3:Ship::ops:1:1:t1", ops._build([], None, {}))
+        await crashed.aclose()
+        model = ScriptedProvider([answer])
+        pools = AgentPools(AgentsConfig({"ops": Agent(provider=model, model="m", tools=[server])}))
+        try:
+            async with pools.accessor(journal).ops as ops:
+                return await ops.run("Ship 1.2")
+        finally:
+            await pools.aclose()
+
+    with pytest.raises(ApprovalRequested, match="waits for tool_outcome of deploy"):
+        await rerun(call("deploy", version="1.2"), "never asked")
+    assert http.calls() == []  # not idempotent: it is asked about, not sent again
+    result = await rerun(call("status", version="1.2"), "live")
+    assert http.calls() == [("status", {"version": "1.2"})]
+    assert result.tool_calls[0].result == "1.2 is live" and result.text == "live"
 
 
 async def test_a_call_of_an_mcp_tool_that_needs_approval_parks_the_run(http: HTTPServer) -> None:
