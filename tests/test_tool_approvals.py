@@ -157,7 +157,7 @@ async def test_an_edited_call_is_validated_runs_with_the_edit_and_the_model_is_t
     assert "edited this call's arguments" in content and '"1.2.1"' in content
 
 
-async def test_a_quorum_of_reviewers_and_two_approvals_in_one_turn() -> None:
+async def test_a_quorum_of_reviewers_and_two_approvals_in_one_turn(store: Store) -> None:
     @tool(approval=HumanApproval(approvers=["ana", "ben", "cy"], quorum=2))
     async def migrate(db: str) -> str:
         """Migrate a database."""
@@ -165,9 +165,10 @@ async def test_a_quorum_of_reviewers_and_two_approvals_in_one_turn() -> None:
         return f"{db} migrated"
 
     model = ScriptedProvider([[call("migrate", db="users"), call("migrate", db="orders")], "Both done."])
-    async with WorkflowRunner(_workflow(model, migrate)) as runner:
+    async with WorkflowRunner(_workflow(model, migrate), store=store) as runner:
         run_id, info = await _parked(runner)
         first, second = info.approvals
+        assert {a.id for a in await runner.approvals(kind="tool_call")} == {first.id, second.id}
         assert (first.arguments, second.arguments) == ({"db": "users"}, {"db": "orders"})
         with pytest.raises(InvalidStateError, match="say which one"):
             await runner.approve(run_id, by="ana")
@@ -175,6 +176,7 @@ async def test_a_quorum_of_reviewers_and_two_approvals_in_one_turn() -> None:
         info = await (await runner.attach(run_id)).info()
         assert info.status == RunStatus.WAITING and info.approvals[0].votes == ("ana",)
         await runner.approve(run_id, by="ben", approval=first.id)
+        assert [a.id for a in await runner.approvals(approver="cy")] == [second.id]  # the index follows
         await runner.reject(run_id, by="cy", approval=second.id, reason="orders is busy")
         result = await (await runner.attach(run_id)).result(timeout=10)
     assert RAN == {"migrate users": 1}
