@@ -97,7 +97,13 @@ class RunHandle:
         return res
 
     def events(self) -> AsyncIterator[RunEvent]:
-        """The run's events from its first (history, then live), ending at a final status."""
+        """The run's events from its first (history, then live), ending at a final status.
+
+        While the run advances in this process, its ``agent_delta`` events come too: the
+        text deltas of ``handle.stream`` and ``handle.run`` (``data``: ``agent``, ``call``,
+        ``text``), live only (never stored, so neither replayed nor seen from another
+        process), each after the stored event whose ``seq`` it carries.
+        """
         return self._runner._events(self.run_id)
 
     async def pause(self) -> None:

@@ -90,26 +90,43 @@ async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> 
 
 
 async def events(runner: WorkflowRunner, run_id: str) -> AsyncIterator[RunEvent]:
-    """The run's events from its first (history, then live), ending at a final status."""
+    """The run's events from its first (history, then live), ending at a final status.
+
+    Interleaved with them, while the run advances in this process: its live-only events
+    (``agent_delta``), each after the stored event whose ``seq`` it carries. Those are
+    never stored, so a watcher sees only the ones published while it watches.
+    """
     sup = runner.supervisor
     after = 0
-    while True:
-        batch = await runner.store.events(run_id, after)
-        live = sup.local.get(run_id)
-        if live is not None:
-            batch = [*batch, *(e for e in live.outbox if e.seq > (batch[-1].seq if batch else after))]
-        for ev in batch:
-            if ev.seq <= after:
-                continue
-            after = ev.seq
-            yield ev
-            if ev.kind in _FINAL_KINDS and ev is batch[-1]:
-                # The end, unless the run went on since (a failed run that was retried).
+    with sup.notifier.watch(run_id) as deltas:
+        while True:
+            live = sup.local.get(run_id)
+            if live is not None and not live.finished and live.event_seq <= after:
+                batch: list[RunEvent] = []  # nothing new stored nor queued: no read of the store
+            else:
+                batch = await runner.store.events(run_id, after)
+                live = sup.local.get(run_id)
+                last = batch[-1].seq if batch else after
+                # Queued events, unless a commit stored some between the read and now:
+                # those come from the store first (the next read), never skipped.
+                if live is not None and live.outbox and live.outbox[0].seq == last + 1:
+                    batch = [*batch, *live.outbox]
+            for ev in batch:
+                if ev.seq <= after:
+                    continue
+                while deltas and deltas[0].seq < ev.seq:
+                    yield deltas.popleft()
+                after = ev.seq
+                yield ev
+                if ev.kind in _FINAL_KINDS and ev is batch[-1]:
+                    # The end, unless the run went on since (a failed run that was retried).
+                    rec = await runner._record(run_id)
+                    if rec.status in FINAL and rec.event_count <= after:
+                        return
+            while deltas and deltas[0].seq <= after:
+                yield deltas.popleft()
+            if not batch and (live is None or live.finished):
                 rec = await runner._record(run_id)
                 if rec.status in FINAL and rec.event_count <= after:
                     return
-        if not batch:
-            rec = await runner._record(run_id)
-            if rec.status in FINAL and rec.event_count <= after:
-                return
-        await sup.notifier.changed(run_id, _POLL)
+            await sup.notifier.changed(run_id, _POLL)

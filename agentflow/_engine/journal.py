@@ -7,12 +7,13 @@ retry, a recovery and a replay of the same step find the same entries.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..stores.contract import Commit, approval_id
-from ..types import Usage
+from ..types import RunEvent, Usage
 from .tool_gates import park_tools, refuse_in_branch, tool_approval
 
 if TYPE_CHECKING:
@@ -90,6 +91,22 @@ class StepJournal:
     def emit(self, kind: str, data: Any = None) -> None:
         """Record an event on the run (``agent_leak``)."""
         self._run.emit(kind, None, data)
+
+    @property
+    def watched(self) -> bool:
+        """True while someone in this process watches the run's events (live events reach them)."""
+        return self._run.run_id in self._run.kernel.watching
+
+    def live(self, kind: str, data: Any = None) -> None:
+        """Deliver a live-only event to this process's watchers of the run; never stored.
+
+        Its ``seq`` is that of the run's latest event, which it follows (it takes no
+        number of its own); with nobody watching it is dropped before it is made.
+        """
+        run = self._run
+        if run.run_id in run.kernel.watching:
+            event = RunEvent(kind, run.run_id, self._step, data, time.time(), run.event_seq)
+            run.kernel.publish(run.run_id, event)
 
     # -- approvals of tool calls (see ``tool_gates``) ---------------------------------
 

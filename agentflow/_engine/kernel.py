@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..agents.spi import AgentJournal
     from ..definition.workflow import WorkflowSpec
     from ..stores.contract import Store
+    from ..types import RunEvent
     from .run import LiveRun
 
 __all__ = ["Kernel"]
@@ -30,6 +31,17 @@ class Kernel(Protocol):
 
     def notify(self, run_id: str) -> None:
         """Wake whoever in this process waits on ``run_id``."""
+        ...
+
+    #: Run id → this process's watchers of its events; no key when nobody watches (then
+    #: live events need not be made).
+    watching: dict[str, Any]
+
+    def publish(self, run_id: str, event: RunEvent) -> None:
+        """Deliver a live-only event (``agent_delta``) to this process's watchers of ``run_id``.
+
+        It is never stored; with nobody watching, it is dropped.
+        """
         ...
 
     def agents(self, journal: AgentJournal) -> Any:

@@ -101,6 +101,7 @@ class Supervisor:
             self.family = root.family
             self.watch = root.watch
         self.waiters: dict[str, Any] = self.notifier.waiters
+        self.watching: dict[str, Any] = self.notifier.watching
         self.timers = GateTimers(self)
         # Timers that came due while no process served the workflow fire once one does.
         self.timers.ensure()
@@ -113,6 +114,10 @@ class Supervisor:
     def notify(self, run_id: str) -> None:
         """Wake whoever waits on ``run_id`` here."""
         self.notifier.notify(run_id)
+
+    def publish(self, run_id: str, event: RunEvent) -> None:
+        """Deliver a live-only event to the watchers of ``run_id`` here (never stored)."""
+        self.notifier.publish(run_id, event)
 
     def agents(self, journal: AgentJournal) -> Any:
         """``ctx.agents`` for one step execution."""

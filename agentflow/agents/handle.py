@@ -132,9 +132,11 @@ class AgentHandle:
         try:
             request = self._request(prompt, options)
             key = self._next_key()
+            live = self._live(key)
             raw = self._replayed(key)
             if raw is not None:
                 if raw.text:
+                    live(raw.text)
                     yield raw.text
             else:
                 self._check_budget(request)
@@ -143,6 +145,7 @@ class AgentHandle:
                     if isinstance(item, ProviderReply):
                         final = item
                     else:
+                        live(item)
                         yield item
                 assert final is not None  # _provider_stream ends with the reply or raises
                 raw = final
@@ -169,10 +172,14 @@ class AgentHandle:
         A call that must wait for a reviewer (its tool has ``approval=``, or it may have
         run before a crash and its tool is not idempotent) parks the run; the step runs
         again once it is decided, and this call returns then.
+
+        While someone in this process watches the run (``RunHandle.events()``), each model
+        call is streamed and its text deltas reach the watchers as ``agent_delta`` events;
+        with nobody watching, calls are not streamed.
         """
         self._begin()
         try:
-            return await self._loop(prompt, max_turns, output, options, self._complete)
+            return await self._loop(prompt, max_turns, output, options, self._complete_watched)
         finally:
             self._busy = False
 
@@ -219,6 +226,52 @@ class AgentHandle:
                 provider=self._provider.name,
             )
 
+    async def _streamed(
+        self, key: str, request: ProviderRequest, each: Callable[[str], None]
+    ) -> ProviderReply:
+        """A model call of a loop, streamed: ``each`` gets its text deltas (a replayed one's text whole)."""
+        raw = self._replayed(key)
+        if raw is not None:
+            if raw.text:
+                each(raw.text)
+            return raw
+        self._check_budget(request)
+        final = None
+        async for item in self._provider_stream(request):
+            if isinstance(item, ProviderReply):
+                final = item
+            else:
+                each(item)
+        assert final is not None  # _provider_stream ends with the reply or raises
+        await self._journal_reply(key, final)
+        return final
+
+    def _complete_watched(self, key: str, request: ProviderRequest) -> Awaitable[ProviderReply]:
+        """A model call of ``run``: streamed while someone here watches the run, its deltas sent live.
+
+        Nobody watching, it is not streamed: a stream costs the client more CPU than one
+        reply, for deltas nobody would see.
+        """
+        if getattr(self._accessor._journal, "watched", False):
+            return self._streamed(key, request, self._live(key))
+        return self._complete(key, request)
+
+    def _live(self, key: str) -> Callable[[str], None]:
+        """What hands a text delta of the model call ``key`` to the run's live watchers.
+
+        An ``agent_delta`` event: ``{"agent", "call": key, "text"}``, never stored; a
+        journal without live events (``AgentJournal.live`` is optional) drops it.
+        """
+        live = getattr(self._accessor._journal, "live", None)
+        if live is None:
+            return _drop
+        agent = self.agent_name
+
+        def delta(text: str) -> None:
+            live("agent_delta", {"agent": agent, "call": key, "text": text})
+
+        return delta
+
     async def _stream_loop(self, prompt: str, options: dict[str, Any]) -> AsyncIterator[str]:
         """The agent loop, yielding the text deltas of each model turn as they arrive."""
         max_turns = int(options.pop("max_turns", 10))
@@ -226,21 +279,13 @@ class AgentHandle:
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
         async def complete(key: str, request: ProviderRequest) -> ProviderReply:
-            raw = self._replayed(key)
-            if raw is not None:  # replayed: its text as one delta
-                if raw.text:
-                    deltas.put_nowait(raw.text)
-                return raw
-            self._check_budget(request)
-            final = None
-            async for item in self._provider_stream(request):
-                if isinstance(item, ProviderReply):
-                    final = item
-                else:
-                    deltas.put_nowait(item)
-            assert final is not None  # _provider_stream ends with the reply or raises
-            await self._journal_reply(key, final)
-            return final
+            live = self._live(key)
+
+            def each(text: str) -> None:
+                deltas.put_nowait(text)
+                live(text)
+
+            return await self._streamed(key, request, each)
 
         self._begin()
         try:
@@ -404,6 +449,10 @@ class AgentHandle:
                 f"attempt: {_errors(again)}"
             ) from again
         return AgentReply(fixed.text, output, raw.usage + fixed.usage)
+
+
+def _drop(text: str) -> None:
+    """A live delta nobody can receive."""
 
 
 def _validate(model: type[BaseModel], raw: ProviderReply) -> BaseModel:

@@ -298,6 +298,17 @@ class AgentJournal(Protocol):
         """Record an event on the run (``agent_leak``)."""
         ...
 
+    # Optional: a journal without these two delivers no live events (the handle checks).
+
+    @property
+    def watched(self) -> bool:
+        """True while someone in this process watches the run's events."""
+        ...
+
+    def live(self, kind: str, data: Any = None) -> None:
+        """Deliver a live-only event (``agent_delta``) to the run's watchers here; never stored."""
+        ...
+
     @property
     def operators(self) -> tuple[str, ...]:
         """Who decides a tool call's unknown outcome when its tool names no approvers."""
