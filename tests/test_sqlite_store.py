@@ -584,7 +584,7 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
     db.close()
     with pytest.raises(StoreError, match="closed"):
         await store.get("r1")
@@ -653,7 +653,7 @@ async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) 
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
         assert db.execute("SELECT field FROM agentflow_values").fetchall() == [("input",)]
     db.close()
 
@@ -693,7 +693,7 @@ async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
     db.close()
 
 

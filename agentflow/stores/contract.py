@@ -57,6 +57,10 @@ __all__ = [
     "OutputRecord",
     "RunRecord",
     "Store",
+    "Claim",
+    "QueueDepth",
+    "REDELIVER_AFTER",
+    "WorkQueue",
     "approval_id",
     "indexed_approvals",
     "pending_approvals",
@@ -413,4 +417,66 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
+        ...
+
+
+#: Seconds after which an entry a worker claimed and did not acknowledge (it died in
+#: between) is delivered again. A claim is acknowledged as soon as the run's lease is
+#: taken, so this only covers the moment between the two.
+REDELIVER_AFTER = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A queue entry delivered to a worker; :meth:`WorkQueue.ack` it once the run is taken.
+
+    Attributes:
+        workflow: the queue (one per workflow).
+        run_id: the run handed over.
+        receipt: what ``ack`` needs to find the entry (store-specific).
+        enqueued_at: when it was handed over (the store's clock, seconds).
+    """
+
+    workflow: str
+    run_id: str
+    receipt: str
+    enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """What waits in a workflow's queue: entries not yet claimed, and the oldest one's age."""
+
+    waiting: int
+    oldest_age: float | None
+
+
+@runtime_checkable
+class WorkQueue(Protocol):
+    """The hand-over of runs to workers (§16): one queue per workflow, in the store.
+
+    Delivery is at least once: a run's lease, not the queue, makes the work happen once
+    (a worker takes the lease of a run it claims, and a claim of a run someone else
+    holds, or that no longer exists, is acknowledged and dropped). Entries are claimed
+    oldest first, never more than asked for, and only from the queues named.
+    """
+
+    async def enqueue(self, workflow: str, run_id: str) -> None:
+        """Hand ``run_id`` to the workers that serve ``workflow``."""
+        ...
+
+    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
+        """Up to ``limit`` entries of these workflows' queues for ``consumer``.
+
+        Waits up to ``wait`` seconds while there are none. An entry claimed and not
+        acknowledged within :data:`REDELIVER_AFTER` seconds is delivered again.
+        """
+        ...
+
+    async def ack(self, claims: Sequence[Claim]) -> None:
+        """The worker is done with these entries: they are not delivered again."""
+        ...
+
+    async def queue_depth(self, workflow: str) -> QueueDepth:
+        """How many entries of ``workflow`` wait, and how long the oldest has."""
         ...

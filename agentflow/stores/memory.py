@@ -39,14 +39,17 @@ from .codec import (
 from .contract import (
     Change,
     ChangeFn,
+    Claim,
     Commit,
     Lease,
     LoadedRun,
     OutputRecord,
+    QueueDepth,
     RunRecord,
     Store,
 )
 from .memory_index import ApprovalIndex, RunIndex, SortKey
+from .memory_queue import MemoryQueue
 
 __all__ = ["MemoryStore"]
 
@@ -171,6 +174,7 @@ class MemoryStore:
         self._index = RunIndex()
         self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
         self._approvals = ApprovalIndex()
+        self._queue = MemoryQueue()
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -309,20 +313,34 @@ class MemoryStore:
             events = []
             for e in commit.events:
                 # What _store_event does, inline for the two events of every step.
-                at = e.at
-                if e.data is None and type(e) is RunEvent and type(at) is float and -_INF < at < _INF:
-                    step = e.step
-                    if type(e.kind) is str and (step is None or type(step) is str):
+                kind, step, data, at = e.kind, e.step, e.data, e.at
+                if (
+                    type(e) is RunEvent
+                    and type(at) is float
+                    and -_INF < at < _INF
+                    and type(kind) is str
+                    and (step is None or type(step) is str)
+                ):
+                    if data is None:
                         events.append(e)
                         continue
-                events.append(encode_event(run_id, e))
+                    try:  # encode_event's body, without its two calls
+                        events.append(
+                            pydantic_core.to_json({"kind": kind, "step": step, "data": data, "at": at})
+                        )
+                        continue
+                    except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
+                        pass
+                events.append(encode_event(run_id, e))  # raises the store's error
         outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
             {k: encode(run_id, f"journal {k!r}", v) for k, v in commit.journal.items()}
             if commit.journal
             else None
         )
-        run = self._get(run_id)
+        run = self._runs.get(run_id)
+        if run is not None and run.expires is not None:
+            run = self._get(run_id)
         if run is None:
             raise LeaseLostError(run_id, "the run no longer exists")
         rec = run.fields
@@ -499,6 +517,24 @@ class MemoryStore:
     def sibling(self) -> Store | None:
         """None: another thread's event loop cannot share this store's dicts."""
         return None
+
+    # -- the work queue (WorkQueue) -----------------------------------------------
+
+    async def enqueue(self, workflow: str, run_id: str) -> None:
+        """Hand ``run_id`` to the workers of ``workflow`` (in this process)."""
+        await self._queue.enqueue(workflow, run_id)
+
+    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
+        """Entries for a worker of this process (see ``WorkQueue.claim``)."""
+        return await self._queue.claim(workflows, consumer, limit, wait)
+
+    async def ack(self, claims: Sequence[Claim]) -> None:
+        """Drop claimed entries."""
+        await self._queue.ack(claims)
+
+    async def queue_depth(self, workflow: str) -> QueueDepth:
+        """Entries of ``workflow`` waiting."""
+        return await self._queue.queue_depth(workflow)
 
     async def close(self) -> None:
         """Forget every run."""

@@ -43,6 +43,7 @@ everywhere at once, and a ``create`` now and then purges them in bounded batches
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import queue
 import sqlite3
@@ -55,6 +56,7 @@ from typing import Any, TypeVar
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from ..types import RunEvent, RunStatus
 from . import sqlite_index as sqlindex
+from . import sqlite_queue as sqlqueue
 from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
 from .codec import (
@@ -68,7 +70,7 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import Change, Commit, Lease, LoadedRun, RunRecord
+from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord
 from .sqlite_calls import Durability, TwoConnections, _close, _forks, _Job, _Pending
 
 __all__ = ["Durability", "SqliteStore"]
@@ -119,6 +121,7 @@ class SqliteStore(TwoConnections):
         self._home: tuple[int, int] | None = None
         self._unchecked = 0  # bytes written on the loop's connection since the last checkpoint
         self._checkpoint = _Pending()
+        self._queued = asyncio.Event()  # an entry was queued through this store object
         # At "full" a write flushes the disk, which may take milliseconds: the thread does it.
         self._writes_inline = durability == "normal"
         # A store dropped without close() stops its thread, which holds no reference to it.
@@ -483,6 +486,48 @@ class SqliteStore(TwoConnections):
             return live is not None
 
         return await self._call("delete", run_id, job, inline=False)  # as long as the run is big
+
+    # -- the work queue (WorkQueue; see sqlite_queue) ----------------------------------
+
+    async def enqueue(self, workflow: str, run_id: str) -> None:
+        """Hand ``run_id`` to the workers of ``workflow`` (a row of ``agentflow_queue``)."""
+        await self._call(
+            "enqueue",
+            run_id,
+            lambda db: sqlqueue.enqueue(db, self.key_prefix, workflow, run_id),
+            self._writes_inline,
+            write=True,
+        )
+        self._queued.set()
+
+    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
+        """Up to ``limit`` entries for ``consumer``, polling every ``POLL_INTERVAL`` s up to ``wait``."""
+        deadline = time.monotonic() + wait
+        while True:
+            self._queued.clear()
+            claims = await self._call(
+                "claim",
+                None,
+                lambda db: sqlqueue.claim(db, self.key_prefix, workflows, consumer, limit),
+                write=True,
+            )
+            left = deadline - time.monotonic()
+            if claims or left <= 0:
+                return claims
+            try:
+                async with asyncio.timeout(min(left, sqlqueue.POLL_INTERVAL)):
+                    await self._queued.wait()
+            except TimeoutError:
+                pass
+
+    async def ack(self, claims: Sequence[Claim]) -> None:
+        """Delete acknowledged entries."""
+        if claims:
+            await self._call("ack", None, lambda db: sqlqueue.ack(db, self.key_prefix, claims), write=True)
+
+    async def queue_depth(self, workflow: str) -> QueueDepth:
+        """Entries of ``workflow`` not claimed yet, and the oldest one's age."""
+        return await self._call("queue_depth", None, lambda db: sqlqueue.depth(db, self.key_prefix, workflow))
 
     def sibling(self) -> SqliteStore:
         """A new store on the same file and options, with a thread and connection of its own."""

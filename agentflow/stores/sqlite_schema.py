@@ -1,6 +1,6 @@
 """The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
-Layout (schema version 4, kept in ``PRAGMA user_version``)::
+Layout (schema version 5, kept in ``PRAGMA user_version``)::
 
     agentflow_runs      the hot row of a run: one column per small RunRecord field
                         (JSON text for pending, decisions, error, usage, parent,
@@ -22,6 +22,8 @@ Layout (schema version 4, kept in ``PRAGMA user_version``)::
                         one stays (``pending = 0``) until its run goes, so a page can
                         start after it
     agentflow_approvers (ns, approver, created_at, id): who may decide each pending one
+    agentflow_queue     the hand-over of runs to workers: one row per entry, claimed by
+                        setting ``claimed_by``/``claimed_at``, deleted when acknowledged
 
 A short value rides in the hot row, which a commit rewrites anyway: a step whose state
 is a few counters writes two pages (the row and its events), not three. When a value
@@ -51,6 +53,7 @@ __all__ = [
     "EVENTS",
     "JOURNAL",
     "OUTPUTS",
+    "QUEUE",
     "RUNS",
     "STATEMENTS",
     "VALUES",
@@ -62,7 +65,7 @@ __all__ = [
     "ensure_schema",
 ]
 
-RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
+RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
     "agentflow_runs",
     "agentflow_values",
     "agentflow_events",
@@ -70,10 +73,19 @@ RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
     "agentflow_journal",
     "agentflow_approvals",
     "agentflow_approvers",
+    "agentflow_queue",
 )
 
 #: The layout this module creates; files with a higher ``user_version`` are refused.
-VERSION = 4
+VERSION = 5
+
+_QUEUE = (
+    f"""CREATE TABLE IF NOT EXISTS {QUEUE} (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, workflow TEXT NOT NULL,
+        run_id TEXT NOT NULL, enqueued_at REAL NOT NULL, claimed_by TEXT, claimed_at REAL
+    )""",
+    f"CREATE INDEX IF NOT EXISTS {QUEUE}_next ON {QUEUE} (ns, workflow, claimed_at, id)",
+)
 
 _TABLES = (
     f"""CREATE TABLE IF NOT EXISTS {RUNS} (
@@ -161,6 +173,8 @@ _HOT = (
     "updated_at, event_count, lease_owner, lease_token, lease_expires, control, deadline, expires_at"
 )
 
+# Version 4 had no work queue.
+_FROM_V4 = _QUEUE
 # Version 3 had no parent, children nor approval index (the new tables are in _TABLES).
 _FROM_V3 = (
     f"ALTER TABLE {RUNS} ADD COLUMN parent TEXT NOT NULL DEFAULT 'null'",
@@ -297,14 +311,16 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             )
         if version < VERSION:
             steps: tuple[str, ...]
-            if version == 3:
+            if version == 4:
+                steps = _FROM_V4
+            elif version == 3:
                 steps = _FROM_V3
             elif version == 2:
                 steps = _FROM_V2
             else:  # a file of version 1 (which set no version) has the big fields in its rows
                 v1 = db.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = 'input'", (RUNS,)).fetchone()
                 steps = _FROM_V1 if v1 else _TABLES
-            for sql in steps:
+            for sql in (*steps, *_QUEUE):
                 db.execute(sql)
             for sql in _INDEXES:
                 db.execute(sql)

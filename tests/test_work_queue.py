@@ -1,0 +1,93 @@
+"""The work queue every store offers workers (``WorkQueue``): per-workflow FIFO, claims
+bounded by the limit, each entry to one consumer, redelivery of what a dead consumer
+claimed and never acknowledged, and a wait that ends as soon as work arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from agentflow.stores import contract
+from agentflow.stores.contract import WorkQueue
+
+QUEUE_KINDS = ("memory", "sqlite")
+
+
+@pytest.fixture(params=QUEUE_KINDS)
+def queue(request: pytest.FixtureRequest, make_store) -> WorkQueue:
+    options = {} if request.param == "memory" else {"key_prefix": f"q{time.monotonic_ns()}:"}
+    store = make_store(request.param, **options)
+    assert isinstance(store, WorkQueue)
+    return store
+
+
+async def test_entries_come_oldest_first_per_workflow_and_never_more_than_asked(queue: WorkQueue) -> None:
+    for run_id in ("a1", "a2", "a3"):
+        await queue.enqueue("A", run_id)
+    await queue.enqueue("B", "b1")
+    first = await queue.claim(["A"], "w1", 2, 0)
+    assert [(c.workflow, c.run_id) for c in first] == [("A", "a1"), ("A", "a2")]
+    rest = await queue.claim(["A", "B"], "w1", 10, 0)
+    assert sorted(c.run_id for c in rest) == ["a3", "b1"]
+    assert await queue.claim(["A", "B"], "w1", 10, 0) == []
+    assert await queue.claim(["C"], "w1", 10, 0) == []  # a queue nobody filled
+
+
+async def test_a_claimed_entry_is_not_delivered_again_unless_its_consumer_never_acknowledged(
+    queue: WorkQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await queue.enqueue("A", "r1")
+    await queue.enqueue("A", "r2")
+    c1, c2 = await queue.claim(["A"], "dead-worker", 2, 0)
+    await queue.ack([c1])
+    assert await queue.claim(["A"], "w2", 10, 0) == []
+    monkeypatch.setattr(contract, "REDELIVER_AFTER", 0.05)
+    await asyncio.sleep(0.1)
+    (again,) = await queue.claim(["A"], "w2", 10, 0)
+    assert again.run_id == "r2"  # the dead worker's unacknowledged entry, to another worker
+    await queue.ack([again])
+    await asyncio.sleep(0.1)
+    assert await queue.claim(["A"], "w3", 10, 0) == []
+
+
+async def test_a_waiting_claim_returns_as_soon_as_work_arrives(queue: WorkQueue) -> None:
+    async def later() -> None:
+        await asyncio.sleep(0.1)
+        await queue.enqueue("A", "r1")
+
+    started = time.monotonic()
+    task = asyncio.create_task(later())
+    (claim,) = await queue.claim(["A"], "w1", 5, 5.0)
+    await task
+    assert claim.run_id == "r1" and time.monotonic() - started < 1.0
+    empty = time.monotonic()
+    assert await queue.claim(["A"], "w1", 5, 0.2) == []
+    assert 0.15 < time.monotonic() - empty < 1.0
+
+
+async def test_depth_counts_what_waits_and_how_long(queue: WorkQueue) -> None:
+    assert (await queue.queue_depth("A")).waiting == 0
+    await queue.enqueue("A", "r1")
+    await asyncio.sleep(0.05)
+    await queue.enqueue("A", "r2")
+    depth = await queue.queue_depth("A")
+    assert depth.waiting == 2 and depth.oldest_age is not None and depth.oldest_age >= 0.04
+    await queue.claim(["A"], "w1", 1, 0)
+    assert (await queue.queue_depth("A")).waiting == 1
+
+
+async def test_two_consumers_on_one_sqlite_file_never_get_the_same_entry(make_store) -> None:
+    one, two = make_store("sqlite"), make_store("sqlite")
+    for i in range(200):
+        await one.enqueue("A", f"r{i}")
+    got: list[str] = []
+
+    async def consume(store, name: str) -> None:
+        while claims := await store.claim(["A"], name, 7, 0):
+            got.extend(c.run_id for c in claims)
+            await store.ack(claims)
+
+    await asyncio.gather(consume(one, "w1"), consume(two, "w2"), consume(one, "w3"))
+    assert sorted(got) == sorted(f"r{i}" for i in range(200))
