@@ -40,7 +40,7 @@ async def test_a_claimed_entry_is_not_delivered_again_unless_its_consumer_never_
 ) -> None:
     await queue.enqueue("A", "r1")
     await queue.enqueue("A", "r2")
-    c1, c2 = await queue.claim(["A"], "dead-worker", 2, 0)
+    c1, _ = await queue.claim(["A"], "dead-worker", 2, 0)
     await queue.ack([c1])
     assert await queue.claim(["A"], "w2", 10, 0) == []
     monkeypatch.setattr(contract, "REDELIVER_AFTER", 0.05)
