@@ -46,6 +46,7 @@ from .runner import RunHandle, WorkflowRunner
 from .steward import Steward, WorkflowInfo
 from .stores.contract import Store
 from .types import Approval, Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
+from .worker import Worker, WorkerStatistics
 
 __all__ = [
     "END",
@@ -100,6 +101,8 @@ __all__ = [
     "WorkflowDefinitionError",
     "WorkflowInfo",
     "WorkflowRunner",
+    "Worker",
+    "WorkerStatistics",
     "step",
     "tool",
 ]

@@ -10,6 +10,7 @@ calls them through the runner.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -21,7 +22,7 @@ from . import runner_control, runner_decisions, runner_follow, runner_rerun
 from ._engine.run import new_run
 from ._engine.values import validate_input
 from ._runtime.leases import take_over
-from ._runtime.supervisor import Supervisor
+from ._runtime.supervisor import Supervisor, queue_of
 from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
@@ -80,10 +81,19 @@ class WorkflowRunner:
         workflow: the workflow to run.
         store: a Store to use instead of the workflow's persistence setting.
         lease_ttl: overrides the persistence setting's ``lease_ttl``.
+        execute: False makes a client: ``run``, decisions, ``resume``, ``retry``,
+            ``fork``, ``recover`` and due timers hand the run to the workers serving
+            the workflow through the store's queue (``agentflow worker``), and
+            ``result()`` / ``events()`` follow it there. True (the default) advances
+            runs in this process.
     """
 
     def __init__(
-        self, workflow: Workflow, store: Store | None = None, lease_ttl: float | None = None
+        self,
+        workflow: Workflow,
+        store: Store | None = None,
+        lease_ttl: float | None = None,
+        execute: bool = True,
     ) -> None:
         if not isinstance(workflow, Workflow):
             raise WorkflowDefinitionError(f"WorkflowRunner takes a Workflow, got {workflow!r}")
@@ -98,12 +108,17 @@ class WorkflowRunner:
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self._sup: Supervisor | None = None
         self._lease_ttl = ttl
+        self.execute = execute
+        if not execute:
+            queue_of(store)  # a client hands runs over through the store's queue: it must have one
 
     @property
     def supervisor(self) -> Supervisor:
         """The per-process machinery (created on first use, inside the running event loop)."""
         if self._sup is None:
-            self._sup = Supervisor(self.spec, self.store, self._lease_ttl, self.owner, self._specs)
+            self._sup = Supervisor(
+                self.spec, self.store, self._lease_ttl, self.owner, self._specs, execute=self.execute
+            )
         return self._sup
 
     async def __aenter__(self) -> WorkflowRunner:
@@ -137,8 +152,13 @@ class WorkflowRunner:
         sup = self.supervisor
         run_id = run_id or os.urandom(16).hex()
         rec, run, events = new_run(sup, run_id, inp, {"workflow": spec.name})
+        if not self.execute:  # a client: the run is queued for a worker, unowned
+            rec = dataclasses.replace(rec, lease_owner=None, lease_expires=0.0)
         if not await self.store.create(rec, events):
             return await self.attach(run_id)  # the run exists: start nothing (and check it is ours)
+        if not self.execute:
+            await queue_of(self.store).enqueue(spec.name, run_id)
+            return RunHandle(self, run_id, status=RunStatus.RUNNING)
         sup.start(run)
         return RunHandle(self, run_id, run)
 

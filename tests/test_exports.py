@@ -45,6 +45,8 @@ SPEC_NAMES = [
     "AgentRun",
     "MaxTurnsExceeded",
     "MCPServer",
+    "Worker",
+    "WorkerStatistics",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -120,6 +122,8 @@ EXPECTED = [
     "UnknownStepError",
     "Usage",
     "Wait",
+    "Worker",
+    "WorkerStatistics",
     "Workflow",
     "WorkflowDefinitionError",
     "WorkflowInfo",

@@ -41,6 +41,9 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Awaitable[None]]) -> 
             await pause_here(run)  # asked for while nobody owned the run
             return
         await advance(run)
+        if kernel.stopping and run.status is RunStatus.RUNNING:
+            # The process closes between two steps: let go, so another takes the run at once.
+            await _release_quietly(run)
     except Suspend:
         pass  # parked inside a step (a tool call waits for its approval): committed already
     except asyncio.CancelledError:

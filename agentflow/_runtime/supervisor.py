@@ -26,15 +26,15 @@ from .._engine.tool_gates import past_deadline
 from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
-from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError
-from ..stores.contract import Change, Commit, Lease, RunRecord, Store
+from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError, WorkflowDefinitionError
+from ..stores.contract import Change, Commit, Lease, RunRecord, Store, WorkQueue
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
-from .leases import LeaseKeeper
+from .leases import LeaseKeeper, take_over
 from .notify import Notifier
 from .timers import GateTimers
 
-__all__ = ["Supervisor", "stop_change"]
+__all__ = ["Supervisor", "queue_of", "stop_change"]
 
 log = logging.getLogger("agentflow")
 
@@ -75,6 +75,7 @@ class Supervisor:
         owner: str,
         specs: dict[str, WorkflowSpec] | None = None,
         root: Supervisor | None = None,
+        execute: bool = True,
     ) -> None:
         self.spec = spec
         self.store = store
@@ -92,7 +93,14 @@ class Supervisor:
             self.specs = dict(specs or {spec.name: spec})
             self.family: dict[str, Supervisor] = {spec.name: self}
             self.watch = ChildWatch(self)
+            # False: a client (``WorkflowRunner(execute=False)``): runs that would go on
+            # here are handed to the workers through the store's queue instead.
+            self.execute = execute
+            #: Called with each run that leaves this process (a worker counts its room).
+            self.on_leave: list[Callable[[LiveRun], None]] = []
         else:
+            self.execute = root.execute
+            self.on_leave = root.on_leave
             self.root = root
             self.local = root.local
             self.notifier = root.notifier
@@ -133,6 +141,8 @@ class Supervisor:
         if self.local.get(run.run_id) is run:
             del self.local[run.run_id]
         self.notify(run.run_id)
+        for fn in self.on_leave:
+            fn(run)
         if run.parent is not None and run.status in FINAL:
             outcome = None
             if run.status is RunStatus.COMPLETED:
@@ -219,12 +229,17 @@ class Supervisor:
         )
         self.leases.ensure()
 
-    async def adopt(self, run_id: str, lease: Lease) -> LiveRun:
+    async def adopt(self, run_id: str, lease: Lease) -> LiveRun | None:
         """Load a run this process just took the lease of, and start advancing it.
+
+        A client (``execute=False``) hands it to the workers instead (and returns None).
 
         Raises:
             CorruptRecordError: the run cannot be loaded; it is failed (alone) with that error.
         """
+        if not self.execute:
+            await self.hand_over(run_id, lease)
+            return None
         loaded = await self.store.load(run_id)
         if loaded is None:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
@@ -243,6 +258,64 @@ class Supervisor:
             raise
         self.start(run)
         return run
+
+    async def hand_over(self, run_id: str, lease: Lease) -> None:
+        """Let go of a run this process just took, and queue it for the workers of its workflow."""
+
+        def release(rec: RunRecord, now: float) -> Change | None:
+            if rec.lease_owner != lease.owner or rec.lease_token != lease.token:
+                return None  # a retry after a lost reply, or someone else's already
+            return Change(dataclasses.replace(rec, lease_owner=None, lease_expires=0.0), [])
+
+        rec = await self.update(run_id, release)
+        if rec is not None and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
+            await queue_of(self.store).enqueue(rec.workflow, run_id)
+
+    async def claim(self, run_id: str, workflow: str) -> str | None:
+        """Take a run a worker claimed from the queue, and advance it here.
+
+        Returns ``"handed"`` (it had no owner), ``"recovered"`` (its owner died), or None
+        when it is not this process's to take.
+
+        A run handed over (no owner) is taken as it is; one whose owner died is recovered
+        (a ``resumed`` event says so). A run that is not running, is held by a live owner,
+        or is of another workflow is left alone.
+
+        Raises:
+            RunNotFoundError: the run no longer exists.
+        """
+        if run_id in self.local:
+            return None
+        sup = self.of(workflow) if workflow in self.specs else self
+        taken: list[int] = []
+        recovered_from: list[str] = []
+
+        def take(rec: RunRecord, now: float) -> Change | None:
+            if rec.status != RunStatus.RUNNING or rec.workflow != workflow:
+                return None
+            if rec.lease_owner is not None:
+                recovered = take_over(workflow)(rec, now)  # its owner died...
+                if recovered is None:
+                    return None  # ...or is alive
+                out, lease = apply(rec, now, recovered, self.owner, self.lease_ttl)
+                if lease is not None:
+                    taken.append(lease.token)
+                    recovered_from.append(rec.lease_owner)
+                return out
+            token = rec.lease_token + 1
+            taken.append(token)
+            leased = dataclasses.replace(
+                rec, lease_owner=self.owner, lease_token=token, lease_expires=now + self.lease_ttl
+            )
+            return Change(leased, [])
+
+        rec = await self.update(run_id, take)
+        if rec is None:
+            raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {workflow!r}")
+        if rec.lease_owner != self.owner or rec.lease_token not in taken:
+            return None
+        await sup.adopt(run_id, Lease(self.owner, rec.lease_token))
+        return "recovered" if recovered_from else "handed"
 
     async def transition(self, run_id: str, fn: Callable[[RunRecord, float], Transition | None]) -> RunRecord:
         """Apply a decision-like change through the store; adopt the run when it resumes here.
@@ -310,10 +383,13 @@ class Supervisor:
         """Time out the gate of ``run_id`` if its deadline passed."""
         await self.transition(run_id, lambda rec, now: past_deadline(rec))
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
         """Stop advancing runs (they stay recoverable) and stop background tasks.
 
-        Closing the first supervisor closes those of the child workflows with it.
+        With a ``grace`` period, runs go on to the end of the step they are in (at most
+        ``grace`` seconds), commit it and let go of their lease there; those still in
+        a step then are cancelled, and let go of theirs too. Closing the first
+        supervisor closes those of the child workflows with it.
         """
         family = list(self.family.values()) if self.root is self else [self]
         for sup in family:
@@ -321,6 +397,8 @@ class Supervisor:
         if self.root is self:
             await self.watch.close()
             tasks = [r.task for r in self.local.values() if r.task is not None]
+            if grace > 0 and tasks:
+                await asyncio.wait(tasks, timeout=grace)
             for r in list(self.local.values()):
                 r.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -329,3 +407,17 @@ class Supervisor:
             await sup.timers.close()
             if sup.pools is not None:
                 await sup.pools.aclose()
+
+
+def queue_of(store: Store) -> WorkQueue:
+    """``store`` as the work queue runs are handed over through.
+
+    Raises:
+        WorkflowDefinitionError: the store keeps no work queue (it cannot serve workers).
+    """
+    if not isinstance(store, WorkQueue):
+        raise WorkflowDefinitionError(
+            f"the store {type(store).__name__} keeps no work queue, so runs cannot be handed to "
+            "workers through it; use the memory, SQLite, Redis or Postgres store"
+        )
+    return store

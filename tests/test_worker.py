@@ -1,0 +1,185 @@
+"""Workers and clients in one process: a client (``execute=False``) hands runs over through
+the store's queue, a worker claims and advances them; decisions, timers, concurrency,
+graceful stops and queue entries for runs that are gone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from agentflow import (
+    END,
+    START,
+    HumanApproval,
+    Next,
+    RunStatus,
+    Sleep,
+    Wait,
+    Worker,
+    Workflow,
+    WorkflowRunner,
+)
+from agentflow.stores.contract import Store
+
+RAN: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    RAN.clear()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, make_store) -> Store:
+    return make_store(request.param)
+
+
+def _pipeline(name: str = "Pipeline", pause: float = 0.0) -> Workflow:
+    async def step(ctx: Any) -> Any:
+        RAN.append(ctx.step_name)
+        if pause:
+            await asyncio.sleep(pause)
+        return {"A": "B", "B": "C"}.get(ctx.step_name, Next(END, output=len(RAN)))
+
+    return Workflow(name).flow({START: lambda ctx: "A", "A": step, "B": step, "C": step})
+
+
+async def _serving(worker: Worker) -> asyncio.Task[None]:
+    task = asyncio.create_task(worker.serve())
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_client_hands_runs_to_a_worker_and_follows_them(store: Store) -> None:
+    wf = _pipeline()
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        handles = [await client.run() for _ in range(5)]
+        await asyncio.sleep(0.1)
+        assert RAN == []  # a client runs nothing
+        assert [(await h.info()).status for h in handles] == [RunStatus.RUNNING] * 5
+        worker = Worker(wf, store=store, concurrency=10)
+        task = await _serving(worker)
+        results = [await h.result(timeout=10) for h in handles]
+        stats = await worker.statistics()
+        await worker.close()
+        await task
+    assert [r.status for r in results] == [RunStatus.COMPLETED] * 5
+    assert sorted(RAN) == sorted(["A", "B", "C"] * 5)
+    assert stats.claimed == 5 and stats.runs == 0 and stats.queues["Pipeline"].waiting == 0
+    assert not client.supervisor.local
+
+
+async def test_a_decision_in_a_client_is_carried_on_by_a_worker(store: Store) -> None:
+    wf = Workflow("Gated").flow(
+        {
+            START: lambda ctx: Wait(HumanApproval(["ana"]), "Ship"),
+            "Ship": lambda ctx: (RAN.append("Ship"), Next(END, output="shipped"))[1],
+        }
+    )
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        worker = Worker(wf, store=store)
+        task = await _serving(worker)
+        handle = await client.run()
+        await handle.wait_for(RunStatus.WAITING, timeout=10)
+        await client.approve(handle.run_id, by="ana")
+        result = await handle.result(timeout=10)
+        await worker.close()
+        await task
+    assert result.output == "shipped" and RAN == ["Ship"] and not client.supervisor.local
+
+
+async def test_a_run_of_a_workflow_no_worker_serves_waits_for_one_that_does(store: Store) -> None:
+    served, other = _pipeline("Served"), _pipeline("Other")
+    async with WorkflowRunner(other, store=store, execute=False) as client:
+        handle = await client.run()
+        worker = Worker(served, store=store)
+        task = await _serving(worker)
+        await asyncio.sleep(0.3)
+        assert (await handle.info()).status == RunStatus.RUNNING and RAN == []
+        second = Worker(other, store=store)
+        task2 = await _serving(second)
+        result = await handle.result(timeout=10)
+        for w in (worker, second):
+            await w.close()
+        await asyncio.gather(task, task2)
+    assert result.status == RunStatus.COMPLETED and RAN == ["A", "B", "C"]
+
+
+async def test_a_worker_claims_no_more_than_its_concurrency(store: Store) -> None:
+    gate = asyncio.Event()
+    most = 0
+    worker: Worker
+
+    async def slow(ctx: Any) -> Next:
+        nonlocal most
+        most = max(most, worker.runs)
+        await gate.wait()
+        return Next(END, output=1)
+
+    wf = Workflow("Slow").flow({START: slow})
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        handles = [await client.run() for _ in range(5)]
+        worker = Worker(wf, store=store, concurrency=2)
+        task = await _serving(worker)
+        await asyncio.sleep(0.3)
+        assert worker.runs == 2 and (await worker.statistics()).queues["Slow"].waiting == 3
+        gate.set()
+        for h in handles:
+            assert (await h.result(timeout=10)).status == RunStatus.COMPLETED
+        await worker.close()
+        await task
+    assert most == 2
+
+
+async def test_a_stopping_worker_finishes_the_step_in_flight_and_hands_the_run_on(store: Store) -> None:
+    wf = _pipeline(pause=0.3)
+    async with WorkflowRunner(wf, store=store, execute=False, lease_ttl=30) as client:
+        handle = await client.run()
+        first = Worker(wf, store=store, lease_ttl=30)
+        task = await _serving(first)
+        while RAN != ["A"]:
+            await asyncio.sleep(0.01)
+        await first.close(grace=5)  # A finishes and is committed; the run goes back on the queue
+        await task
+        info = await handle.info()
+        assert info.status == RunStatus.RUNNING and info.step == "B" and RAN == ["A"]
+        second = Worker(wf, store=store, lease_ttl=30)
+        task = await _serving(second)
+        result = await asyncio.wait_for(handle.result(), 5)  # at once: no lease to wait out
+        await second.close()
+        await task
+    assert result.status == RunStatus.COMPLETED and RAN == ["A", "B", "C"]
+
+
+async def test_a_queue_entry_for_a_run_that_is_gone_is_dropped(store: Store, caplog) -> None:
+    wf = _pipeline()
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        await store.enqueue("Pipeline", "no-such-run")  # type: ignore[attr-defined]
+        worker = Worker(wf, store=store)
+        task = await _serving(worker)
+        handle = await client.run()
+        assert (await handle.result(timeout=10)).status == RunStatus.COMPLETED
+        stats = await worker.statistics()
+        await worker.close()
+        await task
+    assert stats.dropped >= 1 and stats.claimed == 1 and stats.recovered == 0
+    assert "queue entry for run no-such-run, which no longer exists: dropped" in caplog.text
+
+
+async def test_a_durable_timer_of_a_client_run_fires_in_the_worker(store: Store) -> None:
+    wf = Workflow("Later").flow(
+        {
+            START: lambda ctx: Wait(Sleep(0.2), "Done"),
+            "Done": lambda ctx: (RAN.append("Done"), Next(END, output="late"))[1],
+        }
+    )
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        worker = Worker(wf, store=store)
+        task = await _serving(worker)
+        handle = await client.run()
+        result = await handle.result(timeout=10)
+        await worker.close()
+        await task
+    assert result.output == "late" and RAN == ["Done"]
