@@ -139,7 +139,9 @@ async def test_a_stopping_worker_finishes_the_step_in_flight_and_hands_the_run_o
         handle = await client.run()
         first = Worker(wf, store=store, lease_ttl=30)
         task = await _serving(first)
-        while RAN != ["A"]:
+        for _ in range(500):
+            if RAN == ["A"]:
+                break
             await asyncio.sleep(0.01)
         await first.close(grace=5)  # A finishes and is committed; the run goes back on the queue
         await task
