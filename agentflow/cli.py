@@ -10,6 +10,7 @@ comes from its own ``.persistence(...)``::
     agentflow approve myapp.flows 4f0c... --by ops-lead --approval ap_91c2...   # one of several
     agentflow reject myapp.flows 4f0c... --by ops-lead --reason "tests are red"
     agentflow recover myapp.flows                # resume runs whose worker died
+    agentflow worker myapp.flows --concurrency 100   # claim and advance runs until SIGTERM
 
 A decided run continues in the deciding process, so ``approve`` and ``reject`` follow
 the run, printing its events, until it finishes or parks again (``--no-follow`` returns
@@ -30,6 +31,7 @@ from .errors import AgentflowError
 from .runner import RunHandle, WorkflowRunner
 from .steward import Steward
 from .types import FINAL, RunInfo, RunStatus
+from .worker import Worker
 
 __all__ = ["main"]
 
@@ -82,6 +84,22 @@ async def _follow(handle: RunHandle, out: Any) -> RunInfo:
     return await handle.info()
 
 
+async def _work(steward: Steward, args: argparse.Namespace, out: Any) -> int:
+    """Serve the module's workflows until SIGTERM / SIGINT, then say what was done."""
+    worker = Worker(steward, concurrency=args.concurrency, grace=args.grace)
+    names = ", ".join(w.name for w in steward.workflows())
+    print(f"worker serving {names} (concurrency {args.concurrency}); stop with SIGTERM", file=out, flush=True)
+    await worker.serve()
+    stats = await worker.statistics()
+    print(
+        f"worker stopped: {stats.claimed} runs handed over, {stats.recovered} recovered, "
+        f"{stats.dropped} queue entries dropped",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
 def _check_stores(steward: Steward) -> None:
     """Reading runs never creates a store: a SQLite file that is not there is an error."""
     for info in steward.workflows():
@@ -100,6 +118,8 @@ async def _run(args: argparse.Namespace, out: Any) -> int:
     steward = Steward.discover(args.module)
     if not steward.workflows():
         raise AgentflowError(f"module {args.module!r} defines no Workflow")
+    if args.command == "worker":
+        return await _work(steward, args, out)
     if args.command != "describe":
         _check_stores(steward)
     try:
@@ -251,6 +271,11 @@ def _parser() -> argparse.ArgumentParser:
             "--no-follow", dest="follow", action="store_false", help="return without following the run"
         )
     command("recover", "resume runs whose owner died, and follow them")
+    worker = command("worker", "claim runs of the module's workflows from their stores and advance them")
+    worker.add_argument("--concurrency", type=int, default=100, help="runs advanced at once, at most")
+    worker.add_argument(
+        "--grace", type=float, default=30.0, help="seconds steps in flight get to finish on stop"
+    )
     return ap
 
 

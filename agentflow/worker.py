@@ -61,7 +61,8 @@ class WorkerStatistics:
         dropped: entries it acknowledged without a run (taken by another, gone, or done).
         steps_per_second: steps its runs went through per second, since the previous
             call (since it started, on the first).
-        queues: per workflow served, what waits in its queue (count, oldest age).
+        queues: per workflow served, what waits in its queue (count, oldest age);
+            empty once the worker is closed.
     """
 
     runs: int
@@ -177,9 +178,10 @@ class Worker:
         since, before = self._sampled
         self._sampled = (now, steps)
         queues = {}
-        for runner in self.runners:
-            for name in runner._specs:
-                queues[name] = await queue_of(runner.store).queue_depth(name)
+        if not self._closed.is_set():  # a closed worker's stores are closed
+            for runner in self.runners:
+                for name in runner._specs:
+                    queues[name] = await queue_of(runner.store).queue_depth(name)
         return WorkerStatistics(
             self.runs,
             self.concurrency,

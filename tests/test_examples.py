@@ -47,6 +47,7 @@ def test_every_example_is_listed_here(name):
     assert name in {
         "build_and_deploy.py",
         "change_review.py",
+        "fleet.py",
         "follow_up.py",
         "ops_agent.py",
         "release_train.py",
@@ -154,3 +155,13 @@ def test_ops_agent_example_with_the_openai_sdk_against_the_local_server(tmp_path
     _ops_agent_checks(out)
     # three model calls in all, across four processes: none was made twice
     assert len(llm_server.requests) == 3
+
+
+def test_fleet_example_moves_runs_between_worker_processes(tmp_path):
+    out = _run([str(ROOT / "examples" / "fleet.py")], tmp_path)
+    runs = re.findall(r"^run-\d: (\w+), (moved|stayed): (.*)$", out, re.M)
+    assert len(runs) == 6 and {status for status, _, _ in runs} == {"completed"}
+    for _, _, trail in runs:  # every step ran once, in order, wherever it ran
+        assert [s.split("@")[0] for s in trail.split()] == ["Fetch", "Parse", "Score", "Store"]
+    assert any(how == "moved" for _, how, _ in runs)  # the stopped worker's runs went on elsewhere
+    assert "it runs none of them" in out and out.count("stopped after taking") == 2

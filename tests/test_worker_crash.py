@@ -1,0 +1,130 @@
+"""Worker processes (``agentflow worker``) killed and stopped under a client's runs.
+
+SIGKILL in the middle of a step: another worker takes the run over once its lease ran
+out, with no ``recover()`` written anywhere; finished steps do not run again and the
+step in flight runs once more. SIGTERM: the worker finishes its step, hands the run on,
+and exits 0 saying what it did.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fleetflows
+import pytest
+
+from agentflow import WorkflowRunner
+from agentflow.stores import SqliteStore
+from agentflow.stores.contract import Store
+
+HERE = Path(__file__).parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def _env(kind: str, target: str, log: Path, block: str = "") -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(HERE),
+        "FLEET_STORE": kind,
+        "FLEET_TARGET": target,
+        "FLEET_LOG": str(log),
+        "FLEET_BLOCK": block,
+    }
+
+
+def _worker(env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentflow.cli", "worker", "fleetflows", "--concurrency", "10"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and "worker serving FleetPipeline" in proc.stdout.readline()
+    return proc
+
+
+def _lines(log: Path) -> list[tuple[str, str, str, int]]:
+    if not log.exists():
+        return []
+    return [(w, n, r, int(p)) for w, n, r, p in (line.split() for line in log.read_text().splitlines())]
+
+
+def _until(check, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _client(kind: str, target: str) -> WorkflowRunner:
+    """A client of the workers: the same workflow, on the same store, running nothing itself."""
+    if kind == "sqlite":
+        store: Store = SqliteStore(target)
+    else:
+        from agentflow.stores.redis import RedisStore
+
+        store = RedisStore(target)
+    return WorkflowRunner(fleetflows.pipeline, store=store, execute=False)
+
+
+def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return str(tmp_path / "fleet.db") if kind == "sqlite" else request.getfixturevalue("redis_url")
+
+
+@pytest.mark.parametrize("kind", ["sqlite"])
+async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path, request) -> None:
+    log = tmp_path / "steps.log"
+    target = _target(kind, tmp_path, request)
+    doomed = _worker(_env(kind, target, log, block="B"))
+    client = _client(kind, target)
+    async with client:
+        handles = [await client.run(run_id=f"r{i}") for i in range(3)]
+        _until(lambda: sum(1 for w, n, _, _ in _lines(log) if (w, n) == ("start", "B")) == 3)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate()
+        survivor = _worker(_env(kind, target, log))
+        try:
+            results = [await h.result(timeout=60) for h in handles]
+        finally:
+            survivor.send_signal(signal.SIGTERM)
+            out, err = survivor.communicate(timeout=30)
+    assert survivor.returncode == 0, err
+    assert {r.status.value for r in results} == {"completed"} and {r.output for r in results} == {
+        survivor.pid
+    }
+    starts = collections.Counter((n, p == doomed.pid) for w, n, _, p in _lines(log) if w == "start")
+    assert starts == {("A", True): 3, ("B", True): 3, ("B", False): 3, ("C", False): 3}
+    assert "0 runs handed over, 3 recovered" in out
+
+
+@pytest.mark.parametrize("kind", ["sqlite"])
+async def test_sigterm_lets_the_step_finish_and_hands_the_runs_on(kind, tmp_path, request) -> None:
+    log = tmp_path / "steps.log"
+    target = _target(kind, tmp_path, request)
+    first = _worker(_env(kind, target, log))
+    client = _client(kind, target)
+    async with client:
+        handles = [await client.run(run_id=f"t{i}") for i in range(4)]
+        _until(lambda: any(n == "B" for _, n, _, _ in _lines(log)))
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 0, err
+        assert "worker stopped: 4 runs handed over" in out
+        second = _worker(_env(kind, target, log))
+        try:
+            results = [await h.result(timeout=30) for h in handles]
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=30)
+    assert {r.status.value for r in results} == {"completed"}
+    starts = collections.Counter((n, r) for w, n, r, _ in _lines(log) if w == "start")
+    assert set(starts.values()) == {1}  # no step of any run ran twice
+    assert len(starts) == 12
