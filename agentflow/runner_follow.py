@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["events", "result", "until"]
 
 _FINAL_KINDS = frozenset(s.value for s in FINAL)
-_POLL = 0.1  # seconds between store polls for runs another process advances
 
 
 async def until(
@@ -46,15 +45,23 @@ async def until(
                 raise TimeoutError(f"run {run_id} did not get there within {timeout} s") from None
             if live.failure is not None:
                 raise live.failure
-        rec = await runner._record(run_id)
+        poll = sup.poll_interval()
+        ev = sup.notifier.arm(run_id)  # before the read: a change pushed meanwhile wakes the wait
+        try:
+            rec = await runner._record(run_id)
+        except BaseException:
+            sup.notifier.disarm(run_id, ev)
+            raise
         if done(rec):
+            sup.notifier.disarm(run_id, ev)
             return rec
         if rec.status == RunStatus.WAITING and rec.pending and rec.pending.get("deadline"):
             sup.watch_deadlines()
         if deadline is not None and time.monotonic() >= deadline:
+            sup.notifier.disarm(run_id, ev)
             raise TimeoutError(f"run {run_id} did not get there within {timeout} s")
-        left = _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
-        await sup.notifier.changed(run_id, left)
+        left = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+        await sup.notifier.wait(run_id, ev, left)
 
 
 async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> RunResult:
@@ -100,33 +107,37 @@ async def events(runner: WorkflowRunner, run_id: str) -> AsyncIterator[RunEvent]
     after = 0
     with sup.notifier.watch(run_id) as deltas:
         while True:
-            live = sup.local.get(run_id)
-            if live is not None and not live.finished and live.event_seq <= after:
-                batch: list[RunEvent] = []  # nothing new stored nor queued: no read of the store
-            else:
-                batch = await runner.store.events(run_id, after)
+            woken = sup.notifier.arm(run_id)  # before the reads: a change meanwhile wakes the wait
+            try:
                 live = sup.local.get(run_id)
-                last = batch[-1].seq if batch else after
-                # Queued events, unless a commit stored some between the read and now:
-                # those come from the store first (the next read), never skipped.
-                if live is not None and live.outbox and live.outbox[0].seq == last + 1:
-                    batch = [*batch, *live.outbox]
-            for ev in batch:
-                if ev.seq <= after:
-                    continue
-                while deltas and deltas[0].seq < ev.seq:
+                if live is not None and not live.finished and live.event_seq <= after:
+                    batch: list[RunEvent] = []  # nothing new stored nor queued: no read of the store
+                else:
+                    batch = await runner.store.events(run_id, after)
+                    live = sup.local.get(run_id)
+                    last = batch[-1].seq if batch else after
+                    # Queued events, unless a commit stored some between the read and now:
+                    # those come from the store first (the next read), never skipped.
+                    if live is not None and live.outbox and live.outbox[0].seq == last + 1:
+                        batch = [*batch, *live.outbox]
+                for ev in batch:
+                    if ev.seq <= after:
+                        continue
+                    while deltas and deltas[0].seq < ev.seq:
+                        yield deltas.popleft()
+                    after = ev.seq
+                    yield ev
+                    if ev.kind in _FINAL_KINDS and ev is batch[-1]:
+                        # The end, unless the run went on since (a failed run that was retried).
+                        rec = await runner._record(run_id)
+                        if rec.status in FINAL and rec.event_count <= after:
+                            return
+                while deltas and deltas[0].seq <= after:
                     yield deltas.popleft()
-                after = ev.seq
-                yield ev
-                if ev.kind in _FINAL_KINDS and ev is batch[-1]:
-                    # The end, unless the run went on since (a failed run that was retried).
+                if not batch and (live is None or live.finished):
                     rec = await runner._record(run_id)
                     if rec.status in FINAL and rec.event_count <= after:
                         return
-            while deltas and deltas[0].seq <= after:
-                yield deltas.popleft()
-            if not batch and (live is None or live.finished):
-                rec = await runner._record(run_id)
-                if rec.status in FINAL and rec.event_count <= after:
-                    return
-            await sup.notifier.changed(run_id, _POLL)
+                await sup.notifier.wait(run_id, woken, sup.poll_interval())
+            finally:
+                sup.notifier.disarm(run_id, woken)

@@ -38,21 +38,44 @@ class Notifier:
             for ev in self.waiters.pop(run_id, ()):
                 ev.set()
 
+    def wake_all(self) -> None:
+        """Wake every waiter (each looks at the store again)."""
+        waiters = self.waiters
+        for events in list(waiters.values()):
+            for ev in events:
+                ev.set()
+        waiters.clear()
+
     async def changed(self, run_id: str, timeout: float) -> None:
-        """Wait until this process commits to ``run_id``, or ``timeout`` passes (other processes)."""
+        """Wait until ``run_id`` changes (here, or pushed by the store), or ``timeout`` passes."""
+        await self.wait(run_id, self.arm(run_id), timeout)
+
+    def arm(self, run_id: str) -> asyncio.Event:
+        """Start listening for a change of ``run_id`` (before reading it: a change that comes
+        between the read and :meth:`wait` is not missed)."""
         ev = asyncio.Event()
-        waiting = self.waiters.setdefault(run_id, [])
-        waiting.append(ev)
+        self.waiters.setdefault(run_id, []).append(ev)
+        return ev
+
+    async def wait(self, run_id: str, ev: asyncio.Event, timeout: float) -> None:
+        """Wait on what :meth:`arm` returned, at most ``timeout`` seconds; then stop listening."""
         try:
             async with asyncio.timeout(timeout):
                 await ev.wait()
         except TimeoutError:
             pass
         finally:
-            if not ev.is_set():
-                waiting.remove(ev)
-                if not waiting and self.waiters.get(run_id) is waiting:
-                    del self.waiters[run_id]
+            self.disarm(run_id, ev)
+
+    def disarm(self, run_id: str, ev: asyncio.Event) -> None:
+        """Stop listening (a woken waiter is gone already)."""
+        if ev.is_set():
+            return
+        waiting = self.waiters.get(run_id)
+        if waiting is not None and ev in waiting:
+            waiting.remove(ev)
+            if not waiting:
+                del self.waiters[run_id]
 
     def publish(self, run_id: str, event: RunEvent) -> None:
         """Hand a live-only ``event`` to every watcher of ``run_id`` here and wake them; none: dropped."""

@@ -27,7 +27,7 @@ from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
 from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError, WorkflowDefinitionError
-from ..stores.contract import Change, Commit, Lease, RunRecord, Store, WorkQueue
+from ..stores.contract import Change, ChangeFeed, Commit, Lease, RunRecord, Store, WorkQueue
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
@@ -35,6 +35,11 @@ from .notify import Notifier
 from .timers import GateTimers
 
 __all__ = ["Supervisor", "queue_of", "stop_change"]
+
+#: Seconds between two looks at the store for a run another process advances (no feed).
+_POLL = 0.1
+#: The same, as a backstop, while a store's change feed wakes watchers.
+_POLL_PUSHED = 1.0
 
 log = logging.getLogger("agentflow")
 
@@ -98,6 +103,7 @@ class Supervisor:
             self.execute = execute
             #: Called with each run that leaves this process (a worker counts its room).
             self.on_leave: list[Callable[[LiveRun], None]] = []
+            self._feed: asyncio.Task[None] | None = None
         else:
             self.execute = root.execute
             self.on_leave = root.on_leave
@@ -131,6 +137,31 @@ class Supervisor:
         """``ctx.agents`` for one step execution."""
         assert self.pools is not None
         return self.pools.accessor(journal)
+
+    def poll_interval(self) -> float:
+        """Seconds between two looks at the store for a run another process advances.
+
+        On a store that pushes changes (``ChangeFeed``: Redis, Postgres) the feed wakes
+        watchers at once and the store is looked at every second only as a backstop;
+        otherwise every 100 ms.
+        """
+        store = self.store
+        if not isinstance(store, ChangeFeed):
+            return _POLL
+        root = self.root
+        if root._feed is None or root._feed.done():
+            root._feed = asyncio.get_running_loop().create_task(root._feeding(store), name="agentflow:feed")
+        return _POLL_PUSHED
+
+    async def _feeding(self, store: ChangeFeed) -> None:
+        """Wake this process's watchers on every change the store pushes, reconnecting when cut."""
+        while not self.stopping:
+            try:
+                await store.changes(self.notifier.notify)
+            except StoreError as exc:
+                log.warning("the store's change feed was cut (%s); watchers poll until it is back", exc)
+                self.notifier.wake_all()  # what changed meanwhile is read from the store
+                await asyncio.sleep(_POLL_PUSHED)
 
     def watch_deadlines(self) -> None:
         """Enforce gate deadlines of this workflow while this runner lives."""
@@ -396,6 +427,9 @@ class Supervisor:
             sup.stopping = True
         if self.root is self:
             await self.watch.close()
+            if self._feed is not None:
+                self._feed.cancel()
+                await asyncio.gather(self._feed, return_exceptions=True)
             tasks = [r.task for r in self.local.values() if r.task is not None]
             if grace > 0 and tasks:
                 await asyncio.wait(tasks, timeout=grace)

@@ -57,6 +57,7 @@ __all__ = [
     "OutputRecord",
     "RunRecord",
     "Store",
+    "ChangeFeed",
     "Claim",
     "QueueDepth",
     "REDELIVER_AFTER",
@@ -479,4 +480,21 @@ class WorkQueue(Protocol):
 
     async def queue_depth(self, workflow: str) -> QueueDepth:
         """How many entries of ``workflow`` wait, and how long the oldest has."""
+        ...
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A store that pushes changes: watchers of a run another process advances are woken
+    by it within milliseconds instead of polling the store (§16).
+    """
+
+    async def changes(self, changed: Callable[[str], None]) -> None:
+        """Call ``changed(run_id)`` for every run committed, updated or created in the store,
+        by any process, until cancelled.
+
+        Raises:
+            StoreError: the feed was cut (the caller starts it again; changes made while
+                it was down are not replayed, so the caller looks at the store then).
+        """
         ...
