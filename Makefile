@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean postgresql
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,13 @@ redis-server:
 		echo "installing redis-server"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# PostgreSQL for the tests: Debian's server binaries (initdb, pg_ctl in /usr/lib/postgresql/*/bin);
+# the tests start their own server, so the package's own cluster is not needed.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+		echo "installing postgresql"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
 demo: $(VENV)/.installed
 	$(BIN)/python examples/build_and_deploy.py
 
@@ -28,7 +35,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-test: $(VENV)/.installed redis-server lint typecheck
+test: $(VENV)/.installed redis-server postgresql lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed redis-server

@@ -19,7 +19,7 @@ from .steps import END, START, StepFunction, as_step
 
 __all__ = ["Persistence", "Workflow", "WorkflowSpec"]
 
-_STORES = ("memory", "sqlite", "redis")
+_STORES = ("memory", "sqlite", "redis", "postgres")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,13 +229,15 @@ class Workflow:
         lease_ttl: float = 15.0,
         durability: str | None = None,
     ) -> Self:
-        """Where runs live: ``"sqlite"`` (embedded default), ``"redis"``, ``"memory"`` or a Store.
+        """Where runs live: ``"sqlite"`` (the embedded default), ``"redis"``, ``"postgres"``, ``"memory"``
+        or a Store.
 
         Args:
             enabled: False keeps runs in memory.
             store: the store kind or instance.
-            key_prefix: prefix of every key (Redis) or table (SQLite).
-            url: Redis URL (else ``REDIS_URL``, else ``redis://localhost:6379/0``).
+            key_prefix: prefix of every key (Redis), or namespace of every row (SQLite, PostgreSQL).
+            url: Redis URL (else ``REDIS_URL``, else ``redis://localhost:6379/0``), or
+                PostgreSQL URL (else ``DATABASE_URL``, else libpq's defaults).
             path: SQLite file (default ``agentflow.db``).
             ttl: seconds finished runs are kept.
             lease_ttl: seconds after which a run whose owner stopped renewing may be recovered.

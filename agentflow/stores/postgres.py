@@ -1,0 +1,457 @@
+"""PostgreSQL store: runs shared by any number of processes on any number of machines.
+
+Layout: see :mod:`agentflow.stores.postgres_schema` (tables, indexes, upgrades),
+:mod:`agentflow.stores.postgres_rows` (statements, rows) and
+:mod:`agentflow.stores.postgres_index` (listings, approvals); connections and outages:
+:mod:`agentflow.stores.postgres_pool`. Built on psycopg 3 (async) and its pool.
+
+One write is one transaction:
+
+* ``commit`` is one statement (data-modifying CTEs): the fence and once-only check and
+  the row's new fields in an ``UPDATE ... RETURNING``, the events, outputs and journal
+  entries inserted from its result, so a commit is one round trip and an atomic unit.
+  A commit that sets ``pending`` also refiles the run's approvals, in the same
+  transaction. A commit whose ``(lease token, seq)`` the row holds already (a retry
+  after a lost reply) matches nothing; the row then says why.
+* ``update`` is ``SELECT ... FOR UPDATE`` of the run's row (with the database's clock),
+  ``change(record, now)``, and the write, in one transaction: other writers of the run
+  wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
+  call's nonce in ``written_by``: a retry after a lost ``COMMIT`` reply finds it and
+  returns what the first attempt wrote instead of applying the change twice.
+* ``create`` inserts the row (``ON CONFLICT DO NOTHING``), its events and approvals; its
+  nonce in ``created_by`` lets a retry recognise the run it created.
+* ``renew`` and ``delete`` are one statement each.
+
+Leases are judged by the database's clock only (``statement_timestamp()``), so machines
+whose clocks disagree never take each other's runs. ``key_prefix`` is a column
+namespace (``ns``) as in the SQLite store; the schema is the connection's
+``search_path``. Runs that finish with a ``ttl`` get ``expires_at``: expired rows read as
+absent everywhere at once, and a ``create`` now and then deletes a bounded batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from ..errors import LeaseLostError, StoreError
+from ..types import RunEvent, RunStatus
+from . import postgres_index as pgindex
+from . import postgres_rows as pgrows
+from .codec import (
+    check_commit_fields,
+    check_record,
+    deadline_of,
+    decode,
+    encode,
+    encode_event,
+    encode_output,
+    make_event,
+    make_output,
+)
+from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
+from .postgres_pool import Connections
+from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
+
+__all__ = ["PostgresStore"]
+
+#: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
+PURGE_BATCH = 200
+# Times a commit tries again when its fence held by the time it read why nothing matched.
+_FENCE_RACES = 5
+_STATUS_AT = pgrows.COLUMNS.index("status")
+_N = len(pgrows.COLUMNS)
+Conn = psycopg.AsyncConnection[Any]
+
+
+class PostgresStore:
+    """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
+
+    The pool is opened, and the tables created or upgraded, by the first call.
+
+    Args:
+        url: a ``postgresql://`` URL or libpq connection string; defaults to
+            ``$DATABASE_URL``, then to libpq's defaults (``PGHOST``, ``PGUSER``, ... or
+            the local socket). The schema is the connection's ``search_path``
+            (``?options=-csearch_path%3Dagentflow`` to pick one).
+        ttl: seconds a finished run is kept, or None to keep it.
+        key_prefix: a namespace stored in every row; stores with different prefixes
+            sharing a database never see each other's runs.
+        retry_for: seconds to keep retrying while the server is unreachable before an
+            operation raises :class:`StoreError`.
+        max_connections: connections the store opens at most; past that, operations
+            wait for a free one.
+        connect_timeout: seconds one connection attempt may take.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        ttl: float | None = None,
+        key_prefix: str = "",
+        *,
+        retry_for: float = 10.0,
+        max_connections: int = 16,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.url = url if url is not None else os.environ.get("DATABASE_URL", "")
+        self.ttl = ttl
+        self.key_prefix = key_prefix
+        self.retry_for = retry_for
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self._db = Connections(self.url, retry_for, max_connections, connect_timeout)
+        self._instance = os.urandom(6).hex()
+        self._counter = itertools.count()
+        self._next_purge = 0.0
+
+    @property
+    def where(self) -> str:
+        """``host:port/dbname`` of the server (no password)."""
+        return self._db.where
+
+    def _nonce(self) -> str:
+        return f"{self._instance}{next(self._counter):x}"
+
+    def _expires(self, status: Any) -> float | None:
+        """Seconds from now a run written with ``status`` expires in, or None."""
+        return self.ttl if self.ttl is not None and status in pgrows.FINAL_VALUES else None
+
+    async def _purge(self, conn: Conn) -> None:
+        """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
+        now = time.monotonic()
+        if self.ttl is None or now < self._next_purge:
+            return
+        cursor = await conn.execute(pgrows.PURGE, (self.key_prefix, PURGE_BATCH))
+        self._next_purge = now if cursor.rowcount == PURGE_BATCH else now + min(self.ttl, 60.0)
+
+    # -- the Store protocol -----------------------------------------------------------
+
+    async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """Store a new run; False (and nothing written) if the run id exists.
+
+        A retry whose first attempt created the run (the row holds its nonce) returns True.
+        """
+        run_id, ns = record.run_id, self.key_prefix
+        check_record(record)
+        row = pgrows.row_of(record, record.event_count + len(events))
+        bodies = [encode_event(run_id, e).decode() for e in events]
+        status = row[_STATUS_AT]
+        approvals = pgindex.approval_rows(run_id, record.workflow, status, record.pending)
+        nonce = self._nonce()
+        params = [*row, ns, deadline_of(record.pending), self._expires(status), nonce]
+
+        async def job(conn: Conn) -> bool:
+            await self._purge(conn)
+            async with conn.transaction():
+                if await (await conn.execute(pgrows.INSERT_RUN, params)).fetchone() is None:
+                    found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()
+                    if found is not None:
+                        created_by, expired = found
+                        if created_by == nonce:
+                            return True  # this call created it; the reply was lost
+                        if not expired:
+                            return False
+                        await conn.execute(pgrows.DELETE, (ns, run_id))  # expired, not purged yet
+                    await conn.execute(pgrows.INSERT_RUN, params)
+                if bodies:
+                    await conn.execute(pgrows.INSERT_EVENTS, (ns, run_id, record.event_count + 1, bodies))
+                if approvals:
+                    await pgindex.file_approvals(conn, ns, run_id, record.workflow, approvals, retire=False)
+            return True
+
+        return await self._db.run("create", run_id, job)
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The run's record, or None.
+
+        Raises:
+            CorruptRecordError: the stored record cannot be read (names the run and field).
+        """
+
+        async def job(conn: Conn) -> RunRecord | None:
+            row = await (await conn.execute(pgrows.SELECT_FULL, (self.key_prefix, run_id))).fetchone()
+            return None if row is None else pgrows.to_record(row)
+
+        return await self._db.run("get", run_id, job)
+
+    async def load(self, run_id: str) -> LoadedRun | None:
+        """The record with its outputs and journal, read in one statement (one snapshot); or None.
+
+        Raises:
+            CorruptRecordError: part of the run cannot be read (names the run and key).
+        """
+
+        async def job(conn: Conn) -> LoadedRun | None:
+            row = await (await conn.execute(pgrows.SELECT_LOADED, (self.key_prefix, run_id))).fetchone()
+            if row is None:
+                return None
+            outputs, journal = row[_N] or [], row[_N + 1] or []
+            return LoadedRun(
+                pgrows.to_record(row[:_N]),
+                [make_output(run_id, f"{OUTPUTS}[{i}]", body) for i, body in enumerate(outputs)],
+                {k: decode(run_id, f"{JOURNAL}[{k}]", v) for k, v in journal},
+            )
+
+        return await self._db.run("load", run_id, job)
+
+    async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
+        """Apply ``commit`` in one transaction if ``lease`` still holds; return the control flag.
+
+        A commit whose ``(lease.token, commit.seq)`` was applied already (the record's
+        ``commit_token``, and ``commit_seq`` at or past ``seq``) writes nothing.
+
+        Raises:
+            LeaseLostError: the lease no longer holds; nothing was written.
+            StoreError: a value cannot be encoded or ``seq`` is below 1 (nothing was
+                written), or PostgreSQL stayed unreachable.
+        """
+        check_commit_fields(run_id, commit.fields)
+        if commit.seq < 1:  # a seq the record may carry already would pass for a retry
+            raise StoreError(
+                f"run {run_id}: commit seq {commit.seq} is not a commit number; a commit carries the "
+                "loaded record's commit_seq plus one per commit since"
+            )
+        ns = self.key_prefix
+        params: dict[str, Any] = {name: pgrows.column(run_id, name, v) for name, v in commit.fields.items()}
+        refile = "pending" in commit.fields
+        pending = commit.fields.get("pending")
+        if refile:
+            params["deadline"] = deadline_of(pending)
+        if "status" in params and self.ttl is not None:
+            params["ttl"] = self.ttl
+        events = [encode_event(run_id, e).decode() for e in commit.events]
+        outputs = [encode_output(run_id, o).decode() for o in commit.outputs]
+        journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
+        names = tuple(commit.fields)
+        statement = pgrows.commit_statement(
+            names, commit.release, self.ttl is not None, bool(events), bool(outputs), bool(journal)
+        )
+        params.update(
+            n=len(events), token=lease.token, seq=commit.seq, ns=ns, run_id=run_id, owner=lease.owner
+        )
+        if events:
+            params["events"] = events
+        if outputs:
+            params["outputs"] = outputs
+        if journal:
+            params.update(keys=list(journal), values=list(journal.values()))
+
+        async def job(conn: Conn) -> str | None:
+            for _ in range(_FENCE_RACES):
+                if refile:
+                    async with conn.transaction():
+                        done = await (await conn.execute(statement, params)).fetchone()
+                        if done is not None:
+                            _, _, workflow, status = done
+                            rows = pgindex.approval_rows(run_id, workflow, status, pending)
+                            await pgindex.file_approvals(conn, ns, run_id, workflow, rows, retire=True)
+                else:
+                    done = await (await conn.execute(statement, params)).fetchone()
+                if done is not None:
+                    return None if done[1] is None else str(done[1])
+                fence = await (await conn.execute(pgrows.SELECT_FENCE, (ns, run_id))).fetchone()
+                if fence is None:
+                    raise LeaseLostError(run_id, "the run no longer exists")
+                owner, held, done_token, done_seq, control = fence
+                if done_token == lease.token and commit.seq <= done_seq:
+                    return None if control is None else str(control)  # applied before: a retry
+                if owner != lease.owner or held != lease.token:
+                    detail = f"the lease is {held} of {owner!r}"
+                    raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
+                # The fence holds now: the row changed between the two statements. Again.
+            raise StoreError(f"run {run_id}: commit {commit.seq} found its fence moving {_FENCE_RACES} times")
+
+        return await self._db.run("commit", run_id, job)
+
+    async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
+        """Extend the lease to ``ttl`` seconds past the database's now; return the control flag.
+
+        Raises:
+            LeaseLostError: the lease no longer holds.
+        """
+        key = (self.key_prefix, run_id)
+
+        async def job(conn: Conn) -> tuple[bool, Any]:
+            row = await (await conn.execute(pgrows.RENEW, (ttl, *key, lease.owner, lease.token))).fetchone()
+            if row is not None:
+                return True, row[0]
+            return False, await (await conn.execute(pgrows.SELECT_LEASE, key)).fetchone()
+
+        renewed, value = await self._db.run("renew", run_id, job)
+        if not renewed:
+            detail = f"the lease is {value[1]} of {value[0]!r}" if value else "the run no longer exists"
+            raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
+        return None if value is None else str(value)
+
+    async def update(self, run_id: str, change: ChangeFn) -> RunRecord | None:
+        """Read-modify-write the record with its row locked (``SELECT ... FOR UPDATE``).
+
+        ``change(record, now)`` runs inside the transaction, with ``now`` from the
+        database's clock; other writers wait for the lock instead of conflicting, so it
+        is called once (again only when the connection failed before the write was
+        committed). Only the fields it changes are written.
+
+        Raises:
+            CorruptRecordError: the stored record cannot be read; nothing was written.
+        """
+        ns, nonce = self.key_prefix, self._nonce()
+        sent: list[RunRecord] = []  # what the last attempt wrote, for a retry after a lost reply
+
+        async def job(conn: Conn) -> RunRecord | None:
+            async with conn.transaction():
+                row = await (await conn.execute(pgrows.SELECT_FOR_UPDATE, (ns, run_id))).fetchone()
+                if row is None:
+                    return None
+                if sent and row[_N] == nonce:
+                    return sent[-1]  # the last attempt was committed; its reply was lost
+                now = float(row[_N + 1])
+                old = pgrows.to_record(row[:_N])
+                result = change(old, now)
+                if result is None:
+                    return old
+                rec = dataclasses.replace(
+                    result.record,
+                    updated_at=now,
+                    event_count=old.event_count + len(result.events),
+                    commit_token=old.commit_token,  # the commits' fence is theirs alone
+                    commit_seq=old.commit_seq,
+                )
+                check_record(rec)
+                params = self._changed(run_id, old, rec)
+                bodies = [encode_event(run_id, e).decode() for e in result.events]
+                names = tuple(params)
+                if "pending" in params or "status" in params:
+                    params["deadline"] = deadline_of(rec.pending)
+                if "status" in params and self.ttl is not None:
+                    params["ttl"] = self.ttl
+                params.update(written_by=nonce, ns=ns, run_id=run_id)
+                await conn.execute(pgrows.update_statement(names, self.ttl is not None), params)
+                if bodies:
+                    await conn.execute(pgrows.INSERT_EVENTS, (ns, run_id, old.event_count + 1, bodies))
+                waiting = RunStatus.WAITING
+                if (old.status == waiting or rec.status == waiting) and (
+                    "pending" in names or "status" in names
+                ):
+                    rows = pgindex.approval_rows(run_id, rec.workflow, rec.status, rec.pending)
+                    await pgindex.file_approvals(conn, ns, run_id, rec.workflow, rows, old.status == waiting)
+                sent.append(rec)
+            return rec
+
+        return await self._db.run("update", run_id, job)
+
+    @staticmethod
+    def _changed(run_id: str, old: RunRecord, rec: RunRecord) -> dict[str, Any]:
+        """The stored form of the fields ``rec`` changes (``updated_at`` and ``event_count`` always).
+
+        A big field that is the same object is the same value: an unchanged state is not encoded.
+        """
+        out: dict[str, Any] = {}
+        for name in pgrows.COLUMNS[1:]:
+            value = getattr(rec, name)
+            if name in pgrows.BIG:
+                if value is getattr(old, name):
+                    continue
+            elif name not in ("updated_at", "event_count") and value == getattr(old, name):
+                continue
+            out[name] = pgrows.column(run_id, name, value)
+        return out
+
+    async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
+        """The run's events with ``seq`` greater than ``after``, in order."""
+
+        async def job(conn: Conn) -> list[RunEvent]:
+            cursor = await conn.execute(pgrows.SELECT_EVENTS, (self.key_prefix, run_id, after))
+            rows = await cursor.fetchall()
+            return [make_event(run_id, f"{EVENTS}[{seq}]", body, seq) for seq, body in rows]
+
+        return await self._db.run("events", run_id, job)
+
+    async def list_runs(
+        self,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[RunRecord]:
+        """Light records (no input, state, output), newest first, at most ``limit``.
+
+        ``after`` is the ``run_id`` of the last record of the previous page. A row that
+        cannot be decoded is listed with ``corrupt`` set.
+
+        Raises:
+            StoreError: ``after`` names a run that is not stored (deleted since).
+        """
+        status = None if status is None else RunStatus(status)
+
+        async def job(conn: Conn) -> list[RunRecord]:
+            return await pgindex.list_runs(conn, self.key_prefix, workflow, status, limit, after)
+
+        return await self._db.run("list_runs", after, job)
+
+    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
+        """Ids of ``workflow``'s running runs whose lease ran out by the database's clock."""
+
+        async def job(conn: Conn) -> list[str]:
+            return await pgindex.recoverable(conn, self.key_prefix, workflow, limit)
+
+        return await self._db.run("recoverable", None, job)
+
+    async def approvals(
+        self,
+        approver: str | None = None,
+        workflow: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Pending approvals, newest first, at most ``limit`` (one indexed statement).
+
+        Raises:
+            StoreError: ``after`` is not an approval of a stored run.
+        """
+        if limit <= 0:
+            return []
+
+        async def job(conn: Conn) -> list[dict[str, Any]]:
+            return await pgindex.list_approvals(conn, self.key_prefix, approver, workflow, kind, limit, after)
+
+        return await self._db.run("approvals", after, job)
+
+    async def due_gates(self, workflow: str, now: float) -> list[str]:
+        """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
+
+        async def job(conn: Conn) -> list[str]:
+            return await pgindex.due_gates(conn, self.key_prefix, workflow, now)
+
+        return await self._db.run("due_gates", None, job)
+
+    async def delete(self, run_id: str) -> bool:
+        """Remove a run with its events, outputs, journal and approvals; False if it did not exist."""
+
+        async def job(conn: Conn) -> bool:
+            row = await (await conn.execute(pgrows.DELETE, (self.key_prefix, run_id))).fetchone()
+            return bool(row is not None and row[0])
+
+        return await self._db.run("delete", run_id, job)
+
+    def sibling(self) -> PostgresStore:
+        """A new store on the same database and options, with a pool of its own (for another loop)."""
+        return PostgresStore(
+            self.url,
+            ttl=self.ttl,
+            key_prefix=self.key_prefix,
+            retry_for=self.retry_for,
+            max_connections=2,
+            connect_timeout=self.connect_timeout,
+        )
+
+    async def close(self) -> None:
+        """Close the pool; the store is unusable afterwards."""
+        await self._db.close()

@@ -1,0 +1,255 @@
+"""PostgreSQL rows: the statements the store runs, and runs turned into rows and back.
+
+The tables are :mod:`agentflow.stores.postgres_schema`'s; this module knows their
+columns. Statements that depend on what a write sets are built once per shape and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import CorruptRecordError
+from ..types import FINAL, RunStatus
+from .codec import RECORD_FIELDS, decode, encode, make_record
+from .contract import RunRecord
+from .postgres_schema import EVENTS, JOURNAL, NOW, OUTPUTS, RUNS
+
+__all__ = [
+    "BIG",
+    "COLUMNS",
+    "DELETE",
+    "FINAL_VALUES",
+    "INSERT_EVENTS",
+    "INSERT_RUN",
+    "JSON_COLUMNS",
+    "LIVE",
+    "PURGE",
+    "RENEW",
+    "SELECT_CREATED",
+    "SELECT_EVENTS",
+    "SELECT_FENCE",
+    "SELECT_FOR_UPDATE",
+    "SELECT_FULL",
+    "SELECT_LEASE",
+    "SELECT_LIGHT",
+    "SELECT_LOADED",
+    "column",
+    "commit_statement",
+    "listed",
+    "row_of",
+    "to_record",
+    "update_statement",
+]
+
+#: One column per RunRecord field, in the record's order.
+COLUMNS = RECORD_FIELDS
+#: The fields a listing leaves out.
+BIG = ("input", "state", "output")
+JSON_COLUMNS = frozenset(
+    {"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"}
+)
+FINAL_VALUES = tuple(sorted(s.value for s in FINAL))
+#: The condition of a run that has not expired (by the database's clock).
+LIVE = f"(expires_at IS NULL OR expires_at > {NOW})"
+_KEY = "ns = %s AND run_id = %s"
+
+SELECT_FULL = f"SELECT {', '.join(COLUMNS)} FROM {RUNS} WHERE {_KEY} AND {LIVE}"
+_LIGHT = ", ".join("NULL" if name in BIG else name for name in COLUMNS)
+SELECT_LIGHT = f"SELECT {_LIGHT} FROM {RUNS}"
+#: An update's read: the record, its last writer's nonce and the clock; the row stays locked.
+SELECT_FOR_UPDATE = (
+    f"SELECT {', '.join(COLUMNS)}, written_by, {NOW} FROM {RUNS} WHERE {_KEY} AND {LIVE} FOR UPDATE"
+)
+#: A load's one statement (one snapshot): the record, its outputs and journal.
+SELECT_LOADED = (
+    f"SELECT {', '.join(f'r.{name}' for name in COLUMNS)}, "
+    f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o WHERE o.ns = r.ns AND o.run_id = r.run_id), "
+    f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j WHERE j.ns = r.ns AND j.run_id = r.run_id) "
+    f"FROM {RUNS} r WHERE r.ns = %s AND r.run_id = %s AND (r.expires_at IS NULL OR r.expires_at > {NOW})"
+)
+#: What a commit that matched no row reads to say why.
+SELECT_FENCE = (
+    f"SELECT lease_owner, lease_token, commit_token, commit_seq, control FROM {RUNS} WHERE {_KEY} AND {LIVE}"
+)
+SELECT_LEASE = f"SELECT lease_owner, lease_token FROM {RUNS} WHERE {_KEY} AND {LIVE}"
+#: What a create that found the id taken reads: whose create it was, and whether it expired.
+SELECT_CREATED = f"SELECT created_by, NOT {LIVE} FROM {RUNS} WHERE {_KEY}"
+SELECT_EVENTS = (
+    f"SELECT e.seq, e.body FROM {EVENTS} e JOIN {RUNS} r ON r.ns = e.ns AND r.run_id = e.run_id "
+    f"WHERE e.ns = %s AND e.run_id = %s AND e.seq > %s AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+    "ORDER BY e.seq"
+)
+RENEW = (
+    f"UPDATE {RUNS} SET lease_expires = {NOW} + %s WHERE {_KEY} AND lease_owner = %s AND lease_token = %s "
+    f"AND {LIVE} RETURNING control"
+)
+#: Deletes the run's row (the other tables follow it); returns whether it was live.
+DELETE = f"DELETE FROM {RUNS} WHERE {_KEY} RETURNING {LIVE}"
+#: Deletes a batch of expired runs: ns, then the batch size.
+PURGE = (
+    f"DELETE FROM {RUNS} WHERE (ns, run_id) IN (SELECT ns, run_id FROM {RUNS} WHERE ns = %s "
+    f"AND expires_at IS NOT NULL AND expires_at <= {NOW} LIMIT %s)"
+)
+#: A new run's row: the columns, then ns, deadline, expires_at (a ttl in seconds from
+#: now, or NULL) and the create's nonce.
+INSERT_RUN = (
+    f"INSERT INTO {RUNS} ({', '.join(COLUMNS)}, ns, deadline, expires_at, created_by) "
+    f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, %s, %s, {NOW} + %s, %s) "
+    "ON CONFLICT (ns, run_id) DO NOTHING RETURNING 1"
+)
+#: Appends events: ns, run_id, the first seq, the bodies.
+INSERT_EVENTS = (
+    f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT %s, %s, %s + t.n - 1, t.body "
+    "FROM unnest(%s::text[]) WITH ORDINALITY AS t(body, n)"
+)
+
+
+def _json(run_id: str, name: str, value: Any) -> str:
+    """``value`` as JSON text; most columns hold None or no decisions, known without encoding."""
+    if value is None:
+        return "null"
+    if type(value) is tuple and not value:
+        return "[]"
+    return encode(run_id, name, value).decode()
+
+
+def column(run_id: str, name: str, value: Any) -> Any:
+    """The stored form of one RunRecord field: JSON text, a status's value, or the value.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    if name in JSON_COLUMNS:
+        return _json(run_id, name, value)
+    if name == "status":
+        return RunStatus(value).value
+    return value
+
+
+def row_of(record: RunRecord, event_count: int) -> list[Any]:
+    """The ``COLUMNS`` of ``record`` in order, with ``event_count`` for its own.
+
+    Raises:
+        StoreError: a value is not JSON-able (names the run and the field).
+    """
+    run_id = record.run_id
+    row = [column(run_id, name, getattr(record, name)) for name in COLUMNS]
+    row[COLUMNS.index("event_count")] = event_count
+    return row
+
+
+def to_record(row: Sequence[Any]) -> RunRecord:
+    """The record of a row of ``COLUMNS`` (a light one when the big columns are NULL).
+
+    Raises:
+        CorruptRecordError: a field cannot be decoded (names the run and the field).
+    """
+    run_id = str(row[0])
+    values: dict[str, Any] = {}
+    for name, value in zip(COLUMNS, row, strict=False):
+        if name in JSON_COLUMNS:
+            values[name] = None if value is None else decode(run_id, f"{RUNS}.{name}", value)
+        else:
+            values[name] = value
+    return make_record(run_id, RUNS, values)
+
+
+def listed(row: Sequence[Any]) -> RunRecord:
+    """A light record; a damaged row is listed with ``corrupt`` set instead of raising."""
+    try:
+        return to_record(row)
+    except CorruptRecordError as exc:
+        cols = dict(zip(COLUMNS, row, strict=False))
+        try:
+            status = RunStatus(cols["status"])
+        except ValueError:
+            status = RunStatus.FAILED
+        created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
+        return RunRecord(
+            run_id=str(cols["run_id"]),
+            workflow=str(cols["workflow"]),
+            status=status,
+            input=None,
+            created_at=float(created),
+            updated_at=float(created),
+            corrupt=str(exc),
+        )
+
+
+def _expiry(ttl: bool) -> str:
+    """``expires_at``'s new value when a write sets the status (the status is the parameter)."""
+    if not ttl:
+        return "NULL"
+    finals = ", ".join(f"'{s}'" for s in FINAL_VALUES)
+    return f"CASE WHEN %(status)s IN ({finals}) THEN {NOW} + %(ttl)s END"
+
+
+@functools.lru_cache(maxsize=256)
+def commit_statement(
+    names: tuple[str, ...], release: bool, ttl: bool, events: bool, outputs: bool, journal: bool
+) -> str:
+    """A commit's one statement: fence, once-only check, the row and the appended rows together.
+
+    Parameters by name: each of ``names``; ``deadline`` when ``pending`` is among them;
+    ``ttl`` (with ``ttl``, when ``status`` is among them); ``n`` (events), ``token``,
+    ``seq``, ``ns``, ``run_id``, ``owner``; ``events``, ``outputs``, ``keys`` and
+    ``values`` (text arrays) when there are any. It matches no row, and writes nothing,
+    when the run is gone or expired, the lease moved on or the commit was applied
+    before; the caller then reads the row to say which. It returns the new
+    ``event_count``, ``control``, the run's workflow and status.
+    """
+    sets = [f"{name} = %({name})s" for name in names]
+    if "pending" in names:
+        sets.append("deadline = %(deadline)s")
+    if "status" in names:
+        sets.append(f"expires_at = {_expiry(ttl)}")
+    sets += [
+        f"updated_at = {NOW}",
+        "event_count = event_count + %(n)s",
+        "commit_token = %(token)s",
+        "commit_seq = %(seq)s",
+    ]
+    if release:
+        sets += ["lease_owner = NULL", "lease_expires = 0"]
+    parts = [
+        f"WITH u AS (UPDATE {RUNS} SET {', '.join(sets)} "
+        f"WHERE ns = %(ns)s AND run_id = %(run_id)s AND {LIVE} "
+        "AND lease_owner = %(owner)s AND lease_token = %(token)s "
+        "AND NOT (commit_token = %(token)s AND commit_seq >= %(seq)s) "
+        "RETURNING event_count, control, workflow, status)"
+    ]
+    if events:
+        parts.append(
+            f", e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
+            "SELECT %(ns)s, %(run_id)s, u.event_count - %(n)s + t.n, t.body "
+            "FROM u, unnest(%(events)s::text[]) WITH ORDINALITY AS t(body, n))"
+        )
+    if outputs:
+        parts.append(
+            f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, %(run_id)s, t.body "
+            "FROM u, unnest(%(outputs)s::text[]) WITH ORDINALITY AS t(body, n) ORDER BY t.n)"
+        )
+    if journal:
+        parts.append(
+            f", j AS (INSERT INTO {JOURNAL} (ns, run_id, key, value) SELECT %(ns)s, %(run_id)s, t.k, t.v "
+            "FROM u, unnest(%(keys)s::text[], %(values)s::text[]) AS t(k, v) "
+            "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value)"
+        )
+    parts.append(" SELECT event_count, control, workflow, status FROM u")
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def update_statement(names: tuple[str, ...], ttl: bool) -> str:
+    """An update's write of the locked row: ``names`` (by name), ``updated_at``,
+    ``event_count``, ``written_by``; with ``pending`` or ``status`` among them, the
+    ``deadline``; with ``status``, ``expires_at`` (``ttl``). Then ``ns`` and ``run_id``."""
+    sets = [f"{name} = %({name})s" for name in names]
+    if "pending" in names or "status" in names:
+        sets.append("deadline = %(deadline)s")
+    if "status" in names:
+        sets.append(f"expires_at = {_expiry(ttl)}")
+    sets.append("written_by = %(written_by)s")
+    return f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = %(ns)s AND run_id = %(run_id)s"

@@ -1,0 +1,202 @@
+"""The PostgreSQL store's tables and indexes, and their creation and upgrade on first use.
+
+Layout (schema version 1, kept in ``agentflow_schema``)::
+
+    agentflow_schema     one row: the version of the layout below
+    agentflow_runs       one row per run, primary key (ns, run_id): a column per
+                         RunRecord field (JSON text for input, state, output, pending,
+                         decisions, error, usage, parent, children), plus
+                         ``id`` (ties in listings), ``deadline`` (the waiting gate's, for
+                         due_gates), ``expires_at`` (a finished run with a ttl), and the
+                         nonces of the create (``created_by``) and of the last update
+                         (``written_by``) that make a write sent again after a lost reply
+                         apply once
+    agentflow_events     (ns, run_id, seq) -> event JSON; seq is the 1-based position
+    agentflow_outputs    step outputs in append order (``id``)
+    agentflow_journal    (ns, run_id, key) -> JSON value
+    agentflow_approvals  (ns, id) -> an approval's JSON with its run, workflow, kind and
+                         created_at: a row per approval a waiting run's ``pending`` holds
+                         (``pending``), filed in the transaction that writes the run; a
+                         decided one stays (not pending) until its run goes, so a page can
+                         start after it
+    agentflow_approvers  (ns, approver, created_at, id): who may decide each pending one
+
+Every table but the first carries ``ns`` (the key prefix) and every query filters on
+it, so stores with different prefixes share a database without building table names
+from user text; a store also lives in whatever schema the connection's ``search_path``
+names first (``options=-csearch_path=NAME`` in the URL). The other tables reference
+the run with ``ON DELETE CASCADE``: deleting the run's row deletes everything of it.
+
+JSON is stored as ``text``, not ``jsonb``: it comes back byte for byte as written
+(key order, numbers), and nothing is parsed in the database. Large values are moved
+out of the row by TOAST, and an UPDATE that leaves such a column alone does not copy
+it, so a step that leaves a 1 MB state alone does not rewrite it.
+
+Indexes make every listing cost what it returns: newest first overall, by workflow,
+by status and by both, running runs by lease expiry, waiting runs by gate deadline,
+finished runs by expiry (the purge), pending approvals by each filter. The last ones
+are partial indexes, so a run leaves them when it leaves that status.
+
+Upgrades. ``ensure_schema`` creates the tables of a new database and brings an older
+layout to ``VERSION`` in one transaction under an advisory lock, so processes starting
+together do not race. A later version adds its tables (the workers' hand-over queue,
+``agentflow_queue``, keyed by ``(ns, workflow, ...)`` and claimed with ``FOR UPDATE SKIP
+LOCKED``) as a step in ``_UPGRADES``; a database written by a newer layout is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import StoreError
+
+__all__ = [
+    "APPROVALS",
+    "APPROVERS",
+    "EVENTS",
+    "JOURNAL",
+    "NOW",
+    "OUTPUTS",
+    "RUNS",
+    "SCHEMA",
+    "VERSION",
+    "ensure_schema",
+]
+
+SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
+    "agentflow_schema",
+    "agentflow_runs",
+    "agentflow_events",
+    "agentflow_outputs",
+    "agentflow_journal",
+    "agentflow_approvals",
+    "agentflow_approvers",
+)
+
+#: The layout this module creates; databases with a higher version are refused.
+VERSION = 1
+
+#: The database's clock in Unix seconds. ``statement_timestamp()`` is stable within a
+#: statement, so a condition on it can use an index (``clock_timestamp()`` could not).
+NOW = "extract(epoch from statement_timestamp())::float8"
+
+_RUN = "FOREIGN KEY (ns, run_id) REFERENCES agentflow_runs (ns, run_id) ON DELETE CASCADE"
+
+_V1 = (
+    f"""CREATE TABLE {RUNS} (
+        id bigint GENERATED ALWAYS AS IDENTITY,
+        ns text NOT NULL,
+        run_id text NOT NULL,
+        workflow text NOT NULL,
+        status text NOT NULL,
+        input text,
+        state text,
+        step text,
+        visit bigint NOT NULL,
+        pending text NOT NULL,
+        decisions text NOT NULL,
+        output text,
+        error text NOT NULL,
+        usage text NOT NULL,
+        created_at float8 NOT NULL,
+        updated_at float8 NOT NULL,
+        event_count bigint NOT NULL,
+        lease_owner text,
+        lease_token bigint NOT NULL,
+        lease_expires float8 NOT NULL,
+        control text,
+        commit_token bigint NOT NULL,
+        commit_seq bigint NOT NULL,
+        parent text NOT NULL,
+        children text NOT NULL,
+        deadline float8,
+        expires_at float8,
+        created_by text,
+        written_by text,
+        PRIMARY KEY (ns, run_id)
+    )""",
+    f"""CREATE TABLE {EVENTS} (
+        ns text NOT NULL, run_id text NOT NULL, seq bigint NOT NULL, body text NOT NULL,
+        PRIMARY KEY (ns, run_id, seq), {_RUN}
+    )""",
+    f"""CREATE TABLE {OUTPUTS} (
+        ns text NOT NULL, run_id text NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY,
+        body text NOT NULL,
+        PRIMARY KEY (ns, run_id, id), {_RUN}
+    )""",
+    f"""CREATE TABLE {JOURNAL} (
+        ns text NOT NULL, run_id text NOT NULL, key text NOT NULL, value text NOT NULL,
+        PRIMARY KEY (ns, run_id, key), {_RUN}
+    )""",
+    f"""CREATE TABLE {APPROVALS} (
+        ns text NOT NULL, id text NOT NULL, run_id text NOT NULL, workflow text NOT NULL,
+        kind text NOT NULL, created_at float8 NOT NULL, body text NOT NULL, pending boolean NOT NULL,
+        PRIMARY KEY (ns, id), {_RUN}
+    )""",
+    f"""CREATE TABLE {APPROVERS} (
+        ns text NOT NULL, approver text NOT NULL, created_at float8 NOT NULL, id text NOT NULL,
+        run_id text NOT NULL,
+        PRIMARY KEY (ns, approver, created_at, id), {_RUN}
+    )""",
+    f"CREATE INDEX {RUNS}_by_created ON {RUNS} (ns, created_at, id)",
+    f"CREATE INDEX {RUNS}_by_workflow ON {RUNS} (ns, workflow, created_at, id)",
+    f"CREATE INDEX {RUNS}_by_status ON {RUNS} (ns, status, created_at, id)",
+    f"CREATE INDEX {RUNS}_by_workflow_status ON {RUNS} (ns, workflow, status, created_at, id)",
+    f"CREATE INDEX {RUNS}_leases ON {RUNS} (ns, workflow, lease_expires) WHERE status = 'running'",
+    f"CREATE INDEX {RUNS}_due ON {RUNS} (ns, workflow, deadline) "
+    "WHERE status = 'waiting' AND deadline IS NOT NULL",
+    f"CREATE INDEX {RUNS}_expiry ON {RUNS} (ns, expires_at) WHERE expires_at IS NOT NULL",
+    f"CREATE INDEX {APPROVALS}_pending ON {APPROVALS} (ns, created_at, id) WHERE pending",
+    f"CREATE INDEX {APPROVALS}_by_workflow ON {APPROVALS} (ns, workflow, created_at, id) WHERE pending",
+    f"CREATE INDEX {APPROVALS}_by_kind ON {APPROVALS} (ns, kind, created_at, id) WHERE pending",
+    f"CREATE INDEX {APPROVALS}_of_run ON {APPROVALS} (ns, run_id)",
+    f"CREATE INDEX {APPROVERS}_of_run ON {APPROVERS} (ns, run_id)",
+)
+
+#: The statements that bring a database of version ``v`` (0: a new one) to ``v + 1``.
+_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1}
+
+# Any number: the key of the advisory lock that serializes schema changes.
+_LOCK = 0x61676E74666C6F77  # "agntflow"
+
+
+async def ensure_schema(conn: Any, where: str) -> None:
+    """Create the tables and indexes, or upgrade an older layout (one transaction).
+
+    ``conn`` is a ``psycopg.AsyncConnection`` in autocommit mode.
+
+    Raises:
+        StoreError: the database was written by a newer layout than this one.
+    """
+    row = await (await conn.execute(f"SELECT to_regclass('{SCHEMA}') IS NOT NULL")).fetchone()
+    if row[0]:  # the common case: one read, no lock
+        version = await _version(conn)
+        _check(version, where)
+        if version == VERSION:
+            return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA} (version integer NOT NULL)")
+        version = await _version(conn)
+        _check(version, where)
+        if version == VERSION:
+            return  # another process made it ready while this one waited for the lock
+        while version < VERSION:
+            for sql in _UPGRADES[version]:
+                await conn.execute(sql)
+            version += 1
+        await conn.execute(f"DELETE FROM {SCHEMA}")
+        await conn.execute(f"INSERT INTO {SCHEMA} (version) VALUES (%s)", (VERSION,))
+
+
+async def _version(conn: Any) -> int:
+    row = await (await conn.execute(f"SELECT max(version) FROM {SCHEMA}")).fetchone()
+    return int(row[0] or 0)
+
+
+def _check(version: int, where: str) -> None:
+    if version > VERSION:
+        raise StoreError(
+            f"PostgreSQL database {where} has agentflow schema version {version}; this agentflow reads "
+            f"up to {VERSION}: upgrade agentflow"
+        )
