@@ -1,7 +1,8 @@
 """Shared fixtures: a real ``redis-server`` on loopback, and a fresh store of every kind.
 
-No fakes and no skips: ``redis-server`` must be installed (``make redis-server``), and
-a missing one fails the Redis tests loudly.
+No fakes and no skips: ``redis-server`` and PostgreSQL must be installed (``make
+redis-server postgresql``), and a missing one fails their tests loudly. The PostgreSQL
+server's fixtures live in ``postgres_server.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 import pytest
 from llm_fixtures import llm_env, llm_server  # noqa: F401  (the local LLM API server fixtures)
+from postgres_server import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL server)
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
 
-STORE_KINDS = ("memory", "sqlite", "redis")
+STORE_KINDS = ("memory", "sqlite", "redis", "postgres")
 
 
 def free_port() -> int:
@@ -140,6 +142,10 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             from agentflow.stores.redis import RedisStore
 
             store = RedisStore(**{"url": request.getfixturevalue("redis_url"), **options})
+        elif kind == "postgres":
+            from agentflow.stores.postgres import PostgresStore
+
+            store = PostgresStore(**{"url": request.getfixturevalue("postgres_url"), **options})
         else:
             raise ValueError(f"unknown store kind {kind!r}")
         made.append(store)

@@ -241,7 +241,7 @@ async def test_form_data_is_validated_and_typed_for_the_next_step(store: Store) 
     assert seen == [Review(title="v2", risk=2)] and type(seen[0]) is Review
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_form_data_is_typed_after_a_reload_in_another_runner(
     make_store: StoreFactory, kind: str
 ) -> None:

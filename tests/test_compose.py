@@ -69,7 +69,7 @@ def _broken(ctx):
 release = Workflow("Release").flow({START: _release, "Ship": _ship, "Broken": _broken})
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_the_child_output_is_the_step_result_typed_and_the_child_names_its_parent(make_store, kind):
     store = make_store(kind)
     async with WorkflowRunner(release, store=store) as runner:
@@ -90,7 +90,7 @@ async def test_the_child_output_is_the_step_result_typed_and_the_child_names_its
             assert res.step_results[START] == BuildOut(artifact="app-1.2.tar", size=3)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_a_failed_child_fails_the_parent_naming_both_runs_and_the_childs_step(make_store, kind):
     plain = Workflow("Plain").flow(
         {START: lambda ctx: Run(build, {"version": "bad"}, "Done"), "Done": lambda ctx: END}
@@ -125,7 +125,7 @@ gated = (
 )
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_a_rejected_child_ends_the_parent_rejected_unless_on_reject(make_store, kind):
     strict = Workflow("Strict").flow(
         {START: lambda ctx: Run(gated, {"version": "v"}, "Done"), "Done": lambda ctx: END}
@@ -212,7 +212,7 @@ def _join(ctx):
 fan = Workflow("Fan").flow({START: _fan, "Join": _join})
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_parallel_map_over_run_fans_out_child_runs_each_with_its_gate(make_store, kind):
     store = make_store(kind)
     async with WorkflowRunner(fan, store=store) as runner:
@@ -251,7 +251,7 @@ async def test_collect_keeps_failed_children_as_branch_errors():
     assert isinstance(result.step_results["one"][1], BranchError)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_stop_and_pause_of_the_parent_reach_its_children(make_store, kind):
     store = make_store(kind)
     async with WorkflowRunner(fan, store=store) as runner:
@@ -273,7 +273,7 @@ async def test_stop_and_pause_of_the_parent_reach_its_children(make_store, kind)
         assert (await kids[0].info()).status == RunStatus.COMPLETED
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_child_owned_by_another_process_is_stopped_through_the_store(make_store, kind):
     hold = asyncio.Event()
 
@@ -300,7 +300,7 @@ async def test_a_child_owned_by_another_process_is_stopped_through_the_store(mak
         assert (await handle.info()).status == RunStatus.STOPPED
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_the_parent_goes_on_once_in_the_process_that_ended_the_child(make_store, kind):
     ran: list[str] = []
 
@@ -396,7 +396,7 @@ async def test_children_of_children_and_a_cycle_bounded_by_max_steps():
     assert StepLimitExceeded.__name__ in str(err.value)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_a_reviewer_of_the_parent_sees_and_decides_its_childrens_approvals(make_store, kind):
     async with WorkflowRunner(fan, store=make_store(kind)) as runner:
         handle = await runner.run(["a", "b"], run_id="rv")
@@ -486,7 +486,7 @@ async def test_run_without_a_target_ends_the_parent_with_the_childs_output():
     assert result.output == BuildOut(artifact="app-7.tar", size=1)
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "redis", "postgres"])
 async def test_named_parallel_branches_mix_a_child_run_and_a_plain_branch(make_store, kind):
     def release_branch(ctx):
         return Run(gated, {"version": "r1"})
@@ -530,7 +530,7 @@ def test_a_step_that_only_names_a_workflow_keeps_its_own_output_untyped():
     assert release.compile().output_types[START] is BuildOut
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_parent_whose_child_ended_in_a_process_not_serving_it_goes_on_through_its_timers(
     make_store, kind
 ):

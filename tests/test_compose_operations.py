@@ -355,7 +355,7 @@ async def test_branches_that_finished_before_a_sibling_failed_do_not_run_again_o
     assert calls == {"quick": 1, "also": 1, "fails": 2}
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_waiting_parent_gets_back_a_child_whose_owner_died_without_recover(
     make_store, kind, monkeypatch
 ):

@@ -342,7 +342,7 @@ async def test_an_unknown_run_id_raises_run_not_found() -> None:
     assert issubclass(RunNotFoundError, AgentflowError)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
 async def test_list_runs_pages_newest_first_without_duplicates_or_gaps(make_store, kind) -> None:
     store = make_store(kind)
     gated = Workflow("Pages").flow(

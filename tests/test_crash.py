@@ -59,7 +59,7 @@ def _wait_for(log: Path, pred, proc: subprocess.Popen[str], timeout: float = 30)
 def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if kind == "sqlite":
         return str(tmp_path / "crash.db")
-    return request.getfixturevalue("redis_url")
+    return request.getfixturevalue(f"{kind}_url")
 
 
 def _store(kind: str, target: str) -> Store:
@@ -67,6 +67,10 @@ def _store(kind: str, target: str) -> Store:
         from agentflow.stores import SqliteStore
 
         return SqliteStore(target)
+    if kind == "postgres":
+        from agentflow.stores.postgres import PostgresStore
+
+        return PostgresStore(target)
     from agentflow.stores.redis import RedisStore
 
     return RedisStore(target)
@@ -94,7 +98,7 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_sigkill_mid_step_resumes_without_rerunning_finished_steps(kind, tmp_path, request):
     target = _target(kind, tmp_path, request)
     log = tmp_path / "steps.log"
@@ -123,7 +127,7 @@ async def test_sigkill_mid_step_resumes_without_rerunning_finished_steps(kind, t
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_sigkill_mid_fanout_reruns_only_unfinished_branches(kind, tmp_path, request):
     target = _target(kind, tmp_path, request)
     log = tmp_path / "fan.log"

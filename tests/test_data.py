@@ -88,7 +88,7 @@ def _deep_input_flow() -> Workflow:
 
 
 @pytest.mark.parametrize("levels", [210, 254, 300])
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_deeply_nested_input_is_refused_at_the_door_or_reads_back(make_store, kind, levels) -> None:
     wf = _deep_input_flow()
     async with WorkflowRunner(wf, store=make_store(kind)) as runner:
@@ -105,7 +105,7 @@ async def test_deeply_nested_input_is_refused_at_the_door_or_reads_back(make_sto
 
 
 @pytest.mark.parametrize("levels", [210, 254, 300])
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_deeply_nested_input_without_a_model_is_refused_or_reads_back(make_store, kind, levels) -> None:
     wf = Workflow("DeepRaw").flow(
         {START: lambda ctx: Wait(GATE, "Done"), "Done": lambda ctx: Next(END, output=depth(ctx.input))}
@@ -124,7 +124,7 @@ async def test_deeply_nested_input_without_a_model_is_refused_or_reads_back(make
 
 
 @pytest.mark.parametrize("levels", [210, 254, 300])
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_deeply_nested_state_is_refused_naming_the_field_or_reads_back(
     make_store, kind, levels
 ) -> None:
@@ -188,13 +188,14 @@ class Parked:
 
 async def _damage(store: Any, run_id: str, field: str, raw: str) -> None:
     """Write ``raw`` over one field of the stored record, as the store's own suite does."""
-    from test_store_conformance import TestRedisStore, TestSqliteStore
+    from test_store_conformance import TestPostgresStore, TestRedisStore, TestSqliteStore
 
-    damage = TestSqliteStore.damage if type(store).__name__ == "SqliteStore" else TestRedisStore.damage
+    damages = {"SqliteStore": TestSqliteStore.damage, "PostgresStore": TestPostgresStore.damage}
+    damage = damages.get(type(store).__name__, TestRedisStore.damage)
     await damage(None, store, run_id, field, raw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_an_unreadable_run_fails_alone(make_store, kind) -> None:
     store = make_store(kind)
     p = Parked()
@@ -216,7 +217,7 @@ async def test_an_unreadable_run_fails_alone(make_store, kind) -> None:
         assert await runner.recover() == []  # the damaged run does not stop later recoveries
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_stored_state_its_model_rejects_fails_that_run_alone(make_store, kind) -> None:
     store = make_store(kind)
     p = Parked()
@@ -233,7 +234,7 @@ async def test_a_stored_state_its_model_rejects_fails_that_run_alone(make_store,
     assert "state" in err.value.message
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_stored_step_that_does_not_exist_is_a_corrupt_record(make_store, kind) -> None:
     store = make_store(kind)
     p = Parked()
@@ -248,7 +249,7 @@ async def test_a_stored_step_that_does_not_exist_is_a_corrupt_record(make_store,
     assert p.ran == [bad]  # nothing ran again
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_recover_does_not_advance_a_record_of_another_workflow(make_store, kind) -> None:
     store = make_store(kind)
     p = Parked()

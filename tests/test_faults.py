@@ -258,7 +258,7 @@ async def _settled(handle: Any) -> Any:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("control", ["pause", "stop"])
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_control_asked_while_the_owner_is_dead_is_honoured_by_recover(
     kind, control, tmp_path, request
 ) -> None:

@@ -623,8 +623,8 @@ async def test_open_store_builds_each_kind(redis_url: str, tmp_path: Path) -> No
     try:
         assert isinstance(red, RedisStore) and red.keys.status("running") == "p:#st:running"
         assert open_store(red) is red
-        with pytest.raises(WorkflowDefinitionError, match="memory, sqlite, redis"):
-            open_store("postgres")
+        with pytest.raises(WorkflowDefinitionError, match="memory, sqlite, redis, postgres"):
+            open_store("mongodb")
     finally:
         await red.close()
         await sqlite.close()

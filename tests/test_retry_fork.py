@@ -147,7 +147,7 @@ async def test_ctx_attempt_counts_on_for_a_step_without_a_retry_policy() -> None
     assert p.attempts == [1, 2, 3]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_retry_from_another_runner_after_the_first_closed(kind, make_store):
     p = Pipeline()
     async with WorkflowRunner(p.workflow(), store=make_store(kind)) as first:
@@ -245,7 +245,7 @@ async def test_fork_starts_a_new_run_at_a_step_with_the_history_and_state_it_had
     ]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_fork_of_a_run_from_another_runner_and_the_forks_result_elsewhere(kind, make_store):
     p = Pipeline()
     async with WorkflowRunner(p.workflow(), store=make_store(kind)) as first:

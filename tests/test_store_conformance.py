@@ -65,3 +65,30 @@ class TestRedisStore(DurableStoreConformance):
 
         assert isinstance(store, RedisStore)
         await store.client.hset(store.keys.run(run_id).rec, field, raw)
+
+
+class TestPostgresStore(DurableStoreConformance):
+    @pytest.fixture
+    def store_factory(self, make_store: StoreFactory) -> StoreFactory:
+        return partial(make_store, "postgres")
+
+    async def damage(self, store: Store, run_id: str, field: str, raw: str) -> None:
+        import psycopg
+
+        from agentflow.stores.postgres import PostgresStore
+        from agentflow.stores.postgres_rows import JSON_COLUMNS
+        from agentflow.stores.postgres_schema import RUNS
+
+        assert isinstance(store, PostgresStore)
+        async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as db:
+            value: Any = raw
+            if field not in JSON_COLUMNS:  # a typed column holds the decoded value
+                value = json.loads(raw)
+                if field not in ("status", "workflow", "step", "lease_owner", "control"):
+                    # A number column cannot hold a string: damage it with a NULL instead.
+                    await db.execute(f"ALTER TABLE {RUNS} ALTER COLUMN {field} DROP NOT NULL")
+                    value = None
+            await db.execute(
+                f"UPDATE {RUNS} SET {field} = %s WHERE ns = %s AND run_id = %s",
+                (value, store.key_prefix, run_id),
+            )

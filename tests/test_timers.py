@@ -32,7 +32,7 @@ from agentflow import (
 )
 from agentflow.stores.contract import Store
 
-KINDS = ["memory", "sqlite", "redis"]
+KINDS = ["memory", "sqlite", "redis", "postgres"]
 
 
 class Progress(BaseModel):
@@ -275,11 +275,11 @@ def _spawn_timer(cmd: str, kind: str, target: str, log: Path, run_id: str) -> su
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_a_timer_due_while_its_process_was_killed_fires_once_with_two_recoverers(
     kind, tmp_path, request
 ) -> None:
-    target = str(tmp_path / "timers.db") if kind == "sqlite" else request.getfixturevalue("redis_url")
+    target = str(tmp_path / "timers.db") if kind == "sqlite" else request.getfixturevalue(f"{kind}_url")
     log = tmp_path / "timer.log"
     first = _spawn_timer("start", kind, target, log, "nap-1")
     assert first.stdout is not None
@@ -316,6 +316,10 @@ def make_crash_store(kind: str, target: str) -> Store:
         from agentflow.stores import SqliteStore
 
         return SqliteStore(target)
+    if kind == "postgres":
+        from agentflow.stores.postgres import PostgresStore
+
+        return PostgresStore(target)
     from agentflow.stores.redis import RedisStore
 
     return RedisStore(target)

@@ -1,0 +1,252 @@
+"""The PostgreSQL store beyond the conformance suite: its schema, its clock, lost replies,
+and a server restarted under a run.
+
+Every test runs against a real server (``postgres_server``), each in a schema of its
+own; replies are lost by a TCP proxy in front of it that lets a request through and
+drops the connection before its reply comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from helpers import all_events
+from postgres_server import PostgresServer
+from redis_fakes import LossyProxy, pause
+from test_faults import BOUND, Gated
+
+from agentflow import RunStatus, StoreError, Workflow, WorkflowRunner
+from agentflow.errors import LeaseLostError
+from agentflow.stores import Change, open_store
+from agentflow.stores.contract import Commit, OutputRecord, RunRecord
+from agentflow.stores.postgres import PostgresStore
+from agentflow.stores.postgres_schema import SCHEMA, VERSION
+from agentflow.testing.store_conformance import acquire, event, expire, record, started, store_now
+
+
+@pytest.fixture
+async def proxy(postgres_server: PostgresServer) -> AsyncIterator[LossyProxy]:
+    async with LossyProxy(postgres_server.port) as p:
+        yield p
+
+
+def _through(proxy: LossyProxy, url: str) -> str:
+    """``url`` with the proxy's port in place of the server's."""
+    return url.replace(f":{proxy.target}/", f":{proxy.port}/", 1)
+
+
+@pytest.fixture
+async def stores(postgres_url: str) -> AsyncIterator[list[PostgresStore]]:
+    made: list[PostgresStore] = []
+    yield made
+    for store in made:
+        await store.close()
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+async def test_the_schema_is_made_once_by_stores_starting_together(postgres_url: str, stores) -> None:
+    stores += [PostgresStore(postgres_url) for _ in range(4)]
+    assert await asyncio.gather(*(s.create(record(f"r{i}"), []) for i, s in enumerate(stores))) == [True] * 4
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        rows = await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall()
+    assert rows == [(VERSION,)]
+
+
+async def test_a_database_of_a_newer_layout_is_refused(postgres_url: str, stores) -> None:
+    stores.append(PostgresStore(postgres_url))
+    await stores[0].create(record(), [])
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute(f"UPDATE {SCHEMA} SET version = %s", (VERSION + 1,))
+    stores.append(PostgresStore(postgres_url))
+    with pytest.raises(StoreError, match=f"schema version {VERSION + 1}.*upgrade agentflow"):
+        await stores[1].get("r1")
+
+
+async def test_persistence_opens_it_with_the_url_or_database_url(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wf = Workflow("Pg").flow({"__start__": lambda ctx: "A", "A": lambda ctx: "__end__"})
+    wf.persistence(store="postgres", url=postgres_url, key_prefix="pg:")
+    async with WorkflowRunner(wf) as runner:
+        assert isinstance(runner.store, PostgresStore) and runner.store.key_prefix == "pg:"
+        handle = await runner.run()
+        assert (await handle.result(timeout=BOUND)).status == RunStatus.COMPLETED
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    store = open_store("postgres", key_prefix="pg:")
+    try:
+        assert isinstance(store, PostgresStore)
+        assert [r.status for r in await store.list_runs()] == [RunStatus.COMPLETED]
+    finally:
+        await store.close()
+
+
+# -- the database's clock ----------------------------------------------------------------
+
+
+async def test_a_clock_20_s_ahead_sees_no_healthy_run_as_recoverable(
+    postgres_url: str, stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, recoverer = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    stores += [owner, recoverer]
+    leases = [await started(owner, f"r{i}") for i in range(5)]
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 20)  # this machine's clock runs ahead
+    assert await recoverer.recoverable("wf") == []
+    now = await store_now(recoverer, "r0")  # leases and update's now are the database's
+    assert abs(now - real()) < 5
+    await recoverer.renew("r0", leases[0], 15.0)
+    rec = await recoverer.get("r0")
+    assert rec is not None and now + 14 < rec.lease_expires < now + 16
+    await expire(owner, "r3")
+    assert await recoverer.recoverable("wf") == ["r3"]
+
+
+# -- outages -----------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_is_a_store_error_naming_it_without_the_password() -> None:
+    from conftest import free_port
+
+    store = PostgresStore(f"postgresql://u:sekrit@127.0.0.1:{free_port()}/db", retry_for=0.3)
+    try:
+        started_at = time.monotonic()
+        with pytest.raises(
+            StoreError, match=r"run r1: PostgreSQL at 127\.0\.0\.1:\d+/db unreachable"
+        ) as info:
+            await store.get("r1")
+        assert "sekrit" not in str(info.value) and time.monotonic() - started_at < 5
+    finally:
+        await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.get("r1")
+
+
+# -- lost replies ------------------------------------------------------------------------
+
+
+async def test_a_commit_whose_reply_is_lost_applies_once_despite_a_pause_in_between(
+    proxy: LossyProxy, postgres_url: str, stores
+) -> None:
+    store, other = PostgresStore(_through(proxy, postgres_url)), PostgresStore(postgres_url)
+    stores += [store, other]
+    lease = await started(store)
+
+    async def pause_it() -> None:  # the commit ran, its reply is on its way
+        await other.update("r1", pause)
+
+    proxy.lose(b"step-lost", pause_it)
+    commit = Commit(
+        fields={"visit": 1, "step": "step-lost"},
+        outputs=[OutputRecord(1, "A", 1)],
+        events=[event("step_completed", 2)],
+        journal={"A/1": "reply"},
+        seq=1,
+    )
+    assert await store.commit("r1", lease, commit) == "pause"  # recognised: not applied again
+    assert proxy.lost == 1
+    loaded = await store.load("r1")
+    assert loaded is not None and len(loaded.outputs) == 1 and loaded.journal == {"A/1": "reply"}
+    kinds = [e.kind for e in await store.events("r1")]
+    assert kinds == ["run_started", "step_completed", "pause_requested"]
+    assert (loaded.record.event_count, loaded.record.commit_seq, loaded.record.step) == (3, 1, "step-lost")
+
+
+async def test_an_update_whose_commit_reply_is_lost_is_not_applied_twice(
+    proxy: LossyProxy, postgres_url: str, stores
+) -> None:
+    store = PostgresStore(_through(proxy, postgres_url))
+    stores.append(store)
+    await store.create(record(), [])
+    calls: list[int] = []
+
+    def bump(rec: RunRecord, now: float) -> Change:
+        calls.append(rec.visit)
+        return Change(dataclasses.replace(rec, visit=rec.visit + 1), [event("bumped", 1)])
+
+    async def nothing() -> None:
+        pass
+
+    proxy.lose(b"COMMIT", nothing)  # the transaction is committed; its reply never comes
+    rec = await store.update("r1", bump)
+    assert proxy.lost == 1 and calls == [0]
+    assert rec is not None and rec.visit == 1
+    got = await store.get("r1")
+    assert got is not None and (got.visit, got.event_count) == (1, 1)
+
+
+async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
+    proxy: LossyProxy, postgres_url: str, stores
+) -> None:
+    store, other = PostgresStore(_through(proxy, postgres_url)), PostgresStore(postgres_url)
+    stores += [store, other]
+    assert await store.create(record("warm-up"), [])  # the schema is ready
+
+    async def take_it() -> None:  # another process takes the new run at once
+        await acquire(other, "r1", owner="w2")
+
+    proxy.lose(b"COMMIT", take_it)
+    assert await store.create(record("r1"), [event("run_started", 1)])
+    assert proxy.lost == 1
+    assert not await store.create(record("r1"), [])  # and a real second create is refused
+    rec = await store.get("r1")
+    assert rec is not None and rec.lease_owner == "w2" and rec.event_count == 1
+
+
+# -- a server restarted under a run -----------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_a_server_restart_between_steps_does_not_fail_the_run(
+    postgres_server: PostgresServer, postgres_url: str, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step's completion meets the restart: its commit is retried until the server is back.
+
+    ``immediate`` is a crash of the server: what was committed before is there after.
+    A store that gives up quickly (``retry_for``) hands the outage to the engine, which
+    retries the commit until it answers; nothing is failed, nothing runs twice.
+    """
+    store = PostgresStore(postgres_url, retry_for=0.5)
+    g = Gated(gate=False)
+    try:
+        async with WorkflowRunner(g.workflow("Restart"), store=store) as runner:
+            handle = await runner.run()
+            finishing = asyncio.create_task(handle.result())
+            await asyncio.wait_for(g.started.wait(), BOUND)
+            await asyncio.to_thread(postgres_server.stop, mode)
+            try:
+                g.release.set()  # the step's commit meets the outage
+                await asyncio.sleep(1.5)
+                assert not finishing.done(), "the run ended during the outage"
+            finally:
+                await asyncio.to_thread(postgres_server.start)
+            result = await asyncio.wait_for(finishing, 20)
+            assert result.status == RunStatus.COMPLETED and result.output == "done"
+            kinds = [e.kind for e in await all_events(handle)]
+    finally:
+        await store.close()
+    assert kinds.count("step_completed") == 3 and "failed" not in kinds
+    assert g.ran == ["Work", "Done"]
+    assert "retried until it answers" in caplog.text  # the outage reached the engine
+
+
+async def test_a_lease_lost_across_a_restart_is_still_refused(
+    postgres_server: PostgresServer, postgres_url: str, stores
+) -> None:
+    store, other = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    stores += [store, other]
+    lease = await started(store)
+    await store.commit("r1", lease, Commit(fields={"step": "B"}, seq=1))
+    await asyncio.to_thread(postgres_server.restart)
+    await acquire(other, owner="w2")  # both stores reconnect by themselves
+    with pytest.raises(LeaseLostError):
+        await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=2))
+    rec = await store.get("r1")
+    assert rec is not None and (rec.step, rec.lease_owner, rec.commit_seq) == ("B", "w2", 1)
