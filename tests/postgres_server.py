@@ -50,7 +50,8 @@ class PostgresServer:
     def __init__(self) -> None:
         self.bin = _bindir()
         self.user: str | None = "postgres" if os.geteuid() == 0 else None
-        self.dir = Path(tempfile.mkdtemp(prefix="agentflow-pg-"))
+        # Under /tmp when root: the postgres user must reach it (pytest's own temp dirs are 0700 root).
+        self.dir = Path(tempfile.mkdtemp(prefix="agentflow-pg-", dir="/tmp" if self.user else None))
         if self.user is not None:
             entry = pwd.getpwnam(self.user)
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
