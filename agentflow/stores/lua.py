@@ -156,10 +156,13 @@ return cur[3] or ''
 """
 )
 
-# KEYS: rec, events, outputs, journal.  Returns {1, workflow, status, _ix, pending} (JSON,
-# '' when unreadable) when it deleted the run, {0} when there was no such run.
+# KEYS: rec, events, outputs, journal.  ARGV: nonce, and optionally the ``_created`` nonce
+# the run must hold (a create undoing itself).  Returns {1, workflow, status, _ix,
+# pending} (JSON, '' when unreadable) when it deleted the run, {0} when there was no such
+# run (or it was not created by that nonce).
 _DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if ARGV[2] and redis.call('HGET', KEYS[1], '_created') ~= ARGV[2] then return {0} end
 local found = redis.pcall('HMGET', KEYS[1], 'workflow', 'status', '_ix', 'pending')
 if found.err then found = {} end  -- not a hash: deleted all the same
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])

@@ -1,4 +1,5 @@
-"""Redis store: runs shared by any number of processes, on stock Redis 7 or Valkey.
+"""Redis store: runs shared by any number of processes, on stock Redis 7 or Valkey, or
+on a Redis Cluster.
 
 A run is four keys sharing one hash tag (see :mod:`agentflow.stores.keys`). The record
 is a HASH with one JSON string per RunRecord field, so the Lua scripts compare and
@@ -9,11 +10,13 @@ Writes, each safe to send again after a lost reply:
 * ``commit`` is one Lua script, one round trip: the ``(lease token, seq)`` fence, the
   lease check, the fields, ``event_count``, events, outputs, journal, dropping the lease
   on release, the ttl when the run is final. A commit that changes the run's status
-  files it in the status indexes in front of the script, in the same round trip.
+  files it in the status indexes first, in a round trip of its own.
 * ``update`` is WATCH / HMGET / TIME, then the change's index entries and MULTI ...
   EXEC: two round trips, retried on conflict. ``change`` gets the server's clock (see
   :mod:`agentflow.stores.redis_update`).
-* ``create`` and ``delete`` are scripts that recognise their own retry.
+* ``create`` and ``delete`` are scripts that recognise their own retry. A create whose
+  index entries Redis refused (a damaged index key) deletes what it wrote and raises:
+  no run is left that no index lists.
 * ``renew`` is a script that sets the lease from the server's clock.
 
 Leases are judged by the server's clock only (``TIME`` in the scripts), so machines
@@ -27,6 +30,12 @@ runs in flight, their commits travel together, one write and one read for many s
 A commit that leaves the status alone files nothing in the indexes. To file a commit's
 index entries without reading first, the store remembers each run's workflow and
 ``created_at`` (:mod:`agentflow.stores.redis_known`); the script checks them.
+
+Redis Cluster (a ``redis+cluster://`` URL, or a ``RedisCluster`` client): the same
+scripts, each on the run's slot; round trips routed to the nodes by
+:mod:`agentflow.stores.redis_cluster`; index keys in the cluster layout of
+:mod:`agentflow.stores.keys`, sharded over slots. One server keeps the plain layout,
+the one every earlier version wrote, so the runs stored there load as they are.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
@@ -64,10 +74,11 @@ from .contract import (
 )
 from .keys import Keys
 from .redis_approvals import Approvals
+from .redis_cluster import ClusterWire, is_cluster_url, make_cluster_client
 from .redis_index import Index
 from .redis_known import KnownRuns
 from .redis_update import Updates, hash_of, record_of
-from .redis_wire import Command, Wire, make_client, pack_args, pairs
+from .redis_wire import Command, IndexRefused, Packed, Wire, make_client, pack_args, pairs
 
 __all__ = ["RedisStore"]
 
@@ -84,20 +95,24 @@ class RedisStore:
     """Keeps runs in Redis (7+, or Valkey); shared by every process that reaches it.
 
     Args:
-        url: ``redis://`` URL; defaults to ``$REDIS_URL``, then ``redis://localhost:6379/0``.
+        url: ``redis://`` URL, or ``redis+cluster://host:port`` (``rediss+cluster://``
+            with TLS) for a Redis Cluster, any one of its nodes; defaults to
+            ``$REDIS_URL``, then ``redis://localhost:6379/0``.
         ttl: seconds a finished run is kept, or None to keep it.
         key_prefix: prepended to every key.
-        client: an existing ``redis.asyncio.Redis`` to use instead of ``url`` (with a
-            connection pool and the default ``decode_responses=False``). The store does
-            not close it, and has no :meth:`sibling`.
+        client: an existing ``redis.asyncio.Redis`` (with a connection pool) or
+            ``redis.asyncio.cluster.RedisCluster`` to use instead of ``url``, with the
+            default ``decode_responses=False``. The store does not close it, and has no
+            :meth:`sibling`.
         retry_for: seconds to keep retrying while Redis is unreachable (or no connection
             is free) before an operation raises :class:`StoreError`.
-        max_connections: connections the store opens at most; past that, operations
-            wait for a free one.
+        max_connections: connections the store opens at most (to each node, on a
+            cluster); past that, operations wait for a free one.
         socket_timeout: seconds to wait for a reply before the connection counts as lost.
 
     Raises:
-        StoreError: ``client`` cannot serve a store.
+        StoreError: ``client`` cannot serve a store, or ``key_prefix`` has braces that
+            would split a run's keys over two slots of a cluster.
     """
 
     def __init__(
@@ -105,7 +120,7 @@ class RedisStore:
         url: str | None = None,
         ttl: float | None = None,
         key_prefix: str = "",
-        client: aioredis.Redis | None = None,
+        client: aioredis.Redis | RedisCluster | None = None,
         *,
         retry_for: float = 10.0,
         max_connections: int = 64,
@@ -114,16 +129,20 @@ class RedisStore:
         self.ttl = ttl
         self.key_prefix = key_prefix
         self.retry_for = retry_for
-        self.keys = Keys(key_prefix)
         self._url = url or os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
         self._max_connections = max_connections
         self._socket_timeout = socket_timeout
         self._owns_client = client is None
         if client is None:
-            client = make_client(
+            make = make_cluster_client if is_cluster_url(self._url) else make_client
+            client = make(
                 self._url, max_connections=max_connections, socket_timeout=socket_timeout, retry_for=retry_for
             )
-        self._wire = Wire(client, retry_for)
+        cluster = isinstance(client, RedisCluster)
+        self.keys = Keys(key_prefix, cluster=cluster)
+        self._wire = (
+            ClusterWire(client, retry_for) if isinstance(client, RedisCluster) else Wire(client, retry_for)
+        )
         self._index = Index(self.keys, self._wire, ttl)
         self._approvals = Approvals(self.keys, self._wire, self._index)
         self._known = KnownRuns(self.keys, self._wire)  # what the store knows of the runs it advances
@@ -135,9 +154,10 @@ class RedisStore:
         self._counter = itertools.count()
 
     @property
-    def client(self) -> aioredis.Redis:
-        """The underlying ``redis.asyncio.Redis`` client."""
-        return self._wire.client
+    def client(self) -> aioredis.Redis | RedisCluster:
+        """The underlying client: a ``redis.asyncio.Redis``, or a ``RedisCluster``."""
+        wire = self._wire
+        return wire.cluster if isinstance(wire, ClusterWire) else wire.client
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -182,9 +202,23 @@ class RedisStore:
         """
         run_id = record.run_id
         made = self._creation(record, events)
-        replies = await self._wire.retrying(
-            "create", run_id, lambda: self._wire.eval(lua.CREATE, made.keys, made.args, made.entries)
-        )
+        try:
+            replies = await self._wire.retrying(
+                "create", run_id, lambda: self._wire.eval(lua.CREATE, made.keys, made.args, made.entries)
+            )
+        except IndexRefused as exc:  # one server: the script ran after the refused entry
+            if exc.reply:  # created by this call: undo it, so that no record goes unlisted
+                nonce = made.args[0]
+                await self._wire.retrying(
+                    "create", run_id, lambda: self._wire.eval(lua.DELETE, made.keys, [nonce, nonce])
+                )
+            self._wire.defer(self._index.unfile(run_id, record.status, record.workflow, made.version))
+            if not exc.reply:
+                return False
+            raise StoreError(
+                f"run {run_id}: Redis refused an index entry of the new run ({exc.error}); the run was not "
+                "created (look for an index key holding another type)"
+            ) from exc.error
         if not replies[-1]:
             self._wire.defer(self._index.unfile(run_id, record.status, record.workflow, made.version))
             return False
@@ -302,10 +336,19 @@ class RedisStore:
                     index += self._approvals.file(run_id, workflow, filed)
                     undo += self._approvals.unfile(run_id, workflow, filed, decided=False)
                 args[3:6] = (version, *facts)
-            data = b"*%d" % (9 + len(args)) + head + pack_args(args) + b"\r\n"
-            replies = await self._wire.retrying(
-                "commit", run_id, functools.partial(self._wire.evalsha, lua.COMMIT, data, index), known.rec
-            )
+            data = Packed(b"*%d" % (9 + len(args)) + head + pack_args(args) + b"\r\n", known.keys[0])
+            try:
+                replies = await self._wire.retrying(
+                    "commit",
+                    run_id,
+                    functools.partial(self._wire.evalsha, lua.COMMIT, data, index),
+                    known.rec,
+                )
+            except IndexRefused as exc:
+                raise StoreError(
+                    f"run {run_id}: Redis refused an index entry of the commit ({exc.error}); the commit "
+                    "was applied, but listings may miss the run (look for an index key holding another type)"
+                ) from exc.error
             reply = replies[-1]
             if reply == 3:  # applied; no control flag, no status left behind
                 if commit.release:

@@ -13,6 +13,9 @@ every entry against the run's record (waiting, with that approval in ``pending``
 drop the stale ones they meet (a crash between the two writes, a run that expired or
 was deleted) and never list an approval its record does not hold. Listing costs the
 page (plus the stale entries met, once), not what is stored.
+
+On a cluster the sets are sharded by run id and the places by approval id (see
+:mod:`agentflow.stores.keys`); a page merges the shards of its set.
 """
 
 from __future__ import annotations
@@ -27,24 +30,17 @@ from .codec import approval_rank, approvers_of, decode
 from .contract import pending_approvals
 from .keys import Keys
 from .redis_index import Index, score
+from .redis_pages import Pages
 from .redis_wire import Command, Wire
 
 __all__ = ["Approvals"]
 
 _DAY = 86_400
 _KEEP_GONE_MS = 2 * _DAY * 1000  # how long a decided approval's place is kept
-_TIES = 10_000  # approvals sharing one created_at that paging tells apart
 
 
 def _member(approval: dict[str, Any], run_id: str) -> bytes:
     return str(approval["id"]).encode() + b"\0" + run_id.encode()
-
-
-def _pairs(reply: Any) -> list[tuple[bytes, float]]:
-    """A WITHSCORES reply (flat in RESP2, pairs in RESP3) as ``(member, score)``."""
-    if reply and isinstance(reply[0], list | tuple):
-        return [(m, float(s)) for m, s in reply]
-    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
 class Approvals:
@@ -61,15 +57,19 @@ class Approvals:
         self.wire = wire
         self.index = index
 
-    def _sets(self, approval: dict[str, Any], workflow: str) -> list[bytes]:
+    def _sets(self, approval: dict[str, Any], workflow: str, run_id: str) -> list[bytes]:
         keys = self.keys
+        shard = keys.shard_of(run_id)
         names = [
-            keys.approvals(),
-            keys.approvals("wf", workflow),
-            keys.approvals("kind", str(approval.get("kind") or "gate")),
+            keys.approvals("all", None, shard),
+            keys.approvals("wf", workflow, shard),
+            keys.approvals("kind", str(approval.get("kind") or "gate"), shard),
         ]
-        names += [keys.approvals("by", name) for name in approvers_of(approval)]
+        names += [keys.approvals("by", name, shard) for name in approvers_of(approval)]
         return [k.encode() for k in names]
+
+    def _places(self, aid: str, day: int | None = None) -> bytes:
+        return self.keys.approval_places(day, self.keys.shard_of(aid)).encode()
 
     def file(self, run_id: str, workflow: str, approvals: Sequence[dict[str, Any]]) -> list[Command]:
         """Commands filing ``approvals`` of run ``run_id`` (idempotent)."""
@@ -77,15 +77,9 @@ class Approvals:
         for a in approvals:
             at, _ = approval_rank(a)
             member, place = _member(a, run_id), score(at)
-            commands += [[b"ZADD", key, place, member] for key in self._sets(a, workflow)]
-            commands.append(
-                [
-                    b"HSET",
-                    self.keys.approval_places().encode(),
-                    member[: member.index(b"\0")],
-                    place + b"\0" + run_id.encode(),
-                ]
-            )
+            commands += [[b"ZADD", key, place, member] for key in self._sets(a, workflow, run_id)]
+            aid = member[: member.index(b"\0")]
+            commands.append([b"HSET", self._places(aid.decode()), aid, place + b"\0" + run_id.encode()])
         return commands
 
     def unfile(
@@ -93,13 +87,14 @@ class Approvals:
     ) -> list[Command]:
         """Commands dropping the entries of ``approvals``; ``decided`` keeps their places a while."""
         commands: list[Command] = []
-        gone = self.keys.approval_places(int(time.time()) // _DAY).encode()
+        today = int(time.time()) // _DAY
         for a in approvals:
             at, aid = approval_rank(a)
             member = _member(a, run_id)
-            commands += [[b"ZREM", key, member] for key in self._sets(a, workflow)]
-            commands.append([b"HDEL", self.keys.approval_places().encode(), aid.encode()])
+            commands += [[b"ZREM", key, member] for key in self._sets(a, workflow, run_id)]
+            commands.append([b"HDEL", self._places(aid), aid.encode()])
             if decided:
+                gone = self._places(aid, today)
                 commands.append([b"HSET", gone, aid.encode(), score(at) + b"\0" + run_id.encode()])
                 commands.append([b"PEXPIRE", gone, b"%d" % _KEEP_GONE_MS, b"NX"])
         return commands
@@ -128,11 +123,8 @@ class Approvals:
     async def _place(self, after: str) -> tuple[float, bytes]:
         """Where approval ``after`` sorts (pending, or decided within two days)."""
         today = int(time.time()) // _DAY
-        names = [
-            self.keys.approval_places(),
-            *(self.keys.approval_places(d) for d in (today, today - 1, today - 2)),
-        ]
-        commands = [[b"HGET", name.encode(), after.encode()] for name in names]
+        names = [self._places(after), *(self._places(after, d) for d in (today, today - 1, today - 2))]
+        commands = [[b"HGET", name, after.encode()] for name in names]
         replies = await self.wire.retrying("approvals", None, lambda: self.wire.call(commands))
         for found in replies:
             if isinstance(found, bytes) and b"\0" in found:
@@ -155,26 +147,25 @@ class Approvals:
         if limit <= 0:
             return []
         if approver is not None:
-            key = self.keys.approvals("by", approver)
+            scope, value = "by", approver
         elif workflow is not None:
-            key = self.keys.approvals("wf", workflow)
+            scope, value = "wf", workflow
         elif kind is not None:
-            key = self.keys.approvals("kind", kind)
+            scope, value = "kind", kind
         else:
-            key = self.keys.approvals()
-        source = key.encode()
+            scope, value = "all", None
+        sources = [self.keys.approvals(scope, value, shard).encode() for shard in self.keys.shards]
         cursor = await self._place(after) if after is not None else None
+        pages = Pages(self.wire, "approvals", sources, cursor)
         out: list[dict[str, Any]] = []
         drops: list[Command] = []
         while len(out) < limit:
-            count = limit - len(out) + 2
-            candidates, exhausted = await self._candidates(source, cursor, count)
+            candidates = await pages.take(limit - len(out))
             if not candidates:
                 break
-            run_ids = [m[m.index(b"\0") + 1 :].decode(errors="replace") for m, _ in candidates]
+            run_ids = [m[m.index(b"\0") + 1 :].decode(errors="replace") for _, m, _ in candidates]
             found = await self.index._read(run_ids, ("status", "workflow", "pending"))
-            for (member, at), run_id, rec in zip(candidates, run_ids, found, strict=True):
-                cursor = (at, member)
+            for (_, member, source), run_id, rec in zip(candidates, run_ids, found, strict=True):
                 aid = member[: member.index(b"\0")].decode(errors="replace")
                 if isinstance(rec, Exception) or (rec is not None and rec.broken):
                     continue  # a damaged record: listed by list_runs, not here
@@ -185,7 +176,7 @@ class Approvals:
                         if a["id"] == aid:
                             approval = {**a, "run_id": run_id, "workflow": own}
                 if approval is None:
-                    drops.append([b"ZREM", source, member])  # decided, gone, or never written
+                    drops.append([b"ZREM", sources[source], member])  # decided, gone, or never written
                     continue
                 if workflow is not None and approval["workflow"] != workflow:
                     continue
@@ -194,30 +185,7 @@ class Approvals:
                 if approver is not None and approver not in approvers_of(approval):
                     continue
                 out.append(approval)
-                if len(out) == limit:
-                    break
-            if exhausted:
-                break
         if drops:
             self.wire.defer(drops)
             await self.wire.flush()
         return out
-
-    async def _candidates(
-        self, key: bytes, cursor: tuple[float, bytes] | None, count: int
-    ) -> tuple[list[tuple[bytes, float]], bool]:
-        """The next ``count`` entries of ``key``, newest first, past ``cursor``; and whether none is left."""
-        page = [b"BYSCORE", b"REV", b"LIMIT", b"0", b"%d" % count, b"WITHSCORES"]
-        if cursor is None:
-            commands = [[b"ZRANGE", key, b"+inf", b"-inf", *page]]
-        else:
-            at = repr(cursor[0]).encode()
-            ties = [b"BYSCORE", b"REV", b"LIMIT", b"0", b"%d" % _TIES, b"WITHSCORES"]
-            commands = [[b"ZRANGE", key, b"(" + at, b"-inf", *page], [b"ZRANGE", key, at, at, *ties]]
-        replies = await self.wire.retrying("approvals", None, lambda: self.wire.call(commands))
-        below = _pairs(replies[0])
-        merged = list(below)
-        if cursor is not None:
-            merged += [(m, s) for m, s in _pairs(replies[1]) if m < cursor[1]]
-        merged.sort(key=lambda e: (e[1], e[0]), reverse=True)
-        return merged[:count], len(below) < count and len(merged) <= count

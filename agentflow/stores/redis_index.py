@@ -11,6 +11,9 @@ Readers check every entry against the record (version, status, workflow), drop t
 stale ones and never list a run under a status or workflow its record does not have.
 So a listing costs what it returns (plus the stale entries it meets, once), not what
 is stored.
+
+On a cluster every index is sharded (:mod:`agentflow.stores.keys`): a run's entries go
+to the shard of its id, and readers merge the shards (:mod:`agentflow.stores.redis_pages`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from . import lua
 from .codec import RECORD_FIELDS, deadline_of, decode, make_record
 from .contract import RunRecord
 from .keys import Keys, entry, entry_run
+from .redis_pages import Pages, score_pairs
 from .redis_wire import Command, Wire
 
 __all__ = ["LIGHT", "Index", "score"]
@@ -33,7 +37,6 @@ __all__ = ["LIGHT", "Index", "score"]
 LIGHT: tuple[str, ...] = tuple(f for f in RECORD_FIELDS if f not in ("input", "state", "output"))
 
 _BATCH = 500  # index entries (and records) read per round trip
-_TIES = 10_000  # entries sharing one created_at that paging tells apart
 _BUCKET_SLACK = 300.0  # seconds a bucket stays listed past its expiry (clocks differ)
 _STATUSES = frozenset(s.value for s in RunStatus)
 
@@ -73,7 +76,7 @@ class Index:
         self.wire = wire
         self.ttl = ttl
         self._registered: dict[str, float] = {}  # bucket -> when this store last filed it
-        self._filed: dict[tuple[str, str, str | None], tuple[bytes, bytes]] = {}
+        self._filed: dict[tuple[str, str, str | None, int], tuple[bytes, bytes]] = {}
 
     # -- writing ----------------------------------------------------------------------
 
@@ -82,10 +85,11 @@ class Index:
     ) -> list[Command]:
         """Commands filing ``run_id`` (at ``version``) under ``status``; idempotent."""
         member, at = entry(run_id, version), score(created_at)
+        shard = self.keys.shard_of(run_id)
         if status not in FINAL or self.ttl is None:
-            return [[b"ZADD", k, at, member] for k in self._keys(status, workflow)]
+            return [[b"ZADD", k, at, member] for k in self._keys(status, workflow, None, shard)]
         bucket = Keys.bucket(self.ttl, time.time())
-        keys = self._keys(status, workflow, bucket.name)
+        keys = self._keys(status, workflow, bucket.name, shard)
         life = b"%d" % bucket.ttl_ms
         commands: list[Command] = [[b"ZADD", k, at, member] for k in keys]
         # A new key gets its lifetime from its first run: the end of the bucket plus a
@@ -109,7 +113,7 @@ class Index:
         Entries in time buckets are left to expire.
         """
         member = entry(run_id, version)
-        return [[b"ZREM", k, member] for k in self._keys(status, workflow)]
+        return [[b"ZREM", k, member] for k in self._keys(status, workflow, None, self.keys.shard_of(run_id))]
 
     def unfile_stored(self, run_id: str, workflow: str, status: Any, version: Any) -> list[Command]:
         """:meth:`unfile` for a status and version as a script read them (JSON, raw; '' if unset)."""
@@ -147,23 +151,24 @@ class Index:
 
     def file_gate(self, run_id: str, workflow: str, deadline: float) -> Command:
         """The command filing a gate's deadline."""
-        return [b"ZADD", self.keys.gates(workflow).encode(), score(deadline), run_id.encode()]
+        key = self.keys.gates(workflow, self.keys.shard_of(run_id)).encode()
+        return [b"ZADD", key, score(deadline), run_id.encode()]
 
     def unfile_gate(self, run_id: str, workflow: str, deadline: float) -> Command:
         """The command dropping a gate's entry, unless it was filed again since (a new deadline)."""
-        key = self.keys.gates(workflow).encode()
+        key = self.keys.gates(workflow, self.keys.shard_of(run_id)).encode()
         return [b"EVALSHA", lua.ZREM_IF_SCORE.sha_bytes, b"1", key, run_id.encode(), score(deadline)]
 
-    def _keys(self, status: str, workflow: str, bucket: str | None = None) -> tuple[bytes, bytes]:
+    def _keys(self, status: str, workflow: str, bucket: str | None, shard: int) -> tuple[bytes, bytes]:
         """The index keys a run of ``workflow`` in ``status`` is filed under (every workflow's,
         then its own), remembered: every run of a workflow is filed under the same few."""
-        found = self._filed.get((status, workflow, bucket))
+        found = self._filed.get((status, workflow, bucket, shard))
         if found is None:
-            if len(self._filed) > 1024:
+            if len(self._filed) > 4096:
                 self._filed.clear()
-            found = self._filed[status, workflow, bucket] = (
-                self.keys.status(status, None, bucket).encode(),
-                self.keys.status(status, workflow, bucket).encode(),
+            found = self._filed[status, workflow, bucket, shard] = (
+                self.keys.status(status, None, bucket, shard).encode(),
+                self.keys.status(status, workflow, bucket, shard).encode(),
             )
         return found
 
@@ -212,14 +217,10 @@ class Index:
     ) -> list[_Found | Exception | None]:
         """Read the records at positions ``which`` field by field, naming each damaged field."""
 
-        async def read() -> list[Any]:
-            pipe = self.wire.client.pipeline(transaction=False)
-            for i in which:
-                pipe.hmget(self.keys.run(run_ids[i]).rec, ["_ix", *fields])
-            async with self.wire.slot():
-                return list(await pipe.execute(raise_on_error=False))
-
-        for i, values in zip(which, await self.wire.retrying("list_runs", None, read), strict=True):
+        names = [b"_ix", *(f.encode() for f in fields)]
+        commands = [[b"HMGET", self.keys.run(run_ids[i]).rec.encode(), *names] for i in which]
+        replies = await self.wire.retrying("list_runs", None, lambda: self.wire.round_trip(commands))
+        for i, values in zip(which, replies, strict=True):
             if isinstance(values, Exception) or all(v is None for v in values):
                 out[i] = values if isinstance(values, Exception) else None
                 continue
@@ -235,17 +236,8 @@ class Index:
             out[i] = _Found(values[0] or b"", present, broken)
         return out
 
-    async def _pipeline(
-        self, what: str, calls: Sequence[tuple[str, Sequence[Any], dict[str, Any]]]
-    ) -> list[Any]:
-        async def run() -> list[Any]:
-            pipe = self.wire.client.pipeline(transaction=False)
-            for name, args, kwargs in calls:
-                getattr(pipe, name)(*args, **kwargs)
-            async with self.wire.slot():
-                return list(await pipe.execute())
-
-        return await self.wire.retrying(what, None, run)
+    async def _call(self, what: str, commands: list[Command]) -> list[Any]:
+        return await self.wire.retrying(what, None, lambda: self.wire.call(commands))
 
     async def _drop(self, commands: list[Command]) -> None:
         if commands:
@@ -301,16 +293,16 @@ class Index:
             return []
         statuses = [RunStatus(status)] if status is not None else list(RunStatus)
         finished = any(s in FINAL for s in statuses)
-        calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = []
+        commands: list[Command] = []
         if finished:  # which time buckets may hold finished runs, by the server's clock
-            calls += [("time", (), {}), ("zrange", (self.keys.buckets(), 0, -1), {"withscores": True})]
+            commands += [[b"TIME"], [b"ZRANGE", self.keys.buckets().encode(), b"0", b"-1", b"WITHSCORES"]]
         if after is not None:
-            calls.append(("hmget", (self.keys.run(after).rec, ["created_at"]), {}))
-        replies = await self._pipeline("list_runs", calls) if calls else []
+            commands.append([b"HMGET", self.keys.run(after).rec.encode(), b"created_at"])
+        replies = await self._call("list_runs", commands) if commands else []
         buckets: list[str] = []
         if finished:
-            (sec, usec), registry = replies[0], replies[1]
-            gone = sec + usec / 1e6 - _BUCKET_SLACK
+            (sec, usec), registry = replies[0], score_pairs(replies[1])
+            gone = int(sec) + int(usec) / 1e6 - _BUCKET_SLACK
             buckets = [name.decode() for name, expires in registry if expires >= gone]
             if len(buckets) < len(registry):
                 self.wire.defer([[b"ZREMRANGEBYSCORE", self.keys.buckets().encode(), b"-inf", score(gone)]])
@@ -321,88 +313,65 @@ class Index:
                 return []  # the run paged from is gone: nothing is known to come after it
             cursor = (at, after.encode() + b"\0")
         sources: list[tuple[str, str]] = []
-        for s in statuses:
-            sources.append((self.keys.status(s, workflow), s))
-            if s in FINAL:
-                sources += [(self.keys.status(s, workflow, b), s) for b in buckets]
+        for shard in self.keys.shards:
+            for s in statuses:
+                sources.append((self.keys.status(s, workflow, None, shard), s))
+                if s in FINAL:
+                    sources += [(self.keys.status(s, workflow, b, shard), s) for b in buckets]
+        pages = Pages(self.wire, "list_runs", [key.encode() for key, _ in sources], cursor)
         out: list[RunRecord] = []
         drops: list[Command] = []
         while len(out) < limit:
-            candidates, exhausted = await self._candidates(sources, cursor, limit - len(out) + 2)
+            candidates = await pages.take(limit - len(out))
             if not candidates:
                 break
             found = await self._read([entry_run(member)[0] for _, member, _ in candidates], LIGHT)
-            for (at, member, source), values in zip(candidates, found, strict=True):
+            for (_, member, source), values in zip(candidates, found, strict=True):
                 run_id, version = entry_run(member)
                 rec, stale = self._check(run_id, version, sources[source][1], workflow, values)
                 if stale:
                     drops.append([b"ZREM", sources[source][0].encode(), member])
                 elif rec is not None:
                     out.append(rec)
-                    if len(out) == limit:
-                        break
-                cursor = (at, member)
-            if exhausted:
-                break
         await self._drop(drops)
         return out
 
-    async def _candidates(
-        self, sources: Sequence[tuple[str, str]], cursor: tuple[float, bytes] | None, count: int
-    ) -> tuple[list[tuple[float, bytes, int]], bool]:
-        """The next ``count`` entries of ``sources`` merged, newest first, past ``cursor``.
-
-        Returns them as ``(score, member, source index)`` with whether nothing is left.
-        """
-        calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = []
-        page = {"byscore": True, "desc": True, "withscores": True, "offset": 0}
-        for key, _ in sources:
-            if cursor is None:
-                calls.append(("zrange", (key, "+inf", "-inf"), {**page, "num": count}))
-            else:
-                at = repr(cursor[0])
-                calls.append(("zrange", (key, f"({at}", "-inf"), {**page, "num": count}))
-                calls.append(("zrange", (key, at, at), {**page, "num": _TIES}))
-        replies = await self._pipeline("list_runs", calls)
-        merged: list[tuple[float, bytes, int]] = []
-        more = False
-        step = 1 if cursor is None else 2
-        for i in range(len(sources)):
-            below = replies[i * step]
-            more = more or len(below) >= count
-            merged += [(float(s), m, i) for m, s in below]
-            if cursor is not None:
-                merged += [(float(s), m, i) for m, s in replies[i * step + 1] if m < cursor[1]]
-        merged.sort(key=lambda e: (e[0], e[1]), reverse=True)
-        return merged[:count], not more and len(merged) <= count
-
     async def recoverable(self, workflow: str, limit: int) -> list[str]:
-        """Ids of ``workflow``'s running runs whose lease ran out by the server's clock."""
-        key = self.keys.status(RunStatus.RUNNING, workflow)
+        """Ids of ``workflow``'s running runs whose lease ran out by the server's clock.
+
+        Reads the running index (every shard, in step) until ``limit`` are found.
+        """
+        keys = [self.keys.status(RunStatus.RUNNING, workflow, None, s).encode() for s in self.keys.shards]
+        batch = max(32, _BATCH // len(keys))
+        starts = dict.fromkeys(range(len(keys)), 0)  # shard -> where its next read starts
         out: list[str] = []
         drops: list[Command] = []
-        start = 0
         now: float | None = None
-        while len(out) < limit:
-            calls: list[tuple[str, Sequence[Any], dict[str, Any]]] = [
-                ("zrange", (key, start, start + _BATCH - 1), {})
+        while len(out) < limit and starts:
+            commands: list[Command] = [
+                [b"ZRANGE", keys[i], b"%d" % at, b"%d" % (at + batch - 1)] for i, at in starts.items()
             ]
             if now is None:
-                calls.append(("time", (), {}))
-            replies = await self._pipeline("recoverable", calls)
-            members: list[bytes] = replies[0]
+                commands.append([b"TIME"])
+            replies = await self._call("recoverable", commands)
             if now is None:
-                sec, usec = replies[1]
-                now = sec + usec / 1e6
+                sec, usec = replies.pop()
+                now = int(sec) + int(usec) / 1e6
+            members: list[tuple[int, bytes]] = []
+            for i, got in zip(list(starts), replies, strict=True):
+                members += [(i, m) for m in got]
+                starts[i] += len(got)
+                if len(got) < batch:
+                    del starts[i]
             if not members:
                 break
             found = await self._read(
-                [entry_run(m)[0] for m in members], ("status", "workflow", "lease_expires")
+                [entry_run(m)[0] for _, m in members], ("status", "workflow", "lease_expires")
             )
-            for member, rec in zip(members, found, strict=True):
+            for (i, member), rec in zip(members, found, strict=True):
                 run_id, version = entry_run(member)
                 if rec is None or (isinstance(rec, _Found) and rec.version != version):
-                    drops.append([b"ZREM", key.encode(), member])
+                    drops.append([b"ZREM", keys[i], member])
                     continue
                 if isinstance(rec, Exception) or rec.broken:
                     continue
@@ -417,22 +386,30 @@ class Index:
                     out.append(run_id)
                     if len(out) == limit:
                         break
-            start += len(members)
         await self._drop(drops)
         return out
 
     async def due_gates(self, workflow: str, now: float) -> list[str]:
         """Ids of ``workflow``'s runs waiting at a gate whose deadline is at or before ``now``."""
-        key = self.keys.gates(workflow)
-        [entries] = await self._pipeline(
-            "due_gates", [("zrange", (key, "-inf", now), {"byscore": True, "withscores": True})]
+        keys = [self.keys.gates(workflow, s).encode() for s in self.keys.shards]
+        until = score(now)
+        replies = await self._call(
+            "due_gates", [[b"ZRANGE", key, b"-inf", until, b"BYSCORE", b"WITHSCORES"] for key in keys]
+        )
+        entries = sorted(
+            (
+                (filed, member, key)
+                for key, got in zip(keys, replies, strict=True)
+                for member, filed in score_pairs(got)
+            ),
+            key=lambda e: e[0],
         )
         due: list[str] = []
         drops: list[Command] = []
         for start in range(0, len(entries), _BATCH):
-            chunk: list[tuple[bytes, float]] = entries[start : start + _BATCH]
-            found = await self._read([m.decode() for m, _ in chunk], ("status", "workflow", "pending"))
-            for (member, filed), rec in zip(chunk, found, strict=True):
+            chunk = entries[start : start + _BATCH]
+            found = await self._read([m.decode() for _, m, _ in chunk], ("status", "workflow", "pending"))
+            for (filed, member, key), rec in zip(chunk, found, strict=True):
                 run_id = member.decode()
                 if isinstance(rec, Exception) or (rec is not None and rec.broken):
                     continue
@@ -443,7 +420,7 @@ class Index:
                 if deadline is not None and deadline <= now:
                     due.append(run_id)
                 elif deadline is not None:  # filed again with a later deadline: correct the entry
-                    drops.append([b"ZADD", key.encode(), b"XX", score(deadline), member])
+                    drops.append([b"ZADD", key, b"XX", score(deadline), member])
                 else:  # no longer waiting (or gone)
                     drops.append(self.unfile_gate(run_id, workflow, filed))
         await self._drop(drops)

@@ -2,9 +2,11 @@
 
 One attempt is WATCH / HMGET / TIME on a connection of its own, ``change(record, now)``
 with the server's clock, then the change's index entries and MULTI ... EXEC: two round
-trips. A conflict (another writer between the read and EXEC) runs the change again on
-the fresh record. The write leaves a nonce in ``_write``, so a retry after a lost EXEC
-reply recognises its own write instead of applying the change twice.
+trips (on a cluster, the entries go to their own nodes in between, confirmed before the
+write: three). A conflict (another writer between the read and EXEC) runs the change
+again on the fresh record. The write leaves a nonce in
+``_write``, so a retry after a lost EXEC reply recognises its own write instead of
+applying the change twice.
 
 Also here, the record's form in its hash (one JSON string per field) both ways.
 """
@@ -119,7 +121,7 @@ class Updates:
         """
         wire = self.wire
         rec_key = keys.rec.encode()
-        async with wire.connection() as conn:
+        async with wire.connection(rec_key) as conn:
             watch = [[b"WATCH", rec_key], [b"HMGET", rec_key, *(f.encode() for f in _READ)], [b"TIME"]]
             _, values, (sec, usec) = wire.checked(await wire.exchange(conn, watch))
             raw = {name: value for name, value in zip(_READ, values, strict=True) if value is not None}
@@ -137,12 +139,12 @@ class Updates:
                 if result is None:
                     await wire.exchange(conn, [[b"UNWATCH"]])
                     return True, old, []
-                commands, rec, undo, stale = self._commands(run_id, keys, old, raw, result, now, nonce)
+                index, commands, rec, undo, stale = self._commands(run_id, keys, old, raw, result, now, nonce)
             except BaseException:
                 await wire.exchange(conn, [[b"UNWATCH"]])
                 raise
             sent.update(record=rec, stale=stale)
-            replies = wire.checked(await wire.exchange(conn, commands))
+            replies = await wire.transact(conn, index, commands)
             if replies[-1] is None:  # EXEC refused: the record changed since WATCH
                 sent.clear()
                 return False, None, undo
@@ -157,8 +159,9 @@ class Updates:
         result: Change,
         now: float,
         nonce: bytes,
-    ) -> tuple[list[Command], RunRecord, list[Command], list[Command]]:
-        """The commands writing ``result``; with the clean-ups for failure and for success."""
+    ) -> tuple[list[Command], list[Command], RunRecord, list[Command], list[Command]]:
+        """The index entries and the transaction writing ``result``; the record written; the
+        clean-ups for failure and for success."""
         rec = dataclasses.replace(
             result.record,
             updated_at=now,
@@ -176,7 +179,7 @@ class Updates:
         if old_approvals or new_approvals:
             filed, unfiled, decided = self.approvals.moved(run_id, rec.workflow, old_approvals, new_approvals)
             index, undo, stale = [*index, *filed], [*undo, *unfiled], [*stale, *decided]
-        commands: list[Command] = [*index, [b"MULTI"]]
+        commands: list[Command] = [[b"MULTI"]]
         rec_key = keys.rec.encode()
         commands.append(
             [b"HSET", rec_key, *itertools.chain.from_iterable((k.encode(), v) for k, v in mapping.items())]
@@ -188,4 +191,4 @@ class Updates:
         elif rec.status != old.status:
             commands += [[b"PERSIST", k.encode()] for k in keys]
         commands.append([b"EXEC"])
-        return commands, rec, undo, stale
+        return index, commands, rec, undo, stale

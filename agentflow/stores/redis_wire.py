@@ -3,7 +3,7 @@
 * Round trips go on the lane (:mod:`agentflow.stores.redis_lane`): one connection of
   the pool that every caller shares, pipelined, with the RESP packed here from bytes
   (no redis-py command layer) and parsed as it arrives. WATCH ... EXEC, which needs a
-  connection of its own, and redis-py's pipelines take one from the rest of the pool.
+  connection of its own, takes one from the rest of the pool.
 * The pool is a blocking one (``max_connections``): past that many connections in use,
   the next caller waits for a free one rather than failing. Waiting is not an outage;
   only a wait longer than ``retry_for`` gives up.
@@ -13,6 +13,13 @@
   reconnects and a script is loaded again on its first NOSCRIPT reply.
 * Index clean-ups that need no answer (dropping an index entry a write just made
   stale) are queued with :meth:`Wire.defer` and ride along with the next round trip.
+* Index entries a write files go in front of it, in the same round trip: Redis runs
+  them first. Should one be refused (a damaged index key), the script has run all the
+  same; :class:`IndexRefused` says so, and a create undoes itself, so no record is
+  left that no index lists.
+
+On Redis Cluster the same round trips are routed to the nodes that hold their keys by
+:class:`agentflow.stores.redis_cluster.ClusterWire`, a subclass.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, Connection
@@ -36,10 +43,32 @@ from . import lua
 from .lua import Script
 from .redis_lane import Lane
 
-__all__ = ["Command", "Wire", "make_client", "pack", "pack_args", "pairs"]
+__all__ = ["Command", "IndexRefused", "Packed", "Wire", "make_client", "pack", "pack_args", "pairs"]
 
 T = TypeVar("T")
 Command = Sequence[bytes]
+
+
+class IndexRefused(Exception):
+    """Redis refused an index write sent in front of a script, and ran the script.
+
+    Attributes:
+        error: the refusal.
+        reply: the script's reply.
+    """
+
+    def __init__(self, error: Exception, reply: Any) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.reply = reply
+
+
+class Packed(NamedTuple):
+    """A command packed in RESP already, with the key it touches (its route on a cluster)."""
+
+    data: bytes
+    key: bytes
+
 
 _MAX_DEFERRED = 10_000  # queued clean-ups kept; past that, readers drop the stale entries
 _NO_CONNECTION = "No connection available"  # redis-py's BlockingConnectionPool timeout
@@ -84,8 +113,8 @@ def pack_args(args: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _packed(commands: Sequence[Command | bytes]) -> bytes:
-    return b"".join([c if isinstance(c, bytes) else pack(c) for c in commands])
+def _packed(commands: Sequence[Command | Packed]) -> bytes:
+    return b"".join([c.data if isinstance(c, Packed) else pack(c) for c in commands])
 
 
 async def _send(conn: Connection, data: bytes) -> None:
@@ -156,7 +185,7 @@ class Wire:
         self.where = _where(client)
         size = max(1, pool.max_connections)
         # Most round trips share one connection, pipelined (see redis_lane); the others
-        # (WATCH ... EXEC, redis-py's pipelines) take theirs from the rest of the pool.
+        # (WATCH ... EXEC) take theirs from the rest of the pool.
         # A pool of one connection is left to them.
         self._lane = Lane(pool) if size >= 2 else None
         # A pool that raises when full would turn a busy moment into errors: hold back
@@ -167,10 +196,6 @@ class Wire:
             else asyncio.Semaphore(size - 1 if self._lane is not None else size)
         )
         self._deferred: list[Command] = []
-
-    def slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """Hold this around a use of one of the pool's connections (redis-py's pipelines)."""
-        return self._slots
 
     # -- retries ----------------------------------------------------------------------
 
@@ -192,16 +217,30 @@ class Wire:
             try:
                 return await attempt()
             except (ConnectionError, TimeoutError) as exc:
+                self.lost()
                 left = give_up - time.monotonic()
                 if left <= 0:
                     raise self._unreachable(what, run_id, exc) from exc
                 await asyncio.sleep(min(delay * (0.5 + random.random()), left))
                 delay = min(delay * 2, 0.5)
             except ResponseError as exc:
+                left = give_up - time.monotonic()
+                if left > 0 and await self.redirected(exc):  # a cluster moving slots: try again
+                    await asyncio.sleep(min(delay * random.random(), left))
+                    delay = min(delay * 2, 0.5)
+                    continue
                 subject = f"run {run_id}: " if run_id else ""
                 if run_id and key and any(m in str(exc) for m in ("WRONGTYPE", "not an integer")):
                     raise CorruptRecordError(run_id, key, str(exc)) from exc
                 raise StoreError(f"{subject}Redis refused {what}: {exc}") from exc
+
+    def lost(self) -> None:
+        """Hear that a connection failed (a cluster then reads its topology again)."""
+
+    async def redirected(self, exc: ResponseError) -> bool:
+        """Whether ``exc`` only says that the key is served elsewhere for now (Redis Cluster),
+        so the attempt is worth making again; the plain wire never is redirected."""
+        return False
 
     def _unreachable(self, what: str, run_id: str | None, exc: Exception) -> StoreError:
         subject = f"run {run_id}: " if run_id else ""
@@ -231,8 +270,9 @@ class Wire:
         return replies
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection of one's own (for WATCH); closed if anything goes wrong."""
+    async def connection(self, key: bytes = b"") -> AsyncIterator[Connection]:
+        """A pooled connection of one's own (for WATCH), to the node holding ``key`` on a
+        cluster; closed if anything goes wrong."""
         pool = self.client.connection_pool
         async with self._slots:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
@@ -245,7 +285,7 @@ class Wire:
             finally:
                 await pool.release(conn)
 
-    async def exchange(self, conn: Connection, commands: Sequence[Command | bytes]) -> list[Any]:
+    async def exchange(self, conn: Connection, commands: Sequence[Command | Packed]) -> list[Any]:
         """Send ``commands`` (or commands packed already) on ``conn`` together and read their
         replies: one round trip.
 
@@ -260,7 +300,15 @@ class Wire:
                 replies.append(exc)
         return replies
 
-    async def round_trip(self, commands: Sequence[Command | bytes]) -> list[Any]:
+    async def transact(
+        self, conn: Connection, before: Sequence[Command], commands: Sequence[Command]
+    ) -> list[Any]:
+        """Send index writes ``before`` and then ``commands`` (MULTI ... EXEC) on ``conn``, which
+        holds a WATCH; the replies of ``commands``, the first error reply raised. On one
+        server, one round trip."""
+        return self.checked(await self.exchange(conn, [*before, *commands]))[len(before) :]
+
+    async def round_trip(self, commands: Sequence[Command | Packed]) -> list[Any]:
         """``commands`` sent together, with the deferred clean-ups in front: their replies
         (an error reply as the exception, in its place), in one round trip on the lane.
 
@@ -298,18 +346,20 @@ class Wire:
     async def eval(
         self, script: Script, keys: Sequence[bytes], args: Sequence[bytes], before: Sequence[Command] = ()
     ) -> list[Any]:
-        """Run ``script`` by its SHA after the commands ``before`` (idempotent index writes),
-        all in one round trip; the script is loaded on a NOSCRIPT reply.
+        """Run ``script`` by its SHA after the commands ``before`` (idempotent index writes);
+        on one server in one round trip; the script is loaded on a NOSCRIPT reply.
 
         Returns every reply, the script's last.
 
         Raises:
-            ResponseError: one of the commands failed.
+            ResponseError: the script failed (or, on a cluster, one of ``before``: the
+                script was not sent).
+            IndexRefused: one of ``before`` failed, and the script ran.
         """
         command = pack([b"EVALSHA", script.sha_bytes, b"%d" % len(keys), *keys, *args])
-        return await self.evalsha(script, command, before)
+        return await self.evalsha(script, Packed(command, keys[0] if keys else b""), before)
 
-    async def evalsha(self, script: Script, command: bytes, before: Sequence[Command] = ()) -> list[Any]:
+    async def evalsha(self, script: Script, command: Packed, before: Sequence[Command] = ()) -> list[Any]:
         """:meth:`eval` with the EVALSHA command of ``script`` packed already."""
         for _ in range(2):
             replies = await self.round_trip([*before, command])
@@ -320,9 +370,11 @@ class Wire:
                 if isinstance(loaded, Exception):
                     raise loaded
                 continue
-            for reply in replies:
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            for reply in replies[:-1]:
                 if isinstance(reply, Exception):
-                    raise reply
+                    raise IndexRefused(reply, replies[-1])
             return replies
         raise StoreError(f"Redis at {self.where} keeps forgetting agentflow's scripts")
 
