@@ -17,10 +17,11 @@ import psycopg
 import pytest
 from helpers import all_events
 from postgres_server import PostgresServer
+from pydantic import BaseModel
 from redis_fakes import LossyProxy, pause
 from test_faults import BOUND, Gated
 
-from agentflow import RunStatus, StoreError, Workflow, WorkflowRunner
+from agentflow import END, START, Next, RunStatus, StoreError, Workflow, WorkflowRunner
 from agentflow.errors import LeaseLostError
 from agentflow.stores import Change, open_store
 from agentflow.stores.contract import Commit, OutputRecord, RunRecord
@@ -250,3 +251,37 @@ async def test_a_lease_lost_across_a_restart_is_still_refused(
         await store.commit("r1", lease, Commit(fields={"step": "C"}, seq=2))
     rec = await store.get("r1")
     assert rec is not None and (rec.step, rec.lease_owner, rec.commit_seq) == ("B", "w2", 1)
+
+
+class Laps(BaseModel):
+    n: int = 0
+
+
+@pytest.mark.timeout(60)
+async def test_runs_under_load_through_a_server_crash_all_complete_with_no_step_run_twice(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """Twenty runs of forty steps each; the server crashes and comes back while they go."""
+    steps = 40
+    ran: dict[tuple[str, int], int] = {}
+
+    async def lap(ctx):
+        n = ctx.state.n
+        ran[(ctx.run_id, n)] = ran.get((ctx.run_id, n), 0) + 1
+        ctx.set_state(n=n + 1)
+        await asyncio.sleep(0.005)
+        return "Lap" if n + 1 < steps else Next(END, output=n + 1)
+
+    wf = Workflow("Load").state(Laps).flow({START: lambda ctx: "Lap", "Lap": lap}).max_steps(steps + 5)
+    store = PostgresStore(postgres_url, retry_for=1.0)
+    try:
+        async with WorkflowRunner(wf, store=store) as runner:
+            handles = [await runner.run(run_id=f"load-{i}") for i in range(20)]
+            await asyncio.sleep(0.1)
+            assert 0 < len(ran) < 20 * steps  # in the middle of it
+            await asyncio.to_thread(postgres_server.restart, "immediate")
+            results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 40)
+    finally:
+        await store.close()
+    assert [r.output for r in results] == [steps] * 20
+    assert len(ran) == 20 * steps and set(ran.values()) == {1}
