@@ -47,6 +47,7 @@ class AgentHandle:
         "_accessor",
         "_busy",
         "_calls",
+        "_carry",
         "_closed",
         "_history",
         "_pool",
@@ -67,6 +68,8 @@ class AgentHandle:
         self._closed = False
         self._busy = False
         self._history: list[Message] = []
+        # Journal entries that ride in the next reply's write (a loop's idempotent results).
+        self._carry: dict[str, Any] = {}
         self.agent_name = pool.name
         self.agent = pool.agent
         self.last_reply: AgentReply | None = None
@@ -412,7 +415,12 @@ class AgentHandle:
 
     async def _journal_reply(self, key: str, raw: ProviderReply) -> None:
         self._pool.total_calls += 1
-        await self._accessor._journal.record(key, _reply_to_json(raw), raw.usage)
+        journal = self._accessor._journal
+        if self._carry:  # one write: the reply, and the results that came before it
+            entries, self._carry = {**self._carry, key: _reply_to_json(raw)}, {}
+            await journal.record_many(entries, raw.usage)
+        else:
+            await journal.record(key, _reply_to_json(raw), raw.usage)
 
     async def _finish(self, key: str, request: ProviderRequest, raw: ProviderReply) -> AgentReply:
         prompt = request.messages[-1]

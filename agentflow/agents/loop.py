@@ -7,8 +7,9 @@ a recovery after a crash) replays what finished instead of doing it twice:
 * the reply that asks for tool calls is their *intent*: it is journaled before any of
   them runs;
 * the result of a call of a tool that is not ``idempotent`` is journaled the moment it
-  finishes; the other results of a turn are journaled together, and all of them before
-  the next model request.
+  finishes; the other results of a turn ride in the write of the next model reply (a
+  crash before it runs those idempotent tools again, and calls the model again, as it
+  would have anyway): a turn costs one write, plus one per call that is not idempotent.
 
 A re-run finds a finished call's result and does not run the tool. A call whose intent
 was journaled but whose result was not (the process died while it ran) is run again
@@ -299,9 +300,14 @@ async def _run_calls(
     async with asyncio.TaskGroup() as tg:
         for i, use, tool, go in runs:
             tg.create_task(one(i, use, tool, go))
-    if unjournaled:
-        await journal.record_many(unjournaled, Usage())
+    # These results need no write of their own: they ride in the write of the next reply
+    # (a crash before it re-runs only idempotent tools and calls settled by a decision,
+    # which give the same answer again), or of the park.
+    handle._carry.update(unjournaled)
     if asks:
+        carried, handle._carry = handle._carry, {}
+        if carried:
+            await journal.record_many(carried, Usage())
         await journal.wait_for(asks)  # parks the run: the step runs again once decided
     return [r for r in results if r is not None]
 
