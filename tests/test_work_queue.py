@@ -12,7 +12,7 @@ import pytest
 from agentflow.stores import contract
 from agentflow.stores.contract import WorkQueue
 
-QUEUE_KINDS = ("memory", "sqlite")
+QUEUE_KINDS = ("memory", "sqlite", "redis")
 
 
 @pytest.fixture(params=QUEUE_KINDS)
@@ -78,8 +78,9 @@ async def test_depth_counts_what_waits_and_how_long(queue: WorkQueue) -> None:
     assert (await queue.queue_depth("A")).waiting == 1
 
 
-async def test_two_consumers_on_one_sqlite_file_never_get_the_same_entry(make_store) -> None:
-    one, two = make_store("sqlite"), make_store("sqlite")
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_two_consumers_on_one_store_never_get_the_same_entry(make_store, kind) -> None:
+    one, two = make_store(kind, key_prefix="race:"), make_store(kind, key_prefix="race:")
     for i in range(200):
         await one.enqueue("A", f"r{i}")
     got: list[str] = []

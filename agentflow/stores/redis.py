@@ -64,9 +64,11 @@ from .codec import (
 )
 from .contract import (
     ChangeFn,
+    Claim,
     Commit,
     Lease,
     LoadedRun,
+    QueueDepth,
     RunRecord,
     Store,
     indexed_approvals,
@@ -77,6 +79,7 @@ from .redis_approvals import Approvals
 from .redis_cluster import ClusterWire, is_cluster_url, make_cluster_client
 from .redis_index import Index
 from .redis_known import KnownRuns
+from .redis_queue import StreamQueue
 from .redis_update import Updates, hash_of, record_of
 from .redis_wire import Command, IndexRefused, Packed, Wire, make_client, pack_args, pairs
 
@@ -149,6 +152,7 @@ class RedisStore:
         self._updates = Updates(
             self._wire, self._index, self.keys, ttl, self._nonce, self._known.remember, self._approvals
         )
+        self._queue = StreamQueue(client, key_prefix, cluster)
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -485,6 +489,24 @@ class RedisStore:
                 self._wire.defer(self._approvals.unfile_deleted(run_id, workflow, pending))
                 await self._wire.flush()
         return True
+
+    # -- the work queue (WorkQueue; see redis_queue) ---------------------------------
+
+    async def enqueue(self, workflow: str, run_id: str) -> None:
+        """Hand ``run_id`` to the workers of ``workflow`` (an entry of its stream)."""
+        await self._queue.enqueue(workflow, run_id)
+
+    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
+        """Up to ``limit`` entries for ``consumer`` through the streams' consumer group."""
+        return await self._queue.claim(workflows, consumer, limit, wait)
+
+    async def ack(self, claims: Sequence[Claim]) -> None:
+        """Acknowledge and delete the entries."""
+        await self._queue.ack(claims)
+
+    async def queue_depth(self, workflow: str) -> QueueDepth:
+        """Entries of ``workflow`` not delivered yet, and the oldest one's age."""
+        return await self._queue.queue_depth(workflow)
 
     def sibling(self) -> Store | None:
         """A new store on the same URL and options, for another thread's event loop.
