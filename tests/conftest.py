@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from llm_fixtures import llm_env, llm_server  # noqa: F401  (the local LLM API server fixtures)
 from postgres_server import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL server)
+from redis_cluster import redis_cluster, redis_cluster_url  # noqa: F401  (a local 3-master cluster)
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
 
-STORE_KINDS = ("memory", "sqlite", "redis", "postgres")
+STORE_KINDS = ("memory", "sqlite", "redis", "redis_cluster", "postgres")
 
 
 def free_port() -> int:
@@ -142,6 +143,10 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             from agentflow.stores.redis import RedisStore
 
             store = RedisStore(**{"url": request.getfixturevalue("redis_url"), **options})
+        elif kind == "redis_cluster":
+            from agentflow.stores.redis import RedisStore
+
+            store = RedisStore(**{"url": request.getfixturevalue("redis_cluster_url"), **options})
         elif kind == "postgres":
             from agentflow.stores.postgres import PostgresStore
 
