@@ -37,7 +37,7 @@ from .definition.workflow import Workflow
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .runner import WorkflowRunner
 from .steward import Steward
-from .stores.contract import QueueDepth, Store
+from .stores.contract import Claim, QueueDepth, Store, WorkQueue
 from .types import RunStatus
 
 __all__ = ["Worker", "WorkerStatistics"]
@@ -112,6 +112,7 @@ class Worker:
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._claimed = self._recovered = self._dropped = 0
+        self._reserved = 0  # room a loop is claiming into right now
         self._visit_at: dict[str, int] = {}  # run id -> its visit count when taken here
         self._steps = 0  # steps of the runs that left
         self._sampled = (time.monotonic(), 0)  # when statistics() last looked, and the steps then
@@ -216,13 +217,23 @@ class Worker:
         return True
 
     async def _wait_for_room(self) -> int:
+        """Reserve the room there is (at least one run's), waiting for it; 0 once closing.
+
+        What is reserved is not offered to the other loops until :meth:`_unreserve`, so
+        the claiming and the recovering loops never take more than the room together.
+        """
         while not self._closing.is_set():
-            room = self.concurrency - self.runs
+            room = self.concurrency - self.runs - self._reserved
             if room > 0:
+                self._reserved += room
                 return room
             self._room.clear()
             await self._room.wait()
         return 0
+
+    def _unreserve(self, n: int) -> None:
+        self._reserved -= n
+        self._room.set()
 
     async def _claiming(self, runner: WorkflowRunner) -> None:
         """Claim entries of the runner's workflows (and their children's) as room allows."""
@@ -236,25 +247,34 @@ class Worker:
             try:
                 claims = await store.claim(names, sup.owner, room, CLAIM_WAIT)
             except AgentflowError as exc:  # the store is out of reach: try again soon
+                self._unreserve(room)
                 log.warning("worker %s: claiming failed (%s); trying again", sup.owner, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for claim in claims:
-                try:
-                    taken = await self._take(runner, claim.run_id, claim.workflow)
-                except RunNotFoundError:
-                    log.warning("queue entry for run %s, which no longer exists: dropped", claim.run_id)
-                    taken = False
-                except AgentflowError as exc:
-                    log.warning("queue entry for run %s could not be taken (%s): dropped", claim.run_id, exc)
-                    taken = False
-                if not taken:
-                    self._dropped += 1
-            if claims:
-                try:
-                    await store.ack(claims)
-                except AgentflowError as exc:  # redelivered later: the lease makes that harmless
-                    log.warning("worker %s: acknowledging failed (%s)", sup.owner, exc)
+            try:
+                await self._take_all(runner, store, claims)
+            finally:
+                self._unreserve(room)
+
+    async def _take_all(self, runner: WorkflowRunner, store: WorkQueue, claims: list[Claim]) -> None:
+        """Take the runs of claimed entries, then acknowledge the entries."""
+        sup = runner.supervisor
+        for claim in claims:
+            try:
+                taken = await self._take(runner, claim.run_id, claim.workflow)
+            except RunNotFoundError:
+                log.warning("queue entry for run %s, which no longer exists: dropped", claim.run_id)
+                taken = False
+            except AgentflowError as exc:
+                log.warning("queue entry for run %s could not be taken (%s): dropped", claim.run_id, exc)
+                taken = False
+            if not taken:
+                self._dropped += 1
+        if claims:
+            try:
+                await store.ack(claims)
+            except AgentflowError as exc:  # redelivered later: the lease makes that harmless
+                log.warning("worker %s: acknowledging failed (%s)", sup.owner, exc)
 
     async def _recovering(self, runner: WorkflowRunner) -> None:
         """Every half lease, take over runs of these workflows whose owner died."""
@@ -262,19 +282,22 @@ class Worker:
         every = max(0.2, sup.lease_ttl / 2)
         while not self._closing.is_set():
             for name in runner._specs:
-                room = self.concurrency - self.runs
+                room = self.concurrency - self.runs - self._reserved
                 if room <= 0:
                     break
+                self._reserved += room
                 try:
                     ids = await runner.store.recoverable(name, room)
+                    for run_id in ids:
+                        try:
+                            await self._take(runner, run_id, name)
+                        except AgentflowError:
+                            continue  # gone, or someone else's now
                 except AgentflowError as exc:
                     log.warning("worker %s: looking for runs to recover failed (%s)", sup.owner, exc)
                     break
-                for run_id in ids:
-                    try:
-                        await self._take(runner, run_id, name)
-                    except AgentflowError:
-                        continue  # gone, or someone else's now
+                finally:
+                    self._unreserve(room)
             await asyncio.sleep(every)
 
 

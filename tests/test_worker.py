@@ -5,6 +5,7 @@ graceful stops and queue entries for runs that are gone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def _fresh() -> None:
     RAN.clear()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, make_store) -> Store:
     return make_store(request.param)
 
@@ -185,3 +186,38 @@ async def test_a_durable_timer_of_a_client_run_fires_in_the_worker(store: Store)
         await worker.close()
         await task
     assert result.output == "late" and RAN == ["Done"]
+
+
+async def test_the_redis_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store) -> None:
+    from agentflow.stores.contract import ChangeFeed
+
+    client_store, worker_store = (
+        make_store("redis", key_prefix="feed:"),
+        make_store("redis", key_prefix="feed:"),
+    )
+    assert isinstance(client_store, ChangeFeed)
+    seen: list[str] = []
+    feed = asyncio.create_task(client_store.changes(seen.append))
+    wf = Workflow("Gated").flow(
+        {
+            START: lambda ctx: Wait(HumanApproval(["ana"]), "Ship"),
+            "Ship": lambda ctx: Next(END, output=time.time()),
+        }
+    )
+    lags = []
+    async with WorkflowRunner(wf, store=client_store, execute=False) as client:
+        worker = Worker(wf, store=worker_store)
+        task = await _serving(worker)
+        for _ in range(5):
+            handle = await client.run()
+            await handle.wait_for(RunStatus.WAITING, timeout=10)
+            await client.approve(handle.run_id, by="ana")
+            result = await handle.result(timeout=10)
+            lags.append(time.time() - float(result.output))
+        await worker.close()
+        await task
+    feed.cancel()
+    await asyncio.gather(feed, return_exceptions=True)
+    assert handle.run_id in seen  # the worker's writes reached the other store object
+    # pushed: every result woke long before the one-second backstop poll would have
+    assert max(lags) < 0.4, lags

@@ -104,6 +104,7 @@ class Supervisor:
             #: Called with each run that leaves this process (a worker counts its room).
             self.on_leave: list[Callable[[LiveRun], None]] = []
             self._feed: asyncio.Task[None] | None = None
+            self._claiming: set[str] = set()  # runs a claim of this process is taking now
         else:
             self.execute = root.execute
             self.on_leave = root.on_leave
@@ -271,6 +272,9 @@ class Supervisor:
         if not self.execute:
             await self.hand_over(run_id, lease)
             return None
+        here = self.local.get(run_id)
+        if here is not None and not here.finished:
+            return here  # never two live copies of one run in a process
         loaded = await self.store.load(run_id)
         if loaded is None:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
@@ -315,8 +319,16 @@ class Supervisor:
         Raises:
             RunNotFoundError: the run no longer exists.
         """
-        if run_id in self.local:
-            return None
+        claiming = self.root._claiming
+        if run_id in self.local or run_id in claiming:
+            return None  # here already, or being taken here (the same owner: one attempt at a time)
+        claiming.add(run_id)
+        try:
+            return await self._claim(run_id, workflow)
+        finally:
+            claiming.discard(run_id)
+
+    async def _claim(self, run_id: str, workflow: str) -> str | None:
         sup = self.of(workflow) if workflow in self.specs else self
         taken: list[int] = []
         recovered_from: list[str] = []

@@ -15,6 +15,7 @@ cluster one (one of :data:`SHARDS` tags, below)::
     Iwf:<wf>:gates          ZSET   the workflow's runs waiting at a gate with a deadline,
                                    scored by that deadline
     P#buckets               ZSET   the time buckets of finished runs' index keys (below)
+    P#changes               (pub/sub channel) each write of a run publishes its ``rec`` key
     Iap:all                 ZSET   pending approvals, member ``<id> NUL <run id>``, scored
                                    by their created_at
     Iap:wf:<wf>             ZSET   the same, of one workflow's runs
@@ -209,6 +210,10 @@ class Keys:
         """Where approvals sort: pending ones, or (``day``, days since 1970 UTC) those decided then."""
         base = self._shards[shard]
         return f"{base}ap:at" if day is None else f"{base}ap:gone:{day}"
+
+    def changes(self) -> str:
+        """The pub/sub channel every write of a run publishes that run's record key on."""
+        return f"{self._base}changes"
 
     def buckets(self) -> str:
         """The registry of time buckets in use, scored by when their keys expire."""

@@ -46,6 +46,11 @@ local function now()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.sub('00000' .. t[2], -6)
 end
+-- Tell watchers in other processes (the ``P#changes`` channel): the run of record key ``rec``
+-- was written. The prefix is what comes before the key's last "#run:".
+local function publish(rec)
+  redis.call('PUBLISH', string.match(rec, '^(.*)#run:') .. '#changes', rec)
+end
 local FINAL = {FINAL_JSON}
 """.replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
 
@@ -65,6 +70,7 @@ redis.call('HSET', KEYS[1], '_created', ARGV[1])
 push_range(KEYS[2], 4 + 2 * n, #ARGV)
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end end
+publish(KEYS[1])
 return 1
 """
 )
@@ -124,6 +130,7 @@ if ARGV[4] == '1' then
   h[n + 1], h[n + 2], h[n + 3], h[n + 4] = 'lease_owner', 'null', 'lease_expires', '0.0'
 end
 redis.call('HSET', rec, unpack(h))
+publish(rec)
 local i = 13 + 2 * nf
 push_range(KEYS[2], i, i + ne - 1)
 i = i + ne

@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
@@ -51,7 +51,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
-from . import lua
+from . import lua, redis_feed
 from .codec import (
     check_commit_fields,
     deadline_of,
@@ -489,6 +489,12 @@ class RedisStore:
                 self._wire.defer(self._approvals.unfile_deleted(run_id, workflow, pending))
                 await self._wire.flush()
         return True
+
+    # -- the change feed (ChangeFeed; see redis_feed) ---------------------------------
+
+    async def changes(self, changed: Callable[[str], None]) -> None:
+        """Call ``changed(run_id)`` for every write of a run by any process (pub/sub)."""
+        await redis_feed.follow(self.client, self.keys.changes(), changed)
 
     # -- the work queue (WorkQueue; see redis_queue) ---------------------------------
 

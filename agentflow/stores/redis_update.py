@@ -190,5 +190,6 @@ class Updates:
             commands += [[b"PEXPIRE", k.encode(), b"%d" % self.ttl_ms] for k in keys]
         elif rec.status != old.status:
             commands += [[b"PERSIST", k.encode()] for k in keys]
+        commands.append([b"PUBLISH", self.keys.changes().encode(), rec_key])  # wake watchers elsewhere
         commands.append([b"EXEC"])
         return index, commands, rec, undo, stale
