@@ -60,7 +60,9 @@ __all__ = [
     "ChangeFeed",
     "Claim",
     "QueueDepth",
+    "Quota",
     "REDELIVER_AFTER",
+    "RateLimits",
     "WorkQueue",
     "approval_id",
     "indexed_approvals",
@@ -497,4 +499,57 @@ class ChangeFeed(Protocol):
             StoreError: the feed was cut (the caller starts it again; changes made while
                 it was down are not replayed, so the caller looks at the store then).
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One rate limit in numbers, as a store enforces it (an agent's ``RateLimit``).
+
+    Attributes:
+        requests: calls allowed in any ``window`` seconds, or None.
+        tokens: tokens allowed in any ``window`` seconds, or None.
+        concurrent: calls in flight at most, or None.
+        window: the sliding window, seconds.
+        hold: seconds a concurrency slot stays taken unless renewed (a dead holder's).
+    """
+
+    requests: int | None
+    tokens: int | None
+    concurrent: int | None
+    window: float
+    hold: float
+
+
+@runtime_checkable
+class RateLimits(Protocol):
+    """A store that keeps rate limits shared by every process using it (§16, optional).
+
+    A limit is named by ``key``; a call by ``ticket`` (unique per call). The store's
+    clock judges the window, so processes whose clocks disagree share one limit. All
+    three methods are idempotent by ticket: sent again after a lost reply, they apply
+    once.
+    """
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """Take a turn for ``ticket`` if every limit of ``quota`` allows it now.
+
+        Granted, the call is counted (with ``tokens`` reserved), holds a concurrency
+        slot when ``quota.concurrent`` is set, and ``(0.0, None)`` comes back. Otherwise
+        nothing is taken, and the answer is the seconds to wait before asking again with
+        the limit that asks for the longest wait (``"requests_per_minute"``,
+        ``"tokens_per_minute"``, ``"concurrent"``). A call larger than ``quota.tokens``
+        is granted in a window with no other call in it.
+        """
+        ...
+
+    async def renew_limit(self, key: str, ticket: str, quota: Quota) -> None:
+        """Keep ``ticket``'s concurrency slot for another ``quota.hold`` seconds."""
+        ...
+
+    async def release_limit(self, key: str, ticket: str, quota: Quota, tokens: int | None) -> None:
+        """Give back ``ticket``'s slot; count ``tokens`` for its call instead of its reservation
+        (None: keep the reservation)."""
         ...

@@ -43,6 +43,7 @@ import psycopg
 from ..errors import LeaseLostError, StoreError
 from ..types import RunEvent, RunStatus
 from . import postgres_index as pgindex
+from . import postgres_limits as pglimits
 from . import postgres_rows as pgrows
 from .codec import (
     check_commit_fields,
@@ -455,3 +456,31 @@ class PostgresStore:
     async def close(self) -> None:
         """Close the pool; the store is unusable afterwards."""
         await self._db.close()
+
+    # -- rate limits (RateLimits; see postgres_limits) -------------------------------
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: pglimits.Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """A turn of rate limit ``key`` for ``ticket``: one transaction, on the database's clock."""
+
+        async def job(conn: Conn) -> tuple[float, str | None]:
+            return await pglimits.acquire(conn, self.key_prefix, key, ticket, quota, tokens)
+
+        return await self._db.run(f"a turn of rate limit {key!r}", None, job)
+
+    async def renew_limit(self, key: str, ticket: str, quota: pglimits.Quota) -> None:
+        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
+
+        async def job(conn: Conn) -> None:
+            await pglimits.renew(conn, self.key_prefix, key, ticket, quota)
+
+        await self._db.run(f"renewing a slot of rate limit {key!r}", None, job)
+
+    async def release_limit(self, key: str, ticket: str, quota: pglimits.Quota, tokens: int | None) -> None:
+        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
+
+        async def job(conn: Conn) -> None:
+            await pglimits.release(conn, self.key_prefix, key, ticket, tokens)
+
+        await self._db.run(f"releasing a turn of rate limit {key!r}", None, job)
