@@ -1,7 +1,7 @@
 """agentflow: durable LLM workflows with typed state, human approval gates and pooled agents."""
 
 from ._engine.context import StepContext
-from .agents import Agent, AgentReply, MCPServer, TokenBudget
+from .agents import Agent, AgentReply, MCPServer, RateLimit, TokenBudget
 from .agents.loop import AgentRun, ToolCall
 from .agents.spi import ToolContext
 from .definition import (
@@ -73,6 +73,7 @@ __all__ = [
     "Parallel",
     "PoolTimeoutError",
     "ProviderError",
+    "RateLimit",
     "RetryPolicy",
     "Run",
     "RunEvent",

@@ -47,6 +47,7 @@ SPEC_NAMES = [
     "MCPServer",
     "Worker",
     "WorkerStatistics",
+    "RateLimit",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -97,6 +98,7 @@ EXPECTED = [
     "Parallel",
     "PoolTimeoutError",
     "ProviderError",
+    "RateLimit",
     "RetryPolicy",
     "Run",
     "RunEvent",

@@ -4,12 +4,14 @@ Depends only on :mod:`agentflow.types` and :mod:`agentflow.errors`; the core imp
 no LLM SDK (providers are separate distributions found through entry points).
 """
 
-from .config import Agent, AgentReply, AgentsConfig, TokenBudget
+from .config import Agent, AgentReply, AgentsConfig, RateLimit, TokenBudget
 from .mcp import MCPServer
 from .pool import AgentAccessor, AgentHandle, AgentPools, PoolStatistics, load_provider
 from .spi import (
     AgentJournal,
+    Limiter,
     Message,
+    Permit,
     Provider,
     ProviderReply,
     ProviderRequest,
@@ -27,12 +29,15 @@ __all__ = [
     "AgentPools",
     "AgentReply",
     "AgentsConfig",
+    "Limiter",
     "MCPServer",
     "Message",
+    "Permit",
     "PoolStatistics",
     "Provider",
     "ProviderReply",
     "ProviderRequest",
+    "RateLimit",
     "TokenBudget",
     "ToolSpec",
     "ToolUse",

@@ -1,4 +1,4 @@
-"""Agent declarations: ``Agent``, ``AgentReply``, ``TokenBudget`` and what ``.agents()`` records."""
+"""Agent declarations: ``Agent``, ``AgentReply``, ``TokenBudget``, ``RateLimit`` and the agents config."""
 
 from __future__ import annotations
 
@@ -13,7 +13,90 @@ from ..types import Usage
 from .mcp import MCPServer
 from .spi import Provider, ToolLike
 
-__all__ = ["Agent", "AgentReply", "AgentsConfig", "TokenBudget"]
+__all__ = ["Agent", "AgentReply", "AgentsConfig", "RateLimit", "TokenBudget"]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A provider limit an agent's calls keep to, across every process sharing the store.
+
+    A call waits for its turn (never refused): before a request is sent, the limiter
+    checks every limit set here at once, and the call goes when all allow it. The wait
+    shows in ``runner.agent_statistics()`` and as an ``agent_throttled`` event on the run.
+
+    Enforced by the store: on Redis (one script per turn, the Redis server's clock) and
+    on Postgres (a row per limit locked ``FOR UPDATE``, the database's clock) across the
+    fleet; on the memory and SQLite stores within the process (every runner of it).
+
+    Args:
+        requests_per_minute: requests sent at most in any ``window`` seconds, as a rate
+            per minute (a sliding window: ``requests_per_minute * window / 60`` requests).
+        tokens_per_minute: tokens (input plus output) at most in any ``window`` seconds,
+            as a rate per minute. A call reserves its estimate before it is sent (its
+            ``max_tokens``, plus its prompt's characters / 4) and its real usage replaces
+            the estimate once the reply is in; so calls in flight count, and the window
+            can pass the limit only by what calls used beyond their estimate. A call
+            bigger than the whole allowance still goes, alone, in an empty window.
+        concurrent: calls in flight at most (a slot is held for a call's duration, and
+            given back by a process that died holding it within 30 seconds).
+        window: the sliding window in seconds (default a minute). A shorter one spreads
+            a minute's allowance evenly; ``RateLimit(requests_per_minute=300, window=1)``
+            is 5 requests in any second.
+        key: the limit's name in the store. By default every agent has its own limit,
+            named ``<provider>:<model>:<agent>``; agents (and workflows) that give the same
+            ``key`` share one (give them the same numbers).
+
+    Raises:
+        WorkflowDefinitionError: no limit set, a limit that is not positive, or a window
+            that leaves less than one request (or token) in it.
+    """
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    concurrent: int | None = None
+    window: float = 60.0
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        named = {
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "concurrent": self.concurrent,
+        }
+        if all(v is None for v in named.values()):
+            raise WorkflowDefinitionError(
+                "RateLimit needs requests_per_minute, tokens_per_minute or concurrent (or several)"
+            )
+        for name, value in named.items():
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise WorkflowDefinitionError(f"RateLimit {name} must be a positive number, got {value!r}")
+        if self.concurrent is not None and self.concurrent != int(self.concurrent):
+            raise WorkflowDefinitionError(
+                f"RateLimit concurrent must be a whole number, got {self.concurrent}"
+            )
+        if not self.window > 0:
+            raise WorkflowDefinitionError(f"RateLimit window must be positive seconds, got {self.window!r}")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = named[name]
+            if value is not None and value * self.window / 60 < 1:
+                raise WorkflowDefinitionError(
+                    f"RateLimit {name}={value:g} leaves less than one in a window of {self.window:g} s; "
+                    "widen the window"
+                )
+        if self.key is not None and not self.key:
+            raise WorkflowDefinitionError("RateLimit key must not be empty (leave it None for the default)")
+
+    @property
+    def requests(self) -> int | None:
+        """Requests allowed in one window."""
+        rpm = self.requests_per_minute
+        return None if rpm is None else int(rpm * self.window / 60 + 1e-9)
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens allowed in one window."""
+        tpm = self.tokens_per_minute
+        return None if tpm is None else int(tpm * self.window / 60 + 1e-9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +116,11 @@ class Agent:
             :class:`MCPServer` entries for all the tools of a Model Context Protocol
             server (listed when a loop first needs them; a name two of them share is
             an error then).
+        limit: a :class:`RateLimit` its calls keep to, across the fleet sharing the store.
 
     Raises:
         WorkflowDefinitionError: a tool that is not one, two tools of one name, or one
-            MCP server listed twice.
+            MCP server listed twice; a ``limit`` that is not a :class:`RateLimit`.
     """
 
     provider: str | Provider
@@ -47,8 +131,14 @@ class Agent:
     max_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     tools: tuple[ToolLike | MCPServer, ...] = ()
+    limit: RateLimit | None = None
 
     def __post_init__(self) -> None:
+        if self.limit is not None and not isinstance(self.limit, RateLimit):
+            raise WorkflowDefinitionError(
+                f"agent on model {self.model!r}: limit= takes a RateLimit(...), "
+                f"got {type(self.limit).__name__}"
+            )
         seen: set[str] = set()
         servers: set[int] = set()
         for t in self.tools:

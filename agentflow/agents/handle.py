@@ -20,7 +20,7 @@ from ..errors import (
 from ..types import Usage
 from .config import AgentReply
 from .loop import AgentRun, run_loop, tool_specs
-from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolLike, ToolSpec, ToolUse
+from .spi import Message, Permit, Provider, ProviderReply, ProviderRequest, ToolLike, ToolSpec, ToolUse
 
 if TYPE_CHECKING:
     from .pool import AgentAccessor, _Pool
@@ -210,18 +210,26 @@ class AgentHandle:
         """The provider's stream of ``request``: text deltas, then the whole reply.
 
         The provider's stream is closed however the caller stops. One that ends without
-        its reply raises :class:`ProviderError`.
+        its reply raises :class:`ProviderError`. Under a rate limit it starts once its
+        turn came, and gives the turn back when it ends.
         """
+        permit = await self._turn(request)
         stream = self._provider.stream(request)
         ended = False
+        used: int | None = None
         try:
             async for item in stream:
-                ended = ended or isinstance(item, ProviderReply)
+                if isinstance(item, ProviderReply):
+                    ended, used = True, item.usage.total_tokens
                 yield item
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                if permit is not None:
+                    await permit.release(used)
         if not ended:
             raise ProviderError(
                 f"agent {self.agent_name!r}: provider {self._provider.name!r} ended its stream "
@@ -409,9 +417,45 @@ class AgentHandle:
         if raw is not None:
             return raw
         self._check_budget(request)
-        raw = await self._provider.complete(request)
+        permit = await self._turn(request)
+        if permit is None:
+            raw = await self._provider.complete(request)
+        else:
+            try:
+                raw = await self._provider.complete(request)
+            except BaseException:
+                await permit.release(None)  # it may have been billed: its reservation stays
+                raise
+            await permit.release(raw.usage.total_tokens)
         await self._journal_reply(key, raw)
         return raw
+
+    async def _turn(self, request: ProviderRequest) -> Permit | None:
+        """Wait for this request's turn under the agent's ``RateLimit`` (None: no limit).
+
+        A wait is counted in the pool's statistics and recorded on the run as an
+        ``agent_throttled`` event: ``{"agent", "seconds", "limit", "key"}``, ``limit``
+        being the one waited for longest.
+        """
+        limit = self.agent.limit
+        limiter = self._accessor._pools.limiter
+        if limit is None or limiter is None:
+            return None
+        pool = self._pool
+        tokens = _estimate(request) if limit.tokens_per_minute is not None else 0
+        permit = await limiter.acquire(pool.limit_key, limit, tokens)
+        if permit.waited > 0:
+            pool.waited += 1
+            pool.wait_seconds += permit.waited
+            pool.last_wait = permit.waited
+            data = {
+                "agent": self.agent_name,
+                "seconds": round(permit.waited, 3),
+                "limit": permit.reason,
+                "key": pool.limit_key,
+            }
+            self._accessor._journal.emit("agent_throttled", data)
+        return permit
 
     async def _journal_reply(self, key: str, raw: ProviderReply) -> None:
         self._pool.total_calls += 1
@@ -461,6 +505,19 @@ class AgentHandle:
 
 def _drop(text: str) -> None:
     """A live delta nobody can receive."""
+
+
+def _estimate(request: ProviderRequest) -> int:
+    """Tokens a request may use, reserved under a ``tokens_per_minute`` limit until its reply
+    says: its ``max_tokens``, plus a token per four characters of what it sends."""
+    chars = len(request.instructions or "")
+    for m in request.messages:
+        chars += len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    for t in request.tools:
+        chars += len(t.name) + len(t.description) + len(json.dumps(t.parameters))
+    if request.output_schema is not None:
+        chars += len(json.dumps(request.output_schema))
+    return chars // 4 + (request.max_tokens or 0)
 
 
 def _validate(model: type[BaseModel], raw: ProviderReply) -> BaseModel:

@@ -11,6 +11,10 @@ One :class:`AgentPools` lives per runner; the engine asks it for one
 goes through the step's :class:`~agentflow.agents.AgentJournal`: a call that finished
 before a crash is answered from the journal, and a fresh reply is journaled before it
 is returned, so no call is sent (or billed) twice.
+
+An agent with ``limit=RateLimit(...)`` asks the pools' :class:`~agentflow.agents.spi.Limiter`
+(given by the runtime) for a turn before each model request; the waits are counted
+in :class:`PoolStatistics`. Pools made without a limiter enforce no limit.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..errors import (
 from .config import Agent, AgentsConfig
 from .handle import AgentHandle
 from .mcp import MCPConnection, MCPServer
-from .spi import AgentJournal, Provider, ToolLike
+from .spi import AgentJournal, Limiter, Provider, ToolLike
 
 __all__ = [
     "PROVIDER_GROUP",
@@ -41,6 +45,7 @@ __all__ = [
     "AgentHandle",
     "AgentPools",
     "PoolStatistics",
+    "limit_key",
     "load_provider",
 ]
 
@@ -82,6 +87,15 @@ def load_provider(name: str) -> Provider:
     )
 
 
+def limit_key(name: str, agent: Agent) -> str:
+    """The name of agent ``name``'s rate limit in the store: its ``RateLimit.key``, else
+    ``<provider>:<model>:<agent>`` (so each agent has its own)."""
+    if agent.limit is not None and agent.limit.key is not None:
+        return agent.limit.key
+    provider = agent.provider if isinstance(agent.provider, str) else agent.provider.name
+    return f"{provider}:{agent.model}:{name}"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStatistics:
     """A snapshot of one agent's pool.
@@ -91,18 +105,37 @@ class PoolStatistics:
         waiting: acquirers queued for a handle.
         max_handles: the pool's size.
         total_calls: calls actually sent to the provider (journal replays excluded).
+        waited: calls that waited for a turn of the agent's ``RateLimit``.
+        wait_seconds: the seconds they waited, in all.
+        last_wait: the seconds the latest of them waited (0.0 before any).
     """
 
     open: int
     waiting: int
     max_handles: int
     total_calls: int
+    waited: int = 0
+    wait_seconds: float = 0.0
+    last_wait: float = 0.0
 
 
 class _Pool:
     """One agent's capacity limiter, its provider, and its call counter."""
 
-    __slots__ = ("agent", "max_handles", "name", "open", "provider", "timeout", "total_calls", "waiters")
+    __slots__ = (
+        "agent",
+        "last_wait",
+        "limit_key",
+        "max_handles",
+        "name",
+        "open",
+        "provider",
+        "timeout",
+        "total_calls",
+        "wait_seconds",
+        "waited",
+        "waiters",
+    )
 
     def __init__(self, name: str, agent: Agent, max_handles: int, timeout: float | None) -> None:
         self.name = name
@@ -113,6 +146,10 @@ class _Pool:
         self.total_calls = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.provider: Provider | None = None if isinstance(agent.provider, str) else agent.provider
+        self.waited = 0
+        self.wait_seconds = 0.0
+        self.last_wait = 0.0
+        self.limit_key = limit_key(name, agent)
 
     async def wait(self) -> None:
         """Queue until a releaser hands this waiter a token (the contended path)."""
@@ -167,15 +204,18 @@ class AgentPools:
 
     Args:
         config: what ``Workflow.agents(...)`` recorded.
+        limiter: what gives the calls of agents with a ``RateLimit`` their turns (the
+            runtime's, over the store); None enforces no limit.
 
     Raises:
         WorkflowDefinitionError: ``max_handles`` is below 1.
     """
 
-    def __init__(self, config: AgentsConfig) -> None:
+    def __init__(self, config: AgentsConfig, limiter: Limiter | None = None) -> None:
         if config.max_handles < 1:
             raise WorkflowDefinitionError(f"agents: max_handles must be at least 1, got {config.max_handles}")
         self.config = config
+        self.limiter = limiter
         self._pools = {
             name: _Pool(name, agent, config.max_handles, config.acquire_timeout)
             for name, agent in config.agents.items()
@@ -188,9 +228,17 @@ class AgentPools:
         return AgentAccessor(self, journal)
 
     def statistics(self) -> dict[str, PoolStatistics]:
-        """Per agent: open handles, queued acquirers, pool size, provider calls sent."""
+        """Per agent: open handles, queued acquirers, pool size, provider calls sent, rate-limit waits."""
         return {
-            name: PoolStatistics(pool.open, len(pool.waiters), pool.max_handles, pool.total_calls)
+            name: PoolStatistics(
+                pool.open,
+                len(pool.waiters),
+                pool.max_handles,
+                pool.total_calls,
+                pool.waited,
+                pool.wait_seconds,
+                pool.last_wait,
+            )
             for name, pool in self._pools.items()
         }
 

@@ -11,14 +11,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from ..errors import ProviderError, redact
 from ..types import Usage
 
+if TYPE_CHECKING:
+    from .config import RateLimit
+
 __all__ = [
     "AgentJournal",
+    "Limiter",
     "Message",
+    "Permit",
     "Provider",
     "ProviderReply",
     "ProviderRequest",
@@ -51,6 +56,39 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Close the SDK client and its connections."""
+        ...
+
+
+class Permit(Protocol):
+    """A call's turn under a :class:`~agentflow.agents.RateLimit`, from :meth:`Limiter.acquire`.
+
+    Attributes:
+        waited: seconds the call waited for it (0.0 when it went at once).
+        reason: the limit it waited for longest (``"requests_per_minute"``,
+            ``"tokens_per_minute"`` or ``"concurrent"``), or None.
+    """
+
+    waited: float
+    reason: str | None
+
+    async def release(self, tokens: int | None) -> None:
+        """The call ended: give back its concurrency slot, and count ``tokens`` (its real
+        usage) in place of its estimate; None keeps the estimate (a call that failed)."""
+        ...
+
+
+class Limiter(Protocol):
+    """What the agents layer asks before each model request of an agent with a ``limit``.
+
+    The runtime implements it over the store (fleet-wide on Redis and Postgres) or
+    within the process; the pools are given one.
+    """
+
+    async def acquire(self, key: str, limit: RateLimit, tokens: int) -> Permit:
+        """Wait until ``limit`` (named ``key``) lets one more call go, reserving ``tokens``.
+
+        Never refuses: a call that may not go yet waits for its turn.
+        """
         ...
 
 
