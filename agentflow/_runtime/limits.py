@@ -1,9 +1,10 @@
 """Agents' rate limits: the turns the pools ask for, taken from the store or within the process.
 
 A store that keeps limits (:class:`~agentflow.stores.contract.RateLimits`: Redis,
-Postgres) makes them hold across every process sharing it; for the others (memory,
-SQLite) one :class:`~agentflow.stores.limits.ProcessLimits` per process stands in, so
-a limit holds across the runners of the process but not beyond it.
+Postgres, SQLite) makes them hold across every process sharing it; for the others
+(memory, a store of your own without them) one
+:class:`~agentflow.stores.limits.ProcessLimits` per process stands in, so a limit
+holds across the runners of the process but not beyond it.
 
 A call waiting for its turn asks the store again when the store says its turn may
 have come (at most every :data:`_NAP` seconds, sooner for a concurrency slot), and the

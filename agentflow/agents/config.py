@@ -26,7 +26,8 @@ class RateLimit:
 
     Enforced by the store: on Redis (one script per turn, the Redis server's clock) and
     on Postgres (a row per limit locked ``FOR UPDATE``, the database's clock) across the
-    fleet; on the memory and SQLite stores within the process (every runner of it).
+    fleet; on SQLite across the processes sharing the file (the machine's clock); on the
+    memory store within the process (every runner of it).
 
     Args:
         requests_per_minute: requests sent at most in any ``window`` seconds, as a rate

@@ -1,7 +1,7 @@
 """Rate limits kept in this process: the sliding-window arithmetic, and ``ProcessLimits``.
 
 The arithmetic is the one every store applies (the Redis script mirrors it in Lua,
-the Postgres store applies it under a row lock): a limit keeps the calls of its
+the Postgres and SQLite stores apply it under a lock): a limit keeps the calls of its
 window, ``(at, ticket, tokens)`` oldest first, and the slots held now, ``ticket ->
 expires``. A call goes when, at ``now``:
 
@@ -12,7 +12,7 @@ expires``. A call goes when, at ``now``:
 * fewer than ``concurrent`` slots are held (else it asks again in
   :data:`SLOT_POLL` seconds: a slot is given back when a call ends, not at a known time).
 
-:class:`ProcessLimits` is the fallback for stores that keep no limits (memory, SQLite):
+:class:`ProcessLimits` is the fallback for stores that keep no limits (memory):
 one per process, shared by every runner in it, on the monotonic clock.
 """
 

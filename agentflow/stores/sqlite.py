@@ -56,6 +56,7 @@ from typing import Any, TypeVar
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from ..types import RunEvent, RunStatus
 from . import sqlite_index as sqlindex
+from . import sqlite_limits as sqllimits
 from . import sqlite_queue as sqlqueue
 from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
@@ -543,3 +544,34 @@ class SqliteStore(TwoConnections):
             inline.close()
         if self._thread is not None:
             await self._submit(_close)
+
+    # -- rate limits (RateLimits; see sqlite_limits) ---------------------------------
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: sqllimits.Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """A turn of rate limit ``key`` for ``ticket``: one transaction, shared by the file's processes."""
+        return await self._call(
+            f"a turn of rate limit {key!r}",
+            None,
+            lambda db: sqllimits.acquire(db, self.key_prefix, key, ticket, quota, tokens),
+            write=True,
+        )
+
+    async def renew_limit(self, key: str, ticket: str, quota: sqllimits.Quota) -> None:
+        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
+        await self._call(
+            f"renewing a slot of rate limit {key!r}",
+            None,
+            lambda db: sqllimits.renew(db, self.key_prefix, key, ticket, quota),
+            write=True,
+        )
+
+    async def release_limit(self, key: str, ticket: str, quota: sqllimits.Quota, tokens: int | None) -> None:
+        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
+        await self._call(
+            f"releasing a turn of rate limit {key!r}",
+            None,
+            lambda db: sqllimits.release(db, self.key_prefix, key, ticket, tokens),
+            write=True,
+        )
