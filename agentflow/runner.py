@@ -329,7 +329,9 @@ class WorkflowRunner:
         return await runner_rerun.fork(self, source, at=at, state=state, run_id=run_id)
 
     def agent_statistics(self) -> dict[str, Any]:
-        """Per agent: handles open, acquirers waiting, pool size and calls sent (for display)."""
+        """Per agent (:class:`~agentflow.agents.PoolStatistics`): handles open, acquirers waiting,
+        pool size, calls sent, and the calls that waited for the agent's ``RateLimit`` (how
+        many, how long in all, the latest's wait)."""
         pools = self.supervisor.pools
         return dict(pools.statistics()) if pools is not None else {}
 

@@ -31,6 +31,7 @@ from ..stores.contract import Change, ChangeFeed, Commit, Lease, RunRecord, Stor
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
+from .limits import limiter_for
 from .notify import Notifier
 from .timers import GateTimers
 
@@ -87,7 +88,7 @@ class Supervisor:
         self.lease_ttl = lease_ttl
         self.owner = owner
         self.stopping = False
-        self.pools = AgentPools(spec.agents) if spec.agents is not None else None
+        self.pools = AgentPools(spec.agents, limiter_for(store)) if spec.agents is not None else None
         if root is None:
             # The first workflow's supervisor: the runs, watchers, leases and the
             # workflows served (the runner's and its children's) are kept here, shared.

@@ -51,7 +51,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
-from . import lua, redis_feed
+from . import lua, redis_feed, redis_limits
 from .codec import (
     check_commit_fields,
     deadline_of,
@@ -535,3 +535,21 @@ class RedisStore:
         await self._wire.close()
         if self._owns_client:
             await self.client.aclose()
+
+    # -- rate limits (RateLimits; see redis_limits) ----------------------------------
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: redis_limits.Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """A turn of rate limit ``key`` for ``ticket``: one script, on the Redis server's clock."""
+        return await redis_limits.acquire(self.client, self.key_prefix, key, ticket, quota, tokens)
+
+    async def renew_limit(self, key: str, ticket: str, quota: redis_limits.Quota) -> None:
+        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
+        await redis_limits.renew(self.client, self.key_prefix, key, ticket, quota)
+
+    async def release_limit(
+        self, key: str, ticket: str, quota: redis_limits.Quota, tokens: int | None
+    ) -> None:
+        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
+        await redis_limits.release(self.client, self.key_prefix, key, ticket, tokens)
