@@ -285,3 +285,43 @@ async def test_runs_under_load_through_a_server_crash_all_complete_with_no_step_
         await store.close()
     assert [r.output for r in results] == [steps] * 20
     assert len(ran) == 20 * steps and set(ran.values()) == {1}
+
+
+# -- cost follows what is returned -----------------------------------------------------
+
+
+async def test_listings_read_indexes_not_every_stored_run(postgres_url: str, stores) -> None:
+    """With 20,000 finished runs stored, each listing's plan is an index scan of what it returns."""
+    from agentflow.stores import postgres_index as pgindex
+    from agentflow.stores import postgres_rows as pgrows
+
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    await started(store, "live")
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute(
+            f"INSERT INTO {pgrows.RUNS} (ns, run_id, workflow, status, visit, pending, decisions, error, "
+            "usage, created_at, updated_at, event_count, lease_token, lease_expires, commit_token, "
+            "commit_seq, parent, children) SELECT '', 'done-' || i, 'wf', 'completed', 0, 'null', '[]', "
+            "'null', 'null', i, i, 0, 0, 0, 0, 0, 'null', '[]' FROM generate_series(1, 20000) AS i"
+        )
+        await db.execute(f"ANALYZE {pgrows.RUNS}")
+        light = f"{pgrows.SELECT_LIGHT} WHERE ns = %s AND {pgrows.LIVE}"
+        queries = [
+            (pgindex._SELECT_RECOVERABLE, ("", "wf", 10)),
+            (pgindex._SELECT_DUE, ("", "wf", time.time())),
+            (f"{light} AND status = %s ORDER BY created_at DESC, id DESC LIMIT %s", ("", "running", 10)),
+            (f"{light} AND workflow = %s ORDER BY created_at DESC, id DESC LIMIT %s", ("", "wf", 10)),
+            (pgindex._page_of_approvals(True, False, False, False), ("", "ops", 10)),
+        ]
+        for query, params in queries:
+            cursor = await db.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", params)
+            plan = (await cursor.fetchone())[0][0]["Plan"]
+            nodes, read = [plan], 0
+            while nodes:
+                node = nodes.pop()
+                assert "Seq Scan" not in node["Node Type"], plan
+                read += node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+                nodes += node.get("Plans", [])
+            assert read <= 30, (query, plan)  # rows read: a page (10), not the 20,000
+    assert [r.run_id for r in await store.list_runs(status=RunStatus.RUNNING)] == ["live"]
