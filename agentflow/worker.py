@@ -37,6 +37,7 @@ from .definition.workflow import Workflow
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .runner import WorkflowRunner
 from .steward import Steward
+from .stores import contract
 from .stores.contract import Claim, QueueDepth, Store, WorkQueue
 from .types import RunStatus
 
@@ -201,10 +202,12 @@ class Worker:
             self._steps += run.visit - start
         self._room.set()
 
-    async def _take(self, runner: WorkflowRunner, run_id: str, workflow: str) -> bool:
+    async def _take(
+        self, runner: WorkflowRunner, run_id: str, workflow: str, handed_after: float = 0.0
+    ) -> bool:
         """Take the run claimed (or found ownerless) and start it here; False if it is not ours."""
         sup = runner.supervisor
-        how = await sup.claim(run_id, workflow)
+        how = await sup.claim(run_id, workflow, handed_after)
         if how is None:
             return False
         if how == "recovered":
@@ -216,16 +219,15 @@ class Worker:
             self._visit_at[run_id] = run.visit
         return True
 
-    async def _wait_for_room(self) -> int:
-        """Reserve the room there is (at least one run's), waiting for it; 0 once closing.
+    def _free(self) -> int:
+        """Room for more runs: the concurrency less the runs here and those being taken."""
+        return self.concurrency - self.runs - self._reserved
 
-        What is reserved is not offered to the other loops until :meth:`_unreserve`, so
-        the claiming and the recovering loops never take more than the room together.
-        """
+    async def _wait_for_room(self) -> int:
+        """The room there is (at least one run's), waiting for it; 0 once closing."""
         while not self._closing.is_set():
-            room = self.concurrency - self.runs - self._reserved
+            room = self._free()
             if room > 0:
-                self._reserved += room
                 return room
             self._room.clear()
             await self._room.wait()
@@ -236,7 +238,13 @@ class Worker:
         self._room.set()
 
     async def _claiming(self, runner: WorkflowRunner) -> None:
-        """Claim entries of the runner's workflows (and their children's) as room allows."""
+        """Claim entries of the runner's workflows (and their children's) as room allows.
+
+        The claim waits for work without holding the room, so the other loops (another
+        workflow's, the recovery) are not starved meanwhile; what it brings back beyond
+        the room left when it returns is queued again at once, so the worker never
+        advances more than its concurrency.
+        """
         store = queue_of(runner.store)
         names = list(runner._specs)
         sup = runner.supervisor
@@ -247,14 +255,23 @@ class Worker:
             try:
                 claims = await store.claim(names, sup.owner, room, CLAIM_WAIT)
             except AgentflowError as exc:  # the store is out of reach: try again soon
-                self._unreserve(room)
                 log.warning("worker %s: claiming failed (%s); trying again", sup.owner, exc)
                 await asyncio.sleep(0.5)
                 continue
+            keep = max(0, min(len(claims), self._free()))
+            extra = claims[keep:]
+            claims = claims[:keep]
+            self._reserved += keep
             try:
+                if extra:  # the room went to another loop meanwhile: back on the queue, for anyone
+                    for c in extra:
+                        await store.enqueue(c.workflow, c.run_id)
+                    await store.ack(extra)
                 await self._take_all(runner, store, claims)
+            except AgentflowError as exc:
+                log.warning("worker %s: handing claimed entries on failed (%s)", sup.owner, exc)
             finally:
-                self._unreserve(room)
+                self._unreserve(keep)
 
     async def _take_all(self, runner: WorkflowRunner, store: WorkQueue, claims: list[Claim]) -> None:
         """Take the runs of claimed entries, then acknowledge the entries."""
@@ -290,7 +307,9 @@ class Worker:
                     ids = await runner.store.recoverable(name, room)
                     for run_id in ids:
                         try:
-                            await self._take(runner, run_id, name)
+                            # Runs just handed over are the queue's to deliver (in order);
+                            # one whose entry was lost (its client died) is taken later.
+                            await self._take(runner, run_id, name, contract.REDELIVER_AFTER)
                         except AgentflowError:
                             continue  # gone, or someone else's now
                 except AgentflowError as exc:

@@ -32,7 +32,7 @@ def _env(kind: str, target: str, log: Path, block: str = "") -> dict[str, str]:
     return {
         **os.environ,
         "PYTHONPATH": str(HERE),
-        "FLEET_STORE": kind,
+        "FLEET_STORE": "redis" if kind == "redis_cluster" else kind,
         "FLEET_TARGET": target,
         "FLEET_LOG": str(log),
         "FLEET_BLOCK": block,
@@ -76,10 +76,12 @@ def _client(kind: str, target: str) -> WorkflowRunner:
 
 
 def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    return str(tmp_path / "fleet.db") if kind == "sqlite" else request.getfixturevalue("redis_url")
+    if kind == "sqlite":
+        return str(tmp_path / "fleet.db")
+    return request.getfixturevalue("redis_cluster_url" if kind == "redis_cluster" else "redis_url")
 
 
-@pytest.mark.parametrize("kind", ["sqlite"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis_cluster"])
 async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path, request) -> None:
     log = tmp_path / "steps.log"
     target = _target(kind, tmp_path, request)
@@ -96,6 +98,7 @@ async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path,
         finally:
             survivor.send_signal(signal.SIGTERM)
             out, err = survivor.communicate(timeout=30)
+    await client.store.close()
     assert survivor.returncode == 0, err
     assert {r.status.value for r in results} == {"completed"} and {r.output for r in results} == {
         survivor.pid
@@ -105,7 +108,7 @@ async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path,
     assert "0 runs handed over, 3 recovered" in out
 
 
-@pytest.mark.parametrize("kind", ["sqlite"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_sigterm_lets_the_step_finish_and_hands_the_runs_on(kind, tmp_path, request) -> None:
     log = tmp_path / "steps.log"
     target = _target(kind, tmp_path, request)
@@ -124,6 +127,7 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_runs_on(kind, tmp_path
         finally:
             second.send_signal(signal.SIGTERM)
             second.communicate(timeout=30)
+    await client.store.close()
     assert {r.status.value for r in results} == {"completed"}
     starts = collections.Counter((n, r) for w, n, r, _ in _lines(log) if w == "start")
     assert set(starts.values()) == {1}  # no step of any run ran twice

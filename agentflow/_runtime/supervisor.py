@@ -105,7 +105,7 @@ class Supervisor:
             #: Called with each run that leaves this process (a worker counts its room).
             self.on_leave: list[Callable[[LiveRun], None]] = []
             self._feed: asyncio.Task[None] | None = None
-            self._claiming: set[str] = set()  # runs a claim of this process is taking now
+            self._claiming: dict[str, asyncio.Event] = {}  # runs a claim here is taking now
         else:
             self.execute = root.execute
             self.on_leave = root.on_leave
@@ -307,11 +307,12 @@ class Supervisor:
         if rec is not None and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
             await queue_of(self.store).enqueue(rec.workflow, run_id)
 
-    async def claim(self, run_id: str, workflow: str) -> str | None:
+    async def claim(self, run_id: str, workflow: str, handed_after: float = 0.0) -> str | None:
         """Take a run a worker claimed from the queue, and advance it here.
 
         Returns ``"handed"`` (it had no owner), ``"recovered"`` (its owner died), or None
-        when it is not this process's to take.
+        when it is not this process's to take. With ``handed_after``, a run without an
+        owner is taken only once it has waited that long (its queue entry was lost).
 
         A run handed over (no owner) is taken as it is; one whose owner died is recovered
         (a ``resumed`` event says so). A run that is not running, is held by a live owner,
@@ -321,15 +322,18 @@ class Supervisor:
             RunNotFoundError: the run no longer exists.
         """
         claiming = self.root._claiming
-        if run_id in self.local or run_id in claiming:
-            return None  # here already, or being taken here (the same owner: one attempt at a time)
-        claiming.add(run_id)
+        while (other := claiming.get(run_id)) is not None:
+            await other.wait()  # one attempt at a time here (they share the owner): then look again
+        if run_id in self.local:
+            return None
+        done = claiming[run_id] = asyncio.Event()
         try:
-            return await self._claim(run_id, workflow)
+            return await self._claim(run_id, workflow, handed_after)
         finally:
-            claiming.discard(run_id)
+            del claiming[run_id]
+            done.set()
 
-    async def _claim(self, run_id: str, workflow: str) -> str | None:
+    async def _claim(self, run_id: str, workflow: str, handed_after: float) -> str | None:
         sup = self.of(workflow) if workflow in self.specs else self
         taken: list[int] = []
         recovered_from: list[str] = []
@@ -346,6 +350,8 @@ class Supervisor:
                     taken.append(lease.token)
                     recovered_from.append(rec.lease_owner)
                 return out
+            if handed_after and rec.updated_at > now - handed_after:
+                return None  # handed over just now: its queue entry is on its way to a worker
             token = rec.lease_token + 1
             taken.append(token)
             leased = dataclasses.replace(

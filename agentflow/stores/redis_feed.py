@@ -9,6 +9,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from ..errors import StoreError
 
@@ -30,6 +32,11 @@ async def follow(client: Any, channel: str, changed: Callable[[str], None]) -> N
     Raises:
         StoreError: the subscription was cut (the caller subscribes again).
     """
+    own = None
+    if isinstance(client, RedisCluster):
+        # A plain PUBLISH reaches every node of a cluster: one node's connection hears all.
+        node = client.get_random_node()
+        own = client = Redis(host=node.host, port=int(node.port), **_options(node))
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(channel)
@@ -43,5 +50,14 @@ async def follow(client: Any, channel: str, changed: Callable[[str], None]) -> N
     finally:
         try:
             await pubsub.aclose()
+            if own is not None:
+                await own.aclose()
         except (redis_errors.RedisError, OSError):
             pass
+
+
+def _options(node: Any) -> dict[str, Any]:
+    """The connection options (password, TLS...) a cluster node's connections use."""
+    kwargs = dict(getattr(node, "connection_kwargs", {}) or {})
+    keep = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+    return {k: kwargs[k] for k in keep if k in kwargs}
