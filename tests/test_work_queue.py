@@ -12,7 +12,7 @@ import pytest
 from agentflow.stores import contract
 from agentflow.stores.contract import WorkQueue
 
-QUEUE_KINDS = ("memory", "sqlite", "redis")
+QUEUE_KINDS = ("memory", "sqlite", "redis", "postgres")
 
 
 @pytest.fixture(params=QUEUE_KINDS)
@@ -78,7 +78,7 @@ async def test_depth_counts_what_waits_and_how_long(queue: WorkQueue) -> None:
     assert (await queue.queue_depth("A")).waiting == 1
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 async def test_two_consumers_on_one_store_never_get_the_same_entry(make_store, kind) -> None:
     one, two = make_store(kind, key_prefix="race:"), make_store(kind, key_prefix="race:")
     for i in range(200):
@@ -92,3 +92,26 @@ async def test_two_consumers_on_one_store_never_get_the_same_entry(make_store, k
 
     await asyncio.gather(consume(one, "w1"), consume(two, "w2"), consume(one, "w3"))
     assert sorted(got) == sorted(f"r{i}" for i in range(200))
+
+
+async def test_a_postgres_database_of_the_first_layout_gets_its_queue_in_place(postgres_url) -> None:
+    import psycopg
+
+    from agentflow.stores.postgres import PostgresStore
+    from agentflow.stores.postgres_schema import _UPGRADES, SCHEMA, VERSION
+
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        for sql in _UPGRADES[0]:  # a database written before workers existed
+            await db.execute(sql)
+        await db.execute(f"CREATE TABLE {SCHEMA} (version integer NOT NULL)")
+        await db.execute(f"INSERT INTO {SCHEMA} (version) VALUES (1)")
+    store = PostgresStore(postgres_url)
+    try:
+        await store.enqueue("A", "r1")
+        (claim,) = await store.claim(["A"], "w1", 5, 0)
+        assert claim.run_id == "r1"
+    finally:
+        await store.close()
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        rows = await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall()
+    assert rows == [(VERSION,)] and VERSION == 2

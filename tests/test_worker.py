@@ -32,7 +32,7 @@ def _fresh() -> None:
     RAN.clear()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def store(request: pytest.FixtureRequest, make_store) -> Store:
     return make_store(request.param)
 

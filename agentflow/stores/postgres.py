@@ -44,6 +44,7 @@ from ..errors import LeaseLostError, StoreError
 from ..types import RunEvent, RunStatus
 from . import postgres_index as pgindex
 from . import postgres_limits as pglimits
+from . import postgres_queue as pgqueue
 from . import postgres_rows as pgrows
 from .codec import (
     check_commit_fields,
@@ -71,7 +72,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore:
+class PostgresStore(pgqueue.QueueAndFeed):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.
@@ -111,6 +112,7 @@ class PostgresStore:
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
+        self._listener = None
 
     @property
     def where(self) -> str:
@@ -454,7 +456,8 @@ class PostgresStore:
         )
 
     async def close(self) -> None:
-        """Close the pool; the store is unusable afterwards."""
+        """Close the pool (and the listening connection); the store is unusable afterwards."""
+        await self._close_listener()
         await self._db.close()
 
     # -- rate limits (RateLimits; see postgres_limits) -------------------------------

@@ -39,9 +39,10 @@ are partial indexes, so a run leaves them when it leaves that status.
 
 Upgrades. ``ensure_schema`` creates the tables of a new database and brings an older
 layout to ``VERSION`` in one transaction under an advisory lock, so processes starting
-together do not race. A later version adds its tables (the workers' hand-over queue,
-``agentflow_queue``, keyed by ``(ns, workflow, ...)`` and claimed with ``FOR UPDATE SKIP
-LOCKED``) as a step in ``_UPGRADES``; a database written by a newer layout is refused.
+together do not race; a database written by a newer layout is refused. Version 2 added
+the workers' hand-over queue (``agentflow_queue``, claimed with ``FOR UPDATE SKIP
+LOCKED``) and a trigger that notifies ``agentflow_changes`` when a run changes in a way
+a watcher cares about (so a lease renewal notifies nobody).
 """
 
 from __future__ import annotations
@@ -57,13 +58,16 @@ __all__ = [
     "JOURNAL",
     "NOW",
     "OUTPUTS",
+    "CHANGES",
+    "QUEUE",
+    "QUEUED",
     "RUNS",
     "SCHEMA",
     "VERSION",
     "ensure_schema",
 ]
 
-SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
+SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
     "agentflow_schema",
     "agentflow_runs",
     "agentflow_events",
@@ -71,10 +75,15 @@ SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS = (
     "agentflow_journal",
     "agentflow_approvals",
     "agentflow_approvers",
+    "agentflow_queue",
 )
 
 #: The layout this module creates; databases with a higher version are refused.
-VERSION = 1
+VERSION = 2
+
+#: The channels the store notifies on: a run was written (payload ``[ns, run_id]`` as
+#: JSON), and an entry was queued for workers (payload ``[ns, workflow]``).
+CHANGES, QUEUED = "agentflow_changes", "agentflow_queued"
 
 #: The database's clock in Unix seconds. ``statement_timestamp()`` is stable within a
 #: statement, so a condition on it can use an index (``clock_timestamp()`` could not).
@@ -153,8 +162,29 @@ _V1 = (
     f"CREATE INDEX {APPROVERS}_of_run ON {APPROVERS} (ns, run_id)",
 )
 
+# Version 2: the work queue, and a notification for every change of a run that a
+# watcher cares about (not a lease renewal), sent by the database when it commits.
+_V2 = (
+    f"""CREATE TABLE {QUEUE} (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ns text NOT NULL, workflow text NOT NULL, run_id text NOT NULL,
+        enqueued_at float8 NOT NULL, claimed_by text, claimed_at float8
+    )""",
+    f"CREATE INDEX {QUEUE}_next ON {QUEUE} (ns, workflow, claimed_at, id)",
+    f"""CREATE FUNCTION {RUNS}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' OR NEW.event_count <> OLD.event_count OR NEW.status <> OLD.status
+         OR NEW.pending <> OLD.pending OR NEW.control IS DISTINCT FROM OLD.control THEN
+        PERFORM pg_notify('{CHANGES}', json_build_array(NEW.ns, NEW.run_id)::text);
+      END IF;
+      RETURN NULL;
+    END $$""",
+    f"CREATE TRIGGER {RUNS}_changed AFTER INSERT OR UPDATE ON {RUNS} "
+    f"FOR EACH ROW EXECUTE FUNCTION {RUNS}_notify()",
+)
+
 #: The statements that bring a database of version ``v`` (0: a new one) to ``v + 1``.
-_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1}
+_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1, 1: _V2}
 
 # Any number: the key of the advisory lock that serializes schema changes.
 _LOCK = 0x61676E74666C6F77  # "agntflow"
