@@ -38,7 +38,9 @@ async def test_a_fleet_rides_out_a_restart_of_its_store(kind, make_store, reques
         worker = Worker(wf, store=worker_store, concurrency=50)
         serving = asyncio.create_task(worker.serve())
         handles = [await client.run() for _ in range(30)]
-        while sum(ran.values()) < 40:  # well under way
+        for _ in range(1500):  # until well under way
+            if sum(ran.values()) >= 40:
+                break
             await asyncio.sleep(0.02)
         await asyncio.to_thread(server.restart)
         results = await asyncio.gather(*(h.result(timeout=90) for h in handles))
