@@ -140,8 +140,7 @@ async def test_a_dead_holders_slot_frees_itself(limits: RateLimits):
 
 
 async def test_redis_limits_share_a_hash_tag_and_expire(make_store):
-    from agentflow.stores.keys import slot
-    from agentflow.stores.redis_limits import limit_keys
+    from agentflow.stores.keys import limit_keys, slot
 
     store = make_store("redis", key_prefix="app")
     q = Quota(2, 100, 1, 1.0, 2.0)

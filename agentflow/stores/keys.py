@@ -25,6 +25,10 @@ cluster one (one of :data:`SHARDS` tags, below)::
                                    approval sorts, so a page can start after it
     Iap:gone:<day>          HASH   the same for approvals decided on that day (UTC); the key
                                    expires two days later
+    P#limit:{<key>}:calls   ZSET   an agent rate limit's calls in its window, scored by when
+                                   they went (see ``redis_limits``; ``<key>`` escaped)
+    P#limit:{<key>}:tokens  HASH   the same calls' tokens
+    P#limit:{<key>}:slots   ZSET   its concurrency slots held, scored by when they expire
 
 Unambiguous: ``#`` is escaped everywhere after the prefix, so the prefix is what comes
 before a key's last ``#``: two prefixes never build the same key, whatever run ids or
@@ -64,7 +68,7 @@ from typing import NamedTuple
 
 from ..errors import StoreError
 
-__all__ = ["SHARDS", "Bucket", "Keys", "RunKeys", "entry", "entry_run", "escape", "slot"]
+__all__ = ["SHARDS", "Bucket", "Keys", "RunKeys", "entry", "entry_run", "escape", "limit_keys", "slot"]
 
 _UNSAFE = re.compile(r"[%#:{}\x00-\x20\x7f]")
 
@@ -104,6 +108,13 @@ def _shard_tags(n: int) -> tuple[str, ...]:
 def escape(part: str) -> str:
     """``part`` with the characters that structure a key replaced by ``%XX``."""
     return _UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", part)
+
+
+def limit_keys(prefix: str, key: str) -> list[str]:
+    """The keys of rate limit ``key`` under ``prefix``: calls, tokens, slots; one hash tag,
+    so the script that takes a turn names one slot of a cluster (the same in both layouts)."""
+    base = f"{prefix}#limit:{{{escape(key)}}}"
+    return [f"{base}:calls", f"{base}:tokens", f"{base}:slots"]
 
 
 def entry(run_id: str, version: bytes) -> bytes:

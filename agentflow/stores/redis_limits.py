@@ -1,7 +1,8 @@
 """The Redis store's rate limits: a sliding window per limit, judged by the Redis server's clock.
 
-Three keys per limit, sharing the hash tag of the limit's (escaped) name, so every
-script names one slot and runs on Redis Cluster::
+Three keys per limit (built in :func:`agentflow.stores.keys.limit_keys`), sharing the
+hash tag of the limit's (escaped) name, so every script names one slot and runs on
+Redis Cluster::
 
     P#limit:{<key>}:calls   ZSET   the window's calls: ticket, scored by when it went
     P#limit:{<key>}:tokens  HASH   ticket -> tokens (reserved, then the real usage);
@@ -25,10 +26,10 @@ from redis import exceptions as redis_errors
 
 from ..errors import StoreError
 from .contract import Quota
-from .keys import escape
+from .keys import limit_keys
 from .limits import SLOT_POLL
 
-__all__ = ["ACQUIRE", "Quota", "RELEASE", "RENEW", "acquire", "limit_keys", "release", "renew"]
+__all__ = ["ACQUIRE", "Quota", "RELEASE", "RENEW", "acquire", "release", "renew"]
 
 _NOW = """
 local t = redis.call('TIME')
@@ -129,12 +130,6 @@ return 0
 """
 
 _SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ACQUIRE, RENEW, RELEASE)}
-
-
-def limit_keys(prefix: str, key: str) -> list[str]:
-    """The three keys of limit ``key`` under ``prefix`` (calls, tokens, slots), one hash tag."""
-    base = f"{prefix}#limit:{{{escape(key)}}}"
-    return [f"{base}:calls", f"{base}:tokens", f"{base}:slots"]
 
 
 def _ttl_ms(quota: Quota) -> int:
