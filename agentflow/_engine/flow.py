@@ -29,6 +29,9 @@ from .values import run_output, step_output
 
 __all__ = ["advance_flow", "obey"]
 
+# A RunEvent from a tuple of its fields, without the Python-level ``__new__`` call.
+_event = RunEvent._make
+
 
 async def advance_flow(run: LiveRun) -> None:
     """Execute steps until the run completes, waits, pauses or stops."""
@@ -94,8 +97,8 @@ async def advance_flow(run: LiveRun) -> None:
             run.event_seq = seq + 2
             now = time.time()
             events = run.outbox
-            events.append(RunEvent("step_completed", run_id, name, done, now, seq + 1))
-            events.append(RunEvent("step_started", run_id, ret, None, now, seq + 2))
+            events.append(_event(("step_completed", run_id, name, done, now, seq + 1)))
+            events.append(_event(("step_started", run_id, ret, None, now, seq + 2)))
             run.outbox = []
             run.step = ret
             run.commit_seq += 1  # used up even if the commit is cancelled in flight (see LiveRun.commit)

@@ -33,6 +33,7 @@ def _fields(state: BaseModel) -> dict[str, Any]:
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+_MISSING = object()
 
 
 def state_delta(old: BaseModel | None, new: BaseModel | None) -> dict[str, Any] | None:
@@ -48,7 +49,7 @@ def state_delta(old: BaseModel | None, new: BaseModel | None) -> dict[str, Any] 
         changed = dict(fields)
     else:
         before = _fields(old)
-        missing = object()
+        missing = _MISSING
         changed = {}
         for key, value in fields.items():
             was = before.get(key, missing)

@@ -54,6 +54,9 @@ _YIELD_EVERY = 63
 #: Seconds between retries of a commit while the store is unreachable (doubling, capped).
 _OUTAGE_FIRST, _OUTAGE_MAX = 0.05, 2.0
 
+# A RunEvent from a tuple of its fields, without the Python-level ``__new__`` call.
+_event = RunEvent._make
+
 
 class StepError(Exception):
     """Internal: a step failed; carries the step name and the cause.
@@ -142,7 +145,7 @@ class LiveRun:
         self.results_view = StepResults(self.results, self.history)
         self.decision: Decision | None = None
         self.decisions: tuple[Any, ...] = ()  # every decision as stored (JSON), oldest first
-        self.usage = Usage()
+        self.usage = NO_USAGE  # frozen: a run's usage is replaced, never changed in place
         self.step_usage = NO_USAGE
         self.event_seq = 0
         self.commit_seq = 0
@@ -218,8 +221,8 @@ class LiveRun:
 
     def event(self, kind: str, step: str | None = None, data: Any = None) -> RunEvent:
         """A new event with the next sequence number, queued for the next commit."""
-        self.event_seq += 1
-        ev = RunEvent(kind, self.run_id, step, data, time.time(), self.event_seq)
+        seq = self.event_seq = self.event_seq + 1
+        ev = _event((kind, self.run_id, step, data, time.time(), seq))
         self.outbox.append(ev)
         return ev
 
@@ -359,6 +362,10 @@ def new_run(
     run = LiveRun(kernel, run_id, lease, inp, state)
     run.step = first
     run.parent = parent
-    events = [run.event("run_started", None, started), run.event("step_started", first)]
-    run.outbox.clear()
+    run.event_seq = 2
+    now = rec.created_at
+    events = [
+        _event(("run_started", run_id, None, started, now, 1)),
+        _event(("step_started", run_id, first, None, now, 2)),
+    ]
     return rec, run, events

@@ -122,7 +122,7 @@ def _plain_scalars(rec: RunRecord) -> bool:
         and type(rec.commit_token) is int
         and type(rec.commit_seq) is int
         and type(rec.children) is tuple
-        and all(type(child) is str for child in rec.children)
+        and (not rec.children or all(type(child) is str for child in rec.children))
     )
 
 

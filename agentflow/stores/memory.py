@@ -152,8 +152,12 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
             fields[name] = encode(run_id, name, value)
     if type(fields["status"]) is not RunStatus:
         fields["status"] = RunStatus(fields["status"])
-    for name in ("created_at", "updated_at", "lease_expires"):
-        if type(fields[name]) is not float:
+    if not (
+        type(fields["created_at"]) is float
+        and type(fields["updated_at"]) is float
+        and type(fields["lease_expires"]) is float
+    ):
+        for name in ("created_at", "updated_at", "lease_expires"):
             fields[name] = float(fields[name])
     return fields
 
@@ -248,11 +252,13 @@ class MemoryStore:
             return False
         fields["event_count"] += len(bodies)
         run = self._runs[run_id] = _Run(fields, bodies)
-        run.deadline = deadline_of(record.pending)
-        self._index.add(run.sort_key, fields["workflow"], fields["status"])
+        if record.pending is not None:
+            run.deadline = deadline_of(record.pending)
+        self._index.add((fields["created_at"], run_id), fields["workflow"], fields["status"])
         if fields["status"] == RunStatus.WAITING:
             self._file_approvals(run_id, run)
-        self._set_expiry(run_id, run, time.time())
+        if self.ttl is not None:
+            self._set_expiry(run_id, run, time.time())
         return True
 
     async def get(self, run_id: str) -> RunRecord | None:
@@ -313,24 +319,24 @@ class MemoryStore:
             events = []
             for e in commit.events:
                 # What _store_event does, inline for the two events of every step.
-                kind, step, data, at = e.kind, e.step, e.data, e.at
-                if (
-                    type(e) is RunEvent
-                    and type(at) is float
-                    and -_INF < at < _INF
-                    and type(kind) is str
-                    and (step is None or type(step) is str)
-                ):
+                if type(e) is RunEvent:
+                    kind, _, step, data, at, _ = e
                     if data is None:
-                        events.append(e)
-                        continue
-                    try:  # encode_event's body, without its two calls
-                        events.append(
-                            pydantic_core.to_json({"kind": kind, "step": step, "data": data, "at": at})
-                        )
-                        continue
-                    except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
-                        pass
+                        if (
+                            type(at) is float
+                            and -_INF < at < _INF
+                            and type(kind) is str
+                            and (step is None or type(step) is str)
+                        ):
+                            events.append(e)
+                            continue
+                    else:
+                        try:  # encode_event's body, without its two calls
+                            body = {"kind": kind, "step": step, "data": data, "at": at}
+                            events.append(pydantic_core.to_json(body))
+                            continue
+                        except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
+                            pass
                 events.append(encode_event(run_id, e))  # raises the store's error
         outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
@@ -355,7 +361,12 @@ class MemoryStore:
             )
         status = sets.get("status")
         old = (
-            {k: rec[k] for k in ("created_at", "run_id", "workflow", "status")}
+            {
+                "created_at": rec["created_at"],
+                "run_id": run_id,
+                "workflow": rec["workflow"],
+                "status": rec["status"],
+            }
             if status is not None and status != rec["status"]
             else None
         )
@@ -379,8 +390,9 @@ class MemoryStore:
         if "pending" in sets or (old is not None and (run.approvals or status == RunStatus.WAITING)):
             self._file_approvals(run_id, run)
         if old is not None:
-            self._index.move(old, run.fields)
-            self._set_expiry(run_id, run, now)
+            self._index.move(old, rec)
+            if self.ttl is not None:
+                self._set_expiry(run_id, run, now)
         control = rec["control"]
         return control
 
