@@ -77,6 +77,7 @@ LIFECYCLE_KINDS = frozenset(
         "rejected",
         "expired",
         "agent_leak",
+        "agent_throttled",
     }
 )
 
@@ -289,7 +290,8 @@ class RunEvent(NamedTuple):
     Attributes:
         kind: run_started, step_started, step_completed, step_failed, waiting, decided,
             paused, resumed, completed, failed, stopped, rejected, expired, agent_leak,
-            or the name given to ``ctx.emit``; ``agent_delta`` (live only, never stored:
+            agent_throttled (a model call waited for its agent's ``RateLimit``), or the
+            name given to ``ctx.emit``; ``agent_delta`` (live only, never stored:
             its ``seq`` is that of the stored event it follows).
         run_id: the run.
         step: the step it happened in, if any.

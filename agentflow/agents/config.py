@@ -71,10 +71,12 @@ class RateLimit:
         for name, value in named.items():
             if value is not None and (isinstance(value, bool) or not value > 0):
                 raise WorkflowDefinitionError(f"RateLimit {name} must be a positive number, got {value!r}")
-        if self.concurrent is not None and self.concurrent != int(self.concurrent):
-            raise WorkflowDefinitionError(
-                f"RateLimit concurrent must be a whole number, got {self.concurrent}"
-            )
+        if self.concurrent is not None:
+            if self.concurrent != int(self.concurrent):
+                raise WorkflowDefinitionError(
+                    f"RateLimit concurrent must be a whole number, got {self.concurrent}"
+                )
+            object.__setattr__(self, "concurrent", int(self.concurrent))
         if not self.window > 0:
             raise WorkflowDefinitionError(f"RateLimit window must be positive seconds, got {self.window!r}")
         for name in ("requests_per_minute", "tokens_per_minute"):
