@@ -138,6 +138,6 @@ async def events(runner: WorkflowRunner, run_id: str) -> AsyncIterator[RunEvent]
                     rec = await runner._record(run_id)
                     if rec.status in FINAL and rec.event_count <= after:
                         return
-                await sup.notifier.wait(run_id, woken, sup.poll_interval())
+                await sup.notifier.wait(run_id, woken, sup.poll_interval(every_step=True))
             finally:
                 sup.notifier.disarm(run_id, woken)

@@ -411,11 +411,12 @@ def wake(rec: RunRecord) -> Transition | None:
 
 
 def apply(
-    rec: RunRecord, now: float, t: Transition, owner: str, lease_ttl: float
+    rec: RunRecord, now: float, t: Transition, owner: str | None, lease_ttl: float
 ) -> tuple[Change, Lease | None]:
     """The store change ``t`` makes to ``rec`` (``now`` is the store's clock).
 
-    Resuming takes a new lease for ``owner`` — unless a pause or stop was asked for
+    Resuming takes a new lease for ``owner`` (``None``: the run is left without one, for a
+    worker to take) — unless a pause or stop was asked for
     while the run was parked: then it parks as ``paused`` (or ends ``stopped``) where
     it would have resumed.
     """
@@ -433,6 +434,9 @@ def apply(
         elif control == "pause":
             fields.update(status=RunStatus.PAUSED, step=t.resume_at, lease_owner=None, control=None)
             kinds.append(("paused", t.resume_at, None))
+        elif owner is None:  # for a worker to take (``WorkflowRunner(execute=False)``)
+            fields.update(status=RunStatus.RUNNING, step=t.resume_at, lease_owner=None, lease_expires=0.0)
+            kinds.append(("step_started", t.resume_at, None))
         else:
             lease = Lease(owner, rec.lease_token + 1)
             fields.update(

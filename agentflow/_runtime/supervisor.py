@@ -140,12 +140,13 @@ class Supervisor:
         assert self.pools is not None
         return self.pools.accessor(journal)
 
-    def poll_interval(self) -> float:
+    def poll_interval(self, every_step: bool = False) -> float:
         """Seconds between two looks at the store for a run another process advances.
 
         On a store that pushes changes (``ChangeFeed``: Redis, Postgres) the feed wakes
         watchers at once and the store is looked at every second only as a backstop;
-        otherwise every 100 ms.
+        otherwise every 100 ms. A watcher of ``every_step`` (a run's events) looks every
+        100 ms in any case: a store may push only status changes (Postgres does).
         """
         store = self.store
         if not isinstance(store, ChangeFeed):
@@ -153,7 +154,7 @@ class Supervisor:
         root = self.root
         if root._feed is None or root._feed.done():
             root._feed = asyncio.get_running_loop().create_task(root._feeding(store), name="agentflow:feed")
-        return _POLL_PUSHED
+        return _POLL if every_step else _POLL_PUSHED
 
     async def _feeding(self, store: ChangeFeed) -> None:
         """Wake this process's watchers on every change the store pushes, reconnecting when cut."""
@@ -376,20 +377,25 @@ class Supervisor:
         # Every lease token an attempt took: after a lost reply the retry finds the change
         # made (``fn`` returns None) and the lease is known from the record.
         taken: set[int] = set()
+        handed: list[bool] = []  # a client's transition left the run for a worker
 
         def change(rec: RunRecord, now: float) -> Any:
             t = fn(rec, now)
             if t is None:
                 return None
-            out, lease = apply(rec, now, t, self.owner, self.lease_ttl)
+            out, lease = apply(rec, now, t, self.owner if self.execute else None, self.lease_ttl)
             if lease is not None:
                 taken.add(lease.token)
+            elif not self.execute and out.record.status == RunStatus.RUNNING:
+                handed.append(True)
             return out
 
         rec = await self.update(run_id, change)
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
+        if handed and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
+            await queue_of(self.store).enqueue(rec.workflow, run_id)
         if rec.lease_owner == self.owner and rec.lease_token in taken and run_id not in self.local:
             # The run may be of a child workflow: the supervisor of its own workflow adopts it.
             owner = self.of(rec.workflow) if rec.workflow in self.specs else self

@@ -492,8 +492,9 @@ class ChangeFeed(Protocol):
     """
 
     async def changes(self, changed: Callable[[str], None]) -> None:
-        """Call ``changed(run_id)`` for every run committed, updated or created in the store,
-        by any process, until cancelled.
+        """Call ``changed(run_id)`` when a run is created or its status, pending approvals or
+        control flag change, by any process, until cancelled (a store may tell of every
+        write: Redis does).
 
         Raises:
             StoreError: the feed was cut (the caller starts it again; changes made while

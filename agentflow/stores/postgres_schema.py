@@ -41,8 +41,8 @@ Upgrades. ``ensure_schema`` creates the tables of a new database and brings an o
 layout to ``VERSION`` in one transaction under an advisory lock, so processes starting
 together do not race; a database written by a newer layout is refused. Version 2 added
 the workers' hand-over queue (``agentflow_queue``, claimed with ``FOR UPDATE SKIP
-LOCKED``) and a trigger that notifies ``agentflow_changes`` when a run changes in a way
-a watcher cares about (so a lease renewal notifies nobody).
+LOCKED``) and a trigger that notifies ``agentflow_changes`` when a run's status, pending
+approvals or control flag change (a step or a lease renewal notifies nobody).
 """
 
 from __future__ import annotations
@@ -162,8 +162,10 @@ _V1 = (
     f"CREATE INDEX {APPROVERS}_of_run ON {APPROVERS} (ns, run_id)",
 )
 
-# Version 2: the work queue, and a notification for every change of a run that a
-# watcher cares about (not a lease renewal), sent by the database when it commits.
+# Version 2: the work queue, and a notification when a run's status, pending approvals or
+# control flag change, sent by the database when it commits. Not for every step: NOTIFY
+# takes a lock every notifying commit waits on, which would serialize the steps of all
+# runs (watchers of a run's events look at the store every 100 ms instead).
 _V2 = (
     f"""CREATE TABLE {QUEUE} (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -173,8 +175,8 @@ _V2 = (
     f"CREATE INDEX {QUEUE}_next ON {QUEUE} (ns, workflow, claimed_at, id)",
     f"""CREATE FUNCTION {RUNS}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-      IF TG_OP = 'INSERT' OR NEW.event_count <> OLD.event_count OR NEW.status <> OLD.status
-         OR NEW.pending <> OLD.pending OR NEW.control IS DISTINCT FROM OLD.control THEN
+      IF TG_OP = 'INSERT' OR NEW.status <> OLD.status OR NEW.pending <> OLD.pending
+         OR NEW.control IS DISTINCT FROM OLD.control THEN
         PERFORM pg_notify('{CHANGES}', json_build_array(NEW.ns, NEW.run_id)::text);
       END IF;
       RETURN NULL;
