@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -274,3 +275,27 @@ async def test_a_process_killed_mid_step_on_a_cluster_is_recovered_by_another(
     starts = collections.Counter(name for what, name, _ in _lines(log) if what == "start")
     assert starts == {"A": 1, "B": 1, "C": 2, "D": 1}  # only the step in flight ran again
     assert {pid for _, name, pid in _lines(log) if name == "D"} == {second.pid}
+
+
+async def test_the_change_feed_follows_writes_on_every_node(make_store: StoreFactory) -> None:
+    watcher, writer = make_store("redis_cluster"), make_store("redis_cluster")
+    assert isinstance(watcher, RedisStore)
+    ids = {f"run-{i}" for i in range(12)}  # their records on all three masters
+    seen: set[str] = set()
+    every = asyncio.Event()
+
+    def changed(run_id: str) -> None:
+        seen.add(run_id)
+        if ids <= seen:
+            every.set()
+
+    feed = asyncio.create_task(watcher.changes(changed))  # before the store sent anything
+    try:
+        await asyncio.sleep(0.2)
+        for run_id in sorted(ids):
+            await started(writer, run_id)
+        await asyncio.wait_for(every.wait(), 5)
+    finally:
+        feed.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feed

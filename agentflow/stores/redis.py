@@ -494,6 +494,9 @@ class RedisStore:
 
     async def changes(self, changed: Callable[[str], None]) -> None:
         """Call ``changed(run_id)`` for every write of a run by any process (pub/sub)."""
+        wire = self._wire
+        if isinstance(wire, ClusterWire):  # the subscription is routed by the cluster's slot map
+            await wire.retrying("changes", None, wire.ready)
         await redis_feed.follow(self.client, self.keys.changes(), changed)
 
     # -- the work queue (WorkQueue; see redis_queue) ---------------------------------

@@ -179,7 +179,13 @@ class ClusterWire(Wire):
 
     # -- the map of slots ---------------------------------------------------------------
 
-    async def _ready(self) -> None:
+    async def ready(self) -> None:
+        """Read the cluster's map of slots, unless it is known and no connection failed since.
+
+        Raises:
+            ConnectionError: no node answered, or the slots are not all served.
+            StoreError: the store is closed.
+        """
         if self._closed:
             raise StoreError("the Redis store is closed")
         if self._mapped and not self._stale:
@@ -231,7 +237,7 @@ class ClusterWire(Wire):
 
     @contextlib.asynccontextmanager
     async def connection(self, key: bytes = b"") -> AsyncIterator[Connection]:
-        await self._ready()
+        await self.ready()
         node = self._node(slot(key) if key else None)
         own = self._own.get(node.name)
         if own is None:
@@ -284,7 +290,7 @@ class ClusterWire(Wire):
         return replies[len(deferred) :] if deferred else replies
 
     async def _routed(self, commands: Sequence[Command | Packed]) -> list[Any]:
-        await self._ready()
+        await self.ready()
         replies: list[Any] = [None] * len(commands)
         todo: list[tuple[_Unit, ClusterNode | None]] = [(unit, None) for unit in _units(commands)]
         for attempt in range(_REDIRECTS):
