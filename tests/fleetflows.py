@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from agentflow import END, START, Next, Workflow
+from agentflow import END, START, Agent, Next, Parallel, Workflow, tool
+from agentflow.agents import ProviderReply, ProviderRequest, ToolUse
+from agentflow.testing import ScriptedProvider
 
 LOG = os.environ.get("FLEET_LOG", "fleet.log")
 
@@ -47,5 +49,59 @@ def _persistence() -> dict[str, object]:
 pipeline = (
     Workflow("FleetPipeline")
     .flow({START: stage("A", "B"), "B": stage("B", "C"), "C": stage("C", END)})
+    .persistence(**_persistence())
+)
+
+
+async def branch(ctx):
+    log(f"start branch{ctx.item} {ctx.run_id}")
+    if ctx.item >= 3 and os.environ.get("FLEET_BLOCK") == "branch":
+        await asyncio.sleep(60)
+    await asyncio.sleep(0.02)
+    log(f"end branch{ctx.item} {ctx.run_id}")
+    return ctx.item * 10
+
+
+fanout = (
+    Workflow("FleetFanout")
+    .flow(
+        {
+            START: lambda ctx: Parallel.map(branch, range(6), "Join"),
+            "Join": lambda ctx: Next(END, output="joined"),
+        }
+    )
+    .persistence(**_persistence())
+)
+
+
+@tool(idempotent=True)
+async def probe(service: str) -> str:
+    """Probe a service (idempotent: safe to run again)."""
+    log(f"start probe {service}")
+    if os.environ.get("FLEET_BLOCK") == "probe":
+        await asyncio.sleep(60)
+    log(f"end probe {service}")
+    return f"{service} is up"
+
+
+def _model(request: ProviderRequest) -> ProviderReply:
+    """The model, played from the conversation so far (any process can go on with it)."""
+    if not any(m.role == "tool" for m in request.messages):
+        return ProviderReply("Probing.", tool_calls=(ToolUse("p1", "probe", {"service": "api"}),))
+    return ProviderReply("All up.")
+
+
+async def _ask(ctx):
+    log(f"start Ask {ctx.run_id}")
+    async with ctx.agents.ops as ops:
+        run = await ops.run("is the api up?")
+    log(f"end Ask {ctx.run_id}")
+    return Next(END, output=run.text)
+
+
+agentic = (
+    Workflow("FleetAgent")
+    .flow({START: _ask})
+    .agents({"ops": Agent(provider=ScriptedProvider([_model] * 10), model="m", tools=[probe])})
     .persistence(**_persistence())
 )

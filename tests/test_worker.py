@@ -188,13 +188,12 @@ async def test_a_durable_timer_of_a_client_run_fires_in_the_worker(store: Store)
     assert result.output == "late" and RAN == ["Done"]
 
 
-async def test_the_redis_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store) -> None:
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, kind) -> None:
     from agentflow.stores.contract import ChangeFeed
 
-    client_store, worker_store = (
-        make_store("redis", key_prefix="feed:"),
-        make_store("redis", key_prefix="feed:"),
-    )
+    client_store = make_store(kind, key_prefix="feed:")
+    worker_store = make_store(kind, key_prefix="feed:")
     assert isinstance(client_store, ChangeFeed)
     seen: list[str] = []
     feed = asyncio.create_task(client_store.changes(seen.append))

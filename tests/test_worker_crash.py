@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import fleetflows
 import pytest
@@ -47,7 +48,7 @@ def _worker(env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None and "worker serving FleetPipeline" in proc.stdout.readline()
+    assert proc.stdout is not None and "FleetPipeline" in proc.stdout.readline()
     return proc
 
 
@@ -64,7 +65,7 @@ def _until(check, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-def _client(kind: str, target: str) -> WorkflowRunner:
+def _client(kind: str, target: str, workflow: Any = None) -> WorkflowRunner:
     """A client of the workers: the same workflow, on the same store, running nothing itself."""
     if kind == "sqlite":
         store: Store = SqliteStore(target)
@@ -72,7 +73,7 @@ def _client(kind: str, target: str) -> WorkflowRunner:
         from agentflow.stores.redis import RedisStore
 
         store = RedisStore(target)
-    return WorkflowRunner(fleetflows.pipeline, store=store, execute=False)
+    return WorkflowRunner(workflow or fleetflows.pipeline, store=store, execute=False)
 
 
 def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -132,3 +133,54 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_runs_on(kind, tmp_path
     starts = collections.Counter((n, r) for w, n, r, _ in _lines(log) if w == "start")
     assert set(starts.values()) == {1}  # no step of any run ran twice
     assert len(starts) == 12
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_worker_killed_mid_fanout_leaves_its_finished_branches_done(kind, tmp_path, request) -> None:
+    log = tmp_path / "steps.log"
+    target = _target(kind, tmp_path, request)
+    doomed = _worker(_env(kind, target, log, block="branch"))
+    client = _client(kind, target, fleetflows.fanout)
+    async with client:
+        handle = await client.run(run_id="fan")
+        _until(lambda: sum(1 for w, n, _, _ in _lines(log) if w == "end" and n.startswith("branch")) == 3)
+        _until(lambda: sum(1 for w, n, _, _ in _lines(log) if w == "start" and n.startswith("branch")) == 6)
+        time.sleep(0.2)  # the finished branches' journal commits land
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate()
+        survivor = _worker(_env(kind, target, log))
+        try:
+            result = await handle.result(timeout=60)
+        finally:
+            survivor.send_signal(signal.SIGTERM)
+            survivor.communicate(timeout=30)
+    await client.store.close()
+    assert result.output == "joined"
+    starts = collections.Counter(n for w, n, _, _ in _lines(log) if w == "start")
+    # branches 0-2 finished before the kill and never ran again; 3-5 were in flight: once more
+    assert starts == {**{f"branch{i}": 1 for i in range(3)}, **{f"branch{i}": 2 for i in range(3, 6)}}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_worker_killed_mid_tool_call_runs_the_idempotent_tool_once_more(
+    kind, tmp_path, request
+) -> None:
+    log = tmp_path / "steps.log"
+    target = _target(kind, tmp_path, request)
+    doomed = _worker(_env(kind, target, log, block="probe"))
+    client = _client(kind, target, fleetflows.agentic)
+    async with client:
+        handle = await client.run(run_id="agent")
+        _until(lambda: any((w, n) == ("start", "probe") for w, n, _, _ in _lines(log)))
+        doomed.send_signal(signal.SIGKILL)
+        doomed.communicate()
+        survivor = _worker(_env(kind, target, log))
+        try:
+            result = await handle.result(timeout=60)
+        finally:
+            survivor.send_signal(signal.SIGTERM)
+            survivor.communicate(timeout=30)
+    await client.store.close()
+    assert result.output == "All up."
+    starts = collections.Counter(n for w, n, _, _ in _lines(log) if w == "start")
+    assert starts == {"Ask": 2, "probe": 2}  # the step and the tool in flight, once more each

@@ -4,12 +4,14 @@ and a process whose watchers follow runs advanced elsewhere subscribes to it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.cluster import RedisCluster
 
 from ..errors import StoreError
@@ -32,12 +34,19 @@ async def follow(client: Any, channel: str, changed: Callable[[str], None]) -> N
     Raises:
         StoreError: the subscription was cut (the caller subscribes again).
     """
-    own = None
     if isinstance(client, RedisCluster):
         # A plain PUBLISH reaches every node of a cluster: one node's connection hears all.
         node = client.get_random_node()
-        own = client = Redis(host=node.host, port=int(node.port), **_options(node))
-    pubsub = client.pubsub()
+        own = Redis(host=node.host, port=int(node.port), socket_timeout=None, **_options(node))
+    else:  # a connection of its own, outside the store's pool (it is held for as long as it listens)
+        pool = client.connection_pool
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _CONNECTION}
+        if "path" in kwargs:  # a unix socket
+            kwargs["unix_socket_path"] = kwargs.pop("path")
+        if issubclass(pool.connection_class, SSLConnection):
+            kwargs["ssl"] = True
+        own = Redis(**kwargs, socket_timeout=None)  # it waits on messages: no read timeout
+    pubsub = own.pubsub()
     try:
         await pubsub.subscribe(channel)
         async for message in pubsub.listen():
@@ -48,12 +57,29 @@ async def follow(client: Any, channel: str, changed: Callable[[str], None]) -> N
     except (redis_errors.RedisError, OSError) as exc:
         raise StoreError(f"the Redis change feed on {channel!r} was cut: {exc}") from exc
     finally:
-        try:
-            await pubsub.aclose()
-            if own is not None:
+        try:  # bounded: a read cut by a cancellation must not hold the close up
+            async with asyncio.timeout(2.0):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await own.aclose()
-        except (redis_errors.RedisError, OSError):
+        except (redis_errors.RedisError, OSError, TimeoutError):
             pass
+
+
+#: What a listening connection takes over from the store's connections.
+_CONNECTION = (
+    "host",
+    "port",
+    "path",
+    "username",
+    "password",
+    "client_name",
+    "socket_connect_timeout",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_check_hostname",
+)
 
 
 def _options(node: Any) -> dict[str, Any]:
