@@ -8,6 +8,7 @@ and exits 0 saying what it did.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -145,7 +146,11 @@ async def test_a_worker_killed_mid_fanout_leaves_its_finished_branches_done(kind
         handle = await client.run(run_id="fan")
         _until(lambda: sum(1 for w, n, _, _ in _lines(log) if w == "end" and n.startswith("branch")) == 3)
         _until(lambda: sum(1 for w, n, _, _ in _lines(log) if w == "start" and n.startswith("branch")) == 6)
-        time.sleep(0.2)  # the finished branches' journal commits land
+        for _ in range(500):  # until the finished branches' results are journaled
+            loaded = await client.store.load("fan")
+            if loaded is not None and sum(1 for k in loaded.journal if k.startswith("p:")) >= 3:
+                break
+            await asyncio.sleep(0.01)
         doomed.send_signal(signal.SIGKILL)
         doomed.communicate()
         survivor = _worker(_env(kind, target, log))

@@ -11,8 +11,8 @@ from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 
 from ..errors import StoreError
 
