@@ -38,7 +38,7 @@ typecheck: $(VENV)/.installed
 test: $(VENV)/.installed redis-server postgresql lint typecheck
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.installed redis-server
+bench: $(VENV)/.installed redis-server postgresql
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_stores.py
@@ -47,6 +47,7 @@ bench: $(VENV)/.installed redis-server
 	$(BIN)/python benchmarks/bench_compose.py
 	$(BIN)/python benchmarks/bench_agents.py
 	$(BIN)/python benchmarks/bench_pool.py
+	$(BIN)/python benchmarks/bench_fleet.py
 
 clean:
 	rm -rf $(VENV) agentflow.db*
