@@ -493,8 +493,8 @@ class ChangeFeed(Protocol):
 
     async def changes(self, changed: Callable[[str], None]) -> None:
         """Call ``changed(run_id)`` when a run is created or its status, pending approvals or
-        control flag change, by any process, until cancelled (a store may tell of every
-        write: Redis does).
+        control flag change, by any process, until cancelled (a store may tell of more
+        writes than these).
 
         Raises:
             StoreError: the feed was cut (the caller starts it again; changes made while

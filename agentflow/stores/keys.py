@@ -15,7 +15,8 @@ cluster one (one of :data:`SHARDS` tags, below)::
     Iwf:<wf>:gates          ZSET   the workflow's runs waiting at a gate with a deadline,
                                    scored by that deadline
     P#buckets               ZSET   the time buckets of finished runs' index keys (below)
-    P#changes               (pub/sub channel) each write of a run publishes its ``rec`` key
+    P#changes               (pub/sub channel) a run's ``rec`` key, when it is created or its
+                                   status, pending approvals or control flag change
     Iap:all                 ZSET   pending approvals, member ``<id> NUL <run id>``, scored
                                    by their created_at
     Iap:wf:<wf>             ZSET   the same, of one workflow's runs
@@ -223,7 +224,7 @@ class Keys:
         return f"{base}ap:at" if day is None else f"{base}ap:gone:{day}"
 
     def changes(self) -> str:
-        """The pub/sub channel every write of a run publishes that run's record key on."""
+        """The pub/sub channel a run's record key is published on when the run changes status."""
         return f"{self._base}changes"
 
     def buckets(self) -> str:

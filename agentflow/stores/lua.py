@@ -46,8 +46,8 @@ local function now()
   local t = redis.call('TIME')
   return t[1] .. '.' .. string.sub('00000' .. t[2], -6)
 end
--- Tell watchers in other processes (the ``P#changes`` channel): the run of record key ``rec``
--- was written. The prefix is what comes before the key's last "#run:".
+-- Tell watchers in other processes (the ``P#changes`` channel) that the run of record key
+-- ``rec`` changed. The prefix is what comes before the key's last "#run:".
 local function publish(rec)
   redis.call('PUBLISH', string.match(rec, '^(.*)#run:') .. '#changes', rec)
 end
@@ -114,7 +114,7 @@ local nf, ne, no, nj = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 -- Checked before anything is written, as HINCRBY would: a damaged count changes nothing.
 local count = integer(cur[5])
 if not count then return redis.error_reply('ERR hash value is not an integer') end
-local control, was, moved = cur[6], status, false
+local control, was, moved, tell = cur[6], status, false, false
 local h = {'event_count', string.format('%d', count + ne), 'updated_at', now()}
 local n = 4
 if seq > 0 then
@@ -123,14 +123,18 @@ end
 if ARGV[6] ~= '' then h[n + 1], h[n + 2], n = '_ix', ARGV[6], n + 2 end
 for i = 13, 12 + 2 * nf, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
-  if name == 'control' then control = value elseif name == 'status' then status, moved = value, true end
+  if name == 'control' then control, tell = value, true
+  elseif name == 'status' then status, moved, tell = value, true, true
+  elseif name == 'pending' then tell = true end
   h[n + 1], h[n + 2], n = name, value, n + 2
 end
 if ARGV[4] == '1' then
   h[n + 1], h[n + 2], h[n + 3], h[n + 4] = 'lease_owner', 'null', 'lease_expires', '0.0'
 end
 redis.call('HSET', rec, unpack(h))
-publish(rec)
+-- Watchers are told of a new status, pending approvals or control flag; a step that only
+-- moves the run on is not published (followers of its events look every 100 ms).
+if tell then publish(rec) end
 local i = 13 + 2 * nf
 push_range(KEYS[2], i, i + ne - 1)
 i = i + ne

@@ -493,7 +493,8 @@ class RedisStore:
     # -- the change feed (ChangeFeed; see redis_feed) ---------------------------------
 
     async def changes(self, changed: Callable[[str], None]) -> None:
-        """Call ``changed(run_id)`` for every write of a run by any process (pub/sub)."""
+        """Call ``changed(run_id)`` when a run is created, or its status, approvals or control
+        change, in any process (pub/sub)."""
         wire = self._wire
         if isinstance(wire, ClusterWire):  # the subscription is routed by the cluster's slot map
             await wire.retrying("changes", None, wire.ready)

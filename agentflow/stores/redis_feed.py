@@ -1,6 +1,7 @@
-"""The Redis store's change feed: every write of a run publishes its record key on
-``P#changes`` (inside the write's own script or transaction: no round trip of its own),
-and a process whose watchers follow runs advanced elsewhere subscribes to it."""
+"""The Redis store's change feed: a write that creates a run, or changes its status,
+pending approvals or control flag, publishes its record key on ``P#changes`` (inside the
+write's own script or transaction: no round trip of its own); a step that only moves a
+run on does not. A process whose watchers follow runs advanced elsewhere subscribes."""
 
 from __future__ import annotations
 
