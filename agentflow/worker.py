@@ -276,7 +276,8 @@ class Worker:
     async def _take_all(self, runner: WorkflowRunner, store: WorkQueue, claims: list[Claim]) -> None:
         """Take the runs of claimed entries, then acknowledge the entries."""
         sup = runner.supervisor
-        for claim in claims:
+
+        async def one(claim: Claim) -> None:
             try:
                 taken = await self._take(runner, claim.run_id, claim.workflow)
             except RunNotFoundError:
@@ -287,6 +288,8 @@ class Worker:
                 taken = False
             if not taken:
                 self._dropped += 1
+
+        await asyncio.gather(*(one(c) for c in claims))  # each run's lease and load at once
         if claims:
             try:
                 await store.ack(claims)

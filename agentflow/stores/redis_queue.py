@@ -142,8 +142,10 @@ class StreamQueue:
         for key, ids in by_key.items():
 
             async def done(key: str = key, ids: list[str] = ids) -> None:
-                await self._client.xack(key, GROUP, *ids)
-                await self._client.xdel(key, *ids)
+                pipe = self._client.pipeline(transaction=False)  # one round trip (one key: one node)
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
+                await pipe.execute()
 
             await self._call("acknowledging queue entries", done)
 
