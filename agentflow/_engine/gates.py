@@ -46,6 +46,7 @@ __all__ = [
     "normalized",
     "park",
     "pending_gate",
+    "short_of_quorum",
     "time_out",
     "typed_decision",
     "wake",
@@ -274,16 +275,27 @@ def decide(
     if not approved:
         target = pending.get("on_reject")
         return Outcome(decision, None, target, None if target else "rejected")
-    votes = list(approval.get("votes") or ())
-    if by not in votes:
-        votes.append(by)
-    if len(votes) < int(approval.get("quorum", 1)):
-        approvals = [{**a, "votes": votes} if a["id"] == aid else a for a in pending["approvals"]]
-        return Outcome(decision, {**pending, "approvals": approvals}, None, None)
+    waiting = short_of_quorum(pending, approval, by, decision)
+    if waiting is not None:
+        return waiting
     others = [a for a in pending["approvals"] if a["id"] != aid]
     if others:  # decided; the run goes on once every approval it waits for is
         return Outcome(decision, {**pending, "approvals": others}, None, None)
     return Outcome(decision, None, pending.get("target"), None)
+
+
+def short_of_quorum(
+    pending: dict[str, Any], approval: dict[str, Any], by: str, decision: Decision
+) -> Outcome | None:
+    """``by``'s approval counted: the outcome while the approval still lacks its quorum, else None."""
+    votes = list(approval.get("votes") or ())
+    if by not in votes:
+        votes.append(by)
+    if len(votes) >= int(approval.get("quorum", 1)):
+        return None
+    aid = approval["id"]
+    approvals = [{**a, "votes": votes} if a["id"] == aid else a for a in pending["approvals"]]
+    return Outcome(decision, {**pending, "approvals": approvals}, None, None)
 
 
 def _fill(run_id: str, step: Any, aid: str, form: type[BaseModel], data: Any) -> BaseModel:

@@ -29,7 +29,7 @@ import pydantic_core
 from ..errors import AgentflowError, InvalidInputError, InvalidStateError, NotAuthorizedError
 from ..stores.contract import Commit, RunRecord, approval_id
 from ..types import Decision, RunStatus
-from .gates import Outcome, Transition, expired
+from .gates import Outcome, Transition, expired, short_of_quorum
 from .signals import Stop, Suspend
 
 if TYPE_CHECKING:
@@ -180,13 +180,7 @@ def decide_tool(
     if data is not None:
         data = _edit(where, kind, data, validate)
     decision = Decision(True, by, comment, data, approval=aid)
-    votes = list(approval.get("votes") or ())
-    if by not in votes:
-        votes.append(by)
-    if len(votes) < int(approval.get("quorum", 1)):
-        approvals = [{**a, "votes": votes} if a["id"] == aid else a for a in pending["approvals"]]
-        return Outcome(decision, {**pending, "approvals": approvals}, None, None)
-    return _settled(pending, aid, decision)
+    return short_of_quorum(pending, approval, by, decision) or _settled(pending, aid, decision)
 
 
 def _edit(where: str, kind: Any, data: Any, validate: Callable[[Any], Any] | None) -> dict[str, Any]:
