@@ -41,8 +41,10 @@ store, ours and others'.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,6 +67,7 @@ __all__ = [
     "RateLimits",
     "WorkQueue",
     "approval_id",
+    "claim_waiting",
     "indexed_approvals",
     "pending_approvals",
 ]
@@ -452,6 +455,34 @@ class QueueDepth:
 
     waiting: int
     oldest_age: float | None
+
+
+async def claim_waiting(
+    attempt: Callable[[], Awaitable[list[Claim]]], arrived: asyncio.Event | None, wait: float, poll: float
+) -> list[Claim]:
+    """What a store's ``claim`` does while its queues are empty: ``attempt()`` again until it
+    claims something or ``wait`` seconds passed.
+
+    Between two attempts it waits for ``arrived`` (set by the store when an entry may have
+    been queued; cleared before each attempt, so one queued meanwhile is not missed), at
+    most ``poll`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        if arrived is not None:
+            arrived.clear()
+        claims = await attempt()
+        left = deadline - time.monotonic()
+        if claims or left <= 0:
+            return claims
+        if arrived is None:
+            await asyncio.sleep(min(left, poll))
+            continue
+        try:
+            async with asyncio.timeout(min(left, poll)):
+                await arrived.wait()
+        except TimeoutError:
+            pass
 
 
 @runtime_checkable

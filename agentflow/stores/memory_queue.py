@@ -28,18 +28,14 @@ class MemoryQueue:
         self._arrived.set()
 
     async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
-        deadline = time.monotonic() + wait
-        while True:
-            out = self._take(workflows, limit)
-            left = deadline - time.monotonic()
-            if out or left <= 0 or limit <= 0:
-                return out
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(min(left, 1.0)):  # wake for redeliveries too
-                    await self._arrived.wait()
-            except TimeoutError:
-                pass
+        if limit <= 0:
+            return []
+
+        async def attempt() -> list[Claim]:
+            return self._take(workflows, limit)
+
+        # Looked at again every second for redeliveries too.
+        return await contract.claim_waiting(attempt, self._arrived, wait, 1.0)
 
     def _take(self, workflows: Sequence[str], limit: int) -> list[Claim]:
         now = time.time()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -189,22 +188,16 @@ class QueueAndFeed:
             args = (consumer, self.key_prefix, names, redeliver_after(), limit)
             return claims_of(await (await conn.execute(CLAIM, args)).fetchall())
 
-        deadline = time.monotonic() + wait
-        queued = self._listening().queued() if wait > 0 else None
-        if queued is not None:
-            await self._listener.ready()  # type: ignore[union-attr]
-        while True:
-            if queued is not None:
-                queued.clear()
-            claims = await self._db.run("claim", None, job)
-            left = deadline - time.monotonic()
-            if claims or left <= 0 or queued is None:
-                return claims
-            try:  # a notification wakes the wait; half a second bounds a lost one
-                async with asyncio.timeout(min(left, 0.5)):
-                    await queued.wait()
-            except TimeoutError:
-                pass
+        async def attempt() -> list[Claim]:
+            return await self._db.run("claim", None, job)
+
+        queued = None
+        if wait > 0:
+            listener = self._listening()
+            queued = listener.queued()
+            await listener.ready()
+        # A notification wakes the wait; half a second bounds a lost one.
+        return await contract.claim_waiting(attempt, queued, wait, 0.5)
 
     async def ack(self, claims: Sequence[Claim]) -> None:
         """Delete the acknowledged entries."""

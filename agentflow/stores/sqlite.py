@@ -71,7 +71,7 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord
+from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord, claim_waiting
 from .sqlite_calls import Durability, TwoConnections, _close, _forks, _Job, _Pending
 
 __all__ = ["Durability", "SqliteStore"]
@@ -503,23 +503,16 @@ class SqliteStore(TwoConnections):
 
     async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
         """Up to ``limit`` entries for ``consumer``, polling every ``POLL_INTERVAL`` s up to ``wait``."""
-        deadline = time.monotonic() + wait
-        while True:
-            self._queued.clear()
-            claims = await self._call(
+
+        async def attempt() -> list[Claim]:
+            return await self._call(
                 "claim",
                 None,
                 lambda db: sqlqueue.claim(db, self.key_prefix, workflows, consumer, limit),
                 write=True,
             )
-            left = deadline - time.monotonic()
-            if claims or left <= 0:
-                return claims
-            try:
-                async with asyncio.timeout(min(left, sqlqueue.POLL_INTERVAL)):
-                    await self._queued.wait()
-            except TimeoutError:
-                pass
+
+        return await claim_waiting(attempt, self._queued, wait, sqlqueue.POLL_INTERVAL)
 
     async def ack(self, claims: Sequence[Claim]) -> None:
         """Delete acknowledged entries."""
