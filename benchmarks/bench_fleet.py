@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from bench_stores import redis_url
 
 from agentflow import END, START, HumanApproval, Next, Wait, Worker, Workflow, WorkflowRunner
 from agentflow.stores.contract import Store
@@ -180,27 +180,9 @@ async def ceiling(kind: str, target: str, w: int, runs: int) -> tuple[float, flo
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("set REDIS_URL or install redis-server (make test installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "", "--appendonly", "no"]
-        proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL)
-        try:
-            for _ in range(200):
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-                    break
-                time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait()
+    """``REDIS_URL``, or a ``redis-server`` started on a free port (as bench_stores does)."""
+    with redis_url() as (url, _ours):
+        yield url
 
 
 @contextlib.contextmanager
