@@ -24,6 +24,7 @@ import signal
 import sys
 from typing import Any
 
+from helpers import log_line
 from pydantic import BaseModel
 
 from agentflow import END, START, Next, Parallel, Run, RunStatus, Workflow, WorkflowRunner
@@ -35,12 +36,7 @@ PARENT = ""
 
 
 def log(line: str) -> None:
-    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line} {os.getpid()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    log_line(LOG, line)
 
 
 class Killing:

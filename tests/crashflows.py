@@ -15,6 +15,7 @@ import asyncio
 import os
 import sys
 
+from helpers import log_line
 from pydantic import BaseModel
 
 from agentflow import END, START, Next, Parallel, Workflow, WorkflowRunner
@@ -23,12 +24,7 @@ LOG = os.environ.get("CRASH_LOG", "")
 
 
 def log(line: str) -> None:
-    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line} {os.getpid()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    log_line(LOG, line)
 
 
 def blocking() -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+from helpers import log_line
+
 from agentflow import END, START, Agent, Next, Parallel, Workflow, tool
 from agentflow.agents import ProviderReply, ProviderRequest, ToolUse
 from agentflow.testing import ScriptedProvider
@@ -19,12 +21,7 @@ LOG = os.environ.get("FLEET_LOG", "fleet.log")
 
 
 def log(line: str) -> None:
-    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line} {os.getpid()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    log_line(LOG, line)
 
 
 def stage(name: str, nxt: str):

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
 from agentflow import RunEvent, RunHandle, RunInfo, RunStatus
+
+
+def log_line(path: str, line: str) -> None:
+    """Append ``line`` and this process's pid to ``path``, flushed to disk: what a crash test's
+    subprocess writes, so the lines survive its SIGKILL."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{line} {os.getpid()}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 #: How long a helper waits before failing the test (runs under test finish in milliseconds).
 WAIT = 5.0

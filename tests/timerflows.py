@@ -14,16 +14,13 @@ import asyncio
 import os
 import sys
 
+from helpers import log_line
+
 from agentflow import END, START, Next, RunStatus, Sleep, Wait, Workflow, WorkflowRunner
 
 
 def log(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line} {os.getpid()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    log_line(path, line)
 
 
 def timer_flow(store: str, target: str, log_path: str) -> Workflow:
