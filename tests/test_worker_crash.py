@@ -20,6 +20,7 @@ from typing import Any
 
 import fleetflows
 import pytest
+from test_crash import _kill
 
 from agentflow import WorkflowRunner
 from agentflow.stores import SqliteStore
@@ -83,6 +84,22 @@ def _target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("redis_cluster_url" if kind == "redis_cluster" else "redis_url")
 
 
+async def _carry_on(
+    env: dict[str, str], handles: list[Any], timeout: float = 60
+) -> tuple[list[Any], subprocess.Popen[str], str, str]:
+    """Start another worker, wait (``timeout`` s each) for the runs' results, then SIGTERM it.
+
+    Returns the results, the worker, and what it printed (stdout, stderr).
+    """
+    worker = _worker(env)
+    try:
+        results = [await h.result(timeout=timeout) for h in handles]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    return results, worker, out, err
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "redis_cluster"])
 async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path, request) -> None:
     log = tmp_path / "steps.log"
@@ -92,14 +109,8 @@ async def test_a_worker_killed_mid_step_is_taken_over_by_another(kind, tmp_path,
     async with client:
         handles = [await client.run(run_id=f"r{i}") for i in range(3)]
         _until(lambda: sum(1 for w, n, _, _ in _lines(log) if (w, n) == ("start", "B")) == 3)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.communicate()
-        survivor = _worker(_env(kind, target, log))
-        try:
-            results = [await h.result(timeout=60) for h in handles]
-        finally:
-            survivor.send_signal(signal.SIGTERM)
-            out, err = survivor.communicate(timeout=30)
+        _kill(doomed)
+        results, survivor, out, err = await _carry_on(_env(kind, target, log), handles)
     await client.store.close()
     assert survivor.returncode == 0, err
     assert {r.status.value for r in results} == {"completed"} and {r.output for r in results} == {
@@ -123,12 +134,7 @@ async def test_sigterm_lets_the_step_finish_and_hands_the_runs_on(kind, tmp_path
         out, err = first.communicate(timeout=30)
         assert first.returncode == 0, err
         assert "worker stopped: 4 runs handed over" in out
-        second = _worker(_env(kind, target, log))
-        try:
-            results = [await h.result(timeout=30) for h in handles]
-        finally:
-            second.send_signal(signal.SIGTERM)
-            second.communicate(timeout=30)
+        results, _, _, _ = await _carry_on(_env(kind, target, log), handles, timeout=30)
     await client.store.close()
     assert {r.status.value for r in results} == {"completed"}
     starts = collections.Counter((n, r) for w, n, r, _ in _lines(log) if w == "start")
@@ -151,14 +157,8 @@ async def test_a_worker_killed_mid_fanout_leaves_its_finished_branches_done(kind
             if loaded is not None and sum(1 for k in loaded.journal if k.startswith("p:")) >= 3:
                 break
             await asyncio.sleep(0.01)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.communicate()
-        survivor = _worker(_env(kind, target, log))
-        try:
-            result = await handle.result(timeout=60)
-        finally:
-            survivor.send_signal(signal.SIGTERM)
-            survivor.communicate(timeout=30)
+        _kill(doomed)
+        (result,), _, _, _ = await _carry_on(_env(kind, target, log), [handle])
     await client.store.close()
     assert result.output == "joined"
     starts = collections.Counter(n for w, n, _, _ in _lines(log) if w == "start")
@@ -177,14 +177,8 @@ async def test_a_worker_killed_mid_tool_call_runs_the_idempotent_tool_once_more(
     async with client:
         handle = await client.run(run_id="agent")
         _until(lambda: any((w, n) == ("start", "probe") for w, n, _, _ in _lines(log)))
-        doomed.send_signal(signal.SIGKILL)
-        doomed.communicate()
-        survivor = _worker(_env(kind, target, log))
-        try:
-            result = await handle.result(timeout=60)
-        finally:
-            survivor.send_signal(signal.SIGTERM)
-            survivor.communicate(timeout=30)
+        _kill(doomed)
+        (result,), _, _, _ = await _carry_on(_env(kind, target, log), [handle])
     await client.store.close()
     assert result.output == "All up."
     starts = collections.Counter(n for w, n, _, _ in _lines(log) if w == "start")
