@@ -18,8 +18,6 @@ call with those arguments and to nothing else.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TOOL_KINDS",
-    "arguments_digest",
     "check_respond",
     "decide_tool",
     "park_tools",
@@ -52,12 +49,6 @@ TOOL_KINDS = ("tool_call", "tool_outcome")
 
 #: How a reviewer may decide a tool approval.
 Action = str  # "approve" | "reject" | "respond"
-
-
-def arguments_digest(arguments: Any) -> str:
-    """A short digest of a call's arguments (canonical JSON): what a tool_call decision is bound to."""
-    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def tool_approval(run: LiveRun, step: str, visit: int, key: str, ask: dict[str, Any]) -> dict[str, Any]:
