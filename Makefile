@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean postgresql
+.PHONY: demo test lint typecheck bench clean postgresql chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ postgresql:
 		echo "installing postgresql"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
+# Chromium for the review page's browser tests: Debian's build (Playwright's own browser
+# download needs the internet); the tests launch /usr/bin/chromium through executable_path.
+chromium:
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: $(VENV)/.installed
 	$(BIN)/python examples/build_and_deploy.py
 
@@ -35,7 +42,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-test: $(VENV)/.installed redis-server postgresql lint typecheck
+test: $(VENV)/.installed redis-server postgresql chromium lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed redis-server postgresql
