@@ -22,6 +22,7 @@ from agentflow.errors import CorruptRecordError, LeaseLostError, StoreError, Wor
 from agentflow.stores import SqliteStore, open_store
 from agentflow.stores.contract import Change, Commit, Lease, OutputRecord, RunRecord, approval_id
 from agentflow.stores.sqlite_index import page_of_approvals
+from agentflow.stores.sqlite_schema import VERSION
 from agentflow.testing.store_builders import acquire
 from agentflow.types import RunEvent, RunStatus
 
@@ -584,7 +585,7 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
     db.close()
     with pytest.raises(StoreError, match="closed"):
         await store.get("r1")
@@ -653,7 +654,7 @@ async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) 
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
         assert db.execute("SELECT field FROM agentflow_values").fetchall() == [("input",)]
     db.close()
 
@@ -693,7 +694,28 @@ async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+    db.close()
+
+
+async def test_a_file_of_the_fifth_layout_gets_its_credentials_table_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "v5.db")
+    store = SqliteStore(path)
+    lease = await started(store)
+    await store.close()
+    with sqlite3.connect(path) as db:  # back to version 5: no credentials
+        db.execute("DROP TABLE agentflow_credentials")
+        db.execute("PRAGMA user_version = 5")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.put_credential("k", {"v": 1}, only_new=True)
+        assert await store.get_credential("k") == {"v": 1}
+        await store.commit("r1", lease, Commit(fields={"step": "B"}, seq=1))  # the run is as it was
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
     db.close()
 
 

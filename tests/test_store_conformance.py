@@ -12,10 +12,16 @@ from conftest import StoreFactory
 
 from agentflow.stores import MemoryStore, SqliteStore, Store
 from agentflow.stores.sqlite_schema import BIG, RUNS, VALUES
-from agentflow.testing.store_conformance import DurableStoreConformance, StoreConformance, started
+from agentflow.testing.store_conformance import (
+    CredentialConformance,
+    DurableCredentialConformance,
+    DurableStoreConformance,
+    StoreConformance,
+    started,
+)
 
 
-class TestMemoryStore(StoreConformance):
+class TestMemoryStore(StoreConformance, CredentialConformance):
     @pytest.fixture
     def store_factory(self, make_store: StoreFactory) -> StoreFactory:
         return partial(make_store, "memory")
@@ -29,7 +35,7 @@ class TestMemoryStore(StoreConformance):
         assert await store.get("r1") is None and await store.list_runs() == []
 
 
-class TestSqliteStore(DurableStoreConformance):
+class TestSqliteStore(DurableStoreConformance, DurableCredentialConformance):
     @pytest.fixture
     def store_factory(self, make_store: StoreFactory) -> StoreFactory:
         return partial(make_store, "sqlite")

@@ -33,9 +33,12 @@ __all__ = [
     "check_commit_fields",
     "check_record",
     "check_scalars",
+    "credential_key",
     "deadline_of",
     "decode",
+    "decode_credential",
     "encode",
+    "encode_credential",
     "encode_event",
     "encode_output",
     "make_event",
@@ -310,3 +313,49 @@ def make_output(run_id: str, key: str, raw: str | bytes) -> OutputRecord:
         return OutputRecord(_int(data["visit"]), _str(data["step"]), data.get("value"))
     except (KeyError, TypeError, AttributeError) as exc:
         raise CorruptRecordError(run_id, key, f"step output is malformed: {exc!r}") from exc
+
+
+# -- credentials (the Credentials capability) -------------------------------------------
+
+
+def credential_key(key: str) -> str:
+    """``key`` if it can name a credential (a non-empty string without NUL).
+
+    Raises:
+        StoreError: it cannot.
+    """
+    if not isinstance(key, str) or not key or "\0" in key:
+        raise StoreError(f"a credential key must be a non-empty string without NUL, not {key!r}")
+    return key
+
+
+def encode_credential(key: str, value: Any) -> bytes:
+    """The JSON of credential ``value`` (a JSON object).
+
+    Raises:
+        StoreError: ``value`` is not a dict, or not JSON-able (names the key).
+    """
+    credential_key(key)
+    if not isinstance(value, dict):
+        raise StoreError(
+            f"credential {key!r}: the value must be a dict (a JSON object), not {type(value).__name__}"
+        )
+    try:
+        return pydantic_core.to_json(value)
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        raise StoreError(f"credential {key!r}: cannot store the value: {exc}; store JSON-able data") from exc
+
+
+def decode_credential(key: str, raw: str | bytes) -> dict[str, Any]:
+    """A stored credential's value.
+
+    Raises:
+        StoreError: the stored bytes are not a JSON object (names the key).
+    """
+    try:
+        value = pydantic_core.from_json(raw)
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"credential {key!r}: the stored value is unreadable: {exc}") from exc
+    if not isinstance(value, dict):
+        raise StoreError(f"credential {key!r}: the stored value is not a JSON object")
+    return value

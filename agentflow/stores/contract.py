@@ -61,6 +61,7 @@ __all__ = [
     "Store",
     "ChangeFeed",
     "Claim",
+    "Credentials",
     "QueueDepth",
     "Quota",
     "REDELIVER_AFTER",
@@ -584,4 +585,40 @@ class RateLimits(Protocol):
     async def release_limit(self, key: str, ticket: str, quota: Quota, tokens: int | None) -> None:
         """Give back ``ticket``'s slot; count ``tokens`` for its call instead of its reservation
         (None: keep the reservation)."""
+        ...
+
+
+@runtime_checkable
+class Credentials(Protocol):
+    """A store that keeps small JSON records beside the runs (optional): the review page's
+    reviewers (token hashes) and its session-signing key live here (§15).
+
+    Records live under the store's ``key_prefix`` (stores with different prefixes never
+    see each other's), are shared by every process using the store, and do not expire.
+    A key is a non-empty string; a value a JSON object (a ``dict`` of JSON-able data),
+    read back as plain JSON. Each call is atomic; ``put_credential(..., only_new=True)``
+    is the put-if-absent that lets processes starting together agree on one value.
+
+    Errors: ``StoreError`` when the store cannot be reached, or the value cannot be
+    written (raised before anything is written), or a stored value cannot be read.
+    """
+
+    async def put_credential(self, key: str, value: dict[str, Any], only_new: bool = False) -> bool:
+        """Write ``value`` under ``key``; True when written.
+
+        With ``only_new``, nothing is written and False comes back when ``key`` holds a
+        value already (whoever wrote it).
+        """
+        ...
+
+    async def get_credential(self, key: str) -> dict[str, Any] | None:
+        """The value under ``key``, or None."""
+        ...
+
+    async def delete_credential(self, key: str) -> bool:
+        """Remove ``key``; False when it held nothing."""
+        ...
+
+    async def list_credentials(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every ``(key, value)`` whose key starts with ``prefix`` (literally), by key."""
         ...

@@ -48,6 +48,7 @@ from .contract import (
     RunRecord,
     Store,
 )
+from .memory_credentials import MemoryCredentials
 from .memory_index import ApprovalIndex, RunIndex, SortKey
 from .memory_queue import MemoryQueue
 
@@ -162,7 +163,7 @@ def _encode_record(rec: RunRecord) -> dict[str, Any]:
     return fields
 
 
-class MemoryStore:
+class MemoryStore(MemoryCredentials):
     """Keeps runs in dicts. Every operation completes without yielding, so each is atomic.
 
     The store's clock is ``time.time()``. Nothing survives the process, and
@@ -179,6 +180,7 @@ class MemoryStore:
         self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
         self._approvals = ApprovalIndex()
         self._queue = MemoryQueue()
+        self._credentials = {}
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -549,7 +551,8 @@ class MemoryStore:
         return await self._queue.queue_depth(workflow)
 
     async def close(self) -> None:
-        """Forget every run."""
+        """Forget every run (and credential)."""
+        self._credentials.clear()
         self._runs.clear()
         self._index.clear()
         self._expiring.clear()

@@ -72,7 +72,8 @@ from .codec import (
     make_output,
 )
 from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord, claim_waiting
-from .sqlite_calls import Durability, TwoConnections, _close, _forks, _Job, _Pending
+from .sqlite_calls import Durability, _close, _forks, _Job, _Pending
+from .sqlite_credentials import SqliteCredentials
 
 __all__ = ["Durability", "SqliteStore"]
 
@@ -82,7 +83,7 @@ PURGE_BATCH = 200
 _STATUS_AT = sqlrows.HOT.index("status")
 
 
-class SqliteStore(TwoConnections):
+class SqliteStore(SqliteCredentials):
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
     The file is opened on first use, by the store's own thread. See the module

@@ -1,6 +1,6 @@
 """The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
-Layout (schema version 5, kept in ``PRAGMA user_version``)::
+Layout (schema version 6, kept in ``PRAGMA user_version``)::
 
     agentflow_runs      the hot row of a run: one column per small RunRecord field
                         (JSON text for pending, decisions, error, usage, parent,
@@ -24,6 +24,8 @@ Layout (schema version 5, kept in ``PRAGMA user_version``)::
     agentflow_approvers (ns, approver, created_at, id): who may decide each pending one
     agentflow_queue     the hand-over of runs to workers: one row per entry, claimed by
                         setting ``claimed_by``/``claimed_at``, deleted when acknowledged
+    agentflow_credentials (ns, key) -> JSON text: small records kept beside the runs
+                        (the review page's reviewers and session key)
 
 A short value rides in the hot row, which a commit rewrites anyway: a step whose state
 is a few counters writes two pages (the row and its events), not three. When a value
@@ -50,6 +52,7 @@ __all__ = [
     "BIG",
     "BUSY_TIMEOUT",
     "CHECKPOINT_WAIT",
+    "CREDENTIALS",
     "EVENTS",
     "JOURNAL",
     "OUTPUTS",
@@ -75,9 +78,16 @@ RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
     "agentflow_approvers",
     "agentflow_queue",
 )
+CREDENTIALS = "agentflow_credentials"
 
 #: The layout this module creates; files with a higher ``user_version`` are refused.
-VERSION = 5
+VERSION = 6
+
+_CREDENTIALS = (
+    f"""CREATE TABLE IF NOT EXISTS {CREDENTIALS} (
+        ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (ns, key)
+    ) WITHOUT ROWID""",
+)
 
 _QUEUE = (
     f"""CREATE TABLE IF NOT EXISTS {QUEUE} (
@@ -173,6 +183,8 @@ _HOT = (
     "updated_at, event_count, lease_owner, lease_token, lease_expires, control, deadline, expires_at"
 )
 
+# Version 5 had no credentials (the table is made on every upgrade, below).
+_FROM_V5: tuple[str, ...] = ()
 # Version 4 had no work queue.
 _FROM_V4 = _QUEUE
 # Version 3 had no parent, children nor approval index (the new tables are in _TABLES).
@@ -311,7 +323,9 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             )
         if version < VERSION:
             steps: tuple[str, ...]
-            if version == 4:
+            if version == 5:
+                steps = _FROM_V5
+            elif version == 4:
                 steps = _FROM_V4
             elif version == 3:
                 steps = _FROM_V3
@@ -320,11 +334,12 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             else:  # a file of version 1 (which set no version) has the big fields in its rows
                 v1 = db.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = 'input'", (RUNS,)).fetchone()
                 steps = _FROM_V1 if v1 else _TABLES
-            for sql in (*steps, *_QUEUE):
+            for sql in (*steps, *_QUEUE, *_CREDENTIALS):
                 db.execute(sql)
             for sql in _INDEXES:
                 db.execute(sql)
-            _index_waiting_runs(db)
+            if version < 4:  # version 4 has the approval index already
+                _index_waiting_runs(db)
             db.execute(f"PRAGMA user_version = {VERSION}")
         db.execute("COMMIT")
     except BaseException:

@@ -23,6 +23,9 @@ needs pytest and pytest-asyncio (in strict mode, declare the fixture with
             for store in made:
                 await store.close()
 
+A store with the optional ``Credentials`` capability adds :class:`CredentialConformance`
+(or :class:`DurableCredentialConformance`) to the bases of its test class.
+
 A store whose runs outlive the process and are shared by several processes subclasses
 :class:`DurableStoreConformance` instead and also implements ``damage(store, run_id,
 field, raw)``: overwrite one stored record field with ``raw``, the JSON text the field
@@ -43,6 +46,7 @@ from ..errors import CorruptRecordError, LeaseLostError
 from ..stores.contract import Commit, OutputRecord, Store
 from ..types import RunStatus
 from ._store_approvals import ApprovalConformance, approval, gate_pending
+from ._store_credentials import CredentialConformance, DurableCredentialConformance
 from ._store_reads import ReadConformance
 from ._store_writes import WriteConformance
 from .store_builders import (
@@ -63,6 +67,8 @@ from .store_builders import (
 
 __all__ = [
     "BuildOutput",
+    "CredentialConformance",
+    "DurableCredentialConformance",
     "DurableStoreConformance",
     "State",
     "StoreConformance",
