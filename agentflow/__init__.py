@@ -45,7 +45,7 @@ from .errors import (
 from .runner import RunHandle, WorkflowRunner
 from .steward import Steward, WorkflowInfo
 from .stores.contract import Store
-from .types import Approval, Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage
+from .types import Approval, Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage, Webhook
 from .worker import Worker, WorkerStatistics
 
 __all__ = [
@@ -98,6 +98,7 @@ __all__ = [
     "UnknownStepError",
     "Usage",
     "Wait",
+    "Webhook",
     "Workflow",
     "WorkflowDefinitionError",
     "WorkflowInfo",

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -30,6 +30,9 @@ from .stores import open_store
 from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
+
+if TYPE_CHECKING:
+    from .webhooks import WebhookSender
 
 __all__ = ["RunHandle", "WorkflowRunner"]  # RunHandle lives in agentflow.handle
 
@@ -107,6 +110,7 @@ class WorkflowRunner:
         self.store = store
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self._sup: Supervisor | None = None
+        self._sender: WebhookSender | None = None  # the persistence's webhooks, sent from here
         self._lease_ttl = ttl
         self.execute = execute
         if not execute:
@@ -119,6 +123,13 @@ class WorkflowRunner:
             self._sup = Supervisor(
                 self.spec, self.store, self._lease_ttl, self.owner, self._specs, execute=self.execute
             )
+            hooks = self.spec.persistence.webhooks if self.spec.persistence else ()
+            if hooks:
+                if self._sender is None:
+                    from .webhooks import WebhookSender  # httpx only when there are webhooks
+
+                    self._sender = WebhookSender(hooks)
+                self._sender.attach(self)
         return self._sup
 
     async def __aenter__(self) -> WorkflowRunner:
@@ -129,10 +140,16 @@ class WorkflowRunner:
         await self.close()
 
     async def close(self) -> None:
-        """Stop advancing this process's runs (they stay recoverable); close agents and the store."""
+        """Stop advancing this process's runs (they stay recoverable); close agents and the store.
+
+        Webhook deliveries still queued are sent first (for at most 10 s).
+        """
         if self._sup is not None:
             await self._sup.close()
             self._sup = None
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            await sender.close()
         if self._owns_store:
             await self.store.close()
 

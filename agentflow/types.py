@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 __all__ = [
     "FINAL",
@@ -34,6 +35,8 @@ __all__ = [
     "RunResult",
     "RunStatus",
     "Usage",
+    "WEBHOOK_EVENTS",
+    "Webhook",
 ]
 
 
@@ -397,3 +400,59 @@ class RunResult:
     output: Any
     state: Any
     step_results: dict[str, Any]
+
+
+#: The events a :class:`Webhook` can be sent: an approval a run now waits for, and its decision.
+WEBHOOK_EVENTS = ("approval_pending", "approval_decided")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where ``approval_pending`` / ``approval_decided`` are POSTed, and how they are signed.
+
+    Each delivery is a JSON body signed with HMAC-SHA256 of ``f"{timestamp}.{body}"``
+    under ``secret`` (``X-Agentflow-Signature: sha256=<hex>``, ``X-Agentflow-Timestamp``);
+    ``X-Agentflow-Delivery`` is the same for every attempt of one approval's event, so a
+    receiver can drop repeats. :func:`agentflow.webhooks.verify` checks one.
+
+    Given to ``.persistence(webhooks=[...])`` or ``create_app(webhooks=[...])``, which
+    reject a wrong one (see :meth:`problem`) with ``WorkflowDefinitionError``.
+
+    Attributes:
+        url: an ``http://`` or ``https://`` URL.
+        secret: the shared signing secret (not empty).
+        events: which of :data:`WEBHOOK_EVENTS` to send.
+        timeout: seconds one attempt may take.
+        attempts: attempts in all for one delivery (retried on connection errors,
+            timeouts, 5xx and 429; another 4xx is not retried).
+    """
+
+    url: str
+    secret: str = field(repr=False)
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    timeout: float = 10.0
+    attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.events, tuple):
+            object.__setattr__(self, "events", tuple(self.events))
+
+    def problem(self) -> str | None:
+        """What is wrong with this webhook, or None when it can be used."""
+        try:
+            url = urlsplit(self.url) if isinstance(self.url, str) else None
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            return f"a webhook's url must be an http:// or https:// URL, got {self.url!r}"
+        if not isinstance(self.secret, str) or not self.secret:
+            return f"the webhook to {self.url} needs a secret to sign its deliveries with"
+        unknown = [e for e in self.events if e not in WEBHOOK_EVENTS]
+        if unknown or not self.events:
+            known = list(WEBHOOK_EVENTS)
+            return f"the webhook to {self.url}: events must be some of {known}, got {list(self.events)}"
+        if not self.timeout > 0:
+            return f"the webhook to {self.url}: timeout must be positive, got {self.timeout}"
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            return f"the webhook to {self.url}: attempts must be at least 1, got {self.attempts}"
+        return None

@@ -48,6 +48,7 @@ SPEC_NAMES = [
     "Worker",
     "WorkerStatistics",
     "RateLimit",
+    "Webhook",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -124,6 +125,7 @@ EXPECTED = [
     "UnknownStepError",
     "Usage",
     "Wait",
+    "Webhook",
     "Worker",
     "WorkerStatistics",
     "Workflow",

@@ -180,8 +180,7 @@ async def park(
         run.event("waiting", name, {**{k: approval[k] for k in keys}, "approval": approval["id"]})
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, journal=journal or {}, release=True))
-    if pending["deadline"] is not None:
-        run.kernel.watch_deadlines()
+    run.kernel.parked(run, pending)
 
 
 @dataclass(frozen=True, slots=True)

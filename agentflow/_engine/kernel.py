@@ -52,6 +52,14 @@ class Kernel(Protocol):
         """Make sure gate deadlines are enforced while this process lives."""
         ...
 
+    def parked(self, run: LiveRun, pending: dict[str, Any]) -> None:
+        """``run``'s commit as waiting on ``pending`` (a gate, a timer, tool calls) is stored.
+
+        Its deadline is enforced from now on, and whoever listens to approvals here is
+        told of those it waits for.
+        """
+        ...
+
     def forget(self, run: LiveRun) -> None:
         """``run`` left this process."""
         ...

@@ -122,8 +122,7 @@ async def park_tools(run: LiveRun, step: str, visit: int, approvals: list[dict[s
     run.status = RunStatus.WAITING
     await run.commit(Commit(fields=fields, release=True))
     run.visit = resume_visit
-    if pending["deadline"] is not None:
-        run.kernel.watch_deadlines()
+    run.kernel.parked(run, pending)
     raise Suspend()
 
 

@@ -32,6 +32,7 @@ from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
 from .limits import limiter_for
+from .listeners import ApprovalListener, announce_decided, announce_pending
 from .notify import Notifier
 from .timers import GateTimers
 
@@ -104,11 +105,15 @@ class Supervisor:
             self.execute = execute
             #: Called with each run that leaves this process (a worker counts its room).
             self.on_leave: list[Callable[[LiveRun], None]] = []
+            #: Told of approvals parked and decided here (see :mod:`.listeners`), by every
+            #: supervisor of the family: a webhook sender registers once, on the first.
+            self.listeners: list[ApprovalListener] = []
             self._feed: asyncio.Task[None] | None = None
             self._claiming: dict[str, asyncio.Event] = {}  # runs a claim here is taking now
         else:
             self.execute = root.execute
             self.on_leave = root.on_leave
+            self.listeners = root.listeners
             self.root = root
             self.local = root.local
             self.notifier = root.notifier
@@ -169,6 +174,13 @@ class Supervisor:
     def watch_deadlines(self) -> None:
         """Enforce gate deadlines of this workflow while this runner lives."""
         self.timers.ensure()
+
+    def parked(self, run: LiveRun, pending: dict[str, Any]) -> None:
+        """``run``'s commit as waiting on ``pending`` is stored: watch its deadline, tell the listeners."""
+        if pending.get("deadline") is not None:
+            self.timers.ensure()
+        if self.listeners:
+            announce_pending(self.listeners, self.spec.name, run.run_id, pending)
 
     def forget(self, run: LiveRun) -> None:
         """``run`` left this process."""
@@ -378,12 +390,16 @@ class Supervisor:
         # made (``fn`` returns None) and the lease is known from the record.
         taken: set[int] = set()
         handed: list[bool] = []  # a client's transition left the run for a worker
+        listened = bool(self.listeners)
+        made: list[tuple[RunRecord, list[RunEvent]]] = []  # the last attempt that changed the record
 
         def change(rec: RunRecord, now: float) -> Any:
             t = fn(rec, now)
             if t is None:
                 return None
             out, lease = apply(rec, now, t, self.owner if self.execute else None, self.lease_ttl)
+            if listened:
+                made[:] = [(rec, out.events)]
             if lease is not None:
                 taken.add(lease.token)
             elif not self.execute and out.record.status == RunStatus.RUNNING:
@@ -394,6 +410,8 @@ class Supervisor:
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
+        if made:
+            announce_decided(self.listeners, *made[0], rec)
         if handed and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
             await queue_of(self.store).enqueue(rec.workflow, run_id)
         if rec.lease_owner == self.owner and rec.lease_token in taken and run_id not in self.local:

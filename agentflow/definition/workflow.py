@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from ..agents.config import Agent, AgentsConfig, TokenBudget
 from ..errors import WorkflowDefinitionError
 from ..stores.contract import Store
+from ..types import Webhook
 from .compose import referenced_workflows
 from .gates import forms_of
 from .graph import mermaid, scope_of
@@ -34,6 +35,8 @@ class Persistence:
     ttl: float | None = None
     lease_ttl: float = 15.0
     durability: str | None = None
+    #: Where this workflow's approvals are announced (``approval_pending`` / ``approval_decided``).
+    webhooks: tuple[Webhook, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,7 @@ class Workflow:
         ttl: float | None = None,
         lease_ttl: float = 15.0,
         durability: str | None = None,
+        webhooks: Sequence[Webhook] = (),
     ) -> Self:
         """Where runs live: ``"sqlite"`` (the embedded default), ``"redis"``, ``"postgres"``, ``"memory"``
         or a Store.
@@ -243,6 +247,9 @@ class Workflow:
             lease_ttl: seconds after which a run whose owner stopped renewing may be recovered.
             durability: SQLite only: ``"full"`` (survives a power loss) or ``"normal"``
                 (survives a process crash); None for the store's default.
+            webhooks: where ``approval_pending`` and ``approval_decided`` are POSTed
+                (:class:`~agentflow.Webhook`); every runner of the workflow sends them,
+                off the run's path (:mod:`agentflow.webhooks`).
         """
         if isinstance(store, str) and store not in _STORES:
             raise WorkflowDefinitionError(
@@ -256,7 +263,14 @@ class Workflow:
             raise WorkflowDefinitionError(f"ttl must be positive, got {ttl}")
         if durability not in (None, "full", "normal"):
             raise WorkflowDefinitionError(f"durability must be 'full' or 'normal', got {durability!r}")
-        self._persistence = Persistence(enabled, store, key_prefix, url, path, ttl, lease_ttl, durability)
+        hooks = tuple(webhooks)
+        for hook in hooks:
+            problem = hook.problem() if isinstance(hook, Webhook) else f"not a Webhook: {hook!r}"
+            if problem is not None:
+                raise WorkflowDefinitionError(f"workflow {self.name!r}: {problem}")
+        self._persistence = Persistence(
+            enabled, store, key_prefix, url, path, ttl, lease_ttl, durability, hooks
+        )
         return self._changed()
 
     def agents(
