@@ -61,7 +61,7 @@ class TestSqliteStore(DurableStoreConformance, DurableCredentialConformance):
         db.close()
 
 
-class TestRedisStore(DurableStoreConformance):
+class TestRedisStore(DurableStoreConformance, DurableCredentialConformance):
     @pytest.fixture
     def store_factory(self, make_store: StoreFactory) -> StoreFactory:
         return partial(make_store, "redis")
@@ -73,7 +73,29 @@ class TestRedisStore(DurableStoreConformance):
         await store.client.hset(store.keys.run(run_id).rec, field, raw)
 
 
-class TestPostgresStore(DurableStoreConformance):
+class TestRedisClusterCredentials(DurableCredentialConformance):
+    """The cluster's run store is pinned in test_redis_cluster.py; its credentials here."""
+
+    @pytest.fixture
+    def store_factory(self, make_store: StoreFactory) -> StoreFactory:
+        return partial(make_store, "redis_cluster")
+
+    async def test_the_credentials_hash_has_a_hash_tag_of_its_own(self, store_factory: StoreFactory) -> None:
+        from agentflow.stores.keys import slot
+        from agentflow.stores.redis import RedisStore
+
+        for prefix in ("", "app:", "{app}:"):
+            store = store_factory(key_prefix=prefix)
+            assert isinstance(store, RedisStore)
+            key = store.keys.credentials()
+            assert key.startswith(prefix) and slot(key.encode()) == slot(
+                b"{app}" if "{" in prefix else b"{credentials}"
+            )
+            assert await store.put_credential("k", {"v": prefix})
+            assert await store.client.hget(key, "k") == f'{{"v":"{prefix}"}}'.encode()
+
+
+class TestPostgresStore(DurableStoreConformance, DurableCredentialConformance):
     @pytest.fixture
     def store_factory(self, make_store: StoreFactory) -> StoreFactory:
         return partial(make_store, "postgres")

@@ -30,6 +30,8 @@ cluster one (one of :data:`SHARDS` tags, below)::
                                    they went (see ``redis_limits``; ``<key>`` escaped)
     P#limit:{<key>}:tokens  HASH   the same calls' tokens
     P#limit:{<key>}:slots   ZSET   its concurrency slots held, scored by when they expire
+    P#{credentials}         HASH   credential key -> JSON value (the review page's
+                                   reviewers and session key; see ``redis_credentials``)
 
 Unambiguous: ``#`` is escaped everywhere after the prefix, so the prefix is what comes
 before a key's last ``#``: two prefixes never build the same key, whatever run ids or
@@ -226,6 +228,11 @@ class Keys:
     def changes(self) -> str:
         """The pub/sub channel a run's record key is published on when the run changes status."""
         return f"{self._base}changes"
+
+    def credentials(self) -> str:
+        """The hash of the prefix's credentials: one key with a hash tag of its own, the same
+        in both layouts."""
+        return f"{self._base}{{credentials}}"
 
     def buckets(self) -> str:
         """The registry of time buckets in use, scored by when their keys expire."""

@@ -58,6 +58,7 @@ from .codec import (
     make_output,
 )
 from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
+from .postgres_credentials import PgCredentials
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
 
@@ -72,7 +73,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore(pgqueue.QueueAndFeed):
+class PostgresStore(pgqueue.QueueAndFeed, PgCredentials):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.

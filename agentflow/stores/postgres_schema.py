@@ -1,6 +1,6 @@
 """The PostgreSQL store's tables and indexes, and their creation and upgrade on first use.
 
-Layout (schema version 1, kept in ``agentflow_schema``)::
+Layout (schema version 3, kept in ``agentflow_schema``)::
 
     agentflow_schema     one row: the version of the layout below
     agentflow_runs       one row per run, primary key (ns, run_id): a column per
@@ -20,6 +20,9 @@ Layout (schema version 1, kept in ``agentflow_schema``)::
                          decided one stays (not pending) until its run goes, so a page can
                          start after it
     agentflow_approvers  (ns, approver, created_at, id): who may decide each pending one
+    agentflow_queue      the hand-over of runs to workers (version 2, below)
+    agentflow_credentials (ns, key) -> JSON text: small records kept beside the runs (the
+                         review page's reviewers and session key; version 3)
 
 Every table but the first carries ``ns`` (the key prefix) and every query filters on
 it, so stores with different prefixes share a database without building table names
@@ -42,7 +45,8 @@ layout to ``VERSION`` in one transaction under an advisory lock, so processes st
 together do not race; a database written by a newer layout is refused. Version 2 added
 the workers' hand-over queue (``agentflow_queue``, claimed with ``FOR UPDATE SKIP
 LOCKED``) and a trigger that notifies ``agentflow_changes`` when a run's status, pending
-approvals or control flag change (a step or a lease renewal notifies nobody).
+approvals or control flag change (a step or a lease renewal notifies nobody). Version 3
+added ``agentflow_credentials``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ __all__ = [
     "NOW",
     "OUTPUTS",
     "CHANGES",
+    "CREDENTIALS",
     "QUEUE",
     "QUEUED",
     "RUNS",
@@ -77,9 +82,10 @@ SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
     "agentflow_approvers",
     "agentflow_queue",
 )
+CREDENTIALS = "agentflow_credentials"
 
 #: The layout this module creates; databases with a higher version are refused.
-VERSION = 2
+VERSION = 3
 
 #: The channels the store notifies on: a run was written (payload ``[ns, run_id]`` as
 #: JSON), and an entry was queued for workers (payload ``[ns, workflow]``).
@@ -185,8 +191,15 @@ _V2 = (
     f"FOR EACH ROW EXECUTE FUNCTION {RUNS}_notify()",
 )
 
+# Version 3: credentials (the review page's reviewers and session key).
+_V3 = (
+    f"""CREATE TABLE {CREDENTIALS} (
+        ns text NOT NULL, key text NOT NULL, value text NOT NULL, PRIMARY KEY (ns, key)
+    )""",
+)
+
 #: The statements that bring a database of version ``v`` (0: a new one) to ``v + 1``.
-_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1, 1: _V2}
+_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1, 1: _V2, 2: _V3}
 
 # Any number: the key of the advisory lock that serializes schema changes.
 _LOCK = 0x61676E74666C6F77  # "agntflow"

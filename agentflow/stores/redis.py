@@ -77,6 +77,7 @@ from .contract import (
 from .keys import Keys
 from .redis_approvals import Approvals
 from .redis_cluster import ClusterWire, is_cluster_url, make_cluster_client
+from .redis_credentials import RedisCredentials
 from .redis_index import Index
 from .redis_known import KnownRuns
 from .redis_queue import StreamQueue
@@ -94,7 +95,7 @@ class _Creation(NamedTuple):
     facts: tuple[bytes, bytes]  # workflow and created_at, JSON
 
 
-class RedisStore:
+class RedisStore(RedisCredentials):
     """Keeps runs in Redis (7+, or Valkey); shared by every process that reaches it.
 
     Args:
