@@ -114,12 +114,71 @@ def _check_stores(steward: Steward) -> None:
                 )
 
 
+async def _serve(steward: Steward, args: argparse.Namespace, out: Any) -> int:
+    """Serve the review page of the module's workflows until SIGTERM / SIGINT."""
+    import uvicorn
+
+    from .review import HeaderAuth, TokenAuth, create_app
+
+    auth: HeaderAuth | TokenAuth = TokenAuth()
+    if args.auth == "header":
+        secret = os.environ.get(args.header_secret_env or "", "")
+        if not args.header or not secret:
+            raise AgentflowError(
+                "--auth header needs --header (the header the proxy names the user in) and "
+                "--header-secret-env (an environment variable holding the secret the proxy sends "
+                "in X-Agentflow-Secret), and that variable set"
+            )
+        auth = HeaderAuth(args.header, secret)
+    app = create_app(steward, auth=auth, execute=not args.workers)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, proxy_headers=True, timeout_graceful_shutdown=3, log_level="info"
+    )
+    names = ", ".join(w.name for w in steward.workflows())
+    runs = "agentflow worker processes go on with decided runs" if args.workers else "decided runs go on here"
+    print(f"review page of {names} on http://{args.host}:{args.port} ({runs})", file=out, flush=True)
+    await uvicorn.Server(config).serve()
+    return 0
+
+
+def _review_store(steward: Steward) -> Store:
+    """The store the module's workflows keep their runs in: their reviewers live there too.
+
+    Raises:
+        AgentflowError: the workflows use different stores, or keep runs in memory (the
+            reviewers would be gone when the command exits).
+    """
+    places: dict[Any, list[str]] = {}
+    for info in steward.workflows():
+        p = steward.get(info.name).compile().persistence
+        if p is None or not p.enabled or p.store == "memory" or isinstance(p.store, MemoryStore):
+            raise AgentflowError(
+                f"workflow {info.name!r} keeps its runs in memory, where reviewers would be gone when "
+                "this command exits; give it a .persistence(store='sqlite' | 'redis' | 'postgres')"
+            )
+        if isinstance(p.store, str):
+            path = os.path.abspath(p.path or "agentflow.db") if p.store == "sqlite" else None
+            place: Any = (p.store, p.key_prefix, p.url, path)
+        else:
+            place = id(p.store)
+        places.setdefault(place, []).append(info.name)
+    if len(places) > 1:
+        groups = "; ".join(", ".join(names) for names in places.values())
+        raise AgentflowError(
+            f"the workflows of the module keep their runs in different stores ({groups}), and reviewers "
+            "live in one: serve and manage the reviewers of each store's workflows from a module of their own"
+        )
+    return steward.runner(steward.workflows()[0].name).store
+
+
 async def _run(args: argparse.Namespace, out: Any) -> int:
     steward = Steward.discover(args.module)
     if not steward.workflows():
         raise AgentflowError(f"module {args.module!r} defines no Workflow")
     if args.command == "worker":
         return await _work(steward, args, out)
+    if args.command == "serve":
+        return await _serve(steward, args, out)
     if args.command != "describe":
         _check_stores(steward)
     try:
@@ -275,6 +334,22 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=100, help="runs advanced at once, at most")
     worker.add_argument(
         "--grace", type=float, default=30.0, help="seconds steps in flight get to finish on stop"
+    )
+    serve = command("serve", "serve the review page of the module's workflows (an inbox of approvals)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--workers", action="store_true", help="hand decided runs to `agentflow worker` processes"
+    )
+    serve.add_argument(
+        "--auth",
+        choices=["token", "header"],
+        default="token",
+        help="token: reviewers sign in with `agentflow reviewers add` tokens; header: a proxy names them",
+    )
+    serve.add_argument("--header", help="--auth header: the header the proxy names the user in")
+    serve.add_argument(
+        "--header-secret-env", help="--auth header: the environment variable holding the proxy's secret"
     )
     return ap
 

@@ -1,0 +1,101 @@
+"""Live inbox updates: one watcher per app looks at the newest pending approvals and tells
+every open page (a server-sent event ``approvals``) which arrived and which left.
+
+The watcher runs only while a page listens. It reads the first ``window`` approvals of
+each served workflow every ``interval`` seconds (from the approval index: the cost is the
+page, not the store), so an approval decided in another process, or one that arrives
+from any run, reaches an open inbox within about half a second. A page that hears of a
+change fetches its own filtered list again; ``added`` and ``removed`` are the ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from ..errors import AgentflowError
+
+__all__ = ["Watch"]
+
+log = logging.getLogger("agentflow.review")
+
+Snapshot = Callable[[], Awaitable[set[str]]]
+
+
+class Watch:
+    """Tells listeners which approvals arrived and which were decided since the last look.
+
+    Args:
+        snapshot: the ids of the newest pending approvals (what a look reads).
+        interval: seconds between two looks.
+    """
+
+    def __init__(self, snapshot: Snapshot, interval: float = 0.5) -> None:
+        self._snapshot = snapshot
+        self.interval = interval
+        self._queues: set[asyncio.Queue[dict[str, list[str]]]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._seen: set[str] | None = None
+        self._looked = asyncio.Event()  # the running watcher made its first look
+
+    def listen(self) -> asyncio.Queue[dict[str, list[str]]]:
+        """A queue of ``{"added": [...], "removed": [...]}`` changes, from now on."""
+        queue: asyncio.Queue[dict[str, list[str]]] = asyncio.Queue(maxsize=100)
+        self._queues.add(queue)
+        if self._task is None or self._task.done():
+            self._looked = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="review-watch")
+        return queue
+
+    def leave(self, queue: asyncio.Queue[dict[str, list[str]]]) -> None:
+        """Stop telling ``queue``; the watcher stops with its last listener."""
+        self._queues.discard(queue)
+
+    async def close(self) -> None:
+        """Stop the watcher (the app shuts down)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self) -> None:
+        self._seen = None
+        while self._queues:
+            now: set[str] | None
+            try:
+                now = await self._snapshot()
+            except (AgentflowError, OSError) as exc:  # a store outage: look again later
+                log.warning("review page: reading the approvals failed: %s", exc)
+                now = self._seen
+            if now is not None and self._seen is not None and now != self._seen:
+                change = {"added": sorted(now - self._seen), "removed": sorted(self._seen - now)}
+                for queue in list(self._queues):
+                    if queue.full():  # a listener that does not read: drop its oldest news
+                        queue.get_nowait()
+                    queue.put_nowait(change)
+            self._seen = now
+            self._looked.set()
+            await asyncio.sleep(self.interval)
+        self._task = None
+
+    def response(self, ping: float = 15.0) -> EventSourceResponse:
+        """The ``text/event-stream`` response of one page: ``approvals`` events until it leaves."""
+        queue = self.listen()
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            try:
+                await self._looked.wait()  # changes from here on reach this page
+                yield ServerSentEvent(comment="listening")
+                while True:
+                    change = await queue.get()
+                    yield ServerSentEvent(data=json.dumps(change), event="approvals")
+            finally:
+                self.leave(queue)
+
+        return EventSourceResponse(stream(), ping=ping, headers={"Cache-Control": "no-store"})
