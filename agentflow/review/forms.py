@@ -1,0 +1,450 @@
+"""Edit forms built from a JSON schema: what to render (:func:`fields`), and what was posted (:func:`parse`).
+
+The review page lets a reviewer edit an approval's data: a gate's ``form`` model or a tool
+call's arguments. Both are stored as JSON schemas (pydantic's, with ``$defs``/``$ref``),
+so the page needs no Python class to build the form.
+
+Inputs are named ``data.<path>``: ``.`` between levels and ``[i]`` for a list item, as in
+``data.home.city`` or ``data.items[0].name``. Errors are keyed by the path without the
+``data.`` prefix (``home.city``); ``""`` is the data as a whole. The template macro
+``render_fields`` in ``templates/_fields.html`` renders the fields with these names.
+
+What a reviewer sees, by schema:
+
+- ``string`` → a text input; ``text`` (a textarea) when ``format`` is ``textarea``,
+  ``maxLength`` is over 200, or the value is long or has line breaks.
+- ``integer`` / ``number`` → a text input (checked on the server, not by the browser, so
+  the error is shown next to the field); ``boolean`` → a checkbox.
+- ``enum``, ``const``, ``Literal`` and optional booleans → a select (``enum``).
+- an object with ``properties`` → its fields (``object``); a list of scalars or of objects
+  → one entry per item plus an empty one to add an item (``list``); an empty item is
+  dropped, which is how an item is removed.
+- anything else (unions, maps, tuples, lists of lists, recursive models) → a JSON textarea
+  (``json``).
+
+``anyOf`` with ``null`` (``Optional``) makes a field optional: left empty, it is None.
+A checkbox posts ``on`` only when checked, so each one is preceded by a hidden input of
+the same name posting ``off``: ``["off"]`` is false, ``["off", "on"]`` true, and nothing
+at all is "not on the form". A list posts a hidden input named by its own path (value
+``""``), so a list whose items were all removed is an empty list, not a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+import pydantic_core
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaViolation
+from jsonschema.exceptions import best_match
+
+from ..errors import InvalidInputError
+from ._messages import pydantic_message, schema_message
+from ._schema import LONG, Schema, View
+
+__all__ = ["Field", "Option", "errors_from_pydantic", "fields", "parse"]
+
+#: Kinds a field may have.
+KINDS = ("string", "text", "integer", "number", "boolean", "enum", "list", "object", "json")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+_MISSING: Any = _Missing()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice of an ``enum`` field: what it posts, what it shows, whether it is chosen."""
+
+    value: str
+    label: str
+    selected: bool
+
+
+@dataclass
+class Field:
+    """One input (or group of inputs) of an edit form.
+
+    Attributes:
+        path: where it is in the data (``items[0].name``); errors are keyed by it.
+        name: the input's name, ``data.`` + path.
+        label: the schema's ``title``, else the key made readable.
+        kind: one of :data:`KINDS`.
+        required: the data needs a value here (required and not Optional).
+        value: the current value (the given one, else the schema's default, else None).
+        choices: the values an ``enum`` field allows.
+        children: an object's fields, or a list's items (the last one empty, to add one).
+        description: the schema's ``description``.
+        text: what the input or textarea shows (JSON text for ``json``).
+        options: an ``enum`` field's choices as the select shows them.
+        nullable: Optional: an empty input means None.
+        extra: the empty entry at the end of a list.
+    """
+
+    path: str
+    name: str
+    label: str
+    kind: str
+    required: bool = False
+    value: Any = None
+    choices: list[Any] = field(default_factory=list)
+    children: list[Field] = field(default_factory=list)
+    description: str | None = None
+    text: str = ""
+    options: list[Option] = field(default_factory=list)
+    nullable: bool = False
+    extra: bool = False
+
+    @property
+    def checked(self) -> bool:
+        """A ``boolean`` field's checkbox is ticked."""
+        return self.value is True
+
+
+def _name(path: str) -> str:
+    return "data" + (path if not path or path.startswith("[") else "." + path)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _label(key: str) -> str:
+    words = key.replace("_", " ").replace("-", " ").strip()
+    return words[:1].upper() + words[1:] if words else key
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _choice_text(choice: Any) -> str:
+    return choice if isinstance(choice, str) else _json(choice)
+
+
+def fields(schema: Mapping[str, Any], value: Any = None) -> list[Field]:
+    """The fields of a form for ``schema``, filled with ``value`` (or the schema's defaults).
+
+    ``value`` may be the data as JSON, a pydantic model, or what :func:`parse` returned
+    (then an input that did not convert shows what the reviewer typed). An object schema
+    gives one field per property; any other schema one field at path ``""`` (``data``).
+    """
+    if isinstance(value, pydantic.BaseModel):
+        value = value.model_dump(mode="json")
+    s = Schema(schema)
+    root = s.view(schema)
+    if root.kind == "object":
+        given = value if isinstance(value, Mapping) else {}
+        return [
+            _field(s, v, key, given.get(key, _MISSING), _label(key), req) for key, v, req in s.props(root)
+        ]
+    title = schema.get("title")
+    return [_field(s, root, "", _MISSING if value is None else value, str(title or "Data"), False)]
+
+
+def _field(
+    s: Schema, view: View, path: str, value: Any, label: str, required: bool, *, blank: bool = False
+) -> Field:
+    """The field at ``path``; ``blank``: in the empty entry that adds a list item (no defaults)."""
+    if value is _MISSING and not blank and "default" in view.schema:
+        value = view.schema["default"]
+    f = Field(
+        path=path,
+        name=_name(path),
+        label=str(view.title or label),
+        kind=view.kind,
+        required=required and not view.nullable,
+        value=None if value is _MISSING else value,
+        choices=list(view.choices),
+        description=view.schema.get("description"),
+        nullable=view.nullable,
+        extra=blank,
+    )
+    if view.kind == "object":
+        given = value if isinstance(value, Mapping) else {}
+        f.children = [
+            _field(s, v, _join(path, k), given.get(k, _MISSING), _label(k), req, blank=blank)
+            for k, v, req in s.props(view)
+        ]
+    elif view.kind == "list":
+        item = s.item(view)
+        items = list(value) if isinstance(value, list | tuple) else []
+        f.children = [
+            _field(s, item, f"{path}[{i}]", v, f"{f.label} {i + 1}", False, blank=blank)
+            for i, v in enumerate(items)
+        ]
+        n = len(items)
+        f.children.append(
+            _field(s, item, f"{path}[{n}]", _MISSING, f"{f.label}: new item", False, blank=True)
+        )
+    elif view.kind == "enum":
+        chosen = [c for c in view.choices if f.value is not None and _json(c) == _json(f.value)]
+        f.options = [Option(_choice_text(c), _show(c), bool(chosen) and c is chosen[0]) for c in view.choices]
+        if view.nullable or not chosen:
+            f.options.insert(0, Option("", "—", not chosen))
+    elif view.kind == "json":
+        f.text = "" if value is _MISSING or (value is None and view.nullable) else _indented(value)
+    elif view.kind != "boolean" and f.value is not None:
+        f.text = f.value if isinstance(f.value, str) else _number_text(f.value)
+        if f.kind == "string" and ("\n" in f.text or "\r" in f.text or len(f.text) > LONG):
+            f.kind = "text"
+    return f
+
+
+def _show(choice: Any) -> str:
+    if choice is True or choice is False:
+        return "yes" if choice else "no"
+    return _choice_text(choice)
+
+
+def _indented(value: Any) -> str:
+    try:
+        return json.dumps(pydantic_core.to_jsonable_python(value), indent=2, ensure_ascii=False)
+    except (TypeError, ValueError, pydantic_core.PydanticSerializationError):
+        return str(value)
+
+
+def _number_text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse(
+    schema: Mapping[str, Any], form: Mapping[str, Any] | Iterable[tuple[str, str]]
+) -> tuple[Any, dict[str, str]]:
+    """The data a form posted, converted by ``schema`` and validated against it.
+
+    Args:
+        schema: the JSON schema the form was built from.
+        form: the posted inputs: a mapping of name to values (a list, or one string), a
+            list of ``(name, value)`` pairs, or a Starlette ``FormData``. Only inputs named
+            ``data``/``data.…`` that the schema describes are read.
+
+    Returns:
+        ``(data, errors)``: the data (what converted; an input that did not keeps the text
+        the reviewer typed) and the errors by path, each a sentence for the reviewer
+        (conversion first, then the schema's checks, Draft 2020-12 with formats). No
+        errors means ``data`` fits the schema.
+    """
+    reader = _Reader(Schema(schema), _posted(form))
+    root = reader.s.view(schema)
+    data = reader.read(root, "", ())
+    if data is _MISSING:
+        data = {} if root.kind == "object" else None
+    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for error in validator.iter_errors(data):
+        reader.violation(error)
+    return data, reader.errors
+
+
+def _posted(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    multi = getattr(form, "multi_items", None)
+    pairs: Iterable[tuple[str, Any]]
+    if callable(multi):
+        pairs = multi()
+    elif isinstance(form, Mapping):
+        pairs = [(k, v) for k, vs in form.items() for v in (vs if isinstance(vs, list | tuple) else [vs])]
+    else:
+        pairs = form
+    posted: dict[str, list[str]] = {}
+    for name, v in pairs:
+        if name == "data" or name.startswith(("data.", "data[")):
+            posted.setdefault(name, []).append(v if isinstance(v, str) else str(v))
+    return posted
+
+
+class _Reader:
+    """One posted form read by a schema: the data, where each value came from, the errors."""
+
+    def __init__(self, s: Schema, posted: dict[str, list[str]]) -> None:
+        self.s = s
+        self.posted = posted
+        self.where: dict[tuple[Any, ...], str] = {}
+        self.errors: dict[str, str] = {}
+
+    def read(self, view: View, path: str, loc: tuple[Any, ...]) -> Any:
+        """The value at ``path`` (``_MISSING`` when the form has none)."""
+        self.where[loc] = path
+        name = _name(path)
+        if view.kind == "object":
+            out: dict[str, Any] = {}
+            for key, child, _ in self.s.props(view):
+                got = self.read(child, _join(path, key), (*loc, key))
+                if got is not _MISSING:
+                    out[key] = got
+            if not out:
+                return _MISSING
+            return None if view.nullable and self.blank(name) else out
+        if view.kind == "list":
+            indices = self.indices(name)
+            if not indices and name not in self.posted:
+                return _MISSING
+            item = self.s.item(view)
+            items: list[Any] = []
+            for i in indices:
+                if not self.blank(f"{name}[{i}]"):
+                    got = self.read(item, f"{path}[{i}]", (*loc, len(items)))
+                    if got is not _MISSING:
+                        items.append(got)
+            return None if not items and view.nullable else items
+        values = self.posted.get(name)
+        if values is None:
+            return _MISSING
+        if view.kind == "boolean":
+            return "on" in values
+        return self.scalar(view, path, values[-1].replace("\r\n", "\n"))
+
+    def scalar(self, view: View, path: str, text: str) -> Any:
+        if view.kind in ("string", "text"):
+            return None if text == "" and view.nullable else text
+        if text.strip() == "":
+            return None if view.nullable else _MISSING
+        try:
+            return _convert(view, text)
+        except ValueError as exc:
+            self.errors.setdefault(path, str(exc))
+            return text
+
+    def blank(self, name: str) -> bool:
+        """Nothing was entered at ``name`` or under it (empty inputs, unticked boxes)."""
+        return all(
+            v in ("", "off")
+            for k, vs in self.posted.items()
+            if k == name or k.startswith((name + ".", name + "["))
+            for v in vs
+        )
+
+    def indices(self, name: str) -> list[int]:
+        found: set[int] = set()
+        for key in self.posted:
+            if key.startswith(name + "["):
+                m = re.match(r"(\d+)\](?:$|[.\[])", key[len(name) + 1 :])
+                if m:
+                    found.add(int(m.group(1)))
+        return sorted(found)
+
+    def violation(self, error: SchemaViolation) -> None:
+        error = _deepest(error)
+        loc = tuple(error.absolute_path)
+        base = self.locate(loc)
+        if error.validator == "required" and isinstance(error.instance, Mapping):
+            required: Any = error.validator_value
+            for key in required:
+                if key not in error.instance:
+                    self.errors.setdefault(_join(base, key), "This field is required.")
+            return
+        self.errors.setdefault(base, schema_message(error))
+
+    def locate(self, loc: tuple[Any, ...]) -> str:
+        while loc and loc not in self.where:
+            loc = loc[:-1]
+        return self.where.get(loc, "")
+
+
+def _convert(view: View, text: str) -> Any:
+    """``text`` as the field's type; ValueError with a sentence for the reviewer."""
+    stripped = text.strip()
+    if view.kind == "integer":
+        if _INTEGER.match(stripped):
+            return int(stripped)
+        number = _float(stripped)
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ValueError("Enter a whole number.")
+    if view.kind == "number":
+        if _INTEGER.match(stripped):
+            return int(stripped)
+        number = _float(stripped)
+        if number is None:
+            raise ValueError("Enter a number.")
+        return number
+    if view.kind == "enum":
+        for choice in view.choices:
+            if text == _choice_text(choice):
+                return choice
+        raise ValueError("Choose one of the options.")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
+
+
+def _float(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _deepest(error: SchemaViolation) -> SchemaViolation:
+    """For an ``anyOf``/``oneOf`` failure, the member's error that says most (not "must be null")."""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        members = [e for e in error.context if not (e.validator == "type" and e.validator_value == "null")]
+        best = best_match(members) if members else None
+        if best is None:
+            break
+        error = best
+    return error
+
+
+def errors_from_pydantic(
+    exc: pydantic.ValidationError | InvalidInputError | Iterable[Mapping[str, Any]],
+    schema: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """A pydantic validation failure as errors by the paths :func:`parse` uses.
+
+    Takes a pydantic ``ValidationError``, the :class:`~agentflow.errors.InvalidInputError`
+    that ``runner.approve(..., data=...)`` raises when data does not fit a gate's form or a
+    tool's arguments (its ``errors`` are pydantic's, located in the data or the arguments),
+    or the list of pydantic error dicts. With ``schema``, a location that goes past what
+    the form shows (into a union member, say) is kept at the deepest field the form has.
+    An ``InvalidInputError`` without field errors is returned under ``""``.
+    """
+    if isinstance(exc, pydantic.ValidationError):
+        items: list[Mapping[str, Any]] = list(exc.errors(include_url=False))
+    elif isinstance(exc, InvalidInputError):
+        items = list(exc.errors)
+        if not items:
+            return {"": str(exc)}
+    else:
+        items = list(exc)
+    s = Schema(schema) if schema is not None else None
+    out: dict[str, str] = {}
+    for item in items:
+        loc = tuple(item.get("loc") or ())
+        path = _locate(s, loc) if s is not None else _loc_path(loc)
+        out.setdefault(path, pydantic_message(item))
+    return out
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
+    return path
+
+
+def _locate(s: Schema, loc: tuple[Any, ...]) -> str:
+    view, path = s.view(s.root), ""
+    for part in loc:
+        if view.kind == "object" and isinstance(part, str):
+            child = next((v for k, v, _ in s.props(view) if k == part), None)
+            if child is None:
+                break
+            view, path = child, _join(path, part)
+        elif view.kind == "list" and isinstance(part, int):
+            view, path = s.item(view), f"{path}[{part}]"
+        else:
+            break
+    return path
