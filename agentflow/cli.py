@@ -11,6 +11,7 @@ comes from its own ``.persistence(...)``::
     agentflow reject myapp.flows 4f0c... --by ops-lead --reason "tests are red"
     agentflow recover myapp.flows                # resume runs whose worker died
     agentflow worker myapp.flows --concurrency 100   # claim and advance runs until SIGTERM
+    agentflow reviewers add myapp.flows ops-lead      # prints a token for the review page, once
 
 A decided run continues in the deciding process, so ``approve`` and ``reject`` follow
 the run, printing its events, until it finishes or parks again (``--no-follow`` returns
@@ -30,6 +31,8 @@ from typing import Any
 from .errors import AgentflowError
 from .runner import RunHandle, WorkflowRunner
 from .steward import Steward
+from .stores.contract import Store
+from .stores.memory import MemoryStore
 from .types import FINAL, RunInfo, RunStatus
 from .worker import Worker
 
@@ -171,12 +174,44 @@ def _review_store(steward: Steward) -> Store:
     return steward.runner(steward.workflows()[0].name).store
 
 
+async def _reviewers(steward: Steward, args: argparse.Namespace, out: Any) -> int:
+    """``reviewers add | remove | list``: who may sign in to the review page (``serve``)."""
+    from .review.reviewers import Reviewers
+
+    if args.action != "add":
+        _check_stores(steward)
+    try:
+        reviewers = Reviewers(_review_store(steward))
+        if args.action == "add":
+            token = await reviewers.add(args.name)
+            print(
+                f"token of reviewer {args.name!r}, to sign in to the review page; it will not be shown "
+                f"again (`agentflow reviewers remove {args.module} {args.name}` revokes it):",
+                file=out,
+            )
+            print(token, file=out)
+        elif args.action == "remove":
+            revoked = await reviewers.remove(args.name)
+            if not revoked:
+                print(f"agentflow: no reviewer {args.name!r}", file=sys.stderr)
+                return 3
+            print(f"revoked {revoked} token(s) of reviewer {args.name!r}", file=out)
+        else:
+            for name in await reviewers.names():
+                print(name, file=out)
+    finally:
+        await steward.close()
+    return 0
+
+
 async def _run(args: argparse.Namespace, out: Any) -> int:
     steward = Steward.discover(args.module)
     if not steward.workflows():
         raise AgentflowError(f"module {args.module!r} defines no Workflow")
     if args.command == "worker":
         return await _work(steward, args, out)
+    if args.command == "reviewers":
+        return await _reviewers(steward, args, out)
     if args.command == "serve":
         return await _serve(steward, args, out)
     if args.command != "describe":
@@ -351,6 +386,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--header-secret-env", help="--auth header: the environment variable holding the proxy's secret"
     )
+    reviewers = sub.add_parser("reviewers", help="who may sign in to the review page (agentflow serve)")
+    actions = reviewers.add_subparsers(dest="action", required=True)
+    for name, help in (
+        ("add", "add a reviewer: prints a token to sign in with, once"),
+        ("remove", "revoke every token of a reviewer"),
+        ("list", "the reviewers holding a token"),
+    ):
+        p = actions.add_parser(name, help=help)
+        p.add_argument("module", help="module that defines the workflows, e.g. myapp.flows")
+        if name != "list":
+            p.add_argument("name", help="the reviewer's name, as the approvers of gates name them")
     return ap
 
 
