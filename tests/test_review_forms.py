@@ -552,3 +552,22 @@ async def test_a_gate_s_form_from_its_stored_schema_to_the_next_step() -> None:
         ).result()
     assert result.output == "Shipped"
     assert seen[0] == FULL.model_copy(update={"title": "Shipped", "body": FULL.body.replace("\r\n", "\n")})
+
+
+@pytest.mark.parametrize("value", [FULL, SPARSE, {"title": "only"}], ids=["full", "sparse", "partial"])
+def test_unchanged_is_what_the_form_posts_when_nothing_is_edited(value: Any) -> None:
+    assert forms.unchanged(SCHEMA, value) == parse(SCHEMA, browser_post(SCHEMA, value))[0]
+
+    def lf(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(n, v.replace("\r\n", "\n")) for n, v in pairs]
+
+    assert lf(forms.posted(fields(SCHEMA, value))) == lf(browser_post(SCHEMA, value))
+
+
+def test_unchanged_tells_an_edit_of_a_tool_call_from_none() -> None:
+    schema = deploy.spec()["parameters"]
+    as_made = {"version": "2.0"}  # the model left the defaults out
+    shown = browser_post(schema, as_made)
+    assert parse(schema, shown)[0] != as_made
+    assert parse(schema, shown)[0] == forms.unchanged(schema, as_made)
+    assert parse(schema, replaced(shown, "data.version", "2.1"))[0] != forms.unchanged(schema, as_made)

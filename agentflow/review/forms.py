@@ -48,7 +48,7 @@ from ..errors import InvalidInputError
 from ._messages import pydantic_message, schema_message
 from ._schema import LONG, Schema, View
 
-__all__ = ["Field", "Option", "errors_from_pydantic", "fields", "parse"]
+__all__ = ["Field", "Option", "errors_from_pydantic", "fields", "parse", "posted", "unchanged"]
 
 #: Kinds a field may have.
 KINDS = ("string", "text", "integer", "number", "boolean", "enum", "list", "object", "json")
@@ -245,6 +245,34 @@ def parse(
     for error in validator.iter_errors(data):
         reader.violation(error)
     return data, reader.errors
+
+
+def posted(flds: list[Field]) -> list[tuple[str, str]]:
+    """The ``(name, value)`` pairs the rendered ``flds`` post when nothing is changed (as a browser would)."""
+    out: list[tuple[str, str]] = []
+    for f in flds:
+        if f.kind == "list":
+            out.append((f.name, ""))
+        if f.kind in ("object", "list"):
+            out.extend(posted(f.children))
+        elif f.kind == "boolean":
+            out.extend([(f.name, "off"), (f.name, "on")] if f.checked else [(f.name, "off")])
+        elif f.kind == "enum":
+            chosen = [o.value for o in f.options if o.selected] or [o.value for o in f.options[:1]]
+            out.extend((f.name, v) for v in chosen)
+        else:
+            out.append((f.name, f.text))
+    return out
+
+
+def unchanged(schema: Mapping[str, Any], value: Any) -> Any:
+    """What :func:`parse` returns when the form of ``value`` is posted as it was shown.
+
+    ``value`` with the schema's defaults filled in and empty optionals as None: compare
+    the posted data with it to tell whether the reviewer edited anything (a tool call's
+    arguments as the model made them often leave defaults out).
+    """
+    return parse(schema, posted(fields(schema, value)))[0]
 
 
 def _posted(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
