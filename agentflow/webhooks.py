@@ -150,10 +150,6 @@ class _Delivery:
         )
 
 
-class _Refused(Exception):
-    """A receiver's answer that is neither 2xx nor worth another attempt."""
-
-
 def _transient(exc: BaseException) -> bool:
     import httpx
 
@@ -314,20 +310,17 @@ class WebhookSender:
                 SIGNATURE: sign(hook.secret, stamp, body),
             }
             response = await client.post(hook.url, content=body, headers=headers, timeout=hook.timeout)
-            if response.is_success:
-                return
-            response.raise_for_status()  # an HTTPStatusError for 4xx / 5xx
-            raise _Refused(f"answered {response.status_code}")  # 1xx / 3xx: redirects are not followed
+            response.raise_for_status()  # anything but 2xx (redirects are not followed)
 
         try:
             await self._policies[hook].call(attempt)
-        except (httpx.HTTPError, _Refused) as exc:
+        except Exception as exc:  # httpx.HTTPError, or a URL httpx refuses: logged, never raised
             self.failed += 1
             if isinstance(exc, httpx.HTTPStatusError):
                 why = f"answered {exc.response.status_code}"
             else:
                 why = str(exc) or type(exc).__name__
-            tried = "not retried" if not _transient(exc) else f"after {hook.attempts} attempts"
+            tried = f"after {hook.attempts} attempts" if _transient(exc) else "not retried"
             log.warning(
                 "webhooks: %s of approval %s (run %s) to %s failed, %s: %s",
                 delivery.event,

@@ -177,7 +177,7 @@ class Supervisor:
 
     def parked(self, run: LiveRun, pending: dict[str, Any]) -> None:
         """``run``'s commit as waiting on ``pending`` is stored: watch its deadline, tell the listeners."""
-        if pending.get("deadline") is not None:
+        if pending["deadline"] is not None:
             self.timers.ensure()
         if self.listeners:
             announce_pending(self.listeners, self.spec.name, run.run_id, pending)
@@ -390,7 +390,7 @@ class Supervisor:
         # made (``fn`` returns None) and the lease is known from the record.
         taken: set[int] = set()
         handed: list[bool] = []  # a client's transition left the run for a worker
-        listened = bool(self.listeners)
+        listeners = self.listeners
         made: list[tuple[RunRecord, list[RunEvent]]] = []  # the last attempt that changed the record
 
         def change(rec: RunRecord, now: float) -> Any:
@@ -398,7 +398,7 @@ class Supervisor:
             if t is None:
                 return None
             out, lease = apply(rec, now, t, self.owner if self.execute else None, self.lease_ttl)
-            if listened:
+            if listeners:
                 made[:] = [(rec, out.events)]
             if lease is not None:
                 taken.add(lease.token)
@@ -411,7 +411,7 @@ class Supervisor:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
         if made:
-            announce_decided(self.listeners, *made[0], rec)
+            announce_decided(listeners, *made[0], rec)
         if handed and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
             await queue_of(self.store).enqueue(rec.workflow, run_id)
         if rec.lease_owner == self.owner and rec.lease_token in taken and run_id not in self.local:
