@@ -32,7 +32,8 @@ MODULE = "reviewflows"
 #: Who the tests sign in as: the approvers of ``reviewflows`` and one who approves nothing.
 REVIEWERS = ("editor", "legal", "ops-lead", "intruder")
 
-_TOKEN = re.compile(r"\baf_[A-Za-z0-9_\-]+")
+#: What ``agentflow reviewers add`` prints last: the token, alone on its line.
+_TOKEN = re.compile(r"af_[A-Za-z0-9_\-]+")
 
 
 class ReviewServer:
@@ -75,7 +76,7 @@ class ReviewServer:
         )
 
     def add_reviewers(self, *names: str) -> None:
-        """``agentflow reviewers add MODULE NAME`` for each name (at once); keep each printed token."""
+        """``agentflow reviewers add reviewflows NAME`` for each name (at once); keep each token printed."""
         procs = {
             name: subprocess.Popen(
                 [sys.executable, "-m", "agentflow.cli", "reviewers", "add", MODULE, name],
@@ -88,10 +89,10 @@ class ReviewServer:
         }
         for name, proc in procs.items():
             out, err = proc.communicate(timeout=60)
-            found = _TOKEN.search(out)
-            if proc.returncode != 0 or found is None:
+            lines = out.strip().splitlines()
+            if proc.returncode != 0 or not lines or not _TOKEN.fullmatch(lines[-1].strip()):
                 raise RuntimeError(f"`agentflow reviewers add {MODULE} {name}` gave no token:\n{out}{err}")
-            self.tokens[name] = found.group(0)
+            self.tokens[name] = lines[-1].strip()
 
     def start(self) -> None:
         """Start ``agentflow serve`` and wait until it answers ``GET /signin``."""
@@ -111,12 +112,20 @@ class ReviewServer:
                 pass
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"agentflow serve did not answer on {self.url}:\n{self.output()}")
+                raise RuntimeError(f"agentflow serve did not answer on {self.url}:\n{self.output()[-4000:]}")
             time.sleep(0.05)
 
-    def output(self) -> str:
-        """The server's log so far (the end of it): for failure messages."""
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+    def output(self, since: int = 0) -> str:
+        """What the server logged (from byte ``since`` on)."""
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")
+
+    def output_size(self) -> int:
+        """How much the server logged so far (for ``output(since=...)``)."""
+        return self.log.stat().st_size if self.log.exists() else 0
 
     def stop(self) -> None:
         """SIGTERM (a clean shutdown), SIGKILL if it has not exited within 10 s."""
