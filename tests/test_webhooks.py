@@ -32,6 +32,7 @@ from agentflow import (
     RunStatus,
     Wait,
     Webhook,
+    Worker,
     Workflow,
     WorkflowDefinitionError,
     WorkflowRunner,
@@ -316,6 +317,31 @@ async def test_a_vote_short_of_the_quorum_decides_nothing_yet(
     assert decided.json["decision"]["by"] == "bob" and decided.json["approval"]["votes"] == ["alice"]
 
 
+async def test_with_workers_the_worker_announces_the_park_and_the_client_the_decision(
+    receiver: Receiver, make_store: Any
+) -> None:
+    # Each process announces what it stores: the park in the worker that ran the step, the
+    # decision in the client (the review page) that made it. Both have the workflow's webhooks.
+    wf = gate_flow([Webhook(receiver.url, SECRET)])
+    store = make_store("sqlite")
+    worker = Worker(wf, store=store)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with WorkflowRunner(wf, store=store, execute=False) as client:
+            handle = await client.run()
+            info = await handle.wait_for(RunStatus.WAITING, timeout=10)
+            assert info.pending is not None
+            await receiver.until(1)  # from the worker
+            await client.approve(handle.run_id, by="alice")
+            assert (await handle.result(timeout=10)).output == "published"
+            _, decided = await receiver.until(2)
+    finally:
+        await worker.close()
+        await serving
+    assert receiver.events() == [("approval_pending", info.pending.id), ("approval_decided", info.pending.id)]
+    assert decided.json["outcome"] == "approved" and decided.json["run_id"] == handle.run_id
+
+
 # -- delivery ----------------------------------------------------------------------
 
 
@@ -334,7 +360,7 @@ async def test_a_5xx_is_retried_with_growing_delays_until_delivered_once(receive
     assert first.body == second.body == third.body
     assert all(verify(SECRET, r.body, r.headers) for r in (first, second, third))  # each signed anew
     waited = [second.at - first.at, third.at - second.at]
-    assert 0.2 <= waited[0] < 1.0 and 0.4 <= waited[1] < 1.5, waited  # 0.2 s, then 0.4 s (+ jitter)
+    assert 0.2 <= waited[0] < 3.0 and 0.4 <= waited[1] < 3.0, waited  # 0.2 s, then 0.4 s (+ jitter)
 
 
 async def test_retry_after_is_honoured(receiver: Receiver) -> None:
@@ -415,7 +441,7 @@ async def test_a_full_queue_drops_the_oldest_with_a_warning_and_never_blocks(
         started = time.monotonic()
         for a in approvals:
             sender.pending("Review", a.run_id, [a])
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.5
         await asyncio.sleep(0.2)  # the first is taken into flight (and hangs there)
         for a in approvals[:2]:
             sender.pending("Review", a.run_id, [a])
