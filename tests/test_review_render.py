@@ -226,6 +226,19 @@ def test_a_five_megabyte_context_renders_bounded_and_says_what_was_cut() -> None
     assert "This value is large" in page.text
 
 
+def test_a_five_megabyte_markdown_text_is_cut_at_a_line_and_says_so() -> None:
+    text = "## Part\n\nSome *text* with [a link](https://x.example) and `code`.\n\n- one\n- two\n\n" * 70_000
+    assert len(text) > 5_000_000
+    started = time.perf_counter()
+    html = str(markdown(text))
+    assert time.perf_counter() - started < 5.0  # about half a second alone; the machine is shared
+    page = assert_inert(html, MARKDOWN_TAGS, MARKDOWN_ATTRIBUTES | {"class"})
+    assert len(html) < 4 * render.MARKDOWN_CHARS
+    kept = text.rfind("\n", 0, render.MARKDOWN_CHARS) + 1
+    assert f"{len(text) - kept:,} more characters (of {len(text):,}) are not shown" in page.text
+    assert str(markdown("short")) == '<div class="markdown"><p>short</p>\n</div>'
+
+
 def test_one_huge_string_is_cut_with_a_note() -> None:
     html = str(tree({"log": "y" * 3_000_000}))
     assert len(html) < render.TREE_CHARS + 10_000
@@ -284,6 +297,12 @@ def test_a_long_diff_compares_the_first_lines_and_says_so() -> None:
     html = str(diff(before, before + "\nnew", mode="split"))
     assert time.perf_counter() - started < 2.0
     assert f"compares its first {render.DIFF_LINES:,} lines" in Page(html).text
+
+
+def test_a_diff_of_megabyte_lines_is_cut_and_says_so() -> None:
+    html = str(context({"before": "a" * 3_000_000, "after": "b" * 3_000_000}))
+    assert len(html) < 3 * render.DIFF_CHARS
+    assert f"compares its first {render.DIFF_CHARS:,} characters" in Page(html).text
 
 
 def test_context_picks_markdown_diff_or_tree() -> None:

@@ -12,9 +12,11 @@ template may insert as it is. Agent output is untrusted, so:
 - No output carries a ``style`` or event-handler attribute: the page's CSP allows style
   from its stylesheet only, so every look is a CSS class (``tree-*``, ``diff-*``).
 
-A context can be megabytes. :func:`tree` shows at most :data:`TREE_VALUES` values,
-:data:`TREE_DEPTH` levels and :data:`TREE_CHARS` characters of text; :func:`diff` compares
-at most :data:`DIFF_LINES` lines a side. Whatever is cut is said where it was cut.
+A context can be megabytes. :func:`markdown` renders the first :data:`MARKDOWN_CHARS`
+characters; :func:`tree` shows at most :data:`TREE_VALUES` values, :data:`TREE_DEPTH`
+levels and :data:`TREE_CHARS` characters of text; :func:`diff` compares at most
+:data:`DIFF_LINES` lines and :data:`DIFF_CHARS` characters a side. Whatever is cut is said
+where it was cut.
 """
 
 from __future__ import annotations
@@ -31,8 +33,21 @@ import pydantic_core
 from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
 
-__all__ = ["DIFF_LINES", "TREE_CHARS", "TREE_DEPTH", "TREE_VALUES", "context", "diff", "markdown", "tree"]
+__all__ = [
+    "DIFF_LINES",
+    "MARKDOWN_CHARS",
+    "TREE_CHARS",
+    "TREE_DEPTH",
+    "TREE_VALUES",
+    "context",
+    "diff",
+    "markdown",
+    "tree",
+]
 
+#: Characters of a text rendered as Markdown at most (markdown-it-py renders about
+#: 100,000 characters of dense Markdown a second); the rest is left out, and said so.
+MARKDOWN_CHARS = 50_000
 #: Values (leaves and containers) a tree shows at most.
 TREE_VALUES = 5_000
 #: Levels of nesting a tree shows at most.
@@ -42,6 +57,8 @@ TREE_DEPTH = 24
 TREE_CHARS = 256_000
 #: Lines a side a diff compares at most.
 DIFF_LINES = 5_000
+#: Characters a side a diff compares at most.
+DIFF_CHARS = 256_000
 #: Lines longer than this are marked changed as a whole, not word by word.
 _WORD_DIFF_CHARS = 2_000
 #: Levels of the tree that start unfolded.
@@ -69,10 +86,21 @@ def markdown(text: str) -> Markup:
     """``text`` rendered as Markdown and sanitized, in ``<div class="markdown">``.
 
     Raw HTML in ``text`` is shown as text; links keep absolute ``http(s)``/``mailto`` URLs
-    only; nothing in the result can run script.
+    only; nothing in the result can run script. A text longer than
+    :data:`MARKDOWN_CHARS` is cut at a line break before it, and a ``markdown-cut`` note
+    says how much was left out.
     """
-    html = _CLEANER.clean(_MD.render(str(text)))
-    return Markup(f'<div class="markdown">{html}</div>')
+    text = str(text)
+    note = ""
+    if len(text) > MARKDOWN_CHARS:
+        cut = text.rfind("\n", 0, MARKDOWN_CHARS) + 1 or MARKDOWN_CHARS
+        note = (
+            f'<p class="markdown-cut">The text is long: {len(text) - cut:,} more characters '
+            f"(of {len(text):,}) are not shown.</p>"
+        )
+        text = text[:cut]
+    html = _CLEANER.clean(_MD.render(text))
+    return Markup(f'<div class="markdown">{html}{note}</div>')
 
 
 def tree(value: Any) -> Markup:
@@ -206,14 +234,22 @@ def diff(
     diff-insert|diff-delete|diff-equal|diff-hunk|diff-file">`` a line (3 lines of context,
     or ``context_lines``).
 
-    Each side is compared up to :data:`DIFF_LINES` lines; a ``diff-cut`` note says so.
+    Each side is compared up to :data:`DIFF_CHARS` characters and :data:`DIFF_LINES`
+    lines; a ``diff-cut`` note says what was left out.
     """
     if mode not in ("split", "unified"):
         raise ValueError(f"diff mode must be 'split' or 'unified', not {mode!r}")
-    a, b = str(before).splitlines(), str(after).splitlines()
+    before, after = str(before), str(after)
     note = ""
+    if len(before) > DIFF_CHARS or len(after) > DIFF_CHARS:
+        note += (
+            f'<p class="diff-cut">The text is long: the diff compares its first {DIFF_CHARS:,} characters '
+            f"(before has {len(before):,}, after has {len(after):,}).</p>"
+        )
+        before, after = before[:DIFF_CHARS], after[:DIFF_CHARS]
+    a, b = before.splitlines(), after.splitlines()
     if len(a) > DIFF_LINES or len(b) > DIFF_LINES:
-        note = (
+        note += (
             f'<p class="diff-cut">The text is long: the diff compares its first {DIFF_LINES:,} lines '
             f"(before has {len(a):,}, after has {len(b):,}).</p>"
         )
