@@ -14,11 +14,13 @@ import enum
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import jinja2
 import pydantic
 import pytest
 from helpers import wait_status
+from playwright.async_api import Route, async_playwright
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData
 
@@ -571,3 +573,56 @@ def test_unchanged_tells_an_edit_of_a_tool_call_from_none() -> None:
     assert parse(schema, shown)[0] != as_made
     assert parse(schema, shown)[0] == forms.unchanged(schema, as_made)
     assert parse(schema, replaced(shown, "data.version", "2.1"))[0] != forms.unchanged(schema, as_made)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+]
+
+
+@pytest.mark.browser
+async def test_chromium_posts_what_the_simulated_browser_posts() -> None:
+    """The round trip above reads the form as a browser would; here Chromium submits it."""
+    html = (
+        '<!doctype html><meta charset="utf-8"><form method="post" action="/submit">'
+        + render(fields(SCHEMA, FULL))
+        + '<button id="go" type="submit">go</button></form>'
+    )
+    posts: list[list[tuple[str, str]]] = []
+
+    async def serve(route: Route) -> None:
+        if route.request.method == "POST":
+            posts.append(parse_qsl(route.request.post_data or "", keep_blank_values=True))
+            await route.fulfill(status=200, content_type="text/html", body="<p>posted</p>")
+        else:
+            await route.fulfill(status=200, content_type="text/html; charset=utf-8", body=html)
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.route("http://forms.test/**", serve)
+            for edit in (False, True):
+                await page.goto("http://forms.test/form")
+                if edit:
+                    await page.fill("[name='data.count']", "abc")
+                    await page.uncheck("input[type=checkbox][name='data.publish']")
+                    await page.select_option("[name='data.priority']", "low")
+                    await page.fill("[name='data.tags[3]']", "new tag")
+                    await page.fill("[name='data.items[2].name']", "three")
+                await page.click("#go")
+                await page.wait_for_selector("text=posted")
+        finally:
+            await browser.close()
+    as_shown, changed = posts
+    assert as_shown == Post(html).pairs
+    assert parse(SCHEMA, as_shown)[0] == parse(SCHEMA, browser_post(SCHEMA, FULL))[0]
+    data, errors = parse(SCHEMA, changed)
+    assert errors == {"count": "Enter a whole number."}
+    assert data["count"] == "abc" and data["publish"] is False and data["priority"] == "low"
+    assert data["tags"][-1] == "new tag" and data["items"][-1] == {"name": "three", "urgent": False}
