@@ -79,6 +79,8 @@ class WorkflowRunner:
 
     The store comes from the workflow's ``.persistence(...)`` (memory without it), or
     from ``store=`` here. Use it as an async context manager, or call ``close()``.
+    With ``.persistence(webhooks=[...])`` the runner sends ``approval_pending`` /
+    ``approval_decided`` of what it parks and decides (:mod:`agentflow.webhooks`).
 
     Args:
         workflow: the workflow to run.
