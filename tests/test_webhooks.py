@@ -151,16 +151,16 @@ async def deploy(version: str) -> dict[str, Any]:
     return {"deployed": version}
 
 
-def tool_flow(model: ScriptedProvider) -> Workflow:
+def tool_flow(model: ScriptedProvider, *tools: Any, name: str = "Ship") -> Workflow:
     async def ship(ctx: Any) -> Next:
         async with ctx.agents.ops as ops:
             run = await ops.run("Ship 1.2")
         return Next(END, output=run.text)
 
     return (
-        Workflow("Ship")
+        Workflow(name)
         .flow({START: lambda ctx: "Ship", "Ship": ship})
-        .agents({"ops": Agent(provider=model, model="m", tools=[deploy])})
+        .agents({"ops": Agent(provider=model, model="m", tools=list(tools or [deploy]))})
     )
 
 
@@ -296,6 +296,26 @@ async def test_a_rejection_and_a_timeout_are_decided_with_their_outcome(
     late = bodies["approval_decided", b.id]
     assert late["outcome"] == "expired" and late["run_id"] == expired
     assert late["decision"]["timed_out"] is True and late["decision"]["by"] is None
+
+
+@tool(approval=HumanApproval(approvers=["on-call"], timeout=0.3))
+async def page(team: str) -> str:
+    """Page a team."""
+    return "paged"
+
+
+async def test_a_tool_call_nobody_decides_in_time_is_decided_expired(
+    receiver: Receiver, sender: WebhookSender
+) -> None:
+    model = ScriptedProvider([call("page", team="db"), "Nobody answered."])
+    async with WorkflowRunner(tool_flow(model, page, name="Pager")) as runner:
+        sender.attach(runner)
+        run_id, approval = await parked(runner)
+        assert (await (await runner.attach(run_id)).result(timeout=10)).output == "Nobody answered."
+        _, decided = await receiver.until(2)
+    assert receiver.events() == [("approval_pending", approval.id), ("approval_decided", approval.id)]
+    assert decided.json["outcome"] == "expired" and decided.json["approval"]["tool"] == "page"
+    assert decided.json["decision"]["timed_out"] is True
 
 
 async def test_a_vote_short_of_the_quorum_decides_nothing_yet(
