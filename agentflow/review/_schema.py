@@ -9,12 +9,13 @@ chain is a recursive model, shown as JSON).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LONG", "SCALARS", "Schema", "View"]
+__all__ = ["LONG", "MISSING", "SCALARS", "Schema", "View", "choice_text", "input_name", "join", "same"]
 
 #: Field kinds a list may hold one input per item of.
 SCALARS = ("string", "text", "integer", "number", "enum")
@@ -22,6 +23,35 @@ SCALARS = ("string", "text", "integer", "number", "enum")
 LONG = 200
 #: Keys that can be a path segment (no ``.``, ``[`` or ``]``).
 _KEY = re.compile(r"^[^.\[\]]+$")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: No value here (not even None): not in the given data, not on the posted form.
+MISSING: Any = _Missing()
+
+
+def input_name(path: str) -> str:
+    """The input's name for a data path: ``data.`` + path (``data`` for the whole)."""
+    return "data" + (path if not path or path.startswith("[") else "." + path)
+
+
+def join(path: str, key: str) -> str:
+    """The path of ``key`` in the object at ``path``."""
+    return f"{path}.{key}" if path else key
+
+
+def choice_text(choice: Any) -> str:
+    """What a select's option posts for an enum value: a string as it is, else its JSON."""
+    return choice if isinstance(choice, str) else json.dumps(choice)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON (``1`` is not ``True``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ so the page needs no Python class to build the form.
 
 Inputs are named ``data.<path>``: ``.`` between levels and ``[i]`` for a list item, as in
 ``data.home.city`` or ``data.items[0].name``. Errors are keyed by the path without the
-``data.`` prefix (``home.city``); ``""`` is the data as a whole. The template macro
-``render_fields`` in ``templates/_fields.html`` renders the fields with these names.
+``data.`` prefix (``home.city``); ``""`` is the data as a whole. The macros ``field`` and
+``error`` of ``templates/_fields.html`` render the fields with these names.
 
 What a reviewer sees, by schema:
 
@@ -23,6 +23,8 @@ What a reviewer sees, by schema:
   (``json``).
 
 ``anyOf`` with ``null`` (``Optional``) makes a field optional: left empty, it is None.
+An empty number, select or JSON field that is not Optional is left out of the data (so
+a default applies, or "This field is required."); an empty text field is ``""``.
 A checkbox posts ``on`` only when checked, so each one is preceded by a hidden input of
 the same name posting ``off``: ``["off"]`` is false, ``["off", "on"]`` true, and nothing
 at all is "not on the form". A list posts a hidden input named by its own path (value
@@ -32,8 +34,6 @@ at all is "not on the form". A list posts a hidden input named by its own path (
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,26 +41,16 @@ from typing import Any
 import pydantic
 import pydantic_core
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError as SchemaViolation
-from jsonschema.exceptions import best_match
 
 from ..errors import InvalidInputError
-from ._messages import pydantic_message, schema_message
-from ._schema import LONG, Schema, View
+from ._messages import pydantic_message
+from ._reading import Reader, pairs_of
+from ._schema import LONG, MISSING, Schema, View, choice_text, input_name, join, same
 
 __all__ = ["Field", "Option", "errors_from_pydantic", "fields", "parse", "posted", "unchanged"]
 
 #: Kinds a field may have.
 KINDS = ("string", "text", "integer", "number", "boolean", "enum", "list", "object", "json")
-_INTEGER = re.compile(r"^[+-]?\d+$")
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-_MISSING: Any = _Missing()
 
 
 @dataclass(frozen=True)
@@ -112,25 +102,9 @@ class Field:
         return self.value is True
 
 
-def _name(path: str) -> str:
-    return "data" + (path if not path or path.startswith("[") else "." + path)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 def _label(key: str) -> str:
     words = key.replace("_", " ").replace("-", " ").strip()
     return words[:1].upper() + words[1:] if words else key
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _choice_text(choice: Any) -> str:
-    return choice if isinstance(choice, str) else _json(choice)
 
 
 def fields(schema: Mapping[str, Any], value: Any = None) -> list[Field]:
@@ -146,26 +120,24 @@ def fields(schema: Mapping[str, Any], value: Any = None) -> list[Field]:
     root = s.view(schema)
     if root.kind == "object":
         given = value if isinstance(value, Mapping) else {}
-        return [
-            _field(s, v, key, given.get(key, _MISSING), _label(key), req) for key, v, req in s.props(root)
-        ]
+        return [_field(s, v, key, given.get(key, MISSING), _label(key), req) for key, v, req in s.props(root)]
     title = schema.get("title")
-    return [_field(s, root, "", _MISSING if value is None else value, str(title or "Data"), False)]
+    return [_field(s, root, "", MISSING if value is None else value, str(title or "Data"), False)]
 
 
 def _field(
     s: Schema, view: View, path: str, value: Any, label: str, required: bool, *, blank: bool = False
 ) -> Field:
     """The field at ``path``; ``blank``: in the empty entry that adds a list item (no defaults)."""
-    if value is _MISSING and not blank and "default" in view.schema:
+    if value is MISSING and not blank and "default" in view.schema:
         value = view.schema["default"]
     f = Field(
         path=path,
-        name=_name(path),
+        name=input_name(path),
         label=str(view.title or label),
         kind=view.kind,
         required=required and not view.nullable,
-        value=None if value is _MISSING else value,
+        value=None if value is MISSING else value,
         choices=list(view.choices),
         description=view.schema.get("description"),
         nullable=view.nullable,
@@ -174,7 +146,7 @@ def _field(
     if view.kind == "object":
         given = value if isinstance(value, Mapping) else {}
         f.children = [
-            _field(s, v, _join(path, k), given.get(k, _MISSING), _label(k), req, blank=blank)
+            _field(s, v, join(path, k), given.get(k, MISSING), _label(k), req, blank=blank)
             for k, v, req in s.props(view)
         ]
     elif view.kind == "list":
@@ -185,16 +157,14 @@ def _field(
             for i, v in enumerate(items)
         ]
         n = len(items)
-        f.children.append(
-            _field(s, item, f"{path}[{n}]", _MISSING, f"{f.label}: new item", False, blank=True)
-        )
+        f.children.append(_field(s, item, f"{path}[{n}]", MISSING, f"{f.label}: new item", False, blank=True))
     elif view.kind == "enum":
-        chosen = [c for c in view.choices if f.value is not None and _json(c) == _json(f.value)]
-        f.options = [Option(_choice_text(c), _show(c), bool(chosen) and c is chosen[0]) for c in view.choices]
+        chosen = [c for c in view.choices if f.value is not None and same(c, f.value)]
+        f.options = [Option(choice_text(c), _show(c), bool(chosen) and c is chosen[0]) for c in view.choices]
         if view.nullable or not chosen:
             f.options.insert(0, Option("", "—", not chosen))
     elif view.kind == "json":
-        f.text = "" if value is _MISSING or (value is None and view.nullable) else _indented(value)
+        f.text = "" if value is MISSING or (value is None and view.nullable) else _indented(value)
     elif view.kind != "boolean" and f.value is not None:
         f.text = f.value if isinstance(f.value, str) else _number_text(f.value)
         if f.kind == "string" and ("\n" in f.text or "\r" in f.text or len(f.text) > LONG):
@@ -205,7 +175,7 @@ def _field(
 def _show(choice: Any) -> str:
     if choice is True or choice is False:
         return "yes" if choice else "no"
-    return _choice_text(choice)
+    return choice_text(choice)
 
 
 def _indented(value: Any) -> str:
@@ -236,10 +206,10 @@ def parse(
         (conversion first, then the schema's checks, Draft 2020-12 with formats). No
         errors means ``data`` fits the schema.
     """
-    reader = _Reader(Schema(schema), _posted(form))
+    reader = Reader(Schema(schema), pairs_of(form))
     root = reader.s.view(schema)
     data = reader.read(root, "", ())
-    if data is _MISSING:
+    if data is MISSING:
         data = {} if root.kind == "object" else None
     validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
     for error in validator.iter_errors(data):
@@ -275,157 +245,6 @@ def unchanged(schema: Mapping[str, Any], value: Any) -> Any:
     return parse(schema, posted(fields(schema, value)))[0]
 
 
-def _posted(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    multi = getattr(form, "multi_items", None)
-    pairs: Iterable[tuple[str, Any]]
-    if callable(multi):
-        pairs = multi()
-    elif isinstance(form, Mapping):
-        pairs = [(k, v) for k, vs in form.items() for v in (vs if isinstance(vs, list | tuple) else [vs])]
-    else:
-        pairs = form
-    posted: dict[str, list[str]] = {}
-    for name, v in pairs:
-        if name == "data" or name.startswith(("data.", "data[")):
-            posted.setdefault(name, []).append(v if isinstance(v, str) else str(v))
-    return posted
-
-
-class _Reader:
-    """One posted form read by a schema: the data, where each value came from, the errors."""
-
-    def __init__(self, s: Schema, posted: dict[str, list[str]]) -> None:
-        self.s = s
-        self.posted = posted
-        self.where: dict[tuple[Any, ...], str] = {}
-        self.errors: dict[str, str] = {}
-
-    def read(self, view: View, path: str, loc: tuple[Any, ...]) -> Any:
-        """The value at ``path`` (``_MISSING`` when the form has none)."""
-        self.where[loc] = path
-        name = _name(path)
-        if view.kind == "object":
-            out: dict[str, Any] = {}
-            for key, child, _ in self.s.props(view):
-                got = self.read(child, _join(path, key), (*loc, key))
-                if got is not _MISSING:
-                    out[key] = got
-            if not out:
-                return _MISSING
-            return None if view.nullable and self.blank(name) else out
-        if view.kind == "list":
-            indices = self.indices(name)
-            if not indices and name not in self.posted:
-                return _MISSING
-            item = self.s.item(view)
-            items: list[Any] = []
-            for i in indices:
-                if not self.blank(f"{name}[{i}]"):
-                    got = self.read(item, f"{path}[{i}]", (*loc, len(items)))
-                    if got is not _MISSING:
-                        items.append(got)
-            return None if not items and view.nullable else items
-        values = self.posted.get(name)
-        if values is None:
-            return _MISSING
-        if view.kind == "boolean":
-            return "on" in values
-        return self.scalar(view, path, values[-1].replace("\r\n", "\n"))
-
-    def scalar(self, view: View, path: str, text: str) -> Any:
-        if view.kind in ("string", "text"):
-            return None if text == "" and view.nullable else text
-        if text.strip() == "":
-            return None if view.nullable else _MISSING
-        try:
-            return _convert(view, text)
-        except ValueError as exc:
-            self.errors.setdefault(path, str(exc))
-            return text
-
-    def blank(self, name: str) -> bool:
-        """Nothing was entered at ``name`` or under it (empty inputs, unticked boxes)."""
-        return all(
-            v in ("", "off")
-            for k, vs in self.posted.items()
-            if k == name or k.startswith((name + ".", name + "["))
-            for v in vs
-        )
-
-    def indices(self, name: str) -> list[int]:
-        found: set[int] = set()
-        for key in self.posted:
-            if key.startswith(name + "["):
-                m = re.match(r"(\d+)\](?:$|[.\[])", key[len(name) + 1 :])
-                if m:
-                    found.add(int(m.group(1)))
-        return sorted(found)
-
-    def violation(self, error: SchemaViolation) -> None:
-        error = _deepest(error)
-        loc = tuple(error.absolute_path)
-        base = self.locate(loc)
-        if error.validator == "required" and isinstance(error.instance, Mapping):
-            required: Any = error.validator_value
-            for key in required:
-                if key not in error.instance:
-                    self.errors.setdefault(_join(base, key), "This field is required.")
-            return
-        self.errors.setdefault(base, schema_message(error))
-
-    def locate(self, loc: tuple[Any, ...]) -> str:
-        while loc and loc not in self.where:
-            loc = loc[:-1]
-        return self.where.get(loc, "")
-
-
-def _convert(view: View, text: str) -> Any:
-    """``text`` as the field's type; ValueError with a sentence for the reviewer."""
-    stripped = text.strip()
-    if view.kind == "integer":
-        if _INTEGER.match(stripped):
-            return int(stripped)
-        number = _float(stripped)
-        if number is not None and number.is_integer():
-            return int(number)
-        raise ValueError("Enter a whole number.")
-    if view.kind == "number":
-        if _INTEGER.match(stripped):
-            return int(stripped)
-        number = _float(stripped)
-        if number is None:
-            raise ValueError("Enter a number.")
-        return number
-    if view.kind == "enum":
-        for choice in view.choices:
-            if text == _choice_text(choice):
-                return choice
-        raise ValueError("Choose one of the options.")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}).") from None
-
-
-def _float(text: str) -> float | None:
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _deepest(error: SchemaViolation) -> SchemaViolation:
-    """For an ``anyOf``/``oneOf`` failure, the member's error that says most (not "must be null")."""
-    while error.validator in ("anyOf", "oneOf") and error.context:
-        members = [e for e in error.context if not (e.validator == "type" and e.validator_value == "null")]
-        best = best_match(members) if members else None
-        if best is None:
-            break
-        error = best
-    return error
-
-
 def errors_from_pydantic(
     exc: pydantic.ValidationError | InvalidInputError | Iterable[Mapping[str, Any]],
     schema: Mapping[str, Any] | None = None,
@@ -459,7 +278,7 @@ def errors_from_pydantic(
 def _loc_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
-        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
+        path = f"{path}[{part}]" if isinstance(part, int) else join(path, str(part))
     return path
 
 
@@ -470,7 +289,7 @@ def _locate(s: Schema, loc: tuple[Any, ...]) -> str:
             child = next((v for k, v, _ in s.props(view) if k == part), None)
             if child is None:
                 break
-            view, path = child, _join(path, part)
+            view, path = child, join(path, part)
         elif view.kind == "list" and isinstance(part, int):
             view, path = s.item(view), f"{path}[{part}]"
         else:
