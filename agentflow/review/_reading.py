@@ -24,6 +24,8 @@ from ._schema import MISSING, Schema, View, choice_text, input_name, join
 __all__ = ["Reader", "pairs_of"]
 
 _INTEGER = re.compile(r"^[+-]?\d+$")
+#: Where a name goes one level down: ``.key``, or ``[i]`` (the index in group 1).
+_STEP = re.compile(r"\.|\[(\d+)\](?=$|[.\[])|\[")
 
 
 def pairs_of(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -51,6 +53,20 @@ class Reader:
         self.posted = posted
         self.where: dict[tuple[Any, ...], str] = {}
         self.errors: dict[str, str] = {}
+        # Once for the whole form (not per list item, which made a long list quadratic):
+        # the list indices posted under each name, and the names with something entered.
+        self._indices: dict[str, set[int]] = {}
+        self._entered: set[str] = set()
+        for key, values in posted.items():
+            entered = any(v not in ("", "off") for v in values)
+            for m in _STEP.finditer(key):
+                prefix = key[: m.start()]
+                if m.group(1) is not None:
+                    self._indices.setdefault(prefix, set()).add(int(m.group(1)))
+                if entered:
+                    self._entered.add(prefix)
+            if entered:
+                self._entered.add(key)
 
     def read(self, view: View, path: str, loc: tuple[Any, ...]) -> Any:
         """The value at ``path`` (``MISSING`` when the form has none)."""
@@ -97,21 +113,11 @@ class Reader:
 
     def blank(self, name: str) -> bool:
         """Nothing was entered at ``name`` or under it (empty inputs, unticked boxes)."""
-        return all(
-            v in ("", "off")
-            for k, vs in self.posted.items()
-            if k == name or k.startswith((name + ".", name + "["))
-            for v in vs
-        )
+        return name not in self._entered
 
     def indices(self, name: str) -> list[int]:
-        found: set[int] = set()
-        for key in self.posted:
-            if key.startswith(name + "["):
-                m = re.match(r"(\d+)\](?:$|[.\[])", key[len(name) + 1 :])
-                if m:
-                    found.add(int(m.group(1)))
-        return sorted(found)
+        """The list item indices posted under ``name``, in order."""
+        return sorted(self._indices.get(name, ()))
 
     def violation(self, error: SchemaViolation) -> None:
         error = _deepest(error)
