@@ -61,6 +61,9 @@ __all__ = ["SIGNATURE", "WebhookSender", "delivery_id", "sign", "verify"]
 
 log = logging.getLogger("agentflow")
 
+#: Seconds between two warnings of deliveries dropped from a full queue.
+_WARN_EVERY = 10.0
+
 #: The header names of a delivery.
 SIGNATURE, TIMESTAMP, EVENT, DELIVERY = (
     "X-Agentflow-Signature",
@@ -218,6 +221,7 @@ class WebhookSender:
         self._client: httpx.AsyncClient | None = None
         self._attached: list[list[ApprovalListener]] = []
         self._closed = False
+        self._warned_at = -_WARN_EVERY
 
     # -- listening -------------------------------------------------------------
 
@@ -249,17 +253,22 @@ class WebhookSender:
         if len(self._queue) >= self.queue_size:
             old = self._queue.popleft()
             self.dropped += 1
-            log.warning(
-                "webhooks: %d deliveries waiting; dropped the oldest, %s of approval %s (run %s) to %s",
-                len(self._queue) + 1,
-                old.event,
-                old.approval.id,
-                old.run_id,
-                old.hook.url,
-            )
+            now = time.monotonic()
+            if now >= self._warned_at + _WARN_EVERY:  # a flood of drops logs a line every 10 s
+                self._warned_at = now
+                log.warning(
+                    "webhooks: %d deliveries waiting, the receivers are behind; dropped the oldest "
+                    "(%s of approval %s, run %s, to %s); %d dropped in all",
+                    len(self._queue) + 1,
+                    old.event,
+                    old.approval.id,
+                    old.run_id,
+                    old.hook.url,
+                    self.dropped,
+                )
         self._queue.append(delivery)
         self._wake.set()
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="agentflow:webhooks")
 
     # -- sending ---------------------------------------------------------------
