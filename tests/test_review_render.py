@@ -242,7 +242,16 @@ def test_a_five_megabyte_markdown_text_is_cut_at_a_line_and_says_so() -> None:
 def test_one_huge_string_is_cut_with_a_note() -> None:
     html = str(tree({"log": "y" * 3_000_000}))
     assert len(html) < render.TREE_CHARS + 10_000
-    assert f"{3_000_000 - render.TREE_CHARS:,} more characters not shown" in Page(html).text
+    kept = render.TREE_CHARS - len("log")  # keys count too
+    assert f"{3_000_000 - kept:,} more characters not shown" in Page(html).text
+
+
+def test_huge_keys_and_numbers_are_bounded_too() -> None:
+    html = str(tree({"big": 10**5000, "k" * 3_000_000: 1}))
+    assert len(html) < render.TREE_CHARS + 10_000
+    page = Page(html)
+    assert f"{3_000_000 - render.TREE_CHARS + len('big'):,} more characters not shown" in page.text
+    assert "(a number of about 5,000 digits)" in page.text
 
 
 def test_deep_nesting_is_cut_at_the_depth_limit() -> None:

@@ -139,7 +139,10 @@ class _Budget:
 
 def _node(value: Any, key: str | None, depth: int, budget: _Budget, out: list[str]) -> None:
     budget.values -= 1
-    label = "" if key is None else f'<span class="tree-key">{escape(key)}</span>'
+    label = ""
+    if key is not None:
+        shown, cut = _clip(key, budget)
+        label = f'<span class="tree-key">{escape(shown)}</span>{cut}'
     if isinstance(value, Mapping):
         _container(value.items(), len(value), "object", label, depth, budget, out)
     elif isinstance(value, list | tuple):
@@ -201,18 +204,28 @@ def _leaf(value: str | bool | int | float | None, budget: _Budget) -> str:
     if isinstance(value, bool):
         return f'<span class="tree-leaf tree-boolean">{"true" if value else "false"}</span>'
     if isinstance(value, int):
-        return f'<span class="tree-leaf tree-number">{value}</span>'
+        try:
+            text = str(value)
+        except ValueError:  # past Python's limit on the digits of an int as text
+            text = f"(a number of about {value.bit_length() * 0.30103:,.0f} digits)"
+        return f'<span class="tree-leaf tree-number">{text}</span>'
     if isinstance(value, float):
         text = repr(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else "Infinity")
         return f'<span class="tree-leaf tree-number">{escape(text)}</span>'
-    cut = ""
-    if len(value) > budget.chars:
-        budget.cut = True
-        cut = f'<span class="tree-cut">… {len(value) - budget.chars:,} more characters not shown</span>'
-        value = value[: max(budget.chars, 0)]
-    budget.chars -= len(value)
+    value, cut = _clip(value, budget)
     kind = "tree-string tree-multiline" if "\n" in value else "tree-string"
     return f'<span class="tree-leaf {kind}">{escape(value)}</span>{cut}'
+
+
+def _clip(text: str, budget: _Budget) -> tuple[str, str]:
+    """``text`` as far as the budget of characters goes, and the note saying what was cut."""
+    if len(text) <= budget.chars:
+        budget.chars -= len(text)
+        return text, ""
+    budget.cut = True
+    kept = max(budget.chars, 0)
+    budget.chars = 0
+    return text[:kept], f'<span class="tree-cut">… {len(text) - kept:,} more characters not shown</span>'
 
 
 def diff(
