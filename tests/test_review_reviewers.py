@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from conftest import StoreFactory
 
 from agentflow.cli import main
-from agentflow.errors import InvalidInputError, WorkflowDefinitionError
+from agentflow.errors import InvalidInputError, StoreError, WorkflowDefinitionError
 from agentflow.review.reviewers import MAX_NAME, Reviewer, Reviewers
 from agentflow.stores import SqliteStore, Store, open_store
 
@@ -49,6 +49,31 @@ async def raw_credentials(store: Store) -> str:
         rows = conn.execute("SELECT ns, key, value FROM agentflow_credentials").fetchall()
     conn.close()
     return repr(rows)
+
+
+async def damage(store: Store, key: str, raw: str) -> None:
+    """Overwrite credential ``key`` of ``store`` with the text ``raw``, as it is stored."""
+    from agentflow.stores.postgres import PostgresStore
+    from agentflow.stores.redis import RedisStore
+
+    if isinstance(store, RedisStore):
+        await store.client.hset(store.keys.credentials(), key, raw)
+    elif isinstance(store, PostgresStore):
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as db:
+            await db.execute(
+                "UPDATE agentflow_credentials SET value = %s WHERE ns = %s AND key = %s",
+                (raw, store.key_prefix, key),
+            )
+    else:
+        assert isinstance(store, SqliteStore)
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(
+                "UPDATE agentflow_credentials SET value = ? WHERE ns = ? AND key = ?",
+                (raw, store.key_prefix, key),
+            )
+        conn.close()
 
 
 # -- the Reviewers API ---------------------------------------------------------------------
@@ -93,6 +118,20 @@ async def test_every_reviewers_of_a_store_signs_with_one_secret(make: StoreFacto
     assert await Reviewers(make()).secret() == keys[0]  # and after a restart
     elsewhere = await Reviewers(make(key_prefix="other:")).secret()
     assert elsewhere != keys[0] and len(elsewhere) == 32
+
+
+async def test_a_damaged_session_key_is_an_error_naming_it(make: StoreFactory) -> None:
+    store = make()
+    reviewers = Reviewers(store)
+    await reviewers.secret()
+    for raw, why in (
+        ("{not json", "unreadable"),
+        ('{"key": "c2hvcnQ="}', "not 32 bytes"),
+        ("{}", "unreadable"),
+    ):
+        await damage(store, "review:secret", raw)
+        with pytest.raises(StoreError, match=f"review:secret.*{why}"):
+            await reviewers.secret()
 
 
 async def test_tokens_are_known_across_processes_sharing_the_store(make: StoreFactory) -> None:
