@@ -34,6 +34,7 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
 
 __all__ = [
+    "DIFF_CHARS",
     "DIFF_LINES",
     "MARKDOWN_CHARS",
     "TREE_CHARS",
@@ -45,8 +46,8 @@ __all__ = [
     "tree",
 ]
 
-#: Characters of a text rendered as Markdown at most (markdown-it-py renders about
-#: 100,000 characters of dense Markdown a second); the rest is left out, and said so.
+#: Characters of a text rendered as Markdown at most (markdown-it-py renders dense
+#: Markdown at some 50,000-100,000 characters a second); the rest is left out, and said so.
 MARKDOWN_CHARS = 50_000
 #: Values (leaves and containers) a tree shows at most.
 TREE_VALUES = 5_000
