@@ -1,11 +1,11 @@
 """Reviewers: who may sign in to the review page, with tokens only their hashes stand for.
 
-``agentflow reviewers add NAME`` makes a token ``af_<token_id>_<secret>`` and prints it
-once; the store keeps, under its ``key_prefix``, only an argon2id hash of it (with the
-name, the token id and when it was made), so someone who reads the store cannot sign
-in. ``token_id`` names the one hash a token is checked against. A reviewer may hold
-several tokens; ``remove`` revokes all of them, and a session made with a revoked
-token ends at its next request (:meth:`Reviewers.valid`).
+``agentflow reviewers add MODULE NAME`` (or :meth:`Reviewers.add`) makes a token
+``af_<token_id>_<secret>`` and prints it once; the store keeps, under its ``key_prefix``,
+only an argon2id hash of it (with the name, the token id and when it was made), so
+someone who reads the store cannot sign in. ``token_id`` names the one hash a token is
+checked against. A reviewer may hold several tokens; ``remove`` revokes all of them,
+and a session made with a revoked token ends at its next request (:meth:`Reviewers.valid`).
 
 The store must have the :class:`~agentflow.stores.contract.Credentials` capability
 (the memory, SQLite, Redis and PostgreSQL stores do). Its records::
@@ -89,8 +89,8 @@ class Reviewers:
         """A new token for reviewer ``name``: shown to them once, never stored.
 
         Raises:
-            InvalidInputError: ``name`` is empty, longer than :data:`MAX_NAME`, or has
-                characters that are not printable.
+            InvalidInputError: ``name`` is empty, longer than :data:`MAX_NAME`, has
+                characters that are not printable, or starts or ends with a space.
         """
         _check_name(name)
         while True:
