@@ -3,7 +3,14 @@
     python examples/review_release_notes.py
 
 The run waits at a gate for the ``editor``, who sees the draft and the critique and may
-edit the draft; then the notes are published. With ``OPENAI_API_KEY`` or
+edit the draft (the gate's form, ``Edit``); then the notes are published. Here the script
+plays the editor. To review the drafts in a browser instead::
+
+    python examples/review_release_notes.py --drafts 3          # three drafts wait in release_notes.db
+    agentflow reviewers add examples.review_release_notes editor  # prints the editor's token, once
+    agentflow serve examples.review_release_notes                 # http://127.0.0.1:8000, sign in with it
+
+(``AGENTFLOW_DB`` names another SQLite file.) With ``OPENAI_API_KEY`` or
 ``OPENAI_BASE_URL`` set the writer uses the OpenAI provider (any OpenAI-compatible server
 works: ``OPENAI_BASE_URL=http://localhost:11434/v1`` for Ollama), and with
 ``ANTHROPIC_API_KEY`` or ``ANTHROPIC_BASE_URL`` the critic uses Anthropic; otherwise each
@@ -12,12 +19,13 @@ uses agentflow's scripted provider, and the script says so when it starts.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
 import tempfile
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agentflow import (
     END,
@@ -30,6 +38,7 @@ from agentflow import (
     Wait,
     Workflow,
     WorkflowRunner,
+    step,
 )
 from agentflow.testing import ScriptedProvider
 
@@ -50,18 +59,43 @@ class Notes(BaseModel):
     review: Review | None = None
 
 
+class Edit(BaseModel):
+    """What the editor may change before the notes go out (the review page's form)."""
+
+    draft: str = Field(min_length=10, description="The release notes, in Markdown")
+
+
+def _openai() -> bool:
+    return bool(os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"))
+
+
+def _anthropic() -> bool:
+    return bool(os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL"))
+
+
+def providers() -> str:
+    """Which provider each agent uses (the script says so when it starts)."""
+    writer = (
+        f"writer: OpenAI provider, model {os.environ.get('WRITER_MODEL', 'gpt-4o-mini')}"
+        if _openai()
+        else "writer: scripted provider (set OPENAI_API_KEY or OPENAI_BASE_URL for a real model)"
+    )
+    critic = (
+        f"critic: Anthropic provider, model {os.environ.get('CRITIC_MODEL', 'claude-sonnet-5-5')}"
+        if _anthropic()
+        else "critic: scripted provider (set ANTHROPIC_API_KEY or ANTHROPIC_BASE_URL for a real model)"
+    )
+    return f"{writer}\n{critic}"
+
+
 def writer_agent() -> Agent:
     instructions = "You write concise, friendly release notes in Markdown."
-    if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
-        print(f"writer: OpenAI provider, model {os.environ.get('WRITER_MODEL', 'gpt-4o-mini')}")
+    if _openai():
         return Agent(
             provider="openai", model=os.environ.get("WRITER_MODEL", "gpt-4o-mini"), instructions=instructions
         )
-    print("writer: scripted provider (set OPENAI_API_KEY or OPENAI_BASE_URL for a real model)")
     script = ScriptedProvider(
-        [
-            lambda req: "## acme/app 2.4.0\n\n- Faster builds\n- Fixed login timeouts\n- New export API",
-        ],
+        [lambda req: "## acme/app 2.4.0\n\n- Faster builds\n- Fixed login timeouts\n- New export API"] * 1000,
         name="scripted-writer",
     )
     return Agent(provider=script, model="scripted", instructions=instructions)
@@ -69,13 +103,11 @@ def writer_agent() -> Agent:
 
 def critic_agent() -> Agent:
     instructions = "You review release notes for accuracy and tone. Score them from 1 to 10."
-    if os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_BASE_URL"):
+    if _anthropic():
         model = os.environ.get("CRITIC_MODEL", "claude-sonnet-5-5")
-        print(f"critic: Anthropic provider, model {model}")
         return Agent(provider="anthropic", model=model, instructions=instructions, output=Review)
-    print("critic: scripted provider (set ANTHROPIC_API_KEY or ANTHROPIC_BASE_URL for a real model)")
     script = ScriptedProvider(
-        [{"score": 7, "issues": ["mention the export API's docs"]}], name="scripted-critic"
+        [{"score": 7, "issues": ["mention the export API's docs"]}] * 1000, name="scripted-critic"
     )
     return Agent(provider=script, model="scripted", instructions=instructions, output=Review)
 
@@ -100,6 +132,7 @@ async def critique(ctx):
             approvers=["editor"],
             prompt="Publish these release notes? Edit the draft if needed.",
             context={"draft": ctx.state.draft, "review": review.model_dump()},
+            form=Edit,
         ),
         "Publish",
         on_reject=END,
@@ -107,9 +140,14 @@ async def critique(ctx):
 
 
 def publish(ctx):
-    edited = (ctx.decision.data or {}).get("draft")
+    edit = ctx.decision.data  # an Edit, or None when the editor approved without the form
+    edited = edit is not None and edit.draft != ctx.state.draft
     return Next(
-        END, output={"notes": edited or ctx.state.draft, "edited_by": ctx.decision.by if edited else None}
+        END,
+        output={
+            "notes": edit.draft if edited else ctx.state.draft,
+            "edited_by": ctx.decision.by if edited else None,
+        },
     )
 
 
@@ -118,7 +156,7 @@ def release_notes(path: str) -> Workflow:
         Workflow("ReleaseNotes", "Draft, critique, review and publish release notes")
         .input(Release)
         .state(Notes)
-        .flow({START: draft, "Critique": critique, "Publish": publish})
+        .flow({START: draft, "Critique": step(critique, form=Edit), "Publish": publish})
         .agents(
             {"writer": writer_agent(), "critic": critic_agent()}, max_handles=4, budget=TokenBudget(50_000)
         )
@@ -126,17 +164,33 @@ def release_notes(path: str) -> Workflow:
     )
 
 
+#: What ``agentflow serve examples.review_release_notes`` serves (and ``--drafts`` fills).
+DB = os.environ.get("AGENTFLOW_DB", "release_notes.db")
+release_notes_workflow = release_notes(DB)
+
+RELEASE = {"repo": "acme/app", "version": "2.4.0", "changes": ["faster builds", "login fix", "export API"]}
+
+
+async def drafts(n: int) -> None:
+    """Start ``n`` runs that wait, each with its draft, for the editor (on the page)."""
+    print(providers())
+    async with WorkflowRunner(release_notes_workflow) as runner:
+        for i in range(n):
+            handle = await runner.run({**RELEASE, "version": f"2.4.{i}"})
+            info = await handle.wait_for("waiting", timeout=60)
+            if info.status != "waiting":
+                await handle.result()  # it ended before the gate: say why
+    print(f"{n} drafts wait for the editor in {DB}; review them with")
+    print("    agentflow reviewers add examples.review_release_notes editor")
+    print("    agentflow serve examples.review_release_notes")
+
+
 async def main() -> None:
+    print(providers())
     with tempfile.TemporaryDirectory() as d:
         path = os.environ.get("AGENTFLOW_DB") or os.path.join(d, "notes.db")
         async with WorkflowRunner(release_notes(path)) as runner:
-            handle = await runner.run(
-                {
-                    "repo": "acme/app",
-                    "version": "2.4.0",
-                    "changes": ["faster builds", "login fix", "export API"],
-                }
-            )
+            handle = await runner.run(RELEASE)
             async for ev in handle.events():
                 if ev.kind == "waiting":
                     break
@@ -161,7 +215,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Release notes an editor reviews.")
+    ap.add_argument("--drafts", type=int, help="leave this many drafts waiting for the review page")
+    args = ap.parse_args()
     try:
-        asyncio.run(main())
+        asyncio.run(drafts(args.drafts) if args.drafts else main())
     except AgentflowError as exc:
         sys.exit(f"error: {exc}")

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +35,7 @@ from agentflow.runner import WorkflowRunner
 from agentflow.stores.contract import Store
 from agentflow.testing import ScriptedProvider
 from agentflow.types import Approval, RunInfo
+from agentflow.worker import Worker
 
 #: What an agent wrote, as a reviewer must see it: text, never markup that runs.
 PAYLOAD = (
@@ -575,3 +581,94 @@ async def test_markup_in_run_data_is_escaped_and_every_response_carries_the_csp(
         assert 'href="javascript' not in page
         static = await c.get("/static/review.js")
         assert static.status_code == 200 and static.headers["content-security-policy"] == CSP
+
+
+async def test_with_execute_false_a_decision_hands_the_run_to_a_worker(make_store: StoreFactory) -> None:
+    store = make_store("sqlite")
+    flows = workflows(store)
+    steward = Steward()
+    for wf in flows.values():
+        steward.register(wf)
+    app = create_app(steward, execute=False)
+    url, stop = await serve(app)
+    page = Served(url, store, flows)
+    worker = Worker(steward, concurrency=4, grace=1)
+    serving = asyncio.create_task(worker.serve())
+    try:
+        assert all(not r.execute for r in app.state.review.desk.runners)
+        a = await page.park("Triage", "to the worker")
+        async with page.client(authorization=f"Bearer {await page.token('alice')}") as bot:
+            reply = await bot.post(f"/api/runs/{a.run_id}/approvals/{a.id}", json={"action": "approve"})
+            assert reply.status_code == 200 and reply.json()["status"] == "running"
+        info = await page.settled(a.run_id, "Triage")
+        assert info.status == RunStatus.COMPLETED and (await worker.statistics()).claimed == 1
+    finally:
+        await worker.close()
+        await serving
+        await stop()
+        await page.close()
+
+
+def test_agentflow_serve_shows_the_release_notes_examples_drafts_to_an_editor(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "AGENTFLOW_DB": str(tmp_path / "notes.db"),
+        **{k: "" for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")},
+    }
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    module = "examples.review_release_notes"
+    assert "1 drafts wait" in cli(str(root / "examples" / "review_release_notes.py"), "--drafts", "1")
+    token = re.search(r"af_[\w-]+", cli("-m", "agentflow.cli", "reviewers", "add", module, "editor"))
+    assert token is not None
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentflow.cli", "serve", module, "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            for _ in range(300):
+                try:
+                    page = c.get("/signin")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            else:
+                raise AssertionError((tmp_path / "serve.log").read_text())
+            assert page.status_code == 200
+            reply = c.post("/signin", data={"csrf": csrf_of(page.text), "token": token.group(0)})
+            assert reply.status_code == 303
+            (item,) = (c.get("/api/approvals")).json()["items"]
+            assert item["workflow"] == "ReleaseNotes" and item["form"] is not None
+            path = f"/runs/{item['run_id']}/approvals/{item['id']}"
+            shown = c.get(path)
+            assert "## acme/app 2.4.0" in shown.text and 'name="data.draft"' in shown.text
+            edited = item["context"]["draft"] + "\n- Export API docs: https://docs.example.com/export"
+            csrf = csrf_of(shown.text)
+            assert (c.post(path + "/approve", data={"csrf": csrf, "data.draft": "short"})).status_code == 422
+            reply = c.post(path + "/approve", data={"csrf": csrf, "data.draft": edited})
+            assert reply.status_code == 303
+            for _ in range(200):
+                run = (c.get(f"/api/runs/{item['run_id']}")).json()
+                if run["status"] != "running":
+                    break
+                time.sleep(0.05)
+            assert run["status"] == "completed"
+            assert (
+                run["decisions"][0]["by"] == "editor"
+                and "Export API docs" in run["decisions"][0]["data"]["draft"]
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        log.close()
