@@ -20,6 +20,7 @@ On a cluster the sets are sharded by run id and the places by approval id (see
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -135,6 +136,24 @@ class Approvals:
             "previous page); list again from the first page"
         )
 
+    async def _narrowest(self, scopes: list[tuple[str, str]]) -> tuple[str, str]:
+        """Of the sets the filters name, the one with the fewest entries (the others are
+        checked entry by entry): ``kind="tool_outcome", workflow=...`` reads the few
+        unknown outcomes, not every approval of the workflow."""
+        if len(scopes) == 1:
+            return scopes[0]
+
+        async def count(key: bytes) -> int:
+            reply = await self.wire.retrying("approvals", None, lambda: self.wire.call([[b"ZCARD", key]]))
+            return int(reply[0])
+
+        async def size(scope: str, value: str) -> int:
+            keys = [self.keys.approvals(scope, value, shard).encode() for shard in self.keys.shards]
+            return sum(await asyncio.gather(*(count(k) for k in keys)))
+
+        sizes = await asyncio.gather(*(size(s, v) for s, v in scopes))
+        return min(zip(sizes, range(len(scopes)), scopes, strict=True))[2]
+
     async def page(
         self,
         approver: str | None,
@@ -146,14 +165,8 @@ class Approvals:
         """Pending approvals, newest first (``created_at``, then id), after approval ``after``."""
         if limit <= 0:
             return []
-        if approver is not None:
-            scope, value = "by", approver
-        elif workflow is not None:
-            scope, value = "wf", workflow
-        elif kind is not None:
-            scope, value = "kind", kind
-        else:
-            scope, value = "all", None
+        scopes = [(s, v) for s, v in (("by", approver), ("wf", workflow), ("kind", kind)) if v is not None]
+        scope, value = await self._narrowest(scopes) if scopes else ("all", None)
         sources = [self.keys.approvals(scope, value, shard).encode() for shard in self.keys.shards]
         cursor = await self._place(after) if after is not None else None
         pages = Pages(self.wire, "approvals", sources, cursor)
