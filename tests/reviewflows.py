@@ -67,7 +67,7 @@ def _publish(ctx: Any) -> Next:
 release_notes = _persisted(
     Workflow("ReleaseNotes", "Release notes an editor approves, with an edit")
     .input(Notes)
-    .flow({START: step(_ask_editor, form=NotesEdit), "Publish": _publish})
+    .flow({START: lambda ctx: "Review", "Review": step(_ask_editor, form=NotesEdit), "Publish": _publish})
 )
 
 
@@ -83,7 +83,8 @@ triage = _persisted(
     .input(Item)
     .flow(
         {
-            START: lambda ctx: Wait(
+            START: lambda ctx: "Triage",
+            "Triage": lambda ctx: Wait(
                 HumanApproval(["editor"], prompt=f"Let {ctx.input.text} through?", context=ctx.input.text),
                 "Through",
             ),
@@ -97,7 +98,8 @@ sign_off = _persisted(
     .input(Item)
     .flow(
         {
-            START: lambda ctx: Wait(
+            START: lambda ctx: "Sign",
+            "Sign": lambda ctx: Wait(
                 HumanApproval(["editor", "legal"], quorum=2, prompt="Sign off?", context=ctx.input.text),
                 "Signed",
             ),
@@ -123,7 +125,13 @@ async def _summarize(ctx: Any) -> Wait:
 summary = _persisted(
     Workflow("Summary", "An agent's summary an editor sends")
     .input(Item)
-    .flow({START: _summarize, "Send": lambda ctx: Next(END, output="sent")})
+    .flow(
+        {
+            START: lambda ctx: "Summarize",
+            "Summarize": _summarize,
+            "Send": lambda ctx: Next(END, output="sent"),
+        }
+    )
     .agents({"writer": Agent(provider=ScriptedProvider([_writer] * 500), model="m")})
 )
 
@@ -156,6 +164,6 @@ async def _ship(ctx: Any) -> Next:
 
 ship = _persisted(
     Workflow("Ship", "An agent whose deploy an operator approves")
-    .flow({START: _ship})
+    .flow({START: lambda ctx: "Ship", "Ship": _ship})
     .agents({"ops": Agent(provider=ScriptedProvider([_operator] * 500), model="m", tools=[deploy])})
 )

@@ -264,6 +264,43 @@ async def test_sign_in_sets_an_http_only_session_and_a_bad_token_is_refused(
     await reviewers.remember("editor", context)
 
 
+async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
+    reviewers: Reviewers, review_server: ReviewServer
+) -> None:
+    """Writes the README's screenshots (first in the module: the inbox holds these items only)."""
+    await park(review_server, reviewflows.triage, [{"text": "the refund of order 1042"}])
+    await park(review_server, reviewflows.summary, [{"text": "the week of 1 December"}])
+    await park(review_server, reviewflows.ship, [None])
+    (contract,) = await park(review_server, reviewflows.sign_off, [{"text": "the hosting contract"}])
+    (notes,) = await park(
+        review_server,
+        reviewflows.release_notes,
+        [
+            {
+                "title": "agentflow 2.0",
+                "previous": "## 1.9\n\n- SQLite store\n- Redis store\n",
+                "draft": "## 2.0\n\n- SQLite store\n- Redis and Redis Cluster stores\n- The review page\n",
+            }
+        ],
+    )
+    page = await reviewers.page("legal", approval_path(contract))
+    await page.click("button#approve")
+    await page.wait_for_url(f"**/runs/{contract.run_id}")
+
+    page = await reviewers.page("editor", "/")
+    await expect(row(page, notes)).to_be_visible()
+    await expect(row(page, contract)).to_contain_text("1/2")
+    await expect(page.locator("tr[data-approval-id]")).to_have_count(5)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / "inbox.png"), full_page=True)
+
+    await page.goto(approval_path(notes))
+    for part in ("#prompt", "#context", "#history", "#usage", "form#approve-form", "form#reject-form"):
+        await expect(page.locator(part)).to_be_visible()
+    await expect(page.locator("#context")).to_contain_text("The review page")
+    await page.screenshot(path=str(SCREENSHOTS / "approval.png"), full_page=True)
+
+
 async def test_an_editor_fixes_an_invalid_edit_approves_and_the_item_leaves_another_tab_live(
     reviewers: Reviewers, review_server: ReviewServer
 ) -> None:
@@ -484,38 +521,3 @@ async def test_agent_output_with_markup_is_shown_as_text_and_runs_nothing(
     assert await page.locator("script:not([src])").count() == 0
     await page.wait_for_timeout(300)  # anything that would run has run by now
     assert reviewers.problems == []
-
-
-async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
-    reviewers: Reviewers, review_server: ReviewServer
-) -> None:
-    """Writes the README's screenshots, once every kind of item is in the inbox."""
-    await park(review_server, reviewflows.summary, [{"text": "the week of 1 December"}])
-    await park(review_server, reviewflows.ship, [None])
-    (contract,) = await park(review_server, reviewflows.sign_off, [{"text": "the hosting contract"}])
-    (notes,) = await park(
-        review_server,
-        reviewflows.release_notes,
-        [
-            {
-                "title": "agentflow 2.0",
-                "previous": "## 1.9\n\n- SQLite store\n- Redis store\n",
-                "draft": "## 2.0\n\n- SQLite store\n- Redis and Redis Cluster stores\n- The review page\n",
-            }
-        ],
-    )
-    page = await reviewers.page("legal", approval_path(contract))
-    await page.click("button#approve")
-    await page.wait_for_url(f"**/runs/{contract.run_id}")
-
-    page = await reviewers.page("editor", "/")
-    await expect(row(page, notes)).to_be_visible()
-    await expect(row(page, contract)).to_contain_text("SignOff")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / "inbox.png"), full_page=True)
-
-    await page.goto(approval_path(notes))
-    for part in ("#prompt", "#context", "#history", "#usage", "form#approve-form", "form#reject-form"):
-        await expect(page.locator(part)).to_be_visible()
-    await expect(page.locator("#context")).to_contain_text("The review page")
-    await page.screenshot(path=str(SCREENSHOTS / "approval.png"), full_page=True)
