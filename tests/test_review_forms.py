@@ -302,6 +302,17 @@ def test_a_reviewer_edits_and_the_data_follows() -> None:
     assert Release.model_validate(data).items[2] == Item(name="three", qty=1)
 
 
+def test_ticking_remove_drops_an_item() -> None:
+    pairs = browser_post(SCHEMA, FULL)
+    assert ("remove", "items[0]") not in pairs  # unticked: not posted
+    data, errors = parse(SCHEMA, [*pairs, ("remove", "items[0]"), ("remove", "tags[2]")])
+    assert errors == {}
+    assert data["items"] == [{"name": "two", "qty": 1, "urgent": False}] and data["tags"] == ["a", "<b>"]
+    # errors in the items after a removed one are told at the inputs the reviewer sees
+    pairs = replaced(pairs, "data.items[1].qty", "0")
+    assert parse(SCHEMA, [*pairs, ("remove", "items[0]")])[1] == {"items[1].qty": "Must be at least 1."}
+
+
 def test_removing_every_item_gives_an_empty_list() -> None:
     pairs = browser_post(SCHEMA, FULL)
     pairs = [(n, v) for n, v in pairs if not n.startswith("data.tags[")]
@@ -616,6 +627,7 @@ async def test_chromium_posts_what_the_simulated_browser_posts() -> None:
                     await page.select_option("[name='data.priority']", "low")
                     await page.fill("[name='data.tags[3]']", "new tag")
                     await page.fill("[name='data.items[2].name']", "three")
+                    await page.check("input[name=remove][value='items[0]']")
                 await page.click("#go")
                 await page.wait_for_selector("text=posted")
         finally:
@@ -626,7 +638,9 @@ async def test_chromium_posts_what_the_simulated_browser_posts() -> None:
     data, errors = parse(SCHEMA, changed)
     assert errors == {"count": "Enter a whole number."}
     assert data["count"] == "abc" and data["publish"] is False and data["priority"] == "low"
-    assert data["tags"][-1] == "new tag" and data["items"][-1] == {"name": "three", "urgent": False}
+    assert data["tags"][-1] == "new tag"
+    assert [item["name"] for item in data["items"]] == ["two", "three"]
+    assert data["items"][-1] == {"name": "three", "urgent": False}
 
 
 def test_a_long_list_parses_in_time_linear_in_the_form() -> None:

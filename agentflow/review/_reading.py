@@ -21,7 +21,10 @@ from jsonschema.exceptions import best_match
 from ._messages import schema_message
 from ._schema import MISSING, Schema, View, choice_text, input_name, join
 
-__all__ = ["Reader", "pairs_of"]
+__all__ = ["REMOVE", "Reader", "pairs_of"]
+
+#: The name of a list item's "remove" checkbox; its value is the item's path.
+REMOVE = "remove"
 
 _INTEGER = re.compile(r"^[+-]?\d+$")
 #: Where a name goes one level down: ``.key``, or ``[i]`` (the index in group 1).
@@ -29,7 +32,7 @@ _STEP = re.compile(r"\.|\[(\d+)\](?=$|[.\[])|\[")
 
 
 def pairs_of(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    """The posted ``data``/``data.…`` inputs by name, each with its values in order."""
+    """The posted ``data``/``data.…`` inputs (and :data:`REMOVE`) by name, each with its values in order."""
     multi = getattr(form, "multi_items", None)
     pairs: Iterable[tuple[str, Any]]
     if callable(multi):
@@ -40,7 +43,7 @@ def pairs_of(form: Mapping[str, Any] | Iterable[tuple[str, str]]) -> dict[str, l
         pairs = form
     posted: dict[str, list[str]] = {}
     for name, v in pairs:
-        if name == "data" or name.startswith(("data.", "data[")):
+        if name in ("data", REMOVE) or name.startswith(("data.", "data[")):
             posted.setdefault(name, []).append(v if isinstance(v, str) else str(v))
     return posted
 
@@ -53,6 +56,7 @@ class Reader:
         self.posted = posted
         self.where: dict[tuple[Any, ...], str] = {}
         self.errors: dict[str, str] = {}
+        self.removed = set(posted.pop(REMOVE, ()))
         # Once for the whole form (not per list item, which made a long list quadratic):
         # the list indices posted under each name, and the names with something entered.
         self._indices: dict[str, set[int]] = {}
@@ -88,7 +92,7 @@ class Reader:
             item = self.s.item(view)
             items: list[Any] = []
             for i in indices:
-                if not self.blank(f"{name}[{i}]"):
+                if f"{path}[{i}]" not in self.removed and not self.blank(f"{name}[{i}]"):
                     got = self.read(item, f"{path}[{i}]", (*loc, len(items)))
                     if got is not MISSING:
                         items.append(got)

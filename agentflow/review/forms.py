@@ -17,8 +17,9 @@ What a reviewer sees, by schema:
   the error is shown next to the field); ``boolean`` → a checkbox.
 - ``enum``, ``const``, ``Literal`` and optional booleans → a select (``enum``).
 - an object with ``properties`` → its fields (``object``); a list of scalars or of objects
-  → one entry per item plus an empty one to add an item (``list``); an empty item is
-  dropped, which is how an item is removed.
+  → one entry per item plus an empty one to add an item (``list``); an item is removed
+  by ticking its "remove" checkbox (``name="remove" value="<item path>"``) or by
+  emptying it (an empty item is dropped).
 - anything else (unions, maps, tuples, lists of lists, recursive models) → a JSON textarea
   (``json``).
 
