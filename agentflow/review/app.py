@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from starlette.applications import Starlette
@@ -29,6 +28,8 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..steward import Steward
+from ..types import Webhook
+from ..webhooks import WebhookSender
 from . import api, views
 from .auth import Auth, Refused, TokenAuth
 from .desk import Desk
@@ -61,7 +62,7 @@ class Review:
         self,
         steward: Steward,
         auth: Auth,
-        webhooks: Sequence[Any],
+        webhooks: Sequence[Webhook],
         execute: bool,
         secret_key: str | bytes | None,
         https: bool | None,
@@ -74,7 +75,7 @@ class Review:
         self.webhooks = list(webhooks)
         self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
         self._ready: asyncio.Future[bytes] | None = None
-        self._sender: Any = None
+        self._sender: WebhookSender | None = None
         self.watch = Watch(self._newest)
         env = Environment(
             loader=PackageLoader("agentflow.review", "templates"),
@@ -95,8 +96,6 @@ class Review:
                 if self._secret is not None:
                     key = self._secret
                 if self.webhooks:
-                    from ..webhooks import WebhookSender
-
                     self._sender = WebhookSender(self.webhooks)
                     for runner in self.desk.runners:
                         self._sender.attach(runner)
@@ -225,7 +224,7 @@ async def _sign_in(request: Request, exc: Exception) -> Response:
 def create_app(
     steward: Steward,
     auth: Auth | None = None,
-    webhooks: Sequence[Any] = (),
+    webhooks: Sequence[Webhook] = (),
     execute: bool = True,
     secret_key: str | bytes | None = None,
     https: bool | None = None,

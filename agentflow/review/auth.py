@@ -19,11 +19,12 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from starlette.requests import Request
 
 from ..stores.contract import Store
+from .reviewers import Reviewers
 
 __all__ = ["Auth", "HeaderAuth", "Refused", "TokenAuth", "check_csrf", "csrf_token"]
 
@@ -133,23 +134,20 @@ class TokenAuth:
 
     def __init__(self, attempts: int = 10, per: float = 60.0) -> None:
         self._attempts = _Attempts(attempts, per)
-        self._reviewers: Any = None
+        self._reviewers: Reviewers | None = None
         # Bearer tokens already checked (argon2 is slow by design): sha256 -> (name, token id).
         self._checked: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
 
     @property
-    def reviewers(self) -> Any:
-        """The store's reviewers (``agentflow.review.reviewers.Reviewers``), once started."""
+    def reviewers(self) -> Reviewers:
+        """The store's reviewers, once started."""
         if self._reviewers is None:
             raise RuntimeError("TokenAuth is not started; the review app starts it on its first request")
         return self._reviewers
 
     async def start(self, store: Store) -> bytes:
-        from .reviewers import Reviewers
-
         self._reviewers = Reviewers(store)
-        secret: bytes = await self._reviewers.secret()
-        return secret
+        return await self._reviewers.secret()
 
     async def sign_in(self, request: Request, token: str) -> str | None:
         """Check ``token`` and start a session for its reviewer; their name, or None.
@@ -163,7 +161,7 @@ class TokenAuth:
             return None
         request.session.clear()
         request.session.update({"who": found.name, "tid": found.token_id, "csrf": secrets.token_urlsafe(24)})
-        return str(found.name)
+        return found.name
 
     def sign_out(self, request: Request) -> None:
         """End the request's session."""
@@ -192,7 +190,7 @@ class TokenAuth:
             found = await self.reviewers.verify(token)
             if found is None:
                 return None
-            known = self._checked[key] = (str(found.name), str(found.token_id))
+            known = self._checked[key] = (found.name, found.token_id)
             if len(self._checked) > 1000:
                 self._checked.popitem(last=False)
         if not await self.reviewers.valid(*known):

@@ -108,8 +108,8 @@ class Desk:
             raise RunNotFoundError(f"no run {run_id!r} among the served workflows {self.workflows}")
         return await self.runner(rec.workflow)._info(run_id)
 
-    async def open(self, run_id: str, approval_id: str) -> Opened:
-        """The approval ``approval_id`` of run ``run_id``, with the run's info and events.
+    async def open(self, run_id: str, approval_id: str, events: bool = True) -> Opened:
+        """The approval ``approval_id`` of run ``run_id``, with the run's info and (``events``) its events.
 
         Raises:
             RunNotFoundError: no such run, or the run never had this approval.
@@ -119,8 +119,8 @@ class Desk:
         decided = any(d.approval == approval_id for d in info.decisions)
         if approval is None and not decided:
             raise RunNotFoundError(f"run {run_id} has no approval {approval_id!r}")
-        events = await self.runner(info.workflow).store.events(run_id)
-        return Opened(info, approval, events, decided)
+        found = await self.runner(info.workflow).store.events(run_id) if events else []
+        return Opened(info, approval, found, decided)
 
     async def decide(
         self,

@@ -108,6 +108,8 @@ def _next(target: str | None) -> str | None:
     """A same-site path to go on to after sign-in, or None (no open redirects)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):  # a browser drops tabs: "/\t/x" is "//x"
+        return None
     return target
 
 
@@ -270,7 +272,7 @@ async def decide(request: Request) -> Response:
     if action not in ("approve", "reject", "respond"):
         return error_page(request, 404, f"no action {action!r}: approve, reject or respond", who=who)
     try:
-        opened = await review.desk.open(run_id, approval_id)
+        opened = await review.desk.open(run_id, approval_id, events=False)
     except RunNotFoundError as exc:
         return error_page(request, 404, str(exc), who=who)
     approval = opened.approval
