@@ -25,6 +25,10 @@ import pytest
 import uvicorn
 from conftest import StoreFactory, free_port
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from agentflow import END, START, Agent, HumanApproval, Next, RunStatus, Steward, Wait, Workflow, step, tool
 from agentflow.agents import ProviderReply, ProviderRequest, ToolUse
@@ -34,7 +38,8 @@ from agentflow.review.reviewers import Reviewers
 from agentflow.runner import WorkflowRunner
 from agentflow.stores.contract import Store
 from agentflow.testing import ScriptedProvider
-from agentflow.types import Approval, RunInfo
+from agentflow.types import Approval, RunInfo, Webhook
+from agentflow.webhooks import verify
 from agentflow.worker import Worker
 
 #: What an agent wrote, as a reviewer must see it: text, never markup that runs.
@@ -607,6 +612,43 @@ async def test_with_execute_false_a_decision_hands_the_run_to_a_worker(make_stor
         await serving
         await stop()
         await page.close()
+
+
+async def test_a_decision_on_the_page_is_posted_to_the_apps_webhooks_signed(make_store: StoreFactory) -> None:
+    got: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
+
+    async def receive(request: Request) -> Response:
+        await got.put((await request.body(), dict(request.headers)))
+        return Response(status_code=204)
+
+    hook_url, stop_hook = await serve(Starlette(routes=[Route("/hook", receive, methods=["POST"])]))
+    store = make_store("memory")
+    flows = workflows(store)
+    steward = Steward()
+    for wf in flows.values():
+        steward.register(wf)
+    url, stop = await serve(create_app(steward, webhooks=[Webhook(f"{hook_url}/hook", "whsec")]))
+    page = Served(url, store, flows)
+    try:
+        a = await page.park("Triage", "hooked")
+        async with page.client() as c:
+            csrf = await sign_in(c, await page.token("alice"))
+            assert (
+                await c.post(decide_path(a, "approve"), data={"csrf": csrf, "comment": "go"})
+            ).status_code == 303
+        body, headers = await asyncio.wait_for(got.get(), 10)
+        assert verify("whsec", body, headers) and not verify("other", body, headers)
+        event = json.loads(body)
+        assert (event["type"], event["run_id"], event["approval"]["id"]) == (
+            "approval_decided",
+            a.run_id,
+            a.id,
+        )
+        assert (event["decision"]["by"], event["decision"]["comment"]) == ("alice", "go")
+    finally:
+        await stop()
+        await page.close()
+        await stop_hook()
 
 
 def test_agentflow_serve_shows_the_release_notes_examples_drafts_to_an_editor(tmp_path: Path) -> None:
