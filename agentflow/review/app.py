@@ -76,7 +76,7 @@ class Review:
         self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
         self._ready: asyncio.Future[bytes] | None = None
         self._sender: WebhookSender | None = None
-        self.watch = Watch(self._newest)
+        self.watch = Watch(self._newest, feeds=[r.store for r in self.desk.runners])
         env = Environment(
             loader=PackageLoader("agentflow.review", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),

@@ -1,11 +1,14 @@
 """Live inbox updates: one watcher per app looks at the newest pending approvals and tells
 every open page (a server-sent event ``approvals``) which arrived and which left.
 
-The watcher runs only while a page listens. It reads the first ``window`` approvals of
-each served workflow every ``interval`` seconds (from the approval index: the cost is the
-page, not the store), so an approval decided in another process, or one that arrives
-from any run, reaches an open inbox within about half a second. A page that hears of a
-change fetches its own filtered list again; ``added`` and ``removed`` are the ids.
+The watcher runs only while a page listens. It reads the first approvals of each served
+workflow (from the approval index: the cost is the page, not the store) every
+``interval`` seconds, so an approval decided in another process, or one that arrives
+from any run, reaches an open inbox within about half a second. On a store that pushes
+its changes (``ChangeFeed``: Redis, PostgreSQL) it looks as soon as a run changes
+(at most every ``_SOON`` seconds), and every ``_BACKSTOP`` seconds besides. A page that
+hears of a change fetches its own filtered list again; ``added`` and ``removed`` are
+the ids.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ..errors import AgentflowError
+from ..errors import AgentflowError, StoreError
+from ..stores.contract import ChangeFeed
 
 __all__ = ["Watch"]
 
 log = logging.getLogger("agentflow.review")
+
+#: Seconds between two looks while a store's feed pushes changes (a backstop), and at
+#: least between two looks it prompts (the changes of a burst are read together).
+_BACKSTOP, _SOON = 2.0, 0.05
 
 Snapshot = Callable[[], Awaitable[set[str]]]
 
@@ -32,12 +40,15 @@ class Watch:
 
     Args:
         snapshot: the ids of the newest pending approvals (what a look reads).
-        interval: seconds between two looks.
+        interval: seconds between two looks (without a change feed).
+        feeds: the served stores; those that push changes prompt a look.
     """
 
-    def __init__(self, snapshot: Snapshot, interval: float = 0.5) -> None:
+    def __init__(self, snapshot: Snapshot, interval: float = 0.5, feeds: Sequence[object] = ()) -> None:
         self._snapshot = snapshot
         self.interval = interval
+        self._feeds = [f for f in dict.fromkeys(feeds, None) if isinstance(f, ChangeFeed)]
+        self._changed = asyncio.Event()
         self._queues: set[asyncio.Queue[dict[str, list[str]]]] = set()
         self._task: asyncio.Task[None] | None = None
         self._seen: set[str] | None = None
@@ -65,6 +76,37 @@ class Watch:
                 await task
 
     async def _watch(self) -> None:
+        feeds = [asyncio.create_task(self._follow(f), name="review-feed") for f in self._feeds]
+        try:
+            await self._look()
+        finally:
+            for task in feeds:
+                task.cancel()
+            for task in feeds:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _follow(self, feed: ChangeFeed) -> None:
+        """Prompt a look whenever ``feed`` tells of a change; start it again when cut."""
+        while True:
+            try:
+                await feed.changes(lambda run_id: self._changed.set())
+            except StoreError as exc:
+                log.warning("review page: the store's change feed was cut (%s); looking every second", exc)
+                self._changed.set()
+                await asyncio.sleep(1.0)
+
+    async def _wait(self) -> None:
+        """Until the next look is due."""
+        if not self._feeds:
+            await asyncio.sleep(self.interval)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), _BACKSTOP)
+        await asyncio.sleep(_SOON)
+        self._changed.clear()
+
+    async def _look(self) -> None:
         self._seen = None
         while self._queues:
             now: set[str] | None
@@ -81,7 +123,7 @@ class Watch:
                     queue.put_nowait(change)
             self._seen = now
             self._looked.set()
-            await asyncio.sleep(self.interval)
+            await self._wait()
         self._task = None
 
     def response(self, ping: float = 15.0) -> EventSourceResponse:
