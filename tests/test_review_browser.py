@@ -393,7 +393,12 @@ async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
     reviewers: Reviewers, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.ship, [None])
-    page = await reviewers.page("ops-lead", approval_path(approval))
+    page = await reviewers.page("ops-lead", "/?mine=1")
+    # Only what the operator may decide: the tool calls, none of the editors' gates.
+    await expect(row(page, approval)).to_be_visible()
+    assert set(await page.locator("tr[data-approval-id] td:nth-child(2)").all_inner_texts()) == {"Ship"}
+    await row(page, approval).locator("a.open").click()
+    await page.wait_for_url(f"**{approval_path(approval)}")
     await expect(page.locator("#tool")).to_contain_text("deploy")
     await expect(page.locator("#arguments")).to_contain_text("staging")
     await expect(page.locator("#model-text")).to_contain_text("Deploying 2.0 to staging.")
@@ -423,9 +428,12 @@ async def test_bulk_approval_decides_twenty_items_each_on_its_own(
     await expect(page.locator("#flash")).to_be_visible()
     runs = await asyncio.gather(*(settled(page.request, a.run_id) for a in approvals))
     assert [r["status"] for r in runs] == ["completed"] * 20
-    for approval in approvals[:3]:
-        info, output = await run_info(review_server, reviewflows.triage, approval.run_id)
-        assert [d.by for d in info.decisions] == ["editor"] and output.endswith("by editor")
+    # Each item its own decision, by the signed-in reviewer, of its own approval.
+    assert [[(d["by"], d["approval"], d["approved"]) for d in r["decisions"]] for r in runs] == [
+        [("editor", a.id, True)] for a in approvals
+    ]
+    _, output = await run_info(review_server, reviewflows.triage, approvals[0].run_id)
+    assert output == f"{batch} 0 by editor"
     await page.goto("/?workflow=Triage")
     for approval in approvals:
         await expect(row(page, approval)).to_have_count(0)
