@@ -26,6 +26,7 @@ from playwright.async_api import (
     Browser,
     BrowserContext,
     ConsoleMessage,
+    Locator,
     Page,
     Playwright,
     async_playwright,
@@ -85,10 +86,10 @@ class Reviewers:
         self._opened: list[BrowserContext | APIRequestContext] = []
         self.problems: list[str] = []
 
-    async def fresh(self) -> BrowserContext:
-        """A context with no session."""
+    async def fresh(self, storage_state: Any = None) -> BrowserContext:
+        """A new context (cookie jar): with no session, or the one ``storage_state`` holds."""
         context = await self.browser.new_context(
-            base_url=self.server.url, viewport={"width": WIDTH, "height": 800}
+            base_url=self.server.url, viewport={"width": WIDTH, "height": 800}, storage_state=storage_state
         )
         context.set_default_timeout(5_000)
         context.on("page", self._watch)
@@ -97,19 +98,11 @@ class Reviewers:
 
     async def open(self, name: str) -> BrowserContext:
         """A context signed in as ``name`` (signing in once: the page allows few attempts)."""
-        if name not in self._states:
-            context = await self.fresh()
-            await sign_in(await context.new_page(), self.server.tokens[name])
-            await self.remember(name, context)
-            return context
-        context = await self.browser.new_context(
-            base_url=self.server.url,
-            viewport={"width": WIDTH, "height": 800},
-            storage_state=self._states[name],
-        )
-        context.set_default_timeout(5_000)
-        context.on("page", self._watch)
-        self._opened.append(context)
+        if name in self._states:
+            return await self.fresh(self._states[name])
+        context = await self.fresh()
+        await sign_in(await context.new_page(), self.server.tokens[name])
+        await self.remember(name, context)
         return context
 
     async def remember(self, name: str, context: BrowserContext) -> None:
@@ -181,6 +174,12 @@ async def sign_in(page: Page, token: str) -> None:
     await page.wait_for_url(re.compile(r"/(\?.*)?$"))
 
 
+async def sign_in_here(page: Page, token: str) -> None:
+    """Sign in on the sign-in form the page shows now (keeping its ``next``)."""
+    await page.fill("input[name=token]", token)
+    await page.click("button#signin")
+
+
 # -- runs, started here on the server's store --------------------------------------------
 
 
@@ -229,7 +228,8 @@ async def submit(page: Page, button: str) -> None:
         await page.click(button)
 
 
-def row(page: Page, approval: Approval) -> Any:
+def row(page: Page, approval: Approval) -> Locator:
+    """The inbox row of ``approval``."""
     return page.locator(f'tr[data-approval-id="{approval.id}"]')
 
 
@@ -489,12 +489,6 @@ async def test_no_session_redirects_to_sign_in_and_a_post_without_csrf_is_refuse
     assert by_api.status == 403, await by_api.text()
     info, _ = await run_info(review_server, reviewflows.triage, approval.run_id)
     assert info.status == RunStatus.WAITING and info.decisions == ()
-
-
-async def sign_in_here(page: Page, token: str) -> None:
-    """Sign in on the sign-in form the page shows now (keeping its ``next``)."""
-    await page.fill("input[name=token]", token)
-    await page.click("button#signin")
 
 
 async def test_agent_output_with_markup_is_shown_as_text_and_runs_nothing(
