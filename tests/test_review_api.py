@@ -30,7 +30,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agentflow import END, START, Agent, HumanApproval, Next, RunStatus, Steward, Wait, Workflow, step, tool
+from agentflow import (
+    END,
+    START,
+    Agent,
+    HumanApproval,
+    Next,
+    Run,
+    RunStatus,
+    Steward,
+    Wait,
+    Workflow,
+    step,
+    tool,
+)
 from agentflow.agents import ProviderReply, ProviderRequest, ToolUse
 from agentflow.review import HeaderAuth, TokenAuth, create_app
 from agentflow.review.app import CSP
@@ -610,6 +623,60 @@ async def test_with_execute_false_a_decision_hands_the_run_to_a_worker(make_stor
     finally:
         await worker.close()
         await serving
+        await stop()
+        await page.close()
+
+
+async def test_a_child_runs_approval_is_in_the_inbox_and_decided_on_the_child(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store("memory")
+    child = (
+        Workflow("Check")
+        .flow({START: _triage, "Through": lambda ctx: Next(END, output=f"checked {ctx.input}")})
+        .persistence(store=store)
+    )
+    parent = (
+        Workflow("Release")
+        .flow(
+            {
+                START: lambda ctx: Run(child, "the build", "Done"),
+                "Done": lambda ctx: Next(END, output="released"),
+            }
+        )
+        .persistence(store=store)
+    )
+    steward = Steward()
+    steward.register(parent)  # the child is served as the parent's
+    url, stop = await serve(create_app(steward))
+    page = Served(url, store, {"Release": parent})
+    try:
+        handle = await page.runners["Release"].run()
+        await handle.wait_for(RunStatus.WAITING, timeout=10)  # on its child, which parks at its gate
+        for _ in range(200):
+            info = await handle.info()
+            if info.approvals:
+                break
+            await asyncio.sleep(0.02)
+        (a,) = info.approvals
+        assert a.workflow == "Check" and a.run_id != handle.run_id
+        async with page.client() as c:
+            csrf = await sign_in(c, await page.token("alice"))
+            inbox = (await c.get("/")).text
+            assert f'data-approval-id="{a.id}" data-run-id="{a.run_id}"' in inbox
+            link = re.search(r'href="(/runs/[^"]+)"', inbox)
+            assert link is not None and "%2F" in link.group(1)  # the child's id, "/" and all
+            shown = await c.get(link.group(1))
+            assert shown.status_code == 200 and 'id="approve-form"' in shown.text
+            history = re.search(r'class="crumbs">.*?href="[^"]+">.*?href="([^"]+)"', shown.text, re.S)
+            assert history is not None and (await c.get(history.group(1))).status_code == 200
+            assert (await c.get("/", params={"workflow": "Check"})).text.count("<tr data-approval-id=") == 1
+            assert (await c.post(decide_path(a, "approve"), data={"csrf": csrf})).status_code == 303
+        result = await handle.result(timeout=10)
+        assert result.output == "released"
+        (d,) = (await page.info(a.run_id, "Release")).decisions
+        assert d.by == "alice"
+    finally:
         await stop()
         await page.close()
 

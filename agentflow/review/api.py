@@ -174,7 +174,10 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/api/me", me, methods=["GET"], name="api_me"),
         Route("/api/approvals", approvals, methods=["GET"], name="api_approvals"),
-        Route("/api/runs/{run_id}", run, methods=["GET"], name="api_run"),
-        Route("/api/runs/{run_id}/approvals/{approval_id}", approval, methods=["GET"], name="api_approval"),
-        Route("/api/runs/{run_id}/approvals/{approval_id}", decide, methods=["POST"], name="api_decide"),
+        # A run id may hold "/" (a child run's; percent-encoded or not): the longer route first.
+        Route(
+            "/api/runs/{run_id:path}/approvals/{approval_id}", approval, methods=["GET"], name="api_approval"
+        ),
+        Route("/api/runs/{run_id:path}/approvals/{approval_id}", decide, methods=["POST"], name="api_decide"),
+        Route("/api/runs/{run_id:path}", run, methods=["GET"], name="api_run"),
     ]

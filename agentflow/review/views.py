@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 from urllib.parse import urlencode as _urlencode
 
 from starlette.requests import Request
@@ -42,7 +42,13 @@ def urlencode(params: Mapping[str, Any]) -> str:
 
 
 def href(request: Request, name: str, **params: Any) -> str:
-    """The path of route ``name`` (below the app's mount point)."""
+    """The path of route ``name`` (below the app's mount point).
+
+    A run id is percent-encoded whole: a child run's id holds a ``/`` (and its step's
+    name, any character).
+    """
+    if "run_id" in params:
+        params["run_id"] = quote(str(params["run_id"]), safe="")
     root = str(request.scope.get("root_path", ""))
     return root + str(request.app.router.url_path_for(name, **params))
 
@@ -344,12 +350,10 @@ def routes() -> list[BaseRoute]:
         Route("/", inbox, methods=["GET"], name="inbox"),
         Route("/bulk", bulk, methods=["POST"], name="bulk"),
         Route("/events", events, methods=["GET"], name="events"),
-        Route("/runs/{run_id}", run_page, methods=["GET"], name="run"),
-        Route("/runs/{run_id}/approvals/{approval_id}", approval_page, methods=["GET"], name="approval"),
+        # A run id may hold "/" (a child run's): the most specific route first.
         Route(
-            "/runs/{run_id}/approvals/{approval_id}/{action:str}",
-            decide,
-            methods=["POST"],
-            name="decide",
+            "/runs/{run_id:path}/approvals/{approval_id}/{action}", decide, methods=["POST"], name="decide"
         ),
+        Route("/runs/{run_id:path}/approvals/{approval_id}", approval_page, methods=["GET"], name="approval"),
+        Route("/runs/{run_id:path}", run_page, methods=["GET"], name="run"),
     ]
