@@ -428,6 +428,26 @@ async def test_bulk_approval_of_twenty_records_each_as_its_own_decision(served: 
         assert (d.by, d.approval) == ("alice", a.id)
 
 
+async def test_bulk_rejection_gives_each_the_reason_and_lists_what_could_not_be_decided(
+    served: Served,
+) -> None:
+    parked = await asyncio.gather(*(served.park("Triage", f"r{i}") for i in range(3)))
+    mine = [f"{a.run_id}:{a.id}" for a in parked]
+    async with served.client() as c:
+        csrf = await sign_in(c, await served.token("alice"))
+        items = [*mine, f"{parked[0].run_id}:ap_0000", "nope:ap_1"]  # not pending / no such run
+        reply = await c.post(
+            "/bulk", data={"csrf": csrf, "action": "reject", "reason": "dupes", "item": items}
+        )
+        assert reply.status_code == 303
+        flash = (await c.get("/")).text
+        assert "3 rejected. 2 could not be" in flash and "ap_0000" in flash
+    for a in parked:
+        info = await served.info(a.run_id, "Triage")
+        assert info.status == RunStatus.REJECTED
+        assert [(d.by, d.reason) for d in info.decisions] == [("alice", "dupes")]
+
+
 # -- the inbox ----------------------------------------------------------------------------
 
 
@@ -716,6 +736,23 @@ async def test_a_decision_on_the_page_is_posted_to_the_apps_webhooks_signed(make
         await stop()
         await page.close()
         await stop_hook()
+
+
+def test_the_review_namespace_exports_the_app_and_the_auths() -> None:
+    import agentflow.review
+
+    assert agentflow.review.__all__ == ["HeaderAuth", "TokenAuth", "Webhook", "create_app"]
+
+
+def test_agentflow_serve_with_header_auth_needs_the_header_and_its_secret(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    module = "examples.review_release_notes"
+    done = subprocess.run(
+        [sys.executable, "-m", "agentflow.cli", "serve", module, "--auth", "header", "--header", "X-User",
+         "--header-secret-env", "NO_SUCH_REVIEW_SECRET"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--header-secret-env" in done.stderr
 
 
 def test_agentflow_serve_shows_the_release_notes_examples_drafts_to_an_editor(tmp_path: Path) -> None:
