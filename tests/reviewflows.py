@@ -53,7 +53,8 @@ def _ask_editor(ctx: Any) -> Wait:
     gate = HumanApproval(
         ["editor"],
         prompt=f"Publish the release notes for {ctx.input.title}?",
-        context={"before": ctx.input.previous, "after": ctx.input.draft},
+        # The title fills the form's field; before and after show as a diff.
+        context={"title": ctx.input.title, "before": ctx.input.previous, "after": ctx.input.draft},
         form=NotesEdit,
     )
     return Wait(gate, "Publish")

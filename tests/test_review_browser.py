@@ -515,6 +515,8 @@ async def test_agent_output_with_markup_is_shown_as_text_and_runs_nothing(
         assert await page.locator("a[href^='javascript:' i]").count() == 0
         assert await page.locator("img[src=x]").count() == 0
     await expect(page.locator("#prompt")).to_contain_text("<script>alert(2)</script>")
+    # An attribute too: the form's title field is filled from the context, as text.
+    await expect(page.locator("[name='data.title']")).to_have_value("<script>alert(2)</script>")
     await page.goto(approval_path(summary))
     await expect(page.locator("#context a[href='https://example.org/notes']")).to_have_attribute(
         "rel", re.compile("noopener")
