@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from .. import tracing
 from ..errors import LeaseLostError, StoreError
 from ..stores.contract import Commit
 from ..types import RunStatus
@@ -29,8 +30,13 @@ _RELEASE_WAIT = 2.0
 
 
 async def drive(run: LiveRun, advance: Callable[[LiveRun], Awaitable[None]]) -> None:
-    """Run ``advance`` to its end, turning failures, stops and lease loss into commits."""
+    """Run ``advance`` to its end, turning failures, stops and lease loss into commits.
+
+    This is one segment of the run: traced as ``invoke_workflow`` (see :mod:`agentflow.tracing`).
+    """
     kernel = run.kernel
+    seg = tracing.segment(run.run_id, run.spec, run.journal, run.decisions)
+    failure: BaseException | None = None
     try:
         run.started = True
         if run.stop_requested:
@@ -63,8 +69,11 @@ async def drive(run: LiveRun, advance: Callable[[LiveRun], Awaitable[None]]) -> 
         raise
     except Exception as exc:
         step_err = exc if isinstance(exc, StepError) else StepError(run.step, exc)
+        failure = step_err.error
         await _finish_failed(run, step_err)
     finally:
+        if seg is not None:
+            seg.end(run.status.value, failure if run.status is RunStatus.FAILED else None)
         run.finished = True
         kernel.forget(run)
         for fut in run.watchers:

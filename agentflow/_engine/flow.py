@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+from .. import tracing
 from ..definition.compose import Run
 from ..definition.gates import Wait
 from ..definition.parallel import Parallel
@@ -42,6 +43,7 @@ async def advance_flow(run: LiveRun) -> None:
     max_steps = spec.max_steps
     run_id = run.run_id
     attempts = run.journal.get("attempts")  # of steps that failed before a retry
+    seg = tracing.current()  # None when not traced: then no step pays for tracing
     if run.resolving is not None:
         # Back from a wait on child runs that ended: the step that started them completes.
         control = await resume_children(run)
@@ -66,6 +68,7 @@ async def advance_flow(run: LiveRun) -> None:
         ctx: StepContext[Any, Any] = StepContext(run, name, visit, frame)
         if attempts:
             ctx.attempt += attempts.get(f"{visit}:{name}", 0)
+        span = seg.step(name, visit, ctx.attempt) if seg is not None else None
         try:
             if fn.plain:
                 ret = fn.fn(ctx)
@@ -76,6 +79,8 @@ async def advance_flow(run: LiveRun) -> None:
         except (asyncio.CancelledError, Stop, LeaseLostError, StoreError):
             raise
         except Exception as exc:
+            if span is not None:
+                span.end("failed", ctx.attempt, error=exc)
             raise StepError(name, exc, ctx.attempt, f"{visit}:{name}") from exc
         finally:
             if frame.agents is not None:
@@ -113,6 +118,8 @@ async def advance_flow(run: LiveRun) -> None:
                 control = await run._commit_through_outage(commit, exc)
             if kernel.waiters:
                 kernel.notify(run_id)
+            if span is not None:
+                span.end("next", ctx.attempt, ret)
             if control is not None:
                 await obey(run, control)
                 if run.status is not RunStatus.RUNNING:
@@ -127,9 +134,26 @@ async def advance_flow(run: LiveRun) -> None:
         except StepError as err:
             if err.at is None:  # what the step returned failed it: its attempt counts too
                 err.attempt, err.at = ctx.attempt, f"{visit}:{name}"
+            if span is not None:
+                span.end("failed", ctx.attempt, error=err.error)
             raise
+        if span is not None:
+            outcome, target = _outcome(ret)
+            span.end(outcome, ctx.attempt, target)
         if run.status is not RunStatus.RUNNING or kernel.stopping:
             return
+
+
+def _outcome(ret: Any) -> tuple[str, str | None]:
+    """What a step's return did, for its span: the outcome and the step it named."""
+    target = ret if type(ret) is str else getattr(ret, "target", None)
+    if isinstance(ret, Wait):
+        return "wait", target
+    if isinstance(ret, Parallel):
+        return "parallel", target
+    if isinstance(ret, Run):
+        return "run", target
+    return ("end" if target == END else "next"), target
 
 
 def _retry_events(run: LiveRun, step: str) -> Any:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import tracing
 from ..definition.compose import Run
 from ..definition.gates import Gate, Sleep, Wait
 from ..definition.parallel import BranchError, OnError, Parallel
@@ -131,6 +132,8 @@ class ImperativeContext(StepContext[Any, Any]):
         frame.base = frame.state
         attempts = run.journal.get("attempts")
         self.attempt = 1 + (attempts.get(key, 0) if attempts else 0)
+        seg = tracing.current()
+        span = seg.step(name, run.visit, self.attempt) if seg is not None else None
         try:
             value = await invoke(spec, args, frame, ctx=self, kwargs=kwargs)
             if spec.output is not None and value is not None and not isinstance(value, spec.output):
@@ -140,7 +143,11 @@ class ImperativeContext(StepContext[Any, Any]):
         except (asyncio.CancelledError, Suspend):
             raise
         except Exception as exc:
+            if span is not None:
+                span.end("failed", self.attempt, error=exc)
             raise StepError(name, exc, self.attempt, key) from exc
+        if span is not None:
+            span.end("done", self.attempt)
         await self._record(key, {"kind": "step", "name": name, "value": value}, name, value)
         return value
 

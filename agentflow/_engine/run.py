@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from .. import tracing
 from ..definition.steps import START
 from ..errors import (
     AgentflowError,
@@ -264,6 +265,8 @@ class LiveRun:
         if self.outbox:
             commit.events = [*self.outbox, *commit.events]
             self.outbox = []
+        if commit.release:  # the segment's last commit: the next segment links to its span
+            commit.journal = tracing.seal(self.run_id, commit.journal)
         # The number is used up before the call: a commit cancelled in flight may have been
         # applied, and a different commit under its number would be taken for its retry.
         commit.seq = self.commit_seq = self.commit_seq + 1

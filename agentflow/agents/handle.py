@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from .. import tracing
 from ..errors import (
     AgentflowError,
     BudgetExceededError,
@@ -136,7 +137,7 @@ class AgentHandle:
             request = self._request(prompt, options)
             key = self._next_key()
             live = self._live(key)
-            raw = self._replayed(key)
+            raw = self._replayed(key, request)
             if raw is not None:
                 if raw.text:
                     live(raw.text)
@@ -144,13 +145,16 @@ class AgentHandle:
             else:
                 self._check_budget(request)
                 final = None
-                async for item in self._provider_stream(request):
-                    if isinstance(item, ProviderReply):
-                        final = item
-                    else:
-                        live(item)
-                        yield item
-                assert final is not None  # _provider_stream ends with the reply or raises
+                # Not the current span: this generator yields to its caller inside it.
+                with tracing.chat(self._provider.name, request.model, self.agent_name, current=False) as span:
+                    async for item in self._provider_stream(request):
+                        if isinstance(item, ProviderReply):
+                            final = item
+                        else:
+                            live(item)
+                            yield item
+                    assert final is not None  # _provider_stream ends with the reply or raises
+                    tracing.end_chat(span, final.usage)
                 raw = final
                 await self._journal_reply(key, raw)
             await self._finish(key, request, raw)
@@ -241,19 +245,21 @@ class AgentHandle:
         self, key: str, request: ProviderRequest, each: Callable[[str], None]
     ) -> ProviderReply:
         """A model call of a loop, streamed: ``each`` gets its text deltas (a replayed one's text whole)."""
-        raw = self._replayed(key)
+        raw = self._replayed(key, request)
         if raw is not None:
             if raw.text:
                 each(raw.text)
             return raw
         self._check_budget(request)
         final = None
-        async for item in self._provider_stream(request):
-            if isinstance(item, ProviderReply):
-                final = item
-            else:
-                each(item)
-        assert final is not None  # _provider_stream ends with the reply or raises
+        with tracing.chat(self._provider.name, request.model, self.agent_name) as span:
+            async for item in self._provider_stream(request):
+                if isinstance(item, ProviderReply):
+                    final = item
+                else:
+                    each(item)
+            assert final is not None  # _provider_stream ends with the reply or raises
+            tracing.end_chat(span, final.usage)
         await self._journal_reply(key, final)
         return final
 
@@ -402,7 +408,7 @@ class AgentHandle:
                     "budget, so the call was not sent"
                 )
 
-    def _replayed(self, key: str) -> ProviderReply | None:
+    def _replayed(self, key: str, request: ProviderRequest) -> ProviderReply | None:
         """The reply journaled under ``key`` (its usage counted toward the step again), or None."""
         journal = self._accessor._journal
         journaled = journal.lookup(key)
@@ -410,23 +416,26 @@ class AgentHandle:
             return None
         raw = _reply_from_json(journaled)
         journal.replayed(raw.usage)
+        tracing.replayed_chat(self._provider.name, request.model, self.agent_name)
         return raw
 
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
-        raw = self._replayed(key)
+        raw = self._replayed(key, request)
         if raw is not None:
             return raw
         self._check_budget(request)
         permit = await self._turn(request)
-        if permit is None:
-            raw = await self._provider.complete(request)
-        else:
-            try:
+        with tracing.chat(self._provider.name, request.model, self.agent_name) as span:
+            if permit is None:
                 raw = await self._provider.complete(request)
-            except BaseException:
-                await permit.release(None)  # it may have been billed: its reservation stays
-                raise
-            await permit.release(raw.usage.total_tokens)
+            else:
+                try:
+                    raw = await self._provider.complete(request)
+                except BaseException:
+                    await permit.release(None)  # it may have been billed: its reservation stays
+                    raise
+                await permit.release(raw.usage.total_tokens)
+            tracing.end_chat(span, raw.usage)
         await self._journal_reply(key, raw)
         return raw
 

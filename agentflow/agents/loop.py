@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
+from .. import tracing
 from ..errors import AgentflowError, MaxTurnsExceeded, redact
 from ..types import Decision, Usage
 from .spi import Message, ProviderReply, ProviderRequest, ToolContext, ToolLike, ToolSpec, ToolUse
@@ -256,10 +257,11 @@ async def _run_calls(
     asks: list[tuple[str, dict[str, Any]]] = []
     for i, use in enumerate(uses):
         found = journal.lookup(keys.call(use.call_id))
+        tool = tools.get(use.name)
         if found is not None:
             results[i] = ToolCall.from_json(found)
+            tracing.replayed_tool(use.name, use.call_id, tool is not None and tool.idempotent)
             continue
-        tool = tools.get(use.name)
         error = None
         if tool is None:
             known = ", ".join(sorted(tools)) or "none"
@@ -508,20 +510,24 @@ async def _execute(handle: AgentHandle, keys: _Turn, use: ToolUse, tool: ToolLik
         async with asyncio.timeout(tool.timeout):
             return await coro
 
-    try:
-        if tool.retry is None:
-            value = await attempt()
-        else:
-            value = None
-            async for trying in tool.retry.retrying():
-                with trying:
-                    ctx.attempt = go.attempt + trying.retry_state.attempt_number - 1
-                    value = await attempt()
-        result = _jsonable(tool, value)
-    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:
-        error = _error_text(exc)
+    with tracing.tool(tool.name, use.call_id, tool.idempotent) as span:
+        try:
+            if tool.retry is None:
+                value = await attempt()
+            else:
+                value = None
+                async for trying in tool.retry.retrying():
+                    with trying:
+                        ctx.attempt = go.attempt + trying.retry_state.attempt_number - 1
+                        value = await attempt()
+            result = _jsonable(tool, value)
+            error = None
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            error = _error_text(exc)
+            tracing.tool_failed(span, error)
+    if error is not None:
         duration = time.perf_counter() - started
         journal.emit(
             "tool_failed", {"call_id": use.call_id, "tool": tool.name, "error": error, "duration": duration}
