@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import WorkflowDefinitionError
 from ..steward import Steward
 from ..types import Webhook
 from ..webhooks import WebhookSender
@@ -69,7 +70,7 @@ class Review:
     ) -> None:
         self.desk = Desk(steward, execute=execute)
         if not self.desk.runners:
-            raise ValueError(f"steward {steward.name!r} has no workflows to review")
+            raise WorkflowDefinitionError(f"steward {steward.name!r} has no workflows to review")
         self.auth = auth
         self.https = https
         self.webhooks = list(webhooks)
@@ -101,8 +102,12 @@ class Review:
                         self._sender.attach(runner)
                 self._ready.set_result(key)
             except BaseException as exc:
-                self._ready.set_exception(exc)
-                self._ready = None
+                failed, self._ready = self._ready, None
+                if isinstance(exc, Exception):
+                    failed.set_exception(exc)
+                    failed.exception()  # retrieved here; requests waiting on it get it too
+                else:
+                    failed.cancel()
                 raise
         return await asyncio.shield(self._ready)
 

@@ -35,6 +35,9 @@ __all__ = ["error_page", "href", "routes", "urlencode"]
 
 Form = dict[str, list[str]]
 
+#: Failures of a bulk decision the flash message names (the rest are counted).
+_SAID = 5
+
 
 def urlencode(params: Mapping[str, Any]) -> str:
     """``params`` (the ones set) as a query string."""
@@ -187,7 +190,9 @@ async def inbox(request: Request) -> Response:
         "next": found.next,
         "query": query,
         "next_href": href(request, "inbox") + "?" + urlencode({**query, "after": found.next}),
-        "fragment_href": href(request, "inbox") + "?" + urlencode({**query, "fragment": "1"}),
+        "fragment_href": href(request, "inbox")
+        + "?"
+        + urlencode({**query, "after": params.get("after"), "fragment": "1"}),
         "workflows": review.desk.workflows,
         "kinds": KINDS,
     }
@@ -214,7 +219,10 @@ async def bulk(request: Request) -> Response:
         except (NotAuthorizedError, InvalidStateError, InvalidInputError, RunNotFoundError) as exc:
             failed.append(f"{approval_id}: {exc}")
     verb = "approved" if action == "approve" else "rejected"
-    flash = f"{done} {verb}." + (f" {len(failed)} could not be: " + "; ".join(failed) if failed else "")
+    flash = f"{done} {verb}."
+    if failed:  # the flash rides in the session cookie (4 kB at most): the first few say why
+        more = f"; and {len(failed) - _SAID} more" if len(failed) > _SAID else ""
+        flash += f" {len(failed)} could not be: " + "; ".join(f[:200] for f in failed[:_SAID]) + more
     request.session["flash"] = flash
     return RedirectResponse(href(request, "inbox"), 303)
 
