@@ -4,6 +4,7 @@ from ._engine.context import StepContext
 from .agents import Agent, AgentReply, MCPServer, RateLimit, TokenBudget
 from .agents.loop import AgentRun, ToolCall
 from .agents.spi import ToolContext
+from .checks import Incompatible, check_runs
 from .definition import (
     END,
     START,
@@ -23,6 +24,7 @@ from .errors import (
     AgentflowError,
     BudgetExceededError,
     CorruptRecordError,
+    IncompatibleRunError,
     InvalidInputError,
     InvalidStateError,
     LeaseLostError,
@@ -61,6 +63,8 @@ __all__ = [
     "CorruptRecordError",
     "Decision",
     "HumanApproval",
+    "Incompatible",
+    "IncompatibleRunError",
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
@@ -105,6 +109,7 @@ __all__ = [
     "WorkflowRunner",
     "Worker",
     "WorkerStatistics",
+    "check_runs",
     "step",
     "tool",
 ]

@@ -20,6 +20,7 @@ Every error the package raises derives from :class:`AgentflowError`::
     ├── OutputValidationError        an agent's structured output did not fit its model
     └── StoreError                   the store could not be read or written
         ├── CorruptRecordError       a stored record cannot be decoded
+        │   └── IncompatibleRunError a run the current definition cannot load (version, step, field)
         └── LeaseLostError           this process no longer owns the run it tried to advance
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "AgentflowError",
     "BudgetExceededError",
     "CorruptRecordError",
+    "IncompatibleRunError",
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
@@ -233,6 +235,51 @@ class CorruptRecordError(StoreError):
         super().__init__(f"run {run_id}: stored record at {key!r} is unreadable: {cause}")
         self.run_id = run_id
         self.key = key
+
+
+class IncompatibleRunError(CorruptRecordError):
+    """A stored run that the definition now serving it cannot load.
+
+    Its step is gone, its state does not validate against the state model, no
+    migration leads from its version to the workflow's, or a migration raised. The run
+    is never half-resumed: it stays where it was (a parked run stays parked; a run
+    being recovered fails with this error, and ``retry`` takes it up after a fix).
+
+    A subclass of :class:`CorruptRecordError`: what handles a record that cannot be
+    read handles this one, which the stored data is fine for but the code is not.
+
+    Attributes:
+        run_id: the run.
+        version: the version the run is at (``RunRecord.version``).
+        current: the version of the definition that tried to load it.
+        step: the step the run is at (or goes on at), or None.
+        field: the state field, step name or ``"version"`` that does not fit, or None.
+        reason: what is wrong, in words.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        version: str,
+        current: str,
+        step: str | None,
+        field: str | None,
+        reason: str,
+    ) -> None:
+        where = f" at step {step!r}" if step else ""
+        what = f" (field {field!r})" if field else ""
+        StoreError.__init__(
+            self,
+            f"run {run_id} (version {version!r}){where} cannot be loaded by version {current!r} "
+            f"of its workflow{what}: {reason}",
+        )
+        self.run_id = run_id
+        self.key = field or "version"
+        self.version = version
+        self.current = current
+        self.step = step
+        self.field = field
+        self.reason = reason
 
 
 class LeaseLostError(StoreError):

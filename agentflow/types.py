@@ -81,6 +81,7 @@ LIFECYCLE_KINDS = frozenset(
         "expired",
         "agent_leak",
         "agent_throttled",
+        "migrated",
     }
 )
 
@@ -293,7 +294,9 @@ class RunEvent(NamedTuple):
     Attributes:
         kind: run_started, step_started, step_completed, step_failed, waiting, decided,
             paused, resumed, completed, failed, stopped, rejected, expired, agent_leak,
-            agent_throttled (a model call waited for its agent's ``RateLimit``), or the
+            agent_throttled (a model call waited for its agent's ``RateLimit``), migrated
+            (a newer definition upgraded the run: data ``from``, ``to``, ``path``,
+            ``steps``, see ``Workflow.migrate``), or the
             name given to ``ctx.emit``; ``agent_delta`` (live only, never stored:
             its ``seq`` is that of the stored event it follows).
         run_id: the run.
@@ -359,6 +362,8 @@ class RunInfo:
             read through a runner), oldest first.
         parent: the run and step that started this run, for a child run (else None).
         children: ids of the child runs this run started, oldest first.
+        version: the workflow version the run is at: the one it started on, or the one
+            a migration brought it to (``Workflow(..., version=...)``).
     """
 
     run_id: str
@@ -374,6 +379,7 @@ class RunInfo:
     approvals: tuple[Approval, ...] = ()
     parent: ParentRef | None = None
     children: tuple[str, ...] = ()
+    version: str = "1"
 
     def _repr_html_(self) -> str:
         rows = [

@@ -49,6 +49,9 @@ SPEC_NAMES = [
     "WorkerStatistics",
     "RateLimit",
     "Webhook",
+    # SPEC section 17: a check of the stored runs before a deploy
+    "check_runs",
+    "Incompatible",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -72,6 +75,7 @@ SPEC_ERRORS = [
     "StoreError",
     "CorruptRecordError",
     "LeaseLostError",
+    "IncompatibleRunError",
 ]
 
 #: The pinned public namespace, sorted. Adding or removing a public name is an API change.
@@ -87,6 +91,8 @@ EXPECTED = [
     "Decision",
     "END",
     "HumanApproval",
+    "Incompatible",
+    "IncompatibleRunError",
     "InvalidInputError",
     "InvalidStateError",
     "LeaseLostError",
@@ -132,6 +138,7 @@ EXPECTED = [
     "WorkflowDefinitionError",
     "WorkflowInfo",
     "WorkflowRunner",
+    "check_runs",
     "step",
     "tool",
 ]

@@ -585,7 +585,7 @@ async def test_database_is_in_wal_mode_and_opened_lazily(tmp_path: Path) -> None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 7
     db.close()
     with pytest.raises(StoreError, match="closed"):
         await store.get("r1")
@@ -654,14 +654,14 @@ async def test_a_file_of_the_second_layout_is_upgraded_in_place(tmp_path: Path) 
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 7
         assert db.execute("SELECT field FROM agentflow_values").fetchall() == [("input",)]
     db.close()
 
 
 def _back_to_version_3(db: sqlite3.Connection) -> None:
-    """Make a file of this layout one of version 3: no parent, children nor approval index."""
-    for name in ("parent", "children"):
+    """Make a file of this layout one of version 3: no parent, children, version nor approval index."""
+    for name in ("parent", "children", "version"):
         db.execute(f"ALTER TABLE agentflow_runs DROP COLUMN {name}")
     for table in ("agentflow_approvals", "agentflow_approvers"):
         db.execute(f"DROP TABLE {table}")
@@ -694,7 +694,7 @@ async def test_a_file_of_the_third_layout_is_upgraded_in_place(tmp_path: Path) -
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 7
     db.close()
 
 
@@ -703,8 +703,9 @@ async def test_a_file_of_the_fifth_layout_gets_its_credentials_table_in_place(tm
     store = SqliteStore(path)
     lease = await started(store)
     await store.close()
-    with sqlite3.connect(path) as db:  # back to version 5: no credentials
+    with sqlite3.connect(path) as db:  # back to version 5: no credentials, no run versions
         db.execute("DROP TABLE agentflow_credentials")
+        db.execute("ALTER TABLE agentflow_runs DROP COLUMN version")
         db.execute("PRAGMA user_version = 5")
     db.close()
     store = SqliteStore(path)
@@ -716,6 +717,31 @@ async def test_a_file_of_the_fifth_layout_gets_its_credentials_table_in_place(tm
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
+    db.close()
+
+
+async def test_a_file_of_the_sixth_layout_gets_run_versions_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "v6.db")
+    store = SqliteStore(path)
+    lease = await started(store)
+    await store.close()
+    with sqlite3.connect(path) as db:  # back to version 6: no version per run
+        db.execute("ALTER TABLE agentflow_runs DROP COLUMN version")
+        db.execute("PRAGMA user_version = 6")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        rec = await store.get("r1")
+        assert rec is not None and rec.version == "1"  # written before versions: version 1
+        await store.commit("r1", lease, Commit(fields={"version": "2", "step": "B"}, seq=1))
+        rec = await store.get("r1")
+        assert rec is not None and (rec.version, rec.step) == ("2", "B")
+        [listed] = await store.list_runs("wf")
+        assert listed.version == "2"
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION == 7
     db.close()
 
 

@@ -39,6 +39,7 @@ from .gates import typed_decision
 from .journal import StepJournal
 from .signals import Stop, Suspend
 from .values import decode_output, validate_input
+from .versions import loadable
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -171,9 +172,13 @@ class LiveRun:
     def restore(cls, kernel: Kernel, loaded: LoadedRun, lease: Lease) -> LiveRun:
         """Rebuild a run from its stored record, outputs and journal.
 
+        The record must be at the definition's version (see :func:`.versions.upgrade`).
+
         Raises:
-            CorruptRecordError: the record belongs to another workflow, names a step the
-                workflow does not have, or holds values its models reject.
+            IncompatibleRunError: the record names a step the workflow does not have, or
+                its state does not validate against the state model.
+            CorruptRecordError: the record belongs to another workflow, or holds input,
+                outputs or decisions the models reject.
         """
         rec = loaded.record
         spec = kernel.spec
@@ -181,16 +186,10 @@ class LiveRun:
             raise CorruptRecordError(
                 rec.run_id, "workflow", f"the record is of workflow {rec.workflow!r}, not {spec.name!r}"
             )
-        if not spec.imperative and rec.step is not None and rec.step not in spec.steps:
-            known = sorted(s for s in spec.steps if s != START)
-            raise CorruptRecordError(
-                rec.run_id, "step", f"step {rec.step!r} is not a step of {spec.name!r}; steps are {known}"
-            )
+        state = loadable(spec, rec)
         key = "input"
         try:
             inp = validate_input(spec, rec.input)
-            key = "state"
-            state = spec.state_model.model_validate(rec.state) if spec.state_model else None
             run = cls(kernel, rec.run_id, lease, inp, state)
             key = "outputs"
             for out in loaded.outputs:
@@ -336,6 +335,7 @@ def first_record(
     rec = RunRecord(
         run_id=run_id,
         workflow=kernel.spec.name,
+        version=kernel.spec.version,
         status=RunStatus.RUNNING,
         input=inp,
         state=state,

@@ -22,12 +22,21 @@ from .._engine.flow import advance_flow
 from .._engine.gates import Transition, apply
 from .._engine.imperative import advance_imperative
 from .._engine.run import LiveRun
+from .._engine.versions import Upgrade, check, loadable, upgrade
 from .._engine.tool_gates import past_deadline
 from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
 from ..definition.workflow import WorkflowSpec
-from ..errors import CorruptRecordError, LeaseLostError, RunNotFoundError, StoreError, WorkflowDefinitionError
-from ..stores.contract import Change, ChangeFeed, Commit, Lease, RunRecord, Store, WorkQueue
+from ..definition.steps import END
+from ..errors import (
+    CorruptRecordError,
+    IncompatibleRunError,
+    LeaseLostError,
+    RunNotFoundError,
+    StoreError,
+    WorkflowDefinitionError,
+)
+from ..stores.contract import Change, ChangeFeed, Commit, Lease, LoadedRun, RunRecord, Store, WorkQueue
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
@@ -36,7 +45,7 @@ from .listeners import ApprovalListener, announce_decided, announce_pending
 from .notify import Notifier
 from .timers import GateTimers
 
-__all__ = ["Supervisor", "queue_of", "stop_change"]
+__all__ = ["Supervisor", "incompatible_error", "queue_of", "stop_change"]
 
 #: Seconds between two looks at the store for a run another process advances (no feed).
 _POLL = 0.1
@@ -280,8 +289,11 @@ class Supervisor:
 
         A client (``execute=False``) hands it to the workers instead (and returns None).
 
+        A run of another version is migrated first (:meth:`migrate`).
+
         Raises:
-            CorruptRecordError: the run cannot be loaded; it is failed (alone) with that error.
+            CorruptRecordError: the run cannot be loaded (an :class:`IncompatibleRunError`
+                when the definition cannot load it); it is failed (alone) with that error.
         """
         if not self.execute:
             await self.hand_over(run_id, lease)
@@ -293,11 +305,15 @@ class Supervisor:
         if loaded is None:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
         try:
+            if loaded.record.version != self.spec.version:
+                loaded = await self.migrate(loaded, lease)
             run = LiveRun.restore(self, loaded, lease)
         except CorruptRecordError as exc:
             # Nothing can advance it: fail the run (so it is not retried for ever) and say why.
             rec, message = loaded.record, str(exc)
             error = {"step": rec.step, "type": type(exc).__name__, "message": message, "traceback": ""}
+            if isinstance(exc, IncompatibleRunError):
+                error = incompatible_error(exc)
             data = {"type": error["type"], "message": message}
             event = RunEvent("failed", run_id, rec.step, data, time.time(), rec.event_count + 1)
             fields = {"status": RunStatus.FAILED, "error": error, "control": None}
@@ -307,6 +323,30 @@ class Supervisor:
             raise
         self.start(run)
         return run
+
+    async def migrate(self, loaded: LoadedRun, lease: Lease) -> LoadedRun:
+        """Bring a run this process holds the lease of to the definition's version, and commit it.
+
+        The migrated state, step and version are committed with a ``migrated`` event
+        before the run goes on, so a crash after the commit does not migrate it twice.
+
+        Raises:
+            IncompatibleRunError: it cannot be brought there, or does not load once it is.
+        """
+        rec = loaded.record
+        up = upgrade(self.spec, rec)
+        if up is None:
+            return loaded
+        loadable(self.spec, up.record)
+        new = up.record
+        seq = rec.commit_seq + 1
+        event = RunEvent("migrated", rec.run_id, new.step, up.data, time.time(), rec.event_count + 1)
+        fields = {"state": new.state, "step": new.step, "pending": new.pending, "version": new.version}
+        await self.store.commit(rec.run_id, lease, Commit(fields=fields, events=[event], seq=seq))
+        new = dataclasses.replace(
+            new, event_count=rec.event_count + 1, commit_seq=seq, commit_token=lease.token
+        )
+        return LoadedRun(new, loaded.outputs, loaded.journal)
 
     async def hand_over(self, run_id: str, lease: Lease) -> None:
         """Let go of a run this process just took, and queue it for the workers of its workflow."""
@@ -392,12 +432,29 @@ class Supervisor:
         handed: list[bool] = []  # a client's transition left the run for a worker
         listeners = self.listeners
         made: list[tuple[RunRecord, list[RunEvent]]] = []  # the last attempt that changed the record
+        upgrades: dict[tuple[Any, ...], Upgrade | None] = {}  # migrations run, by the record they ran on
 
         def change(rec: RunRecord, now: float) -> Any:
             t = fn(rec, now)
             if t is None:
                 return None
+            migrated: Upgrade | None = None
+            if t.resume_at is not None and t.resume_at != END:
+                # The run goes on: it must load (else nothing is written), and one of
+                # another version is migrated in the same write.
+                key = (rec.version, rec.commit_seq, rec.event_count, rec.updated_at)
+                if key not in upgrades:
+                    upgrades[key] = check(self.spec_of(rec), rec)
+                migrated = upgrades[key]
+                if migrated is not None:
+                    rec = migrated.record
+                    t = fn(rec, now) or t  # where it goes on, by the renamed steps
+                if _incompatible(rec.error) and rec.status != RunStatus.FAILED:
+                    rec = dataclasses.replace(rec, error=None)  # loads now: the old reason goes
             out, lease = apply(rec, now, t, self.owner if self.execute else None, self.lease_ttl)
+            if migrated is not None:
+                first = RunEvent("migrated", rec.run_id, rec.step, migrated.data, time.time(), rec.event_count + 1)
+                out.events = [first, *(ev._replace(seq=ev.seq + 1) for ev in out.events)]
             if listeners:
                 made[:] = [(rec, out.events)]
             if lease is not None:
@@ -406,7 +463,11 @@ class Supervisor:
                 handed.append(True)
             return out
 
-        rec = await self.update(run_id, change)
+        try:
+            rec = await self.update(run_id, change)
+        except IncompatibleRunError as exc:
+            await self.mark_incompatible(run_id, exc)
+            raise
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self.notify(run_id)
@@ -420,6 +481,28 @@ class Supervisor:
             await owner.adopt(run_id, Lease(self.owner, rec.lease_token))
         self.settled(rec)
         return rec
+
+    def spec_of(self, rec: RunRecord) -> WorkflowSpec:
+        """The definition that serves ``rec`` here (its workflow's, a child's included)."""
+        return self.specs.get(rec.workflow, self.spec)
+
+    async def mark_incompatible(self, run_id: str, exc: IncompatibleRunError) -> None:
+        """Keep why a parked run cannot be loaded on its record (``RunInfo.error``); it stays as it is.
+
+        Nothing else changes: no status, no event, no decision. A run that ended, or one
+        whose record says so already, is left alone.
+        """
+        error = incompatible_error(exc)
+
+        def mark(rec: RunRecord, now: float) -> Change | None:
+            if rec.status in FINAL or rec.status == RunStatus.RUNNING or rec.error == error:
+                return None
+            return Change(dataclasses.replace(rec, error=error), [])
+
+        try:
+            await self.update(run_id, mark)
+        except (StoreError, CorruptRecordError) as again:
+            log.warning("run %s: could not keep why it cannot be loaded (%s): %s", run_id, exc, again)
 
     async def update(self, run_id: str, change: Callable[[RunRecord, float], Any]) -> RunRecord | None:
         """``store.update``, retried a few times through a :class:`StoreError`.
@@ -484,6 +567,22 @@ class Supervisor:
             await sup.timers.close()
             if sup.pools is not None:
                 await sup.pools.aclose()
+
+
+def incompatible_error(exc: IncompatibleRunError) -> dict[str, Any]:
+    """How a parked run keeps why it cannot be loaded (in ``error``; no traceback: the same every time)."""
+    return {
+        "step": exc.step,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "",
+        "version": exc.version,
+        "field": exc.field,
+    }
+
+
+def _incompatible(error: Any) -> bool:
+    return isinstance(error, dict) and error.get("type") == "IncompatibleRunError"
 
 
 def queue_of(store: Store) -> WorkQueue:

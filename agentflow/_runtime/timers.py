@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .._engine.gates import Transition, wake
 from .._engine.tool_gates import past_deadline
-from ..errors import AgentflowError, StoreError
+from ..errors import AgentflowError, IncompatibleRunError, StoreError
 from ..stores.contract import RunRecord
 from ..types import RunStatus
 
@@ -47,11 +47,14 @@ _SWEEP_BATCH = 64
 class GateTimers:
     """Acts on parked runs whose deadline passed (through the store's due-deadlines index)."""
 
-    __slots__ = ("_sup", "_task")
+    __slots__ = ("_stuck", "_sup", "_task")
 
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
         self._task: asyncio.Task[None] | None = None
+        # Due runs this definition cannot load (IncompatibleRunError, kept on their record):
+        # not tried again by this process, which runs the same code.
+        self._stuck: set[str] = set()
 
     def ensure(self) -> None:
         """Start sweeping if not already (outside a running event loop: at the next call inside one)."""
@@ -72,7 +75,7 @@ class GateTimers:
     async def sweep(self) -> None:
         """Act on every run due now: time out gates, wake timers, check on children."""
         sup = self._sup
-        due = await sup.store.due_gates(sup.spec.name, time.time())
+        due = [r for r in await sup.store.due_gates(sup.spec.name, time.time()) if r not in self._stuck]
         for i in range(0, len(due), _SWEEP_BATCH):
             await asyncio.gather(*(self.fire(run_id) for run_id in due[i : i + _SWEEP_BATCH]))
 
@@ -102,6 +105,8 @@ class GateTimers:
             await sup.transition(run_id, due)
             if children and children[-1]:
                 await sup.check_children(run_id)
+        except IncompatibleRunError:
+            self._stuck.add(run_id)
         except AgentflowError:
             pass
 

@@ -17,6 +17,7 @@ from .compose import referenced_workflows
 from .gates import forms_of
 from .graph import mermaid, scope_of
 from .steps import END, START, StepFunction, as_step
+from .versions import MigrateFn, Migration, check_version, migrations_of
 
 __all__ = ["Persistence", "Workflow", "WorkflowSpec"]
 
@@ -63,6 +64,10 @@ class WorkflowSpec:
     children: dict[str, Workflow] = field(default_factory=dict)
     #: Who decides a tool call's unknown outcome when the tool names no approvers.
     operators: tuple[str, ...] = ()
+    #: The version runs started on this definition record (``Workflow(..., version=)``).
+    version: str = "1"
+    #: ``.migrate(...)`` declarations by the version they upgrade from.
+    migrations: dict[str, Migration] = field(default_factory=dict)
 
     @property
     def imperative(self) -> bool:
@@ -145,11 +150,14 @@ class Workflow:
     when the workflow is handed to ``WorkflowRunner``; never half-way through a run.
     """
 
-    def __init__(self, name: str, description: str = "") -> None:
+    def __init__(self, name: str, description: str = "", version: str = "1") -> None:
         if not isinstance(name, str) or not name.strip():
             raise WorkflowDefinitionError("a workflow needs a non-empty name")
         self.name = name
         self.description = description
+        #: What every run started on this definition records (``RunInfo.version``).
+        self.version = check_version(version, f"workflow {name!r}")
+        self._migrations: list[tuple[str, MigrateFn, dict[str, str], str | None]] = []
         self._input: type[BaseModel] | None = None
         self._state: type[BaseModel] | None = None
         self._initial: dict[str, Any] | None = None
@@ -319,6 +327,44 @@ class Workflow:
         self._operators = tuple(names)
         return self._changed()
 
+    def migrate(
+        self,
+        from_version: str,
+        fn: MigrateFn,
+        steps: Mapping[str, str] | None = None,
+        to: str | None = None,
+    ) -> Self:
+        """Upgrade runs parked on ``from_version`` when this definition picks them up.
+
+        ``fn(state)`` gets the run's stored state (JSON data: a dict, as the older
+        version stored it) and returns the new one, which must validate against this
+        definition's state model. ``steps`` renames steps (old name → new name): where
+        the run is and where its gate goes on. Outputs already recorded keep the names
+        they were recorded under in ``ctx.step_results``.
+
+        Migrations chain: ``Workflow("W", version="3").migrate("1", f12).migrate("2", f23)``
+        brings a version-1 run through both. A migration leads to the version of the next
+        one declared, the last to the workflow's version; ``to`` says otherwise.
+
+        A run is migrated once: the new state, step and version are committed (with a
+        ``migrated`` event) before the run goes on. A migration that raises, or a state
+        that does not validate after it, leaves the run where it was with an
+        :class:`~agentflow.IncompatibleRunError`.
+        """
+        source = check_version(from_version, f"workflow {self.name!r} .migrate()")
+        if not callable(fn):
+            raise WorkflowDefinitionError(f"workflow {self.name!r} .migrate({source!r}): fn must be callable")
+        renames = dict(steps or {})
+        for old, new in renames.items():
+            if not (isinstance(old, str) and isinstance(new, str) and old and new):
+                raise WorkflowDefinitionError(
+                    f"workflow {self.name!r} .migrate({source!r}): steps maps step names to step names, "
+                    f"got {old!r}: {new!r}"
+                )
+        target = None if to is None else check_version(to, f"workflow {self.name!r} .migrate(to=)")
+        self._migrations.append((source, fn, renames, target))
+        return self._changed()
+
     def compile(self) -> WorkflowSpec:
         """Validate the definition and freeze it (cached until the next builder call)."""
         if self._spec is not None:
@@ -362,6 +408,8 @@ class Workflow:
             forms={name: models for name, fn in gated if (models := forms_of(fn))},
             children=children,
             operators=self._operators,
+            version=self.version,
+            migrations=migrations_of(self.name, self.version, self._migrations),
         )
         return self._spec
 

@@ -126,6 +126,7 @@ def _plain_scalars(rec: RunRecord) -> bool:
         and type(rec.commit_seq) is int
         and type(rec.children) is tuple
         and (not rec.children or all(type(child) is str for child in rec.children))
+        and type(rec.version) is str
     )
 
 
@@ -248,6 +249,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "commit_token": _int,
     "commit_seq": _int,
     "children": _children,
+    "version": _str,
 }
 
 

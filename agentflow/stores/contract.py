@@ -182,6 +182,9 @@ class RunRecord:
             children, else None); None for a run started on its own. Set at create.
         children: ids of every child run this run started, in the order it started
             them (append-only; a commit may set it).
+        version: the workflow version the run is at (``Workflow(..., version=...)``):
+            set at create, moved on by a migration; a record stored before versions
+            existed reads as ``"1"``.
         corrupt: set (to the reason) only on a listed record that could not be decoded.
     """
 
@@ -208,6 +211,7 @@ class RunRecord:
     commit_seq: int = 0
     parent: Any = None
     children: tuple[str, ...] = ()
+    version: str = "1"
     corrupt: str | None = None
 
     def info(self) -> RunInfo:
@@ -230,6 +234,7 @@ class RunRecord:
             approvals=approvals,
             parent=ParentRef.from_json(self.parent),
             children=tuple(self.children),
+            version=self.version,
         )
 
 
@@ -247,6 +252,7 @@ COMMIT_FIELDS = frozenset(
         "usage",
         "control",
         "children",
+        "version",
     }
 )
 

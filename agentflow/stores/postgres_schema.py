@@ -1,6 +1,6 @@
 """The PostgreSQL store's tables and indexes, and their creation and upgrade on first use.
 
-Layout (schema version 3, kept in ``agentflow_schema``)::
+Layout (schema version 4, kept in ``agentflow_schema``)::
 
     agentflow_schema     one row: the version of the layout below
     agentflow_runs       one row per run, primary key (ns, run_id): a column per
@@ -46,7 +46,8 @@ together do not race; a database written by a newer layout is refused. Version 2
 the workers' hand-over queue (``agentflow_queue``, claimed with ``FOR UPDATE SKIP
 LOCKED``) and a trigger that notifies ``agentflow_changes`` when a run's status, pending
 approvals or control flag change (a step or a lease renewal notifies nobody). Version 3
-added ``agentflow_credentials``.
+added ``agentflow_credentials``. Version 4 added the workflow version a run is at
+(``version``; the runs of an older database read as ``'1'``).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
 CREDENTIALS = "agentflow_credentials"
 
 #: The layout this module creates; databases with a higher version are refused.
-VERSION = 3
+VERSION = 4
 
 #: The channels the store notifies on: a run was written (payload ``[ns, run_id]`` as
 #: JSON), and an entry was queued for workers (payload ``[ns, workflow]``).
@@ -198,8 +199,11 @@ _V3 = (
     )""",
 )
 
+# Version 4: the workflow version each run is at (``Workflow(..., version=)``).
+_V4 = (f"ALTER TABLE {RUNS} ADD COLUMN version text NOT NULL DEFAULT '1'",)
+
 #: The statements that bring a database of version ``v`` (0: a new one) to ``v + 1``.
-_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1, 1: _V2, 2: _V3}
+_UPGRADES: dict[int, tuple[str, ...]] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
 
 # Any number: the key of the advisory lock that serializes schema changes.
 _LOCK = 0x61676E74666C6F77  # "agntflow"

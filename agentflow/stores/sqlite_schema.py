@@ -1,6 +1,6 @@
 """The SQLite store's tables, indexes and statements, rows to records, and the upgrade of old files.
 
-Layout (schema version 6, kept in ``PRAGMA user_version``)::
+Layout (schema version 7, kept in ``PRAGMA user_version``)::
 
     agentflow_runs      the hot row of a run: one column per small RunRecord field
                         (JSON text for pending, decisions, error, usage, parent,
@@ -81,7 +81,7 @@ RUNS, VALUES, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
 CREDENTIALS = "agentflow_credentials"
 
 #: The layout this module creates; files with a higher ``user_version`` are refused.
-VERSION = 6
+VERSION = 7
 
 _CREDENTIALS = (
     f"""CREATE TABLE IF NOT EXISTS {CREDENTIALS} (
@@ -126,6 +126,7 @@ _TABLES = (
         output TEXT,
         parent TEXT NOT NULL DEFAULT 'null',
         children TEXT NOT NULL DEFAULT '[]',
+        version TEXT NOT NULL DEFAULT '1',
         UNIQUE (ns, run_id)
     )""",
     f"""CREATE TABLE IF NOT EXISTS {VALUES} (
@@ -183,14 +184,17 @@ _HOT = (
     "updated_at, event_count, lease_owner, lease_token, lease_expires, control, deadline, expires_at"
 )
 
+# Version 6 had no workflow version per run: its runs read as version "1".
+_FROM_V6 = (f"ALTER TABLE {RUNS} ADD COLUMN version TEXT NOT NULL DEFAULT '1'",)
 # Version 5 had no credentials (the table is made on every upgrade, below).
-_FROM_V5: tuple[str, ...] = ()
+_FROM_V5: tuple[str, ...] = _FROM_V6
 # Version 4 had no work queue.
-_FROM_V4 = _QUEUE
+_FROM_V4 = (*_QUEUE, *_FROM_V6)
 # Version 3 had no parent, children nor approval index (the new tables are in _TABLES).
 _FROM_V3 = (
     f"ALTER TABLE {RUNS} ADD COLUMN parent TEXT NOT NULL DEFAULT 'null'",
     f"ALTER TABLE {RUNS} ADD COLUMN children TEXT NOT NULL DEFAULT '[]'",
+    *_FROM_V6,
     *_TABLES,
 )
 # Version 2 kept every input, state and output in agentflow_values.
@@ -323,7 +327,9 @@ def ensure_schema(db: sqlite3.Connection, path: str) -> None:
             )
         if version < VERSION:
             steps: tuple[str, ...]
-            if version == 5:
+            if version == 6:
+                steps = _FROM_V6
+            elif version == 5:
                 steps = _FROM_V5
             elif version == 4:
                 steps = _FROM_V4
