@@ -394,6 +394,20 @@ async def test_a_tool_call_runs_with_the_arguments_the_reviewer_edited(served: S
     assert "production" in result.output["text"]
 
 
+async def test_a_tool_call_approved_with_its_arguments_as_shown_is_not_an_edit(served: Served) -> None:
+    a = await served.park("Ship")
+    assert a.arguments["version"] == "2.0"  # the model left environment to its default
+    async with served.client() as c:
+        csrf = await sign_in(c, await served.token("alice"))
+        page = (await c.get(f"/runs/{a.run_id}/approvals/{a.id}")).text
+        shown = dict(re.findall(r'name="(data\.\w+)" value="([^"]*)"', page))
+        assert shown == {"data.version": "2.0", "data.environment": "staging"}
+        reply = await c.post(decide_path(a, "approve"), data={"csrf": csrf, **shown})
+        assert reply.status_code == 303
+    info = await served.settled(a.run_id, "Ship")
+    assert info.status == RunStatus.COMPLETED and info.decisions[0].data is None
+
+
 async def test_a_tool_call_answered_with_a_result_does_not_run_the_tool(served: Served) -> None:
     a = await served.park("Ship")
     async with served.client() as c:

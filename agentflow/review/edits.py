@@ -68,8 +68,19 @@ def edit_of(approval: Approval, form: Sequence[tuple[str, str]]) -> Edit:
     if errors:
         return Edit(None, posted, errors)
     if approval.kind == "tool_call":
-        return Edit(None if posted == approval.arguments else {"arguments": posted}, posted, {})
+        unchanged = posted == _with_defaults(schema, approval.arguments)
+        return Edit(None if unchanged else {"arguments": posted}, posted, {})
     return Edit(posted, posted, {})
+
+
+def _with_defaults(schema: dict[str, Any], arguments: Any) -> Any:
+    """``arguments`` as the form shows them: an argument the model left out has its default
+    (a tool of an MCP server gets the model's arguments as they came)."""
+    if not isinstance(arguments, dict):
+        return arguments
+    props = schema.get("properties") or {}
+    defaults = {k: p["default"] for k, p in props.items() if isinstance(p, dict) and "default" in p}
+    return {**defaults, **arguments}
 
 
 def edit_errors(approval: Approval, exc: InvalidInputError) -> dict[str, str]:
