@@ -8,6 +8,7 @@ run that the test process started.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -146,7 +147,7 @@ def _operator(request: ProviderRequest) -> ProviderReply:
     if not results:
         return ProviderReply(
             "Deploying 2.0 to staging.",
-            tool_calls=(ToolUse("c1", "deploy", {"version": "2.0", "environment": "staging"}),),
+            tool_calls=(ToolUse("c1", "deploy", json.dumps({"version": "2.0", "environment": "staging"})),),
         )
     return ProviderReply(f"deploy said: {results[-1].content}")
 
@@ -166,5 +167,5 @@ async def _ship(ctx: Any) -> Next:
 ship = _persisted(
     Workflow("Ship", "An agent whose deploy an operator approves")
     .flow({START: lambda ctx: "Ship", "Ship": _ship})
-    .agents({"ops": Agent(provider=ScriptedProvider([_operator] * 500), model="m", tools=[deploy])})
+    .agents({"ops": Agent(provider=ScriptedProvider([_operator] * 500), model="m", tools=(deploy,))})
 )

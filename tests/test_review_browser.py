@@ -482,7 +482,11 @@ async def test_no_session_redirects_to_sign_in_and_a_post_without_csrf_is_refuse
 
     page = await reviewers.page("editor", approval_path(approval))
     action = await page.locator("form#approve-form").get_attribute("action") or approval_path(approval)
-    for form in ({"comment": "no token"}, {"comment": "a wrong token", "csrf": "not-the-token"}):
+    forms: list[dict[str, str | float | bool]] = [
+        {"comment": "no token"},
+        {"comment": "a wrong token", "csrf": "not-the-token"},
+    ]
+    for form in forms:
         refused = await page.request.post(action, form=form)
         assert refused.status == 403, await refused.text()
     by_api = await page.request.post(f"/api{approval_path(approval)}", data={"action": "approve"})
