@@ -47,8 +47,15 @@ class Upgrade:
     data: dict[str, Any]
 
 
-def _fail(spec: WorkflowSpec, rec: RunRecord, field: str | None, reason: str, step: str | None = None) -> IncompatibleRunError:
-    return IncompatibleRunError(rec.run_id, rec.version, spec.version, step or rec.step, field, reason)
+def _fail(
+    spec: WorkflowSpec,
+    rec: RunRecord,
+    field: str | None,
+    reason: str,
+    step: str | None = None,
+    version: str | None = None,
+) -> IncompatibleRunError:
+    return IncompatibleRunError(rec.run_id, version or rec.version, spec.version, step or rec.step, field, reason)
 
 
 def upgrade(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
@@ -124,8 +131,11 @@ def next_steps(rec: RunRecord) -> list[str]:
     return [rec.step] if rec.step is not None and rec.step != END else []
 
 
-def loadable(spec: WorkflowSpec, rec: RunRecord) -> BaseModel | None:
+def loadable(spec: WorkflowSpec, rec: RunRecord, stored: str | None = None) -> BaseModel | None:
     """The state of ``rec`` validated by ``spec``'s state model, once its steps are found in ``spec``.
+
+    ``stored`` is the version the run is stored at, when ``rec`` is its upgrade (the
+    error names that one).
 
     Raises:
         IncompatibleRunError: a step ``rec`` goes on at is not a step of ``spec``
@@ -136,7 +146,8 @@ def loadable(spec: WorkflowSpec, rec: RunRecord) -> BaseModel | None:
         for name in next_steps(rec):
             if name not in spec.steps:
                 known = sorted(s for s in spec.steps if s != START)
-                raise _fail(spec, rec, "step", f"step {name!r} is not a step of it; steps are {known}", name)
+                reason = f"step {name!r} is not a step of it; steps are {known}"
+                raise _fail(spec, rec, "step", reason, name, stored)
     model = spec.state_model
     if model is None:
         return None
@@ -145,9 +156,8 @@ def loadable(spec: WorkflowSpec, rec: RunRecord) -> BaseModel | None:
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise _fail(
-            spec, rec, field, f"the state does not validate against {model.__name__}: {first.get('msg', exc)}"
-        ) from None
+        reason = f"the state does not validate against {model.__name__}: {first.get('msg', exc)}"
+        raise _fail(spec, rec, field, reason, None, stored) from None
 
 
 def check(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
@@ -157,5 +167,8 @@ def check(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
         IncompatibleRunError: ``rec`` cannot be loaded by ``spec``.
     """
     up = upgrade(spec, rec)
-    loadable(spec, up.record if up is not None else rec)
+    if up is None:
+        loadable(spec, rec)
+    else:
+        loadable(spec, up.record, rec.version)
     return up

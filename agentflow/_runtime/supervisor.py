@@ -337,7 +337,7 @@ class Supervisor:
         up = upgrade(self.spec, rec)
         if up is None:
             return loaded
-        loadable(self.spec, up.record)
+        loadable(self.spec, up.record, rec.version)
         new = up.record
         seq = rec.commit_seq + 1
         event = RunEvent("migrated", rec.run_id, new.step, up.data, time.time(), rec.event_count + 1)
@@ -444,7 +444,12 @@ class Supervisor:
                 # another version is migrated in the same write.
                 key = (rec.version, rec.commit_seq, rec.event_count, rec.updated_at)
                 if key not in upgrades:
-                    upgrades[key] = check(self.spec_of(rec), rec)
+                    try:
+                        upgrades[key] = check(self.spec_of(rec), rec)
+                    except IncompatibleRunError as exc:
+                        if rec.status != RunStatus.RUNNING:
+                            raise  # parked: it stays so
+                        return _failed(rec, exc)  # its owner died: recovered, it fails (once)
                 migrated = upgrades[key]
                 if migrated is not None:
                     rec = migrated.record
@@ -579,6 +584,17 @@ def incompatible_error(exc: IncompatibleRunError) -> dict[str, Any]:
         "version": exc.version,
         "field": exc.field,
     }
+
+
+def _failed(rec: RunRecord, exc: IncompatibleRunError) -> Change:
+    """``rec``, running without a live owner, failed because this definition cannot load it."""
+    error = incompatible_error(exc)
+    data = {"type": error["type"], "message": error["message"]}
+    event = RunEvent("failed", rec.run_id, rec.step, data, time.time(), rec.event_count + 1)
+    failed = dataclasses.replace(
+        rec, status=RunStatus.FAILED, error=error, lease_owner=None, lease_expires=0.0, control=None
+    )
+    return Change(failed, [event])
 
 
 def _incompatible(error: Any) -> bool:
