@@ -357,6 +357,24 @@ async def test_an_editor_fixes_an_invalid_edit_approves_and_the_item_leaves_anot
     await expect(row(other_tab, approval)).to_have_count(0)
 
 
+async def test_an_open_inbox_shows_approvals_arriving_and_decided_elsewhere(
+    reviewers: Reviewers, review_server: ReviewServer
+) -> None:
+    page = await reviewers.page("editor", "/?workflow=Triage")
+    await expect(page.locator("#inbox-items")).to_be_attached()
+    (approval,) = await park(review_server, reviewflows.triage, [{"text": unique("arrival")}])
+    await expect(row(page, approval)).to_be_visible()  # never reloaded: the server's event brought it
+    # Decided in another process, as `agentflow approve` would.
+    store = review_server.store()
+    try:
+        async with WorkflowRunner(reviewflows.triage, store=store) as runner:
+            handle = await runner.approve(approval.run_id, by="editor", approval=approval.id)
+            assert (await handle.result(timeout=10)).output.endswith("by editor")
+    finally:
+        await store.close()
+    await expect(row(page, approval)).to_have_count(0)
+
+
 async def test_a_rejection_records_the_reason(reviewers: Reviewers, review_server: ReviewServer) -> None:
     (approval,) = await park(review_server, reviewflows.triage, [{"text": unique("ticket")}])
     page = await reviewers.page("editor", approval_path(approval))
