@@ -77,7 +77,7 @@ class Review:
         self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
         self._ready: asyncio.Future[bytes] | None = None
         self._sender: WebhookSender | None = None
-        self.watch = Watch(self._newest, feeds=[r.store for r in self.desk.runners])
+        self.watch = Watch(self._newest, feeds=self.desk.stores)
         env = Environment(
             loader=PackageLoader("agentflow.review", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),

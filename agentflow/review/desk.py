@@ -9,12 +9,15 @@ recorded), ``InvalidStateError`` (decided already, or not pending),
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..definition.workflow import Workflow
 from ..errors import RunNotFoundError
 from ..runner import WorkflowRunner
 from ..steward import Steward
+from ..stores.contract import Store
 from ..types import Approval, RunEvent, RunInfo
 
 __all__ = ["Desk", "Opened", "can_decide"]
@@ -23,6 +26,15 @@ __all__ = ["Desk", "Opened", "can_decide"]
 def can_decide(approval: Approval, reviewer: str) -> bool:
     """True when ``reviewer`` may decide ``approval`` (an approver, or it has none)."""
     return not approval.approvers or reviewer in approval.approvers
+
+
+def _where(workflow: Workflow) -> tuple[Any, ...] | None:
+    """Where ``workflow`` keeps its runs, when a runner opens the store from its settings."""
+    p = workflow.compile().persistence
+    if p is None or not p.enabled or not isinstance(p.store, str) or p.store == "memory":
+        return None  # in memory (a store of its own), or a Store given as it is (shared already)
+    path = os.path.abspath(p.path or "agentflow.db") if p.store == "sqlite" else None
+    return (p.store, p.key_prefix, p.url, path, p.ttl, p.durability)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +62,15 @@ class Desk:
 
     def __init__(self, steward: Steward, execute: bool = True) -> None:
         self.execute = execute
-        self.runners = [WorkflowRunner(steward.get(w.name), execute=execute) for w in steward.workflows()]
+        self.runners: list[WorkflowRunner] = []
+        opened: dict[tuple[Any, ...], Store] = {}  # workflows kept in one place share one store client
+        for info in steward.workflows():
+            wf = steward.get(info.name)
+            where = _where(wf)
+            runner = WorkflowRunner(wf, store=opened.get(where) if where else None, execute=execute)
+            if where is not None:
+                opened.setdefault(where, runner.store)
+            self.runners.append(runner)
         self._by_name: dict[str, WorkflowRunner] = {}
         for runner in self.runners:  # a workflow's own runner first, then its parents'
             self._by_name[runner.spec.name] = runner
@@ -64,9 +84,14 @@ class Desk:
         return sorted(self._by_name)
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         """The first served workflow's store: where reviewers and their tokens live."""
         return self.runners[0].store
+
+    @property
+    def stores(self) -> list[Store]:
+        """The served workflows' stores, each once."""
+        return list({id(r.store): r.store for r in self.runners}.values())
 
     async def start(self) -> None:
         """Serve the workflows' timers from this process when it runs the runs itself."""
@@ -75,8 +100,8 @@ class Desk:
                 await runner.__aenter__()
 
     async def close(self) -> None:
-        """Close every runner (runs in flight stay recoverable)."""
-        for runner in self.runners:
+        """Close every runner (runs in flight stay recoverable), the store's opener last."""
+        for runner in reversed(self.runners):
             await runner.close()
 
     def runner(self, workflow: str) -> WorkflowRunner:
@@ -98,12 +123,11 @@ class Desk:
         Raises:
             RunNotFoundError: no served workflow has such a run.
         """
-        rec = await self.runners[0].store.get(run_id) if self.runners else None
-        if rec is None:  # another served workflow may keep its runs in another store
-            for runner in self.runners[1:]:
-                rec = await runner.store.get(run_id)
-                if rec is not None:
-                    break
+        rec = None
+        for store in self.stores:  # served workflows may keep their runs in different stores
+            rec = await store.get(run_id)
+            if rec is not None:
+                break
         if rec is None or rec.workflow not in self._by_name:
             raise RunNotFoundError(f"no run {run_id!r} among the served workflows {self.workflows}")
         return await self.runner(rec.workflow)._info(run_id)

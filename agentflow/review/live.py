@@ -41,13 +41,13 @@ class Watch:
     Args:
         snapshot: the ids of the newest pending approvals (what a look reads).
         interval: seconds between two looks (without a change feed).
-        feeds: the served stores; those that push changes prompt a look.
+        feeds: the served stores (each once); those that push changes prompt a look.
     """
 
     def __init__(self, snapshot: Snapshot, interval: float = 0.5, feeds: Sequence[object] = ()) -> None:
         self._snapshot = snapshot
         self.interval = interval
-        self._feeds = [f for f in dict.fromkeys(feeds, None) if isinstance(f, ChangeFeed)]
+        self._feeds = [f for f in feeds if isinstance(f, ChangeFeed)]
         self._changed = asyncio.Event()
         self._queues: set[asyncio.Queue[dict[str, list[str]]]] = set()
         self._task: asyncio.Task[None] | None = None
