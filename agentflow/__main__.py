@@ -1,0 +1,5 @@
+"""``python -m agentflow``: the ``agentflow`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
