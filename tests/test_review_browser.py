@@ -36,7 +36,8 @@ from review_server import ReviewServer, review_server_fixture  # noqa: F401  (th
 
 from agentflow import Approval, RunInfo, RunStatus, Workflow, WorkflowRunner
 
-pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
+# The first test of each store also waits for the server, its reviewers and the browser.
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium reaches for the internet, which the
