@@ -246,6 +246,11 @@ async def test_a_reviewer_signs_in_with_a_token_and_out_again(served: Served) ->
         assert bad.status_code == 401 and "not valid" in bad.text
         csrf = await sign_in(c, await served.token("alice"))
         assert (await c.get("/api/me")).json() == {"reviewer": "alice"}
+        again = await c.get("/signin", params={"next": "/runs/x"})
+        assert again.status_code == 303 and again.headers["location"] == "/runs/x"
+        for elsewhere in ("//evil.example/", "https://evil.example/", "/\t/evil.example"):
+            page = await c.get("/signin", params={"next": elsewhere})
+            assert page.headers["location"] == "/"  # no open redirect
         assert (await c.post("/signout", data={"csrf": csrf})).status_code == 303
         assert (await c.get("/")).status_code == 303
 

@@ -127,6 +127,8 @@ async def signin_page(request: Request) -> Response:
     if not review.auth.signs_in:
         return RedirectResponse(href(request, "inbox"), 303)
     target = _next(request.query_params.get("next"))
+    if await review.auth.reviewer(request) is not None:  # signed in already: go on
+        return RedirectResponse(target or href(request, "inbox"), 303)
     return page_response(request, "signin.html", {"next": target, "error": None})
 
 
