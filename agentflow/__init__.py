@@ -24,6 +24,7 @@ from .errors import (
     AgentflowError,
     BudgetExceededError,
     CorruptRecordError,
+    EventLoopError,
     IncompatibleRunError,
     InvalidInputError,
     InvalidStateError,
@@ -44,7 +45,7 @@ from .errors import (
     UnknownStepError,
     WorkflowDefinitionError,
 )
-from .runner import RunHandle, WorkflowRunner
+from .runner import RunHandle, WorkflowRunner, run_sync
 from .steward import Steward, WorkflowInfo
 from .stores.contract import Store
 from .types import Approval, Decision, RunEvent, RunInfo, RunResult, RunStatus, Usage, Webhook
@@ -61,6 +62,7 @@ __all__ = [
     "BranchError",
     "BudgetExceededError",
     "CorruptRecordError",
+    "EventLoopError",
     "Decision",
     "HumanApproval",
     "Incompatible",
@@ -107,6 +109,7 @@ __all__ = [
     "WorkflowDefinitionError",
     "WorkflowInfo",
     "WorkflowRunner",
+    "run_sync",
     "Worker",
     "WorkerStatistics",
     "check_runs",

@@ -9,6 +9,7 @@ Every error the package raises derives from :class:`AgentflowError`::
     ├── UnknownStepError             a step returned a name that is not a step
     ├── StepLimitExceeded            a run passed its max_steps loop guard
     ├── InvalidStateError            a transition that makes no sense (resume a finished run)
+    ├── EventLoopError               a runner used from an event loop other than its own
     ├── NotAuthorizedError           a decision by someone who is not an approver
     ├── NonDeterminismError          an imperative replay asked for steps in another order
     ├── RunFailedError               awaited result of a run that failed
@@ -33,6 +34,7 @@ __all__ = [
     "AgentflowError",
     "BudgetExceededError",
     "CorruptRecordError",
+    "EventLoopError",
     "IncompatibleRunError",
     "InvalidInputError",
     "InvalidStateError",
@@ -131,6 +133,15 @@ class StepLimitExceeded(AgentflowError):
 
 class InvalidStateError(AgentflowError):
     """A run was asked for a transition its status does not allow."""
+
+
+class EventLoopError(AgentflowError, RuntimeError):
+    """A runner was used from an event loop other than the one its runs advance in.
+
+    Its runs' tasks belong to the loop it was first used in; a call from another would
+    start or follow runs there that nothing advances. Use one runner per loop (attach a
+    run from a new runner), or ``runner.run_sync`` from code that is not async.
+    """
 
 
 class RunNotFoundError(AgentflowError):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._engine.run import LiveRun
 from .errors import AgentflowError
+from .notebook import LiveView, RunView
 from .stores.contract import RunRecord
 from .types import FINAL, RunEvent, RunInfo, RunResult, RunStatus
 
@@ -28,7 +29,7 @@ def status_of(value: RunStatus | str, what: str = "status") -> RunStatus:
 class RunHandle:
     """Controls one run: inspect it, wait for it, watch it, pause, resume, stop, decide."""
 
-    __slots__ = ("_live", "_runner", "_status", "run_id")
+    __slots__ = ("_live", "_runner", "_status", "_view", "run_id")
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class RunHandle:
         self._runner = runner
         self._live = live
         self._status = status
+        self._view: RunView | None = None  # what a notebook display of it last showed
         self.run_id = run_id
 
     @property
@@ -138,17 +140,44 @@ class RunHandle:
         """Reject an approval the run waits for (see ``WorkflowRunner.reject``)."""
         return await self._runner.reject(self.run_id, by, approval, reason)
 
+    async def snapshot(self) -> RunView:
+        """The run as it is now, with its whole history: displays as tables in a notebook.
+
+        ``print(await handle.snapshot())`` shows the same as text in a terminal.
+        """
+        view = RunView(self.run_id, self._runner.spec.name)
+        view.refresh(await self.info())
+        for ev in await self._runner.store.events(self.run_id):
+            view.apply(ev)
+        self._view = view
+        return view
+
+    def display(self) -> LiveView:
+        """Show the run in a notebook and keep the output up to date as the run advances.
+
+        Needs a running IPython kernel (``pip install 'agentflow-core[notebook]'``); the
+        run is followed in a task on the kernel's loop until it reaches a final status.
+        ``display(handle)`` (or a handle as a cell's value) does the same in a kernel.
+
+        Raises:
+            AgentflowError: IPython is not installed.
+            EventLoopError: the runner runs in another event loop than this one.
+        """
+        self._runner.supervisor  # noqa: B018 -- bound to this loop, or the error saying it is not
+        return LiveView(self)
+
+    def _ipython_display_(self) -> None:
+        from .notebook import show
+
+        show(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        view = self._view
+        if view is None:
+            live = self._live
+            view = RunView(self.run_id, self._runner.spec.name, self.status, live.step if live else None)
+        return view._repr_mimebundle_()
+
     def __repr__(self) -> str:
         status = self.status
         return f"<RunHandle {self.run_id} {self._runner.spec.name} {status.value if status else '?'}>"
-
-    def _repr_html_(self) -> str:
-        from html import escape
-
-        live = self._live
-        status = self.status
-        rows = [("run", self.run_id), ("workflow", self._runner.spec.name)]
-        rows.append(("status", status.value if status else "unknown (await handle.info())"))
-        if live is not None:
-            rows += [("step", live.step), ("steps run", str(live.visit))]
-        return "<table>" + "".join(f"<tr><th>{k}</th><td>{escape(v)}</td></tr>" for k, v in rows) + "</table>"

@@ -10,6 +10,7 @@ calls them through the runner.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import uuid
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from . import runner_control, runner_decisions, runner_follow, runner_rerun
+from . import runner_control, runner_decisions, runner_follow, runner_rerun, runner_sync
 from ._engine.run import new_run
 from ._engine.values import validate_input
 from ._runtime.leases import take_over
@@ -34,7 +35,7 @@ from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
 if TYPE_CHECKING:
     from .webhooks import WebhookSender
 
-__all__ = ["RunHandle", "WorkflowRunner"]  # RunHandle lives in agentflow.handle
+__all__ = ["RunHandle", "WorkflowRunner", "run_sync"]  # RunHandle lives in agentflow.handle
 
 
 def _open_store(spec: WorkflowSpec) -> tuple[Store, bool]:
@@ -115,13 +116,24 @@ class WorkflowRunner:
         self._sender: WebhookSender | None = None  # the persistence's webhooks, sent from here
         self._lease_ttl = ttl
         self.execute = execute
+        # The event loop the runs advance in (set with the supervisor), and the thread
+        # that runs one for run_sync(): see agentflow.runner_sync.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: runner_sync.LoopThread | None = None
         if not execute:
             queue_of(store)  # a client hands runs over through the store's queue: it must have one
 
     @property
     def supervisor(self) -> Supervisor:
-        """The per-process machinery (created on first use, inside the running event loop)."""
-        if self._sup is None:
+        """The per-process machinery (created on first use, inside the running event loop).
+
+        Raises:
+            EventLoopError: called from an event loop other than the one it was made in.
+        """
+        if self._sup is not None:
+            runner_sync.check_loop(self)
+        else:
+            self._loop = runner_sync.running_loop()
             self._sup = Supervisor(
                 self.spec, self.store, self._lease_ttl, self.owner, self._specs, execute=self.execute
             )
@@ -144,11 +156,17 @@ class WorkflowRunner:
     async def close(self) -> None:
         """Stop advancing this process's runs (they stay recoverable); close agents and the store.
 
-        Webhook deliveries still queued are sent first (for at most 10 s).
+        Webhook deliveries still queued are sent first (for at most 10 s). Works from any
+        event loop: a runner driven by ``run_sync`` is closed in its own thread's loop.
         """
+        await runner_sync.close(self)
+
+    async def _close(self) -> None:
+        loop, self._loop = self._loop, None
         if self._sup is not None:
-            await self._sup.close()
-            self._sup = None
+            if loop is None or not loop.is_closed():
+                await self._sup.close()
+            self._sup = None  # a closed loop took the runs' tasks with it: nothing left to close
         if self._sender is not None:
             sender, self._sender = self._sender, None
             await sender.close()
@@ -205,6 +223,7 @@ class WorkflowRunner:
         input, state or output is read. A run whose record is damaged is listed with an
         ``error`` of type ``CorruptRecordError``.
         """
+        runner_sync.check_loop(self)
         st = status_of(status) if status is not None else None
         recs = await self.store.list_runs(workflow or self.spec.name, st, limit, after)
         return [r.info() for r in recs]
@@ -228,6 +247,7 @@ class WorkflowRunner:
             StoreError: ``after`` is an approval the store does not know (its run was
                 deleted since); list again from the first page.
         """
+        runner_sync.check_loop(self)
         found = await self.store.approvals(approver, workflow, kind, limit, after)
         return [Approval.from_json(a) for a in found]
 
@@ -297,6 +317,27 @@ class WorkflowRunner:
                 first (stopping a parent stops its children).
         """
         return await runner_control.delete(self, run_id)
+
+    def run_sync(
+        self, input: Any = None, run_id: str | None = None, timeout: float | None = None
+    ) -> RunResult | RunInfo:
+        """Start a run from code that is not async and block until it ends or parks.
+
+        Returns the ``RunResult`` of a completed run, or the ``RunInfo`` of one that waits
+        (at a gate, a timer, child runs) or is paused. The runner's runs advance in an
+        event loop of its own in a daemon thread, between calls too, so it works the same
+        in a script and in a notebook cell with a running loop; once used this way, the
+        runner is used through ``run_sync`` only (``await runner.close()`` works from any
+        loop).
+
+        Raises:
+            EventLoopError: the runner already runs in an event loop (one made with
+                ``await``: use ``await runner.run(...)`` there).
+            RunFailedError, RunStoppedError, RunRejectedError: as ``handle.result()``.
+            TimeoutError: ``timeout`` seconds passed first (the run goes on).
+            InvalidInputError: as :meth:`run`.
+        """
+        return runner_sync.run_sync(self, input, run_id, timeout)
 
     # -- retry and fork --------------------------------------------------------
 
@@ -429,6 +470,7 @@ class WorkflowRunner:
     # -- what RunHandle calls -------------------------------------------------
 
     async def _record(self, run_id: str) -> RunRecord:
+        runner_sync.check_loop(self)
         rec = await self.store.get(run_id)
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
@@ -457,3 +499,26 @@ class WorkflowRunner:
 
     async def _stop(self, run_id: str) -> None:
         await runner_control.stop(self, run_id)
+
+
+def run_sync(
+    target: Workflow | WorkflowRunner,
+    input: Any = None,
+    run_id: str | None = None,
+    timeout: float | None = None,
+) -> RunResult | RunInfo:
+    """Run ``target`` from code that is not async: to its end (``RunResult``) or its park (``RunInfo``).
+
+    With a :class:`WorkflowRunner`, the same as ``runner.run_sync``. With a
+    :class:`~agentflow.Workflow`, a runner is made for the one run and closed after it:
+    a run parked at a gate stays in the workflow's store (its ``.persistence(...)``;
+    without one, in memory, it is gone with the runner), to be decided from another
+    runner. Raises what ``runner.run_sync`` raises.
+    """
+    if isinstance(target, WorkflowRunner):
+        return target.run_sync(input, run_id, timeout)
+    runner = WorkflowRunner(target)
+    try:
+        return runner.run_sync(input, run_id, timeout)
+    finally:
+        runner_sync.close_sync(runner)

@@ -52,6 +52,8 @@ SPEC_NAMES = [
     # SPEC section 17: a check of the stored runs before a deploy
     "check_runs",
     "Incompatible",
+    # notebooks and scripts that are not async
+    "run_sync",
 ]
 
 #: SPEC section 10: the errors, all importable from ``agentflow``.
@@ -76,6 +78,8 @@ SPEC_ERRORS = [
     "CorruptRecordError",
     "LeaseLostError",
     "IncompatibleRunError",
+    # a runner used from an event loop other than its own
+    "EventLoopError",
 ]
 
 #: The pinned public namespace, sorted. Adding or removing a public name is an API change.
@@ -90,6 +94,7 @@ EXPECTED = [
     "CorruptRecordError",
     "Decision",
     "END",
+    "EventLoopError",
     "HumanApproval",
     "Incompatible",
     "IncompatibleRunError",
@@ -139,6 +144,7 @@ EXPECTED = [
     "WorkflowInfo",
     "WorkflowRunner",
     "check_runs",
+    "run_sync",
     "step",
     "tool",
 ]

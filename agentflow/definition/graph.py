@@ -12,7 +12,7 @@ from typing import Any
 
 from .steps import END, START
 
-__all__ = ["Edge", "edges_of", "mermaid", "scope_of"]
+__all__ = ["Edge", "edges_of", "mermaid", "outline", "scope_of"]
 
 
 def scope_of(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -252,4 +252,32 @@ def mermaid(steps: dict[str, Callable[..., Any]]) -> str:
             lines.append(f"    {src} -- parallel --> {dst}")
         else:
             lines.append(f"    {src} --> {dst}")
+    return "\n".join(lines)
+
+
+def outline(steps: dict[str, Callable[..., Any]]) -> str:
+    """The steps and their edges as plain text, one step a line: ``Build -> Test``.
+
+    Gates are marked ``(gate)``; an edge that is not a plain next step says its kind
+    (``approved``, ``rejected``, ``parallel [a, b]``...); ``?``: a step whose edges are
+    unknown (its source is not available). What :func:`mermaid` draws.
+    """
+    edges = edges_of(steps)
+    gates = {e.source for e in edges if e.kind in ("approve", "reject", "timeout", "child", "fail")}
+    labels = {"approve": "approved", "reject": "rejected", "timeout": "timed out"}
+    labels |= {"child": "child run ended", "fail": "child run failed"}
+    names = {START: "START", END: "END"}
+    out: dict[str, list[str]] = {}
+    for e in edges:
+        how = labels.get(e.kind, "")
+        if e.kind == "parallel":
+            how = f"parallel [{', '.join(e.branches)}]" if e.branches else "parallel"
+        target = names.get(e.target, e.target)
+        out.setdefault(e.source, []).append(f"{target} ({how})" if how else target)
+    unknown = set(unknown_edges(steps))
+    lines = []
+    for name in steps:
+        mark = " (gate)" if name in gates else ""
+        targets = ", ".join(out.get(name, [])) or ("?" if name in unknown else "-")
+        lines.append(f"  {names.get(name, name)}{mark} -> {targets}")
     return "\n".join(lines)

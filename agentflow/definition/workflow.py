@@ -15,7 +15,7 @@ from ..stores.contract import Store
 from ..types import Webhook
 from .compose import referenced_workflows
 from .gates import forms_of
-from .graph import mermaid, scope_of
+from .graph import mermaid, outline, scope_of
 from .steps import END, START, StepFunction, as_step
 from .versions import MigrateFn, Migration, check_version, migrations_of
 
@@ -458,6 +458,17 @@ class Workflow:
     def _repr_markdown_(self) -> str:
         head = f"**{self.name}**" + (f": {self.description}" if self.description else "")
         return f"{head}\n\n```mermaid\n{self.mermaid()}\n```"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """In a notebook: the Mermaid graph (``text/markdown``) and its steps as text."""
+        return {"text/markdown": self._repr_markdown_(), "text/plain": self.outline()}
+
+    def outline(self) -> str:
+        """The workflow as plain text: its name, then each step and where it may go."""
+        head = f"Workflow {self.name!r}" + (f": {self.description}" if self.description else "")
+        if self._main is not None:
+            return f"{head}\n  {self._main.name} (imperative: steps as the function runs them)"
+        return f"{head}\n{outline(dict(self._flow or {}))}"
 
     def __repr__(self) -> str:
         kind = "execute" if self._main else f"{len(self._flow or {})} steps"
