@@ -57,7 +57,7 @@ def v1() -> Workflow:
 
 
 def v2(migration: Callable[[dict[str, Any]], dict[str, Any]] | None = None, publish: bool = True) -> Workflow:
-    """Version 2: ``headline`` for ``title``, a ``Notify`` step after ``Publish`` (gone with ``publish=False``)."""
+    """Version 2: ``headline`` for ``title``, a new ``Notify`` step (``publish=False``: no ``Publish``)."""
 
     def notify(ctx: Any) -> Any:
         ctx.set_state(notified=True)
@@ -70,7 +70,11 @@ def v2(migration: Callable[[dict[str, Any]], dict[str, Any]] | None = None, publ
     }
     if publish:
         steps["Publish"] = lambda ctx: "Notify"
-    wf = Workflow("Article", "write, review, publish", version="2").state(V2State, {"headline": ""}).flow(steps)
+    wf = (
+        Workflow("Article", "write, review, publish", version="2")
+        .state(V2State, {"headline": ""})
+        .flow(steps)
+    )
     return wf.migrate("1", migration) if migration is not None else wf
 
 
@@ -136,7 +140,13 @@ async def test_a_v2_without_a_migration_refuses_the_decision_and_the_run_stays_w
         with pytest.raises(IncompatibleRunError) as caught:
             await runner.approve(run_id, by="editor")
         exc = caught.value
-        assert (exc.run_id, exc.version, exc.current, exc.step, exc.field) == (run_id, "1", "2", "Review", "version")
+        assert (exc.run_id, exc.version, exc.current, exc.step, exc.field) == (
+            run_id,
+            "1",
+            "2",
+            "Review",
+            "version",
+        )
         assert ".migrate('1', fn)" in str(exc)
         info = await runner.supervisor.store.get(run_id)
         assert info is not None
@@ -158,12 +168,16 @@ async def test_a_v2_without_a_migration_refuses_the_decision_and_the_run_stays_w
 
 async def test_a_changed_state_model_without_a_new_version_names_the_field(make_store: StoreFactory) -> None:
     run_id = await parked_on_v1(make_store, "sqlite")
-    same_version = Workflow("Article").state(V2State, {"headline": ""}).flow(
-        {
-            START: lambda ctx: "Review",
-            "Review": lambda ctx: Wait(HumanApproval(approvers=["editor"]), "Publish"),
-            "Publish": lambda ctx: END,
-        }
+    same_version = (
+        Workflow("Article")
+        .state(V2State, {"headline": ""})
+        .flow(
+            {
+                START: lambda ctx: "Review",
+                "Review": lambda ctx: Wait(HumanApproval(approvers=["editor"]), "Publish"),
+                "Publish": lambda ctx: END,
+            }
+        )
     )
     async with WorkflowRunner(same_version, store=make_store("sqlite")) as runner:
         with pytest.raises(IncompatibleRunError) as caught:
@@ -266,7 +280,9 @@ def test_migrations_that_do_not_reach_the_version_are_a_definition_error() -> No
     with pytest.raises(WorkflowDefinitionError, match="loop"):
         base.migrate("1", same, to="2").migrate("2", same, to="1").compile()
     with pytest.raises(WorkflowDefinitionError, match="two migrations from version '1'"):
-        Workflow("W", version="3").flow({START: lambda ctx: END}).migrate("1", same).migrate("1", same).compile()
+        Workflow("W", version="3").flow({START: lambda ctx: END}).migrate("1", same).migrate(
+            "1", same
+        ).compile()
     with pytest.raises(WorkflowDefinitionError, match="nowhere to go"):
         Workflow("W", version="3").flow({START: lambda ctx: END}).migrate("3", same).compile()
     with pytest.raises(WorkflowDefinitionError, match="non-empty string"):
@@ -274,7 +290,9 @@ def test_migrations_that_do_not_reach_the_version_are_a_definition_error() -> No
     assert Workflow("W").flow({START: lambda ctx: END}).compile().version == "1"
 
 
-async def test_a_run_recovered_by_a_definition_that_cannot_load_it_fails_once(make_store: StoreFactory) -> None:
+async def test_a_run_recovered_by_a_definition_that_cannot_load_it_fails_once(
+    make_store: StoreFactory,
+) -> None:
     """A running run whose owner died, picked up by a v2 without a migration: it fails, and stays failed."""
     entered = asyncio.Event()
 
@@ -343,5 +361,9 @@ async def test_check_runs_on_ten_thousand_parked_runs(make_store: StoreFactory) 
     assert sorted(f.run_id for f in found) == [f"p{i:05d}" for i in range(7, n, 1000)]
     assert all(f.version == "1" and f.step == "Review" and "no headline" in f.message for f in found)
     rec = await store.get("p00007")
-    assert rec is not None and (rec.status, rec.version, rec.state) == (RunStatus.WAITING, "1", {"title": "bad"})
+    assert rec is not None and (rec.status, rec.version, rec.state) == (
+        RunStatus.WAITING,
+        "1",
+        {"title": "bad"},
+    )
     assert took < 30

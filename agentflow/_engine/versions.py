@@ -55,7 +55,9 @@ def _fail(
     step: str | None = None,
     version: str | None = None,
 ) -> IncompatibleRunError:
-    return IncompatibleRunError(rec.run_id, version or rec.version, spec.version, step or rec.step, field, reason)
+    return IncompatibleRunError(
+        rec.run_id, version or rec.version, spec.version, step or rec.step, field, reason
+    )
 
 
 def upgrade(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
@@ -100,7 +102,10 @@ def upgrade(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
         if m.steps:
             step = m.steps.get(step, step) if step is not None else None
             if isinstance(pending, dict) and any(pending.get(k) in m.steps for k in _TARGETS):
-                pending = {**pending, **{k: m.steps[pending[k]] for k in _TARGETS if pending.get(k) in m.steps}}
+                pending = {
+                    **pending,
+                    **{k: m.steps[pending[k]] for k in _TARGETS if pending.get(k) in m.steps},
+                }
             renames = {**{old: m.steps.get(new, new) for old, new in renames.items()}, **m.steps}
     new = dataclasses.replace(rec, state=state, step=step, pending=pending, version=spec.version)
     data = {
@@ -154,9 +159,10 @@ def loadable(spec: WorkflowSpec, rec: RunRecord, stored: str | None = None) -> B
     try:
         return model.model_validate(rec.state)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())) or None
-        reason = f"the state does not validate against {model.__name__}: {first.get('msg', exc)}"
+        errors = exc.errors()
+        field = ".".join(str(p) for p in errors[0]["loc"]) or None if errors else None
+        message = errors[0]["msg"] if errors else str(exc)
+        reason = f"the state does not validate against {model.__name__}: {message}"
         raise _fail(spec, rec, field, reason, None, stored) from None
 
 

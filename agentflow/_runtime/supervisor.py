@@ -22,12 +22,11 @@ from .._engine.flow import advance_flow
 from .._engine.gates import Transition, apply
 from .._engine.imperative import advance_imperative
 from .._engine.run import LiveRun
-from .._engine.versions import Upgrade, check, loadable, upgrade
 from .._engine.tool_gates import past_deadline
 from ..agents.pool import AgentPools
 from ..agents.spi import AgentJournal
-from ..definition.workflow import WorkflowSpec
 from ..definition.steps import END
+from ..definition.workflow import WorkflowSpec
 from ..errors import (
     CorruptRecordError,
     IncompatibleRunError,
@@ -36,7 +35,7 @@ from ..errors import (
     StoreError,
     WorkflowDefinitionError,
 )
-from ..stores.contract import Change, ChangeFeed, Commit, Lease, LoadedRun, RunRecord, Store, WorkQueue
+from ..stores.contract import Change, ChangeFeed, Commit, Lease, RunRecord, Store, WorkQueue
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
@@ -44,8 +43,9 @@ from .limits import limiter_for
 from .listeners import ApprovalListener, announce_decided, announce_pending
 from .notify import Notifier
 from .timers import GateTimers
+from .versions import Resuming, incompatible_error, mark, migrate
 
-__all__ = ["Supervisor", "incompatible_error", "queue_of", "stop_change"]
+__all__ = ["Supervisor", "queue_of", "stop_change"]
 
 #: Seconds between two looks at the store for a run another process advances (no feed).
 _POLL = 0.1
@@ -306,7 +306,7 @@ class Supervisor:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
         try:
             if loaded.record.version != self.spec.version:
-                loaded = await self.migrate(loaded, lease)
+                loaded = await migrate(self, loaded, lease)
             run = LiveRun.restore(self, loaded, lease)
         except CorruptRecordError as exc:
             # Nothing can advance it: fail the run (so it is not retried for ever) and say why.
@@ -323,30 +323,6 @@ class Supervisor:
             raise
         self.start(run)
         return run
-
-    async def migrate(self, loaded: LoadedRun, lease: Lease) -> LoadedRun:
-        """Bring a run this process holds the lease of to the definition's version, and commit it.
-
-        The migrated state, step and version are committed with a ``migrated`` event
-        before the run goes on, so a crash after the commit does not migrate it twice.
-
-        Raises:
-            IncompatibleRunError: it cannot be brought there, or does not load once it is.
-        """
-        rec = loaded.record
-        up = upgrade(self.spec, rec)
-        if up is None:
-            return loaded
-        loadable(self.spec, up.record, rec.version)
-        new = up.record
-        seq = rec.commit_seq + 1
-        event = RunEvent("migrated", rec.run_id, new.step, up.data, time.time(), rec.event_count + 1)
-        fields = {"state": new.state, "step": new.step, "pending": new.pending, "version": new.version}
-        await self.store.commit(rec.run_id, lease, Commit(fields=fields, events=[event], seq=seq))
-        new = dataclasses.replace(
-            new, event_count=rec.event_count + 1, commit_seq=seq, commit_token=lease.token
-        )
-        return LoadedRun(new, loaded.outputs, loaded.journal)
 
     async def hand_over(self, run_id: str, lease: Lease) -> None:
         """Let go of a run this process just took, and queue it for the workers of its workflow."""
@@ -432,34 +408,23 @@ class Supervisor:
         handed: list[bool] = []  # a client's transition left the run for a worker
         listeners = self.listeners
         made: list[tuple[RunRecord, list[RunEvent]]] = []  # the last attempt that changed the record
-        upgrades: dict[tuple[Any, ...], Upgrade | None] = {}  # migrations run, by the record they ran on
+        resuming = Resuming(self.spec_of)
 
         def change(rec: RunRecord, now: float) -> Any:
             t = fn(rec, now)
             if t is None:
                 return None
-            migrated: Upgrade | None = None
+            migrated = None
             if t.resume_at is not None and t.resume_at != END:
                 # The run goes on: it must load (else nothing is written), and one of
-                # another version is migrated in the same write.
-                key = (rec.version, rec.commit_seq, rec.event_count, rec.updated_at)
-                if key not in upgrades:
-                    try:
-                        upgrades[key] = check(self.spec_of(rec), rec)
-                    except IncompatibleRunError as exc:
-                        if rec.status != RunStatus.RUNNING:
-                            raise  # parked: it stays so
-                        return _failed(rec, exc)  # its owner died: recovered, it fails (once)
-                migrated = upgrades[key]
-                if migrated is not None:
-                    rec = migrated.record
-                    t = fn(rec, now) or t  # where it goes on, by the renamed steps
-                if _incompatible(rec.error) and rec.status != RunStatus.FAILED:
-                    rec = dataclasses.replace(rec, error=None)  # loads now: the old reason goes
+                # another version is migrated in the same write (see .versions).
+                resumed = resuming(rec, t, fn, now)
+                if isinstance(resumed, Change):
+                    return resumed
+                rec, t, migrated = resumed
             out, lease = apply(rec, now, t, self.owner if self.execute else None, self.lease_ttl)
             if migrated is not None:
-                first = RunEvent("migrated", rec.run_id, rec.step, migrated.data, time.time(), rec.event_count + 1)
-                out.events = [first, *(ev._replace(seq=ev.seq + 1) for ev in out.events)]
+                out.events = resuming.events(migrated, rec, out.events)
             if listeners:
                 made[:] = [(rec, out.events)]
             if lease is not None:
@@ -471,7 +436,7 @@ class Supervisor:
         try:
             rec = await self.update(run_id, change)
         except IncompatibleRunError as exc:
-            await self.mark_incompatible(run_id, exc)
+            await mark(self, run_id, exc)
             raise
         if rec is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
@@ -490,24 +455,6 @@ class Supervisor:
     def spec_of(self, rec: RunRecord) -> WorkflowSpec:
         """The definition that serves ``rec`` here (its workflow's, a child's included)."""
         return self.specs.get(rec.workflow, self.spec)
-
-    async def mark_incompatible(self, run_id: str, exc: IncompatibleRunError) -> None:
-        """Keep why a parked run cannot be loaded on its record (``RunInfo.error``); it stays as it is.
-
-        Nothing else changes: no status, no event, no decision. A run that ended, or one
-        whose record says so already, is left alone.
-        """
-        error = incompatible_error(exc)
-
-        def mark(rec: RunRecord, now: float) -> Change | None:
-            if rec.status in FINAL or rec.status == RunStatus.RUNNING or rec.error == error:
-                return None
-            return Change(dataclasses.replace(rec, error=error), [])
-
-        try:
-            await self.update(run_id, mark)
-        except (StoreError, CorruptRecordError) as again:
-            log.warning("run %s: could not keep why it cannot be loaded (%s): %s", run_id, exc, again)
 
     async def update(self, run_id: str, change: Callable[[RunRecord, float], Any]) -> RunRecord | None:
         """``store.update``, retried a few times through a :class:`StoreError`.
@@ -572,33 +519,6 @@ class Supervisor:
             await sup.timers.close()
             if sup.pools is not None:
                 await sup.pools.aclose()
-
-
-def incompatible_error(exc: IncompatibleRunError) -> dict[str, Any]:
-    """How a parked run keeps why it cannot be loaded (in ``error``; no traceback: the same every time)."""
-    return {
-        "step": exc.step,
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "",
-        "version": exc.version,
-        "field": exc.field,
-    }
-
-
-def _failed(rec: RunRecord, exc: IncompatibleRunError) -> Change:
-    """``rec``, running without a live owner, failed because this definition cannot load it."""
-    error = incompatible_error(exc)
-    data = {"type": error["type"], "message": error["message"]}
-    event = RunEvent("failed", rec.run_id, rec.step, data, time.time(), rec.event_count + 1)
-    failed = dataclasses.replace(
-        rec, status=RunStatus.FAILED, error=error, lease_owner=None, lease_expires=0.0, control=None
-    )
-    return Change(failed, [event])
-
-
-def _incompatible(error: Any) -> bool:
-    return isinstance(error, dict) and error.get("type") == "IncompatibleRunError"
 
 
 def queue_of(store: Store) -> WorkQueue:

@@ -75,7 +75,9 @@ def migrations_of(
     return out
 
 
-def chain_of(workflow: str, version: str, migrations: Mapping[str, Migration], source: str) -> list[Migration]:
+def chain_of(
+    workflow: str, version: str, migrations: Mapping[str, Migration], source: str
+) -> list[Migration]:
     """The migrations that lead from ``source`` to ``version``, in order ([] when they are equal).
 
     Raises:
