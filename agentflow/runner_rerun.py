@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -11,8 +12,9 @@ from pydantic import BaseModel
 
 from ._engine.context import validate_state
 from ._engine.gates import Transition
-from ._engine.history import reached
+from ._engine.history import Reached, reached
 from ._engine.run import first_record
+from ._engine.versions import upgrade
 from .definition.steps import START
 from .errors import (
     AgentflowError,
@@ -105,6 +107,26 @@ async def _retry_children(runner: WorkflowRunner, run_id: str) -> None:
         await asyncio.gather(*(one(c) for c in children))
 
 
+def _migrated(runner: WorkflowRunner, rec: RunRecord, where: Reached, at: str) -> dict[str, Any]:
+    """The state fields the source run had set when it reached ``at``, at the workflow's version now.
+
+    A run that reached ``at`` on an older version has its state then migrated (as a
+    pick-up would) before it is validated; only the fields its history recorded are
+    given to the migration (defaults of that version were not recorded).
+
+    Raises:
+        IncompatibleRunError: no migration leads from that version, or one raised.
+    """
+    spec = runner.spec
+    then = where.version or where.started or rec.version
+    if then == spec.version:
+        return where.changes
+    probe = dataclasses.replace(rec, state=dict(where.changes), step=at, pending=None, version=then)
+    up = upgrade(spec, probe)
+    state = up.record.state if up is not None else where.changes
+    return state if isinstance(state, dict) else {}
+
+
 async def fork(
     runner: WorkflowRunner,
     source: str,
@@ -113,7 +135,11 @@ async def fork(
     state: Mapping[str, Any] | BaseModel | None = None,
     run_id: str | None = None,
 ) -> RunHandle:
-    """``WorkflowRunner.fork``: a new run from where run ``source`` last reached step ``at``."""
+    """``WorkflowRunner.fork``: a new run from where run ``source`` last reached step ``at``.
+
+    The new run is of the workflow's version now; a source of an older version has its
+    state migrated (``Workflow.migrate``).
+    """
     spec = runner.spec
     if spec.imperative:
         raise AgentflowError(
@@ -134,10 +160,11 @@ async def fork(
     if where is None:
         raise InvalidStateError(f"cannot fork run {source} at step {at!r}: the run never reached it")
     label = f"fork of run {source} at step {at!r}"
+    changes = _migrated(runner, rec, where, at)
     model = spec.state_model
     new_state: BaseModel | None = None
     if model is not None:
-        then = validate_state(model, None, {**spec.initial_state, **where.changes}, label)
+        then = validate_state(model, None, {**spec.initial_state, **changes}, label)
         new_state = then if state is None else validate_state(model, then, _fields_of(state), label)
     elif state:
         raise StateValidationError(

@@ -367,3 +367,96 @@ async def test_check_runs_on_ten_thousand_parked_runs(make_store: StoreFactory) 
         {"title": "bad"},
     )
     assert took < 30
+
+
+async def test_a_fork_of_a_v1_run_by_v2_starts_from_the_migrated_state(make_store: StoreFactory) -> None:
+    run_id = await parked_on_v1(make_store, "sqlite")
+    migration = Counted()
+    async with WorkflowRunner(v2(migration), store=make_store("sqlite")) as runner:
+        fork = await runner.fork(run_id, at="Review")
+        info = await fork.wait_for(RunStatus.WAITING, timeout=10)
+        assert info.version == "2" and migration.calls == 1
+        assert (await runner.store.get(fork.run_id)).state == {"headline": "Durable runs", "notified": False}  # type: ignore[union-attr]
+        # The source, migrated and finished on version 2, forks from its history: the
+        # migrated state, then what changed after it.
+        done = await (await runner.approve(run_id, by="editor")).result(timeout=10)
+        assert done.state.notified and migration.calls == 2
+        again = await runner.fork(run_id, at="Notify")
+        result = await (await runner.attach(again.run_id)).result(timeout=10)
+        assert result.state == V2State(headline="Durable runs", notified=True)
+        assert migration.calls == 2  # its history is of version 2 there: nothing to migrate
+
+
+async def test_a_worker_claiming_a_run_handed_over_on_v1_migrates_it_first(make_store: StoreFactory) -> None:
+    from agentflow import Worker
+
+    async with WorkflowRunner(v1(), store=make_store("sqlite"), execute=False) as client:
+        handle = await client.run()  # queued for a worker of version 1; none comes
+    migration = Counted()
+    worker = Worker(v2(migration), store=make_store("sqlite"), concurrency=4)
+    task = asyncio.create_task(worker.serve())
+    try:
+        async with WorkflowRunner(v2(migration), store=make_store("sqlite"), execute=False) as follower:
+            info = await (await follower.attach(handle.run_id)).wait_for(RunStatus.WAITING, timeout=10)
+            assert (info.version, migration.calls) == ("2", 1)
+            rec = await follower.store.get(handle.run_id)
+            assert rec is not None and rec.state == {"headline": "new", "notified": False}
+            kinds = [e.kind for e in await follower.store.events(handle.run_id)]
+            assert kinds[:3] == ["run_started", "step_started", "migrated"]
+    finally:
+        await worker.close()
+        await task
+
+
+async def test_a_gate_timing_out_on_a_run_that_cannot_load_stays_waiting_and_is_not_retried(
+    make_store: StoreFactory,
+) -> None:
+    old = (
+        Workflow("Article")
+        .state(V1State)
+        .flow(
+            {
+                START: lambda ctx: "Review",
+                "Review": lambda ctx: Wait(
+                    HumanApproval(approvers=["editor"], timeout=0.2), "Publish", on_timeout="Publish"
+                ),
+                "Publish": lambda ctx: END,
+            }
+        )
+    )
+    async with WorkflowRunner(old, store=make_store("sqlite")) as runner:
+        handle = await runner.run()
+        await handle.wait_for(RunStatus.WAITING, timeout=10)
+        await runner.supervisor.timers.close()  # this process ends before the deadline passes
+    broken = Counted(fail=True)
+    store = make_store("sqlite")
+    before = await store.events(handle.run_id)
+    async with WorkflowRunner(v2(broken), store=store) as runner:
+        runner.supervisor.watch_deadlines()
+        await asyncio.sleep(1.5)  # several sweeps of the deadline timers
+        rec = await store.get(handle.run_id)
+        assert rec is not None and (rec.status, rec.version) == (RunStatus.WAITING, "1")
+        assert rec.error is not None and rec.error["type"] == "IncompatibleRunError"
+        assert await store.events(handle.run_id) == before
+        assert broken.calls == 1  # tried once, not once a sweep
+
+
+async def test_a_postgres_database_of_the_third_layout_reads_its_runs_as_version_1(
+    make_store: StoreFactory, postgres_url: str
+) -> None:
+    import psycopg
+
+    from agentflow.stores.postgres_schema import SCHEMA, VERSION
+
+    run_id = await parked_on_v1(make_store, "postgres")
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute("ALTER TABLE agentflow_runs DROP COLUMN version")
+        await db.execute(f"UPDATE {SCHEMA} SET version = 3")
+    migration = Counted()
+    async with WorkflowRunner(v2(migration), store=make_store("postgres")) as runner:
+        [listed] = await runner.list_runs()
+        assert listed.version == "1"
+        result = await (await runner.approve(run_id, by="editor")).result(timeout=10)
+        assert result.state.headline == "Durable runs" and migration.calls == 1
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        assert await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall() == [(VERSION,)] == [(4,)]

@@ -16,6 +16,7 @@ starts the same visit again: the count before it is the same).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,11 +70,17 @@ class Reached:
 
     Attributes:
         visit: the step's visit (the run had started ``visit - 1`` steps before it).
-        changes: the state fields set before the step, as stored (JSON), latest value each.
+        changes: the state fields set before the step, as stored (JSON), latest value each;
+            from a ``migrated`` event before it on, the migrated state and what changed since.
+        version: the version a ``migrated`` event before the step brought the run to;
+            None when none did (the run was at the version it started on).
+        started: the version the run started on, when a ``migrated`` event says so.
     """
 
     visit: int
     changes: dict[str, Any]
+    version: str | None = None
+    started: str | None = None
 
 
 def reached(events: Sequence[RunEvent], step: str) -> Reached | None:
@@ -81,6 +88,8 @@ def reached(events: Sequence[RunEvent], step: str) -> Reached | None:
     completed = 0
     changes: dict[str, Any] = {}
     found: Reached | None = None
+    version: str | None = None
+    started: str | None = None
     for ev in events:
         kind = ev.kind
         if kind == "step_completed" or kind == "waiting":
@@ -89,5 +98,14 @@ def reached(events: Sequence[RunEvent], step: str) -> Reached | None:
             if isinstance(data, dict) and isinstance(data.get("state"), dict):
                 changes.update(data["state"])
         elif ev.step == step and kind in ("step_started", "paused"):
-            found = Reached(completed + 1, dict(changes))
+            found = Reached(completed + 1, dict(changes), version, started)
+        elif kind == "migrated" and isinstance(ev.data, dict):
+            # The whole state as the migration left it: the older fields are gone.
+            if isinstance(ev.data.get("state"), dict):
+                changes = dict(ev.data["state"])
+            version = str(ev.data.get("to"))
+            if started is None:
+                started = str(ev.data.get("from"))
+    if found is not None and started is not None and found.started is None:
+        found = dataclasses.replace(found, started=started)
     return found

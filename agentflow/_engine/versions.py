@@ -40,7 +40,8 @@ class Upgrade:
         record: the run's record with the migrated state, renamed step and gate
             targets, and the new version (everything else as stored).
         data: the ``migrated`` event's data: ``from``, ``to``, ``path`` (every version
-            passed through) and ``steps`` (the renames applied).
+            passed through), ``steps`` (the renames applied) and ``state`` (the migrated
+            state, so a run's history reads on from it).
     """
 
     record: RunRecord
@@ -113,6 +114,7 @@ def upgrade(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
         "to": spec.version,
         "path": [rec.version, *(m.target for m in chain)],
         "steps": renames,
+        "state": state,
     }
     return Upgrade(new, data)
 
