@@ -41,7 +41,7 @@ async def test_list_show_and_approve_with_an_edit(parked):
     listed = cli("runs", "cli_flows", "--status", "waiting", db=db)
     assert listed.returncode == 0, listed.stderr
     assert run_id in listed.stdout and "waiting" in listed.stdout
-    shown = cli("show", "cli_flows", run_id, db=db)
+    shown = cli("show", "cli_flows", run_id, "--json", db=db)
     info = json.loads(shown.stdout)
     [pending] = info["approvals"]
     assert pending["context"] == {"draft": "first draft"} and pending["prompt"] == "Publish?"
@@ -67,11 +67,11 @@ async def test_list_show_and_approve_with_an_edit(parked):
 async def test_reject_and_unknown_run(parked):
     db, run_id = parked
     missing = cli("show", "cli_flows", "no-such-run", db=db)
-    assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
+    assert missing.returncode == 3 and "no run 'no-such-run'" in missing.stderr
     rejected = cli("reject", "cli_flows", run_id, "--by", "editor", "--reason", "too long", db=db)
     assert rejected.returncode == 0, rejected.stderr
     assert f"run {run_id} is rejected" in rejected.stdout
-    info = json.loads(cli("show", "cli_flows", run_id, db=db).stdout)
+    info = json.loads(cli("show", "cli_flows", run_id, "--json", db=db).stdout)
     assert info["decisions"][0]["comment"] == "too long" and info["decisions"][0]["approved"] is False
 
 

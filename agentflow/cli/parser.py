@@ -1,39 +1,89 @@
-"""The ``agentflow`` command's arguments."""
+"""The ``agentflow`` command's arguments: one subcommand per thing done to runs."""
 
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 
 from ..types import RunStatus
 
+__all__ = ["parser"]
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="agentflow", description="List, inspect and decide agentflow runs.")
-    sub = ap.add_subparsers(dest="command", required=True)
+_RUN_ID = "the run's id, or a prefix of it that no other run starts with"
 
-    def command(name: str, help: str, run_id: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+
+def _version() -> str:
+    try:
+        return version("agentflow-core")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand (argparse exits 2 on a usage error)."""
+    ap = argparse.ArgumentParser(
+        prog="agentflow",
+        description="Start, watch, decide and steer agentflow runs.",
+        epilog="Exit status: 0 done, 1 the run failed or was rejected, 2 a usage or input error, "
+        "3 not found.",
+    )
+    ap.add_argument("--version", action="version", version=f"agentflow {_version()}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help: str, run_id: bool = False, json: str | None = None
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
         p.add_argument("module", help="module that defines the workflows, e.g. myapp.flows")
         if run_id:
-            p.add_argument("run_id")
+            p.add_argument("run_id", metavar="RUN", help=_RUN_ID)
+        if json:
+            p.add_argument("--json", action="store_true", help=json)
         return p
 
-    command("describe", "the workflows' schemas, steps and Mermaid charts")
-    runs = command("runs", "list runs")
+    def follows(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--no-follow", dest="follow", action="store_false", help="return without following the run"
+        )
+
+    start = command("run", "start a run (handed to a worker; --follow runs it here, live)")
+    start.add_argument("workflow", metavar="WORKFLOW", help="the workflow's name (see `agentflow describe`)")
+    start.add_argument("--input", help="JSON: the run's input")
+    start.add_argument(
+        "--run-id", help="the run's id (default: a fresh one); an existing run is not restarted"
+    )
+    start.add_argument("--follow", action="store_true", help="advance the run here, printing its steps live")
+    start.add_argument(
+        "--json", action="store_true", help="the run's info as JSON (with --follow: its events)"
+    )
+
+    runs = command("runs", "list runs, newest first", json="one run as JSON per line")
     runs.add_argument("--status", choices=[s.value for s in RunStatus])
-    pending = command("approvals", "pending approvals, newest first")
+    runs.add_argument("--workflow", help="only this workflow's runs")
+    runs.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+
+    command(
+        "show",
+        "a run: input, state, output, error and traceback, approvals, decisions, usage",
+        run_id=True,
+        json="the run as one JSON document",
+    )
+    events = command("events", "a run's history of events", run_id=True, json="one event as JSON per line")
+    events.add_argument("--follow", action="store_true", help="go on printing live until the run is final")
+    command("delete", "remove a run and everything stored with it", run_id=True, json="the result as JSON")
+
+    pending = command("approvals", "pending approvals, newest first", json="one Approval as JSON per line")
     pending.add_argument("--approver", help="only those this person may decide")
     pending.add_argument("--kind", choices=["gate", "tool_call", "tool_outcome"])
+    pending.add_argument("--workflow", help="only this workflow's")
     pending.add_argument("--limit", type=int, default=100, help="at most this many per workflow")
-    pending.add_argument("--json", action="store_true", help="one Approval as JSON per line")
-    command("show", "a run's status, pending gate (with its review context), decisions", run_id=True)
     decisions = (
-        ("approve", "approve what a run waits for (a gate, a tool call)"),
+        ("approve", "approve what a run waits for (a gate, a tool call), and follow the run"),
         ("reject", "reject it"),
         ("respond", "answer a tool call with its result instead of running the tool"),
     )
     for name, help in decisions:
-        p = command(name, help, run_id=True)
+        p = command(name, help, run_id=True, json="the run's status as JSON (with --no-follow)")
         p.add_argument("--by", required=True, help="the approver's name")
         p.add_argument("--approval", help="the approval's id (needed when the run waits for several)")
         if name == "approve":
@@ -47,19 +97,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--comment")
         else:
             p.add_argument("--reason")
-        p.add_argument(
-            "--no-follow", dest="follow", action="store_false", help="return without following the run"
-        )
+        follows(p)
+
+    command("pause", "park a run once its step in flight finishes", run_id=True, json="its status as JSON")
+    follows(command("resume", "continue a paused run here, and follow it", run_id=True, json="as JSON"))
+    command("stop", "stop a run (final): its step in flight is cancelled", run_id=True, json="as JSON")
     retry = command("retry", "continue a failed run at its failing step, and follow it", run_id=True)
     fork = command("fork", "start a new run from where a run reached a step, and follow it", run_id=True)
     fork.add_argument("--at", required=True, help="the step the new run starts at")
     fork.add_argument("--state", help="JSON: state fields merged into the state the run had there")
     fork.add_argument("--run-id", dest="new_run_id", help="the new run's id (default: a fresh one)")
     for p in (retry, fork):
-        p.add_argument(
-            "--no-follow", dest="follow", action="store_false", help="return without following the run"
-        )
-    command("recover", "resume runs whose owner died, and follow them")
+        follows(p)
+        p.add_argument("--json", action="store_true", help="the run's status (or events) as JSON")
+    command("recover", "resume runs whose owner died, and follow them", json="their events as JSON lines")
+
     worker = command("worker", "claim runs of the module's workflows from their stores and advance them")
     worker.add_argument("--concurrency", type=int, default=100, help="runs advanced at once, at most")
     worker.add_argument(
@@ -92,4 +144,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("module", help="module that defines the workflows, e.g. myapp.flows")
         if name != "list":
             p.add_argument("name", help="the reviewer's name, as the approvers of gates name them")
+
+    check = command(
+        "check",
+        "before a deploy: list the runs not final that this code could not load (exit 1 when any)",
+        json="one incompatible run as JSON per line",
+    )
+    check.add_argument("--workflow", help="only this workflow's runs")
+    describe = command(
+        "describe", "the workflows' steps, schemas and Mermaid charts", json="one JSON array of them"
+    )
+    describe.add_argument("--workflow", help="only this workflow")
     return ap

@@ -1,0 +1,50 @@
+"""A workflow with slow steps and an agent, for the CLI's live view (the store path comes from CLI_DB)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from pydantic import BaseModel
+
+from agentflow import END, START, Agent, Next, Workflow
+from agentflow.agents import ProviderReply
+from agentflow.testing import ScriptedProvider
+from agentflow.types import Usage
+
+
+class Ticket(BaseModel):
+    title: str
+    fail: bool = False
+
+
+async def _triage(ctx):
+    await asyncio.sleep(float(os.environ.get("CLI_STEP_SECONDS", "0.6")))
+    return "Draft"
+
+
+async def _draft(ctx):
+    async with ctx.agents.writer as writer:
+        reply = await writer.run(f"draft a fix for {ctx.input.title}")
+    await asyncio.sleep(float(os.environ.get("CLI_STEP_SECONDS", "0.6")))
+    if ctx.input.fail:
+        raise RuntimeError("the build is red")
+    return Next(END, output=reply.text)
+
+
+live = (
+    Workflow("CliLive", "Triage a ticket, then an agent drafts a fix")
+    .input(Ticket)
+    .flow({START: lambda ctx: "Triage", "Triage": _triage, "Draft": _draft})
+    .agents(
+        {
+            "writer": Agent(
+                provider=ScriptedProvider(
+                    [ProviderReply("patched", usage=Usage(1204, 311))] * 50, latency=0.05
+                ),
+                model="m",
+            )
+        }
+    )
+    .persistence(store="sqlite", path=os.environ.get("CLI_DB", "cli.db"))
+)
