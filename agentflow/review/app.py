@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from starlette.applications import Starlette
@@ -85,6 +86,7 @@ class Review:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        env.filters["ago"] = ago
         self.templates = Jinja2Templates(env=env)
 
     async def ready(self) -> bytes:
@@ -138,6 +140,18 @@ class Review:
         if who is None:
             raise SignInNeeded()
         return who
+
+
+def ago(when: datetime) -> str:
+    """How long ago ``when`` was, roughly: ``"just now"``, ``"5 min"``, ``"3 h"``, ``"2 days"``."""
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h"
+    return f"{int(seconds // 86400)} days"
 
 
 def relative(scope: Scope) -> str:
