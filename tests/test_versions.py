@@ -8,8 +8,11 @@ data (another process) serving a version 2 of the workflow: a renamed state fiel
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,7 +122,13 @@ async def test_approving_a_v1_run_with_v2_migrates_it_once_and_it_goes_on(
         kinds = [e.kind for e in events]
         assert kinds.count("migrated") == 1 and kinds.index("migrated") == kinds.index("decided") - 1
         migrated = next(e for e in events if e.kind == "migrated")
-        assert migrated.data == {"from": "1", "to": "2", "path": ["1", "2"], "steps": {}}
+        assert migrated.data == {
+            "from": "1",
+            "to": "2",
+            "path": ["1", "2"],
+            "steps": {},
+            "state": {"headline": "Durable runs"},
+        }
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
     # Another process serving version 2 finds it migrated: its recovery migrates nothing again.
     async with WorkflowRunner(v2(migration), store=make_store(kind)) as again:
@@ -460,3 +469,37 @@ async def test_a_postgres_database_of_the_third_layout_reads_its_runs_as_version
         assert result.state.headline == "Durable runs" and migration.calls == 1
     async with await psycopg.AsyncConnection.connect(postgres_url) as db:
         assert await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall() == [(VERSION,)] == [(4,)]
+
+
+async def test_a_process_killed_after_the_migration_was_committed_is_not_migrated_again(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    run_id = await parked_on_v1(make_store, "sqlite")
+    log = tmp_path / "log"
+    script = str(Path(__file__).with_name("versionflows.py"))
+    db = str(tmp_path / "agentflow.db")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, db, str(log), run_id, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "publish" in log.read_text()):
+            if proc.returncode is not None:
+                raise AssertionError((await proc.communicate())[1].decode())
+            assert time.monotonic() < deadline, "the process never reached Publish"
+            await asyncio.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # after the migration's commit, in the step after it
+        await proc.communicate()
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["migrated", "publish"]
+    store = make_store("sqlite")
+    rec = await store.get(run_id)
+    assert rec is not None and (rec.status, rec.version, rec.step) == (RunStatus.RUNNING, "2", "Publish")
+    migration = Counted()
+    await asyncio.sleep(0.6)  # the dead process's lease runs out
+    async with WorkflowRunner(v2(migration), store=store) as runner:
+        [handle] = await runner.recover()
+        result = await handle.result(timeout=10)
+    assert result.state == V2State(headline="Durable runs", notified=True)
+    assert migration.calls == 0
+    assert [e.kind for e in await store.events(run_id)].count("migrated") == 1
