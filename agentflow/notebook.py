@@ -56,8 +56,10 @@ def _detail(ev: RunEvent) -> str:
     if ev.kind in ("step_failed", "failed") and "type" in d:
         return f"{d['type']}: {d.get('message', '')}"
     if ev.kind == "decided":
-        said = d.get("comment") or d.get("reason")
-        return f"{d.get('outcome', '?')} by {d.get('by', '?')}" + (f": {said}" if said else "")
+        how = "timed out" if d.get("timed_out") else "approved" if d.get("approved") else "rejected"
+        how = "answered" if d.get("responded") else how
+        said = d.get("comment")
+        return f"{how} by {d.get('by') or '?'}" + (f": {said}" if said else "")
     if ev.kind == "waiting":
         if d.get("approvers"):
             return f"for {', '.join(map(str, d['approvers']))}" + (
@@ -67,7 +69,8 @@ def _detail(ev: RunEvent) -> str:
     if ev.kind == "step_completed":
         return _usage(Usage.from_json(d["usage"])) if d.get("usage") else ""
     if ev.kind == "resumed" and d.get("retried"):
-        return f"retried after {_short(d['retried'])}"
+        err = d.get("error") or {}
+        return f"retried after {err.get('type')}: {err.get('message')}" if err.get("type") else "retried"
     return _short(d)
 
 
@@ -181,7 +184,15 @@ class RunView:
         from rich.table import Table
 
         out = io.StringIO()
-        console = Console(file=out, width=110, no_color=True, color_system=None, highlight=False)
+        console = Console(
+            file=out,
+            width=110,
+            no_color=True,
+            color_system=None,
+            highlight=False,
+            force_terminal=False,
+            force_jupyter=False,
+        )
         lines = [f"{k:<12} {v}" for k, v in self.summary()]
         console.print(f"run {self.run_id} ({self.workflow})", markup=False)
         for line in lines[2:]:
@@ -291,8 +302,8 @@ class LiveView:
         await asyncio.wait_for(asyncio.shield(self.task), timeout)
         return self.view
 
-    async def settled(self, timeout: float = 10.0) -> RunView:
-        """Wait until the display shows every event the run has stored so far; return the view.
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Wait until the display shows every event the run has stored so far.
 
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
@@ -304,7 +315,6 @@ class LiveView:
                 if not await store.events(run_id, self._shown):
                     break
                 await self._changed.wait()
-        return self.view
 
     def stop(self) -> None:
         """Stop following the run (the display keeps what it shows)."""
