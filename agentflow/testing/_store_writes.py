@@ -144,6 +144,21 @@ class WriteConformance:
         with pytest.raises(StoreError, match=r"run c1\b.*'children'"):
             await store.create(record("c1", children=("a", 1)), [])
 
+    async def test_the_workflow_version_round_trips(self, store: Store) -> None:
+        """A run records its workflow version; a commit moves it on (a migration); "1" by default."""
+        assert await store.create(record("v1"), []) and await store.create(record("v3", version="3"), [])
+        assert [(await store.get(r)).version for r in ("v1", "v3")] == ["1", "3"]  # type: ignore[union-attr]
+        lease = await started(store, "m")
+        await store.commit("m", lease, Commit(fields={"version": "2", "state": {"count": 9}}, seq=1))
+        loaded = await store.load("m")
+        assert loaded is not None and (loaded.record.version, loaded.record.state) == ("2", {"count": 9})
+        listed = {r.run_id: r.version for r in await store.list_runs()}  # light records keep it
+        assert listed == {"v1": "1", "v3": "3", "m": "2"}
+        await store.update("m", _writing(step="B"))
+        assert (await store.get("m")).version == "2"  # type: ignore[union-attr]
+        with pytest.raises(StoreError, match=r"run m\b.*'version'"):
+            await store.commit("m", lease, Commit(fields={"version": 2}, seq=2))
+
     # -- commit -----------------------------------------------------------------------
 
     async def test_commit_applies_fields_outputs_events_and_journal(self, store: Store) -> None:
