@@ -30,7 +30,7 @@ HERE = Path(__file__).parent
 MODULE = "reviewflows"
 
 #: Who the tests sign in as: the approvers of ``reviewflows`` and one who approves nothing.
-REVIEWERS = ("editor", "legal", "ops-lead", "intruder")
+REVIEWERS = ("editor", "ops-lead", "intruder")
 
 #: What ``agentflow reviewers add`` prints last: the token, alone on its line.
 _TOKEN = re.compile(r"af_[A-Za-z0-9_\-]+")
@@ -148,7 +148,8 @@ class ReviewServer:
         return SqliteStore(path=self.where)
 
 
-#: The Redis database the review server uses (the ``redis_url`` fixture hands out 1-15).
+#: The Redis database the review server uses (the ``redis_url`` fixture hands out 1-15),
+#: flushed before and after.
 _REDIS_DB = 0
 
 
@@ -158,8 +159,9 @@ def review_server_fixture(
 ) -> Iterator[ReviewServer]:
     """``agentflow serve reviewflows`` over a fresh SQLite file, then a fresh Redis database."""
     directory = tmp_path_factory.mktemp(f"review-{request.param}")
+    redis: RedisServer | None = None
     if request.param == "redis":
-        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis = request.getfixturevalue("redis_server")
         assert redis.command("FLUSHDB", db=_REDIS_DB) == b"+OK"
         server = ReviewServer("redis", f"{redis.url}/{_REDIS_DB}", directory)
     else:
@@ -170,3 +172,5 @@ def review_server_fixture(
         yield server
     finally:
         server.stop()
+        if redis is not None:
+            redis.command("FLUSHDB", db=_REDIS_DB)

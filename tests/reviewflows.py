@@ -96,13 +96,13 @@ triage = _persisted(
 )
 
 sign_off = _persisted(
-    Workflow("SignOff", "A contract both the editor and legal approve")
+    Workflow("SignOff", "A release both the editor and the operator sign off")
     .input(Item)
     .flow(
         {
             START: lambda ctx: "Sign",
             "Sign": lambda ctx: Wait(
-                HumanApproval(["editor", "legal"], quorum=2, prompt="Sign off?", context=ctx.input.text),
+                HumanApproval(["editor", "ops-lead"], quorum=2, prompt="Sign off?", context=ctx.input.text),
                 "Signed",
             ),
             "Signed": lambda ctx: Next(END, output="signed"),

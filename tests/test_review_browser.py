@@ -272,7 +272,7 @@ async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
     await park(review_server, reviewflows.triage, [{"text": "the refund of order 1042"}])
     await park(review_server, reviewflows.summary, [{"text": "the week of 1 December"}])
     await park(review_server, reviewflows.ship, [None])
-    (contract,) = await park(review_server, reviewflows.sign_off, [{"text": "the hosting contract"}])
+    (release,) = await park(review_server, reviewflows.sign_off, [{"text": "the 2.0 release"}])
     (notes,) = await park(
         review_server,
         reviewflows.release_notes,
@@ -284,13 +284,13 @@ async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
             }
         ],
     )
-    page = await reviewers.page("legal", approval_path(contract))
+    page = await reviewers.page("ops-lead", approval_path(release))
     await page.click("button#approve")
-    await page.wait_for_url(f"**/runs/{contract.run_id}")
+    await page.wait_for_url(f"**/runs/{release.run_id}")
 
     page = await reviewers.page("editor", "/")
     await expect(row(page, notes)).to_be_visible()
-    await expect(row(page, contract)).to_contain_text("1/2")
+    await expect(row(page, release)).to_contain_text("1/2")
     await expect(page.locator("tr[data-approval-id]")).to_have_count(5)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOTS / "inbox.png"), full_page=True)
@@ -392,7 +392,7 @@ async def test_a_rejection_records_the_reason(reviewers: Reviewers, review_serve
 async def test_a_quorum_shows_who_voted_and_the_run_waits_for_the_second(
     reviewers: Reviewers, review_server: ReviewServer
 ) -> None:
-    (approval,) = await park(review_server, reviewflows.sign_off, [{"text": unique("contract")}])
+    (approval,) = await park(review_server, reviewflows.sign_off, [{"text": unique("release")}])
     page = await reviewers.page("editor", approval_path(approval))
     await expect(page.locator("#quorum")).to_contain_text("0")
     await page.click("button#approve")
@@ -400,12 +400,12 @@ async def test_a_quorum_shows_who_voted_and_the_run_waits_for_the_second(
     info, _ = await run_info(review_server, reviewflows.sign_off, approval.run_id)
     assert info.status == RunStatus.WAITING and info.approvals[0].votes == ("editor",)
 
-    page = await reviewers.page("legal", approval_path(approval))
+    page = await reviewers.page("ops-lead", approval_path(approval))
     await expect(page.locator("#quorum")).to_contain_text("editor")
     await page.click("button#approve")
     await page.wait_for_url(f"**/runs/{approval.run_id}")
     info, output = await run_info(review_server, reviewflows.sign_off, approval.run_id)
-    assert output == "signed" and [d.by for d in info.decisions] == ["editor", "legal"]
+    assert output == "signed" and [d.by for d in info.decisions] == ["editor", "ops-lead"]
 
 
 async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
@@ -413,9 +413,12 @@ async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
 ) -> None:
     (approval,) = await park(review_server, reviewflows.ship, [None])
     page = await reviewers.page("ops-lead", "/?mine=1")
-    # Only what the operator may decide: the tool calls, none of the editors' gates.
+    # Only what the operator may decide: tool calls and sign-offs, none of the editor's own gates.
     await expect(row(page, approval)).to_be_visible()
-    assert set(await page.locator("tr[data-approval-id] td:nth-child(2)").all_inner_texts()) == {"Ship"}
+    assert set(await page.locator("tr[data-approval-id] td:nth-child(2)").all_inner_texts()) <= {
+        "Ship",
+        "SignOff",
+    }
     await row(page, approval).locator("a.open").click()
     await page.wait_for_url(f"**{approval_path(approval)}")
     await expect(page.locator("#tool")).to_contain_text("deploy")
