@@ -436,6 +436,24 @@ async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
     assert '"deployed": "2.0.1", "to": "production"' in output["text"]
 
 
+async def test_a_tool_call_answered_with_a_result_never_runs_the_tool(
+    reviewers: Reviewers, review_server: ReviewServer
+) -> None:
+    (approval,) = await park(review_server, reviewflows.ship, [None])
+    page = await reviewers.page("ops-lead", approval_path(approval))
+    respond = page.locator("form#respond-form")
+    await respond.locator("textarea[name=result]").fill("{not json")
+    await submit(page, "button#respond")
+    await expect(page.locator(".field-error[data-field=result]")).to_be_visible()
+    await page.locator("form#respond-form textarea[name=result]").fill('{"deployed": "by hand"}')
+    await submit(page, "button#respond")
+    await expect(page.locator("#decisions .outcome")).to_have_text("responded")
+    run = await settled(page.request, approval.run_id)
+    assert run["status"] == "completed", run
+    _, output = await run_info(review_server, reviewflows.ship, approval.run_id)
+    assert output["text"] == 'deploy said: {"deployed": "by hand"}'
+
+
 async def test_bulk_approval_decides_twenty_items_each_on_its_own(
     reviewers: Reviewers, review_server: ReviewServer
 ) -> None:
