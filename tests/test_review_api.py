@@ -312,6 +312,7 @@ async def test_an_invalid_edit_is_refused_by_field_and_the_fixed_one_continues_t
         errors = field_errors(bad.text)
         assert set(errors) == {"title", "priority"} and "whole number" in errors["priority"]
         assert 'value="many"' in bad.text  # what the reviewer typed is shown again
+        assert 'data-kind="waiting"' in bad.text  # and the run's history with it
         assert (await served.info(a.run_id)).decisions == ()
         out_of_range = await c.post(
             decide_path(a, "approve"), data={"csrf": csrf, "data.title": "Release 2.0", "data.priority": "9"}

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ..errors import AgentflowError, StoreError
+from ..errors import StoreError
 from ..stores.contract import ChangeFeed
 
 __all__ = ["Watch"]
@@ -112,8 +112,8 @@ class Watch:
             now: set[str] | None
             try:
                 now = await self._snapshot()
-            except (AgentflowError, OSError) as exc:  # a store outage: look again later
-                log.warning("review page: reading the approvals failed: %s", exc)
+            except Exception as exc:  # a store outage, say: the open pages wait for the next look
+                log.warning("review page: reading the approvals failed: %s: %s", type(exc).__name__, exc)
                 now = self._seen
             if now is not None and self._seen is not None and now != self._seen:
                 change = {"added": sorted(now - self._seen), "removed": sorted(self._seen - now)}

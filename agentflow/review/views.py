@@ -308,6 +308,7 @@ async def decide(request: Request) -> Response:
         except ValueError as exc:
             errors = {"result": f"not JSON: {exc}"}
     if errors:
+        opened = await review.desk.open(run_id, approval_id)  # shown again, with its history
         ctx = _approval_context(request, who, opened, errors, submitted, posted)
         return page_response(request, "approval.html", ctx, 422)
     comment = _one(form, "reason") if action == "reject" else _one(form, "comment")
@@ -320,6 +321,7 @@ async def decide(request: Request) -> Response:
     except InvalidStateError as exc:
         return error_page(request, 409, str(exc), who=who)
     except InvalidInputError as exc:
+        opened = await review.desk.open(run_id, approval_id)
         ctx = _approval_context(request, who, opened, edit_errors(approval, exc), submitted, posted)
         return page_response(request, "approval.html", ctx, 422)
     verbs = {"approve": "Approved", "reject": "Rejected", "respond": "Responded to"}
