@@ -7,7 +7,7 @@ import os
 
 from pydantic import BaseModel
 
-from agentflow import END, START, Agent, Next, Workflow
+from agentflow import END, START, Agent, HumanApproval, Next, Wait, Workflow
 from agentflow.agents import ProviderReply
 from agentflow.testing import ScriptedProvider
 from agentflow.types import Usage
@@ -48,3 +48,23 @@ live = (
     )
     .persistence(store="sqlite", path=os.environ.get("CLI_DB", "cli.db"))
 )
+
+
+def _ask(ctx):
+    return Wait(HumanApproval(["editor"], prompt="Ship it?"), "Ship")
+
+
+# Version 1 waits before step "Ship"; version 2 (CLI_VERSION=2, a deploy of new code)
+# renamed that step "Release" and has no migration: runs parked on 1 would not load.
+if os.environ.get("CLI_VERSION", "1") == "1":
+    versioned = (
+        Workflow("CliVersioned", "Asks, then ships", version="1")
+        .flow({START: _ask, "Ship": lambda ctx: Next(END, output="shipped")})
+        .persistence(store="sqlite", path=os.environ.get("CLI_DB", "cli.db"))
+    )
+else:
+    versioned = (
+        Workflow("CliVersioned", "Asks, then releases", version="2")
+        .flow({START: lambda ctx: "Release", "Release": lambda ctx: Next(END, output="released")})
+        .persistence(store="sqlite", path=os.environ.get("CLI_DB", "cli.db"))
+    )

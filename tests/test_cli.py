@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from cli_flows import review
 
-from agentflow import RunFailedError, WorkflowRunner
+from agentflow import RunFailedError, Worker, Workflow, WorkflowRunner
 
 HERE = Path(__file__).parent
 
@@ -146,3 +151,195 @@ async def test_respond_answers_a_tool_call_from_the_command_line(tmp_path, monke
     async with WorkflowRunner(tooling.persistence(store="sqlite", path=str(db))) as runner:
         result = await (await runner.attach(handle.run_id)).result(timeout=5)
     assert result.output == 'deploy said: {"ok": true}'
+
+
+# -- the live view, JSON, prefixes, exit codes --------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # rich's "dots" spinner
+
+
+def in_terminal(*args: str, db: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``agentflow *args`` with a pseudo-terminal as its stdout; its exit status and raw output."""
+    env = {
+        **os.environ, "CLI_DB": str(db), "PYTHONPATH": str(HERE), "TERM": "xterm-256color",
+        "COLUMNS": "120", **(env or {}),
+    }  # fmt: skip
+    env.pop("NO_COLOR", None) if "NO_COLOR" not in (env or {}) else None
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentflow", *args], stdin=child, stdout=child, stderr=child, env=env
+    )
+    os.close(child)
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the child closed the terminal (Linux says EIO)
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(main)
+    return proc.wait(timeout=10), out.decode()
+
+
+def live_workflow(db: Path) -> Workflow:
+    from cli_live_flows import live
+
+    return live.persistence(store="sqlite", path=str(db))
+
+
+async def test_events_follow_shows_a_run_advancing_in_another_process_live(tmp_path, monkeypatch) -> None:
+    db = tmp_path / "live.db"
+    monkeypatch.setenv("CLI_STEP_SECONDS", "1.5")
+    async with WorkflowRunner(live_workflow(db)) as runner:
+        handle = await runner.run({"title": "login is slow"})
+        code, raw = await asyncio.to_thread(
+            in_terminal, "events", "cli_live_flows", handle.run_id[:8], "--follow", db=db
+        )
+        assert (await handle.result(timeout=10)).output == "patched"
+    text = ANSI.sub("", raw)
+    assert code == 0, text
+    assert "\x1b[" in raw  # colours: it is a terminal
+    spun = [ln for ln in text.replace("\r", "\n").splitlines() if ln[:1] in SPINNER]
+    assert any("Draft" in ln and "running" in ln for ln in spun), text  # the step in flight, spinning
+    assert re.search(r"✓ Triage in 1\.\d\d s", text) and re.search(
+        r"✓ Draft in \d\.\d\d s \(1,204 \+ 311 tokens\)", text
+    )
+    last = text.rstrip().splitlines()[-1]
+    assert last.startswith(f"run {handle.run_id} is completed") and "1,204 + 311 tokens" in last
+
+
+async def test_run_follow_with_no_color_prints_plain_lines_and_exits_1_when_the_run_fails(tmp_path) -> None:
+    db = tmp_path / "live.db"
+    code, raw = in_terminal(
+        "run", "cli_live_flows", "CliLive", "--input", '{"title": "x", "fail": true}', "--follow",
+        db=db, env={"NO_COLOR": "1", "CLI_STEP_SECONDS": "0.2"},
+    )  # fmt: skip
+    assert code == 1, raw
+    assert "\x1b" not in raw  # no escape code at all: no colour, no spinner, no cursor moves
+    lines = raw.replace("\r\n", "\n").splitlines()
+    assert "step Triage started" in lines
+    assert any(re.fullmatch(r"step Triage completed in 0\.\d\d s", ln) for ln in lines)
+    assert "step Draft failed in" in raw and "RuntimeError: the build is red" in raw
+    failed = next(ln for ln in lines if ln.startswith("run ") and " is failed" in ln)
+    assert "at step 'Draft': RuntimeError: the build is red" in failed
+    assert any(ln.strip().startswith("agentflow retry cli_live_flows ") for ln in lines)
+
+
+async def test_json_listings_records_and_run_id_prefixes(tmp_path, monkeypatch) -> None:
+    db = tmp_path / "live.db"
+    monkeypatch.setenv("CLI_STEP_SECONDS", "0")
+    async with WorkflowRunner(live_workflow(db)) as runner:
+        for run_id in ("ab-1", "ab-2", "cd-1"):  # one after the other: newest first is cd-1
+            await (await runner.run({"title": run_id}, run_id=run_id)).result(timeout=20)
+    listed = cli("runs", "cli_live_flows", "--json", "--status", "completed", "--limit", "2", db=db)
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["run_id"] for r in rows] == ["cd-1", "ab-2"]  # newest first, at most --limit
+    assert rows[0]["status"] == "completed" and rows[0]["usage"] == {
+        "input_tokens": 1204,
+        "output_tokens": 311,
+    }
+    table = cli("runs", "cli_live_flows", "--workflow", "CliLive", db=db).stdout.splitlines()
+    assert table[0].split() == ["RUN", "WORKFLOW", "STATUS", "STEP", "WAITS", "FOR", "USAGE", "UPDATED"]
+    assert [ln.split()[0] for ln in table[1:]] == ["cd-1", "ab-2", "ab-1"]
+    shown = cli("show", "cli_live_flows", "cd", "--json", db=db)  # a prefix only one run has
+    record = json.loads(shown.stdout)
+    assert (record["run_id"], record["input"], record["output"]) == (
+        "cd-1",
+        {"title": "cd-1", "fail": False},
+        "patched",
+    )
+    ambiguous = cli("show", "cli_live_flows", "ab", db=db)
+    assert ambiguous.returncode == 2 and "ab-1" in ambiguous.stderr and "ab-2" in ambiguous.stderr
+    assert len(ambiguous.stderr.strip().splitlines()) == 1  # one line
+    events = cli("events", "cli_live_flows", "ab-2", "--json", db=db)
+    kinds = [json.loads(line)["kind"] for line in events.stdout.splitlines()]
+    assert kinds[0] == "run_started" and kinds[-1] == "completed" and "step_completed" in kinds
+    described = json.loads(cli("describe", "cli_live_flows", "--json", db=db).stdout)
+    assert {d["name"] for d in described} == {"CliLive", "CliVersioned"}
+
+
+async def test_bad_input_unknown_names_and_the_version(tmp_path) -> None:
+    db = tmp_path / "live.db"
+    not_json = cli("run", "cli_live_flows", "CliLive", "--input", "{nope", db=db)
+    assert not_json.returncode == 2 and "--input is not JSON" in not_json.stderr
+    invalid = cli("run", "cli_live_flows", "CliLive", "--input", '{"fail": "maybe"}', db=db)
+    assert invalid.returncode == 2 and "InvalidInputError" in invalid.stderr
+    assert (
+        "title: Field required" in invalid.stderr
+        and "fail: Input should be a valid boolean" in invalid.stderr
+    )
+    async with WorkflowRunner(live_workflow(db)) as runner:
+        assert await runner.list_runs() == []  # nothing was stored
+    unknown = cli("run", "cli_live_flows", "Nope", db=db)
+    assert unknown.returncode == 2 and "'CliLive'" in unknown.stderr
+    usage = cli("runs", db=db)  # argparse: the module is missing
+    assert usage.returncode == 2
+    version = cli("--version", db=db)
+    assert version.returncode == 0 and re.fullmatch(r"agentflow \S+\n", version.stdout)
+
+
+async def test_fork_at_a_step_the_run_never_reached_names_the_steps_it_did(parked) -> None:
+    db, run_id = parked
+    out = cli("fork", "cli_flows", run_id[:10], "--at", "Publish", db=db)
+    assert out.returncode == 2
+    assert "never reached step 'Publish'" in out.stderr and "['__start__']" in out.stderr
+
+
+async def test_pause_and_resume_a_run_another_process_advances(tmp_path, monkeypatch) -> None:
+    db = tmp_path / "live.db"
+    monkeypatch.setenv("CLI_STEP_SECONDS", "1.5")
+    async with WorkflowRunner(live_workflow(db)) as runner:
+        handle = await runner.run({"title": "pause me"})
+        paused = await asyncio.to_thread(cli, "pause", "cli_live_flows", handle.run_id, "--json", db=db)
+        assert paused.returncode == 0, paused.stderr
+        assert json.loads(paused.stdout)["status"] == "paused"  # once its step in flight finished
+    resumed = cli("resume", "cli_live_flows", handle.run_id, db=db)  # it goes on in the command's process
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step Draft completed" in resumed.stdout and f"run {handle.run_id} is completed" in resumed.stdout
+
+
+async def test_run_without_follow_hands_the_run_to_a_worker_then_stop_and_delete(tmp_path) -> None:
+    from cli_live_flows import versioned
+
+    db = tmp_path / "live.db"
+    started = cli("run", "cli_live_flows", "CliVersioned", "--json", "--run-id", "v-1", db=db)
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["run_id"] == "v-1"
+    wf = versioned.persistence(store="sqlite", path=str(db))
+    worker = Worker(wf)  # a worker of the store takes the run up: it parks at its gate
+    serving = asyncio.create_task(worker.serve())
+    async with WorkflowRunner(wf) as runner:
+        await (await runner.attach("v-1")).wait_for("waiting", timeout=10)
+    await worker.close()
+    await serving
+    stopped = cli("stop", "cli_live_flows", "v-1", db=db)
+    assert stopped.returncode == 0 and "run v-1 is stopped" in stopped.stdout
+    deleted = cli("delete", "cli_live_flows", "v-1", db=db)
+    assert deleted.returncode == 0 and "deleted run v-1" in deleted.stdout
+    gone = cli("show", "cli_live_flows", "v-1", db=db)
+    assert gone.returncode == 3 and "RunNotFoundError" in gone.stderr
+
+
+async def test_check_lists_the_runs_a_new_version_could_not_load(tmp_path) -> None:
+    from cli_live_flows import versioned
+
+    db = tmp_path / "live.db"
+    async with WorkflowRunner(versioned.persistence(store="sqlite", path=str(db))) as runner:
+        handle = await runner.run(run_id="parked-1")
+        await handle.wait_for("waiting", timeout=10)
+    fine = cli("check", "cli_live_flows", db=db)
+    assert fine.returncode == 0 and "every run that is not final loads" in fine.stdout
+    deploy = cli("check", "cli_live_flows", "--json", db=db, env={"CLI_VERSION": "2"})
+    assert deploy.returncode == 1
+    [bad] = [json.loads(line) for line in deploy.stdout.splitlines()]
+    assert (bad["run_id"], bad["version"], bad["status"]) == ("parked-1", "1", "waiting")
+    assert "no migration leads from version '1' to '2'" in bad["message"]
