@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Upgrade", "check", "loadable", "next_steps", "upgrade"]
 
-#: Where a parked gate or timer goes on: the keys of its ``pending`` naming steps.
-_TARGETS = ("target", "on_reject", "on_timeout")
+#: Where a parked gate, timer or wait on children goes on: the keys of its ``pending``
+#: naming steps.
+_TARGETS = ("target", "on_reject", "on_timeout", "on_fail")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,11 +132,15 @@ def _no_chain(spec: WorkflowSpec, rec: RunRecord) -> NoReturn:
 
 
 def next_steps(rec: RunRecord) -> list[str]:
-    """The steps ``rec`` goes on at: a parked gate's or timer's targets, else its own step."""
+    """The steps ``rec`` goes on at: a parked gate's or timer's targets (and the step waiting
+    on children), else its own step."""
     pending = rec.pending
+    own = [rec.step] if rec.step is not None and rec.step != END else []
     if rec.status == RunStatus.WAITING and isinstance(pending, dict) and "target" in pending:
-        return [t for k in _TARGETS if isinstance(t := pending.get(k), str) and t != END]
-    return [rec.step] if rec.step is not None and rec.step != END else []
+        targets = [t for k in _TARGETS if isinstance(t := pending.get(k), str) and t != END]
+        # A step waiting on its children finishes from their results: it must exist too.
+        return [*own, *targets] if pending.get("kind") == "children" else targets
+    return own
 
 
 def loadable(spec: WorkflowSpec, rec: RunRecord, stored: str | None = None) -> BaseModel | None:
