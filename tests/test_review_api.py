@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from agentflow import (
     END,
@@ -719,6 +719,48 @@ async def test_a_child_runs_approval_is_in_the_inbox_and_decided_on_the_child(
         assert d.by == "alice"
     finally:
         await stop()
+        await page.close()
+
+
+async def test_mounted_in_another_app_the_page_links_below_its_mount_point(make_store: StoreFactory) -> None:
+    store = make_store("memory")
+    flows = workflows(store)
+    steward = Steward()
+    for wf in flows.values():
+        steward.register(wf)
+    review = create_app(steward)
+    outer = Starlette(routes=[Mount("/review", app=review)])  # its lifespan does not reach the page
+    url, stop = await serve(outer)
+    page = Served(url, store, flows)
+    try:
+        a = await page.park("Triage", "mounted")
+        async with page.client() as c:
+            first = await c.get("/review/")
+            assert (
+                first.status_code == 303 and first.headers["location"] == "/review/signin?next=%2Freview%2F"
+            )
+            signin = await c.get("/review/signin")
+            assert (
+                'action="/review/signin"' in signin.text and 'src="/review/static/review.js"' in signin.text
+            )
+            reply = await c.post(
+                "/review/signin", data={"csrf": csrf_of(signin.text), "token": await page.token("alice")}
+            )
+            assert reply.status_code == 303 and reply.headers["location"] == "/review/"
+            inbox = (await c.get("/review/")).text
+            assert f'href="/review/runs/{a.run_id}/approvals/{a.id}"' in inbox
+            assert (
+                'data-events="/review/events"' in inbox
+                and (await c.get("/review/static/review.css")).status_code == 200
+            )
+            decided = await c.post(f"/review{decide_path(a, 'approve')}", data={"csrf": csrf_of(inbox)})
+            assert decided.status_code == 303 and decided.headers["location"] == f"/review/runs/{a.run_id}"
+            shown = (await c.get(f"/review/runs/{a.run_id}/approvals/{a.id}")).text
+            assert 'id="decided"' in shown and "approve-form" not in shown
+        assert (await page.settled(a.run_id, "Triage")).status == RunStatus.COMPLETED
+    finally:
+        await stop()
+        await review.state.review.close()
         await page.close()
 
 
