@@ -323,6 +323,37 @@ async def test_a_run_recovered_by_a_definition_that_cannot_load_it_fails_once(
         assert info.version == "1"
         assert await later.recover() == []  # failed: not picked up again
         assert await check_runs(later) == []  # failed is final: nothing to check
+    # Once a deploy can load it, a retry continues it from its step, migrated.
+    migration = Counted()
+    fixed = (
+        Workflow("Article", version="2")
+        .state(V2State, {"headline": ""})
+        .flow({START: lambda ctx: (ctx.set_state(notified=True), END)[1]})
+        .migrate("1", migration)
+    )
+    async with WorkflowRunner(fixed, store=make_store("sqlite")) as deployed:
+        result = await (await deployed.retry(handle.run_id)).result(timeout=10)
+        assert result.state == V2State(headline="", notified=True) and migration.calls == 1
+        info = await (await deployed.attach(handle.run_id)).info()
+        assert (info.version, info.error) == ("2", None)
+
+
+async def test_resuming_a_paused_run_that_cannot_load_leaves_it_paused(make_store: StoreFactory) -> None:
+    async with WorkflowRunner(v1(), store=make_store("sqlite")) as runner:
+        handle = await runner.run()
+        await handle.wait_for(RunStatus.WAITING, timeout=10)
+        await handle.pause()  # asked while parked: it parks paused where it would go on
+        await runner.approve(handle.run_id, by="editor")
+        assert (await handle.wait_for(RunStatus.PAUSED, timeout=10)).step == "Publish"
+    store = make_store("sqlite")
+    before = await store.events(handle.run_id)
+    async with WorkflowRunner(v2(Counted(), publish=False), store=store) as runner:
+        with pytest.raises(IncompatibleRunError) as caught:
+            await (await runner.attach(handle.run_id)).resume()
+        assert (caught.value.step, caught.value.field) == ("Publish", "step")
+        info = await (await runner.attach(handle.run_id)).info()
+        assert info.status == RunStatus.PAUSED and info.error is not None
+        assert await store.events(handle.run_id) == before
 
 
 @pytest.mark.timeout(300)
