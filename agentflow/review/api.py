@@ -85,11 +85,13 @@ def run_json(info: RunInfo, events: list[RunEvent] | None = None) -> dict[str, A
 
 
 async def me(request: Request) -> Response:
+    """GET /api/me: who the request comes from."""
     who = await _review(request).reviewer(request)
     return JSONResponse({"reviewer": who})
 
 
 async def approvals(request: Request) -> Response:
+    """GET /api/approvals: a page of the inbox."""
     review = _review(request)
     who = await review.reviewer(request)
     params = request.query_params
@@ -102,6 +104,7 @@ async def approvals(request: Request) -> Response:
 
 
 async def run(request: Request) -> Response:
+    """GET /api/runs/{run_id}: the run, its decisions and events."""
     review = _review(request)
     await review.reviewer(request)
     run_id = request.path_params["run_id"]
@@ -114,6 +117,7 @@ async def run(request: Request) -> Response:
 
 
 async def approval(request: Request) -> Response:
+    """GET /api/runs/{run_id}/approvals/{approval_id}: the approval and its run."""
     review = _review(request)
     who = await review.reviewer(request)
     run_id, approval_id = request.path_params["run_id"], request.path_params["approval_id"]
@@ -133,6 +137,7 @@ async def approval(request: Request) -> Response:
 
 
 async def decide(request: Request) -> Response:
+    """POST /api/runs/{run_id}/approvals/{approval_id}: decide it as the reviewer."""
     review = _review(request)
     who = await review.reviewer(request)
     if not review.auth.bearer(request):

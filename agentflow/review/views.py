@@ -123,6 +123,7 @@ def _next(target: str | None) -> str | None:
 
 
 async def signin_page(request: Request) -> Response:
+    """GET /signin: the token form (a reviewer signed in already goes on)."""
     review = _review(request)
     if not review.auth.signs_in:
         return RedirectResponse(href(request, "inbox"), 303)
@@ -133,6 +134,7 @@ async def signin_page(request: Request) -> Response:
 
 
 async def signin(request: Request) -> Response:
+    """POST /signin: exchange a token for a session, then go on to ``next``."""
     review = _review(request)
     _, form = await _form(request)
     check_csrf(request, form)
@@ -148,6 +150,7 @@ async def signin(request: Request) -> Response:
 
 
 async def signout(request: Request) -> Response:
+    """POST /signout: end the session."""
     review = _review(request)
     _, form = await _form(request)
     check_csrf(request, form)
@@ -177,6 +180,7 @@ def filters_of(review: Review, params: Mapping[str, str]) -> Filters:
 
 
 async def inbox(request: Request) -> Response:
+    """GET /: the inbox (``fragment=1``: only its items, for the live swap)."""
     review = _review(request)
     who = await review.reviewer(request)
     params = request.query_params
@@ -268,6 +272,7 @@ def _paths(fields: list[Any]) -> set[str]:
 
 
 async def approval_page(request: Request) -> Response:
+    """GET /runs/{run_id}/approvals/{approval_id}: the approval, its run, the forms."""
     review = _review(request)
     who = await review.reviewer(request)
     run_id, approval_id = request.path_params["run_id"], request.path_params["approval_id"]
@@ -279,6 +284,7 @@ async def approval_page(request: Request) -> Response:
 
 
 async def decide(request: Request) -> Response:
+    """POST /runs/{run_id}/approvals/{approval_id}/{approve|reject|respond}, as the reviewer."""
     review = _review(request)
     who = await review.reviewer(request)
     pairs, form = await _form(request)
@@ -336,6 +342,7 @@ def _title(approval: Approval) -> str:
 
 
 async def run_page(request: Request) -> Response:
+    """GET /runs/{run_id}: the run's history, every decision in it."""
     review = _review(request)
     who = await review.reviewer(request)
     run_id = request.path_params["run_id"]
@@ -348,6 +355,7 @@ async def run_page(request: Request) -> Response:
 
 
 async def events(request: Request) -> Response:
+    """GET /events: the live inbox stream (server-sent events ``approvals``)."""
     review = _review(request)
     await review.reviewer(request)
     return review.watch.response()
