@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..definition.steps import END, START
 from ..definition.versions import chain_of
-from ..errors import IncompatibleRunError, WorkflowDefinitionError
+from ..errors import IncompatibleRunError, WorkflowDefinitionError, redact
 from ..stores.contract import RunRecord
 from ..types import RunStatus
 
@@ -90,7 +90,7 @@ def upgrade(spec: WorkflowSpec, rec: RunRecord) -> Upgrade | None:
                     rec,
                     None,
                     f"the migration from version {m.source!r} to {m.target!r} raised "
-                    f"{type(exc).__name__}: {exc}",
+                    f"{type(exc).__name__}: {redact(str(exc))}",
                 ) from exc
             if isinstance(state, BaseModel):
                 state = state.model_dump(mode="json")
