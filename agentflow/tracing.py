@@ -2,9 +2,11 @@
 
 agentflow records through ``opentelemetry-api`` (the ``otel`` extra) into whatever
 tracer provider the application configured (``opentelemetry.trace.set_tracer_provider``,
-or ``OTEL_PYTHON_TRACER_PROVIDER``). Without the package, or with the API but no SDK
-provider set, nothing is recorded and nothing is paid past one look at the global
-provider per run segment and per model or tool call.
+or ``OTEL_PYTHON_TRACER_PROVIDER`` set before agentflow is imported). Zero cost when
+tracing is off: agentflow never imports OpenTelemetry itself (the API takes a few hundred
+milliseconds to import); a program that did not import it, or set a provider, is not
+traced, and pays one dictionary look-up per run segment and per model or tool call.
+With the API loaded but no SDK provider set, nothing is recorded either.
 
 What is recorded (span names follow the GenAI semantic conventions, ``{operation} {target}``):
 
@@ -47,20 +49,17 @@ it back. Find all the segments of a run by ``agentflow.run.id``, or follow the l
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
-try:
+if TYPE_CHECKING:
     from opentelemetry import context as otel_context
     from opentelemetry import trace as otel
-except ImportError:  # the optional dependency is not installed: tracing is off
-    otel = None  # type: ignore[assignment]
-    otel_context = None  # type: ignore[assignment]
-
-if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, Tracer
 
@@ -85,6 +84,15 @@ __all__ = [
 #: The journal key under which a segment leaves its span context for the next one.
 JOURNAL_KEY = "trace"
 
+#: The API's variable naming a tracer provider to load (configuration without code), read
+#: once: looking it up raises and catches a KeyError, too dear for every run.
+_PROVIDER_NAMED = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+if not TYPE_CHECKING:
+    # Loaded by tracer() once the application has loaded them: importing the API takes a
+    # few hundred milliseconds, which a program that does not trace should not pay.
+    otel = otel_context = None
+
 _NULL: AbstractContextManager[None] = nullcontext()
 _cached: tuple[object, Tracer] | None = None
 _SEGMENT: ContextVar[Segment | None] = ContextVar("agentflow_trace_segment", default=None)
@@ -92,12 +100,21 @@ _SEGMENT: ContextVar[Segment | None] = ContextVar("agentflow_trace_segment", def
 
 def tracer() -> Tracer | None:
     """The tracer agentflow records with; None when OpenTelemetry is absent or has no provider set."""
-    global _cached
-    if otel is None:
+    global _cached, otel, otel_context
+    # Only code that imported the API can have set a provider (or the API's variable names one).
+    if "opentelemetry.trace" not in sys.modules and not _PROVIDER_NAMED:
         return None
-    provider = otel.get_tracer_provider()
-    if isinstance(provider, otel.ProxyTracerProvider | otel.NoOpTracerProvider):
+    try:
+        from opentelemetry import trace as api
+    except ImportError:  # the optional dependency is not installed: tracing is off
         return None
+    provider = api.get_tracer_provider()
+    if isinstance(provider, api.ProxyTracerProvider | api.NoOpTracerProvider):
+        return None
+    if otel_context is None:
+        from opentelemetry import context as otel_context
+
+        otel = api
     cached = _cached
     if cached is not None and cached[0] is provider:
         return cached[1]

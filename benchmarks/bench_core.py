@@ -19,7 +19,8 @@ The peers run with their defaults, as a user gets them (LangGraph with sync node
 ``invoke``). pydantic-graph's default opens a tracing span per node (``auto_instrument``,
 through logfire-api, even with nothing configured to receive them) and that is most of
 its cost, so it is measured a second time without them (``auto_instrument=False``, and
-``infer_name=False``) for reference: agentflow itself records no spans yet.
+``infer_name=False``) for reference: agentflow records spans only when an OpenTelemetry
+tracer provider is set (``agentflow.tracing``), and none is set here.
 
     python benchmarks/bench_core.py [--runs 2000] [--repeats 7] [--fanouts 5] [--branch-io 0]
 """
