@@ -317,13 +317,14 @@ async def test_an_editor_fixes_an_invalid_edit_approves_and_the_item_leaves_anot
             }
         ],
     )
-    context = await reviewers.open("editor")
+    context = await reviewers.fresh()
+    page = await context.new_page()
+    await sign_in(page, review_server.tokens["editor"])
+    await expect(row(page, approval)).to_be_visible()
     other_tab = await context.new_page()
     await other_tab.goto("/")
     await expect(row(other_tab, approval)).to_be_visible()
 
-    page = await context.new_page()
-    await page.goto("/")
     await row(page, approval).locator(f'a[href$="{approval_path(approval)}"]').click()
     await page.wait_for_url(f"**{approval_path(approval)}")
     await expect(page.locator("#prompt")).to_contain_text(title)
