@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ._engine.run import LiveRun
 from .errors import AgentflowError
 from .notebook import LiveView, RunView
+from .runner_sync import check_loop
 from .stores.contract import RunRecord
 from .types import FINAL, RunEvent, RunInfo, RunResult, RunStatus
 
@@ -86,6 +87,7 @@ class RunHandle:
         """
         live = self._live
         if live is not None and timeout is None:
+            check_loop(self._runner)  # the run's task is of the runner's loop: waited for there only
             # Started here: follow the run in memory while it stays in this process.
             await live.wait_finished()
             if live.failure is not None:
@@ -177,6 +179,9 @@ class RunHandle:
             live = self._live
             view = RunView(self.run_id, self._runner.spec.name, self.status, live.step if live else None)
         return view._repr_mimebundle_()
+
+    def _repr_html_(self) -> str:
+        return self._repr_mimebundle_()["text/html"]
 
     def __repr__(self) -> str:
         status = self.status

@@ -251,11 +251,17 @@ class LiveView:
 
     def __init__(self, handle: RunHandle) -> None:
         try:
+            from IPython import get_ipython
             from IPython.display import display
         except ImportError:
             raise AgentflowError(
                 "handle.display() needs IPython: pip install 'agentflow-core[notebook]'"
             ) from None
+        if get_ipython() is None:
+            raise AgentflowError(
+                "handle.display() shows a run in a running IPython kernel (a notebook); "
+                "in a terminal, print(await handle.snapshot())"
+            )
         loop = asyncio.get_running_loop()
         self._handle = handle
         self.view = handle._view or RunView(handle.run_id, handle._runner.spec.name, handle.status)

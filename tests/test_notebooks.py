@@ -19,6 +19,7 @@ from nbclient import NotebookClient
 from agentflow import (
     END,
     START,
+    AgentflowError,
     EventLoopError,
     HumanApproval,
     Next,
@@ -129,6 +130,8 @@ async def test_a_snapshot_renders_history_and_pending_as_escaped_tables() -> Non
         ]
         assert "waiting for  ann at Review" in text
         assert handle._repr_mimebundle_() == bundle  # the handle shows its latest view
+        with pytest.raises(AgentflowError, match="running IPython kernel"):
+            handle.display()  # IPython is installed, but this is no kernel
         await runner.approve(handle.run_id, by="ann")
         await handle.result(timeout=10)
         done = (await handle.snapshot()).text()
@@ -178,15 +181,16 @@ async def test_a_runner_called_from_a_thread_with_its_own_loop_raises() -> None:
         errors: list[BaseException] = []
 
         def other_thread() -> None:
-            try:
-                asyncio.run(runner.approve(handle.run_id, by="ann"))
-            except BaseException as err:
-                errors.append(err)
+            for call in (lambda: runner.approve(handle.run_id, by="ann"), handle.result, handle.info):
+                try:
+                    asyncio.run(call())
+                except BaseException as err:
+                    errors.append(err)
 
         thread = threading.Thread(target=other_thread)
         thread.start()
         await asyncio.to_thread(thread.join)
-        assert [type(e) for e in errors] == [EventLoopError]
+        assert [type(e) for e in errors] == [EventLoopError] * 3
         assert "another event loop" in str(errors[0])
         assert (await handle.info()).status == RunStatus.WAITING  # nothing was decided
         await runner.approve(handle.run_id, by="ann")  # from its own loop it works
