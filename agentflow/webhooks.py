@@ -153,6 +153,13 @@ class _Delivery:
         )
 
 
+def _new_client(tls: bool) -> httpx.AsyncClient:
+    """The client deliveries are sent with; with no https webhook, no CA bundle is read (no TLS)."""
+    import httpx
+
+    return httpx.AsyncClient(follow_redirects=False, verify=tls)
+
+
 def _transient(exc: BaseException) -> bool:
     import httpx
 
@@ -275,6 +282,11 @@ class WebhookSender:
 
     async def _dispatch(self) -> None:
         """Start each queued delivery once a slot is free, after the one before it of its approval."""
+        if self._client is None:
+            # In a thread: importing httpx and making its client (an SSL context, the CA
+            # bundle read) take tens of milliseconds the runs sharing this loop would wait.
+            tls = any(hook.url.lower().startswith("https:") for hook in self.webhooks)
+            self._client = await asyncio.to_thread(_new_client, tls)
         while True:
             while not self._queue:
                 if self._closed:
@@ -299,14 +311,13 @@ class WebhookSender:
             del self._lanes[lane]
 
     async def _send(self, delivery: _Delivery, after: asyncio.Task[None] | None) -> None:
-        import httpx  # here, not at the top: importing agentflow loads no HTTP client
+        import httpx  # imported by _new_client already; not at the top: agentflow loads no HTTP client
 
         if after is not None:
             await asyncio.wait([after])  # pending before decided, to one receiver
         hook, body = delivery.hook, delivery.body()
-        if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False)
         client = self._client
+        assert client is not None  # made by _dispatch before any delivery starts
 
         async def attempt() -> None:
             stamp = str(int(time.time()))
