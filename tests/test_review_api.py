@@ -45,6 +45,7 @@ from agentflow import (
     tool,
 )
 from agentflow.agents import ProviderReply, ProviderRequest, ToolUse
+from agentflow.cli import main as cli_main
 from agentflow.review import HeaderAuth, TokenAuth, create_app
 from agentflow.review.app import CSP
 from agentflow.review.reviewers import Reviewers
@@ -807,15 +808,14 @@ def test_the_review_namespace_exports_the_app_and_the_auths() -> None:
     assert agentflow.review.__all__ == ["HeaderAuth", "TokenAuth", "Webhook", "create_app"]
 
 
-def test_agentflow_serve_with_header_auth_needs_the_header_and_its_secret(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    module = "examples.review_release_notes"
-    done = subprocess.run(
-        [sys.executable, "-m", "agentflow.cli", "serve", module, "--auth", "header", "--header", "X-User",
-         "--header-secret-env", "NO_SUCH_REVIEW_SECRET"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 2 and "--header-secret-env" in done.stderr
+def test_agentflow_serve_with_header_auth_needs_the_header_and_its_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.delenv("NO_SUCH_REVIEW_SECRET", raising=False)
+    args = ["serve", "examples.review_release_notes", "--auth", "header", "--header", "X-User"]
+    assert cli_main([*args, "--header-secret-env", "NO_SUCH_REVIEW_SECRET"]) == 2
+    assert "--header-secret-env" in capsys.readouterr().err
 
 
 async def _add_reviewer(path: Path, name: str) -> str:
