@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import tracing
 from ._engine.gates import Transition, choose, decide, form_of
 from ._engine.tool_gates import TOOL_KINDS, check_respond, decide_tool, past_deadline
 from .errors import InvalidStateError
 from .handle import RunHandle
 from .stores.contract import RunRecord
-from .types import Approval, RunInfo, RunStatus
+from .types import FINAL, Approval, RunInfo, RunStatus
 
 if TYPE_CHECKING:
     from .definition.workflow import WorkflowSpec
@@ -80,6 +81,13 @@ async def decide_approval(
     except InvalidStateError:
         await runner.supervisor.expire(run_id)  # a gate past its deadline expires now
         raise
+    if rec.status in FINAL and tracing.tracer() is not None:
+        # Ended by the decision (a rejection, or a gate whose target is END): no segment
+        # of work follows to carry the decision, so its own span does.
+        loaded = await runner.store.load(run_id)
+        spec = runner._specs.get(rec.workflow, runner.spec)
+        journal = loaded.journal if loaded is not None else {}
+        tracing.ended_by_decision(run_id, spec, journal, rec.decisions, rec.status.value)
     return RunHandle(runner, run_id, runner.supervisor.local.get(run_id), status=rec.status)
 
 

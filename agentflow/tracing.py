@@ -36,7 +36,9 @@ What is recorded (span names follow the GenAI semantic conventions, ``{operation
   decision made while the run was parked: ``agentflow.decision.by`` (absent for a
   timeout), ``agentflow.decision.outcome`` (``approved``, ``rejected``, ``responded``,
   ``timed_out``), ``agentflow.decision.waited_s`` (seconds from the park to the
-  decision), ``agentflow.approval.id`` and ``agentflow.step``.
+  decision), ``agentflow.approval.id`` and ``agentflow.step``. A decision that ends the
+  run there (a rejection, or a gate whose target is the end) gets a segment span of its
+  own in the process that made it, with no step in it.
 
 Segments across parked gaps: a segment's span is a child of whatever span was current
 where the run was started or resumed (the request that started it, or that decided its
@@ -72,6 +74,7 @@ __all__ = [
     "chat",
     "current",
     "end_chat",
+    "ended_by_decision",
     "replayed_chat",
     "replayed_tool",
     "seal",
@@ -210,6 +213,29 @@ def segment(run_id: str, spec: Any, journal: Mapping[str, Any], decisions: Seque
     t = tracer()
     if t is None:
         return None
+    span, number = _segment_span(t, run_id, spec, journal, decisions)
+    return Segment(t, span, run_id, number, len(decisions))
+
+
+def ended_by_decision(
+    run_id: str, spec: Any, journal: Mapping[str, Any], decisions: Sequence[Any], status: str
+) -> None:
+    """A decision ended a parked run (a rejection, say) where it was made: a segment of no work.
+
+    Its span carries the decision events and the link to the segment before, as a
+    segment that resumed would, and ``agentflow.run.status`` where the decision left it.
+    """
+    t = tracer()
+    if t is None:
+        return
+    span, _ = _segment_span(t, run_id, spec, journal, decisions)
+    span.set_attribute("agentflow.run.status", status)
+    span.end()
+
+
+def _segment_span(
+    t: Tracer, run_id: str, spec: Any, journal: Mapping[str, Any], decisions: Sequence[Any]
+) -> tuple[Span, int]:
     workflow, version, previous = spec.name, getattr(spec, "version", None), journal.get(JOURNAL_KEY)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "invoke_workflow",
@@ -232,7 +258,7 @@ def segment(run_id: str, spec: Any, journal: Mapping[str, Any], decisions: Seque
     for d in decisions[seen:]:
         if isinstance(d, dict):
             span.add_event("agentflow.decision", _decision(d, parked_at))
-    return Segment(t, span, run_id, number, len(decisions))
+    return span, number
 
 
 def seal(run_id: str, journal: dict[str, Any]) -> dict[str, Any]:

@@ -300,6 +300,26 @@ async def test_a_run_parked_in_one_process_resumes_in_another_linked_to_its_firs
     assert isinstance(waited, float) and 0 <= waited < 60
 
 
+async def test_a_rejection_that_ends_the_run_is_a_segment_of_its_own_with_the_decision(
+    spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    wf = traced(str(tmp_path / "rejected.db"), ScriptedProvider(script()))
+    async with WorkflowRunner(wf) as runner:
+        handle = await runner.run()
+        await handle.wait_for(RunStatus.WAITING, timeout=10)
+        await runner.reject(handle.run_id, by="editor", reason="off topic")
+        info = await handle.wait_for(RunStatus.REJECTED, timeout=10)
+    assert info.status == RunStatus.REJECTED
+    finished = spans.get_finished_spans()
+    one, two = named(finished, "invoke_workflow Traced")
+    assert tree(finished)[-1] == "invoke_workflow Traced"  # the second did no work: no child span
+    assert two.attributes is not None and two.attributes["agentflow.run.status"] == "rejected"
+    assert two.attributes["agentflow.segment"] == 2
+    assert [link.context.span_id for link in two.links] == [one.context.span_id]
+    (decision,) = two.events
+    assert decision.attributes is not None and decision.attributes["agentflow.decision.outcome"] == "rejected"
+
+
 async def test_with_no_sdk_configured_nothing_is_recorded_and_runs_go_on(tmp_path: Path) -> None:
     reset_trace_globals()  # the API's default: a proxy provider, no SDK behind it
     assert tracing.tracer() is None
