@@ -88,28 +88,38 @@ def check_csrf(request: Request, form: Mapping[str, list[str]] | None = None) ->
 
 
 class _Attempts:
-    """At most ``limit`` attempts per client in any ``per`` seconds (a sliding window)."""
+    """At most ``limit`` failed attempts per client in any ``per`` seconds (a sliding window).
+
+    Only failures count, so a team signing in from behind one address is not held up
+    by its own sign-ins; a client past the limit is refused before its token is checked.
+    """
 
     def __init__(self, limit: int, per: float, clients: int = 10_000) -> None:
         self.limit, self.per, self.clients = limit, per, clients
-        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failed: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def take(self, client: str) -> None:
-        """Count an attempt of ``client``.
+    def check(self, client: str) -> None:
+        """Refuse ``client`` while it has ``limit`` failures within ``per`` seconds.
 
         Raises:
-            Refused: 429, the client made ``limit`` attempts within ``per`` seconds.
+            Refused: 429, with the seconds until its oldest failure leaves the window.
         """
+        seen = self._failed.get(client)
+        if not seen:
+            return
         now = time.monotonic()
-        seen = self._seen.pop(client, None) or deque()
         while seen and seen[0] <= now - self.per:
             seen.popleft()
-        self._seen[client] = seen
-        if len(self._seen) > self.clients:
-            self._seen.popitem(last=False)
         if len(seen) >= self.limit:
             raise Refused(429, "too many sign-in attempts; wait a minute", seen[0] + self.per - now)
-        seen.append(now)
+
+    def failed(self, client: str) -> None:
+        """Count a failure of ``client`` (the least recent clients are forgotten past ``clients``)."""
+        seen = self._failed.pop(client, None) or deque()
+        seen.append(time.monotonic())
+        self._failed[client] = seen
+        if len(self._failed) > self.clients:
+            self._failed.popitem(last=False)
 
 
 def _client(request: Request) -> str:
@@ -126,8 +136,9 @@ class TokenAuth:
     ``Authorization: Bearer af_...``.
 
     Args:
-        attempts: sign-in attempts (and failed bearer tokens) allowed per client ...
-        per: ... in any this many seconds; more get 429.
+        attempts: failed sign-ins (and bearer tokens) allowed per client ...
+        per: ... in any this many seconds; past them the client gets 429 until the
+            oldest leaves the window.
     """
 
     signs_in = True
@@ -155,9 +166,11 @@ class TokenAuth:
         Raises:
             Refused: 429, too many attempts from this client.
         """
-        self._attempts.take(_client(request))
+        client = _client(request)
+        self._attempts.check(client)
         found = await self.reviewers.verify(token.strip())
         if found is None:
+            self._attempts.failed(client)
             return None
         request.session.clear()
         request.session.update({"who": found.name, "tid": found.token_id, "csrf": secrets.token_urlsafe(24)})
@@ -186,9 +199,11 @@ class TokenAuth:
         key = hashlib.sha256(token.encode()).digest()
         known = self._checked.get(key)
         if known is None:
-            self._attempts.take(_client(request))
+            client = _client(request)
+            self._attempts.check(client)
             found = await self.reviewers.verify(token)
             if found is None:
+                self._attempts.failed(client)
                 return None
             known = self._checked[key] = (found.name, found.token_id)
             if len(self._checked) > 1000:
