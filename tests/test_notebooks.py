@@ -8,6 +8,8 @@ run parked at its gate, the decision, the retry, the history and the fork.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -229,3 +231,9 @@ async def test_run_sync_works_inside_a_running_loop_and_refuses_to_block_its_own
         await (await here.run({"n": 1})).result()
         with pytest.raises(EventLoopError, match="would block the event loop"):
             here.run_sync({"n": 1})
+
+
+def test_importing_agentflow_imports_no_ipython() -> None:
+    code = "import sys, agentflow; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
