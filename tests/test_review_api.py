@@ -617,6 +617,18 @@ async def test_header_auth_refuses_requests_without_the_proxys_secret(make_store
         await stop()
 
 
+async def test_behind_https_the_session_cookie_is_secure(make_store: StoreFactory) -> None:
+    steward = Steward()
+    steward.register(workflows(make_store("memory"))["Triage"])
+    url, stop = await serve(create_app(steward, https=True))
+    try:
+        async with httpx.AsyncClient(base_url=url) as c:
+            cookie = (await c.get("/signin")).headers["set-cookie"].lower()
+            assert "; secure" in cookie and "httponly" in cookie and "samesite=lax" in cookie
+    finally:
+        await stop()
+
+
 async def test_markup_in_run_data_is_escaped_and_every_response_carries_the_csp(served: Served) -> None:
     a = await served.park("Notes")
     async with served.client() as c:
