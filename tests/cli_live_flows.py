@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -18,15 +19,28 @@ class Ticket(BaseModel):
     fail: bool = False
 
 
+async def _hold(step: str) -> None:
+    """Take a while: until the file named after the step appears in CLI_GATES (a test lets it
+    go), or CLI_STEP_SECONDS (0.6 s) without it."""
+    gates = os.environ.get("CLI_GATES")
+    if not gates:
+        await asyncio.sleep(float(os.environ.get("CLI_STEP_SECONDS", "0.6")))
+        return
+    path = Path(gates, step)
+    # Another process lets it go (the test, a file), so there is no event to wait on: look.
+    while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 async def _triage(ctx):
-    await asyncio.sleep(float(os.environ.get("CLI_STEP_SECONDS", "0.6")))
+    await _hold("Triage")
     return "Draft"
 
 
 async def _draft(ctx):
     async with ctx.agents.writer as writer:
         reply = await writer.run(f"draft a fix for {ctx.input.title}")
-    await asyncio.sleep(float(os.environ.get("CLI_STEP_SECONDS", "0.6")))
+    await _hold("Draft")
     if ctx.input.fail:
         raise RuntimeError("the build is red")
     return Next(END, output=reply.text)

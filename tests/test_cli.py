@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -159,8 +160,13 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # rich's "dots" spinner
 
 
-def in_terminal(*args: str, db: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``agentflow *args`` with a pseudo-terminal as its stdout; its exit status and raw output."""
+def in_terminal(
+    *args: str, db: Path, env: dict[str, str] | None = None, seen: Callable[[str], None] | None = None
+) -> tuple[int, str]:
+    """Run ``agentflow *args`` with a pseudo-terminal as its stdout; its exit status and raw output.
+
+    ``seen`` is called with the output so far each time more arrives.
+    """
     env = {
         **os.environ, "CLI_DB": str(db), "PYTHONPATH": str(HERE), "TERM": "xterm-256color",
         "COLUMNS": "120", **(env or {}),
@@ -183,6 +189,8 @@ def in_terminal(*args: str, db: Path, env: dict[str, str] | None = None) -> tupl
             if not chunk:
                 break
             out += chunk
+            if seen is not None:
+                seen(out.decode(errors="replace"))
         elif proc.poll() is not None:
             break
     os.close(main)
@@ -196,22 +204,28 @@ def live_workflow(db: Path) -> Workflow:
 
 
 async def test_events_follow_shows_a_run_advancing_in_another_process_live(tmp_path, monkeypatch) -> None:
-    db = tmp_path / "live.db"
-    monkeypatch.setenv("CLI_STEP_SECONDS", "1.5")
+    db, gates = tmp_path / "live.db", tmp_path / "gates"
+    gates.mkdir()
+    (gates / "Triage").write_text("")
+    monkeypatch.setenv("CLI_GATES", str(gates))  # step Draft goes on once the view showed it running
+
+    def seen(raw: str) -> None:
+        if any(ln[:1] in SPINNER and "Draft" in ln for ln in ANSI.sub("", raw).split("\r")):
+            (gates / "Draft").touch()
+
     async with WorkflowRunner(live_workflow(db)) as runner:
         handle = await runner.run({"title": "login is slow"})
         code, raw = await asyncio.to_thread(
-            in_terminal, "events", "cli_live_flows", handle.run_id[:8], "--follow", db=db
+            in_terminal, "events", "cli_live_flows", handle.run_id[:8], "--follow", db=db, seen=seen
         )
         assert (await handle.result(timeout=10)).output == "patched"
     text = ANSI.sub("", raw)
     assert code == 0, text
     assert "\x1b[" in raw  # colours: it is a terminal
     spun = [ln for ln in text.replace("\r", "\n").splitlines() if ln[:1] in SPINNER]
-    assert any("Draft" in ln and "running" in ln for ln in spun), text  # the step in flight, spinning
-    assert re.search(r"✓ Triage in 1\.\d\d s", text) and re.search(
-        r"✓ Draft in \d\.\d\d s \(1,204 \+ 311 tokens\)", text
-    )
+    assert any(re.search(r"Draft  running \d+\.\d s", ln) for ln in spun), text  # the step in flight
+    assert re.search(r"✓ Triage in \d+\.\d\d s", text)
+    assert re.search(r"✓ Draft in \d+\.\d\d s \(1,204 \+ 311 tokens\)", text)
     last = text.rstrip().splitlines()[-1]
     assert last.startswith(f"run {handle.run_id} is completed") and "1,204 + 311 tokens" in last
 
@@ -295,13 +309,22 @@ async def test_fork_at_a_step_the_run_never_reached_names_the_steps_it_did(parke
 
 
 async def test_pause_and_resume_a_run_another_process_advances(tmp_path, monkeypatch) -> None:
-    db = tmp_path / "live.db"
-    monkeypatch.setenv("CLI_STEP_SECONDS", "1.5")
+    db, gates = tmp_path / "live.db", tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv("CLI_GATES", str(gates))  # each step goes on once its file is there
     async with WorkflowRunner(live_workflow(db)) as runner:
         handle = await runner.run({"title": "pause me"})
-        paused = await asyncio.to_thread(cli, "pause", "cli_live_flows", handle.run_id, "--json", db=db)
+        pausing = asyncio.create_task(
+            asyncio.to_thread(cli, "pause", "cli_live_flows", handle.run_id, "--json", db=db)
+        )
+        # The command asks in the store (another process): look there until it has.
+        while (await runner.store.get(handle.run_id)).control != "pause":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        (gates / "Triage").touch()  # the step in flight finishes, and the run parks after it
+        paused = await pausing
         assert paused.returncode == 0, paused.stderr
-        assert json.loads(paused.stdout)["status"] == "paused"  # once its step in flight finished
+        assert json.loads(paused.stdout)["status"] == "paused"
+    (gates / "Draft").touch()
     resumed = cli("resume", "cli_live_flows", handle.run_id, db=db)  # it goes on in the command's process
     assert resumed.returncode == 0, resumed.stderr
     assert "step Draft completed" in resumed.stdout and f"run {handle.run_id} is completed" in resumed.stdout
