@@ -36,6 +36,9 @@ _INFO_KINDS = frozenset(
     {"run_started", "step_completed", "step_failed", "waiting", "decided", "paused", "resumed"}
 )
 _DETAIL = 120  # characters of an event's data shown in the history
+_STREAM = 200  # characters of an agent's streamed text shown while it writes
+_EVERY = 0.1  # seconds between two renders of a live view for events that change little
+_FINAL_KINDS = frozenset(s.value for s in FINAL)
 
 
 def _usage(u: Usage) -> str:
@@ -86,6 +89,8 @@ class RunView:
         info: its latest ``RunInfo`` (None until read).
         events: its events seen so far, oldest first (``agent_delta`` left out).
         note: a line shown under the summary (why the view stopped following, say).
+        streaming: per agent, the end of the text it is streaming in the current step.
+        limit: the history shows the latest this many events (None: all).
     """
 
     run_id: str
@@ -95,12 +100,24 @@ class RunView:
     info: RunInfo | None = None
     events: list[RunEvent] = field(default_factory=list)
     note: str | None = None
+    streaming: dict[str, str] = field(default_factory=dict)
+    limit: int | None = 200
 
     def apply(self, ev: RunEvent) -> None:
-        """Take in one more event (its status and step, when it says them)."""
-        if ev.kind == "agent_delta" or (self.events and ev.seq <= self.events[-1].seq):
+        """Take in one more event (its status and step, when it says them).
+
+        An ``agent_delta`` adds to what its agent is streaming, shown until the step ends.
+        """
+        if ev.kind == "agent_delta":
+            if isinstance(ev.data, dict) and isinstance(ev.data.get("text"), str):
+                agent = str(ev.data.get("agent") or "agent")
+                self.streaming[agent] = (self.streaming.get(agent, "") + ev.data["text"])[-_STREAM:]
+            return
+        if self.events and ev.seq <= self.events[-1].seq:
             return
         self.events.append(ev)
+        if ev.kind in ("step_completed", "step_failed"):
+            self.streaming.clear()
         if ev.step is not None:
             self.step = ev.step
 
@@ -130,6 +147,8 @@ class RunView:
                 rows.append(("error", f"{info.error.get('type')}: {info.error.get('message')}"))
             rows.append(("usage", _usage(info.usage)))
             rows.append(("updated", info.updated_at.isoformat(timespec="seconds")))
+        for agent, text in self.streaming.items():
+            rows.append(("writing", f"{agent}: …{text}" if len(text) >= _STREAM else f"{agent}: {text}"))
         if self.note:
             rows.append(("note", self.note))
         return rows
@@ -146,6 +165,9 @@ class RunView:
             elif ev.kind in ("step_completed", "step_failed") and ev.step in started:
                 took = f"{ev.at - started.pop(ev.step):.3f} s"
             rows.append((str(ev.seq), f"+{ev.at - first:.3f} s", ev.kind, ev.step or "", took, _detail(ev)))
+        if self.limit is not None and len(rows) > self.limit:
+            left = len(rows) - self.limit
+            rows = [("…", "", f"{left} earlier events", "", "", ""), *rows[-self.limit :]]
         return rows
 
     def usage(self) -> list[tuple[str, str, str, str]]:
@@ -271,6 +293,8 @@ class LiveView:
         self._display: DisplayHandle = shown
         self._shown = 0  # the seq of the last event the display shows
         self._changed = asyncio.Event()  # set at each render
+        self._last = 0.0  # the loop's time of the last render
+        self._later: asyncio.TimerHandle | None = None  # a render put off (see _EVERY)
         self.task = loop.create_task(self._follow(), name=f"agentflow:view:{handle.run_id}")
 
     async def _follow(self) -> None:
@@ -279,12 +303,12 @@ class LiveView:
             view.refresh(await handle.info())
             self._render()
             async for ev in handle.events():
-                if ev.kind == "agent_delta":
-                    continue
                 view.apply(ev)
-                if ev.kind in _INFO_KINDS or ev.kind in {s.value for s in FINAL}:
+                if ev.kind in _INFO_KINDS or ev.kind in _FINAL_KINDS:
                     view.refresh(await handle.info())
-                self._render()
+                    self._render()
+                else:
+                    self._soon()  # step_started, emitted events, streamed text: at most every _EVERY s
             view.refresh(await handle.info())
         except asyncio.CancelledError:
             view.note = "no longer followed (stopped)"
@@ -294,7 +318,18 @@ class LiveView:
             view.note = f"no longer followed: {type(err).__name__}: {err}"
         self._render()
 
+    def _soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last >= _EVERY:
+            self._render()
+        elif self._later is None:
+            self._later = loop.call_at(self._last + _EVERY, self._render)
+
     def _render(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        self._last = asyncio.get_running_loop().time()
         self._shown = self.view.events[-1].seq if self.view.events else 0
         self._display.update(self.view._repr_mimebundle_(), raw=True)  # type: ignore[no-untyped-call]
         self._changed.set()

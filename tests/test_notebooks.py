@@ -25,6 +25,7 @@ from agentflow import (
     EventLoopError,
     HumanApproval,
     Next,
+    RunEvent,
     RunInfo,
     RunResult,
     RunStatus,
@@ -33,6 +34,7 @@ from agentflow import (
     WorkflowRunner,
     run_sync,
 )
+from agentflow.notebook import RunView
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,3 +239,17 @@ def test_importing_agentflow_imports_no_ipython() -> None:
     code = "import sys, agentflow; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_view_keeps_the_latest_history_and_shows_what_an_agent_streams() -> None:
+    view = RunView("r1", "Long")
+    for seq in range(1, 251):
+        view.apply(RunEvent("step_started", "r1", f"s{seq}", None, float(seq), seq))
+    for text in ("Dear ", "<b>"):
+        view.apply(RunEvent("agent_delta", "r1", "s250", {"agent": "writer", "text": text}, 251.0, 250))
+    rows = view.history()
+    assert len(rows) == 201 and rows[0][2] == "50 earlier events" and rows[-1][0] == "250"
+    assert ("writing", "writer: Dear <b>") in view.summary()
+    assert "writer: Dear &lt;b&gt;" in view.html()
+    view.apply(RunEvent("step_completed", "r1", "s250", None, 252.0, 251))
+    assert all(k != "writing" for k, _ in view.summary())  # the step ended: its stream is done
