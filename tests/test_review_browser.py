@@ -29,6 +29,7 @@ from playwright.async_api import (
     Locator,
     Page,
     Playwright,
+    Response,
     async_playwright,
     expect,
 )
@@ -53,6 +54,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
+#: The kinds of request a page makes for its own parts (not the documents a test opens).
+_PARTS = frozenset({"script", "stylesheet", "image", "font", "fetch", "xhr", "eventsource"})
 WIDTH = 1280
 
 
@@ -138,9 +141,16 @@ class Reviewers:
             if msg.type == "error" and not msg.text.startswith("Failed to load resource"):
                 self.problems.append(f"console {msg.type}: {msg.text}")
 
+        def response(reply: Response) -> None:
+            # The page's own parts (script, stylesheet, fragments, events) must load.
+            kind = reply.request.resource_type
+            if reply.status >= 400 and kind in _PARTS and not reply.url.endswith("/favicon.ico"):
+                self.problems.append(f"{kind} {reply.url}: {reply.status}")
+
         page.on("dialog", dismiss)
         page.on("pageerror", lambda error: self.problems.append(f"pageerror: {error}"))
         page.on("console", console)
+        page.on("response", response)
 
     async def close(self) -> None:
         for opened in reversed(self._opened):
