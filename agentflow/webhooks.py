@@ -12,7 +12,8 @@ What a receiver gets::
     POST <url>
     Content-Type: application/json
     X-Agentflow-Event: approval_pending | approval_decided
-    X-Agentflow-Delivery: <id>          the same for every attempt of one approval's event
+    X-Agentflow-Delivery: <id>          one per approval and event: the same for every attempt,
+                                        and when a recovered run parks at the same approval again
     X-Agentflow-Timestamp: <unix seconds>
     X-Agentflow-Signature: sha256=<hex HMAC-SHA256 of f"{timestamp}.{body}" under the secret>
 
@@ -25,7 +26,8 @@ What a receiver gets::
 Delivery: a 2xx answer delivers. Connection errors, timeouts, 5xx and 429 are retried
 with exponential backoff and jitter (a ``Retry-After`` is honoured, capped), up to
 ``Webhook.attempts`` in all; another answer is not retried. The two events of one
-approval reach one webhook in order; different approvals go out concurrently. At most
+approval sent by one process reach a webhook in order; different approvals go out
+concurrently. At most
 ``queue_size`` deliveries wait: past that, the oldest is dropped (with a warning).
 Deliveries are not stored: one still queued when the process dies is lost, and a
 decision made by another process is announced by that one (if it has webhooks).
