@@ -19,8 +19,9 @@ What is recorded (span names follow the GenAI semantic conventions, ``{operation
   has an error status and ``error.type``.
 * one span per step, named by the step, a child of its segment: ``agentflow.step.visit``,
   ``agentflow.step.attempt``, ``agentflow.step.outcome`` (``next``, ``end``, ``wait``,
-  ``parallel``, ``run``; ``done`` for an imperative ``ctx.step``; ``failed``; or
-  ``interrupted`` when the segment ended first) and
+  ``parallel``, ``run``; ``done`` for an imperative ``ctx.step``; ``failed``; ``wait``
+  too for a step parked from inside, as on a tool call's approval; ``interrupted`` when
+  the segment ended in the middle of it) and
   ``agentflow.step.target`` when the step named where the run goes.
 * ``chat {model}`` per model call, a child of its step: ``gen_ai.operation.name="chat"``,
   ``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.agent.name``,
@@ -190,8 +191,8 @@ class Segment:
 
     def end(self, status: str, error: BaseException | None = None) -> None:
         """End the segment where it left the run (``status``: the run's status value)."""
-        if self._step is not None:
-            self._step.end("interrupted")
+        if self._step is not None:  # the step parked the run (a tool call's approval), or was cut off
+            self._step.end("wait" if status == "waiting" else "interrupted")
             self._step = None
         span = self.span
         span.set_attribute("agentflow.run.status", status)

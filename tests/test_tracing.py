@@ -128,6 +128,31 @@ async def test_a_flow_run_is_one_segment_span_with_a_span_per_step(spans: InMemo
     assert all((s.end_time or 0) <= (seg.end_time or 0) for s in finished)
 
 
+async def test_imperative_steps_and_child_runs_nest_under_what_started_them(
+    spans: InMemorySpanExporter,
+) -> None:
+    child = Workflow("Child").flow({START: lambda ctx: "Work", "Work": lambda ctx: Next(END, output=2)})
+
+    async def main(ctx: Any) -> int:
+        one = await ctx.step("fetch", lambda: 1)
+        two = await ctx.run(child)
+        return int(one + two)
+
+    async with WorkflowRunner(Workflow("Parent").execute(main)) as runner:
+        result = await (await runner.run()).result(timeout=10)
+    assert result.output == 3
+    finished = spans.get_finished_spans()
+    assert tree(finished)[:2] == ["invoke_workflow Parent", "  fetch"]
+    (fetch,) = named(finished, "fetch")
+    assert fetch.attributes is not None and fetch.attributes["agentflow.step.outcome"] == "done"
+    # The child's first segment is a child of the parent's segment: one trace for both.
+    (parent, *_), (first_child, *_) = (
+        named(finished, "invoke_workflow Parent"),
+        named(finished, "invoke_workflow Child"),
+    )
+    assert first_child.parent is not None and first_child.context.trace_id == parent.context.trace_id
+
+
 async def test_a_failing_step_fails_its_span_and_the_segment(spans: InMemorySpanExporter) -> None:
     def boom(ctx: Any) -> str:
         raise ValueError("the draft is empty")
@@ -241,6 +266,9 @@ async def test_a_step_run_again_after_a_tool_approval_marks_what_came_from_the_j
     ]
     one, two = named(finished, "invoke_workflow Ship")
     assert one.attributes is not None and one.attributes["agentflow.run.status"] == "waiting"
+    parked, done = named(finished, "__start__")  # the step parked on the call's approval, then ended
+    assert parked.attributes is not None and parked.attributes["agentflow.step.outcome"] == "wait"
+    assert done.attributes is not None and done.attributes["agentflow.step.outcome"] == "end"
     assert two.attributes is not None and two.attributes["agentflow.segment"] == 2
     assert [link.context.span_id for link in two.links] == [one.context.span_id]
     (decision,) = two.events
