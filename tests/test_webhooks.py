@@ -471,6 +471,24 @@ async def test_a_full_queue_drops_the_oldest_with_a_warning_and_never_blocks(
     await sender.close(timeout=0.2)
 
 
+async def test_a_listener_that_raises_fails_no_run(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def pending(self, *args: Any) -> None:
+            raise RuntimeError("listener bug")
+
+        def decided(self, *args: Any) -> None:
+            raise RuntimeError("listener bug")
+
+    async with WorkflowRunner(gate_flow()) as runner:
+        runner.supervisor.listeners.append(Broken())
+        with caplog.at_level(logging.ERROR, logger="agentflow"):
+            run_id, _ = await parked(runner)
+            await runner.approve(run_id, by="alice")
+            assert (await (await runner.attach(run_id)).result(timeout=5)).output == "published"
+    failed = [r.getMessage() for r in caplog.records if "approval listener failed" in r.getMessage()]
+    assert len(failed) == 2 and all(run_id in m for m in failed)
+
+
 # -- definition ----------------------------------------------------------------------
 
 
