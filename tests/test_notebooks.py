@@ -86,8 +86,11 @@ def test_the_example_notebook_runs_on_a_kernel_and_shows_the_run(monkeypatch: py
         assert row in text, row
     assert "__start__   21             11" in text  # the agent's tokens, per step
 
-    out, _ = _outputs(nb, "fork")
+    out, shown = _outputs(nb, "fork")
     assert out.splitlines()[0].startswith("forked: {'label': 'urgent'")
+    (fork_cell,) = [c for c in nb.cells if "fork" in c.get("metadata", {}).get("tags", [])]
+    assert "display_data" in [o["output_type"] for o in fork_cell.outputs]  # shown by _ipython_display_
+    assert "status       completed" in shown["text/plain"]
     out, _ = _outputs(nb, "run_sync")
     assert out.strip() == "waiting at Review"  # run_sync in the kernel, whose loop is running
 
