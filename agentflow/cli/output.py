@@ -22,7 +22,9 @@ from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 from rich.console import Console
+from rich.json import JSON
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 __all__ = ["STATUS_STYLE", "Output", "dumps", "error"]
@@ -90,12 +92,17 @@ class Output:
         rows: Iterable[Sequence[str]],
         styles: Sequence[str | None] | None = None,
         title: str | None = None,
+        empty: str = "nothing to list",
     ) -> None:
         """Print ``rows`` under ``columns``: a rich table on a terminal, aligned columns otherwise.
 
-        ``styles`` gives each row a rich style (a status colour), on a terminal only.
+        ``styles`` gives each row a rich style (a status colour), on a terminal only. With
+        no rows a terminal is told ``empty``; a pipe gets the header alone.
         """
         rows = [list(r) for r in rows]
+        if self.rich and not rows:
+            self.console.print(f"[dim]{escape(empty)}[/dim]")
+            return
         if self.rich:
             table = Table(*columns, title=title, header_style="bold", box=None, pad_edge=False)
             for i, row in enumerate(rows):
@@ -117,6 +124,14 @@ class Output:
             else:
                 print(f"{key}:{' ' * (width - len(key))} {value}", file=self.stream)
         self.stream.flush()
+
+    def value(self, title: str, value: Any) -> None:
+        """A titled JSON value, indented under its title (highlighted on a terminal)."""
+        if not self.rich:
+            self.block(title, dumps(value, indent=2))
+            return
+        self.console.print(f"[bold]{escape(title)}:[/bold]")
+        self.console.print(Padding(JSON(dumps(value), indent=2), (0, 0, 0, 2)))
 
     def block(self, title: str, text: str) -> None:
         """A titled block of several lines (a JSON value, a traceback), indented under its title."""

@@ -130,7 +130,8 @@ async def list_runs(steward: Steward, args: argparse.Namespace, out: Output) -> 
             ]
         )
         styles.append(STATUS_STYLE.get(info.status.value))
-    out.table(["RUN", "WORKFLOW", "STATUS", "STEP", "WAITS FOR", "USAGE", "UPDATED"], rows, styles)
+    columns = ["RUN", "WORKFLOW", "STATUS", "STEP", "WAITS FOR", "USAGE", "UPDATED"]
+    out.table(columns, rows, styles, empty="no runs")
     return 0
 
 
@@ -164,7 +165,7 @@ async def show(steward: Steward, args: argparse.Namespace, out: Output) -> int:
     out.fields(pairs)
     for key in ("input", "state", "output"):
         if stored.get(key) is not None:
-            out.block(key, dumps(stored[key], indent=2))
+            out.value(key, stored[key])
     if info.error:
         err = info.error
         text = f"{err.get('type')} at step {err.get('step')!r}: {err.get('message')}"
@@ -184,7 +185,7 @@ async def show(steward: Steward, args: argparse.Namespace, out: Output) -> int:
         out.table(["APPROVAL", "KIND", "STEP", "APPROVERS", "VOTES", "ASKS"], rows, title="waits for")
         for a in info.approvals:
             if a.context is not None:
-                out.block(f"context of {a.id}", dumps(a.context, indent=2))
+                out.value(f"context of {a.id}", a.context)
     if info.decisions:
         rows = [
             [
