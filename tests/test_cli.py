@@ -353,12 +353,11 @@ async def test_run_without_follow_hands_the_run_to_a_worker_then_stop_and_delete
 
 
 async def test_check_lists_the_runs_a_new_version_could_not_load(tmp_path) -> None:
-    from cli_live_flows import versioned
-
     db = tmp_path / "live.db"
-    async with WorkflowRunner(versioned.persistence(store="sqlite", path=str(db))) as runner:
-        handle = await runner.run(run_id="parked-1")
-        await handle.wait_for("waiting", timeout=10)
+    parked = cli("run", "cli_live_flows", "CliVersioned", "--run-id", "parked-1", "--follow", db=db)
+    assert parked.returncode == 0, parked.stderr  # parked at its gate: nothing more happens here
+    assert "run parked-1 is waiting at __start__ for editor: Ship it?" in parked.stdout
+    assert "agentflow approve cli_live_flows parked-1 --by editor" in parked.stdout
     fine = cli("check", "cli_live_flows", db=db)
     assert fine.returncode == 0 and "every run that is not final loads" in fine.stdout
     deploy = cli("check", "cli_live_flows", "--json", db=db, env={"CLI_VERSION": "2"})
