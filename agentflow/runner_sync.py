@@ -132,9 +132,17 @@ def run_sync(
 
 
 async def close(runner: WorkflowRunner) -> None:
-    """Close a runner whose runs live in its run_sync thread (from any loop), then end the thread."""
+    """Close ``runner``: in its run_sync thread's loop (then end the thread), else in this one.
+
+    A runner whose loop is closed (its tasks went with it) is closed from any loop.
+
+    Raises:
+        EventLoopError: the runner's loop is another, still open one.
+    """
     thread = runner._thread
     if thread is None:
+        if runner._loop is not None and not runner._loop.is_closed():
+            check_loop(runner)  # its runs' tasks are closed in their loop, or not at all
         await runner._close()
         return
     runner._thread = None
