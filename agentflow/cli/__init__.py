@@ -93,7 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunNotFoundError as exc:
         error(f"{type(exc).__name__}: {exc}")
         return 3
-    except (AgentflowError, ImportError) as exc:
+    except ImportError as exc:
+        error(
+            f"{type(exc).__name__}: {exc}; run the command where module {args.module!r} can be "
+            "imported (its project's folder, or with PYTHONPATH naming it)"
+        )
+        return 2
+    except AgentflowError as exc:
         error(f"{type(exc).__name__}: {exc}")
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 from ..types import RunStatus
 
@@ -19,9 +20,16 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the help to read (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"agentflow: usage error: {message}; see `{self.prog} --help`\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand (argparse exits 2 on a usage error)."""
-    ap = argparse.ArgumentParser(
+    """The parser of every subcommand (a usage error exits 2 with one line on stderr)."""
+    ap = _Parser(
         prog="agentflow",
         description="Start, watch, decide and steer agentflow runs.",
         epilog="Exit status: 0 done, 1 the run failed or was rejected, 2 a usage or input error, "
