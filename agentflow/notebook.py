@@ -369,9 +369,10 @@ def show(handle: RunHandle) -> None:
     """Display ``handle`` in IPython: live where the kernel's loop runs it, a snapshot elsewhere."""
     from IPython.display import display
 
-    from .runner_sync import running_loop
-
-    loop = running_loop()
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
     bound = handle._runner._loop
     if loop is not None and (bound is None or bound is loop):
         LiveView(handle)
