@@ -123,11 +123,11 @@ class Review:
         self._ready = None
 
     async def _newest(self) -> set[str]:
-        ids: set[str] = set()
-        for name in self.desk.workflows:
-            page = await self.desk.runner(name).approvals(workflow=name, limit=_WINDOW)
-            ids.update(a.id for a in page)
-        return ids
+        names = self.desk.workflows
+        pages = await asyncio.gather(
+            *(self.desk.runner(name).approvals(workflow=name, limit=_WINDOW) for name in names)
+        )
+        return {a.id for page in pages for a in page}
 
     async def reviewer(self, request: Request) -> str:
         """The request's reviewer.

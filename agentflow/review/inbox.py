@@ -12,6 +12,7 @@ an approver, or a ``tool_outcome`` with no approvers, which anyone may decide) a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import heapq
@@ -172,8 +173,7 @@ async def page(
 async def _page(desk: Desk, reviewer: str, filters: Filters, limit: int, cursor: dict[str, str]) -> Page:
     sources = _lists(desk, reviewer, filters, cursor)
     starts = {s.key: s.after for s in sources}
-    for src in sources:
-        await _fill(src, limit + 1)
+    await asyncio.gather(*(_fill(src, limit + 1) for src in sources))  # each list is a store call
     # Newest first by (created_at, id), as each list is sorted.
     merged = heapq.merge(
         *([(s.key, a) for a in s.buffered] for s in sources),
