@@ -262,7 +262,7 @@ async def test_json_listings_records_and_run_id_prefixes(tmp_path, monkeypatch) 
         "output_tokens": 311,
     }
     table = cli("runs", "cli_live_flows", "--workflow", "CliLive", db=db).stdout.splitlines()
-    assert table[0].split() == ["RUN", "WORKFLOW", "STATUS", "STEP", "WAITS", "FOR", "USAGE", "UPDATED"]
+    assert table[0].split() == ["RUN", "WORKFLOW", "STATUS", "STEP", "APPROVERS", "USAGE", "UPDATED"]
     assert [ln.split()[0] for ln in table[1:]] == ["cd-1", "ab-2", "ab-1"]
     shown = cli("show", "cli_live_flows", "cd", "--json", db=db)  # a prefix only one run has
     record = json.loads(shown.stdout)

@@ -117,7 +117,7 @@ async def list_runs(steward: Steward, args: argparse.Namespace, out: Output) -> 
     for info in found:
         waiting = ""
         if info.pending is not None:
-            waiting = ", ".join(info.pending.approvers) or "anyone"
+            waiting = ",".join(info.pending.approvers) or "anyone"
         rows.append(
             [
                 info.run_id,
@@ -130,7 +130,7 @@ async def list_runs(steward: Steward, args: argparse.Namespace, out: Output) -> 
             ]
         )
         styles.append(STATUS_STYLE.get(info.status.value))
-    columns = ["RUN", "WORKFLOW", "STATUS", "STEP", "WAITS FOR", "USAGE", "UPDATED"]
+    columns = ["RUN", "WORKFLOW", "STATUS", "STEP", "APPROVERS", "USAGE", "UPDATED"]
     out.table(columns, rows, styles, empty="no runs")
     return 0
 
