@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     pending.add_argument("--limit", type=int, default=100, help="at most this many per workflow")
     decisions = (
         ("approve", "approve what a run waits for (a gate, a tool call), and follow the run"),
-        ("reject", "reject it"),
+        ("reject", "reject what a run waits for, and follow the run"),
         ("respond", "answer a tool call with its result instead of running the tool"),
     )
     for name, help in decisions:
