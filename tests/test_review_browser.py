@@ -26,6 +26,7 @@ from playwright.async_api import (
     Browser,
     BrowserContext,
     ConsoleMessage,
+    Dialog,
     Locator,
     Page,
     Playwright,
@@ -75,7 +76,7 @@ async def chromium(pw: Playwright) -> AsyncIterator[Browser]:
     await browser.close()
 
 
-class Reviewers:
+class Sessions:
     """Browser sessions of the server's reviewers: each signs in once, through the page.
 
     ``open(name)`` is a new browser context (a new cookie jar) carrying that session;
@@ -131,7 +132,7 @@ class Reviewers:
     def _watch(self, page: Page) -> None:
         """Record every dialog, uncaught error and console error of ``page``."""
 
-        async def dismiss(dialog: Any) -> None:
+        async def dismiss(dialog: Dialog) -> None:
             self.problems.append(f"dialog {dialog.type}: {dialog.message}")
             await dialog.dismiss()
 
@@ -153,18 +154,19 @@ class Reviewers:
         page.on("response", response)
 
     async def close(self) -> None:
+        """Close every context and API client opened since the last close."""
         for opened in reversed(self._opened):
             await opened.close() if isinstance(opened, BrowserContext) else await opened.dispose()
         self._opened.clear()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def _sessions(pw: Playwright, chromium: Browser, review_server: ReviewServer) -> Reviewers:
-    return Reviewers(pw, chromium, review_server)
+async def _sessions(pw: Playwright, chromium: Browser, review_server: ReviewServer) -> Sessions:
+    return Sessions(pw, chromium, review_server)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def reviewers(_sessions: Reviewers) -> AsyncIterator[Reviewers]:
+async def reviewers(_sessions: Sessions) -> AsyncIterator[Sessions]:
     """The server's reviewers; after the test, no page showed a dialog or an error and the
     server logged no exception."""
     _sessions.problems.clear()
@@ -256,7 +258,7 @@ def unique(prefix: str) -> str:
 
 
 async def test_sign_in_sets_an_http_only_session_and_a_bad_token_is_refused(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     context = await reviewers.fresh()
     page = await context.new_page()
@@ -276,7 +278,7 @@ async def test_sign_in_sets_an_http_only_session_and_a_bad_token_is_refused(
 
 
 async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     """Writes the README's screenshots (first in the module: the inbox holds these items only)."""
     await park(review_server, reviewflows.triage, [{"text": "the refund of order 1042"}])
@@ -313,7 +315,7 @@ async def test_the_inbox_and_an_approval_page_as_a_reviewer_sees_them(
 
 
 async def test_an_editor_fixes_an_invalid_edit_approves_and_the_item_leaves_another_tab_live(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     title = unique("Agentflow 2.0")
     (approval,) = await park(
@@ -370,7 +372,7 @@ async def test_an_editor_fixes_an_invalid_edit_approves_and_the_item_leaves_anot
 
 
 async def test_an_open_inbox_shows_approvals_arriving_and_decided_elsewhere(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     page = await reviewers.page("editor", "/?workflow=Triage")
     await expect(page.locator("#inbox-items")).to_be_attached()
@@ -387,7 +389,7 @@ async def test_an_open_inbox_shows_approvals_arriving_and_decided_elsewhere(
     await expect(row(page, approval)).to_have_count(0)
 
 
-async def test_a_rejection_records_the_reason(reviewers: Reviewers, review_server: ReviewServer) -> None:
+async def test_a_rejection_records_the_reason(reviewers: Sessions, review_server: ReviewServer) -> None:
     (approval,) = await park(review_server, reviewflows.triage, [{"text": unique("ticket")}])
     page = await reviewers.page("editor", approval_path(approval))
     await page.locator("form#reject-form textarea[name=reason]").fill("a duplicate of #41")
@@ -401,7 +403,7 @@ async def test_a_rejection_records_the_reason(reviewers: Reviewers, review_serve
 
 
 async def test_a_quorum_shows_who_voted_and_the_run_waits_for_the_second(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.sign_off, [{"text": unique("release")}])
     page = await reviewers.page("editor", approval_path(approval))
@@ -420,7 +422,7 @@ async def test_a_quorum_shows_who_voted_and_the_run_waits_for_the_second(
 
 
 async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.ship, [None])
     page = await reviewers.page("ops-lead", "/?mine=1")
@@ -448,7 +450,7 @@ async def test_a_tool_call_runs_with_the_arguments_the_operator_edited(
 
 
 async def test_a_tool_call_answered_with_a_result_never_runs_the_tool(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.ship, [None])
     page = await reviewers.page("ops-lead", approval_path(approval))
@@ -466,7 +468,7 @@ async def test_a_tool_call_answered_with_a_result_never_runs_the_tool(
 
 
 async def test_bulk_approval_decides_twenty_items_each_on_its_own(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     batch = unique("bulk")
     approvals = await park(review_server, reviewflows.triage, [{"text": f"{batch} {i}"} for i in range(20)])
@@ -491,7 +493,7 @@ async def test_bulk_approval_decides_twenty_items_each_on_its_own(
 
 
 async def test_a_non_approver_sees_it_read_only_and_a_forged_decision_records_nothing(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.triage, [{"text": unique("forged")}])
     # Where the editor's form posts to: what a forger would copy.
@@ -519,7 +521,7 @@ async def test_a_non_approver_sees_it_read_only_and_a_forged_decision_records_no
 
 
 async def test_no_session_redirects_to_sign_in_and_a_post_without_csrf_is_refused(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (approval,) = await park(review_server, reviewflows.triage, [{"text": unique("csrf")}])
     anonymous = await (await reviewers.fresh()).new_page()
@@ -547,7 +549,7 @@ async def test_no_session_redirects_to_sign_in_and_a_post_without_csrf_is_refuse
 
 
 async def test_agent_output_with_markup_is_shown_as_text_and_runs_nothing(
-    reviewers: Reviewers, review_server: ReviewServer
+    reviewers: Sessions, review_server: ReviewServer
 ) -> None:
     (summary,) = await park(review_server, reviewflows.summary, [{"text": unique("week")}])
     (notes,) = await park(
