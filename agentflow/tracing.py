@@ -24,7 +24,8 @@ What is recorded (span names follow the GenAI semantic conventions, ``{operation
   the segment ended in the middle of it) and
   ``agentflow.step.target`` when the step named where the run goes.
 * ``chat {model}`` per model call, a child of its step: ``gen_ai.operation.name="chat"``,
-  ``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.agent.name``,
+  ``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.response.model`` (when
+  the provider says which answered), ``gen_ai.agent.name``,
   ``gen_ai.usage.input_tokens``, ``gen_ai.usage.output_tokens`` and
   ``agentflow.usage.cost`` (USD, when the model's price is known). A call answered
   from the journal (a step that ran again) has ``agentflow.replayed=True`` and no usage:
@@ -300,10 +301,12 @@ def chat(provider: str, model: str, agent: str, current: bool = True) -> Abstrac
     return _current(t, f"chat {model}", attributes)
 
 
-def end_chat(span: Span | None, usage: Usage) -> None:
-    """Record what a model call consumed on its span (nothing when ``span`` is None)."""
+def end_chat(span: Span | None, usage: Usage, model: str | None = None) -> None:
+    """Record what a model call consumed, and the ``model`` that answered, on its span (when there is one)."""
     if span is None:
         return
+    if model:
+        span.set_attribute("gen_ai.response.model", model)
     span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
     span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
     if usage.cost is not None:

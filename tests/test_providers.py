@@ -92,7 +92,7 @@ async def test_plain_reply_with_usage(
     env.script(Reply(text="Hello there, friend.", input_tokens=11, output_tokens=4))
     provider = provider_factory(kind)
     reply = await provider.complete(ask(instructions="Be kind.", temperature=0.2, options={"top_k": 3}))
-    assert reply == ProviderReply("Hello there, friend.", None, Usage(11, 4))
+    assert reply == ProviderReply("Hello there, friend.", None, Usage(11, 4), model="test-model")
     (request,) = env.requests
     body = request.body
     assert request.protocol == kind and body["model"] == "test-model" and body["temperature"] == 0.2
@@ -115,7 +115,7 @@ async def test_streaming_yields_deltas_then_the_reply_with_usage(
     env.script(Reply(text="one two three four", input_tokens=9, output_tokens=4))
     deltas, final = await collect(provider_factory(kind), ask(max_tokens=64))
     assert len(deltas) == 4 and "".join(deltas) == "one two three four"
-    assert final == ProviderReply("one two three four", None, Usage(9, 4))
+    assert final == ProviderReply("one two three four", None, Usage(9, 4), model="test-model")
     body = env.requests[0].body
     assert body["stream"] is True
     if kind == "openai":

@@ -465,6 +465,7 @@ async def test_model_calls_through_the_real_sdks_are_chat_spans_named_by_their_p
     ]
     chats = [dict(s.attributes or {}) for s in named(finished, "chat gpt-4o-mini")]
     assert {c["gen_ai.provider.name"] for c in chats} == {kind}
+    assert [c["gen_ai.response.model"] for c in chats] == ["gpt-4o-mini"] * 3  # as the server said
     assert [
         (c["gen_ai.agent.name"], c["gen_ai.usage.input_tokens"], c["gen_ai.usage.output_tokens"])
         for c in chats

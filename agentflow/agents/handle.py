@@ -154,7 +154,7 @@ class AgentHandle:
                             live(item)
                             yield item
                     assert final is not None  # _provider_stream ends with the reply or raises
-                    tracing.end_chat(span, final.usage)
+                    tracing.end_chat(span, final.usage, final.model)
                 raw = final
                 await self._journal_reply(key, raw)
             await self._finish(key, request, raw)
@@ -259,7 +259,7 @@ class AgentHandle:
                 else:
                     each(item)
             assert final is not None  # _provider_stream ends with the reply or raises
-            tracing.end_chat(span, final.usage)
+            tracing.end_chat(span, final.usage, final.model)
         await self._journal_reply(key, final)
         return final
 
@@ -435,7 +435,7 @@ class AgentHandle:
                     await permit.release(None)  # it may have been billed: its reservation stays
                     raise
                 await permit.release(raw.usage.total_tokens)
-            tracing.end_chat(span, raw.usage)
+            tracing.end_chat(span, raw.usage, raw.model)
         await self._journal_reply(key, raw)
         return raw
 

@@ -164,13 +164,16 @@ class ProviderReply:
     """A provider's answer: the text, the structured data (parsed JSON) if asked for, usage.
 
     ``tool_calls``: the tools the model calls in this turn, in its order (empty for a
-    final answer); ``text`` is then whatever it said alongside them.
+    final answer); ``text`` is then whatever it said alongside them. ``model``: the model
+    that answered, as the provider names it (a dated version of the one asked for, say),
+    when the provider says.
     """
 
     text: str
     data: Any = None
     usage: Usage = field(default_factory=Usage)
     tool_calls: tuple[ToolUse, ...] = ()
+    model: str | None = None
 
 
 @contextmanager

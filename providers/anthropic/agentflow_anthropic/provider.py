@@ -160,9 +160,8 @@ class AnthropicProvider:
             if isinstance(usage, dict)
             else Usage()
         )
-        return ProviderReply(
-            text=text, data=data, usage=self._priced(spent, request), tool_calls=tuple(calls)
-        )
+        model = message.get("model") if isinstance(message.get("model"), str) else None
+        return ProviderReply(text, data, self._priced(spent, request), tuple(calls), model)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
         """Yield text (or, for structured output, its JSON) deltas, then the whole reply.
@@ -182,11 +181,13 @@ class AnthropicProvider:
             blocks: dict[int, list[Any]] = {}  # index of a tool_use block -> [id, name, json parts...]
             started = stopped = False
             input_tokens = output_tokens = 0
+            model: str | None = None
             try:
                 async with events:
                     async for event in events:
                         if event.type == "message_start":
                             started = True
+                            model = event.message.model or None
                             input_tokens = _input_tokens(event.message.usage)
                             output_tokens = event.message.usage.output_tokens
                         elif event.type == "content_block_start" and event.content_block.type == "tool_use":
@@ -231,7 +232,7 @@ class AnthropicProvider:
                 calls.append(ToolUse(str(call_id), str(name), raw or "{}"))
         text = json.dumps(data) if data is not None else "".join(parts)
         spent = self._priced(Usage(input_tokens, output_tokens), request)
-        yield ProviderReply(text=text, data=data, usage=spent, tool_calls=tuple(calls))
+        yield ProviderReply(text, data, spent, tuple(calls), model)
 
     def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
         """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""

@@ -156,13 +156,16 @@ class OpenAIProvider:
             # per call): the fields needed are read from the JSON directly. Not being
             # streamed, its body has been read already.
             raw = await self._retrying(lambda: client.chat.completions.with_raw_response.create(**params))
-            text, spent, calls = self._reply(request, raw.http_response.content)
+            body = reply_body(self.name, request, raw.http_response.content)
+            text, spent, calls = self._reply(request, body)
         data = None if calls else _data(request, text)
-        return ProviderReply(text=text, data=data, usage=self._priced(spent, request), tool_calls=calls)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        return ProviderReply(text, data, self._priced(spent, request), calls, model)
 
-    def _reply(self, request: ProviderRequest, content: bytes) -> tuple[str, Usage, tuple[ToolUse, ...]]:
+    def _reply(
+        self, request: ProviderRequest, body: dict[str, Any]
+    ) -> tuple[str, Usage, tuple[ToolUse, ...]]:
         """Text (content, else refusal), usage and tool calls of a ``chat.completion`` body."""
-        body = reply_body(self.name, request, content)
         choices = body.get("choices")
         if not choices or not isinstance(choices[0], dict):
             raise ProviderError(
@@ -193,10 +196,12 @@ class OpenAIProvider:
             calls: dict[int, list[str]] = {}  # index -> [id, name, argument fragments...]
             spent = Usage()
             received = False
+            model: str | None = None
             try:
                 async with chunks:
                     async for chunk in chunks:
                         received = True
+                        model = chunk.model or model
                         if chunk.usage is not None:
                             spent = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                         for choice in chunk.choices:
@@ -227,7 +232,7 @@ class OpenAIProvider:
         text = "".join(parts)
         uses = tuple(ToolUse(c[0], c[1], "".join(c[2:])) for _, c in sorted(calls.items()))
         data = None if uses else _data(request, text)
-        yield ProviderReply(text=text, data=data, usage=self._priced(spent, request), tool_calls=uses)
+        yield ProviderReply(text, data, self._priced(spent, request), uses, model)
 
     def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
         """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""
