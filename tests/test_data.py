@@ -230,8 +230,9 @@ async def test_a_stored_state_its_model_rejects_fails_that_run_alone(make_store,
         assert (await asyncio.wait_for(recovered[0].result(), BOUND)).output == 1
         with pytest.raises(RunFailedError) as err:
             await (await runner.attach(bad)).result(timeout=BOUND)
-    assert err.value.error_type == "CorruptRecordError"
-    assert "state" in err.value.message
+    # The definition cannot load it (an IncompatibleRunError, a kind of CorruptRecordError).
+    assert err.value.error_type == "IncompatibleRunError"
+    assert "state" in err.value.message and "'n'" in err.value.message
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
@@ -244,7 +245,7 @@ async def test_a_stored_step_that_does_not_exist_is_a_corrupt_record(make_store,
         assert await runner.recover() == []
         with pytest.raises(RunFailedError) as err:
             await (await runner.attach(bad)).result(timeout=BOUND)
-    assert err.value.error_type == "CorruptRecordError"
+    assert err.value.error_type == "IncompatibleRunError"  # a kind of CorruptRecordError
     assert "'Nope'" in err.value.message and "'Work'" in err.value.message
     assert p.ran == [bad]  # nothing ran again
 

@@ -402,11 +402,13 @@ async def test_a_stored_state_that_no_longer_fits_raises_corrupt_record(tmp_path
             "UPDATE agentflow_runs SET state = ? WHERE run_id = ?", ('{"drafts": "many"}', handle.run_id)
         )
     async with WorkflowRunner(review_flow(_persist("sqlite", path))) as runner:
-        with pytest.raises(CorruptRecordError) as info:
+        with pytest.raises(CorruptRecordError) as info:  # an IncompatibleRunError
             await runner.approve(handle.run_id, by="editor")
-        failed = await handle_info(runner, handle.run_id)
+        parked = await handle_info(runner, handle.run_id)
     assert handle.run_id in str(info.value) and "state" in str(info.value)
-    assert failed.status == RunStatus.FAILED and failed.error["type"] == "CorruptRecordError"
+    # Not half-resumed: no decision is recorded, the run stays waiting with the reason on it.
+    assert parked.status == RunStatus.WAITING and parked.decisions == ()
+    assert parked.error["type"] == "IncompatibleRunError" and parked.error["field"] == "drafts"
 
 
 async def handle_info(runner, run_id):
