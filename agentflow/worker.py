@@ -112,6 +112,7 @@ class Worker:
         self._closed = asyncio.Event()
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._taking: set[asyncio.Task[None]] = set()  # runs claimed being taken (see _claiming)
         self._claimed = self._recovered = self._dropped = 0
         self._reserved = 0  # room a loop is claiming into right now
         self._visit_at: dict[str, int] = {}  # run id -> its visit count when taken here
@@ -155,6 +156,9 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Runs being taken are let in (not cancelled halfway, which would leave a lease
+        # to run out): stopping, they go back on the queue with the others below.
+        await asyncio.gather(*self._taking, return_exceptions=True)
         grace = self.grace if grace is None else grace
         left: dict[str, tuple[WorkflowRunner, str]] = {}
         for runner in self.runners:
@@ -243,7 +247,9 @@ class Worker:
         The claim waits for work without holding the room, so the other loops (another
         workflow's, the recovery) are not starved meanwhile; what it brings back beyond
         the room left when it returns is queued again at once, so the worker never
-        advances more than its concurrency.
+        advances more than its concurrency. The runs claimed are taken in a task of
+        their own: the loop claims again for the room left (or freed meanwhile) without
+        waiting for them, so a slot that frees is filled after one read of the queue.
         """
         store = queue_of(runner.store)
         names = list(runner._specs)
@@ -262,19 +268,24 @@ class Worker:
             extra = claims[keep:]
             claims = claims[:keep]
             self._reserved += keep
-            try:
-                if extra:  # the room went to another loop meanwhile: back on the queue, for anyone
+            if claims:
+                task = asyncio.create_task(self._take_all(runner, store, claims), name="agentflow:take")
+                self._taking.add(task)
+                task.add_done_callback(self._taking.discard)
+            if extra:  # the room went to another loop meanwhile: back on the queue, for anyone
+                try:
                     for c in extra:
                         await store.enqueue(c.workflow, c.run_id)
                     await store.ack(extra)
-                await self._take_all(runner, store, claims)
-            except AgentflowError as exc:
-                log.warning("worker %s: handing claimed entries on failed (%s)", sup.owner, exc)
-            finally:
-                self._unreserve(keep)
+                except AgentflowError as exc:
+                    log.warning("worker %s: handing claimed entries on failed (%s)", sup.owner, exc)
 
     async def _take_all(self, runner: WorkflowRunner, store: WorkQueue, claims: list[Claim]) -> None:
-        """Take the runs of claimed entries, then acknowledge the entries."""
+        """Take the runs of claimed entries (room reserved for each), then acknowledge the entries.
+
+        Each run's room is given back as soon as it is taken (it counts among the runs
+        here from then on) or turned out not to be ours.
+        """
         sup = runner.supervisor
 
         async def one(claim: Claim) -> None:
@@ -286,15 +297,16 @@ class Worker:
             except AgentflowError as exc:
                 log.warning("queue entry for run %s could not be taken (%s): dropped", claim.run_id, exc)
                 taken = False
+            finally:
+                self._unreserve(1)
             if not taken:
                 self._dropped += 1
 
         await asyncio.gather(*(one(c) for c in claims))  # each run's lease and load at once
-        if claims:
-            try:
-                await store.ack(claims)
-            except AgentflowError as exc:  # redelivered later: the lease makes that harmless
-                log.warning("worker %s: acknowledging failed (%s)", sup.owner, exc)
+        try:
+            await store.ack(claims)
+        except AgentflowError as exc:  # redelivered later: the lease makes that harmless
+            log.warning("worker %s: acknowledging failed (%s)", sup.owner, exc)
 
     async def _recovering(self, runner: WorkflowRunner) -> None:
         """Every half lease, take over runs of these workflows whose owner died."""

@@ -35,7 +35,17 @@ from ..errors import (
     StoreError,
     WorkflowDefinitionError,
 )
-from ..stores.contract import Change, ChangeFeed, Commit, Lease, RunRecord, Store, WorkQueue
+from ..stores.contract import (
+    Change,
+    ChangeFeed,
+    Commit,
+    Lease,
+    LoadedRun,
+    RunRecord,
+    Store,
+    TakesRuns,
+    WorkQueue,
+)
 from ..types import FINAL, RunEvent, RunStatus
 from .children import ChildWatch
 from .leases import LeaseKeeper, take_over
@@ -284,8 +294,9 @@ class Supervisor:
         )
         self.leases.ensure()
 
-    async def adopt(self, run_id: str, lease: Lease) -> LiveRun | None:
-        """Load a run this process just took the lease of, and start advancing it.
+    async def adopt(self, run_id: str, lease: Lease, loaded: LoadedRun | None = None) -> LiveRun | None:
+        """Load a run this process just took the lease of (unless ``loaded`` with it), and
+        start advancing it.
 
         A client (``execute=False``) hands it to the workers instead (and returns None).
 
@@ -301,7 +312,8 @@ class Supervisor:
         here = self.local.get(run_id)
         if here is not None and not here.finished:
             return here  # never two live copies of one run in a process
-        loaded = await self.store.load(run_id)
+        if loaded is None:
+            loaded = await self.store.load(run_id)
         if loaded is None:
             raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {self.spec.name!r}")
         try:
@@ -364,6 +376,13 @@ class Supervisor:
 
     async def _claim(self, run_id: str, workflow: str, handed_after: float) -> str | None:
         sup = self.of(workflow) if workflow in self.specs else self
+        store = self.store
+        if not handed_after and sup.execute and isinstance(store, TakesRuns):
+            # The common case, a run handed over: its lease and load in one operation.
+            got = await store.take(run_id, workflow, self.owner, self.lease_ttl)
+            if got is not None:
+                await sup.adopt(run_id, *got)
+                return "handed"
         taken: list[int] = []
         recovered_from: list[str] = []
 

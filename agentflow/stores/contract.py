@@ -60,6 +60,7 @@ __all__ = [
     "RunRecord",
     "Store",
     "ChangeFeed",
+    "TakesRuns",
     "Claim",
     "Credentials",
     "QueueDepth",
@@ -537,6 +538,26 @@ class ChangeFeed(Protocol):
         Raises:
             StoreError: the feed was cut (the caller starts it again; changes made while
                 it was down are not replayed, so the caller looks at the store then).
+        """
+        ...
+
+
+@runtime_checkable
+class TakesRuns(Protocol):
+    """A store that takes a run handed over to a worker and loads it in one operation.
+
+    What ``update`` (giving the run an owner) and ``load`` do one after the other, for
+    the common case of a worker's claim: a store without it is used through those two.
+    """
+
+    async def take(
+        self, run_id: str, workflow: str, owner: str, ttl: float
+    ) -> tuple[Lease, LoadedRun] | None:
+        """Give a run that is running, of ``workflow`` and without an owner a lease held by
+        ``owner`` (the next token, ``ttl`` seconds from the store's now), and load it.
+
+        Returns None, changing nothing, for any other run (or no run): the caller's
+        ``update`` decides what it is. Safe to call again after a lost reply.
         """
         ...
 

@@ -27,7 +27,7 @@ import hashlib
 
 from ..types import FINAL
 
-__all__ = ["BY_SHA", "COMMIT", "CREATE", "DELETE", "READ", "RENEW", "ZREM_IF_SCORE", "Script"]
+__all__ = ["BY_SHA", "COMMIT", "CREATE", "DELETE", "READ", "RENEW", "TAKE", "ZREM_IF_SCORE", "Script"]
 
 _LIB = """
 local function hset_range(key, from, to)  -- ARGV[from..to] are field/value pairs
@@ -167,6 +167,29 @@ return cur[3] or ''
 """
 )
 
+# KEYS: rec, outputs, journal.  ARGV: workflow, owner (JSON), ttl (seconds), nonce.  A worker
+# taking a run handed over to it: when the run is running, of that workflow, with no owner
+# (and filed in the indexes), its lease goes to ``owner`` (the next token, ``ttl`` seconds
+# past the server's now) and the nonce is left in ``_write``. Returns {record, outputs,
+# journal} as read after (also when ``_write`` holds the nonce: a retry after a lost
+# reply), 0 when the run is not one to take so (the caller's general update decides).
+_TAKE = (
+    _LIB
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'lease_owner', 'lease_token', '_ix', '_write')
+if cur[6] ~= ARGV[4] then
+  if cur[1] ~= '"running"' or cur[2] ~= ARGV[1] or cur[3] ~= 'null' or not cur[5] then return 0 end
+  local token = integer(cur[4])
+  if not token then return 0 end
+  local t = redis.call('TIME')
+  local expires = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'lease_owner', ARGV[2], 'lease_token', string.format('%d', token + 1),
+    'lease_expires', string.format('%.6f', expires), 'updated_at', now(), '_write', ARGV[4])
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), redis.call('HGETALL', KEYS[3])}
+"""
+)
+
 # KEYS: rec, events, outputs, journal.  ARGV: nonce, and optionally the ``_created`` nonce
 # the run must hold (a create undoing itself).  Returns {1, workflow, status, _ix,
 # pending} (JSON, '' when unreadable) when it deleted the run, {0} when there was no such
@@ -219,9 +242,10 @@ class Script:
 CREATE = Script(_CREATE)
 COMMIT = Script(_COMMIT)
 RENEW = Script(_RENEW)
+TAKE = Script(_TAKE)
 DELETE = Script(_DELETE)
 READ = Script(_READ)
 ZREM_IF_SCORE = Script(_ZREM_IF_SCORE)
 
 #: Every script by its SHA1, for loading one whose call came back NOSCRIPT.
-BY_SHA = {s.sha_bytes: s for s in (CREATE, COMMIT, RENEW, DELETE, READ, ZREM_IF_SCORE)}
+BY_SHA = {s.sha_bytes: s for s in (CREATE, COMMIT, RENEW, TAKE, DELETE, READ, ZREM_IF_SCORE)}

@@ -272,6 +272,41 @@ class RedisStore(RedisCredentials):
             {k.decode(): decode(run_id, f"{keys.journal}[{k.decode()}]", v) for k, v in journal.items()},
         )
 
+    async def take(
+        self, run_id: str, workflow: str, owner: str, ttl: float
+    ) -> tuple[Lease, LoadedRun] | None:
+        """Take the lease of a run handed over and load it, in one round trip (``TakesRuns``).
+
+        Returns None, changing nothing, unless the run is running, of ``workflow`` and
+        without an owner (see :class:`~agentflow.stores.contract.TakesRuns`).
+        """
+        keys = self.keys.run(run_id)
+        rec, _, outs, jour = (k.encode() for k in keys)
+        args = [
+            encode(run_id, "workflow", workflow),
+            encode(run_id, "lease_owner", owner),
+            repr(float(ttl)).encode(),
+            self._nonce(),
+        ]
+        replies = await self._wire.retrying(
+            "take", run_id, lambda: self._wire.eval(lua.TAKE, [rec, outs, jour], args), keys.rec
+        )
+        reply = replies[-1]
+        if not isinstance(reply, list):
+            return None
+        found, outputs, found_journal = reply
+        raw, journal = pairs(found), pairs(found_journal)
+        record = record_of(run_id, keys.rec, raw)
+        if record.lease_owner != owner:
+            return None
+        self._known.remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
+        loaded = LoadedRun(
+            record,
+            [make_output(run_id, keys.outputs, o) for o in outputs],
+            {k.decode(): decode(run_id, f"{keys.journal}[{k.decode()}]", v) for k, v in journal.items()},
+        )
+        return Lease(owner, record.lease_token), loaded
+
     async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
         """Apply ``commit`` atomically (one Lua script, one round trip) if ``lease`` holds.
 
