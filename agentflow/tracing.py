@@ -42,6 +42,9 @@ What is recorded (span names follow the GenAI semantic conventions, ``{operation
   run there (a rejection, or a gate whose target is the end) gets a segment span of its
   own in the process that made it, with no step in it.
 
+Model and tool calls are traced inside a traced segment only (the check is one context
+variable read); an agent used outside any run (``AgentPools`` on its own) records none.
+
 Segments across parked gaps: a segment's span is a child of whatever span was current
 where the run was started or resumed (the request that started it, or that decided its
 gate), so each segment lives in the trace of what caused it; it carries a link to the
@@ -287,14 +290,15 @@ def seal(run_id: str, journal: dict[str, Any]) -> dict[str, Any]:
 
 
 def chat(provider: str, model: str, agent: str, current: bool = True) -> AbstractContextManager[Span | None]:
-    """The ``chat`` span of one model call (a no-op context when tracing is off).
+    """The ``chat`` span of one model call in a traced segment (else a no-op context).
 
     ``current``: the span is the current one while the call runs (the parent of an
     HTTP client's spans); an async generator that yields inside it passes False.
     """
-    t = tracer()
-    if t is None:
+    seg = _SEGMENT.get()
+    if seg is None:
         return _NULL
+    t = seg._tracer
     attributes = _chat_attributes(provider, model, agent)
     if not current:
         return t.start_span(f"chat {model}", attributes=attributes)
@@ -315,19 +319,24 @@ def end_chat(span: Span | None, usage: Usage, model: str | None = None) -> None:
 
 def replayed_chat(provider: str, model: str, agent: str) -> None:
     """A model call answered from the journal: a span that says so."""
-    t = tracer()
-    if t is None:
+    seg = _SEGMENT.get()
+    if seg is None:
         return
+    t = seg._tracer
     attributes = _chat_attributes(provider, model, agent)
     attributes["agentflow.replayed"] = True
     t.start_span(f"chat {model}", attributes=attributes).end()
 
 
 def tool(name: str, call_id: str, idempotent: bool) -> AbstractContextManager[Span | None]:
-    """The ``execute_tool`` span of one tool call, current while it runs (a no-op context when off)."""
-    t = tracer()
-    if t is None:
+    """The ``execute_tool`` span of one tool call in a traced segment, current while it runs.
+
+    Returns a no-op context outside a traced segment.
+    """
+    seg = _SEGMENT.get()
+    if seg is None:
         return _NULL
+    t = seg._tracer
     attributes = _tool_attributes(name, call_id, idempotent)
     attributes["agentflow.replayed"] = False
     return _current(t, f"execute_tool {name}", attributes)
@@ -344,9 +353,10 @@ def tool_failed(span: Span | None, error: str) -> None:
 
 def replayed_tool(name: str, call_id: str, idempotent: bool) -> None:
     """A tool call whose result came from the journal (the tool did not run): a span that says so."""
-    t = tracer()
-    if t is None:
+    seg = _SEGMENT.get()
+    if seg is None:
         return
+    t = seg._tracer
     attributes = _tool_attributes(name, call_id, idempotent)
     attributes["agentflow.replayed"] = True
     t.start_span(f"execute_tool {name}", attributes=attributes).end()

@@ -161,7 +161,9 @@ class AnthropicProvider:
             else Usage()
         )
         model = message.get("model") if isinstance(message.get("model"), str) else None
-        return ProviderReply(text, data, self._priced(spent, request), tuple(calls), model)
+        return ProviderReply(
+            text=text, data=data, usage=self._priced(spent, request), tool_calls=tuple(calls), model=model
+        )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[str | ProviderReply]:
         """Yield text (or, for structured output, its JSON) deltas, then the whole reply.
@@ -232,7 +234,7 @@ class AnthropicProvider:
                 calls.append(ToolUse(str(call_id), str(name), raw or "{}"))
         text = json.dumps(data) if data is not None else "".join(parts)
         spent = self._priced(Usage(input_tokens, output_tokens), request)
-        yield ProviderReply(text, data, spent, tuple(calls), model)
+        yield ProviderReply(text=text, data=data, usage=spent, tool_calls=tuple(calls), model=model)
 
     def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
         """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""

@@ -160,7 +160,9 @@ class OpenAIProvider:
             text, spent, calls = self._reply(request, body)
         data = None if calls else _data(request, text)
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        return ProviderReply(text, data, self._priced(spent, request), calls, model)
+        return ProviderReply(
+            text=text, data=data, usage=self._priced(spent, request), tool_calls=calls, model=model
+        )
 
     def _reply(
         self, request: ProviderRequest, body: dict[str, Any]
@@ -232,7 +234,9 @@ class OpenAIProvider:
         text = "".join(parts)
         uses = tuple(ToolUse(c[0], c[1], "".join(c[2:])) for _, c in sorted(calls.items()))
         data = None if uses else _data(request, text)
-        yield ProviderReply(text, data, self._priced(spent, request), uses, model)
+        yield ProviderReply(
+            text=text, data=data, usage=self._priced(spent, request), tool_calls=uses, model=model
+        )
 
     def _priced(self, usage: Usage, request: ProviderRequest) -> Usage:
         """``usage`` with the call's cost (genai-prices; None for a model it does not know)."""
