@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ._engine.values import decode_output
 from ._engine.versions import check
@@ -62,6 +63,18 @@ class Incompatible:
     step: str | None
     field: str | None
     message: str
+
+    def to_json(self) -> dict[str, Any]:
+        """This finding as JSON data (for ``agentflow check --json``)."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "status": self.status.value,
+            "version": self.version,
+            "step": self.step,
+            "field": self.field,
+            "message": self.message,
+        }
 
 
 async def check_runs(target: WorkflowRunner | Steward | Iterable[WorkflowRunner]) -> list[Incompatible]:

@@ -246,6 +246,15 @@ async def test_a_migration_that_raises_leaves_the_run_parked_with_the_error(
         [found] = await check_runs(runner)
         assert (found.run_id, found.status, found.version) == (run_id, RunStatus.WAITING, "1")
         assert "raised KeyError: 'subtitle'" in found.message
+        assert found.to_json() == {
+            "run_id": run_id,
+            "workflow": "Article",
+            "status": "waiting",
+            "version": "1",
+            "step": "Review",
+            "field": None,
+            "message": found.message,
+        }
 
 
 async def test_migrations_chain_from_each_older_version(make_store: StoreFactory) -> None:
