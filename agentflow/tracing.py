@@ -186,9 +186,7 @@ class Segment:
         self._seg_token = _SEGMENT.set(self)
 
     def step(self, name: str, visit: int, attempt: int) -> StepSpan:
-        """Start the span of step ``name`` (ending one still open as ``interrupted``)."""
-        if self._step is not None:
-            self._step.end("interrupted")
+        """Start the span of step ``name``; the caller ends it, or :meth:`end` does if it cannot."""
         attributes = {"agentflow.step.visit": visit, "agentflow.step.attempt": attempt}
         self._step = StepSpan(self._tracer.start_span(name, attributes=attributes), attempt)
         return self._step
