@@ -387,6 +387,7 @@ class RunInfo:
             ("workflow", self.workflow),
             ("status", self.status.value),
             ("step", self.step or ""),
+            ("version", self.version),
             ("waiting for", ", ".join(self.pending.approvers) if self.pending else ""),
             ("error", f"{self.error['type']}: {self.error['message']}" if self.error else ""),
             ("tokens", f"{self.usage.input_tokens} in / {self.usage.output_tokens} out"),
