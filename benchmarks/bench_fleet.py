@@ -1,6 +1,7 @@
 """Workers under load: an I/O-bound fleet, the hand-over latency, and a CPU-bound ceiling.
 
     python benchmarks/bench_fleet.py [--runs 2000] [--stores redis,sqlite] [--quick]
+        [--workers 1,2] [--concurrency 50,100] [--repeats 3] [--fleet-only]
 
 1. **I/O-bound fleet.** ``--runs`` runs of 10 steps that each sleep 50 ms (standing in
    for model calls), started by a client (``execute=False``) and executed by W worker
@@ -212,18 +213,30 @@ async def main(args: argparse.Namespace) -> None:
             elif kind == "postgres":
                 targets[kind] = os.environ.get("DATABASE_URL") or stack.enter_context(postgres_server())
         print(f"1. I/O-bound fleet: {args.runs} runs x {STEPS} steps x {SLEEP * 1000:.0f} ms")
-        print(f"{'store':<9} {'W':>2} {'C':>4} {'wall s':>8} {'ideal s':>8} {'over ideal':>11}")
+        print(f"{'store':<9} {'W':>2} {'C':>4} {'wall s':>8} {'ideal s':>8} {'over ideal':>11}  rounds, load")
         for kind in kinds:
             ws = (1, 2) if kind == "sqlite" else (1, 2, 4)
             cs = (50,) if args.quick else (50, 100)
+            if args.workers:
+                ws = tuple(int(w) for w in args.workers.split(","))
+            if args.concurrency:
+                cs = tuple(int(c) for c in args.concurrency.split(","))
             for w in ws if not args.quick else ws[:2]:
                 for c in cs:
                     ideal = args.runs * STEPS * SLEEP / (w * c)
-                    wall = await fleet(kind, targets[kind], args.runs, w, c)
+                    walls, loads = [], []
+                    for _ in range(args.repeats):
+                        walls.append(await fleet(kind, targets[kind], args.runs, w, c))
+                        loads.append(os.getloadavg()[0])
+                    wall = statistics.median(walls)
+                    rounds = " ".join(f"{x:.2f}" for x in walls)
                     print(
-                        f"{kind:<9} {w:>2} {c:>4} {wall:>8.2f} {ideal:>8.2f} {wall / ideal - 1:>+10.1%}",
+                        f"{kind:<9} {w:>2} {c:>4} {wall:>8.2f} {ideal:>8.2f} {wall / ideal - 1:>+10.1%}"
+                        f"  [{rounds}], load {min(loads):.1f}-{max(loads):.1f}",
                         flush=True,
                     )
+        if args.fleet_only:
+            return
         print(f"\n2. Hand-over latency ({args.samples} samples, one worker), ms")
         print(f"{'store':<9} {'approve->step p50':>18} {'p99':>7} {'commit->result p50':>19} {'p99':>7}")
         for kind in kinds:
@@ -254,4 +267,8 @@ if __name__ == "__main__":
         ap.add_argument("--cpu-runs", type=int, default=1000)
         ap.add_argument("--stores", default="redis,postgres,sqlite")
         ap.add_argument("--quick", action="store_true", help="fewer configurations")
+        ap.add_argument("--workers", default="", help="worker counts W of the fleet, e.g. 1,2")
+        ap.add_argument("--concurrency", default="", help="concurrencies C of the fleet, e.g. 50,100")
+        ap.add_argument("--repeats", type=int, default=1, help="rounds per configuration (median shown)")
+        ap.add_argument("--fleet-only", action="store_true", help="the I/O-bound fleet alone")
         asyncio.run(main(ap.parse_args()))

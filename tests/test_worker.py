@@ -220,3 +220,35 @@ async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, k
     assert handle.run_id in seen  # the worker's writes reached the other store object
     # pushed: every result woke long before the one-second backstop poll would have
     assert max(lags) < 0.4, lags
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster"])
+async def test_a_run_handed_over_is_taken_in_one_operation_and_only_then(make_store, kind) -> None:
+    from agentflow.stores.contract import Commit, TakesRuns
+
+    store = make_store(kind)
+    assert isinstance(store, TakesRuns)
+    wf = _pipeline()
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        handle = await client.run()  # handed over: running, no owner
+        before = await store.get(handle.run_id)
+        assert before is not None and before.lease_owner is None
+        assert await store.take(handle.run_id, "Other", "w1", 30) is None  # not its workflow
+        assert await store.take("no-such-run", "Pipeline", "w1", 30) is None
+        got = await store.take(handle.run_id, "Pipeline", "w1", 30)
+        assert got is not None
+        lease, loaded = got
+        assert lease.owner == "w1" and lease.token == before.lease_token + 1
+        assert loaded.record.lease_owner == "w1" and loaded.record.step == before.step
+        assert loaded.record.lease_expires > time.time() + 20
+        # Owned now: a second worker gets nothing, and the owner's lease holds for commits.
+        assert await store.take(handle.run_id, "Pipeline", "w2", 30) is None
+        assert (await store.get(handle.run_id)).lease_owner == "w1"  # type: ignore[union-attr]
+        await store.commit(handle.run_id, lease, Commit(release=True, seq=loaded.record.commit_seq + 1))
+        # Let go of: a worker takes it again, and advances it to the end.
+        worker = Worker(wf, store=store)
+        task = await _serving(worker)
+        result = await handle.result(timeout=10)
+        await worker.close()
+        await task
+    assert result.status == RunStatus.COMPLETED and RAN == ["A", "B", "C"]
