@@ -256,6 +256,18 @@ async def test_a_reviewer_signs_in_with_a_token_and_out_again(served: Served) ->
         assert (await c.get("/")).status_code == 303
 
 
+async def test_signing_out_ends_every_copy_of_the_session_cookie(served: Served) -> None:
+    async with served.client() as c:
+        csrf = await sign_in(c, await served.token("alice"))
+        copied = dict(c.cookies)  # taken before signing out, as a stolen cookie would be
+        assert (await c.post("/signout", data={"csrf": csrf})).status_code == 303
+    async with served.client() as thief:
+        thief.cookies.update(copied)
+        assert (await thief.get("/api/me")).status_code == 401
+        reply = await thief.get("/")
+        assert reply.status_code == 303 and reply.headers["location"].startswith("/signin")
+
+
 async def test_a_revoked_token_ends_its_session_at_the_next_request(served: Served) -> None:
     async with served.client() as c:
         await sign_in(c, await served.token("alice"))

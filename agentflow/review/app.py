@@ -208,7 +208,7 @@ class _Sessions:
                 self.app,
                 secret_key=key.hex(),
                 session_cookie=_SESSION_COOKIE,
-                max_age=_SESSION_AGE,
+                max_age=int(getattr(self.review.auth, "session_seconds", _SESSION_AGE)),
                 same_site="lax",
                 https_only=secure,
             )

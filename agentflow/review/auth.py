@@ -139,12 +139,15 @@ class TokenAuth:
         attempts: failed sign-ins (and bearer tokens) allowed per client ...
         per: ... in any this many seconds; past them the client gets 429 until the
             oldest leaves the window.
+        session_hours: how long a sign-in lasts (the session is kept in the store, so
+            signing out ends every copy of its cookie).
     """
 
     signs_in = True
 
-    def __init__(self, attempts: int = 10, per: float = 60.0) -> None:
+    def __init__(self, attempts: int = 10, per: float = 60.0, session_hours: float = 12.0) -> None:
         self._attempts = _Attempts(attempts, per)
+        self.session_seconds = session_hours * 3600
         self._reviewers: Reviewers | None = None
         # Bearer tokens already checked (argon2 is slow by design): sha256 -> (name, token id).
         self._checked: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
@@ -172,12 +175,16 @@ class TokenAuth:
         if found is None:
             self._attempts.failed(client)
             return None
+        sid = await self.reviewers.open_session(found, self.session_seconds)
         request.session.clear()
-        request.session.update({"who": found.name, "tid": found.token_id, "csrf": secrets.token_urlsafe(24)})
+        request.session.update({"sid": sid, "csrf": secrets.token_urlsafe(24)})
         return found.name
 
-    def sign_out(self, request: Request) -> None:
-        """End the request's session."""
+    async def sign_out(self, request: Request) -> None:
+        """End the request's session, in the store too (a copy of its cookie signs in no more)."""
+        sid = request.session.get("sid")
+        if isinstance(sid, str):
+            await self.reviewers.close_session(sid)
         request.session.clear()
 
     def bearer(self, request: Request) -> bool:
@@ -186,13 +193,12 @@ class TokenAuth:
     async def reviewer(self, request: Request) -> str | None:
         if self.bearer(request):
             return await self._bearer(request.headers["authorization"][7:].strip(), request)
-        who, tid = request.session.get("who"), request.session.get("tid")
-        if not isinstance(who, str) or not isinstance(tid, str):
+        sid = request.session.get("sid")
+        if not isinstance(sid, str):
             return None
-        if not await self.reviewers.valid(who, tid):
-            request.session.pop("who", None)
-            request.session.pop("tid", None)
-            return None
+        who = await self.reviewers.session(sid)
+        if who is None:
+            request.session.pop("sid", None)
         return who
 
     async def _bearer(self, token: str, request: Request) -> str | None:

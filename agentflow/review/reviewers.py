@@ -11,7 +11,12 @@ The store must have the :class:`~agentflow.stores.contract.Credentials` capabili
 (the memory, SQLite, Redis and PostgreSQL stores do). Its records::
 
     review:token:<token_id>   {"name", "token_id", "hash", "created_at"}
+    review:session:<id>       {"name", "token_id", "expires"}: a signed-in browser
     review:secret             {"key": base64 of 32 random bytes}: signs session cookies
+
+A session lives in the store, not only in its cookie: signing out deletes it, so a
+copy of the cookie taken before stops working too, and ``remove`` ends the sessions of
+the reviewer it removes.
 
 The session key is made once per store (put-if-absent), so every replica of the page
 signs and reads the same cookies.
@@ -38,6 +43,8 @@ __all__ = ["MAX_NAME", "Reviewer", "Reviewers"]
 MAX_NAME = 64
 
 _TOKENS = "review:token:"
+_SESSIONS = "review:session:"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")
 _SECRET = "review:secret"
 _TOKEN = re.compile(r"af_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TOKEN_ID = re.compile(r"[0-9a-f]{16}")
@@ -129,12 +136,53 @@ class Reviewers:
         return record is not None and record.get("name") == name
 
     async def remove(self, name: str) -> int:
-        """Revoke every token of ``name``; how many there were (0: no such reviewer)."""
+        """Revoke every token of ``name`` and end their sessions; how many tokens there were
+        (0: no such reviewer)."""
         revoked = 0
         for key, record in await self._store.list_credentials(_TOKENS):
             if record.get("name") == name and await self._store.delete_credential(key):
                 revoked += 1
+        for key, record in await self._store.list_credentials(_SESSIONS):
+            if record.get("name") == name:
+                await self._store.delete_credential(key)
         return revoked
+
+    async def open_session(self, reviewer: Reviewer, seconds: float) -> str:
+        """A new session of ``reviewer`` for ``seconds``: its id, for the signed cookie.
+
+        Sessions past their time are dropped here, so the store keeps only live ones.
+        """
+        now = time.time()
+        for key, record in await self._store.list_credentials(_SESSIONS):
+            expires = record.get("expires")
+            if not isinstance(expires, (int, float)) or expires <= now:
+                await self._store.delete_credential(key)
+        while True:
+            sid = secrets.token_urlsafe(24)
+            record = {"name": reviewer.name, "token_id": reviewer.token_id, "expires": now + seconds}
+            if await self._store.put_credential(_SESSIONS + sid, record, only_new=True):
+                return sid
+
+    async def session(self, sid: str) -> str | None:
+        """The reviewer of session ``sid`` while it is open, not expired and its token not
+        revoked; else None (two store reads)."""
+        if not isinstance(sid, str) or not _SESSION_ID.fullmatch(sid):
+            return None
+        record = await self._store.get_credential(_SESSIONS + sid)
+        if record is None:
+            return None
+        name, token_id, expires = record.get("name"), record.get("token_id"), record.get("expires")
+        if not isinstance(expires, (int, float)) or expires <= time.time():
+            await self._store.delete_credential(_SESSIONS + sid)
+            return None
+        if not isinstance(name, str) or not isinstance(token_id, str) or not await self.valid(name, token_id):
+            return None
+        return name
+
+    async def close_session(self, sid: str) -> None:
+        """End session ``sid`` (signing out): its cookie, and any copy of it, no longer signs in."""
+        if isinstance(sid, str) and _SESSION_ID.fullmatch(sid):
+            await self._store.delete_credential(_SESSIONS + sid)
 
     async def names(self) -> list[str]:
         """The reviewers holding at least one token, sorted."""

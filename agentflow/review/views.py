@@ -155,7 +155,7 @@ async def signout(request: Request) -> Response:
     _, form = await _form(request)
     check_csrf(request, form)
     if isinstance(review.auth, TokenAuth):
-        review.auth.sign_out(request)
+        await review.auth.sign_out(request)
         return RedirectResponse(href(request, "signin"), 303)
     return RedirectResponse(href(request, "inbox"), 303)
 
