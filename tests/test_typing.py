@@ -72,3 +72,25 @@ def test_gates_and_timers_type_check_as_wait_arguments(tmp_path: Path) -> None:
         """,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_tools_type_check_as_an_agents_tools(tmp_path: Path) -> None:
+    out = mypy(
+        tmp_path,
+        """
+        from agentflow import Agent, HumanApproval, tool
+
+        @tool
+        def deploy(version: str) -> str:
+            \"\"\"Deploy a version.\"\"\"
+            return version
+
+        @tool(approval=HumanApproval(["ops"]), idempotent=True)
+        async def rollback(version: str) -> str:
+            \"\"\"Roll a version back.\"\"\"
+            return version
+
+        agent = Agent("ops", model="gpt-4o-mini", tools=(deploy, rollback))
+        """,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

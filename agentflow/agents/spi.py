@@ -263,12 +263,19 @@ class ToolContext:
 class ToolLike(Protocol):
     """What the agent loop needs of a tool (:class:`agentflow.definition.tools.Tool` is one)."""
 
-    fn: Callable[..., Any]
-    name: str
-    idempotent: bool
-    timeout: float | None
-    takes_context: bool
-    is_async: bool
+    # Read-only (properties), so a frozen dataclass such as ``Tool`` fits the protocol.
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def idempotent(self) -> bool: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def takes_context(self) -> bool: ...
+    @property
+    def is_async(self) -> bool: ...
 
     @property
     def retry(self) -> Any:
