@@ -55,6 +55,7 @@ bench: $(VENV)/.installed redis-server postgresql
 	$(BIN)/python benchmarks/bench_agents.py
 	$(BIN)/python benchmarks/bench_pool.py
 	$(BIN)/python benchmarks/bench_fleet.py
+	$(BIN)/python benchmarks/bench_review.py
 
 clean:
 	rm -rf $(VENV) agentflow.db*
