@@ -84,8 +84,8 @@ __all__ = [
     "replayed_tool",
     "seal",
     "segment",
+    "ToolSpan",
     "tool",
-    "tool_failed",
     "tracer",
 ]
 
@@ -131,9 +131,9 @@ def tracer() -> Tracer | None:
     return got
 
 
-def current() -> Segment | None:
-    """The segment the calling task advances, when it is traced."""
-    return _SEGMENT.get()
+#: The segment the calling task advances when it is traced, else None: the one cheap
+#: check (a context variable read, no Python call) that guards every traced path.
+current = _SEGMENT.get
 
 
 class StepSpan:
@@ -326,27 +326,33 @@ def replayed_chat(provider: str, model: str, agent: str) -> None:
     t.start_span(f"chat {model}", attributes=attributes).end()
 
 
-def tool(name: str, call_id: str, idempotent: bool) -> AbstractContextManager[Span | None]:
-    """The ``execute_tool`` span of one tool call in a traced segment, current while it runs.
+class ToolSpan:
+    """The ``execute_tool`` span of one tool call, current (the parent of what the tool does) till it ends."""
 
-    Returns a no-op context outside a traced segment.
-    """
+    __slots__ = ("_token", "span")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self._token = otel_context.attach(otel.set_span_in_context(span))
+
+    def end(self, error: str | None = None) -> None:
+        """End the span; ``error`` (``"Type: message"``) when the call failed."""
+        span = self.span
+        if error is not None:
+            span.set_attribute("error.type", error.split(":", 1)[0])
+            span.set_status(otel.Status(otel.StatusCode.ERROR, error))
+        otel_context.detach(self._token)
+        span.end()
+
+
+def tool(name: str, call_id: str, idempotent: bool) -> ToolSpan | None:
+    """Start the ``execute_tool`` span of one tool call; None outside a traced segment."""
     seg = _SEGMENT.get()
     if seg is None:
-        return _NULL
-    t = seg._tracer
+        return None
     attributes = _tool_attributes(name, call_id, idempotent)
     attributes["agentflow.replayed"] = False
-    return _current(t, f"execute_tool {name}", attributes)
-
-
-def tool_failed(span: Span | None, error: str) -> None:
-    """A tool call failed (``error``: ``"Type: message"``): its span's status says so."""
-    if span is None:
-        return
-    kind = error.split(":", 1)[0]
-    span.set_attribute("error.type", kind)
-    span.set_status(otel.Status(otel.StatusCode.ERROR, error))
+    return ToolSpan(seg._tracer.start_span(f"execute_tool {name}", attributes=attributes))
 
 
 def replayed_tool(name: str, call_id: str, idempotent: bool) -> None:

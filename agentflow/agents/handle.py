@@ -416,7 +416,8 @@ class AgentHandle:
             return None
         raw = _reply_from_json(journaled)
         journal.replayed(raw.usage)
-        tracing.replayed_chat(self._provider.name, request.model, self.agent_name)
+        if tracing.current() is not None:
+            tracing.replayed_chat(self._provider.name, request.model, self.agent_name)
         return raw
 
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
@@ -425,18 +426,25 @@ class AgentHandle:
             return raw
         self._check_budget(request)
         permit = await self._turn(request)
-        with tracing.chat(self._provider.name, request.model, self.agent_name) as span:
-            if permit is None:
+        try:
+            if tracing.current() is None:
                 raw = await self._provider.complete(request)
             else:
-                try:
-                    raw = await self._provider.complete(request)
-                except BaseException:
-                    await permit.release(None)  # it may have been billed: its reservation stays
-                    raise
-                await permit.release(raw.usage.total_tokens)
-            tracing.end_chat(span, raw.usage, raw.model)
+                raw = await self._traced(request)
+        except BaseException:
+            if permit is not None:
+                await permit.release(None)  # it may have been billed: its reservation stays
+            raise
+        if permit is not None:
+            await permit.release(raw.usage.total_tokens)
         await self._journal_reply(key, raw)
+        return raw
+
+    async def _traced(self, request: ProviderRequest) -> ProviderReply:
+        """The provider's reply to ``request``, in a ``chat`` span (see :mod:`agentflow.tracing`)."""
+        with tracing.chat(self._provider.name, request.model, self.agent_name) as span:
+            raw = await self._provider.complete(request)
+            tracing.end_chat(span, raw.usage, raw.model)
         return raw
 
     async def _turn(self, request: ProviderRequest) -> Permit | None:

@@ -260,7 +260,8 @@ async def _run_calls(
         tool = tools.get(use.name)
         if found is not None:
             results[i] = ToolCall.from_json(found)
-            tracing.replayed_tool(use.name, use.call_id, tool is not None and tool.idempotent)
+            if tracing.current() is not None:
+                tracing.replayed_tool(use.name, use.call_id, tool is not None and tool.idempotent)
             continue
         error = None
         if tool is None:
@@ -510,29 +511,32 @@ async def _execute(handle: AgentHandle, keys: _Turn, use: ToolUse, tool: ToolLik
         async with asyncio.timeout(tool.timeout):
             return await coro
 
-    with tracing.tool(tool.name, use.call_id, tool.idempotent) as span:
-        try:
-            if tool.retry is None:
-                value = await attempt()
-            else:
-                value = None
-                async for trying in tool.retry.retrying():
-                    with trying:
-                        ctx.attempt = go.attempt + trying.retry_state.attempt_number - 1
-                        value = await attempt()
-            result = _jsonable(tool, value)
-            error = None
-        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
-            error = _error_text(exc)
-            tracing.tool_failed(span, error)
-    if error is not None:
+    span = tracing.tool(tool.name, use.call_id, tool.idempotent) if tracing.current() is not None else None
+    try:
+        if tool.retry is None:
+            value = await attempt()
+        else:
+            value = None
+            async for trying in tool.retry.retrying():
+                with trying:
+                    ctx.attempt = go.attempt + trying.retry_state.attempt_number - 1
+                    value = await attempt()
+        result = _jsonable(tool, value)
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        if span is not None:
+            span.end("Cancelled: the call was cut off")
+        raise
+    except Exception as exc:
+        error = _error_text(exc)
+        if span is not None:
+            span.end(error)
         duration = time.perf_counter() - started
         journal.emit(
             "tool_failed", {"call_id": use.call_id, "tool": tool.name, "error": error, "duration": duration}
         )
         return ToolCall(use.call_id, tool.name, arguments, None, error, duration, go.edited)
+    if span is not None:
+        span.end()
     duration = time.perf_counter() - started
     journal.emit("tool_completed", {"call_id": use.call_id, "tool": tool.name, "duration": duration})
     return ToolCall(use.call_id, tool.name, arguments, result, None, duration, go.edited)
