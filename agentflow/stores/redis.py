@@ -299,7 +299,9 @@ class RedisStore(RedisCredentials):
         record = record_of(run_id, keys.rec, raw)
         if record.lease_owner != owner:
             return None
-        self._known.remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"), keep=False)
+        # Kept (this process writes the run now): its status-changing commits file index
+        # entries without reading these first.
+        self._known.remember(run_id, raw.get(b"workflow"), raw.get(b"created_at"))
         loaded = LoadedRun(
             record,
             [make_output(run_id, keys.outputs, o) for o in outputs],
