@@ -3,6 +3,7 @@
 The runner is the front; each kind of call has its module beneath it:
 :mod:`agentflow.runner_control` (pause, resume, stop, delete),
 :mod:`agentflow.runner_decisions` (approve, reject, child runs' approvals),
+:mod:`agentflow.runner_recover` (taking over runs whose owner died),
 :mod:`agentflow.runner_rerun` (retry, fork) and :mod:`agentflow.runner_follow`
 (waiting for a run, its result, its events). ``RunHandle`` (:mod:`agentflow.handle`)
 calls them through the runner.
@@ -19,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from . import runner_control, runner_decisions, runner_follow, runner_rerun, runner_sync
+from . import runner_control, runner_decisions, runner_follow, runner_recover, runner_rerun, runner_sync
 from ._engine.run import new_run
 from ._engine.values import validate_input
-from ._runtime.leases import take_over
 from ._runtime.supervisor import Supervisor, queue_of
 from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
@@ -257,54 +257,7 @@ class WorkflowRunner:
         A pause or stop asked for while the owner was dead is honoured. A run that cannot
         be loaded fails alone with ``CorruptRecordError``; the others go on.
         """
-        sup = self.supervisor
-        handles = []
-        for name in self._specs:  # the workflow's runs, and those of its children
-            handles += await self._recover(sup.of(name))
-        for name in self._specs:
-            wsup = sup.of(name)
-            await wsup.timers.sweep()
-            wsup.watch_deadlines()
-            if wsup.spec.children:  # only a workflow that runs children has runs waiting on them
-                await self._check_parents(wsup)
-        return handles
-
-    async def _recover(self, sup: Supervisor) -> list[RunHandle]:
-        name = sup.spec.name
-        handles = []
-        while True:
-            ids = [i for i in await self.store.recoverable(name, 100) if i not in sup.local]
-            taken = 0
-            for run_id in ids:
-                try:
-                    await sup.transition(run_id, take_over(name))
-                except (AgentflowError, RunNotFoundError):
-                    continue
-                taken += 1
-                if run_id in sup.local:
-                    handles.append(RunHandle(self, run_id, sup.local[run_id]))
-            if len(ids) < 100 or not taken:
-                break
-        return handles
-
-    async def _check_parents(self, sup: Supervisor) -> None:
-        """Resume the waiting runs of ``sup``'s workflow whose child runs all ended.
-
-        A process that finished a run's last child and died before it resumed the
-        parent leaves it waiting: its check-back deadline finds it later, this at once.
-        """
-        after = None
-        while True:
-            page = await self.store.list_runs(sup.spec.name, RunStatus.WAITING, 100, after)
-            for r in page:
-                if isinstance(r.pending, dict) and r.pending.get("kind") == "children":
-                    try:
-                        await sup.watch.check(r.run_id, rearm=True)
-                    except AgentflowError:
-                        continue
-            if len(page) < 100:
-                return
-            after = page[-1].run_id
+        return await runner_recover.recover(self)
 
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it, its child runs too; False when there was no such run.
