@@ -153,7 +153,7 @@ class RedisStore(RedisCredentials):
         self._updates = Updates(
             self._wire, self._index, self.keys, ttl, self._nonce, self._known.remember, self._approvals
         )
-        self._queue = StreamQueue(client, key_prefix, cluster)
+        self._queue = StreamQueue(client, key_prefix, cluster, self._wire)
         self._ttl_arg = b"%d" % self._ttl_ms()
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()

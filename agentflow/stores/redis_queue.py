@@ -14,6 +14,7 @@ seconds while all are empty) instead of blocking on all at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from ..errors import StoreError
 from . import contract
 from .contract import Claim, QueueDepth
 from .keys import escape
+from .redis_wire import Wire
 
 __all__ = ["POLL_INTERVAL", "StreamQueue"]
 
@@ -37,10 +39,16 @@ _BLOCK_MAX = 1.0
 
 
 class StreamQueue:
-    """``WorkQueue`` on a ``redis.asyncio.Redis`` or ``RedisCluster`` client."""
+    """``WorkQueue`` on a ``redis.asyncio.Redis`` or ``RedisCluster`` client.
 
-    def __init__(self, client: Any, prefix: str, cluster: bool) -> None:
+    With the store's ``wire``, entries are queued and acknowledged through its shared,
+    pipelined connection (with the commits in flight, no pooled connection of their own);
+    blocking reads and the rest go through ``client``.
+    """
+
+    def __init__(self, client: Any, prefix: str, cluster: bool, wire: Wire | None = None) -> None:
         self._client = client
+        self._wire = wire
         self._prefix = prefix
         self._cluster = cluster
         self._groups: set[str] = set()  # streams whose group this object made sure of
@@ -72,6 +80,11 @@ class StreamQueue:
     async def enqueue(self, workflow: str, run_id: str) -> None:
         key = self.key(workflow)
         await self._group(key)
+        wire = self._wire
+        if wire is not None:
+            command = [b"XADD", key.encode(), b"*", b"run", run_id.encode()]
+            await self._call(f"queueing run {run_id}", lambda: wire.call([command]))
+            return
         await self._call(f"queueing run {run_id}", lambda: self._client.xadd(key, {"run": run_id}))
 
     async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
@@ -139,7 +152,13 @@ class StreamQueue:
         by_key: dict[str, list[str]] = {}
         for c in claims:
             by_key.setdefault(self.key(c.workflow), []).append(c.receipt)
+        wire = self._wire
         for key, ids in by_key.items():
+            if wire is not None:  # one round trip, with whatever else is in flight (one key: one node)
+                name, entries = key.encode(), [i.encode() for i in ids]
+                commands = [[b"XACK", name, GROUP.encode(), *entries], [b"XDEL", name, *entries]]
+                await self._call("acknowledging queue entries", functools.partial(wire.call, commands))
+                continue
 
             async def done(key: str = key, ids: list[str] = ids) -> None:
                 pipe = self._client.pipeline(transaction=False)  # one round trip (one key: one node)
