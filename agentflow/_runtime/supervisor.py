@@ -33,7 +33,6 @@ from ..errors import (
     LeaseLostError,
     RunNotFoundError,
     StoreError,
-    WorkflowDefinitionError,
 )
 from ..stores.contract import (
     Change,
@@ -43,12 +42,12 @@ from ..stores.contract import (
     LoadedRun,
     RunRecord,
     Store,
-    TakesRuns,
-    WorkQueue,
 )
 from ..types import FINAL, RunEvent, RunStatus
+from . import handover
 from .children import ChildWatch
-from .leases import LeaseKeeper, take_over
+from .handover import queue_of
+from .leases import LeaseKeeper
 from .limits import limiter_for
 from .listeners import ApprovalListener, announce_decided, announce_pending
 from .notify import Notifier
@@ -338,82 +337,11 @@ class Supervisor:
 
     async def hand_over(self, run_id: str, lease: Lease) -> None:
         """Let go of a run this process just took, and queue it for the workers of its workflow."""
-
-        def release(rec: RunRecord, now: float) -> Change | None:
-            if rec.lease_owner != lease.owner or rec.lease_token != lease.token:
-                return None  # a retry after a lost reply, or someone else's already
-            return Change(dataclasses.replace(rec, lease_owner=None, lease_expires=0.0), [])
-
-        rec = await self.update(run_id, release)
-        if rec is not None and rec.status == RunStatus.RUNNING and rec.lease_owner is None:
-            await queue_of(self.store).enqueue(rec.workflow, run_id)
+        await handover.hand_over(self, run_id, lease)
 
     async def claim(self, run_id: str, workflow: str, handed_after: float = 0.0) -> str | None:
-        """Take a run a worker claimed from the queue, and advance it here.
-
-        Returns ``"handed"`` (it had no owner), ``"recovered"`` (its owner died), or None
-        when it is not this process's to take. With ``handed_after``, a run without an
-        owner is taken only once it has waited that long (its queue entry was lost).
-
-        A run handed over (no owner) is taken as it is; one whose owner died is recovered
-        (a ``resumed`` event says so). A run that is not running, is held by a live owner,
-        or is of another workflow is left alone.
-
-        Raises:
-            RunNotFoundError: the run no longer exists.
-        """
-        claiming = self.root._claiming
-        while (other := claiming.get(run_id)) is not None:
-            await other.wait()  # one attempt at a time here (they share the owner): then look again
-        if run_id in self.local:
-            return None
-        done = claiming[run_id] = asyncio.Event()
-        try:
-            return await self._claim(run_id, workflow, handed_after)
-        finally:
-            del claiming[run_id]
-            done.set()
-
-    async def _claim(self, run_id: str, workflow: str, handed_after: float) -> str | None:
-        sup = self.of(workflow) if workflow in self.specs else self
-        store = self.store
-        if not handed_after and sup.execute and isinstance(store, TakesRuns):
-            # The common case, a run handed over: its lease and load in one operation.
-            got = await store.take(run_id, workflow, self.owner, self.lease_ttl)
-            if got is not None:
-                await sup.adopt(run_id, *got)
-                return "handed"
-        taken: list[int] = []
-        recovered_from: list[str] = []
-
-        def take(rec: RunRecord, now: float) -> Change | None:
-            if rec.status != RunStatus.RUNNING or rec.workflow != workflow:
-                return None
-            if rec.lease_owner is not None:
-                recovered = take_over(workflow)(rec, now)  # its owner died...
-                if recovered is None:
-                    return None  # ...or is alive
-                out, lease = apply(rec, now, recovered, self.owner, self.lease_ttl)
-                if lease is not None:
-                    taken.append(lease.token)
-                    recovered_from.append(rec.lease_owner)
-                return out
-            if handed_after and rec.updated_at > now - handed_after:
-                return None  # handed over just now: its queue entry is on its way to a worker
-            token = rec.lease_token + 1
-            taken.append(token)
-            leased = dataclasses.replace(
-                rec, lease_owner=self.owner, lease_token=token, lease_expires=now + self.lease_ttl
-            )
-            return Change(leased, [])
-
-        rec = await self.update(run_id, take)
-        if rec is None:
-            raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {workflow!r}")
-        if rec.lease_owner != self.owner or rec.lease_token not in taken:
-            return None
-        await sup.adopt(run_id, Lease(self.owner, rec.lease_token))
-        return "recovered" if recovered_from else "handed"
+        """Take a run a worker claimed from the queue, and advance it here (see :func:`handover.claim`)."""
+        return await handover.claim(self, run_id, workflow, handed_after)
 
     async def transition(self, run_id: str, fn: Callable[[RunRecord, float], Transition | None]) -> RunRecord:
         """Apply a decision-like change through the store; adopt the run when it resumes here.
@@ -538,17 +466,3 @@ class Supervisor:
             await sup.timers.close()
             if sup.pools is not None:
                 await sup.pools.aclose()
-
-
-def queue_of(store: Store) -> WorkQueue:
-    """``store`` as the work queue runs are handed over through.
-
-    Raises:
-        WorkflowDefinitionError: the store keeps no work queue (it cannot serve workers).
-    """
-    if not isinstance(store, WorkQueue):
-        raise WorkflowDefinitionError(
-            f"the store {type(store).__name__} keeps no work queue, so runs cannot be handed to "
-            "workers through it; use the memory, SQLite, Redis or Postgres store"
-        )
-    return store
