@@ -108,6 +108,24 @@ async def test_a_run_of_a_workflow_no_worker_serves_waits_for_one_that_does(stor
     assert result.status == RunStatus.COMPLETED and RAN == ["A", "B", "C"]
 
 
+async def test_a_postgres_take_sent_again_after_a_lost_reply_takes_the_run_once(make_store) -> None:
+    from agentflow.stores.postgres import PostgresStore
+
+    store = make_store("postgres")
+    assert isinstance(store, PostgresStore)
+    async with WorkflowRunner(_pipeline(), store=store, execute=False) as client:
+        handle = await client.run()  # handed over: running, no owner
+        first = await store._take(handle.run_id, "Pipeline", "w1", 30, "nonce-1")
+        # The same statement again (what a retry sends when the first reply was lost):
+        # the run as the first attempt took it, not a second token.
+        again = await store._take(handle.run_id, "Pipeline", "w1", 30, "nonce-1")
+        assert first is not None and again is not None
+        assert again[0] == first[0] and again[1].record.lease_token == first[0].token
+        assert (await store.get(handle.run_id)).lease_token == first[0].token  # type: ignore[union-attr]
+        # Another call (another nonce) finds it owned.
+        assert await store._take(handle.run_id, "Pipeline", "w1", 30, "nonce-2") is None
+
+
 async def test_a_worker_claims_no_more_than_its_concurrency(store: Store) -> None:
     gate = asyncio.Event()
     most = 0
@@ -222,7 +240,7 @@ async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, k
     assert max(lags) < 0.4, lags
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis_cluster"])
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster", "postgres"])
 async def test_a_run_handed_over_is_taken_in_one_operation_and_only_then(make_store, kind) -> None:
     from agentflow.stores.contract import Commit, TakesRuns
 

@@ -20,7 +20,8 @@ One write is one transaction:
   returns what the first attempt wrote instead of applying the change twice.
 * ``create`` inserts the row (``ON CONFLICT DO NOTHING``), its events and approvals; its
   nonce in ``created_by`` lets a retry recognise the run it created.
-* ``renew`` and ``delete`` are one statement each.
+* ``renew`` and ``delete`` are one statement each; so is ``take`` (a worker's lease
+  and load of a run handed over, :mod:`agentflow.stores.postgres_take`).
 
 Leases are judged by the database's clock only (``statement_timestamp()``), so machines
 whose clocks disagree never take each other's runs. ``key_prefix`` is a column
@@ -61,6 +62,7 @@ from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
 from .postgres_credentials import PgCredentials
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
+from .postgres_take import PgTake
 
 __all__ = ["PostgresStore"]
 
@@ -73,7 +75,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore(pgqueue.QueueAndFeed, PgCredentials):
+class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.
