@@ -240,7 +240,7 @@ async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, k
     assert max(lags) < 0.4, lags
 
 
-@pytest.mark.parametrize("kind", ["redis", "redis_cluster", "postgres"])
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster", "postgres", "sqlite"])
 async def test_a_run_handed_over_is_taken_in_one_operation_and_only_then(make_store, kind) -> None:
     from agentflow.stores.contract import Commit, TakesRuns
 

@@ -14,7 +14,8 @@ Where calls run (on the event loop's thread, or on the store's own): see
 
 One operation is one transaction: a commit's fence check and hot-row write (one
 ``UPDATE ... RETURNING``) with its appended rows, an update's read, ``change`` and
-write, a load's three reads.
+write, a load's three reads, a worker's take of a run handed over (its lease, then
+those reads: :mod:`agentflow.stores.sqlite_take`).
 
 Concurrency. WAL mode, so readers never block the writer. Every read-modify-write
 starts with ``BEGIN IMMEDIATE``: it takes the write lock before reading, so two
@@ -74,6 +75,7 @@ from .codec import (
 from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord, claim_waiting
 from .sqlite_calls import Durability, _close, _forks, _Job, _Pending
 from .sqlite_credentials import SqliteCredentials
+from .sqlite_take import SqliteTake
 
 __all__ = ["Durability", "SqliteStore"]
 
@@ -83,7 +85,7 @@ PURGE_BATCH = 200
 _STATUS_AT = sqlrows.HOT.index("status")
 
 
-class SqliteStore(SqliteCredentials):
+class SqliteStore(SqliteCredentials, SqliteTake):
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
     The file is opened on first use, by the store's own thread. See the module
