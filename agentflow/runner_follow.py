@@ -35,6 +35,7 @@ async def until(
     """
     sup = runner.supervisor
     deadline = None if timeout is None else time.monotonic() + timeout
+    quiet = 0  # backstop looks in a row that no push preceded (they grow rarer, see poll_interval)
     while True:
         live = sup.local.get(run_id)
         if live is not None and not live.finished:
@@ -45,7 +46,7 @@ async def until(
                 raise TimeoutError(f"run {run_id} did not get there within {timeout} s") from None
             if live.failure is not None:
                 raise live.failure
-        poll = sup.poll_interval()
+        poll = sup.poll_interval(quiet=quiet)
         ev = sup.notifier.arm(run_id)  # before the read: a change pushed meanwhile wakes the wait
         try:
             rec = await runner._record(run_id)
@@ -62,6 +63,7 @@ async def until(
             raise TimeoutError(f"run {run_id} did not get there within {timeout} s")
         left = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
         await sup.notifier.wait(run_id, ev, left)
+        quiet = 0 if ev.is_set() else quiet + 1
 
 
 async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> RunResult:

@@ -58,8 +58,12 @@ __all__ = ["Supervisor", "queue_of", "stop_change"]
 
 #: Seconds between two looks at the store for a run another process advances (no feed).
 _POLL = 0.1
-#: The same, as a backstop, while a store's change feed wakes watchers.
+#: The same, as a backstop, while a store's change feed wakes watchers: the first look
+#: after a read, and every look while the feed is cut.
 _POLL_PUSHED = 1.0
+#: The backstop's longest interval: it doubles from ``_POLL_PUSHED`` with each look in a
+#: row that no push preceded, while the feed is up (a lost push is seen within this).
+_POLL_QUIET = 4.0
 
 log = logging.getLogger("agentflow")
 
@@ -127,6 +131,7 @@ class Supervisor:
             #: supervisor of the family: a webhook sender registers once, on the first.
             self.listeners: list[ApprovalListener] = []
             self._feed: asyncio.Task[None] | None = None
+            self._feed_up = False  # the feed is subscribed or subscribing (not cut)
             self._claiming: dict[str, asyncio.Event] = {}  # runs a claim here is taking now
         else:
             self.execute = root.execute
@@ -163,13 +168,15 @@ class Supervisor:
         assert self.pools is not None
         return self.pools.accessor(journal)
 
-    def poll_interval(self, every_step: bool = False) -> float:
+    def poll_interval(self, every_step: bool = False, quiet: int = 0) -> float:
         """Seconds between two looks at the store for a run another process advances.
 
         On a store that pushes changes (``ChangeFeed``: Redis, Postgres) the feed wakes
-        watchers at once and the store is looked at every second only as a backstop;
-        otherwise every 100 ms. A watcher of ``every_step`` (a run's events) looks every
-        100 ms in any case: a store may push only status changes (Postgres does).
+        watchers at once and the store is looked at only as a backstop, for a push that
+        was lost: 1 s after a read, doubling with each of the ``quiet`` looks in a row that
+        no push preceded, up to 4 s; every second while the feed is cut. Otherwise every
+        100 ms. A watcher of ``every_step`` (a run's events) looks every 100 ms in any
+        case: a store may push only status changes (Postgres does).
         """
         store = self.store
         if not isinstance(store, ChangeFeed):
@@ -177,17 +184,24 @@ class Supervisor:
         root = self.root
         if root._feed is None or root._feed.done():
             root._feed = asyncio.get_running_loop().create_task(root._feeding(store), name="agentflow:feed")
-        return _POLL if every_step else _POLL_PUSHED
+        if every_step:
+            return _POLL
+        if quiet <= 0 or not root._feed_up:
+            return _POLL_PUSHED
+        return min(_POLL_QUIET, _POLL_PUSHED * (1 << min(quiet, 8)))
 
     async def _feeding(self, store: ChangeFeed) -> None:
         """Wake this process's watchers on every change the store pushes, reconnecting when cut."""
         while not self.stopping:
+            self._feed_up = True
             try:
                 await store.changes(self.notifier.notify)
             except StoreError as exc:
                 log.warning("the store's change feed was cut (%s); watchers poll until it is back", exc)
                 self.notifier.wake_all()  # what changed meanwhile is read from the store
                 await asyncio.sleep(_POLL_PUSHED)
+            finally:
+                self._feed_up = False
 
     def watch_deadlines(self) -> None:
         """Enforce gate deadlines of this workflow while this runner lives."""
