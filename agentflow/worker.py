@@ -37,8 +37,8 @@ from .definition.workflow import Workflow
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .runner import WorkflowRunner
 from .steward import Steward
-from .stores import contract
-from .stores.contract import Claim, QueueDepth, Store, WorkQueue
+from .stores.capabilities import REDELIVER_AFTER, Claim, QueueDepth, WorkQueue
+from .stores.contract import Store
 from .types import RunStatus
 
 __all__ = ["Worker", "WorkerStatistics"]
@@ -324,7 +324,7 @@ class Worker:
                         try:
                             # Runs just handed over are the queue's to deliver (in order);
                             # one whose entry was lost (its client died) is taken later.
-                            await self._take(runner, run_id, name, contract.REDELIVER_AFTER)
+                            await self._take(runner, run_id, name, REDELIVER_AFTER)
                         except AgentflowError:
                             continue  # gone, or someone else's now
                 except AgentflowError as exc:

@@ -22,7 +22,7 @@ from agentflow import END, START, Agent, Next, RateLimit, Workflow, WorkflowDefi
 from agentflow._runtime.limits import limiter_for
 from agentflow.agents.pool import limit_key
 from agentflow.stores import MemoryStore, Store
-from agentflow.stores.contract import Quota, RateLimits
+from agentflow.stores.capabilities import Quota, RateLimits
 from agentflow.stores.limits import SLOT_POLL, ProcessLimits
 from agentflow.testing import ScriptedProvider
 

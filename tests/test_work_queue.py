@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from agentflow.stores import contract
-from agentflow.stores.contract import WorkQueue
+from agentflow.stores import capabilities
+from agentflow.stores.capabilities import WorkQueue
 
 QUEUE_KINDS = ("memory", "sqlite", "redis", "postgres")
 
@@ -43,7 +43,7 @@ async def test_a_claimed_entry_is_not_delivered_again_unless_its_consumer_never_
     c1, _ = await queue.claim(["A"], "dead-worker", 2, 0)
     await queue.ack([c1])
     assert await queue.claim(["A"], "w2", 10, 0) == []
-    monkeypatch.setattr(contract, "REDELIVER_AFTER", 0.05)
+    monkeypatch.setattr(capabilities, "REDELIVER_AFTER", 0.05)
     await asyncio.sleep(0.1)
     (again,) = await queue.claim(["A"], "w2", 10, 0)
     assert again.run_id == "r2"  # the dead worker's unacknowledged entry, to another worker

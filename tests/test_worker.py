@@ -208,7 +208,7 @@ async def test_a_durable_timer_of_a_client_run_fires_in_the_worker(store: Store)
 
 @pytest.mark.parametrize("kind", ["redis", "postgres"])
 async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, kind) -> None:
-    from agentflow.stores.contract import ChangeFeed
+    from agentflow.stores.capabilities import ChangeFeed
 
     client_store = make_store(kind, key_prefix="feed:")
     worker_store = make_store(kind, key_prefix="feed:")
@@ -242,7 +242,8 @@ async def test_the_feed_wakes_a_client_as_soon_as_a_worker_commits(make_store, k
 
 @pytest.mark.parametrize("kind", ["redis", "redis_cluster", "postgres", "sqlite"])
 async def test_a_run_handed_over_is_taken_in_one_operation_and_only_then(make_store, kind) -> None:
-    from agentflow.stores.contract import Commit, TakesRuns
+    from agentflow.stores.capabilities import TakesRuns
+    from agentflow.stores.contract import Commit
 
     store = make_store(kind)
     assert isinstance(store, TakesRuns)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from .._engine.gates import apply
 from ..errors import RunNotFoundError, WorkflowDefinitionError
-from ..stores.contract import Change, Lease, RunRecord, Store, TakesRuns, WorkQueue
+from ..stores.capabilities import TakesRuns, WorkQueue
+from ..stores.contract import Change, Lease, RunRecord, Store
 from ..types import RunStatus
 from .leases import take_over
 

@@ -1,6 +1,6 @@
 """Agents' rate limits: the turns the pools ask for, taken from the store or within the process.
 
-A store that keeps limits (:class:`~agentflow.stores.contract.RateLimits`: Redis,
+A store that keeps limits (:class:`~agentflow.stores.capabilities.RateLimits`: Redis,
 Postgres, SQLite) makes them hold across every process sharing it; for the others
 (memory, a store of your own without them) one
 :class:`~agentflow.stores.limits.ProcessLimits` per process stands in, so a limit
@@ -24,7 +24,8 @@ from itertools import count
 
 from ..agents.config import RateLimit
 from ..errors import StoreError
-from ..stores.contract import Quota, RateLimits, Store
+from ..stores.capabilities import Quota, RateLimits
+from ..stores.contract import Store
 from ..stores.limits import process_limits
 
 __all__ = ["HOLD", "StoreLimiter", "limiter_for"]

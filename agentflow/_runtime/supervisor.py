@@ -34,15 +34,8 @@ from ..errors import (
     RunNotFoundError,
     StoreError,
 )
-from ..stores.contract import (
-    Change,
-    ChangeFeed,
-    Commit,
-    Lease,
-    LoadedRun,
-    RunRecord,
-    Store,
-)
+from ..stores.capabilities import ChangeFeed
+from ..stores.contract import Change, Commit, Lease, LoadedRun, RunRecord, Store
 from ..types import FINAL, RunEvent, RunStatus
 from . import handover
 from .children import ChildWatch

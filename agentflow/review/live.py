@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ..errors import StoreError
-from ..stores.contract import ChangeFeed
+from ..stores.capabilities import ChangeFeed
 
 __all__ = ["Watch"]
 

@@ -7,7 +7,7 @@ someone who reads the store cannot sign in. ``token_id`` names the one hash a to
 checked against. A reviewer may hold several tokens; ``remove`` revokes all of them,
 and a session made with a revoked token ends at its next request (:meth:`Reviewers.valid`).
 
-The store must have the :class:`~agentflow.stores.contract.Credentials` capability
+The store must have the :class:`~agentflow.stores.capabilities.Credentials` capability
 (the memory, SQLite, Redis and PostgreSQL stores do). Its records::
 
     review:token:<token_id>   {"name", "token_id", "hash", "created_at"}
@@ -35,7 +35,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from ..errors import InvalidInputError, StoreError, WorkflowDefinitionError
-from ..stores.contract import Credentials, Store
+from ..stores.capabilities import Credentials
+from ..stores.contract import Store
 
 __all__ = ["MAX_NAME", "Reviewer", "Reviewers"]
 

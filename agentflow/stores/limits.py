@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .contract import Quota
+from .capabilities import Quota
 
 __all__ = ["SLOT_POLL", "ProcessLimits", "Window", "process_limits", "verdict"]
 
@@ -108,7 +108,7 @@ class Window:
 
 
 class ProcessLimits:
-    """:class:`~agentflow.stores.contract.RateLimits` within one process (any thread, any loop).
+    """:class:`~agentflow.stores.capabilities.RateLimits` within one process (any thread, any loop).
 
     The fallback for stores that keep no limits: the runners of one process share
     it, so a limit holds across them, but not across processes.

@@ -24,6 +24,7 @@ import pydantic_core
 
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
+from .capabilities import Claim, QueueDepth
 from .codec import (
     RECORD_FIELDS,
     check_commit_fields,
@@ -36,18 +37,7 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import (
-    Change,
-    ChangeFn,
-    Claim,
-    Commit,
-    Lease,
-    LoadedRun,
-    OutputRecord,
-    QueueDepth,
-    RunRecord,
-    Store,
-)
+from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, OutputRecord, RunRecord, Store
 from .memory_credentials import MemoryCredentials
 from .memory_index import ApprovalIndex, RunIndex, SortKey
 from .memory_queue import MemoryQueue

@@ -8,8 +8,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from . import contract
-from .contract import Claim, QueueDepth
+from . import capabilities
+from .capabilities import Claim, QueueDepth
 
 __all__ = ["MemoryQueue"]
 
@@ -35,13 +35,13 @@ class MemoryQueue:
             return self._take(workflows, limit)
 
         # Looked at again every second for redeliveries too.
-        return await contract.claim_waiting(attempt, self._arrived, wait, 1.0)
+        return await capabilities.claim_waiting(attempt, self._arrived, wait, 1.0)
 
     def _take(self, workflows: Sequence[str], limit: int) -> list[Claim]:
         now = time.time()
         out: list[Claim] = []
         for receipt, (claim, at) in list(self._claimed.items()):
-            if len(out) < limit and claim.workflow in workflows and now - at >= contract.REDELIVER_AFTER:
+            if len(out) < limit and claim.workflow in workflows and now - at >= capabilities.REDELIVER_AFTER:
                 self._claimed[receipt] = (claim, now)
                 out.append(claim)
         heads = [(q[0][2], wf) for wf in workflows if (q := self._waiting.get(wf))]

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 
-from .contract import Quota
+from .capabilities import Quota
 from .limits import verdict
 
 __all__ = ["SCHEMA", "Quota", "acquire", "ensure", "release", "renew"]
@@ -100,7 +100,7 @@ async def _ready(conn: Conn, job: Callable[[], Awaitable[T]]) -> T:
 async def acquire(
     conn: Conn, ns: str, key: str, ticket: str, quota: Quota, tokens: int
 ) -> tuple[float, str | None]:
-    """:meth:`~agentflow.stores.contract.RateLimits.acquire_limit` in one transaction."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.acquire_limit` in one transaction."""
     return await _ready(conn, lambda: _acquire(conn, ns, key, ticket, quota, tokens))
 
 
@@ -133,7 +133,7 @@ async def _acquire(
 
 
 async def renew(conn: Conn, ns: str, key: str, ticket: str, quota: Quota) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.renew_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.renew_limit`."""
 
     async def job() -> None:
         await conn.execute(_RENEW, (quota.hold, ns, key, ticket))
@@ -142,7 +142,7 @@ async def renew(conn: Conn, ns: str, key: str, ticket: str, quota: Quota) -> Non
 
 
 async def release(conn: Conn, ns: str, key: str, ticket: str, tokens: int | None) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.release_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.release_limit`."""
 
     async def job() -> None:
         async with conn.transaction():

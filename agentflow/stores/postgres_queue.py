@@ -23,8 +23,8 @@ from typing import Any
 import psycopg
 
 from ..errors import StoreError
-from . import contract
-from .contract import Claim, QueueDepth
+from . import capabilities
+from .capabilities import Claim, QueueDepth
 from .postgres_pool import Connections
 from .postgres_schema import CHANGES, NOW, QUEUE, QUEUED
 
@@ -56,7 +56,7 @@ def claims_of(rows: Sequence[Any]) -> list[Claim]:
 
 
 def redeliver_after() -> float:
-    return contract.REDELIVER_AFTER
+    return capabilities.REDELIVER_AFTER
 
 
 def depth_of(row: Any) -> QueueDepth:
@@ -197,7 +197,7 @@ class QueueAndFeed:
             queued = listener.queued()
             await listener.ready()
         # A notification wakes the wait; half a second bounds a lost one.
-        return await contract.claim_waiting(attempt, queued, wait, 0.5)
+        return await capabilities.claim_waiting(attempt, queued, wait, 0.5)
 
     async def ack(self, claims: Sequence[Claim]) -> None:
         """Delete the acknowledged entries."""

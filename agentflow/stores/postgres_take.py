@@ -1,6 +1,6 @@
 """The PostgreSQL store's ``take``: a run handed over leased and loaded in one statement.
 
-One round trip (see :class:`~agentflow.stores.contract.TakesRuns`): an ``UPDATE ...
+One round trip (see :class:`~agentflow.stores.capabilities.TakesRuns`): an ``UPDATE ...
 RETURNING`` gives a running run of the workflow without an owner the next lease token,
 and the same statement reads the run's outputs and journal (one snapshot, one
 transaction). The update leaves the call's nonce in ``written_by``; the statement sent

@@ -52,6 +52,7 @@ from redis.asyncio.cluster import RedisCluster
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from . import lua, redis_feed, redis_limits
+from .capabilities import Claim, QueueDepth
 from .codec import (
     check_commit_fields,
     deadline_of,
@@ -64,11 +65,9 @@ from .codec import (
 )
 from .contract import (
     ChangeFn,
-    Claim,
     Commit,
     Lease,
     LoadedRun,
-    QueueDepth,
     RunRecord,
     Store,
     indexed_approvals,
@@ -278,7 +277,7 @@ class RedisStore(RedisCredentials):
         """Take the lease of a run handed over and load it, in one round trip (``TakesRuns``).
 
         Returns None, changing nothing, unless the run is running, of ``workflow`` and
-        without an owner (see :class:`~agentflow.stores.contract.TakesRuns`).
+        without an owner (see :class:`~agentflow.stores.capabilities.TakesRuns`).
         """
         keys = self.keys.run(run_id)
         rec, _, outs, jour = (k.encode() for k in keys)

@@ -25,7 +25,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from ..errors import StoreError
-from .contract import Quota
+from .capabilities import Quota
 from .keys import limit_keys
 from .limits import SLOT_POLL
 
@@ -155,7 +155,7 @@ def _n(value: int | None) -> int:
 async def acquire(
     client: Any, prefix: str, key: str, ticket: str, quota: Quota, tokens: int
 ) -> tuple[float, str | None]:
-    """:meth:`~agentflow.stores.contract.RateLimits.acquire_limit` in one script."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.acquire_limit` in one script."""
     args = [
         ticket,
         _n(quota.requests),
@@ -173,12 +173,12 @@ async def acquire(
 
 
 async def renew(client: Any, prefix: str, key: str, ticket: str, quota: Quota) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.renew_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.renew_limit`."""
     args = [ticket, repr(float(quota.hold)), _ttl_ms(quota)]
     await _run(client, RENEW, limit_keys(prefix, key), args, f"renewing a slot of rate limit {key!r}")
 
 
 async def release(client: Any, prefix: str, key: str, ticket: str, tokens: int | None) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.release_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.release_limit`."""
     args = [ticket, "" if tokens is None else max(0, tokens)]
     await _run(client, RELEASE, limit_keys(prefix, key), args, f"releasing a turn of rate limit {key!r}")

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 from redis import exceptions as redis_errors
 
 from ..errors import StoreError
-from . import contract
-from .contract import Claim, QueueDepth
+from . import capabilities
+from .capabilities import Claim, QueueDepth
 from .keys import escape
 from .redis_wire import Wire
 
@@ -130,7 +130,7 @@ class StreamQueue:
     async def _redeliver(self, names: dict[str, str], consumer: str, limit: int) -> list[Claim]:
         """Entries a dead consumer claimed and never acknowledged (looked for now and then)."""
         now = time.monotonic()
-        idle = contract.REDELIVER_AFTER
+        idle = capabilities.REDELIVER_AFTER
         out: list[Claim] = []
         for key, wf in names.items():
             if now - self._reclaimed.get(key, 0.0) < min(idle / 4, 5.0) or len(out) >= limit:

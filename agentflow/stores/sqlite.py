@@ -61,6 +61,7 @@ from . import sqlite_limits as sqllimits
 from . import sqlite_queue as sqlqueue
 from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
+from .capabilities import Claim, QueueDepth, claim_waiting
 from .codec import (
     check_commit_fields,
     check_record,
@@ -72,7 +73,7 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import Change, Claim, Commit, Lease, LoadedRun, QueueDepth, RunRecord, claim_waiting
+from .contract import Change, Commit, Lease, LoadedRun, RunRecord
 from .sqlite_calls import Durability, _close, _forks, _Job, _Pending
 from .sqlite_credentials import SqliteCredentials
 from .sqlite_take import SqliteTake

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .contract import Quota
+from .capabilities import Quota
 from .limits import verdict
 from .sqlite_rows import transaction
 
@@ -55,7 +55,7 @@ def _ready(db: sqlite3.Connection, job: Callable[[], T]) -> T:
 def acquire(
     db: sqlite3.Connection, ns: str, key: str, ticket: str, quota: Quota, tokens: int
 ) -> tuple[float, str | None]:
-    """:meth:`~agentflow.stores.contract.RateLimits.acquire_limit` in one transaction."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.acquire_limit` in one transaction."""
 
     def job() -> tuple[float, str | None]:
         with transaction(db):
@@ -98,7 +98,7 @@ def acquire(
 
 
 def renew(db: sqlite3.Connection, ns: str, key: str, ticket: str, quota: Quota) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.renew_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.renew_limit`."""
 
     def job() -> None:
         with transaction(db):
@@ -111,7 +111,7 @@ def renew(db: sqlite3.Connection, ns: str, key: str, ticket: str, quota: Quota) 
 
 
 def release(db: sqlite3.Connection, ns: str, key: str, ticket: str, tokens: int | None) -> None:
-    """:meth:`~agentflow.stores.contract.RateLimits.release_limit`."""
+    """:meth:`~agentflow.stores.capabilities.RateLimits.release_limit`."""
 
     def job() -> None:
         with transaction(db):

@@ -14,8 +14,8 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from . import contract
-from .contract import Claim, QueueDepth
+from . import capabilities
+from .capabilities import Claim, QueueDepth
 from .sqlite_rows import transaction
 from .sqlite_schema import QUEUE
 
@@ -44,7 +44,7 @@ def claim(
         rows = db.execute(
             f"SELECT id, workflow, run_id, enqueued_at FROM {QUEUE} WHERE ns = ? AND workflow IN ({marks}) "
             "AND (claimed_at IS NULL OR claimed_at <= ?) ORDER BY id LIMIT ?",
-            (ns, *workflows, now - contract.REDELIVER_AFTER, limit),
+            (ns, *workflows, now - capabilities.REDELIVER_AFTER, limit),
         ).fetchall()
         db.executemany(
             f"UPDATE {QUEUE} SET claimed_by = ?, claimed_at = ? WHERE id = ?",

@@ -1,7 +1,7 @@
 """The SQLite store's ``take``: a run handed over leased and loaded in one transaction.
 
 What ``update`` (giving the run an owner) and ``load`` do one after the other, in one
-write transaction (see :class:`~agentflow.stores.contract.TakesRuns`): an ``UPDATE``
+write transaction (see :class:`~agentflow.stores.capabilities.TakesRuns`): an ``UPDATE``
 gives a running run of the workflow without an owner the next lease token, and only
 when it matched are the record, its outputs and its journal read, under the same lock.
 The file is on this machine, so there is no reply to lose: the transaction committed

@@ -12,7 +12,8 @@ import asyncio
 import pytest
 
 from ..errors import StoreError
-from ..stores.contract import Credentials, Store
+from ..stores.capabilities import Credentials
+from ..stores.contract import Store
 from .store_builders import StoreFactory, record, started
 
 __all__ = ["CredentialConformance", "DurableCredentialConformance"]
