@@ -12,11 +12,10 @@ calls them through the runner.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel
 
@@ -28,6 +27,7 @@ from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
 from .stores import open_store
+from .stores.capabilities import CreatesQueued
 from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
@@ -116,6 +116,7 @@ class WorkflowRunner:
         self._sender: WebhookSender | None = None  # the persistence's webhooks, sent from here
         self._lease_ttl = ttl
         self.execute = execute
+        self._creates_queued: bool | None = None  # the store has CreatesQueued (looked at once)
         # The event loop the runs advance in (set with the supervisor), and the thread
         # that runs one for run_sync(): see agentflow.runner_sync.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,16 +189,29 @@ class WorkflowRunner:
         inp = validate_input(spec, input)
         sup = self.supervisor
         run_id = run_id or os.urandom(16).hex()
-        rec, run, events = new_run(sup, run_id, inp, {"workflow": spec.name})
+        rec, run, events = new_run(sup, run_id, inp, {"workflow": spec.name}, owned=self.execute)
         if not self.execute:  # a client: the run is queued for a worker, unowned
-            rec = dataclasses.replace(rec, lease_owner=None, lease_expires=0.0)
+            if not await self._create_queued(rec, events):
+                return await self.attach(run_id)
+            return RunHandle(self, run_id, status=RunStatus.RUNNING)
         if not await self.store.create(rec, events):
             return await self.attach(run_id)  # the run exists: start nothing (and check it is ours)
-        if not self.execute:
-            await queue_of(self.store).enqueue(spec.name, run_id)
-            return RunHandle(self, run_id, status=RunStatus.RUNNING)
         sup.start(run)
         return RunHandle(self, run_id, run)
+
+    async def _create_queued(self, rec: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """Create a client's run and queue it for the workers: in one operation where the
+        store can (so a worker may start it while the client creates the next ones)."""
+        store = self.store
+        if self._creates_queued is None:  # checked once: a Protocol's isinstance is slow
+            self._creates_queued = isinstance(store, CreatesQueued)
+        if self._creates_queued:
+            return await cast(CreatesQueued, store).create_queued(rec, events)
+        queue = queue_of(store)
+        if not await store.create(rec, events):
+            return False
+        await queue.enqueue(rec.workflow, rec.run_id)
+        return True
 
     async def attach(self, run_id: str) -> RunHandle:
         """A handle for an existing run.

@@ -39,7 +39,9 @@ def bare_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         yield port
 
 
-# What Redis may send (RESP2 and RESP3), and what the parser makes of it.
+# What Redis may send (RESP2 and RESP3), and what the parser makes of it. (No big
+# numbers, attributes or blob errors: hiredis reads the first as bytes and not the other
+# two, and no command the store sends is answered with them.)
 REPLIES: list[tuple[bytes, Any]] = [
     (b":3\r\n", 3),
     (b"+OK\r\n", b"OK"),
@@ -51,7 +53,6 @@ REPLIES: list[tuple[bytes, Any]] = [
     (b"_\r\n", None),
     (b"#t\r\n", True),
     (b",1.5\r\n", 1.5),
-    (b"(12345678901234567890\r\n", 12345678901234567890),
     (b"=8\r\ntxt:abcd\r\n", b"abcd"),
     (b"*4\r\n:3\r\n$4\r\nnull\r\n*2\r\n:1\r\n*1\r\n$1\r\nx\r\n$0\r\n\r\n", [3, b"null", [1, [b"x"]], b""]),
     (b"%2\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n*1\r\n:2\r\n", {b"a": 1, b"b": [2]}),

@@ -10,7 +10,10 @@ import time
 import pytest
 
 from agentflow.stores import capabilities
-from agentflow.stores.capabilities import WorkQueue
+from agentflow.stores.capabilities import CreatesQueued, WorkQueue
+from agentflow.stores.contract import RunRecord
+from agentflow.testing.store_builders import event, record
+from agentflow.types import RunStatus
 
 QUEUE_KINDS = ("memory", "sqlite", "redis", "postgres")
 
@@ -115,3 +118,85 @@ async def test_a_postgres_database_of_the_first_layout_gets_its_queue_in_place(p
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
         rows = await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall()
     assert rows == [(VERSION,)] and VERSION == 4
+
+
+# -- a run created and queued in one operation (CreatesQueued) -----------------------------
+
+
+def _unowned(run_id: str, workflow: str = "A") -> RunRecord:
+    """A client's new run: running, no owner (handed to the workers as it is created)."""
+    return record(run_id, workflow=workflow, status=RunStatus.RUNNING, lease_owner=None, lease_expires=0.0)
+
+
+@pytest.mark.parametrize("kind", [*QUEUE_KINDS, "redis_cluster"])
+async def test_a_run_created_queued_is_claimable_at_once_and_a_taken_id_queues_nothing(
+    kind: str, make_store
+) -> None:
+    options = {} if kind == "memory" else {"key_prefix": f"cq{time.monotonic_ns()}:"}
+    store = make_store(kind, **options)
+    assert isinstance(store, CreatesQueued) and isinstance(store, WorkQueue)
+    assert await store.create_queued(_unowned("r1"), [event("run_started", 1)])
+    (claim,) = await store.claim(["A"], "w1", 5, 0)
+    assert (claim.workflow, claim.run_id) == ("A", "r1")
+    rec = await store.get("r1")
+    assert rec is not None and rec.status == RunStatus.RUNNING and rec.event_count == 1
+    assert [e.kind for e in await store.events("r1")] == ["run_started"]
+    await store.ack([claim])
+    # The id is taken: nothing is written, nothing queued, and the stored run is as it was.
+    assert not await store.create_queued(_unowned("r1"), [event("run_started", 1), event("x", 2)])
+    assert await store.claim(["A"], "w1", 5, 0) == []
+    again = await store.get("r1")
+    assert again is not None and again.event_count == 1
+    # Queued for its own workflow only.
+    assert await store.create_queued(_unowned("r2", workflow="B"), [])
+    assert await store.claim(["A"], "w1", 5, 0) == []
+    assert [c.run_id for c in await store.claim(["B"], "w1", 5, 0)] == ["r2"]
+
+
+async def test_a_redis_create_queued_whose_reply_is_lost_queues_the_run_once(redis_server, redis_url) -> None:
+    from redis_fakes import LossyProxy, db_of
+
+    from agentflow.stores.redis import RedisStore
+
+    async def nothing() -> None:
+        return None
+
+    prefix = f"cq{time.monotonic_ns()}:"
+    async with LossyProxy(redis_server.port) as proxy:
+        store = RedisStore(proxy.url(db_of(redis_url)), key_prefix=prefix)
+        try:
+            assert await store.create_queued(_unowned("warm-up"), [])  # script loaded, queue made
+            await store.ack(await store.claim(["A"], "w1", 5, 0))
+            proxy.lose(b"#q:{A}", nothing)  # the create's script names the queue's stream
+            assert await store.create_queued(_unowned("r1"), [event("run_started", 1)])
+            assert proxy.lost == 1
+            claims = await store.claim(["A"], "w1", 5, 0)
+            assert [c.run_id for c in claims] == ["r1"]  # one entry, though the script was sent twice
+            rec = await store.get("r1")
+            assert rec is not None and rec.event_count == 1
+        finally:
+            await store.close()
+
+
+async def test_a_postgres_create_queued_whose_reply_is_lost_queues_the_run_once(
+    postgres_server, postgres_url
+) -> None:
+    from redis_fakes import LossyProxy
+
+    from agentflow.stores.postgres import PostgresStore
+
+    async def nothing() -> None:
+        return None
+
+    async with LossyProxy(postgres_server.port) as proxy:
+        url = postgres_url.replace(f":{proxy.target}/", f":{proxy.port}/", 1)
+        store = PostgresStore(url)
+        try:
+            assert await store.create(record("warm-up"), [])  # the schema is ready
+            proxy.lose(b"COMMIT", nothing)
+            assert await store.create_queued(_unowned("r1"), [event("run_started", 1)])
+            assert proxy.lost == 1
+            claims = await store.claim(["A"], "w1", 5, 0)
+            assert [c.run_id for c in claims] == ["r1"]
+        finally:
+            await store.close()

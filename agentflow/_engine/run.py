@@ -324,11 +324,13 @@ class LiveRun:
 
 
 def first_record(
-    kernel: Kernel, run_id: str, inp: Any, state: Any, step: str, **fields: Any
+    kernel: Kernel, run_id: str, inp: Any, state: Any, step: str, owned: bool = True, **fields: Any
 ) -> tuple[RunRecord, Lease]:
     """The first record of a run this process starts: running at ``step``, leased to it (token 1).
 
-    ``fields`` sets other record fields (``parent``; a fork's ``visit`` and ``decisions``).
+    Not ``owned`` (a client's run, queued for a worker as it is created): no owner, no
+    lease expiry. ``fields`` sets other record fields (``parent``; a fork's ``visit``
+    and ``decisions``).
     """
     lease = Lease(kernel.owner, 1)
     now = time.time()
@@ -342,26 +344,32 @@ def first_record(
         step=step,
         created_at=now,
         updated_at=now,
-        lease_owner=lease.owner,
+        lease_owner=lease.owner if owned else None,
         lease_token=lease.token,
-        lease_expires=now + kernel.lease_ttl,
+        lease_expires=now + kernel.lease_ttl if owned else 0.0,
         **fields,
     )
     return rec, lease
 
 
 def new_run(
-    kernel: Kernel, run_id: str, inp: Any, started: dict[str, Any], parent: dict[str, Any] | None = None
+    kernel: Kernel,
+    run_id: str,
+    inp: Any,
+    started: dict[str, Any],
+    parent: dict[str, Any] | None = None,
+    owned: bool = True,
 ) -> tuple[RunRecord, LiveRun, list[RunEvent]]:
     """A run about to start at its first step, in the workflow's initial state.
 
-    Returns its first record, its :class:`LiveRun` and its first two events
-    (``run_started`` with ``started`` as data, and ``step_started``), for ``Store.create``.
+    Returns its first record (without an owner unless ``owned``: see :func:`first_record`),
+    its :class:`LiveRun` and its first two events (``run_started`` with ``started`` as
+    data, and ``step_started``), for ``Store.create``.
     """
     spec = kernel.spec
     state = spec.state_model.model_validate(spec.initial_state) if spec.state_model else None
     first = spec.main.name if spec.main is not None else START
-    rec, lease = first_record(kernel, run_id, inp, state, first, parent=parent)
+    rec, lease = first_record(kernel, run_id, inp, state, first, owned, parent=parent)
     run = LiveRun(kernel, run_id, lease, inp, state)
     run.step = first
     run.parent = parent

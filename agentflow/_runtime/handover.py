@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .._engine.gates import apply
 from ..errors import RunNotFoundError, WorkflowDefinitionError
-from ..stores.capabilities import TakesRuns, WorkQueue
+from ..stores.capabilities import WorkQueue
 from ..stores.contract import Change, Lease, RunRecord, Store
 from ..types import RunStatus
 from .leases import take_over
@@ -67,10 +67,9 @@ async def claim(sup: Supervisor, run_id: str, workflow: str, handed_after: float
 
 async def _claim(sup: Supervisor, run_id: str, workflow: str, handed_after: float) -> str | None:
     target = sup.of(workflow) if workflow in sup.specs else sup
-    store = sup.store
-    if not handed_after and target.execute and isinstance(store, TakesRuns):
+    if not handed_after and target.execute and sup.takes is not None:
         # The common case, a run handed over: its lease and load in one operation.
-        got = await store.take(run_id, workflow, sup.owner, sup.lease_ttl)
+        got = await sup.takes.take(run_id, workflow, sup.owner, sup.lease_ttl)
         if got is not None:
             await target.adopt(run_id, *got)
             return "handed"

@@ -34,7 +34,7 @@ from ..errors import (
     RunNotFoundError,
     StoreError,
 )
-from ..stores.capabilities import ChangeFeed
+from ..stores.capabilities import ChangeFeed, TakesRuns
 from ..stores.contract import Change, Commit, Lease, LoadedRun, RunRecord, Store
 from ..types import FINAL, RunEvent, RunStatus
 from . import handover
@@ -101,6 +101,9 @@ class Supervisor:
     ) -> None:
         self.spec = spec
         self.store = store
+        # Checked once: a Protocol's isinstance walks its members on every call.
+        self.takes: TakesRuns | None = store if isinstance(store, TakesRuns) else None
+        self.feed: ChangeFeed | None = store if isinstance(store, ChangeFeed) else None
         self.lease_ttl = lease_ttl
         self.owner = owner
         self.stopping = False
@@ -171,8 +174,8 @@ class Supervisor:
         100 ms. A watcher of ``every_step`` (a run's events) looks every 100 ms in any
         case: a store may push only status changes (Postgres does).
         """
-        store = self.store
-        if not isinstance(store, ChangeFeed):
+        store = self.feed
+        if store is None:
             return _POLL
         root = self.root
         if root._feed is None or root._feed.done():

@@ -1,7 +1,8 @@
 """What a store may do beyond the :class:`~agentflow.stores.contract.Store` contract.
 
 Each capability is a runtime-checkable Protocol, found with ``isinstance``: the
-hand-over queue of workers (:class:`WorkQueue`), pushed changes (:class:`ChangeFeed`),
+hand-over queue of workers (:class:`WorkQueue`), creating a run queued for them in one
+operation (:class:`CreatesQueued`), pushed changes (:class:`ChangeFeed`),
 taking a handed-over run in one operation (:class:`TakesRuns`), fleet-wide rate limits
 (:class:`RateLimits`) and small credential records (:class:`Credentials`). The memory,
 SQLite, Redis and PostgreSQL stores have those their medium allows; the conformance
@@ -16,12 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .contract import Lease, LoadedRun
+from ..types import RunEvent
+from .contract import Lease, LoadedRun, RunRecord
 
 __all__ = [
     "REDELIVER_AFTER",
     "ChangeFeed",
     "Claim",
+    "CreatesQueued",
     "Credentials",
     "QueueDepth",
     "Quota",
@@ -119,6 +122,27 @@ class WorkQueue(Protocol):
 
     async def queue_depth(self, workflow: str) -> QueueDepth:
         """How many entries of ``workflow`` wait, and how long the oldest has."""
+        ...
+
+
+@runtime_checkable
+class CreatesQueued(Protocol):
+    """A store that creates a run and queues it for the workers in one operation: what a
+    client's ``run()`` does, so the run can be claimed as soon as it exists (a client
+    starting many runs at once does not create them all before the first is queued).
+
+    A store without it is used through ``create`` and then ``enqueue``.
+    """
+
+    async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """``create(record, events)`` and, when it creates the run, ``enqueue(record.workflow,
+        record.run_id)``, as one operation (on Redis Cluster, where the queue lives in another
+        slot, the second follows the first).
+
+        Returns False, writing and queueing nothing, when the run id exists. Safe to call
+        again after a lost reply: a retry of a call that created the run returns True and
+        queues no second entry.
+        """
         ...
 
 

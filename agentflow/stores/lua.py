@@ -54,7 +54,9 @@ end
 local FINAL = {FINAL_JSON}
 """.replace("FINAL_JSON", ", ".join(f"['\"{s.value}\"'] = true" for s in sorted(FINAL)))
 
-# KEYS: rec, events, outputs, journal.  ARGV: nonce, ttl_ms, n_fields, field pairs, events.
+# KEYS: rec, events, outputs, journal[, queue].  ARGV: nonce, ttl_ms, n_fields, field pairs,
+# events[, run id]. With a queue (a stream: one server only, as it has a hash tag of its
+# own), the new run is queued there too, an entry ``run=<id>``; a retry queues nothing.
 # Returns 1 when created (now, or by this nonce before), 0 when the id is taken.
 _CREATE = (
     _LIB
@@ -67,10 +69,13 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 local n = tonumber(ARGV[3])
 hset_range(KEYS[1], 4, 3 + 2 * n)
 redis.call('HSET', KEYS[1], '_created', ARGV[1])
-push_range(KEYS[2], 4 + 2 * n, #ARGV)
+local last = #ARGV
+if KEYS[5] then last = last - 1 end
+push_range(KEYS[2], 4 + 2 * n, last)
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end end
 publish(KEYS[1])
+if KEYS[5] then redis.call('XADD', KEYS[5], '*', 'run', ARGV[#ARGV]) end
 return 1
 """
 )

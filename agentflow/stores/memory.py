@@ -524,6 +524,13 @@ class MemoryStore(MemoryCredentials):
 
     # -- the work queue (WorkQueue) -----------------------------------------------
 
+    async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """:meth:`create`, and the run queued for the workers of its workflow (``CreatesQueued``)."""
+        if not await self.create(record, events):
+            return False
+        await self._queue.enqueue(record.workflow, record.run_id)
+        return True
+
     async def enqueue(self, workflow: str, run_id: str) -> None:
         """Hand ``run_id`` to the workers of ``workflow`` (in this process)."""
         await self._queue.enqueue(workflow, run_id)

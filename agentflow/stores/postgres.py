@@ -144,6 +144,14 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
 
         A retry whose first attempt created the run (the row holds its nonce) returns True.
         """
+        return await self._create(record, events, queued=False)
+
+    async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """:meth:`create`, with the run's queue entry (and its notification) in the same
+        transaction (``CreatesQueued``)."""
+        return await self._create(record, events, queued=True)
+
+    async def _create(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
         run_id, ns = record.run_id, self.key_prefix
         check_record(record)
         row = pgrows.row_of(record, record.event_count + len(events))
@@ -170,6 +178,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
                     await conn.execute(pgrows.INSERT_EVENTS, (ns, run_id, record.event_count + 1, bodies))
                 if approvals:
                     await pgindex.file_approvals(conn, ns, run_id, record.workflow, approvals, retire=False)
+                if queued:
+                    await conn.execute(pgqueue.ENQUEUE, (ns, record.workflow, run_id))
             return True
 
         return await self._db.run("create", run_id, job)

@@ -204,11 +204,29 @@ class RedisStore(RedisCredentials):
 
         A retry after a lost reply returns True when the first attempt created it.
         """
+        return await self._create(record, events, queued=False)
+
+    async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """:meth:`create`, and the run queued for the workers of its workflow
+        (``CreatesQueued``): by the same script on one server; on a cluster, where the
+        stream lives in a slot of its own, by an ``XADD`` once the run is created."""
+        if self.keys.cluster:
+            if not await self._create(record, events, queued=False):
+                return False
+            await self._queue.enqueue(record.workflow, record.run_id)
+            return True
+        return await self._create(record, events, queued=True)
+
+    async def _create(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
         run_id = record.run_id
         made = self._creation(record, events)
+        keys, args = made.keys, made.args
+        if queued:
+            stream = await self._queue.stream(record.workflow)
+            keys, args = [*keys, stream], [*args, run_id.encode()]
         try:
             replies = await self._wire.retrying(
-                "create", run_id, lambda: self._wire.eval(lua.CREATE, made.keys, made.args, made.entries)
+                "create", run_id, lambda: self._wire.eval(lua.CREATE, keys, args, made.entries)
             )
         except IndexRefused as exc:  # one server: the script ran after the refused entry
             if exc.reply:  # created by this call: undo it, so that no record goes unlisted

@@ -11,8 +11,9 @@ those once for many operations:
 * Requests made while others are in flight are written together, once per turn of the
   event loop: with many runs in flight, one write and one read carry many commits, and a
   round trip carries more than one step.
-* Replies are parsed from the bytes as they arrive (RESP2 and RESP3), in the callback
-  that receives them: no task, no timeout context, no per-reply read.
+* Replies are parsed from the bytes as they arrive (RESP2 and RESP3, by hiredis's C
+  reader), in the callback that receives them: no task, no timeout context, no
+  per-reply read.
 
 A request whose caller was cancelled stays in line: its reply is read and dropped, so
 the connection never gets out of step. A reply that does not come within the
@@ -31,6 +32,7 @@ import contextlib
 from collections import deque
 from typing import Any
 
+import hiredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError, TimeoutError
 
@@ -47,24 +49,19 @@ except ImportError:  # pragma: no cover - another layout of redis-py
 
 __all__ = ["Lane", "Parser"]
 
-_SKIP = object()  # a push or attribute reply: out of band, answers no request
-
-
 class Parser:
-    """Reads RESP2/RESP3 replies from bytes fed in pieces, however they are cut.
+    """Reads RESP2/RESP3 replies from bytes fed in pieces, however they are cut (hiredis).
 
     Values as redis-py gives them with ``decode_responses=False``: bulk and simple
     strings as bytes, integers, None, lists (RESP3 sets too), dicts for RESP3 maps, an
-    error reply as the exception in its place. Pushes and attributes are dropped.
+    error reply as the exception in its place (redis-py's class for it). Pushes are
+    dropped: they answer no request.
     """
 
-    __slots__ = ("_chunks", "_have", "_need", "_stack")
+    __slots__ = ("_reader",)
 
     def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._have = 0  # bytes in _chunks
-        self._need = 0  # bytes needed before parsing again is worth it
-        self._stack: list[list[Any]] = []  # aggregates being read: [items, left, type]
+        self._reader = hiredis.Reader(replyError=_parse_error)
 
     def feed(self, data: bytes) -> list[Any]:
         """Take ``data``; return the replies completed by it, in order.
@@ -72,98 +69,16 @@ class Parser:
         Raises:
             ConnectionError: the bytes are not RESP (the connection is out of step).
         """
-        self._chunks.append(data)
-        self._have += len(data)
-        if self._have < self._need:
-            return []
-        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        reader = self._reader
+        reader.feed(data)
         out: list[Any] = []
         try:
-            pos = self._parse(buf, out)
-        except (ValueError, IndexError) as exc:
+            while (reply := reader.gets()) is not False:
+                if type(reply) is not hiredis.PushNotification:
+                    out.append(reply)
+        except hiredis.ProtocolError as exc:
             raise ConnectionError(f"Protocol error: cannot read a reply from Redis ({exc})") from None
-        rest = buf[pos:] if pos else buf
-        self._chunks = [rest] if rest else []
-        self._have = len(rest)
         return out
-
-    def _parse(self, buf: bytes, out: list[Any]) -> int:
-        """Parse the complete values in ``buf`` into ``out``; return where parsing stopped."""
-        stack = self._stack
-        size = len(buf)
-        pos = 0
-        self._need = 0
-        while pos < size:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            kind = buf[pos]
-            value: Any
-            if kind == 36 or kind == 61 or kind == 33:  # $ bulk, = verbatim, ! error
-                length = int(buf[pos + 1 : eol])
-                if length < 0:
-                    value = None
-                    pos = eol + 2
-                else:
-                    end = eol + 2 + length
-                    if end + 2 > size:
-                        self._need = end + 2 - pos
-                        break
-                    value = buf[eol + 2 : end]
-                    pos = end + 2
-                    if kind == 61:
-                        value = value[4:]  # "txt:" and the like
-                    elif kind == 33:
-                        value = _parse_error(value.decode("utf-8", "replace"))
-            elif kind == 58 or kind == 40:  # : integer, ( big number
-                value = int(buf[pos + 1 : eol])
-                pos = eol + 2
-            elif kind == 42 or kind == 126 or kind == 37 or kind == 62 or kind == 124:  # * ~ % > |
-                count = int(buf[pos + 1 : eol])
-                pos = eol + 2
-                if count > 0:
-                    stack.append([[], count * 2 if kind == 37 or kind == 124 else count, kind])
-                    continue
-                value = None if count < 0 else _aggregate(kind, [])
-            elif kind == 43:  # + simple string
-                value = buf[pos + 1 : eol]
-                pos = eol + 2
-            elif kind == 45:  # - error
-                value = _parse_error(buf[pos + 1 : eol].decode("utf-8", "replace"))
-                pos = eol + 2
-            elif kind == 95:  # _ null
-                value = None
-                pos = eol + 2
-            elif kind == 35:  # # boolean
-                value = buf[pos + 1] == 116
-                pos = eol + 2
-            elif kind == 44:  # , double
-                value = float(buf[pos + 1 : eol])
-                pos = eol + 2
-            else:
-                raise ValueError(f"unknown reply type {bytes([kind])!r}")
-            while True:  # hand the value to the aggregate it completes, or out
-                if value is _SKIP:
-                    break
-                if not stack:
-                    out.append(value)
-                    break
-                top = stack[-1]
-                top[0].append(value)
-                top[1] -= 1
-                if top[1]:
-                    break
-                stack.pop()
-                value = _aggregate(top[2], top[0])
-        return pos
-
-
-def _aggregate(kind: int, items: list[Any]) -> Any:
-    if kind == 37:  # a map
-        return dict(zip(items[::2], items[1::2], strict=True))
-    if kind == 62 or kind == 124:  # a push, an attribute: not a reply
-        return _SKIP
-    return items
 
 
 class _Request:

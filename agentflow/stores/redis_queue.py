@@ -52,13 +52,17 @@ class StreamQueue:
         self._prefix = prefix
         self._cluster = cluster
         self._groups: set[str] = set()  # streams whose group this object made sure of
+        self._making: dict[str, asyncio.Future[None]] = {}  # groups being made sure of now
         self._reclaimed: dict[str, float] = {}  # stream -> when dead consumers' entries were last looked for
 
     def key(self, workflow: str) -> str:
         return f"{self._prefix}#q:{{{escape(workflow)}}}"
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()``: through the wire's retries of a lost connection when there is a wire."""
         try:
+            if self._wire is not None:
+                return await self._wire.retrying(what, None, fn)
             return await fn()
         except redis_errors.ResponseError as exc:
             raise StoreError(f"Redis refused {what}: {exc}") from exc
@@ -68,14 +72,28 @@ class StreamQueue:
     async def _group(self, key: str) -> None:
         if key in self._groups:
             return
-        try:
-            await self._client.xgroup_create(key, GROUP, id="0", mkstream=True)
-        except redis_errors.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise StoreError(f"Redis refused to create the queue {key}: {exc}") from exc
-        except (redis_errors.RedisError, OSError) as exc:
-            raise StoreError(f"Redis could not create the queue {key}: {exc}") from exc
+        making = self._making.get(key)
+        if making is None:  # callers that come meanwhile wait for this one's answer
+            making = self._making[key] = asyncio.ensure_future(self._make_group(key))
+            making.add_done_callback(lambda _: self._making.pop(key, None))
+        await asyncio.shield(making)
+
+    async def _make_group(self, key: str) -> None:
+        async def make() -> None:
+            try:
+                await self._client.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):  # made already (by anyone): what was wanted
+                    raise
+
+        await self._call(f"creating the queue {key}", make)
         self._groups.add(key)
+
+    async def stream(self, workflow: str) -> bytes:
+        """The key of ``workflow``'s stream, its consumer group made sure of."""
+        key = self.key(workflow)
+        await self._group(key)
+        return key.encode()
 
     async def enqueue(self, workflow: str, run_id: str) -> None:
         key = self.key(workflow)

@@ -151,6 +151,16 @@ class SqliteStore(SqliteCredentials, SqliteTake):
         A retry whose first attempt created the run (the stored run is still exactly
         what it wrote) returns True.
         """
+        return await self._create(record, events, queued=False)
+
+    async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
+        """:meth:`create`, with the run's queue entry in the same transaction (``CreatesQueued``)."""
+        created = await self._create(record, events, queued=True)
+        if created:
+            self._queued.set()
+        return created
+
+    async def _create(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
         run_id, ns = record.run_id, self.key_prefix
         check_record(record)
         hot = sqlrows.hot_row(record, record.event_count + len(events))
@@ -177,6 +187,8 @@ class SqliteStore(SqliteCredentials, SqliteTake):
                 sqlrows.insert_rows(db, ns, run_id, 1, bodies, big)
                 if approvals:
                     sqlindex.file_approvals(db, ns, run_id, approvals)
+                if queued:
+                    sqlqueue.insert(db, ns, record.workflow, run_id)
             return True
 
         inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread

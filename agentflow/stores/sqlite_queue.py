@@ -19,18 +19,23 @@ from .capabilities import Claim, QueueDepth
 from .sqlite_rows import transaction
 from .sqlite_schema import QUEUE
 
-__all__ = ["POLL_INTERVAL", "ack", "claim", "depth", "enqueue"]
+__all__ = ["POLL_INTERVAL", "ack", "claim", "depth", "enqueue", "insert"]
 
 #: Seconds between two looks at the queue while a worker waits for work.
 POLL_INTERVAL = 0.02
 
 
+def insert(db: sqlite3.Connection, ns: str, workflow: str, run_id: str) -> None:
+    """The queue entry, in the transaction open on ``db``."""
+    db.execute(
+        f"INSERT INTO {QUEUE} (ns, workflow, run_id, enqueued_at) VALUES (?, ?, ?, ?)",
+        (ns, workflow, run_id, time.time()),
+    )
+
+
 def enqueue(db: sqlite3.Connection, ns: str, workflow: str, run_id: str) -> None:
     with transaction(db):
-        db.execute(
-            f"INSERT INTO {QUEUE} (ns, workflow, run_id, enqueued_at) VALUES (?, ?, ?, ?)",
-            (ns, workflow, run_id, time.time()),
-        )
+        insert(db, ns, workflow, run_id)
 
 
 def claim(
