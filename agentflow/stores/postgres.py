@@ -175,7 +175,9 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
                         await conn.execute(pgrows.DELETE, (ns, run_id))  # expired, not purged yet
                     await conn.execute(pgrows.INSERT_RUN, params)
                 if bodies:
-                    await conn.execute(pgrows.INSERT_EVENTS, (ns, run_id, record.event_count + 1, bodies))
+                    await conn.execute(
+                        pgrows.INSERT_EVENTS, (ns, run_id, record.event_count + 1, pgrows.texts(bodies))
+                    )
                 if approvals:
                     await pgindex.file_approvals(conn, ns, run_id, record.workflow, approvals, retire=False)
                 if queued:
@@ -253,11 +255,11 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
             n=len(events), token=lease.token, seq=commit.seq, ns=ns, run_id=run_id, owner=lease.owner
         )
         if events:
-            params["events"] = events
+            params["events"] = pgrows.texts(events)
         if outputs:
-            params["outputs"] = outputs
+            params["outputs"] = pgrows.texts(outputs)
         if journal:
-            params.update(keys=list(journal), values=list(journal.values()))
+            params["journal"] = pgrows.texts(journal)
 
         async def job(conn: Conn) -> str | None:
             for _ in range(_FENCE_RACES):
@@ -350,7 +352,9 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
                 params.update(written_by=nonce, ns=ns, run_id=run_id)
                 await conn.execute(pgrows.update_statement(names, self.ttl is not None), params)
                 if bodies:
-                    await conn.execute(pgrows.INSERT_EVENTS, (ns, run_id, old.event_count + 1, bodies))
+                    await conn.execute(
+                        pgrows.INSERT_EVENTS, (ns, run_id, old.event_count + 1, pgrows.texts(bodies))
+                    )
                 waiting = RunStatus.WAITING
                 if (old.status == waiting or rec.status == waiting) and (
                     "pending" in names or "status" in names

@@ -10,6 +10,8 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import pydantic_core
+
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from .codec import RECORD_FIELDS, decode, encode, make_record
@@ -39,6 +41,7 @@ __all__ = [
     "commit_statement",
     "listed",
     "row_of",
+    "texts",
     "to_record",
     "update_statement",
 ]
@@ -102,7 +105,7 @@ INSERT_RUN = (
 #: Appends events: ns, run_id, the first seq, the bodies.
 INSERT_EVENTS = (
     f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT %s, %s, %s + t.n - 1, t.body "
-    "FROM unnest(%s::text[]) WITH ORDINALITY AS t(body, n)"
+    "FROM json_array_elements_text(%s::json) WITH ORDINALITY AS t(body, n)"
 )
 
 
@@ -178,6 +181,13 @@ def listed(row: Sequence[Any]) -> RunRecord:
         )
 
 
+def texts(values: list[str] | dict[str, str]) -> str:
+    """Texts sent as one JSON parameter (``json_array_elements_text`` / ``json_each_text``
+    read them back): psycopg's adaptation of a ``text[]`` escapes each element in Python,
+    about a fifth of a commit's time in the client."""
+    return pydantic_core.to_json(values).decode()
+
+
 def _expiry(ttl: bool) -> str:
     """``expires_at``'s new value when a write sets the status (the status is the parameter)."""
     if not ttl:
@@ -194,8 +204,8 @@ def commit_statement(
 
     Parameters by name: each of ``names``; ``deadline`` when ``pending`` is among them;
     ``ttl`` (with ``ttl``, when ``status`` is among them); ``n`` (events), ``token``,
-    ``seq``, ``ns``, ``run_id``, ``owner``; ``events``, ``outputs``, ``keys`` and
-    ``values`` (text arrays) when there are any. It matches no row, and writes nothing,
+    ``seq``, ``ns``, ``run_id``, ``owner``; ``events`` and ``outputs`` (JSON arrays of
+    the texts), ``journal`` (a JSON object of them) when there are any. It matches no row, and writes nothing,
     when the run is gone or expired, the lease moved on or the commit was applied
     before; the caller then reads the row to say which. It returns the new
     ``event_count``, ``control``, the run's workflow and status.
@@ -224,17 +234,17 @@ def commit_statement(
         parts.append(
             f", e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
             "SELECT %(ns)s, %(run_id)s, u.event_count - %(n)s + t.n, t.body "
-            "FROM u, unnest(%(events)s::text[]) WITH ORDINALITY AS t(body, n))"
+            "FROM u, json_array_elements_text(%(events)s::json) WITH ORDINALITY AS t(body, n))"
         )
     if outputs:
         parts.append(
             f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, %(run_id)s, t.body "
-            "FROM u, unnest(%(outputs)s::text[]) WITH ORDINALITY AS t(body, n) ORDER BY t.n)"
+            "FROM u, json_array_elements_text(%(outputs)s::json) WITH ORDINALITY AS t(body, n) ORDER BY t.n)"
         )
     if journal:
         parts.append(
             f", j AS (INSERT INTO {JOURNAL} (ns, run_id, key, value) SELECT %(ns)s, %(run_id)s, t.k, t.v "
-            "FROM u, unnest(%(keys)s::text[], %(values)s::text[]) AS t(k, v) "
+            "FROM u, json_each_text(%(journal)s::json) AS t(k, v) "
             "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value)"
         )
     parts.append(" SELECT event_count, control, workflow, status FROM u")

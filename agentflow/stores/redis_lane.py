@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - another layout of redis-py
 
 __all__ = ["Lane", "Parser"]
 
+
 class Parser:
     """Reads RESP2/RESP3 replies from bytes fed in pieces, however they are cut (hiredis).
 
