@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import end_process
 from llm_fixtures import llm_env, llm_server  # noqa: F401  (the local LLM API server fixtures)
 from postgres_server import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL server)
 from redis_cluster import redis_cluster, redis_cluster_url  # noqa: F401  (a local 3-master cluster)
@@ -81,17 +82,8 @@ class RedisServer:
     def stop(self, kill: bool = False) -> None:
         """Stop the server: SIGTERM (a clean shutdown) or, with ``kill``, SIGKILL (a crash)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            end_process(proc, kill)
 
     def restart(self, kill: bool = False) -> None:
         """Stop, then start again on the same port and dir, so the AOF is reloaded."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -74,3 +75,17 @@ async def wait_no_tasks(baseline: set[asyncio.Task[object]], timeout: float = WA
         if time.monotonic() > deadline:
             raise AssertionError(f"tasks still alive: {sorted(t.get_name() for t in left)}")
         await asyncio.sleep(0.01)
+
+
+def end_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], kill: bool = False) -> None:
+    """SIGTERM (a clean shutdown) or, with ``kill``, SIGKILL (a crash); SIGKILL too if it has
+    not exited within 10 s. Waits for it."""
+    if kill:
+        proc.kill()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

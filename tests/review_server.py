@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RedisServer, free_port
+from helpers import end_process
 
 from agentflow.stores import SqliteStore, Store
 
@@ -130,14 +131,8 @@ class ReviewServer:
     def stop(self) -> None:
         """SIGTERM (a clean shutdown), SIGKILL if it has not exited within 10 s."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            end_process(proc)
 
     def store(self) -> Store:
         """A new store client on the server's store (close it after use)."""

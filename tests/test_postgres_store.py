@@ -200,6 +200,41 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     assert rec is not None and rec.lease_owner == "w2" and rec.event_count == 1
 
 
+async def test_waiting_for_a_connection_of_a_busy_pool_is_not_an_outage(postgres_url: str, stores) -> None:
+    """Calls queue for the pool's connections for longer than ``retry_for``: none fails."""
+    store = PostgresStore(postgres_url, max_connections=2, retry_for=0.5)
+    stores.append(store)
+    assert await store.create(record("warm-up"), [])  # the schema is ready
+
+    async def slow(conn) -> None:  # a call that holds its connection for 0.1 s
+        await conn.execute("SELECT pg_sleep(0.1)")
+
+    started = time.monotonic()
+    # 20 such calls on 2 connections: the last waits about 1 s, twice ``retry_for``.
+    await asyncio.gather(*(store._db.run("a slow call", None, slow) for _ in range(20)))
+    assert time.monotonic() - started >= 0.9
+    assert await store.create(record("r1"), [])
+
+
+async def test_a_pool_that_completes_nothing_is_an_outage_after_retry_for(postgres_url: str, stores) -> None:
+    store = PostgresStore(postgres_url, max_connections=1, retry_for=0.5)
+    stores.append(store)
+    assert await store.create(record("warm-up"), [])
+    held = asyncio.Event()
+
+    async def hold(conn) -> None:  # keeps the only connection far longer than retry_for
+        held.set()
+        await conn.execute("SELECT pg_sleep(3)")
+
+    holder = asyncio.create_task(store._db.run("holding", None, hold))
+    await held.wait()
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"unreachable for 0.5 s during create \(no connection came free\)"):
+        await store.create(record("r1"), [])
+    assert 0.4 < time.monotonic() - started < 2.5
+    await holder
+
+
 # -- a server restarted under a run -----------------------------------------------------
 
 

@@ -3,8 +3,12 @@
 A call takes a connection from a ``psycopg_pool.AsyncConnectionPool`` (autocommit
 connections: a statement is its own transaction unless the call opens one), runs, and
 gives it back. When the server cannot be reached — it is restarting, the network
-dropped, no connection came free — the call is run again on another connection, with
-backoff, for ``retry_for`` seconds, and then raises :class:`StoreError`. Every write is
+dropped — the call is run again on another connection, with backoff, for ``retry_for``
+seconds, and then raises :class:`StoreError`. Waiting for a connection of the pool while
+all are in use is not an outage: as long as other calls of the store are completing
+(one did within the last ``retry_for`` seconds), a caller waits its turn however long
+the line is; only a pool that gives out no connection and completes no call for
+``retry_for`` seconds counts as unreachable. Every write is
 one transaction that is safe to send again after a lost reply (the store's writes
 recognise their own earlier attempt), so retrying never applies a write twice. A
 connection that broke is discarded by the pool, which opens new ones as the server
@@ -24,7 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import StoreError
 from .postgres_schema import ensure_schema
@@ -65,6 +69,7 @@ class Connections:
         self._ready = False  # the schema was checked (once per store)
         self._preparing = asyncio.Lock()
         self._closed = False
+        self._progress = -float("inf")  # when a call last completed (monotonic)
 
     async def run(self, what: str, run_id: str | None, job: Job[T]) -> T:
         """``job(connection)``, retried on another connection while the server is out of reach.
@@ -85,19 +90,29 @@ class Connections:
                 async with pool.connection(timeout=max(left, 0.05)) as conn:
                     if not self._ready:
                         await self._prepare(conn)
-                    return await job(conn)
+                    out = await job(conn)
+                self._progress = time.monotonic()
+                return out
+            except PoolTimeout:
+                if self._closed or time.monotonic() - self._progress >= self.retry_for:
+                    raise self._unreachable(subject, what, "no connection came free") from None
+                # Every connection is in use and calls are completing: a queue, not an outage.
+                give_up = time.monotonic() + self.retry_for
             except psycopg.OperationalError as exc:  # the connection, the server, a conflict
                 left = give_up - time.monotonic()
                 if left <= 0 or self._closed:
-                    raise StoreError(
-                        f"{subject}PostgreSQL at {self.where} unreachable for {self.retry_for:g} s during "
-                        f"{what} ({exc}); a write is one transaction, so it was applied entirely or not "
-                        "at all, and sending it again is safe"
-                    ) from exc
+                    raise self._unreachable(subject, what, str(exc)) from exc
                 await asyncio.sleep(min(delay * (0.5 + random.random()), left))
                 delay = min(delay * 2, 0.5)
             except psycopg.Error as exc:
                 raise StoreError(f"{subject}PostgreSQL at {self.where} refused {what}: {exc}") from exc
+
+    def _unreachable(self, subject: str, what: str, why: str) -> StoreError:
+        return StoreError(
+            f"{subject}PostgreSQL at {self.where} unreachable for {self.retry_for:g} s during "
+            f"{what} ({why}); a write is one transaction, so it was applied entirely or not "
+            "at all, and sending it again is safe"
+        )
 
     async def _open(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
         if self._pool is None:
