@@ -116,6 +116,26 @@ async def test_many_runs_commits_go_in_few_writes(redis_url: str) -> None:
         await client.aclose()
 
 
+async def test_requests_of_a_long_turn_go_out_before_the_turn_ends(redis_url: str) -> None:
+    """Thousands of runs starting in one turn of the loop (``gather``) are not held back
+    until the last is made: what waits is written whenever 64 KB have gathered."""
+    client = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    store = RedisStore(client=client, key_prefix=f"turn{time.monotonic_ns()}:")
+    try:
+        await store.create(record("warm-up"), [])  # the lane is open, the script loaded
+        big = {"text": "x" * 4000}
+        CountingConnection.sends = 0
+        tasks = [asyncio.ensure_future(store.create(record(f"r{i}", input=big), [])) for i in range(100)]
+        await asyncio.sleep(0)  # one turn: every task makes its request, nothing is read yet
+        # 100 requests of over 4 KB: several writes already, not one at the end of the turn.
+        assert CountingConnection.sends >= 5
+        assert all(await asyncio.gather(*tasks))
+        assert CountingConnection.sends <= 12
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_every_operation_speaks_either_protocol(redis_url: str, protocol: int) -> None:
     client = aioredis.Redis.from_url(redis_url, protocol=protocol)

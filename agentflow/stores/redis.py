@@ -222,8 +222,7 @@ class RedisStore(RedisCredentials):
         made = self._creation(record, events)
         keys, args = made.keys, made.args
         if queued:
-            stream = await self._queue.stream(record.workflow)
-            keys, args = [*keys, stream], [*args, run_id.encode()]
+            keys, args = [*keys, self._queue.stream(record.workflow)], [*args, run_id.encode()]
         try:
             replies = await self._wire.retrying(
                 "create", run_id, lambda: self._wire.eval(lua.CREATE, keys, args, made.entries)

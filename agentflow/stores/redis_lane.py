@@ -9,8 +9,8 @@ those once for many operations:
   waiting for the replies of those before: Redis answers in order, so the replies are
   matched to the requests first in, first out.
 * Requests made while others are in flight are written together, once per turn of the
-  event loop: with many runs in flight, one write and one read carry many commits, and a
-  round trip carries more than one step.
+  event loop (or whenever 64 KB wait): with many runs in flight, one write and one read
+  carry many commits, and a round trip carries more than one step.
 * Replies are parsed from the bytes as they arrive (RESP2 and RESP3, by hiredis's C
   reader), in the callback that receives them: no task, no timeout context, no
   per-reply read.
@@ -48,6 +48,11 @@ except ImportError:  # pragma: no cover - another layout of redis-py
     _parse_error = ResponseError
 
 __all__ = ["Lane", "Parser"]
+
+#: Bytes of requests that wait for the end of the loop's turn at most: past them they are
+#: written at once (a turn in which thousands of runs start would otherwise hold every
+#: request back until the last is made).
+_WRITE_AT = 64 * 1024
 
 
 class Parser:
@@ -108,6 +113,7 @@ class _Link(asyncio.Protocol):
         self.write = writer.write  # the connection's own writer, which may count or wrap writes
         self.waiting: deque[_Request] = deque()
         self.out: list[bytes] = []
+        self.out_bytes = 0  # in ``out``
         self.flushing: asyncio.Handle | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.progress = 0.0  # when the link last heard from Redis, or started waiting
@@ -126,15 +132,22 @@ class _Link(asyncio.Protocol):
             self.write(data)
         else:  # others in flight: go with what else is sent in this turn of the loop
             self.out.append(data)
-            if self.flushing is None:
+            self.out_bytes += len(data)
+            if self.out_bytes >= _WRITE_AT:  # a long turn (many runs starting): send what waits now
+                self._write_out()
+            elif self.flushing is None:
                 self.flushing = self.loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
         self.flushing = None
+        self._write_out()
+
+    def _write_out(self) -> None:
         if self.out and self.transport is not None:
             data = b"".join(self.out)
             self.out = []
+            self.out_bytes = 0
             self.write(data)
 
     def _check(self) -> None:
@@ -194,6 +207,7 @@ class _Link(asyncio.Protocol):
                 handle.cancel()
         self.flushing = self.timer = None
         self.out = []
+        self.out_bytes = 0
         waiting, self.waiting = self.waiting, deque()
         for request in waiting:
             if not request.future.done():

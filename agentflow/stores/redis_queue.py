@@ -89,11 +89,13 @@ class StreamQueue:
         await self._call(f"creating the queue {key}", make)
         self._groups.add(key)
 
-    async def stream(self, workflow: str) -> bytes:
-        """The key of ``workflow``'s stream, its consumer group made sure of."""
-        key = self.key(workflow)
-        await self._group(key)
-        return key.encode()
+    def stream(self, workflow: str) -> bytes:
+        """The key of ``workflow``'s stream, for a script that queues an entry in it.
+
+        Its consumer group need not exist yet: a worker makes it reading from the start
+        of the stream (id 0), so what was queued before is delivered all the same.
+        """
+        return self.key(workflow).encode()
 
     async def enqueue(self, workflow: str, run_id: str) -> None:
         key = self.key(workflow)
