@@ -12,6 +12,7 @@ calls them through the runner.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
 from .stores import open_store
-from .stores.capabilities import CreatesQueued
+from .stores.capabilities import Connects, CreatesQueued
 from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
     from .webhooks import WebhookSender
 
 __all__ = ["RunHandle", "WorkflowRunner", "run_sync"]  # RunHandle lives in agentflow.handle
+
+log = logging.getLogger("agentflow")
+
+#: Seconds ``async with WorkflowRunner(...)`` waits for its store's connections to open.
+_CONNECT_FOR = 2.0
 
 
 def _open_store(spec: WorkflowSpec) -> tuple[Store, bool]:
@@ -148,6 +154,13 @@ class WorkflowRunner:
         return self._sup
 
     async def __aenter__(self) -> WorkflowRunner:
+        store = self.store
+        if isinstance(store, Connects):  # its connections open now, not in the first burst of calls
+            try:
+                async with asyncio.timeout(_CONNECT_FOR):
+                    await store.connect()
+            except (AgentflowError, TimeoutError) as exc:  # the calls will retry as they always do
+                log.info("the store did not answer when the runner started (%s); carrying on", exc)
         self.supervisor.watch_deadlines()  # serve the workflow's timers from now on
         return self
 

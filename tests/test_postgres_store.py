@@ -200,6 +200,19 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     assert rec is not None and rec.lease_owner == "w2" and rec.event_count == 1
 
 
+async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:
+    from agentflow.stores.capabilities import Connects
+
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    assert isinstance(store, Connects)
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        before = await (await db.execute(f"SELECT to_regclass('{SCHEMA}') IS NOT NULL")).fetchone()
+        await store.connect()
+        after = await (await db.execute(f"SELECT max(version) FROM {SCHEMA}")).fetchone()
+    assert before == (False,) and after == (VERSION,)
+
+
 async def test_waiting_for_a_connection_of_a_busy_pool_is_not_an_outage(postgres_url: str, stores) -> None:
     """Calls queue for the pool's connections for longer than ``retry_for``: none fails."""
     store = PostgresStore(postgres_url, max_connections=2, retry_for=0.5)

@@ -116,6 +116,41 @@ async def test_many_runs_commits_go_in_few_writes(redis_url: str) -> None:
         await client.aclose()
 
 
+async def test_connect_opens_the_shared_connection_and_loads_every_script(redis_url: str) -> None:
+    from agentflow.stores import lua
+    from agentflow.stores.capabilities import Connects
+
+    admin = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    store = RedisStore(client=client, key_prefix=f"conn{time.monotonic_ns()}:")
+    try:
+        assert isinstance(store, Connects)
+        await admin.script_flush()  # a server that knows none of them (a restart)
+        await store.connect()
+        shas = [s.sha for s in lua.BY_SHA.values()]
+        assert await admin.script_exists(*shas) == [True] * len(shas)
+        # The first burst of calls finds its scripts: no call is sent twice.
+        CountingConnection.sends = 0
+        assert all(await asyncio.gather(*(store.create(record(f"r{i}"), []) for i in range(50))))
+        assert CountingConnection.sends <= 3
+    finally:
+        await store.close()
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_a_runner_whose_store_does_not_answer_starts_all_the_same() -> None:
+    from agentflow import END, START, Workflow, WorkflowRunner
+
+    wf = Workflow("Down").flow({START: lambda ctx: END})
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", retry_for=30)  # nothing listens there
+    started = time.monotonic()
+    async with WorkflowRunner(wf, store=store):
+        entered = time.monotonic() - started
+    await store.close()
+    assert entered < 3.5  # waited briefly for the connection, then carried on
+
+
 async def test_requests_of_a_long_turn_go_out_before_the_turn_ends(redis_url: str) -> None:
     """Thousands of runs starting in one turn of the loop (``gather``) are not held back
     until the last is made: what waits is written whenever 64 KB have gathered."""

@@ -2,11 +2,11 @@
 
 Each capability is a runtime-checkable Protocol, found with ``isinstance``: the
 hand-over queue of workers (:class:`WorkQueue`), creating a run queued for them in one
-operation (:class:`CreatesQueued`), pushed changes (:class:`ChangeFeed`),
-taking a handed-over run in one operation (:class:`TakesRuns`), fleet-wide rate limits
-(:class:`RateLimits`) and small credential records (:class:`Credentials`). The memory,
-SQLite, Redis and PostgreSQL stores have those their medium allows; the conformance
-suite checks each one a store claims.
+operation (:class:`CreatesQueued`), connections opened ahead (:class:`Connects`),
+pushed changes (:class:`ChangeFeed`), taking a handed-over run in one operation
+(:class:`TakesRuns`), fleet-wide rate limits (:class:`RateLimits`) and small credential
+records (:class:`Credentials`). The memory, SQLite, Redis and PostgreSQL stores have
+those their medium allows; the conformance suite checks each one a store claims.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "REDELIVER_AFTER",
     "ChangeFeed",
     "Claim",
+    "Connects",
     "CreatesQueued",
     "Credentials",
     "QueueDepth",
@@ -122,6 +123,25 @@ class WorkQueue(Protocol):
 
     async def queue_depth(self, workflow: str) -> QueueDepth:
         """How many entries of ``workflow`` wait, and how long the oldest has."""
+        ...
+
+
+@runtime_checkable
+class Connects(Protocol):
+    """A store whose connections can be opened before the first call needs them.
+
+    A runner entered with ``async with`` calls :meth:`connect` (briefly: it carries on
+    without, should the store not answer at once), so that the first calls of a process
+    do not all wait for the same connection; a client starting thousands of runs in one
+    ``gather`` otherwise makes every one of them before the first goes out.
+    """
+
+    async def connect(self) -> None:
+        """Open what the store's calls share (a connection, the tables, the scripts).
+
+        Raises:
+            StoreError: the store could not be reached (as a call would raise).
+        """
         ...
 
 

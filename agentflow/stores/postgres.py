@@ -186,6 +186,14 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
 
         return await self._db.run("create", run_id, job)
 
+    async def connect(self) -> None:
+        """Open the pool and make the tables ready (``Connects``)."""
+
+        async def job(conn: Conn) -> None:
+            return None
+
+        await self._db.run("connecting", None, job)
+
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's record, or None.
 

@@ -544,6 +544,20 @@ class RedisStore(RedisCredentials):
                 await self._wire.flush()
         return True
 
+    async def connect(self) -> None:
+        """Open the shared connection and load the scripts (``Connects``): one round trip.
+
+        Without it, a burst of first calls waits for the connection together, and each
+        of them finds its script unknown to the server and sends it again. On a cluster,
+        the map of slots is read instead.
+        """
+        wire = self._wire
+        if isinstance(wire, ClusterWire):
+            await wire.retrying("connecting", None, wire.ready)
+            return
+        loads = [[b"SCRIPT", b"LOAD", script.source.encode()] for script in lua.BY_SHA.values()]
+        await wire.retrying("connecting", None, lambda: wire.call(loads))
+
     # -- the change feed (ChangeFeed; see redis_feed) ---------------------------------
 
     async def changes(self, changed: Callable[[str], None]) -> None:
