@@ -34,10 +34,10 @@ from ..errors import (
     RunNotFoundError,
     StoreError,
 )
-from ..stores.capabilities import ChangeFeed, TakesRuns
+from ..stores.capabilities import ChangeFeed, ReadsVersions, TakesRuns
 from ..stores.contract import Change, Commit, Lease, LoadedRun, RunRecord, Store
 from ..types import FINAL, RunEvent, RunStatus
-from . import handover
+from . import handover, polling
 from .children import ChildWatch
 from .handover import queue_of
 from .leases import LeaseKeeper
@@ -104,6 +104,7 @@ class Supervisor:
         # Checked once: a Protocol's isinstance walks its members on every call.
         self.takes: TakesRuns | None = store if isinstance(store, TakesRuns) else None
         self.feed: ChangeFeed | None = store if isinstance(store, ChangeFeed) else None
+        self.versions: ReadsVersions | None = store if isinstance(store, ReadsVersions) else None
         self.lease_ttl = lease_ttl
         self.owner = owner
         self.stopping = False
@@ -170,16 +171,24 @@ class Supervisor:
         On a store that pushes changes (``ChangeFeed``: Redis, Postgres) the feed wakes
         watchers at once and the store is looked at only as a backstop, for a push that
         was lost: 1 s after a read, doubling with each of the ``quiet`` looks in a row that
-        no push preceded, up to 4 s; every second while the feed is cut. Otherwise every
-        100 ms. A watcher of ``every_step`` (a run's events) looks every 100 ms in any
-        case: a store may push only status changes (Postgres does).
+        no push preceded, up to 4 s; every second while the feed is cut. A store that
+        tells which of many runs changed (``ReadsVersions``: SQLite) is looked at by one
+        task for all the runs waited on, every 100 ms (:mod:`.polling`), with the same
+        backstop. Otherwise every 100 ms. A watcher of ``every_step`` (a run's events)
+        looks every 100 ms in any case: a store may push only status changes (Postgres
+        does).
         """
-        store = self.feed
-        if store is None:
-            return _POLL
         root = self.root
-        if root._feed is None or root._feed.done():
-            root._feed = asyncio.get_running_loop().create_task(root._feeding(store), name="agentflow:feed")
+        if self.feed is not None:
+            if root._feed is None or root._feed.done():
+                loop = asyncio.get_running_loop()
+                root._feed = loop.create_task(root._feeding(self.feed), name="agentflow:feed")
+        elif self.versions is not None:
+            if root._feed is None or root._feed.done():
+                loop = asyncio.get_running_loop()
+                root._feed = loop.create_task(polling.follow(root, self.versions), name="agentflow:polling")
+        else:
+            return _POLL
         if every_step:
             return _POLL
         if quiet <= 0 or not root._feed_up:

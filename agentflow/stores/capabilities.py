@@ -30,6 +30,7 @@ __all__ = [
     "QueueDepth",
     "Quota",
     "RateLimits",
+    "ReadsVersions",
     "TakesRuns",
     "WorkQueue",
     "claim_waiting",
@@ -181,6 +182,21 @@ class ChangeFeed(Protocol):
             StoreError: the feed was cut (the caller starts it again; changes made while
                 it was down are not replayed, so the caller looks at the store then).
         """
+        ...
+
+
+@runtime_checkable
+class ReadsVersions(Protocol):
+    """A store without a change feed that tells, in one read, which of many runs changed.
+
+    A process following runs that others advance then looks at all of them together,
+    every 100 ms, instead of reading each one's record every 100 ms; the watchers of a
+    run that changed read it then.
+    """
+
+    async def versions(self, run_ids: Sequence[str]) -> dict[str, Any]:
+        """For each of ``run_ids`` that exists, a value that differs whenever the run's
+        status, control flag, events or ``updated_at`` changed since (compared with ``==``)."""
         ...
 
 

@@ -84,6 +84,8 @@ T = TypeVar("T")
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
 _STATUS_AT = sqlrows.HOT.index("status")
+#: Run ids one read of ``versions`` asks about (SQLite allows 32,766 parameters).
+_VERSIONS_AT_ONCE = 500
 
 
 class SqliteStore(SqliteCredentials, SqliteTake):
@@ -207,6 +209,23 @@ class SqliteStore(SqliteCredentials, SqliteTake):
             return None if row is None else sqlrows.to_record(row, light=False)
 
         return await self._call("get", run_id, job)
+
+    async def versions(self, run_ids: Sequence[str]) -> dict[str, Any]:
+        """Status, control flag, event count and ``updated_at`` of each run there is, in one
+        read (``ReadsVersions``)."""
+        ids = list(run_ids)
+
+        def job(db: sqlite3.Connection) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            now = time.time()
+            for i in range(0, len(ids), _VERSIONS_AT_ONCE):
+                chunk = ids[i : i + _VERSIONS_AT_ONCE]
+                marks = ", ".join("?" for _ in chunk)
+                rows = db.execute(sqlrows.SELECT_VERSIONS.format(marks=marks), (self.key_prefix, *chunk, now))
+                out.update((row[0], row[1:]) for row in rows)
+            return out
+
+        return await self._call("versions", None, job) if ids else {}
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal, read in one snapshot; or None.

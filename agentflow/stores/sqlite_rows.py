@@ -31,6 +31,7 @@ __all__ = [
     "SELECT_LEASE",
     "SELECT_LIGHT",
     "SELECT_LIVE",
+    "SELECT_VERSIONS",
     "SELECT_OUTPUTS",
     "SELECT_STORED",
     "column",
@@ -68,6 +69,11 @@ _COLUMNS = f"{', '.join(HOT)}, {', '.join(_VALUE.format(f) for f in BIG)}"
 SELECT_LIGHT = f"SELECT {', '.join(HOT)} FROM {RUNS}"
 #: One statement, so one snapshot: the hot row and the big values of one live run.
 SELECT_FULL = f"SELECT {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ? AND {LIVE}"
+#: What tells whether runs changed (``{marks}``: a ``?`` per run id); then ``LIVE``'s now.
+SELECT_VERSIONS = (
+    f"SELECT run_id, status, control, event_count, updated_at FROM {RUNS} "
+    f"WHERE ns = ? AND run_id IN ({{marks}}) AND {LIVE}"
+)
 #: ``expires_at``, then what ``SELECT_FULL`` reads, expired or not.
 SELECT_STORED = f"SELECT expires_at, {_COLUMNS} FROM {RUNS} r WHERE ns = ? AND run_id = ?"
 #: What a commit checks before it writes: the fence, the last commit and the counters.
