@@ -57,11 +57,9 @@ from typing import Any, TypeVar
 from ..errors import CorruptRecordError, LeaseLostError, StoreError, WorkflowDefinitionError
 from ..types import RunEvent, RunStatus
 from . import sqlite_index as sqlindex
-from . import sqlite_limits as sqllimits
 from . import sqlite_queue as sqlqueue
 from . import sqlite_rows as sqlrows
 from . import sqlite_schema as sql
-from .capabilities import Claim, QueueDepth, claim_waiting
 from .codec import (
     check_commit_fields,
     check_record,
@@ -76,6 +74,8 @@ from .codec import (
 from .contract import Change, Commit, Lease, LoadedRun, RunRecord
 from .sqlite_calls import Durability, _close, _forks, _Job, _Pending
 from .sqlite_credentials import SqliteCredentials
+from .sqlite_limits import SqliteLimits
+from .sqlite_queue import SqliteQueue
 from .sqlite_take import SqliteTake
 
 __all__ = ["Durability", "SqliteStore"]
@@ -88,7 +88,7 @@ _STATUS_AT = sqlrows.HOT.index("status")
 _VERSIONS_AT_ONCE = 500
 
 
-class SqliteStore(SqliteCredentials, SqliteTake):
+class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
     The file is opened on first use, by the store's own thread. See the module
@@ -523,41 +523,6 @@ class SqliteStore(SqliteCredentials, SqliteTake):
 
         return await self._call("delete", run_id, job, inline=False)  # as long as the run is big
 
-    # -- the work queue (WorkQueue; see sqlite_queue) ----------------------------------
-
-    async def enqueue(self, workflow: str, run_id: str) -> None:
-        """Hand ``run_id`` to the workers of ``workflow`` (a row of ``agentflow_queue``)."""
-        await self._call(
-            "enqueue",
-            run_id,
-            lambda db: sqlqueue.enqueue(db, self.key_prefix, workflow, run_id),
-            self._writes_inline,
-            write=True,
-        )
-        self._queued.set()
-
-    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
-        """Up to ``limit`` entries for ``consumer``, polling every ``POLL_INTERVAL`` s up to ``wait``."""
-
-        async def attempt() -> list[Claim]:
-            return await self._call(
-                "claim",
-                None,
-                lambda db: sqlqueue.claim(db, self.key_prefix, workflows, consumer, limit),
-                write=True,
-            )
-
-        return await claim_waiting(attempt, self._queued, wait, sqlqueue.POLL_INTERVAL)
-
-    async def ack(self, claims: Sequence[Claim]) -> None:
-        """Delete acknowledged entries."""
-        if claims:
-            await self._call("ack", None, lambda db: sqlqueue.ack(db, self.key_prefix, claims), write=True)
-
-    async def queue_depth(self, workflow: str) -> QueueDepth:
-        """Entries of ``workflow`` not claimed yet, and the oldest one's age."""
-        return await self._call("queue_depth", None, lambda db: sqlqueue.depth(db, self.key_prefix, workflow))
-
     def sibling(self) -> SqliteStore:
         """A new store on the same file and options, with a thread and connection of its own."""
         return SqliteStore(self.path, ttl=self.ttl, key_prefix=self.key_prefix, durability=self.durability)
@@ -572,34 +537,3 @@ class SqliteStore(SqliteCredentials, SqliteTake):
             inline.close()
         if self._thread is not None:
             await self._submit(_close)
-
-    # -- rate limits (RateLimits; see sqlite_limits) ---------------------------------
-
-    async def acquire_limit(
-        self, key: str, ticket: str, quota: sqllimits.Quota, tokens: int
-    ) -> tuple[float, str | None]:
-        """A turn of rate limit ``key`` for ``ticket``: one transaction, shared by the file's processes."""
-        return await self._call(
-            f"a turn of rate limit {key!r}",
-            None,
-            lambda db: sqllimits.acquire(db, self.key_prefix, key, ticket, quota, tokens),
-            write=True,
-        )
-
-    async def renew_limit(self, key: str, ticket: str, quota: sqllimits.Quota) -> None:
-        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
-        await self._call(
-            f"renewing a slot of rate limit {key!r}",
-            None,
-            lambda db: sqllimits.renew(db, self.key_prefix, key, ticket, quota),
-            write=True,
-        )
-
-    async def release_limit(self, key: str, ticket: str, quota: sqllimits.Quota, tokens: int | None) -> None:
-        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
-        await self._call(
-            f"releasing a turn of rate limit {key!r}",
-            None,
-            lambda db: sqllimits.release(db, self.key_prefix, key, ticket, tokens),
-            write=True,
-        )

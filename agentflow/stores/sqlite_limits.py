@@ -23,9 +23,10 @@ from typing import TypeVar
 
 from .capabilities import Quota
 from .limits import verdict
+from .sqlite_calls import TwoConnections
 from .sqlite_rows import transaction
 
-__all__ = ["Quota", "acquire", "release", "renew"]
+__all__ = ["Quota", "SqliteLimits", "acquire", "release", "renew"]
 
 T = TypeVar("T")
 
@@ -125,3 +126,39 @@ def release(db: sqlite3.Connection, ns: str, key: str, ticket: str, tokens: int 
                 )
 
     _ready(db, job)
+
+
+class SqliteLimits(TwoConnections):
+    """The ``RateLimits`` methods of :class:`~agentflow.stores.sqlite.SqliteStore`:
+    each one transaction, shared by the file's processes."""
+
+    key_prefix: str
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """A turn of rate limit ``key`` for ``ticket``: one transaction, shared by the file's processes."""
+        return await self._call(
+            f"a turn of rate limit {key!r}",
+            None,
+            lambda db: acquire(db, self.key_prefix, key, ticket, quota, tokens),
+            write=True,
+        )
+
+    async def renew_limit(self, key: str, ticket: str, quota: Quota) -> None:
+        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
+        await self._call(
+            f"renewing a slot of rate limit {key!r}",
+            None,
+            lambda db: renew(db, self.key_prefix, key, ticket, quota),
+            write=True,
+        )
+
+    async def release_limit(self, key: str, ticket: str, quota: Quota, tokens: int | None) -> None:
+        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
+        await self._call(
+            f"releasing a turn of rate limit {key!r}",
+            None,
+            lambda db: release(db, self.key_prefix, key, ticket, tokens),
+            write=True,
+        )

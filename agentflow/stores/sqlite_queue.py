@@ -10,16 +10,18 @@ at once.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Sequence
 
 from . import capabilities
-from .capabilities import Claim, QueueDepth
+from .capabilities import Claim, QueueDepth, claim_waiting
+from .sqlite_calls import TwoConnections
 from .sqlite_rows import transaction
 from .sqlite_schema import QUEUE
 
-__all__ = ["POLL_INTERVAL", "ack", "claim", "depth", "enqueue", "insert"]
+__all__ = ["POLL_INTERVAL", "SqliteQueue", "ack", "claim", "depth", "enqueue", "insert"]
 
 #: Seconds between two looks at the queue while a worker waits for work.
 POLL_INTERVAL = 0.02
@@ -70,3 +72,44 @@ def depth(db: sqlite3.Connection, ns: str, workflow: str) -> QueueDepth:
         (ns, workflow),
     ).fetchone()
     return QueueDepth(int(n), None if oldest is None else max(0.0, time.time() - oldest))
+
+
+class SqliteQueue(TwoConnections):
+    """The ``WorkQueue`` methods of :class:`~agentflow.stores.sqlite.SqliteStore`."""
+
+    key_prefix: str
+    _writes_inline: bool
+    _queued: asyncio.Event  # set when an entry was queued through this store object
+
+    async def enqueue(self, workflow: str, run_id: str) -> None:
+        """Hand ``run_id`` to the workers of ``workflow`` (a row of ``agentflow_queue``)."""
+        await self._call(
+            "enqueue",
+            run_id,
+            lambda db: enqueue(db, self.key_prefix, workflow, run_id),
+            self._writes_inline,
+            write=True,
+        )
+        self._queued.set()
+
+    async def claim(self, workflows: Sequence[str], consumer: str, limit: int, wait: float) -> list[Claim]:
+        """Up to ``limit`` entries for ``consumer``, polling every ``POLL_INTERVAL`` s up to ``wait``."""
+
+        async def attempt() -> list[Claim]:
+            return await self._call(
+                "claim",
+                None,
+                lambda db: claim(db, self.key_prefix, workflows, consumer, limit),
+                write=True,
+            )
+
+        return await claim_waiting(attempt, self._queued, wait, POLL_INTERVAL)
+
+    async def ack(self, claims: Sequence[Claim]) -> None:
+        """Delete acknowledged entries."""
+        if claims:
+            await self._call("ack", None, lambda db: ack(db, self.key_prefix, claims), write=True)
+
+    async def queue_depth(self, workflow: str) -> QueueDepth:
+        """Entries of ``workflow`` not claimed yet, and the oldest one's age."""
+        return await self._call("queue_depth", None, lambda db: depth(db, self.key_prefix, workflow))
