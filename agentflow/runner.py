@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -122,7 +122,8 @@ class WorkflowRunner:
         self._sender: WebhookSender | None = None  # the persistence's webhooks, sent from here
         self._lease_ttl = ttl
         self.execute = execute
-        self._creates_queued: bool | None = None  # the store has CreatesQueued (looked at once)
+        # Looked at once: a Protocol's isinstance walks its members on every call.
+        self._creates_queued = store if isinstance(store, CreatesQueued) else None
         # The event loop the runs advance in (set with the supervisor), and the thread
         # that runs one for run_sync(): see agentflow.runner_sync.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -215,11 +216,9 @@ class WorkflowRunner:
     async def _create_queued(self, rec: RunRecord, events: Sequence[RunEvent]) -> bool:
         """Create a client's run and queue it for the workers: in one operation where the
         store can (so a worker may start it while the client creates the next ones)."""
+        if self._creates_queued is not None:
+            return await self._creates_queued.create_queued(rec, events)
         store = self.store
-        if self._creates_queued is None:  # checked once: a Protocol's isinstance is slow
-            self._creates_queued = isinstance(store, CreatesQueued)
-        if self._creates_queued:
-            return await cast(CreatesQueued, store).create_queued(rec, events)
         queue = queue_of(store)
         if not await store.create(rec, events):
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -180,15 +181,13 @@ class Supervisor:
         """
         root = self.root
         if self.feed is not None:
-            if root._feed is None or root._feed.done():
-                loop = asyncio.get_running_loop()
-                root._feed = loop.create_task(root._feeding(self.feed), name="agentflow:feed")
+            follow = functools.partial(root._feeding, self.feed)
         elif self.versions is not None:
-            if root._feed is None or root._feed.done():
-                loop = asyncio.get_running_loop()
-                root._feed = loop.create_task(polling.follow(root, self.versions), name="agentflow:polling")
+            follow = functools.partial(polling.follow, root, self.versions)
         else:
             return _POLL
+        if root._feed is None or root._feed.done():  # one task tells this process's watchers
+            root._feed = asyncio.get_running_loop().create_task(follow(), name="agentflow:feed")
         if every_step:
             return _POLL
         if quiet <= 0 or not root._feed_up:
