@@ -124,6 +124,14 @@ def workflows(store: Store) -> dict[str, Workflow]:
     }
 
 
+def steward_of(flows: dict[str, Workflow]) -> Steward:
+    """A steward serving each of ``flows``."""
+    steward = Steward()
+    for wf in flows.values():
+        steward.register(wf)
+    return steward
+
+
 # -- the served page ----------------------------------------------------------------------
 
 
@@ -188,9 +196,7 @@ async def served(request: pytest.FixtureRequest, make_store: StoreFactory) -> As
     """The page over a fresh store (SQLite; memory and Redis where a test asks), alice and mallory."""
     store = make_store(request.param)
     flows = workflows(store)
-    steward = Steward()
-    for wf in flows.values():
-        steward.register(wf)
+    steward = steward_of(flows)
     url, stop = await serve(create_app(steward, auth=TokenAuth(attempts=5)))
     page = Served(url, store, flows)
     try:
@@ -607,9 +613,7 @@ async def test_the_api_decides_with_a_bearer_token_and_maps_errors(served: Serve
 
 async def test_header_auth_refuses_requests_without_the_proxys_secret(make_store: StoreFactory) -> None:
     store = make_store("memory")
-    steward = Steward()
-    for wf in workflows(store).values():
-        steward.register(wf)
+    steward = steward_of(workflows(store))
     url, stop = await serve(create_app(steward, auth=HeaderAuth("X-Forwarded-User", "s3cret")))
     try:
         a = await Served(url, store, workflows(store)).park("Triage", "h")
@@ -674,9 +678,7 @@ async def test_markup_in_run_data_is_escaped_and_every_response_carries_the_csp(
 async def test_with_execute_false_a_decision_hands_the_run_to_a_worker(make_store: StoreFactory) -> None:
     store = make_store("sqlite")
     flows = workflows(store)
-    steward = Steward()
-    for wf in flows.values():
-        steward.register(wf)
+    steward = steward_of(flows)
     app = create_app(steward, execute=False)
     url, stop = await serve(app)
     page = Served(url, store, flows)
@@ -754,9 +756,7 @@ async def test_a_child_runs_approval_is_in_the_inbox_and_decided_on_the_child(
 async def test_mounted_in_another_app_the_page_links_below_its_mount_point(make_store: StoreFactory) -> None:
     store = make_store("memory")
     flows = workflows(store)
-    steward = Steward()
-    for wf in flows.values():
-        steward.register(wf)
+    steward = steward_of(flows)
     review = create_app(steward)
     outer = Starlette(routes=[Mount("/review", app=review)])  # its lifespan does not reach the page
     url, stop = await serve(outer)
@@ -803,9 +803,7 @@ async def test_a_decision_on_the_page_is_posted_to_the_apps_webhooks_signed(make
     hook_url, stop_hook = await serve(Starlette(routes=[Route("/hook", receive, methods=["POST"])]))
     store = make_store("memory")
     flows = workflows(store)
-    steward = Steward()
-    for wf in flows.values():
-        steward.register(wf)
+    steward = steward_of(flows)
     url, stop = await serve(create_app(steward, webhooks=[Webhook(f"{hook_url}/hook", "whsec")]))
     page = Served(url, store, flows)
     try:
