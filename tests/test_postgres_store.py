@@ -70,6 +70,77 @@ async def test_a_database_of_a_newer_layout_is_refused(postgres_url: str, stores
         await stores[1].get("r1")
 
 
+_TABLES = (
+    "agentflow_events",
+    "agentflow_outputs",
+    "agentflow_journal",
+    "agentflow_approvals",
+    "agentflow_approvers",
+)
+
+
+async def _rows_of(db: psycopg.AsyncConnection, run_id: str) -> dict[str, int]:
+    counts = {}
+    for table in _TABLES:
+        cursor = await db.execute(f"SELECT count(*) FROM {table} WHERE run_id = %s", (run_id,))
+        counts[table] = (await cursor.fetchone())[0]
+    return counts
+
+
+async def test_a_version_5_database_loses_its_foreign_keys_and_a_delete_still_takes_every_row(
+    postgres_url: str, stores
+) -> None:
+    """Schema 6 drops the foreign keys whose checks were most of a step's commit; deleting a
+    run (and the ttl purge) then deletes its rows in every table itself, and no one else's."""
+    from agentflow.stores.postgres_schema import _UPGRADES
+    from agentflow.testing._store_approvals import approval, gate_pending
+
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        for version in range(5):  # the layout a database of version 5 has
+            for sql in _UPGRADES[version]:
+                await db.execute(sql)
+        await db.execute(f"CREATE TABLE {SCHEMA} (version integer NOT NULL)")
+        await db.execute(f"INSERT INTO {SCHEMA} (version) VALUES (5)")
+        found = (
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid::regclass::text = ANY(%s)"
+        )
+        assert (await (await db.execute(found, (list(_TABLES),))).fetchone())[0] == 5
+    store = PostgresStore(postgres_url, ttl=0.5)
+    stores.append(store)
+    for run_id in ("gone", "kept"):  # a run with a row in each table
+        lease = await started(store, run_id)
+        commit = Commit(
+            fields={
+                "visit": 1,
+                "step": "B",
+                "status": RunStatus.WAITING,
+                "pending": gate_pending(approval(run_id)),
+            },
+            outputs=[OutputRecord(1, "A", 1)],
+            events=[event("step_completed", 2)],
+            journal={"A/1": "reply"},
+            seq=1,
+        )
+        await store.commit(run_id, lease, commit)
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        rows = await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall()
+        assert rows == [(VERSION,)]
+        assert (await (await db.execute(found, (list(_TABLES),))).fetchone())[0] == 0
+        full = {"agentflow_events": 2, **dict.fromkeys(_TABLES[1:], 1)}
+        assert await _rows_of(db, "gone") == full == await _rows_of(db, "kept")
+        assert await store.delete("gone") and not await store.delete("gone")
+        assert await _rows_of(db, "gone") == dict.fromkeys(_TABLES, 0)
+        assert await _rows_of(db, "kept") == full
+        # A finished run whose ttl ran out goes with its rows, when the next write purges.
+        lease = await acquire(store, "kept")
+        done = Commit(fields={"status": RunStatus.COMPLETED, "pending": None}, seq=2)
+        await store.commit("kept", lease, done)
+        await asyncio.sleep(0.6)
+        assert await store.create(record("next"), [])
+        assert await _rows_of(db, "kept") == dict.fromkeys(_TABLES, 0)
+        assert await store.get("next") is not None
+
+
 async def test_persistence_opens_it_with_the_url_or_database_url(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,7 +117,7 @@ async def test_a_postgres_database_of_the_first_layout_gets_its_queue_in_place(p
         await store.close()
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
         rows = await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall()
-    assert rows == [(VERSION,)] and VERSION == 5
+    assert rows == [(VERSION,)] and VERSION == 6
 
 
 # -- a run created and queued in one operation (CreatesQueued) -----------------------------

@@ -134,8 +134,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         now = time.monotonic()
         if self.ttl is None or now < self._next_purge:
             return
-        cursor = await conn.execute(pgrows.PURGE, (self.key_prefix, PURGE_BATCH))
-        self._next_purge = now if cursor.rowcount == PURGE_BATCH else now + min(self.ttl, 60.0)
+        row = await (await conn.execute(pgrows.PURGE, (self.key_prefix, PURGE_BATCH))).fetchone()
+        self._next_purge = now if row[0] == PURGE_BATCH else now + min(self.ttl, 60.0)
 
     # -- the Store protocol -----------------------------------------------------------
 

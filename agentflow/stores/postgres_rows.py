@@ -16,7 +16,7 @@ from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from .codec import RECORD_FIELDS, decode, encode, make_record
 from .contract import RunRecord
-from .postgres_schema import EVENTS, JOURNAL, NOW, OUTPUTS, RUNS
+from .postgres_schema import APPROVALS, APPROVERS, EVENTS, JOURNAL, NOW, OUTPUTS, RUNS
 
 __all__ = [
     "BIG",
@@ -88,13 +88,31 @@ RENEW = (
     f"UPDATE {RUNS} SET lease_expires = {NOW} + %s WHERE {_KEY} AND lease_owner = %s AND lease_token = %s "
     f"AND {LIVE} RETURNING control"
 )
-#: Deletes the run's row (the other tables follow it); returns whether it was live.
-DELETE = f"DELETE FROM {RUNS} WHERE {_KEY} RETURNING {LIVE}"
-#: Deletes a batch of expired runs: ns, then the batch size.
-PURGE = (
-    f"DELETE FROM {RUNS} WHERE (ns, run_id) IN (SELECT ns, run_id FROM {RUNS} WHERE ns = %s "
-    f"AND expires_at IS NOT NULL AND expires_at <= {NOW} LIMIT %s)"
+
+
+def _deleting(runs: str, returning: str) -> str:
+    """Deletes the runs ``runs`` selects with their rows in every other table, in one
+    statement (schema 6: no foreign keys, see postgres_schema), and returns ``returning``
+    of the deleted runs."""
+    others = (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
+    ctes = ", ".join(
+        f"d{i} AS (DELETE FROM {table} x USING r WHERE x.ns = r.ns AND x.run_id = r.run_id)"
+        for i, table in enumerate(others)
+    )
+    deleted = f"r AS (DELETE FROM {RUNS} WHERE {runs} RETURNING ns, run_id, {LIVE} AS live)"
+    return f"WITH {deleted}, {ctes} {returning}"
+
+
+#: Deletes a run and everything of it: ns, run_id; returns whether it was live (a row
+#: only if the run existed).
+DELETE = _deleting(_KEY, "SELECT live FROM r")
+#: Deletes a batch of expired runs (ns, then the batch size); returns how many.
+PURGE = _deleting(
+    f"(ns, run_id) IN (SELECT ns, run_id FROM {RUNS} WHERE ns = %s "
+    f"AND expires_at IS NOT NULL AND expires_at <= {NOW} LIMIT %s)",
+    "SELECT count(*) FROM r",
 )
+
 #: A new run's row: the columns, then ns, deadline, expires_at (a ttl in seconds from
 #: now, or NULL) and the create's nonce.
 INSERT_RUN = (
