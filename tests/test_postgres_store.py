@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -263,7 +264,7 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     async def take_it() -> None:  # another process takes the new run at once
         await acquire(other, "r1", owner="w2")
 
-    proxy.lose(b"COMMIT", take_it)
+    proxy.lose(b"DO NOTHING RETURNING ns, run_id", take_it)  # the create's one statement ran
     assert await store.create(record("r1"), [event("run_started", 1)])
     assert proxy.lost == 1
     assert not await store.create(record("r1"), [])  # and a real second create is refused
@@ -444,3 +445,56 @@ async def test_listings_read_indexes_not_every_stored_run(postgres_url: str, sto
                 nodes += node.get("Plans", [])
             assert read <= 30, (query, plan)  # rows read: a page (10), not the 20,000
     assert [r.run_id for r in await store.list_runs(status=RunStatus.RUNNING)] == ["live"]
+
+
+async def test_a_run_is_found_by_its_key_whatever_the_planner_knows_of_its_prefix(
+    postgres_url: str, stores
+) -> None:
+    """With another prefix's 3,000 runs analyzed, the planner guesses that a new prefix has
+    a run or two; the store's lookups by run id must still read one row, not every run of
+    the prefix (a take read about 900 a call, through the index by workflow and status)."""
+    from agentflow.stores import postgres_rows as pgrows
+    from agentflow.stores.postgres_take import TAKE
+
+    old, new = PostgresStore(postgres_url, key_prefix="old:"), PostgresStore(postgres_url, key_prefix="new:")
+    stores += [old, new]
+    await old.create(record("warm-up"), [])  # the schema is ready
+    unowned = {"status": RunStatus.RUNNING, "lease_owner": None, "lease_expires": 0.0}
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute(
+            f"INSERT INTO {pgrows.RUNS} (ns, run_id, workflow, status, visit, pending, decisions, error, "
+            "usage, created_at, updated_at, event_count, lease_token, lease_expires, commit_token, "
+            "commit_seq, parent, children) SELECT 'old:', 'done-' || i, 'wf', 'completed', 0, 'null', '[]', "
+            "'null', 'null', i, i, 0, 0, 0, 0, 0, 'null', '[]' FROM generate_series(1, 3000) AS i"
+        )
+        await db.execute(f"ANALYZE {pgrows.RUNS}")
+        for i in range(300):  # queued for workers, after the statistics were taken
+            assert await new.create_queued(record(f"q{i}", workflow="wf", **unowned), [])
+
+        async def rows_read(sql: str, params: Any) -> int:
+            plan = (await (await db.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)).fetchone())[0]
+            nodes, read = [plan[0]["Plan"]], 0
+            while nodes:
+                node = nodes.pop()
+                if node.get("Relation Name") == pgrows.RUNS and "Scan" in node["Node Type"]:
+                    read += node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+                nodes += node.get("Plans", [])
+            return read
+
+        # The store runs the generic plan of each statement (planned once per connection),
+        # which takes the prefix for an average one.
+        await db.execute("SET plan_cache_mode = force_generic_plan")
+        take = TAKE
+        for i, name in enumerate(("ns", "run_id", "workflow", "owner", "ttl", "nonce"), 1):
+            take = take.replace(f"%({name})s", f"${i}")
+        await db.execute(f"PREPARE take AS {take}")
+        full = pgrows.SELECT_FULL.replace("%s", "$1", 1).replace("%s", "$2", 1)
+        await db.execute(f"PREPARE full_record AS {full}")
+        # The row taken, and the look of a retry after a lost reply (which finds none).
+        assert await rows_read("EXECUTE take('new:', 'q7', 'wf', 'w1', 15.0, 'n')", None) <= 2
+        assert await rows_read("EXECUTE full_record('new:', 'q9')", None) == 1
+
+    async def setting(conn: psycopg.AsyncConnection[Any]) -> str:
+        return (await (await conn.execute("SHOW plan_cache_mode")).fetchone())[0]
+
+    assert await new._db.run("a look at the session", None, setting) == "force_generic_plan"

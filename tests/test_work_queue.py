@@ -193,7 +193,7 @@ async def test_a_postgres_create_queued_whose_reply_is_lost_queues_the_run_once(
         store = PostgresStore(url)
         try:
             assert await store.create(record("warm-up"), [])  # the schema is ready
-            proxy.lose(b"COMMIT", nothing)
+            proxy.lose(b"agentflow_queued", nothing)  # the create and its queue entry ran
             assert await store.create_queued(_unowned("r1"), [event("run_started", 1)])
             assert proxy.lost == 1
             claims = await store.claim(["A"], "w1", 5, 0)

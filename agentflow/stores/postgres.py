@@ -163,6 +163,16 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
 
         async def job(conn: Conn) -> bool:
             await self._purge(conn)
+            if not approvals:  # the common case: one statement, one round trip
+                first = [record.event_count + 1, pgrows.texts(bodies)]
+                if await (await conn.execute(pgrows.CREATE[queued], [*params, *first])).fetchone():
+                    return True
+                found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()
+                if found is not None and found[0] == nonce:
+                    return True  # this call created it; the reply was lost
+                if found is not None and not found[1]:
+                    return False
+                # Gone since, or expired and not purged yet: the transaction below.
             async with conn.transaction():
                 if await (await conn.execute(pgrows.INSERT_RUN, params)).fetchone() is None:
                     found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()

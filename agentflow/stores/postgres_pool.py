@@ -49,6 +49,19 @@ def describe(url: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Every statement the store prepares runs its generic plan, planned once per connection.
+
+    A custom plan is made for each execution with its values, and for a key prefix the
+    statistics have not seen the planner guesses that ``ns = %s`` matches a row or two: it
+    then looks a run up by ``(ns, run_id)`` through an index of ``ns`` and something else
+    (the running runs', the newest-first one), reading every run of the prefix. Measured
+    in the fleet: a take read 1,291 rows a call, and planning was 0.3 ms of a 0.4 ms
+    statement. The generic plan takes ``ns`` as the average prefix and uses the keys.
+    """
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+
+
 class Connections:
     """The pool of one store, and the retrying of its calls.
 
@@ -122,6 +135,7 @@ class Connections:
                 max_size=self._max,
                 open=False,
                 kwargs={"autocommit": True, "connect_timeout": max(1, round(self._connect_timeout))},
+                configure=_configure,
                 name="agentflow",
             )
             self._pool = pool

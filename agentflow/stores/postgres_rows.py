@@ -16,11 +16,12 @@ from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from .codec import RECORD_FIELDS, decode, encode, make_record
 from .contract import RunRecord
-from .postgres_schema import APPROVALS, APPROVERS, EVENTS, JOURNAL, NOW, OUTPUTS, RUNS
+from .postgres_schema import APPROVALS, APPROVERS, EVENTS, JOURNAL, NOW, OUTPUTS, QUEUE, QUEUED, RUNS
 
 __all__ = [
     "BIG",
     "COLUMNS",
+    "CREATE",
     "DELETE",
     "FINAL_VALUES",
     "INSERT_EVENTS",
@@ -115,11 +116,35 @@ PURGE = _deleting(
 
 #: A new run's row: the columns, then ns, deadline, expires_at (a ttl in seconds from
 #: now, or NULL) and the create's nonce.
-INSERT_RUN = (
+_NEW_ROW = (
     f"INSERT INTO {RUNS} ({', '.join(COLUMNS)}, ns, deadline, expires_at, created_by) "
     f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, %s, %s, {NOW} + %s, %s) "
-    "ON CONFLICT (ns, run_id) DO NOTHING RETURNING 1"
+    "ON CONFLICT (ns, run_id) DO NOTHING"
 )
+INSERT_RUN = f"{_NEW_ROW} RETURNING 1"
+
+
+def _creating(queued: bool) -> str:
+    """A new run's row with its events, and its queue entry if ``queued``, in one
+    statement: :data:`INSERT_RUN`'s parameters, then the first event's seq and the
+    events (a JSON array of their texts). A row comes back if the run was created, none
+    if its id was taken (then nothing was written)."""
+    events = (
+        f"e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT r.ns, r.run_id, %s + t.n - 1, t.body "
+        "FROM r, json_array_elements_text(%s::json) WITH ORDINALITY AS t(body, n))"
+    )
+    if not queued:
+        return f"WITH r AS ({_NEW_ROW} RETURNING ns, run_id), {events} SELECT 1 FROM r"
+    queue = (
+        f"q AS (INSERT INTO {QUEUE} (ns, workflow, run_id, enqueued_at) "
+        f"SELECT r.ns, r.workflow, r.run_id, {NOW} FROM r RETURNING ns, workflow)"
+    )
+    notify = f"SELECT pg_notify('{QUEUED}', json_build_array(ns, workflow)::text) FROM q"
+    return f"WITH r AS ({_NEW_ROW} RETURNING ns, run_id, workflow), {events}, {queue} {notify}"
+
+
+#: :func:`_creating`'s statements, by ``queued``.
+CREATE = {False: _creating(False), True: _creating(True)}
 #: Appends events: ns, run_id, the first seq, the bodies.
 INSERT_EVENTS = (
     f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT %s, %s, %s + t.n - 1, t.body "
