@@ -200,3 +200,46 @@ async def test_a_postgres_create_queued_whose_reply_is_lost_queues_the_run_once(
             assert [c.run_id for c in claims] == ["r1"]
         finally:
             await store.close()
+
+
+async def test_a_postgres_claim_reads_what_it_returns_however_many_entries_wait(postgres_url) -> None:
+    """With 2,000 entries of the workflow and 2,000 of another queued, and 300 claimed, a
+    claim of 10 reads about 10 entries (it read every waiting one, from the index by
+    claim time where the unclaimed sort last); and it still claims the oldest first,
+    an entry whose claim ran out before the fresh ones."""
+    import psycopg
+
+    from agentflow.stores.postgres import PostgresStore
+    from agentflow.stores.postgres_queue import CLAIM
+
+    store = PostgresStore(postgres_url)
+    try:
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+            await store.enqueue("A", "warm-up")  # the tables are ready
+            await db.execute(
+                "INSERT INTO agentflow_queue (ns, workflow, run_id, enqueued_at) "
+                "SELECT '', w, w || i, i FROM generate_series(1, 2000) AS i, unnest(ARRAY['A', 'B']) AS w"
+            )
+            assert len(await store.claim(["A"], "w1", 300, 0)) == 300
+            await db.execute("ANALYZE agentflow_queue")
+            await db.execute("SET plan_cache_mode = force_generic_plan")
+            claim = CLAIM
+            for i, name in enumerate(("owner", "ns", "workflows", "after", "n"), 1):
+                claim = claim.replace(f"%({name})s", f"${i}")
+            await db.execute(f"PREPARE claim AS {claim}")
+            cursor = await db.execute("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim('w2', '', '{A}', 30, 10)")
+            plan = (await cursor.fetchone())[0][0]["Plan"]
+            nodes, read = [plan], 0
+            while nodes:
+                node = nodes.pop()
+                if "Scan" in node["Node Type"] and node.get("Relation Name") == "agentflow_queue":
+                    read += node["Actual Rows"] * node.get("Actual Loops", 1)
+                    read += node.get("Rows Removed by Filter", 0)
+                nodes += node.get("Plans", [])
+            assert read <= 40, plan
+            # The oldest entries first, and one whose claim ran out before them all.
+            await db.execute("UPDATE agentflow_queue SET claimed_at = claimed_at - 60 WHERE run_id = 'A150'")
+        got = await store.claim(["A"], "w3", 3, 0)
+        assert [c.run_id for c in got] == ["A150", "A310", "A311"]  # A300..A309 went to w2, above
+    finally:
+        await store.close()

@@ -34,10 +34,21 @@ ENQUEUE = (
     f"WITH e AS (INSERT INTO {QUEUE} (ns, workflow, run_id, enqueued_at) VALUES (%s, %s, %s, {NOW}) "
     f"RETURNING ns, workflow) SELECT pg_notify('{QUEUED}', json_build_array(ns, workflow)::text) FROM e"
 )
+#: Parameters by name: owner, ns, workflows, after (seconds a claim holds), n. The
+#: oldest unclaimed entries of each workflow are read from the index of unclaimed
+#: entries, at most ``n`` per workflow, so a claim reads what it returns however many
+#: entries wait; entries claimed longer than ``after`` ago come from the index by claim
+#: time (any ``n`` of them). The oldest ``n`` of both are claimed.
 CLAIM = (
-    f"UPDATE {QUEUE} SET claimed_by = %s, claimed_at = {NOW} WHERE id IN ("
-    f"SELECT id FROM {QUEUE} WHERE ns = %s AND workflow = ANY(%s) "
-    f"AND (claimed_at IS NULL OR claimed_at <= {NOW} - %s) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+    f"UPDATE {QUEUE} SET claimed_by = %(owner)s, claimed_at = {NOW} WHERE id = ANY(ARRAY("
+    "SELECT id FROM ("
+    "SELECT f.id FROM unnest(%(workflows)s::text[]) AS w(name), LATERAL ("
+    f"SELECT id FROM {QUEUE} WHERE ns = %(ns)s AND workflow = w.name AND claimed_at IS NULL "
+    "ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED) AS f "
+    "UNION ALL "
+    f"SELECT id FROM (SELECT id FROM {QUEUE} WHERE ns = %(ns)s AND workflow = ANY(%(workflows)s) "
+    f"AND claimed_at <= {NOW} - %(after)s LIMIT %(n)s FOR UPDATE SKIP LOCKED) AS s"
+    ") AS c ORDER BY id LIMIT %(n)s)) "
     "RETURNING id, workflow, run_id, enqueued_at"
 )
 ACK = f"DELETE FROM {QUEUE} WHERE ns = %s AND id = ANY(%s)"
@@ -185,7 +196,13 @@ class QueueAndFeed:
         names = list(workflows)
 
         async def job(conn: Conn) -> list[Claim]:
-            args = (consumer, self.key_prefix, names, redeliver_after(), limit)
+            args = {
+                "owner": consumer,
+                "ns": self.key_prefix,
+                "workflows": names,
+                "after": redeliver_after(),
+                "n": limit,
+            }
             return claims_of(await (await conn.execute(CLAIM, args)).fetchall())
 
         async def attempt() -> list[Claim]:

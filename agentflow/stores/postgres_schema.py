@@ -51,7 +51,8 @@ added ``agentflow_credentials``. Version 4 added the workflow version a run is a
 writes cheaper: the running runs' index leaves out ``lease_expires``, so taking a run
 and renewing its lease are heap-only updates that touch no index, and the notifying
 trigger's condition is a ``WHEN`` clause. Version 6 dropped the foreign keys from the
-other tables to the run's row (see ``_V6``).
+other tables to the run's row, and added an index of the unclaimed queue entries (see
+``_V6``).
 """
 
 from __future__ import annotations
@@ -240,9 +241,20 @@ _V5 = (
 # run's row (an INSERT ... SELECT FROM the UPDATE that matched it, or after a create that
 # inserted it), and deleting a run deletes its rows in every table in one statement, so
 # the keys guarded nothing the statements do not.
-_V6 = tuple(
-    f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_ns_run_id_fkey"
-    for table in (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
+#
+# And the queue's index by claim time is two partial ones: the unclaimed entries by
+# workflow in queue order, and the claimed ones by claim time (to find those whose claim
+# ran out). A claim read every entry waiting (the oldest first, across the index by claim
+# time, where unclaimed entries sort last): 1,100 rows a claim with 2,000 runs queued.
+_V6 = (
+    *(
+        f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_ns_run_id_fkey"
+        for table in (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
+    ),
+    f"CREATE INDEX IF NOT EXISTS {QUEUE}_unclaimed ON {QUEUE} (ns, workflow, id) WHERE claimed_at IS NULL",
+    f"DROP INDEX IF EXISTS {QUEUE}_next",
+    f"CREATE INDEX IF NOT EXISTS {QUEUE}_claimed ON {QUEUE} (ns, workflow, claimed_at) "
+    "WHERE claimed_at IS NOT NULL",
 )
 
 #: The statements that bring a database of version ``v`` (0: a new one) to ``v + 1``.
