@@ -28,7 +28,7 @@ from .definition.workflow import Workflow, WorkflowSpec
 from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
 from .stores import open_store
-from .stores.capabilities import Connects, CreatesQueued
+from .stores.capabilities import Connects, CreatesQueued, create_then_enqueue
 from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
@@ -218,12 +218,7 @@ class WorkflowRunner:
         store can (so a worker may start it while the client creates the next ones)."""
         if self._creates_queued is not None:
             return await self._creates_queued.create_queued(rec, events)
-        store = self.store
-        queue = queue_of(store)
-        if not await store.create(rec, events):
-            return False
-        await queue.enqueue(rec.workflow, rec.run_id)
-        return True
+        return await create_then_enqueue(self.store.create, queue_of(self.store).enqueue, rec, events)
 
     async def attach(self, run_id: str) -> RunHandle:
         """A handle for an existing run.

@@ -34,6 +34,7 @@ __all__ = [
     "TakesRuns",
     "WorkQueue",
     "claim_waiting",
+    "create_then_enqueue",
 ]
 
 
@@ -165,6 +166,22 @@ class CreatesQueued(Protocol):
         queues no second entry.
         """
         ...
+
+
+async def create_then_enqueue(
+    create: Callable[[RunRecord, Sequence[RunEvent]], Awaitable[bool]],
+    enqueue: Callable[[str, str], Awaitable[None]],
+    record: RunRecord,
+    events: Sequence[RunEvent],
+) -> bool:
+    """``create_queued`` in two steps, for a store that cannot do both in one operation:
+    ``create``, then, if it created the run, ``enqueue``. A crash between the two leaves
+    a run with no owner and no queue entry, which a worker's recoverer takes (its lease
+    has expired from the start)."""
+    if not await create(record, events):
+        return False
+    await enqueue(record.workflow, record.run_id)
+    return True
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ import pydantic_core
 
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
-from .capabilities import Claim, QueueDepth
+from .capabilities import Claim, QueueDepth, create_then_enqueue
 from .codec import (
     RECORD_FIELDS,
     check_commit_fields,
@@ -526,10 +526,7 @@ class MemoryStore(MemoryCredentials):
 
     async def create_queued(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
         """:meth:`create`, and the run queued for the workers of its workflow (``CreatesQueued``)."""
-        if not await self.create(record, events):
-            return False
-        await self._queue.enqueue(record.workflow, record.run_id)
-        return True
+        return await create_then_enqueue(self.create, self._queue.enqueue, record, events)
 
     async def enqueue(self, workflow: str, run_id: str) -> None:
         """Hand ``run_id`` to the workers of ``workflow`` (in this process)."""

@@ -135,7 +135,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         if self.ttl is None or now < self._next_purge:
             return
         row = await (await conn.execute(pgrows.PURGE, (self.key_prefix, PURGE_BATCH))).fetchone()
-        self._next_purge = now if row[0] == PURGE_BATCH else now + min(self.ttl, 60.0)
+        purged = row[0] if row is not None else 0  # a count(*): always one row
+        self._next_purge = now if purged == PURGE_BATCH else now + min(self.ttl, 60.0)
 
     # -- the Store protocol -----------------------------------------------------------
 

@@ -51,7 +51,7 @@ from redis.asyncio.cluster import RedisCluster
 from ..errors import StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from . import lua, redis_feed, redis_limits
-from .capabilities import Claim, QueueDepth
+from .capabilities import Claim, QueueDepth, create_then_enqueue
 from .codec import (
     deadline_of,
     decode,
@@ -207,10 +207,7 @@ class RedisStore(RedisCommits, RedisCredentials):
         (``CreatesQueued``): by the same script on one server; on a cluster, where the
         stream lives in a slot of its own, by an ``XADD`` once the run is created."""
         if self.keys.cluster:
-            if not await self._create(record, events, queued=False):
-                return False
-            await self._queue.enqueue(record.workflow, record.run_id)
-            return True
+            return await create_then_enqueue(self.create, self._queue.enqueue, record, events)
         return await self._create(record, events, queued=True)
 
     async def _create(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
