@@ -410,6 +410,21 @@ async def test_runs_under_load_through_a_server_crash_all_complete_with_no_step_
 # -- cost follows what is returned -----------------------------------------------------
 
 
+async def _store_finished(db: psycopg.AsyncConnection[Any], ns: str, n: int) -> None:
+    """``n`` finished runs of workflow ``wf`` under prefix ``ns``, written straight into the
+    table (fast), and the table analyzed."""
+    from agentflow.stores.postgres_rows import RUNS
+
+    await db.execute(
+        f"INSERT INTO {RUNS} (ns, run_id, workflow, status, visit, pending, decisions, error, "
+        "usage, created_at, updated_at, event_count, lease_token, lease_expires, commit_token, "
+        "commit_seq, parent, children) SELECT %s, 'done-' || i, 'wf', 'completed', 0, 'null', '[]', "
+        "'null', 'null', i, i, 0, 0, 0, 0, 0, 'null', '[]' FROM generate_series(1, %s) AS i",
+        (ns, n),
+    )
+    await db.execute(f"ANALYZE {RUNS}")
+
+
 async def test_listings_read_indexes_not_every_stored_run(postgres_url: str, stores) -> None:
     """With 20,000 finished runs stored, each listing's plan is an index scan of what it returns."""
     from agentflow.stores import postgres_index as pgindex
@@ -419,13 +434,7 @@ async def test_listings_read_indexes_not_every_stored_run(postgres_url: str, sto
     stores.append(store)
     await started(store, "live")
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
-        await db.execute(
-            f"INSERT INTO {pgrows.RUNS} (ns, run_id, workflow, status, visit, pending, decisions, error, "
-            "usage, created_at, updated_at, event_count, lease_token, lease_expires, commit_token, "
-            "commit_seq, parent, children) SELECT '', 'done-' || i, 'wf', 'completed', 0, 'null', '[]', "
-            "'null', 'null', i, i, 0, 0, 0, 0, 0, 'null', '[]' FROM generate_series(1, 20000) AS i"
-        )
-        await db.execute(f"ANALYZE {pgrows.RUNS}")
+        await _store_finished(db, "", 20000)
         light = f"{pgrows.SELECT_LIGHT} WHERE ns = %s AND {pgrows.LIVE}"
         queries = [
             (pgindex._SELECT_RECOVERABLE, ("", "wf", 10)),
@@ -461,13 +470,7 @@ async def test_a_run_is_found_by_its_key_whatever_the_planner_knows_of_its_prefi
     await old.create(record("warm-up"), [])  # the schema is ready
     unowned = {"status": RunStatus.RUNNING, "lease_owner": None, "lease_expires": 0.0}
     async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
-        await db.execute(
-            f"INSERT INTO {pgrows.RUNS} (ns, run_id, workflow, status, visit, pending, decisions, error, "
-            "usage, created_at, updated_at, event_count, lease_token, lease_expires, commit_token, "
-            "commit_seq, parent, children) SELECT 'old:', 'done-' || i, 'wf', 'completed', 0, 'null', '[]', "
-            "'null', 'null', i, i, 0, 0, 0, 0, 0, 'null', '[]' FROM generate_series(1, 3000) AS i"
-        )
-        await db.execute(f"ANALYZE {pgrows.RUNS}")
+        await _store_finished(db, "old:", 3000)
         for i in range(300):  # queued for workers, after the statistics were taken
             assert await new.create_queued(record(f"q{i}", workflow="wf", **unowned), [])
 
