@@ -508,7 +508,7 @@ async def test_a_postgres_database_of_the_third_layout_reads_its_runs_as_version
         result = await (await runner.approve(run_id, by="editor")).result(timeout=10)
         assert result.state.headline == "Durable runs" and migration.calls == 1
     async with await psycopg.AsyncConnection.connect(postgres_url) as db:
-        assert await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall() == [(VERSION,)] == [(5,)]
+        assert await (await db.execute(f"SELECT version FROM {SCHEMA}")).fetchall() == [(VERSION,)] == [(6,)]
 
 
 async def test_a_process_killed_after_the_migration_was_committed_is_not_migrated_again(
