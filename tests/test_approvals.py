@@ -354,11 +354,11 @@ async def test_runner_lists_pending_approvals_across_workflows(store: Store) -> 
 
 async def test_an_expired_gate_leaves_the_listing(store: Store) -> None:
     async with (
-        WorkflowRunner(gate_flow(timeout=0.2), store=store) as runner,
+        WorkflowRunner(gate_flow(timeout=1.0), store=store) as runner,
         WorkflowRunner(gate_flow("Kept"), store=store) as other,
     ):
-        handle, approval = await parked(runner)
         _, kept = await parked(other)
-        assert await runner.approvals() == [kept, approval]
+        handle, approval = await parked(runner)  # the one that expires: listed at once, before it does
+        assert await runner.approvals() == [approval, kept]
         await wait_status(handle, RunStatus.EXPIRED)
         assert await runner.approvals() == [kept]
