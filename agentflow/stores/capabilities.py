@@ -3,7 +3,8 @@
 Each capability is a runtime-checkable Protocol, found with ``isinstance``: the
 hand-over queue of workers (:class:`WorkQueue`), creating a run queued for them in one
 operation (:class:`CreatesQueued`), connections opened ahead (:class:`Connects`),
-pushed changes (:class:`ChangeFeed`), taking a handed-over run in one operation
+pushed changes (:class:`ChangeFeed`), many runs' versions read at once
+(:class:`ReadsVersions`), taking a handed-over run in one operation
 (:class:`TakesRuns`), fleet-wide rate limits (:class:`RateLimits`) and small credential
 records (:class:`Credentials`). The memory, SQLite, Redis and PostgreSQL stores have
 those their medium allows; the conformance suite checks each one a store claims.

@@ -162,28 +162,33 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         nonce = self._nonce()
         params = [*row, ns, deadline_of(record.pending), self._expires(status), nonce]
 
+        async def taken(conn: Conn) -> bool | None:
+            """What a create that found the id taken returns: True if this call created the
+            run (its reply was lost), False if another live run has the id, None if the id
+            is free again (the run is gone since, or expired and not purged yet)."""
+            found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()
+            if found is None:
+                return None
+            created_by, expired = found
+            if created_by == nonce:
+                return True
+            return None if expired else False
+
         async def job(conn: Conn) -> bool:
             await self._purge(conn)
             if not approvals:  # the common case: one statement, one round trip
                 first = [record.event_count + 1, pgrows.texts(bodies)]
                 if await (await conn.execute(pgrows.CREATE[queued], [*params, *first])).fetchone():
                     return True
-                found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()
-                if found is not None and found[0] == nonce:
-                    return True  # this call created it; the reply was lost
-                if found is not None and not found[1]:
-                    return False
-                # Gone since, or expired and not purged yet: the transaction below.
+                verdict = await taken(conn)
+                if verdict is not None:
+                    return verdict
             async with conn.transaction():
                 if await (await conn.execute(pgrows.INSERT_RUN, params)).fetchone() is None:
-                    found = await (await conn.execute(pgrows.SELECT_CREATED, (ns, run_id))).fetchone()
-                    if found is not None:
-                        created_by, expired = found
-                        if created_by == nonce:
-                            return True  # this call created it; the reply was lost
-                        if not expired:
-                            return False
-                        await conn.execute(pgrows.DELETE, (ns, run_id))  # expired, not purged yet
+                    verdict = await taken(conn)
+                    if verdict is not None:
+                        return verdict
+                    await conn.execute(pgrows.DELETE, (ns, run_id))  # expired, not purged yet (if not gone)
                     await conn.execute(pgrows.INSERT_RUN, params)
                 if bodies:
                     await conn.execute(

@@ -16,7 +16,7 @@ from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
 from .codec import RECORD_FIELDS, decode, encode, make_record
 from .contract import RunRecord
-from .postgres_schema import APPROVALS, APPROVERS, EVENTS, JOURNAL, NOW, OUTPUTS, QUEUE, QUEUED, RUNS
+from .postgres_schema import EVENTS, JOURNAL, NOW, OUTPUTS, QUEUE, QUEUED, RUN_TABLES, RUNS
 
 __all__ = [
     "BIG",
@@ -95,10 +95,9 @@ def _deleting(runs: str, returning: str) -> str:
     """Deletes the runs ``runs`` selects with their rows in every other table, in one
     statement (schema 6: no foreign keys, see postgres_schema), and returns ``returning``
     of the deleted runs."""
-    others = (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
     ctes = ", ".join(
         f"d{i} AS (DELETE FROM {table} x USING r WHERE x.ns = r.ns AND x.run_id = r.run_id)"
-        for i, table in enumerate(others)
+        for i, table in enumerate(RUN_TABLES)
     )
     deleted = f"r AS (DELETE FROM {RUNS} WHERE {runs} RETURNING ns, run_id, {LIVE} AS live)"
     return f"WITH {deleted}, {ctes} {returning}"
@@ -124,15 +123,23 @@ _NEW_ROW = (
 INSERT_RUN = f"{_NEW_ROW} RETURNING 1"
 
 
+def _appending_events(ns: str, run_id: str, first: str, bodies: str, after: str = "") -> str:
+    """An INSERT of a run's events: SQL expressions of its ``ns`` and ``run_id``, of the
+    first event's seq and of the events (a JSON array of their texts); ``after`` names the
+    write they depend on (a CTE: no row of it, no event)."""
+    source = f"{after}, " if after else ""
+    return (
+        f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT {ns}, {run_id}, {first} + t.n - 1, t.body "
+        f"FROM {source}json_array_elements_text({bodies}::json) WITH ORDINALITY AS t(body, n)"
+    )
+
+
 def _creating(queued: bool) -> str:
     """A new run's row with its events, and its queue entry if ``queued``, in one
     statement: :data:`INSERT_RUN`'s parameters, then the first event's seq and the
     events (a JSON array of their texts). A row comes back if the run was created, none
     if its id was taken (then nothing was written)."""
-    events = (
-        f"e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT r.ns, r.run_id, %s + t.n - 1, t.body "
-        "FROM r, json_array_elements_text(%s::json) WITH ORDINALITY AS t(body, n))"
-    )
+    events = f"e AS ({_appending_events('r.ns', 'r.run_id', '%s', '%s', after='r')})"
     if not queued:
         return f"WITH r AS ({_NEW_ROW} RETURNING ns, run_id), {events} SELECT 1 FROM r"
     queue = (
@@ -146,10 +153,7 @@ def _creating(queued: bool) -> str:
 #: :func:`_creating`'s statements, by ``queued``.
 CREATE = {False: _creating(False), True: _creating(True)}
 #: Appends events: ns, run_id, the first seq, the bodies.
-INSERT_EVENTS = (
-    f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT %s, %s, %s + t.n - 1, t.body "
-    "FROM json_array_elements_text(%s::json) WITH ORDINALITY AS t(body, n)"
-)
+INSERT_EVENTS = _appending_events("%s", "%s", "%s", "%s")
 
 
 def _json(run_id: str, name: str, value: Any) -> str:
@@ -274,11 +278,8 @@ def commit_statement(
         "RETURNING event_count, control, workflow, status)"
     ]
     if events:
-        parts.append(
-            f", e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
-            "SELECT %(ns)s, %(run_id)s, u.event_count - %(n)s + t.n, t.body "
-            "FROM u, json_array_elements_text(%(events)s::json) WITH ORDINALITY AS t(body, n))"
-        )
+        first = "u.event_count - %(n)s + 1"  # the count the update returns includes them
+        parts.append(f", e AS ({_appending_events('%(ns)s', '%(run_id)s', first, '%(events)s', after='u')})")
     if outputs:
         parts.append(
             f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, %(run_id)s, t.body "

@@ -51,8 +51,8 @@ added ``agentflow_credentials``. Version 4 added the workflow version a run is a
 writes cheaper: the running runs' index leaves out ``lease_expires``, so taking a run
 and renewing its lease are heap-only updates that touch no index, and the notifying
 trigger's condition is a ``WHEN`` clause. Version 6 dropped the foreign keys from the
-other tables to the run's row, and added an index of the unclaimed queue entries (see
-``_V6``).
+other tables to the run's row, and split the queue's index by claim time into two
+partial ones, of the unclaimed entries and of the claimed (see ``_V6``).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ __all__ = [
     "QUEUE",
     "QUEUED",
     "RUNS",
+    "RUN_TABLES",
     "SCHEMA",
     "VERSION",
     "ensure_schema",
@@ -89,6 +90,8 @@ SCHEMA, RUNS, EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS, QUEUE = (
     "agentflow_queue",
 )
 CREDENTIALS = "agentflow_credentials"
+#: The tables holding rows of a run beside its own (deleted with it: see ``_V6``).
+RUN_TABLES = (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
 
 #: The layout this module creates; databases with a higher version are refused.
 VERSION = 6
@@ -247,10 +250,7 @@ _V5 = (
 # ran out). A claim read every entry waiting (the oldest first, across the index by claim
 # time, where unclaimed entries sort last): 1,100 rows a claim with 2,000 runs queued.
 _V6 = (
-    *(
-        f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_ns_run_id_fkey"
-        for table in (EVENTS, OUTPUTS, JOURNAL, APPROVALS, APPROVERS)
-    ),
+    *(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {table}_ns_run_id_fkey" for table in RUN_TABLES),
     f"CREATE INDEX IF NOT EXISTS {QUEUE}_unclaimed ON {QUEUE} (ns, workflow, id) WHERE claimed_at IS NULL",
     f"DROP INDEX IF EXISTS {QUEUE}_next",
     f"CREATE INDEX IF NOT EXISTS {QUEUE}_claimed ON {QUEUE} (ns, workflow, claimed_at) "
