@@ -5,6 +5,7 @@ Debian's ``postgresql`` package (``make postgresql`` installs it) puts the binar
 tests run as root (CI) the server runs as the ``postgres`` system user the package
 creates, in a directory that user owns. Each test gets a schema of its own in the one
 database (``postgres_url``): stores made in one test share it, tests never see each other.
+Two helpers read the plans of the store's statements: :func:`numbered` and :func:`rows_scanned`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,27 @@ from typing import Any
 import psycopg
 import pytest
 
-__all__ = ["PostgresServer", "postgres_server", "postgres_url"]
+__all__ = ["PostgresServer", "numbered", "postgres_server", "postgres_url", "rows_scanned"]
+
+
+def numbered(sql: str, names: tuple[str, ...]) -> str:
+    """A statement of the store with named parameters (``%(name)s``) as ``$1``, ``$2``... in
+    the order of ``names``, for ``PREPARE`` (then ``EXECUTE`` runs its generic plan)."""
+    for i, name in enumerate(names, 1):
+        sql = sql.replace(f"%({name})s", f"${i}")
+    return sql
+
+
+def rows_scanned(plan: dict[str, Any], table: str) -> int:
+    """Rows the scans of ``table`` read in ``plan`` (``EXPLAIN (ANALYZE, FORMAT JSON)``'s
+    ``Plan``): those they returned, over all their loops, and those their filter removed."""
+    nodes, read = [plan], 0
+    while nodes:
+        node = nodes.pop()
+        if "Scan" in node["Node Type"] and node.get("Relation Name") == table:
+            read += node["Actual Rows"] * node.get("Actual Loops", 1) + node.get("Rows Removed by Filter", 0)
+        nodes += node.get("Plans", [])
+    return read
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import all_events
-from postgres_server import PostgresServer
+from postgres_server import PostgresServer, numbered, rows_scanned
 from pydantic import BaseModel
 from redis_fakes import LossyProxy, pause
 from test_faults import BOUND, Gated
@@ -474,28 +474,20 @@ async def test_a_run_is_found_by_its_key_whatever_the_planner_knows_of_its_prefi
         for i in range(300):  # queued for workers, after the statistics were taken
             assert await new.create_queued(record(f"q{i}", workflow="wf", **unowned), [])
 
-        async def rows_read(sql: str, params: Any) -> int:
-            plan = (await (await db.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)).fetchone())[0]
-            nodes, read = [plan[0]["Plan"]], 0
-            while nodes:
-                node = nodes.pop()
-                if node.get("Relation Name") == pgrows.RUNS and "Scan" in node["Node Type"]:
-                    read += node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-                nodes += node.get("Plans", [])
-            return read
+        async def rows_read(sql: str) -> int:
+            plan = (await (await db.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")).fetchone())[0]
+            return rows_scanned(plan[0]["Plan"], pgrows.RUNS)
 
         # The store runs the generic plan of each statement (planned once per connection),
         # which takes the prefix for an average one.
         await db.execute("SET plan_cache_mode = force_generic_plan")
-        take = TAKE
-        for i, name in enumerate(("ns", "run_id", "workflow", "owner", "ttl", "nonce"), 1):
-            take = take.replace(f"%({name})s", f"${i}")
+        take = numbered(TAKE, ("ns", "run_id", "workflow", "owner", "ttl", "nonce"))
         await db.execute(f"PREPARE take AS {take}")
         full = pgrows.SELECT_FULL.replace("%s", "$1", 1).replace("%s", "$2", 1)
         await db.execute(f"PREPARE full_record AS {full}")
         # The row taken, and the look of a retry after a lost reply (which finds none).
-        assert await rows_read("EXECUTE take('new:', 'q7', 'wf', 'w1', 15.0, 'n')", None) <= 2
-        assert await rows_read("EXECUTE full_record('new:', 'q9')", None) == 1
+        assert await rows_read("EXECUTE take('new:', 'q7', 'wf', 'w1', 15.0, 'n')") <= 2
+        assert await rows_read("EXECUTE full_record('new:', 'q9')") == 1
 
     async def setting(conn: psycopg.AsyncConnection[Any]) -> str:
         return (await (await conn.execute("SHOW plan_cache_mode")).fetchone())[0]

@@ -208,6 +208,7 @@ async def test_a_postgres_claim_reads_what_it_returns_however_many_entries_wait(
     claim time where the unclaimed sort last); and it still claims the oldest first,
     an entry whose claim ran out before the fresh ones."""
     import psycopg
+    from postgres_server import numbered, rows_scanned
 
     from agentflow.stores.postgres import PostgresStore
     from agentflow.stores.postgres_queue import CLAIM
@@ -223,20 +224,11 @@ async def test_a_postgres_claim_reads_what_it_returns_however_many_entries_wait(
             assert len(await store.claim(["A"], "w1", 300, 0)) == 300
             await db.execute("ANALYZE agentflow_queue")
             await db.execute("SET plan_cache_mode = force_generic_plan")
-            claim = CLAIM
-            for i, name in enumerate(("owner", "ns", "workflows", "after", "n"), 1):
-                claim = claim.replace(f"%({name})s", f"${i}")
+            claim = numbered(CLAIM, ("owner", "ns", "workflows", "after", "n"))
             await db.execute(f"PREPARE claim AS {claim}")
             cursor = await db.execute("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim('w2', '', '{A}', 30, 10)")
             plan = (await cursor.fetchone())[0][0]["Plan"]
-            nodes, read = [plan], 0
-            while nodes:
-                node = nodes.pop()
-                if "Scan" in node["Node Type"] and node.get("Relation Name") == "agentflow_queue":
-                    read += node["Actual Rows"] * node.get("Actual Loops", 1)
-                    read += node.get("Rows Removed by Filter", 0)
-                nodes += node.get("Plans", [])
-            assert read <= 40, plan
+            assert rows_scanned(plan, "agentflow_queue") <= 40, plan
             # The oldest entries first, and one whose claim ran out before them all.
             await db.execute("UPDATE agentflow_queue SET claimed_at = claimed_at - 60 WHERE run_id = 'A150'")
         got = await store.claim(["A"], "w3", 3, 0)
