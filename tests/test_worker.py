@@ -142,7 +142,11 @@ async def test_a_worker_claims_no_more_than_its_concurrency(store: Store) -> Non
         handles = [await client.run() for _ in range(5)]
         worker = Worker(wf, store=store, concurrency=2)
         task = await _serving(worker)
-        await asyncio.sleep(0.3)
+        for _ in range(1000):  # a loaded machine may take a while to claim the first two
+            if worker.runs == 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # time enough to claim a third, were it allowed to
         assert worker.runs == 2 and (await worker.statistics()).queues["Slow"].waiting == 3
         gate.set()
         for h in handles:
