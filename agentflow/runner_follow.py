@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._engine.values import decode_output, run_output
 from .errors import RunFailedError, RunNotFoundError, RunRejectedError, RunStoppedError
-from .stores.contract import RunRecord
+from .stores.contract import LoadedRun, RunRecord
 from .types import FINAL, RunEvent, RunResult, RunStatus
 
 if TYPE_CHECKING:
@@ -33,9 +33,26 @@ async def until(
         TimeoutError: ``timeout`` seconds passed first.
         RunNotFoundError: there is no such run.
     """
+    rec, _ = await _until(runner, run_id, done, timeout, loading=False)
+    return rec
+
+
+async def _until(
+    runner: WorkflowRunner,
+    run_id: str,
+    done: Callable[[RunRecord], bool],
+    timeout: float | None,
+    loading: bool,
+) -> tuple[RunRecord, LoadedRun | None]:
+    """:func:`until`; with ``loading``, on a store whose change feed tells of new statuses
+    (not of every step), a look woken by a push reads the whole run (record, outputs,
+    journal) in place of the record alone, and returns it too: the run is then likely
+    final, and ``result()`` needs no read of its own after it."""
     sup = runner.supervisor
+    loading = loading and sup.feed is not None
     deadline = None if timeout is None else time.monotonic() + timeout
     quiet = 0  # backstop looks in a row that no push preceded (they grow rarer, see poll_interval)
+    pushed = False
     while True:
         live = sup.local.get(run_id)
         if live is not None and not live.finished:
@@ -48,14 +65,19 @@ async def until(
                 raise live.failure
         poll = sup.poll_interval(quiet=quiet)
         ev = sup.notifier.arm(run_id)  # before the read: a change pushed meanwhile wakes the wait
+        loaded = None
         try:
-            rec = await runner._record(run_id)
+            if loading and pushed:
+                loaded = await runner._loaded(run_id)
+                rec = loaded.record
+            else:
+                rec = await runner._record(run_id)
         except BaseException:
             sup.notifier.disarm(run_id, ev)
             raise
         if done(rec):
             sup.notifier.disarm(run_id, ev)
-            return rec
+            return rec, loaded
         if rec.status == RunStatus.WAITING and rec.pending and rec.pending.get("deadline"):
             sup.watch_deadlines()
         if deadline is not None and time.monotonic() >= deadline:
@@ -63,12 +85,13 @@ async def until(
             raise TimeoutError(f"run {run_id} did not get there within {timeout} s")
         left = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
         await sup.notifier.wait(run_id, ev, left)
-        quiet = 0 if ev.is_set() else quiet + 1
+        pushed = ev.is_set()
+        quiet = 0 if pushed else quiet + 1
 
 
 async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> RunResult:
     """The run's result once it is final, read from the store; raises as ``RunHandle.result`` does."""
-    rec = await until(runner, run_id, lambda r: r.status in FINAL, timeout)
+    rec, loaded = await _until(runner, run_id, lambda r: r.status in FINAL, timeout, loading=True)
     if rec.status == RunStatus.FAILED:
         err = rec.error or {}
         raise RunFailedError(
@@ -83,9 +106,8 @@ async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> 
     if rec.status in (RunStatus.REJECTED, RunStatus.EXPIRED):
         last = rec.decisions[-1] if rec.decisions else {}
         raise RunRejectedError(run_id, rec.status.value, last.get("comment"), last.get("by"))
-    loaded = await runner.store.load(run_id)
     if loaded is None:
-        raise RunNotFoundError(f"run {run_id} vanished from the store of workflow {runner.spec.name!r}")
+        loaded = await runner._loaded(run_id)
     spec = runner._specs.get(rec.workflow, runner.spec)
     results: dict[str, Any] = {}
     for out in loaded.outputs:

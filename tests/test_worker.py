@@ -72,6 +72,40 @@ async def test_a_client_hands_runs_to_a_worker_and_follows_them(store: Store) ->
     assert not client.supervisor.local
 
 
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+async def test_a_clients_result_reads_a_run_advanced_elsewhere_twice(kind: str, make_store) -> None:
+    # On a store that pushes new statuses: once to see it running, once (the whole run)
+    # when told it changed. The read that saw it final is the one the result is built
+    # from, not a third.
+    store = make_store(kind)
+    wf = _pipeline(pause=0.1)
+    async with WorkflowRunner(wf, store=store, execute=False) as client:
+        handles = [await client.run() for _ in range(5)]
+        worker = Worker(wf, store=store, concurrency=10)
+        task = await _serving(worker)
+        reads: list[str] = []
+        get, load = store.get, store.load
+
+        async def counted_get(run_id: str) -> Any:
+            reads.append("get")
+            return await get(run_id)
+
+        async def counted_load(run_id: str) -> Any:
+            reads.append("load")
+            return await load(run_id)
+
+        store.get, store.load = counted_get, counted_load  # type: ignore[method-assign]
+        try:
+            results = await asyncio.gather(*(h.result(timeout=10) for h in handles))
+        finally:
+            store.get, store.load = get, load  # type: ignore[method-assign]
+        await worker.close()
+        await task
+    assert all(r.status == RunStatus.COMPLETED for r in results)
+    assert [r.step_results for r in results] == [{"C": 15}] * 5  # the outputs, from the one read
+    assert reads.count("load") == 5 and reads.count("get") <= 5, reads
+
+
 async def test_a_decision_in_a_client_is_carried_on_by_a_worker(store: Store) -> None:
     wf = Workflow("Gated").flow(
         {
