@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._engine.values import decode_output, run_output
-from .errors import RunFailedError, RunNotFoundError, RunRejectedError, RunStoppedError
+from .errors import RunFailedError, RunRejectedError, RunStoppedError
 from .stores.contract import LoadedRun, RunRecord
 from .types import FINAL, RunEvent, RunResult, RunStatus
 
@@ -27,7 +27,8 @@ _FINAL_KINDS = frozenset(s.value for s in FINAL)
 async def until(
     runner: WorkflowRunner, run_id: str, done: Callable[[RunRecord], bool], timeout: float | None
 ) -> RunRecord:
-    """The run's record once ``done`` holds for it.
+    """The run's record once ``done`` holds for it. ``done`` looks at the run's status or
+    control flag: on a store that tells a step from a new status, a step wakes no look.
 
     Raises:
         TimeoutError: ``timeout`` seconds passed first.
@@ -64,7 +65,9 @@ async def _until(
             if live.failure is not None:
                 raise live.failure
         poll = sup.poll_interval(quiet=quiet)
-        ev = sup.notifier.arm(run_id)  # before the read: a change pushed meanwhile wakes the wait
+        # Before the read: a change pushed meanwhile wakes the wait. ``done`` looks at the
+        # status (every caller's does): a step that left it alone need not wake this.
+        ev = sup.notifier.arm(run_id, every_step=False)
         loaded = None
         try:
             if loading and pushed:

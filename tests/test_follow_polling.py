@@ -97,3 +97,34 @@ async def test_a_client_waiting_on_many_runs_reads_each_record_only_when_it_chan
     assert idle_reads <= 100 * 3, idle_reads
     assert [r.status for r in results] == [RunStatus.COMPLETED] * 100
     assert seen < 3.0  # the last of the 100 seen within a few looks of its commit
+
+
+async def test_a_client_reads_a_run_of_many_steps_a_few_times_not_once_a_step(tmp_path: Path) -> None:
+    # Twenty runs of eight 0.1 s steps advanced by a worker: the client's result() wakes
+    # for their new status, not for each step the poll sees (which was a read a step).
+    from agentflow import Worker
+
+    async def step(ctx: Any) -> Any:
+        await asyncio.sleep(0.1)
+        n = int(ctx.step_name[1:])
+        return f"s{n + 1}" if n < 7 else Next(END, output=n)
+
+    wf = Workflow("Long").flow({START: lambda ctx: "s0", **{f"s{i}": step for i in range(8)}})
+    path = str(tmp_path / "steps.db")
+    client_store, worker_store = CountingSqliteStore(path), SqliteStore(path)
+    try:
+        async with WorkflowRunner(wf, store=client_store, execute=False) as client:
+            handles = [await client.run() for _ in range(20)]
+            worker = Worker(wf, store=worker_store, concurrency=20)
+            serving = asyncio.ensure_future(worker.serve())
+            client_store.gets = 0
+            results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+            await worker.close()
+            await serving
+    finally:
+        await client_store.close()
+        await worker_store.close()
+    assert [r.output for r in results] == [7] * 20
+    # A read when result() starts, one when the run is seen final (and its load), and a
+    # backstop look for a run that took over a second: not the ~8 a step-by-step wake made.
+    assert client_store.gets <= 20 * 3, client_store.gets

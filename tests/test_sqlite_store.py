@@ -546,6 +546,52 @@ async def test_expired_runs_leave_every_listing_and_are_purged_on_create(tmp_pat
         await store.close()
 
 
+async def test_a_burst_of_creates_purges_once(tmp_path: Path) -> None:
+    # A client starting 200 runs at once on a store that has not purged yet: one create
+    # purges; the others are not sent to the thread to purge too.
+    store = SqliteStore(str(tmp_path / "burst.db"))
+    try:
+        purges: list[float] = []
+        purge = store._purge
+
+        def counted(db: Any, now: float) -> None:
+            purges.append(now)
+            purge(db, now)
+
+        store._purge = counted  # type: ignore[method-assign]
+        created = await asyncio.gather(*(store.create(record(f"b{i}"), [event("e")]) for i in range(200)))
+        assert all(created) and len(await store.list_runs(limit=500)) == 200
+        assert len(purges) == 1 and store._next_purge > time.time() + 30
+    finally:
+        await store.close()
+
+
+async def test_calls_waiting_for_the_thread_commit_together_and_one_that_fails_fails_alone(
+    tmp_path: Path,
+) -> None:
+    # At "full" every write goes to the store's thread. Those that queue while it is busy
+    # share one transaction (one commit, one flush); a commit refused in it (a stale lease)
+    # writes nothing and raises, and the others are stored.
+    store = SqliteStore(str(tmp_path / "batch.db"), durability="full")
+    try:
+        lease = await started(store)
+        before = await store.get("r1")
+        statements: list[str] = []
+        await store._submit(lambda db: db.set_trace_callback(statements.append))
+        busy = store._submit(lambda db: time.sleep(0.2))  # the calls below queue behind it
+        stale = Lease(lease.owner, lease.token + 1)
+        calls = [store.create(record(f"q{i}"), [event("e")]) for i in range(30)]
+        refused = store.commit("r1", stale, Commit(fields={"visit": 9}, events=[event("x")], seq=1))
+        outcomes = await asyncio.gather(busy, refused, *calls, return_exceptions=True)
+        assert isinstance(outcomes[1], LeaseLostError) and outcomes[2:] == [True] * 30
+        begun = [s for s in statements if s.startswith("BEGIN")]
+        assert 1 <= len(begun) <= 3, begun  # not one per call
+        assert len(await store.list_runs(limit=100)) == 31
+        assert await store.get("r1") == before  # the refused commit wrote nothing
+    finally:
+        await store.close()
+
+
 async def test_a_purge_deletes_a_bounded_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agentflow.stores.sqlite.PURGE_BATCH", 3)
     store = SqliteStore(str(tmp_path / "batch.db"), ttl=60)

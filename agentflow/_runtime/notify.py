@@ -22,13 +22,19 @@ __all__ = ["Notifier"]
 LIVE_BACKLOG = 10_000
 
 
+class _Waiter(asyncio.Event):
+    """One waiter's wake-up, and whether a step that left the status alone wakes it."""
+
+    every_step = True
+
+
 class Notifier:
     """Per-run waiters, woken by :meth:`notify`; a waiter that times out leaves nothing behind."""
 
     __slots__ = ("waiters", "watching")
 
     def __init__(self) -> None:
-        self.waiters: dict[str, list[asyncio.Event]] = {}
+        self.waiters: dict[str, list[_Waiter]] = {}
         #: Run id → the live-event buffers of this process's watchers of it (none: no key).
         self.watching: dict[str, list[deque[RunEvent]]] = {}
 
@@ -50,10 +56,26 @@ class Notifier:
         """Wait until ``run_id`` changes (here, or pushed by the store), or ``timeout`` passes."""
         await self.wait(run_id, self.arm(run_id), timeout)
 
-    def arm(self, run_id: str) -> asyncio.Event:
+    def notify_steps(self, run_id: str) -> None:
+        """Wake those waiting on ``run_id`` for every change, not for a new status only: it
+        moved on (new events) and its status and control flag are as they were."""
+        waiting = self.waiters.get(run_id)
+        if waiting:
+            left = [ev for ev in waiting if not ev.every_step]
+            for ev in waiting:
+                if ev.every_step:
+                    ev.set()
+            if left:
+                self.waiters[run_id] = left
+            else:
+                del self.waiters[run_id]
+
+    def arm(self, run_id: str, every_step: bool = True) -> asyncio.Event:
         """Start listening for a change of ``run_id`` (before reading it: a change that comes
-        between the read and :meth:`wait` is not missed)."""
-        ev = asyncio.Event()
+        between the read and :meth:`wait` is not missed). Without ``every_step``, a change
+        the store tells of as a step only (:meth:`notify_steps`) does not wake it."""
+        ev = _Waiter()
+        ev.every_step = every_step
         self.waiters.setdefault(run_id, []).append(ev)
         return ev
 

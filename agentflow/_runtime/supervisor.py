@@ -174,10 +174,11 @@ class Supervisor:
         was lost: 1 s after a read, doubling with each of the ``quiet`` looks in a row that
         no push preceded, up to 4 s; every second while the feed is cut. A store that
         tells which of many runs changed (``ReadsVersions``: SQLite) is looked at by one
-        task for all the runs waited on, every 100 ms (:mod:`.polling`), with the same
-        backstop. Otherwise every 100 ms. A watcher of ``every_step`` (a run's events)
-        looks every 100 ms in any case: a store may push only status changes (Postgres
-        does).
+        task for all the runs waited on, every 100 ms (:mod:`.polling`); a change cannot
+        be missed between two such looks, so the backstop looks every 4 s while they
+        succeed (every second while they fail). Otherwise every 100 ms. A watcher of
+        ``every_step`` (a run's events) looks every 100 ms in any case: a store may push
+        only status changes (Postgres does).
         """
         root = self.root
         if self.feed is not None:
@@ -190,7 +191,11 @@ class Supervisor:
             root._feed = asyncio.get_running_loop().create_task(follow(), name="agentflow:feed")
         if every_step:
             return _POLL
-        if quiet <= 0 or not root._feed_up:
+        if not root._feed_up:
+            return _POLL_PUSHED
+        if self.feed is None:  # the look at versions compares every run each time: none is lost
+            return _POLL_QUIET
+        if quiet <= 0:
             return _POLL_PUSHED
         return min(_POLL_QUIET, _POLL_PUSHED * (1 << min(quiet, 8)))
 

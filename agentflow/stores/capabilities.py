@@ -213,8 +213,9 @@ class ReadsVersions(Protocol):
     """
 
     async def versions(self, run_ids: Sequence[str]) -> dict[str, Any]:
-        """For each of ``run_ids`` that exists, a value that differs whenever the run's
-        status, control flag, events or ``updated_at`` changed since (compared with ``==``)."""
+        """For each of ``run_ids`` that exists, a pair ``(status mark, step mark)`` (compared
+        with ``==``): the first differs whenever the run's status or control flag changed,
+        the second whenever its events or ``updated_at`` did."""
         ...
 
 

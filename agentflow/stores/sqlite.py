@@ -123,6 +123,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._next_purge = 0.0
+        self._purge_every = min(self.ttl or 60.0, 60.0)  # seconds between two purges
         # The loop's connection, and (fork count, thread id) of the one thread that uses it.
         self._inline: sqlite3.Connection | None = None
         self._home: tuple[int, int] | None = None
@@ -134,13 +135,23 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         # A store dropped without close() stops its thread, which holds no reference to it.
         weakref.finalize(self, self._jobs.put, None)
 
-    def _purge(self, db: sqlite3.Connection, now: float) -> None:
-        """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
+    def _purging(self) -> bool:
+        """Whether the create about to be made purges expired runs (on the store's thread).
+
+        One create at a time is chosen: the next purge is put off at once, so that the
+        creates made while it waits for the thread stay on the loop's connection.
+        """
+        now = time.time()
         if now < self._next_purge:
-            return
+            return False
+        self._next_purge = now + self._purge_every
+        return True
+
+    def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        """Delete a batch of expired runs; a full batch brings the next purge forward."""
         expired = db.execute(sqlrows.SELECT_EXPIRED, (self.key_prefix, now, PURGE_BATCH)).fetchall()
         sqlrows.delete_runs(db, self.key_prefix, [run_id for (run_id,) in expired])
-        self._next_purge = now if len(expired) == PURGE_BATCH else now + min(self.ttl or 60.0, 60.0)
+        self._next_purge = now if len(expired) == PURGE_BATCH else now + self._purge_every
 
     def _expires(self, status: Any, now: float) -> float | None:
         return now + self.ttl if self.ttl is not None and status in sqlrows.FINAL_VALUES else None
@@ -178,7 +189,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         def job(db: sqlite3.Connection) -> bool:
             now = time.time()
             with sqlrows.transaction(db):
-                if db is not self._inline:  # a purge deletes up to PURGE_BATCH runs: never on the loop
+                if purge:
                     self._purge(db, now)
                 if not sqlrows.insert_run(db, ns, hot, deadline, self._expires(status, now), columns):
                     row = db.execute(sqlrows.SELECT_STORED, (ns, run_id)).fetchone()
@@ -193,7 +204,10 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
                     sqlqueue.insert(db, ns, record.workflow, run_id)
             return True
 
-        inline = self._writes_inline and time.time() < self._next_purge  # a purge runs on the thread
+        purge = self._purging()
+        inline = (
+            self._writes_inline and not purge
+        )  # a purge deletes up to PURGE_BATCH runs: never on the loop
         size = sum(map(len, bodies)) + sum(map(len, big.values()))
         return await self._call("create", run_id, job, inline, write=True, size=size)
 
@@ -211,8 +225,8 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         return await self._call("get", run_id, job)
 
     async def versions(self, run_ids: Sequence[str]) -> dict[str, Any]:
-        """Status, control flag, event count and ``updated_at`` of each run there is, in one
-        read (``ReadsVersions``)."""
+        """``((status, control flag), (event count, updated_at))`` of each run there is, in
+        one read (``ReadsVersions``)."""
         ids = list(run_ids)
 
         def job(db: sqlite3.Connection) -> dict[str, Any]:
@@ -222,7 +236,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
                 chunk = ids[i : i + _VERSIONS_AT_ONCE]
                 marks = ", ".join("?" for _ in chunk)
                 rows = db.execute(sqlrows.SELECT_VERSIONS.format(marks=marks), (self.key_prefix, *chunk, now))
-                out.update((row[0], row[1:]) for row in rows)
+                out.update((row[0], (row[1:3], row[3:5])) for row in rows)
             return out
 
         return await self._call("versions", None, job) if ids else {}
@@ -360,20 +374,13 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
             LeaseLostError: the lease no longer holds.
         """
         key = (self.key_prefix, run_id)
-        full = self.durability == "full"
 
         def job(db: sqlite3.Connection) -> tuple[bool, Any]:
             now = time.time()
-            # A renewal lost to a power loss lost nothing: its owner is gone too. The loop's
-            # connection never flushes; the thread's is told not to for this statement.
-            flushes = full and db is not self._inline
-            if flushes:
-                db.execute("PRAGMA synchronous = NORMAL")
-            try:
-                row = db.execute(sqlrows.RENEW, (now + ttl, *key, lease.owner, lease.token, now)).fetchone()
-            finally:
-                if flushes:
-                    db.execute("PRAGMA synchronous = FULL")
+            # The loop's connection never flushes (a renewal lost to a power loss lost
+            # nothing: its owner is gone too); on the store's thread a renewal is committed
+            # with the calls waiting there with it.
+            row = db.execute(sqlrows.RENEW, (now + ttl, *key, lease.owner, lease.token, now)).fetchone()
             if row is not None:
                 return True, row[0]
             return False, db.execute(sqlrows.SELECT_LEASE, (*key, now)).fetchone()

@@ -122,20 +122,28 @@ class transaction:
     """One transaction: committed when the block ends, rolled back if it raises.
 
     A write transaction takes the write lock before its first read (``BEGIN IMMEDIATE``).
+    Inside a transaction already open (the store's thread runs the calls waiting for it
+    together, in one transaction: see :mod:`.sqlite_calls`) it is a savepoint, released
+    when the block ends and rolled back alone if it raises.
     A class rather than a generator: it opens and closes every commit.
     """
 
-    __slots__ = ("db",)
+    __slots__ = ("db", "nested")
 
     def __init__(self, db: sqlite3.Connection, write: bool = True) -> None:
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        self.nested = db.in_transaction
+        db.execute("SAVEPOINT call" if self.nested else "BEGIN IMMEDIATE" if write else "BEGIN")
         self.db = db
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if kind is None:
+        if self.nested:
+            if kind is not None:
+                self.db.execute("ROLLBACK TO call")
+            self.db.execute("RELEASE call")
+        elif kind is None:
             self.db.execute("COMMIT")
         elif self.db.in_transaction:
             self.db.execute("ROLLBACK")
