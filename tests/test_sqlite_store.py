@@ -592,6 +592,42 @@ async def test_calls_waiting_for_the_thread_commit_together_and_one_that_fails_f
         await store.close()
 
 
+async def test_while_the_lock_is_contended_the_loops_writes_of_one_turn_commit_together(
+    tmp_path: Path,
+) -> None:
+    # Another process holds the write lock: a write finds it taken (and goes to the
+    # thread). The writes made in one turn of the loop after that share one transaction
+    # on the loop's connection once the lock is free; a refused commit among them fails
+    # alone.
+    path = str(tmp_path / "contended.db")
+    store = SqliteStore(path, durability="normal")
+    try:
+        lease = await started(store)
+        before = await store.get("r1")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        blocked = asyncio.ensure_future(store.create(record("first"), []))
+        await asyncio.sleep(0.05)
+        other.execute("COMMIT")
+        other.close()
+        assert await blocked
+        statements: list[str] = []
+        assert store._inline is not None
+        store._inline.set_trace_callback(statements.append)
+        stale = Lease(lease.owner, lease.token + 1)
+        refused = store.commit("r1", stale, Commit(fields={"visit": 9}, events=[event("x")], seq=1))
+        outcomes = await asyncio.gather(
+            refused, *(store.create(record(f"t{i}"), [event("e")]) for i in range(30)), return_exceptions=True
+        )
+        store._inline.set_trace_callback(None)
+        assert isinstance(outcomes[0], LeaseLostError) and outcomes[1:] == [True] * 30
+        assert [s for s in statements if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"], statements[:5]
+        assert len(await store.list_runs(limit=100)) == 32
+        assert await store.get("r1") == before  # the refused commit wrote nothing
+    finally:
+        await store.close()
+
+
 async def test_a_purge_deletes_a_bounded_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agentflow.stores.sqlite.PURGE_BATCH", 3)
     store = SqliteStore(str(tmp_path / "batch.db"), ttl=60)

@@ -129,6 +129,8 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         self._home: tuple[int, int] | None = None
         self._unchecked = 0  # bytes written on the loop's connection since the last checkpoint
         self._checkpoint = _Pending()
+        self._contended = 0.0
+        self._gathered = None
         self._queued = asyncio.Event()  # an entry was queued through this store object
         # At "full" a write flushes the disk, which may take milliseconds: the thread does it.
         self._writes_inline = durability == "normal"
@@ -539,6 +541,8 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
         if self._closed:
             return
         self._closed = True  # calls made from now on fail; those queued before run first
+        if self._gathered:
+            self._write_together()  # to the thread, before it is told to close
         inline, self._inline = self._inline, None
         if inline is not None and self._home is not None and self._home[0] == _forks[0]:
             inline.close()

@@ -40,13 +40,16 @@ from typing import Any, Literal, TypeVar
 from ..errors import StoreError
 from . import sqlite_schema as sql
 
-__all__ = ["BATCH", "CHECKPOINT_BYTES", "Durability", "TwoConnections"]
+__all__ = ["BATCH", "CHECKPOINT_BYTES", "CONTENDED_FOR", "Durability", "TwoConnections"]
 
 T = TypeVar("T")
 Durability = Literal["normal", "full"]
 #: Bytes written on the loop's connection after which the store's thread checkpoints
 #: (SQLite's own automatic checkpoint comes at 1000 pages of 4 KiB).
 CHECKPOINT_BYTES = 4_000_000
+#: Seconds after a write of the loop found the write lock taken during which the loop's
+#: writes go together (one transaction a turn of the loop).
+CONTENDED_FOR = 0.25
 #: Calls the store's thread runs in one transaction at most (those waiting when it starts).
 BATCH = 100
 #: What one write costs in the WAL besides its values: a few whole pages.
@@ -75,6 +78,8 @@ class TwoConnections:
     _home: tuple[int, int] | None
     _unchecked: int
     _checkpoint: _Pending
+    _contended: float  # until when (monotonic) the loop's writes go together (see _together)
+    _gathered: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], int]] | None
 
     async def _call(
         self,
@@ -91,7 +96,8 @@ class TwoConnections:
         (SQLITE_BUSY: the job's transaction wrote nothing), it goes to the thread. A
         ``write`` (of about ``size`` bytes) goes to the thread while a checkpoint is
         pending there, so that the checkpoint finds the write lock free and the WAL
-        starts over after it.
+        starts over after it. For a while after a write found the lock taken, the loop's
+        writes go together (:meth:`_together`).
         """
         if self._closed:
             subject = f"run {run_id}: " if run_id else ""
@@ -100,11 +106,15 @@ class TwoConnections:
             if inline and not (write and self._checkpoint.pending):
                 db = self._local()
                 if db is not None:
+                    if write and time.monotonic() < self._contended:
+                        return await self._together(job, size)
                     try:
                         result = job(db)
                     except sqlite3.OperationalError as exc:
                         if exc.sqlite_errorcode & 0xFF not in _LOCKED:
                             raise
+                        if write:
+                            self._contended = time.monotonic() + CONTENDED_FOR
                     else:
                         if write:
                             self._wrote(size)
@@ -113,6 +123,62 @@ class TwoConnections:
         except sqlite3.Error as exc:
             subject = f"run {run_id}: " if run_id else ""
             raise StoreError(f"{subject}SQLite {what} on {self.path} failed: {exc}") from exc
+
+    def _together(self, job: Callable[[sqlite3.Connection], T], size: int) -> asyncio.Future[T]:
+        """Run ``job`` with the other writes made in this turn of the loop, in one transaction.
+
+        While other processes write the same file, each transaction is a turn at its one
+        write lock: the writes a turn of the loop makes (many runs' commits) take one turn
+        together, at its end, instead of one each, and those that find the lock taken
+        go to the thread together, where they wait for it as one.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if self._gathered is None:
+            self._gathered = []
+            loop.call_soon(self._write_together)
+        self._gathered.append((job, future, size))
+        return future
+
+    def _write_together(self) -> None:
+        """Run the writes :meth:`_together` gathered: on the loop's connection if the lock is
+        free at once, else on the store's thread (as one call); settle each one's future."""
+        gathered, self._gathered = self._gathered or [], None
+        if not gathered:  # written already (the store closed meanwhile)
+            return
+        jobs = [job for job, _, _ in gathered]
+        db = self._local()
+        if db is None or self._checkpoint.pending or self._closed:
+            self._submit(functools.partial(_each, jobs)).add_done_callback(
+                functools.partial(_settle_each, [future for _, future, _ in gathered])
+            )
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in _LOCKED:
+                for _, future, _ in gathered:
+                    _settle(future, None, exc)
+                return
+            self._contended = time.monotonic() + CONTENDED_FOR
+            self._submit(functools.partial(_each, jobs)).add_done_callback(
+                functools.partial(_settle_each, [future for _, future, _ in gathered])
+            )
+            return
+        try:
+            outcomes = _each(jobs, db)
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for _, future, _ in gathered:
+                _settle(future, None, exc if isinstance(exc, Exception) else StoreError("interrupted"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._wrote(sum(size for _, _, size in gathered))
+        for (_, future, _), outcome in zip(gathered, outcomes, strict=True):
+            _settle(future, *outcome)
 
     def _local(self) -> sqlite3.Connection | None:
         """The loop's connection if this thread is the one that uses it (and it is open)."""
@@ -260,6 +326,31 @@ def _gather(jobs: queue.SimpleQueue[_Job | None], first: _Job) -> tuple[list[_Jo
 def _settle_all(batch: list[_Job], outcomes: list[tuple[Any, BaseException | None]]) -> None:
     for (loop, future, _), outcome in zip(batch, outcomes, strict=True):
         _tell(loop, future, outcome)
+
+
+def _each(
+    jobs: list[Callable[[sqlite3.Connection], Any]], db: sqlite3.Connection
+) -> list[tuple[Any, Exception | None]]:
+    """Run ``jobs`` one after the other in the transaction open on ``db``: each one's result
+    or error (its own transaction a savepoint, rolled back alone)."""
+    outcomes: list[tuple[Any, Exception | None]] = []
+    for job in jobs:
+        try:
+            outcomes.append((job(db), None))
+        except Exception as exc:
+            outcomes.append((None, exc))
+    return outcomes
+
+
+def _settle_each(futures: list[asyncio.Future[Any]], done: asyncio.Future[list[tuple[Any, Any]]]) -> None:
+    """Settle ``futures`` from the outcomes of one call of :func:`_each` on the thread."""
+    if done.cancelled() or done.exception() is not None:
+        exc = done.exception() if not done.cancelled() else StoreError("the SQLite call was cancelled")
+        for future in futures:
+            _settle(future, None, exc)
+        return
+    for future, outcome in zip(futures, done.result(), strict=True):
+        _settle(future, *outcome)
 
 
 def _stop(db: sqlite3.Connection) -> None:
