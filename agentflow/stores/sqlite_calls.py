@@ -293,7 +293,7 @@ def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durabili
             try:
                 if db is None:
                     db = sql.connect(path, durability)
-                    db.execute("PRAGMA busy_timeout = 0")  # the calls wait for the lock in _begin
+                    db.execute("PRAGMA busy_timeout = 0")  # the calls wait for the lock in _waiting
                 _settle_all(batch, _run(db, [job for _, _, job in batch]))
             except BaseException as exc:  # the connection, or the shared BEGIN or COMMIT
                 _settle_all(batch, [(None, exc)] * len(batch))
@@ -360,16 +360,22 @@ def _stop(db: sqlite3.Connection) -> None:
 def _run(
     db: sqlite3.Connection, batch: list[Callable[[sqlite3.Connection], Any]]
 ) -> list[tuple[Any, BaseException | None]]:
-    """Run the calls of ``batch`` in one transaction (one commit, one flush at
-    ``durability="full"``), each call's own transaction a savepoint in it, so that a call
-    that fails rolls back alone and the others are committed.
+    """Run the calls of ``batch``: one in its own transaction, as on the loop's connection;
+    several in one transaction (one commit, one flush at ``durability="full"``), each
+    call's own transaction a savepoint in it, so that a call that fails rolls back alone
+    and the others are committed.
 
     Raises:
         sqlite3.Error: the shared transaction could not begin or commit (nothing of it is
             written: every call of the batch fails with it).
     """
+    if len(batch) == 1:
+        try:
+            return [(_waiting(db, batch[0]), None)]
+        except BaseException as exc:
+            return [(None, exc)]
     outcomes: list[tuple[Any, BaseException | None]] = []
-    _begin(db)
+    _waiting(db, _begin)
     try:
         for job in batch:
             try:
@@ -385,7 +391,12 @@ def _run(
 
 
 def _begin(db: sqlite3.Connection) -> None:
-    """``BEGIN IMMEDIATE``, waiting for the write lock up to ``BUSY_TIMEOUT``.
+    db.execute("BEGIN IMMEDIATE")
+
+
+def _waiting(db: sqlite3.Connection, job: Callable[[sqlite3.Connection], T]) -> T:
+    """``job(db)``, again while it finds the write lock taken (it wrote nothing then), up
+    to ``BUSY_TIMEOUT``.
 
     Looked for again every 50 µs to 1 ms: SQLite's own wait (``busy_timeout``) sleeps
     1, 2, 5, 10, 15... ms between looks, so a call that found the lock taken waited 9 ms
@@ -398,8 +409,7 @@ def _begin(db: sqlite3.Connection) -> None:
     delay = 50e-6
     while True:
         try:
-            db.execute("BEGIN IMMEDIATE")
-            return
+            return job(db)
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF not in _LOCKED or time.monotonic() >= deadline:
                 raise
