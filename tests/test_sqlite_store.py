@@ -628,6 +628,40 @@ async def test_while_the_lock_is_contended_the_loops_writes_of_one_turn_commit_t
         await store.close()
 
 
+async def test_writes_gathered_while_the_lock_is_held_wait_for_it_on_the_thread(tmp_path: Path) -> None:
+    # The writes of one turn find the lock still taken: they go to the store's thread as
+    # one call, which waits for the lock; none fails with "database is locked".
+    path = str(tmp_path / "held.db")
+    store = SqliteStore(path, durability="normal")
+    try:
+        await store.get("r0")  # opens the file, and the loop's connection
+        for _ in range(100):
+            if store._inline is not None:
+                break
+            await asyncio.sleep(0.01)
+        store._next_purge = time.time() + 60  # no purge due: the creates try the loop's connection
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            first = asyncio.ensure_future(store.create(record("first"), []))  # finds it taken
+            await asyncio.sleep(0.02)
+            assert time.monotonic() < store._contended
+            other.execute("COMMIT")  # the first goes in (on the thread), and the lock is taken again
+            assert await first
+            other.execute("BEGIN IMMEDIATE")
+            gathered = [asyncio.ensure_future(store.create(record(f"g{i}"), [event("e")])) for i in range(20)]
+            await asyncio.sleep(0.3)  # still held: they wait on the thread, none fails
+            assert not any(g.done() for g in gathered)
+        finally:
+            if other.in_transaction:
+                other.execute("COMMIT")
+            other.close()
+        assert await asyncio.gather(*gathered) == [True] * 20
+        assert len(await store.list_runs(limit=100)) == 21
+    finally:
+        await store.close()
+
+
 async def test_a_purge_deletes_a_bounded_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("agentflow.stores.sqlite.PURGE_BATCH", 3)
     store = SqliteStore(str(tmp_path / "batch.db"), ttl=60)

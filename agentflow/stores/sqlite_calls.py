@@ -147,38 +147,29 @@ class TwoConnections:
         if not gathered:  # written already (the store closed meanwhile)
             return
         jobs = [job for job, _, _ in gathered]
+        futures = [future for _, future, _ in gathered]
         db = self._local()
-        if db is None or self._checkpoint.pending or self._closed:
-            self._submit(functools.partial(_each, jobs)).add_done_callback(
-                functools.partial(_settle_each, [future for _, future, _ in gathered])
-            )
-            return
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF not in _LOCKED:
-                for _, future, _ in gathered:
-                    _settle(future, None, exc)
+        if db is not None and not self._checkpoint.pending and not self._closed:
+            try:
+                outcomes = _all(jobs, db)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF not in _LOCKED:
+                    _fail(futures, exc)
+                    return
+                self._contended = time.monotonic() + CONTENDED_FOR  # the lock is taken: the thread waits
+            except BaseException as exc:
+                _fail(futures, exc)
+                if not isinstance(exc, Exception):
+                    raise
                 return
-            self._contended = time.monotonic() + CONTENDED_FOR
-            self._submit(functools.partial(_each, jobs)).add_done_callback(
-                functools.partial(_settle_each, [future for _, future, _ in gathered])
-            )
-            return
-        try:
-            outcomes = _each(jobs, db)
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            for _, future, _ in gathered:
-                _settle(future, None, exc if isinstance(exc, Exception) else StoreError("interrupted"))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self._wrote(sum(size for _, _, size in gathered))
-        for (_, future, _), outcome in zip(gathered, outcomes, strict=True):
-            _settle(future, *outcome)
+            else:
+                self._wrote(sum(size for _, _, size in gathered))
+                for future, outcome in zip(futures, outcomes, strict=True):
+                    _settle(future, *outcome)
+                return
+        self._submit(functools.partial(_all, jobs)).add_done_callback(
+            functools.partial(_settle_each, futures)
+        )
 
     def _local(self) -> sqlite3.Connection | None:
         """The loop's connection if this thread is the one that uses it (and it is open)."""
@@ -340,6 +331,36 @@ def _each(
         except Exception as exc:
             outcomes.append((None, exc))
     return outcomes
+
+
+def _all(
+    jobs: list[Callable[[sqlite3.Connection], Any]], db: sqlite3.Connection
+) -> list[tuple[Any, Exception | None]]:
+    """:func:`_each` in one transaction: its own, or the one open already (the thread's
+    batch). The write lock taken by another connection fails its ``BEGIN``, having
+    written nothing.
+
+    Raises:
+        sqlite3.Error: the transaction could not begin or commit.
+    """
+    if db.in_transaction:
+        return _each(jobs, db)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        outcomes = _each(jobs, db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _fail(futures: list[asyncio.Future[Any]], exc: BaseException) -> None:
+    for future in futures:
+        _settle(
+            future, None, exc if isinstance(exc, Exception) else StoreError("the SQLite call was interrupted")
+        )
 
 
 def _settle_each(futures: list[asyncio.Future[Any]], done: asyncio.Future[list[tuple[Any, Any]]]) -> None:
