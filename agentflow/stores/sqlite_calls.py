@@ -321,10 +321,10 @@ def _settle_all(batch: list[_Job], outcomes: list[tuple[Any, BaseException | Non
 
 def _each(
     jobs: list[Callable[[sqlite3.Connection], Any]], db: sqlite3.Connection
-) -> list[tuple[Any, Exception | None]]:
+) -> list[tuple[Any, BaseException | None]]:
     """Run ``jobs`` one after the other in the transaction open on ``db``: each one's result
     or error (its own transaction a savepoint, rolled back alone)."""
-    outcomes: list[tuple[Any, Exception | None]] = []
+    outcomes: list[tuple[Any, BaseException | None]] = []
     for job in jobs:
         try:
             outcomes.append((job(db), None))
@@ -335,7 +335,7 @@ def _each(
 
 def _all(
     jobs: list[Callable[[sqlite3.Connection], Any]], db: sqlite3.Connection
-) -> list[tuple[Any, Exception | None]]:
+) -> list[tuple[Any, BaseException | None]]:
     """:func:`_each` in one transaction: its own, or the one open already (the thread's
     batch). The write lock taken by another connection fails its ``BEGIN``, having
     written nothing.
@@ -395,24 +395,7 @@ def _run(
             return [(_waiting(db, batch[0]), None)]
         except BaseException as exc:
             return [(None, exc)]
-    outcomes: list[tuple[Any, BaseException | None]] = []
-    _waiting(db, _begin)
-    try:
-        for job in batch:
-            try:
-                outcomes.append((job(db), None))
-            except BaseException as exc:
-                outcomes.append((None, exc))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return outcomes
-
-
-def _begin(db: sqlite3.Connection) -> None:
-    db.execute("BEGIN IMMEDIATE")
+    return _waiting(db, functools.partial(_all, batch))  # a BEGIN that finds the lock taken is tried again
 
 
 def _waiting(db: sqlite3.Connection, job: Callable[[sqlite3.Connection], T]) -> T:
