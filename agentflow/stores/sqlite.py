@@ -1,7 +1,8 @@
 """SQLite store: one file, durable, shared safely by the processes of one machine.
 
 Layout: see :mod:`agentflow.stores.sqlite_schema` (tables), :mod:`agentflow.stores.sqlite_rows`
-(statements, rows) and :mod:`agentflow.stores.sqlite_index` (listings, approvals). A
+(statements, rows) and :mod:`agentflow.stores.sqlite_index` (listings, approvals, read
+through :mod:`agentflow.stores.sqlite_listing`). A
 run's small fields live in one hot row, with input, state and output when their JSON is
 short; longer ones live in a table of their own and are written only when a commit or
 update changes them, so a step costs a few pages however big the state is.
@@ -75,6 +76,7 @@ from .contract import Change, Commit, Lease, LoadedRun, RunRecord
 from .sqlite_calls import Durability, _close, _forks, _Job, _Pending
 from .sqlite_credentials import SqliteCredentials
 from .sqlite_limits import SqliteLimits
+from .sqlite_listing import SqliteListing
 from .sqlite_queue import SqliteQueue
 from .sqlite_take import SqliteTake
 
@@ -84,11 +86,9 @@ T = TypeVar("T")
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
 _STATUS_AT = sqlrows.HOT.index("status")
-#: Run ids one read of ``versions`` asks about (SQLite allows 32,766 parameters).
-_VERSIONS_AT_ONCE = 500
 
 
-class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
+class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits, SqliteListing):
     """Keeps runs in one SQLite file (WAL mode); safe for several processes on one machine.
 
     The file is opened on first use, by the store's own thread. See the module
@@ -225,23 +225,6 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
             return None if row is None else sqlrows.to_record(row, light=False)
 
         return await self._call("get", run_id, job)
-
-    async def versions(self, run_ids: Sequence[str]) -> dict[str, Any]:
-        """``((status, control flag), (event count, updated_at))`` of each run there is, in
-        one read (``ReadsVersions``)."""
-        ids = list(run_ids)
-
-        def job(db: sqlite3.Connection) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            now = time.time()
-            for i in range(0, len(ids), _VERSIONS_AT_ONCE):
-                chunk = ids[i : i + _VERSIONS_AT_ONCE]
-                marks = ", ".join("?" for _ in chunk)
-                rows = db.execute(sqlrows.SELECT_VERSIONS.format(marks=marks), (self.key_prefix, *chunk, now))
-                out.update((row[0], (row[1:3], row[3:5])) for row in rows)
-            return out
-
-        return await self._call("versions", None, job) if ids else {}
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal, read in one snapshot; or None.
@@ -460,66 +443,6 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits):
             return [make_event(run_id, f"{sql.EVENTS}[{seq}]", body, seq) for seq, body in rows]
 
         return await self._call("events", run_id, job)
-
-    async def list_runs(
-        self,
-        workflow: str | None = None,
-        status: RunStatus | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[RunRecord]:
-        """Light records (no input, state, output), newest first, at most ``limit``.
-
-        ``after`` is the ``run_id`` of the last record of the previous page. A row that
-        cannot be decoded is listed with ``corrupt`` set.
-
-        Raises:
-            StoreError: ``after`` names a run that is not stored (deleted since).
-        """
-
-        status = None if status is None else RunStatus(status)
-
-        def job(db: sqlite3.Connection) -> list[RunRecord]:
-            return sqlindex.list_runs(db, self.key_prefix, time.time(), workflow, status, limit, after)
-
-        return await self._call("list_runs", after, job)
-
-    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
-        """Ids of ``workflow``'s running runs whose lease ran out by this machine's clock."""
-
-        def job(db: sqlite3.Connection) -> list[str]:
-            return sqlindex.recoverable(db, self.key_prefix, workflow, time.time(), limit)
-
-        return await self._call("recoverable", None, job)
-
-    async def approvals(
-        self,
-        approver: str | None = None,
-        workflow: str | None = None,
-        kind: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Pending approvals, newest first, at most ``limit`` (one indexed statement).
-
-        Raises:
-            StoreError: ``after`` is not an approval of a stored run.
-        """
-        if limit <= 0:
-            return []
-
-        def job(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            return sqlindex.list_approvals(db, self.key_prefix, approver, workflow, kind, limit, after)
-
-        return await self._call("approvals", after, job)
-
-    async def due_gates(self, workflow: str, now: float) -> list[str]:
-        """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
-
-        def job(db: sqlite3.Connection) -> list[str]:
-            return sqlindex.due_gates(db, self.key_prefix, workflow, now, time.time())
-
-        return await self._call("due_gates", None, job)
 
     async def delete(self, run_id: str) -> bool:
         """Remove a run with its values, events, outputs and journal; False if it did not exist."""
