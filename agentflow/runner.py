@@ -29,7 +29,7 @@ from .errors import AgentflowError, RunNotFoundError, WorkflowDefinitionError
 from .handle import RunHandle, status_of
 from .stores import open_store
 from .stores.capabilities import Connects, CreatesQueued, create_then_enqueue
-from .stores.contract import LoadedRun, RunRecord, Store
+from .stores.contract import RunRecord, Store
 from .stores.memory import MemoryStore
 from .types import Approval, RunEvent, RunInfo, RunResult, RunStatus
 
@@ -450,15 +450,6 @@ class WorkflowRunner:
             raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
         self._check_workflow(rec)
         return rec
-
-    async def _loaded(self, run_id: str) -> LoadedRun:
-        """The run's record, outputs and journal in one snapshot (``RunNotFoundError`` without it)."""
-        runner_sync.check_loop(self)
-        loaded = await self.store.load(run_id)
-        if loaded is None:
-            raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {self.spec.name!r}")
-        self._check_workflow(loaded.record)
-        return loaded
 
     async def _info(self, run_id: str) -> RunInfo:
         return await runner_decisions.run_info(self, run_id)

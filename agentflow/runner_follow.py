@@ -11,8 +11,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from . import runner_sync
 from ._engine.values import decode_output, run_output
-from .errors import RunFailedError, RunRejectedError, RunStoppedError
+from .errors import RunFailedError, RunNotFoundError, RunRejectedError, RunStoppedError
 from .stores.contract import LoadedRun, RunRecord
 from .types import FINAL, RunEvent, RunResult, RunStatus
 
@@ -71,7 +72,7 @@ async def _until(
         loaded = None
         try:
             if loading and pushed:
-                loaded = await runner._loaded(run_id)
+                loaded = await _loaded(runner, run_id)
                 rec = loaded.record
             else:
                 rec = await runner._record(run_id)
@@ -92,6 +93,20 @@ async def _until(
         quiet = 0 if pushed else quiet + 1
 
 
+async def _loaded(runner: WorkflowRunner, run_id: str) -> LoadedRun:
+    """The run's record, outputs and journal in one snapshot.
+
+    Raises:
+        RunNotFoundError: there is no such run (or it is another workflow's).
+    """
+    runner_sync.check_loop(runner)
+    loaded = await runner.store.load(run_id)
+    if loaded is None:
+        raise RunNotFoundError(f"no run {run_id!r} in the store of workflow {runner.spec.name!r}")
+    runner._check_workflow(loaded.record)
+    return loaded
+
+
 async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> RunResult:
     """The run's result once it is final, read from the store; raises as ``RunHandle.result`` does."""
     rec, loaded = await _until(runner, run_id, lambda r: r.status in FINAL, timeout, loading=True)
@@ -110,7 +125,7 @@ async def result(runner: WorkflowRunner, run_id: str, timeout: float | None) -> 
         last = rec.decisions[-1] if rec.decisions else {}
         raise RunRejectedError(run_id, rec.status.value, last.get("comment"), last.get("by"))
     if loaded is None:
-        loaded = await runner._loaded(run_id)
+        loaded = await _loaded(runner, run_id)
     spec = runner._specs.get(rec.workflow, runner.spec)
     results: dict[str, Any] = {}
     for out in loaded.outputs:
