@@ -1,13 +1,14 @@
 """Workers under load: an I/O-bound fleet, the hand-over latency, and a CPU-bound ceiling.
 
-    python benchmarks/bench_fleet.py [--runs 2000] [--stores redis,sqlite] [--quick]
+    python benchmarks/bench_fleet.py [--runs 2000] [--stores redis,sqlite,sqlite-full] [--quick]
         [--workers 1,2] [--concurrency 50,100] [--repeats 3] [--fleet-only]
 
 1. **I/O-bound fleet.** ``--runs`` runs of 10 steps that each sleep 50 ms (standing in
    for model calls), started by a client (``execute=False``) and executed by W worker
    processes of concurrency C. Wall time from the first run queued to the last result,
    beside the ideal ``runs x 10 x 50 ms / (W x C)``: W = 1, 2, 4 and C = 50, 100 on
-   Redis (and PostgreSQL when ``--stores`` names it), W = 1, 2 on SQLite.
+   Redis (and PostgreSQL when ``--stores`` names it), W = 1, 2 on SQLite: ``sqlite`` at
+   ``durability="normal"``, ``sqlite-full`` at ``"full"`` (the default, a flush a commit).
 2. **Hand-over latency**, one worker: ``approve()`` in the client to the next step
    starting in the worker, and the worker's last commit to ``result()`` waking in the
    client (the step stamps ``time.time()``; one machine, one clock). Median and p99.
@@ -44,10 +45,11 @@ SLEEP = 0.05
 
 
 def store_for(kind: str, target: str, prefix: str = "") -> Store:
-    if kind == "sqlite":
+    if kind in ("sqlite", "sqlite-full"):  # "sqlite": durability="normal"; "sqlite-full": the default
         from agentflow.stores import SqliteStore
 
-        return SqliteStore(target, key_prefix=prefix, durability="normal")
+        durability = "full" if kind == "sqlite-full" else "normal"
+        return SqliteStore(target, key_prefix=prefix, durability=durability)
     if kind == "redis":
         from agentflow.stores.redis import RedisStore
 
@@ -208,14 +210,15 @@ async def main(args: argparse.Namespace) -> None:
         for kind in kinds:
             if kind == "redis":
                 targets[kind] = stack.enter_context(redis_server())
-            elif kind == "sqlite":
-                targets[kind] = os.path.join(d, "fleet.db")
+            elif kind in ("sqlite", "sqlite-full"):
+                targets[kind] = os.path.join(d, f"{kind}.db")
             elif kind == "postgres":
                 targets[kind] = os.environ.get("DATABASE_URL") or stack.enter_context(postgres_server())
         print(f"1. I/O-bound fleet: {args.runs} runs x {STEPS} steps x {SLEEP * 1000:.0f} ms")
-        print(f"{'store':<9} {'W':>2} {'C':>4} {'wall s':>8} {'ideal s':>8} {'over ideal':>11}  rounds, load")
+        head = f"{'store':<11} {'W':>2} {'C':>4} {'wall s':>8} {'ideal s':>8} {'over ideal':>11}"
+        print(f"{head}  rounds, load")
         for kind in kinds:
-            ws = (1, 2) if kind == "sqlite" else (1, 2, 4)
+            ws = (1, 2) if kind.startswith("sqlite") else (1, 2, 4)
             cs = (50,) if args.quick else (50, 100)
             if args.workers:
                 ws = tuple(int(w) for w in args.workers.split(","))
@@ -231,18 +234,18 @@ async def main(args: argparse.Namespace) -> None:
                     wall = statistics.median(walls)
                     rounds = " ".join(f"{x:.2f}" for x in walls)
                     print(
-                        f"{kind:<9} {w:>2} {c:>4} {wall:>8.2f} {ideal:>8.2f} {wall / ideal - 1:>+10.1%}"
+                        f"{kind:<11} {w:>2} {c:>4} {wall:>8.2f} {ideal:>8.2f} {wall / ideal - 1:>+10.1%}"
                         f"  [{rounds}], load {min(loads):.1f}-{max(loads):.1f}",
                         flush=True,
                     )
         if args.fleet_only:
             return
         print(f"\n2. Hand-over latency ({args.samples} samples, one worker), ms")
-        print(f"{'store':<9} {'approve->step p50':>18} {'p99':>7} {'commit->result p50':>19} {'p99':>7}")
+        print(f"{'store':<11} {'approve->step p50':>18} {'p99':>7} {'commit->result p50':>19} {'p99':>7}")
         for kind in kinds:
             a, b = await handover(kind, targets[kind], args.samples)
             print(
-                f"{kind:<9} {statistics.median(a) * 1000:>18.2f} {pct(a, 0.99) * 1000:>7.2f} "
+                f"{kind:<11} {statistics.median(a) * 1000:>18.2f} {pct(a, 0.99) * 1000:>7.2f} "
                 f"{statistics.median(b) * 1000:>19.2f} {pct(b, 0.99) * 1000:>7.2f}",
                 flush=True,
             )
@@ -251,7 +254,7 @@ async def main(args: argparse.Namespace) -> None:
             for w in (1, 2):
                 rate, cpu = await ceiling(kind, targets[kind], w, args.cpu_runs)
                 extra = "" if cpu is None else f", Redis CPU {cpu * 1e6:.1f} µs per step"
-                print(f"{kind:<9} W={w}: {rate:,.0f} steps/s{extra}", flush=True)
+                print(f"{kind:<11} W={w}: {rate:,.0f} steps/s{extra}", flush=True)
 
 
 if __name__ == "__main__":
@@ -265,7 +268,7 @@ if __name__ == "__main__":
         ap.add_argument("--runs", type=int, default=2000)
         ap.add_argument("--samples", type=int, default=200)
         ap.add_argument("--cpu-runs", type=int, default=1000)
-        ap.add_argument("--stores", default="redis,postgres,sqlite")
+        ap.add_argument("--stores", default="redis,postgres,sqlite,sqlite-full")
         ap.add_argument("--quick", action="store_true", help="fewer configurations")
         ap.add_argument("--workers", default="", help="worker counts W of the fleet, e.g. 1,2")
         ap.add_argument("--concurrency", default="", help="concurrencies C of the fleet, e.g. 50,100")
