@@ -207,9 +207,8 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits, Sqli
             return True
 
         purge = self._purging()
-        inline = (
-            self._writes_inline and not purge
-        )  # a purge deletes up to PURGE_BATCH runs: never on the loop
+        # A purge deletes up to PURGE_BATCH runs: never on the loop.
+        inline = self._writes_inline and not purge
         size = sum(map(len, bodies)) + sum(map(len, big.values()))
         return await self._call("create", run_id, job, inline, write=True, size=size)
 

@@ -164,11 +164,10 @@ class TwoConnections:
                 return
             else:
                 self._wrote(sum(size for _, _, size in gathered))
-                for future, outcome in zip(futures, outcomes, strict=True):
-                    _settle(future, *outcome)
+                _settle_each(futures, outcomes)
                 return
         self._submit(functools.partial(_all, jobs)).add_done_callback(
-            functools.partial(_settle_each, futures)
+            functools.partial(_settle_done, futures)
         )
 
     def _local(self) -> sqlite3.Connection | None:
@@ -363,15 +362,22 @@ def _fail(futures: list[asyncio.Future[Any]], exc: BaseException) -> None:
         )
 
 
-def _settle_each(futures: list[asyncio.Future[Any]], done: asyncio.Future[list[tuple[Any, Any]]]) -> None:
-    """Settle ``futures`` from the outcomes of one call of :func:`_each` on the thread."""
+def _settle_each(
+    futures: list[asyncio.Future[Any]], outcomes: list[tuple[Any, BaseException | None]]
+) -> None:
+    """Settle each of ``futures`` with its outcome (a result, or an error)."""
+    for future, outcome in zip(futures, outcomes, strict=True):
+        _settle(future, *outcome)
+
+
+def _settle_done(futures: list[asyncio.Future[Any]], done: asyncio.Future[list[tuple[Any, Any]]]) -> None:
+    """Settle ``futures`` from the outcomes of one call of :func:`_all` on the thread."""
     if done.cancelled() or done.exception() is not None:
         exc = done.exception() if not done.cancelled() else StoreError("the SQLite call was cancelled")
         for future in futures:
             _settle(future, None, exc)
         return
-    for future, outcome in zip(futures, done.result(), strict=True):
-        _settle(future, *outcome)
+    _settle_each(futures, done.result())
 
 
 def _stop(db: sqlite3.Connection) -> None:
