@@ -272,6 +272,93 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     assert rec is not None and rec.lease_owner == "w2" and rec.event_count == 1
 
 
+# -- commits of many runs, together ------------------------------------------------------
+
+
+def _step(seq: int = 1, step: str = "b") -> Commit:
+    return Commit(fields={"visit": seq, "step": step}, events=[event("step_completed", seq + 1)], seq=seq)
+
+
+async def _writers(postgres_url: str, seq: int) -> int:
+    """How many transactions wrote the events numbered ``seq`` (their rows' ``xmin``)."""
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        sql = "SELECT count(DISTINCT xmin::text) FROM agentflow_events WHERE seq = %s"
+        cur = await db.execute(sql, (seq,))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_commits_of_many_runs_at_one_moment_are_one_transaction(postgres_url: str, stores) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(30)]
+    done = await asyncio.gather(*(store.commit(f"r{i}", lease, _step()) for i, lease in enumerate(leases)))
+    assert done == [None] * 30
+    assert await _writers(postgres_url, 2) == 1
+    for i in range(30):
+        rec = await store.get(f"r{i}")
+        assert rec is not None and (rec.step, rec.visit, rec.event_count, rec.commit_seq) == ("b", 1, 2, 1)
+
+
+async def test_a_stale_or_repeated_commit_among_many_fails_or_passes_alone(postgres_url: str, stores) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(10)]
+    await store.commit("r3", leases[3], _step())  # r3's commit 1 is applied already
+    await acquire(store, "r5", owner="w2")  # r5 was taken over: w1's lease is stale
+    results = await asyncio.gather(
+        *(store.commit(f"r{i}", lease, _step()) for i, lease in enumerate(leases)), return_exceptions=True
+    )
+    assert isinstance(results[5], LeaseLostError) and "r5" in str(results[5])
+    assert [r for i, r in enumerate(results) if i != 5] == [None] * 9  # r3's again: recognised, not applied
+    assert [e.kind for e in await store.events("r3")] == ["run_started", "step_completed"]
+    rec = await store.get("r5")
+    assert rec is not None and (rec.step, rec.event_count, rec.lease_owner) == (None, 1, "w2")
+    assert await _writers(postgres_url, 2) == 2  # r3's own, then the other eight's together
+
+
+async def test_a_commit_the_server_refuses_fails_alone_and_the_others_of_its_batch_are_applied(
+    postgres_url: str, stores
+) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(8)]
+    bad = _step(step="a\x00b")  # PostgreSQL's text holds no NUL: the whole transaction is refused
+    results = await asyncio.gather(
+        *(store.commit(f"r{i}", lease, bad if i == 4 else _step()) for i, lease in enumerate(leases)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[4], StoreError) and "r4" in str(results[4]) and "commit" in str(results[4])
+    assert [r for i, r in enumerate(results) if i != 4] == [None] * 7
+    rec = await store.get("r4")
+    assert rec is not None and (rec.step, rec.event_count, rec.commit_seq) == (None, 1, 0)  # nothing written
+    for i in (0, 7):
+        rec = await store.get(f"r{i}")
+        assert rec is not None and (rec.step, rec.event_count) == ("b", 2)
+
+
+async def test_commits_of_many_runs_whose_reply_is_lost_are_each_applied_once(
+    proxy: LossyProxy, postgres_url: str, stores
+) -> None:
+    store = PostgresStore(_through(proxy, postgres_url))
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(12)]
+
+    async def nothing() -> None:
+        pass
+
+    proxy.lose(b"step-lost", nothing)  # the batch's transaction is committed; its reply never comes
+    commit = _step(step="step-lost")
+    done = await asyncio.gather(*(store.commit(f"r{i}", lease, commit) for i, lease in enumerate(leases)))
+    assert done == [None] * 12
+    assert proxy.lost == 1
+    for i in range(12):
+        assert [e.kind for e in await store.events(f"r{i}")] == ["run_started", "step_completed"]
+        rec = await store.get(f"r{i}")
+        assert rec is not None and (rec.step, rec.event_count, rec.commit_seq) == ("step-lost", 2, 1)
+
+
 async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:
     from agentflow.stores.capabilities import Connects
 

@@ -12,7 +12,9 @@ One write is one transaction:
   entries inserted from its result, so a commit is one round trip and an atomic unit.
   A commit that sets ``pending`` also refiles the run's approvals, in the same
   transaction. A commit whose ``(lease token, seq)`` the row holds already (a retry
-  after a lost reply) matches nothing; the row then says why.
+  after a lost reply) matches nothing; the row then says why. The commits of many runs
+  made at one moment go together, one transaction and one round trip for all of them
+  (:mod:`agentflow.stores.postgres_batches`); each is still applied entirely or not at all.
 * ``update`` is ``SELECT ... FOR UPDATE`` of the run's row (with the database's clock),
   ``change(record, now)``, and the write, in one transaction: other writers of the run
   wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
@@ -59,6 +61,7 @@ from .codec import (
     make_output,
 )
 from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
+from .postgres_batches import ALONE, Batches
 from .postgres_credentials import PgCredentials
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
@@ -112,6 +115,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._db = Connections(self.url, retry_for, max_connections, connect_timeout)
+        self._commits = Batches(self._db, "commit")
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -285,9 +289,20 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         if journal:
             params["journal"] = pgrows.texts(journal)
 
+        matched_nothing = False
+        if not refile:
+            # The common case: together with the other runs' commits of this moment.
+            done = await self._commits.write(run_id, statement, params)
+            if done is not None and done is not ALONE:
+                return None if done[1] is None else str(done[1])
+            matched_nothing = done is None  # the fence says why, below; refused: alone now
+
         async def job(conn: Conn) -> str | None:
+            nonlocal matched_nothing
             for _ in range(_FENCE_RACES):
-                if refile:
+                if matched_nothing:
+                    done, matched_nothing = None, False
+                elif refile:
                     async with conn.transaction():
                         done = await (await conn.execute(statement, params)).fetchone()
                         if done is not None:
@@ -499,6 +514,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
     async def close(self) -> None:
         """Close the pool (and the listening connection); the store is unusable afterwards."""
         await self._close_listener()
+        await self._commits.drain()
         await self._db.close()
 
     # -- rate limits (RateLimits; see postgres_limits) -------------------------------
