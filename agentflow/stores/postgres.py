@@ -2,8 +2,10 @@
 
 Layout: see :mod:`agentflow.stores.postgres_schema` (tables, indexes, upgrades),
 :mod:`agentflow.stores.postgres_rows` (statements, rows) and
-:mod:`agentflow.stores.postgres_index` (listings, approvals); connections and outages:
-:mod:`agentflow.stores.postgres_pool`. Built on psycopg 3 (async) and its pool.
+:mod:`agentflow.stores.postgres_index` (listings, approvals, read through
+:mod:`agentflow.stores.postgres_listing`); rate limits: :mod:`agentflow.stores.postgres_limits`;
+connections and outages: :mod:`agentflow.stores.postgres_pool`. Built on psycopg 3
+(async) and its pool.
 
 One write is one transaction:
 
@@ -44,7 +46,6 @@ import psycopg
 from ..errors import LeaseLostError, StoreError
 from ..types import RunEvent, RunStatus
 from . import postgres_index as pgindex
-from . import postgres_limits as pglimits
 from . import postgres_queue as pgqueue
 from . import postgres_rows as pgrows
 from .codec import (
@@ -60,6 +61,8 @@ from .codec import (
 )
 from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
 from .postgres_credentials import PgCredentials
+from .postgres_limits import PgLimits
+from .postgres_listing import PgListing
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
 from .postgres_take import PgTake
@@ -75,7 +78,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
+class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgLimits, PgListing):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.
@@ -417,65 +420,6 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
 
         return await self._db.run("events", run_id, job)
 
-    async def list_runs(
-        self,
-        workflow: str | None = None,
-        status: RunStatus | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[RunRecord]:
-        """Light records (no input, state, output), newest first, at most ``limit``.
-
-        ``after`` is the ``run_id`` of the last record of the previous page. A row that
-        cannot be decoded is listed with ``corrupt`` set.
-
-        Raises:
-            StoreError: ``after`` names a run that is not stored (deleted since).
-        """
-        status = None if status is None else RunStatus(status)
-
-        async def job(conn: Conn) -> list[RunRecord]:
-            return await pgindex.list_runs(conn, self.key_prefix, workflow, status, limit, after)
-
-        return await self._db.run("list_runs", after, job)
-
-    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
-        """Ids of ``workflow``'s running runs whose lease ran out by the database's clock."""
-
-        async def job(conn: Conn) -> list[str]:
-            return await pgindex.recoverable(conn, self.key_prefix, workflow, limit)
-
-        return await self._db.run("recoverable", None, job)
-
-    async def approvals(
-        self,
-        approver: str | None = None,
-        workflow: str | None = None,
-        kind: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Pending approvals, newest first, at most ``limit`` (one indexed statement).
-
-        Raises:
-            StoreError: ``after`` is not an approval of a stored run.
-        """
-        if limit <= 0:
-            return []
-
-        async def job(conn: Conn) -> list[dict[str, Any]]:
-            return await pgindex.list_approvals(conn, self.key_prefix, approver, workflow, kind, limit, after)
-
-        return await self._db.run("approvals", after, job)
-
-    async def due_gates(self, workflow: str, now: float) -> list[str]:
-        """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
-
-        async def job(conn: Conn) -> list[str]:
-            return await pgindex.due_gates(conn, self.key_prefix, workflow, now)
-
-        return await self._db.run("due_gates", None, job)
-
     async def delete(self, run_id: str) -> bool:
         """Remove a run with its events, outputs, journal and approvals; False if it did not exist."""
 
@@ -500,31 +444,3 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         """Close the pool (and the listening connection); the store is unusable afterwards."""
         await self._close_listener()
         await self._db.close()
-
-    # -- rate limits (RateLimits; see postgres_limits) -------------------------------
-
-    async def acquire_limit(
-        self, key: str, ticket: str, quota: pglimits.Quota, tokens: int
-    ) -> tuple[float, str | None]:
-        """A turn of rate limit ``key`` for ``ticket``: one transaction, on the database's clock."""
-
-        async def job(conn: Conn) -> tuple[float, str | None]:
-            return await pglimits.acquire(conn, self.key_prefix, key, ticket, quota, tokens)
-
-        return await self._db.run(f"a turn of rate limit {key!r}", None, job)
-
-    async def renew_limit(self, key: str, ticket: str, quota: pglimits.Quota) -> None:
-        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
-
-        async def job(conn: Conn) -> None:
-            await pglimits.renew(conn, self.key_prefix, key, ticket, quota)
-
-        await self._db.run(f"renewing a slot of rate limit {key!r}", None, job)
-
-    async def release_limit(self, key: str, ticket: str, quota: pglimits.Quota, tokens: int | None) -> None:
-        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
-
-        async def job(conn: Conn) -> None:
-            await pglimits.release(conn, self.key_prefix, key, ticket, tokens)
-
-        await self._db.run(f"releasing a turn of rate limit {key!r}", None, job)
