@@ -19,7 +19,8 @@ One write is one transaction:
   ``change(record, now)``, and the write, in one transaction: other writers of the run
   wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
   call's nonce in ``written_by``: a retry after a lost ``COMMIT`` reply finds it and
-  returns what the first attempt wrote instead of applying the change twice.
+  returns what the first attempt wrote instead of applying the change twice
+  (:mod:`agentflow.stores.postgres_update`).
 * ``create`` inserts the row (``ON CONFLICT DO NOTHING``), its events and approvals; its
   nonce in ``created_by`` lets a retry recognise the run it created.
 * ``renew`` and ``delete`` are one statement each; so is ``take`` (a worker's lease
@@ -34,7 +35,6 @@ absent everywhere at once, and a ``create`` now and then deletes a bounded batch
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import time
@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 
 from ..errors import LeaseLostError, StoreError
-from ..types import RunEvent, RunStatus
+from ..types import RunEvent
 from . import postgres_index as pgindex
 from . import postgres_queue as pgqueue
 from . import postgres_rows as pgrows
@@ -59,13 +59,14 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
+from .contract import Commit, Lease, LoadedRun, RunRecord
 from .postgres_credentials import PgCredentials
 from .postgres_limits import PgLimits
 from .postgres_listing import PgListing
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
 from .postgres_take import PgTake
+from .postgres_update import PgUpdate
 
 __all__ = ["PostgresStore"]
 
@@ -78,7 +79,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgLimits, PgListing):
+class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLimits, PgListing):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.
@@ -334,81 +335,6 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgLimits, PgLis
             detail = f"the lease is {value[1]} of {value[0]!r}" if value else "the run no longer exists"
             raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
         return None if value is None else str(value)
-
-    async def update(self, run_id: str, change: ChangeFn) -> RunRecord | None:
-        """Read-modify-write the record with its row locked (``SELECT ... FOR UPDATE``).
-
-        ``change(record, now)`` runs inside the transaction, with ``now`` from the
-        database's clock; other writers wait for the lock instead of conflicting, so it
-        is called once (again only when the connection failed before the write was
-        committed). Only the fields it changes are written.
-
-        Raises:
-            CorruptRecordError: the stored record cannot be read; nothing was written.
-        """
-        ns, nonce = self.key_prefix, self._nonce()
-        sent: list[RunRecord] = []  # what the last attempt wrote, for a retry after a lost reply
-
-        async def job(conn: Conn) -> RunRecord | None:
-            async with conn.transaction():
-                row = await (await conn.execute(pgrows.SELECT_FOR_UPDATE, (ns, run_id))).fetchone()
-                if row is None:
-                    return None
-                if sent and row[_N] == nonce:
-                    return sent[-1]  # the last attempt was committed; its reply was lost
-                now = float(row[_N + 1])
-                old = pgrows.to_record(row[:_N])
-                result = change(old, now)
-                if result is None:
-                    return old
-                rec = dataclasses.replace(
-                    result.record,
-                    updated_at=now,
-                    event_count=old.event_count + len(result.events),
-                    commit_token=old.commit_token,  # the commits' fence is theirs alone
-                    commit_seq=old.commit_seq,
-                )
-                check_record(rec)
-                params = self._changed(run_id, old, rec)
-                bodies = [encode_event(run_id, e).decode() for e in result.events]
-                names = tuple(params)
-                if "pending" in params or "status" in params:
-                    params["deadline"] = deadline_of(rec.pending)
-                if "status" in params and self.ttl is not None:
-                    params["ttl"] = self.ttl
-                params.update(written_by=nonce, ns=ns, run_id=run_id)
-                await conn.execute(pgrows.update_statement(names, self.ttl is not None), params)
-                if bodies:
-                    await conn.execute(
-                        pgrows.INSERT_EVENTS, (ns, run_id, old.event_count + 1, pgrows.texts(bodies))
-                    )
-                waiting = RunStatus.WAITING
-                if (old.status == waiting or rec.status == waiting) and (
-                    "pending" in names or "status" in names
-                ):
-                    rows = pgindex.approval_rows(run_id, rec.workflow, rec.status, rec.pending)
-                    await pgindex.file_approvals(conn, ns, run_id, rec.workflow, rows, old.status == waiting)
-                sent.append(rec)
-            return rec
-
-        return await self._db.run("update", run_id, job)
-
-    @staticmethod
-    def _changed(run_id: str, old: RunRecord, rec: RunRecord) -> dict[str, Any]:
-        """The stored form of the fields ``rec`` changes (``updated_at`` and ``event_count`` always).
-
-        A big field that is the same object is the same value: an unchanged state is not encoded.
-        """
-        out: dict[str, Any] = {}
-        for name in pgrows.COLUMNS[1:]:
-            value = getattr(rec, name)
-            if name in pgrows.BIG:
-                if value is getattr(old, name):
-                    continue
-            elif name not in ("updated_at", "event_count") and value == getattr(old, name):
-                continue
-            out[name] = pgrows.column(run_id, name, value)
-        return out
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
