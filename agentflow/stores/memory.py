@@ -5,19 +5,19 @@ scalars are checked, and every value is encoded to JSON when it comes in (what i
 JSON-able is refused, as SQLite and Redis refuse it, before anything is written) and
 decoded when it goes out, so a run sees the same plain JSON data whether it lives here
 or was reloaded from a durable store, and no caller can change a stored value in place.
+A run's stored form: :mod:`agentflow.stores.memory_records`.
 
-Listing reads indexes (:mod:`agentflow.stores.memory_index`): per workflow and status,
-so ``list_runs`` costs the page it returns and ``recoverable`` and ``due_gates`` look at
-running and waiting runs only; pending approvals per workflow, kind and approver.
+Listing reads indexes (:mod:`agentflow.stores.memory_index`, read through
+:mod:`agentflow.stores.memory_listing`): per workflow and status, so ``list_runs``
+costs the page it returns and ``recoverable`` and ``due_gates`` look at running and
+waiting runs only; pending approvals per workflow, kind and approver.
 """
 
 from __future__ import annotations
 
 import heapq
-import operator
 import time
-from bisect import bisect_left
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pydantic_core
@@ -25,135 +25,30 @@ import pydantic_core
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from .capabilities import Claim, QueueDepth, create_then_enqueue
-from .codec import (
-    RECORD_FIELDS,
-    check_commit_fields,
-    check_record,
-    deadline_of,
-    decode,
-    encode,
-    encode_event,
-    encode_output,
-    make_event,
-    make_output,
-)
-from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, OutputRecord, RunRecord, Store
+from .codec import check_commit_fields, deadline_of, decode, encode, encode_event
+from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
 from .memory_credentials import MemoryCredentials
-from .memory_index import ApprovalIndex, RunIndex, SortKey
+from .memory_index import ApprovalIndex, RunIndex
+from .memory_listing import MemoryListing
 from .memory_queue import MemoryQueue
+from .memory_records import (
+    INF,
+    JSON,
+    NULL,
+    Event,
+    Run,
+    encode_record,
+    read_event,
+    read_output,
+    record_of,
+    store_event,
+    store_output,
+)
 
 __all__ = ["MemoryStore"]
 
-# Record fields kept as JSON bytes; the others are scalars kept as they are.
-_JSON = frozenset(
-    {"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"}
-)
-# What a listed (light) record leaves out.
-_HEAVY = frozenset({"input", "state", "output"})
-_LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in _JSON and name not in _HEAVY)
-_NULL = b"null"
 
-_INF = float("inf")
-
-# A stored event: its JSON, or the event itself when it carries no data (its str and
-# float parts are immutable JSON as they are).
-_Event = bytes | RunEvent
-# A stored step output: its JSON, or the record itself when it holds no mutable value.
-_Output = bytes | OutputRecord
-
-
-def _store_event(run_id: str, event: RunEvent) -> _Event:
-    # Most events carry no data and skip the encoder (a step commits two); NaN fails
-    # the range check, as it would not read back from JSON.
-    step, at = event.step, event.at
-    if (
-        event.data is None
-        and type(event.kind) is str
-        and (step is None or type(step) is str)
-        and type(at) is float
-        and -_INF < at < _INF
-        and type(event) is RunEvent
-    ):
-        return event
-    return encode_event(run_id, event)
-
-
-def _read_event(run_id: str, i: int, stored: _Event) -> RunEvent:
-    if isinstance(stored, bytes):
-        return make_event(run_id, f"events[{i}]", stored, i + 1)
-    if stored.seq == i + 1 and stored.run_id == run_id:
-        return stored
-    return RunEvent(stored.kind, run_id, stored.step, None, stored.at, i + 1)
-
-
-def _store_output(run_id: str, output: OutputRecord) -> _Output:
-    value = output.value
-    if (
-        (value is None or type(value) is str)
-        and type(output.visit) is int
-        and type(output.step) is str
-        and type(output) is OutputRecord
-    ):
-        return output
-    return encode_output(run_id, output)
-
-
-def _read_output(run_id: str, i: int, stored: _Output) -> OutputRecord:
-    if isinstance(stored, OutputRecord):
-        return stored
-    return make_output(run_id, f"outputs[{i}]", stored)
-
-
-class _Run:
-    """A run's stored parts, every value as JSON bytes (the record's scalars as they are)."""
-
-    __slots__ = ("approvals", "deadline", "events", "expires", "fields", "journal", "outputs")
-
-    def __init__(self, fields: dict[str, Any], events: list[_Event]) -> None:
-        self.fields = fields
-        self.events = events
-        self.outputs: list[_Output] = []
-        self.journal: dict[str, bytes] = {}
-        self.deadline: float | None = None
-        self.expires: float | None = None
-        self.approvals: tuple[str, ...] = ()  # ids of its approvals in the store's lists
-
-    @property
-    def sort_key(self) -> SortKey:
-        return (self.fields["created_at"], self.fields["run_id"])
-
-
-_ALL_FIELDS = operator.attrgetter(*RECORD_FIELDS)
-_JSON_NAMES = tuple(name for name in RECORD_FIELDS if name in _JSON)
-_LISTS = frozenset({"decisions", "children"})
-
-
-def _encode_record(rec: RunRecord) -> dict[str, Any]:
-    """Every field of ``rec`` in its stored form, checked; raises StoreError before any write."""
-    check_record(rec)
-    run_id = rec.run_id
-    fields: dict[str, Any] = dict(zip(RECORD_FIELDS, _ALL_FIELDS(rec), strict=True))
-    for name in _JSON_NAMES:
-        value = fields[name]
-        if value is None:
-            fields[name] = _NULL
-        elif name in _LISTS:
-            fields[name] = encode(run_id, name, list(value)) if value else b"[]"
-        else:
-            fields[name] = encode(run_id, name, value)
-    if type(fields["status"]) is not RunStatus:
-        fields["status"] = RunStatus(fields["status"])
-    if not (
-        type(fields["created_at"]) is float
-        and type(fields["updated_at"]) is float
-        and type(fields["lease_expires"]) is float
-    ):
-        for name in ("created_at", "updated_at", "lease_expires"):
-            fields[name] = float(fields[name])
-    return fields
-
-
-class MemoryStore(MemoryCredentials):
+class MemoryStore(MemoryCredentials, MemoryListing):
     """Keeps runs in dicts. Every operation completes without yielding, so each is atomic.
 
     The store's clock is ``time.time()``. Nothing survives the process, and
@@ -165,7 +60,7 @@ class MemoryStore(MemoryCredentials):
 
     def __init__(self, ttl: float | None = None) -> None:
         self.ttl = ttl
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Run] = {}
         self._index = RunIndex()
         self._expiring: list[tuple[float, str]] = []  # a heap of (expires, run_id)
         self._approvals = ApprovalIndex()
@@ -174,7 +69,7 @@ class MemoryStore(MemoryCredentials):
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _get(self, run_id: str) -> _Run | None:
+    def _get(self, run_id: str) -> Run | None:
         run = self._runs.get(run_id)
         if run is None or run.expires is None:
             return run
@@ -193,7 +88,7 @@ class MemoryStore(MemoryCredentials):
             self._approvals.unfile(approval_id)
         return True
 
-    def _file_approvals(self, run_id: str, run: _Run) -> None:
+    def _file_approvals(self, run_id: str, run: Run) -> None:
         """Keep the store's approval lists in step with the run's ``pending`` and status."""
         fields = run.fields
         run.approvals = self._approvals.file(
@@ -209,41 +104,24 @@ class MemoryStore(MemoryCredentials):
             if run is not None and run.expires == expires:
                 self._drop(run_id)
 
-    def _set_expiry(self, run_id: str, run: _Run, now: float) -> None:
+    def _set_expiry(self, run_id: str, run: Run, now: float) -> None:
         if self.ttl is not None and run.fields["status"] in FINAL:
             run.expires = now + self.ttl
             heapq.heappush(self._expiring, (run.expires, run_id))
-
-    @staticmethod
-    def _record(run: _Run, light: bool = False) -> RunRecord:
-        fields = run.fields
-        values = dict(fields)
-        if light:
-            values["input"] = values["state"] = values["output"] = None
-            names: Collection[str] = _LIGHT_JSON
-        else:
-            names = _JSON
-        run_id = fields["run_id"]
-        for name in names:
-            raw = fields[name]
-            values[name] = None if raw == _NULL else decode(run_id, name, raw)
-        values["decisions"] = tuple(values["decisions"] or ())
-        values["children"] = tuple(values["children"] or ())
-        return RunRecord(**values)
 
     # -- the Store protocol --------------------------------------------------------
 
     async def create(self, record: RunRecord, events: Sequence[RunEvent]) -> bool:
         """Store a new run; False (and nothing written) if the run id exists."""
         run_id = record.run_id
-        fields = _encode_record(record)
-        bodies = [_store_event(run_id, e) for e in events]
+        fields = encode_record(record)
+        bodies = [store_event(run_id, e) for e in events]
         if self.ttl is not None:
             self._purge()
         if self._get(run_id) is not None:
             return False
         fields["event_count"] += len(bodies)
-        run = self._runs[run_id] = _Run(fields, bodies)
+        run = self._runs[run_id] = Run(fields, bodies)
         if record.pending is not None:
             run.deadline = deadline_of(record.pending)
         self._index.add((fields["created_at"], run_id), fields["workflow"], fields["status"])
@@ -256,16 +134,16 @@ class MemoryStore(MemoryCredentials):
     async def get(self, run_id: str) -> RunRecord | None:
         """The run's record, or None."""
         run = self._get(run_id)
-        return None if run is None else self._record(run)
+        return None if run is None else record_of(run)
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal; or None."""
         run = self._get(run_id)
         if run is None:
             return None
-        outputs = [_read_output(run_id, i, stored) for i, stored in enumerate(run.outputs)]
+        outputs = [read_output(run_id, i, stored) for i, stored in enumerate(run.outputs)]
         journal = {key: decode(run_id, f"journal[{key!r}]", raw) for key, raw in run.journal.items()}
-        return LoadedRun(self._record(run), outputs, journal)
+        return LoadedRun(record_of(run), outputs, journal)
 
     async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
         """Apply ``commit`` if ``lease`` still holds (once per ``(lease.token, seq)``).
@@ -283,7 +161,7 @@ class MemoryStore(MemoryCredentials):
                 sets[name] = value
             elif name == "state":
                 if value is None:
-                    sets[name] = _NULL
+                    sets[name] = NULL
                 else:
                     try:
                         sets[name] = pydantic_core.to_json(value)
@@ -294,29 +172,29 @@ class MemoryStore(MemoryCredentials):
             elif name == "control" and (value is None or type(value) is str):
                 sets[name] = value
             elif name == "output":
-                sets[name] = _NULL if value is None else encode(run_id, name, value)
+                sets[name] = NULL if value is None else encode(run_id, name, value)
             else:
                 check_commit_fields(run_id, {name: value})
-                if name in _JSON:
+                if name in JSON:
                     if value is None:
-                        sets[name] = _NULL
+                        sets[name] = NULL
                     else:
                         sets[name] = encode(run_id, name, list(value) if name == "decisions" else value)
                 elif name == "status":
                     sets[name] = RunStatus(value)
                 else:
                     sets[name] = value
-        events: list[_Event] | None = None
+        events: list[Event] | None = None
         if commit.events:
             events = []
             for e in commit.events:
-                # What _store_event does, inline for the two events of every step.
+                # What store_event does, inline for the two events of every step.
                 if type(e) is RunEvent:
                     kind, _, step, data, at, _ = e
                     if data is None:
                         if (
                             type(at) is float
-                            and -_INF < at < _INF
+                            and -INF < at < INF
                             and type(kind) is str
                             and (step is None or type(step) is str)
                         ):
@@ -330,7 +208,7 @@ class MemoryStore(MemoryCredentials):
                         except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
                             pass
                 events.append(encode_event(run_id, e))  # raises the store's error
-        outputs = [_store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
+        outputs = [store_output(run_id, o) for o in commit.outputs] if commit.outputs else None
         journal = (
             {k: encode(run_id, f"journal {k!r}", v) for k, v in commit.journal.items()}
             if commit.journal
@@ -415,15 +293,15 @@ class MemoryStore(MemoryCredentials):
         if run is None:
             return None
         now = time.time()
-        current = self._record(run)
+        current = record_of(run)
         result: Change | None = change(current, now)
         if result is None:
             return current
         new = result.record
         if new.run_id != run_id:
             raise StoreError(f"run {run_id}: an update cannot change the run id (to {new.run_id!r})")
-        fields = _encode_record(new)
-        bodies = [_store_event(run_id, e) for e in result.events]
+        fields = encode_record(new)
+        bodies = [store_event(run_id, e) for e in result.events]
         old = run.fields
         fields["updated_at"] = now
         fields["event_count"] = old["event_count"] + len(bodies)
@@ -439,7 +317,7 @@ class MemoryStore(MemoryCredentials):
         ):
             self._index.move(old, run.fields)
         self._set_expiry(run_id, run, now)
-        return self._record(run)
+        return record_of(run)
 
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
@@ -447,72 +325,7 @@ class MemoryStore(MemoryCredentials):
         if run is None:
             return []
         start = max(after, 0)
-        return [_read_event(run_id, i, stored) for i, stored in enumerate(run.events[start:], start)]
-
-    async def list_runs(
-        self,
-        workflow: str | None = None,
-        status: RunStatus | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[RunRecord]:
-        """Light records, newest first (``created_at``, then ``run_id``, descending), at most ``limit``.
-
-        ``after`` is the last ``run_id`` of the previous page; a run that is gone ends the listing.
-        """
-        if self.ttl is not None:
-            self._purge()
-        entries = self._index.get(workflow, None if status is None else RunStatus(status))
-        if not entries or limit <= 0:
-            return []
-        end = len(entries)
-        if after is not None:
-            last = self._runs.get(after)
-            if last is None:
-                return []
-            end = bisect_left(entries, last.sort_key)
-        runs, page = self._runs, entries[max(end - limit, 0) : end]
-        return [self._record(runs[run_id], light=True) for _, run_id in reversed(page)]
-
-    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
-        """Ids of ``workflow``'s running runs whose lease ran out, oldest lease first."""
-        if self.ttl is not None:
-            self._purge()
-        now = time.time()
-        runs = self._runs
-        expired = []
-        for _, run_id in self._index.get(workflow, RunStatus.RUNNING):
-            expires = runs[run_id].fields["lease_expires"]
-            if expires <= now:
-                expired.append((expires, run_id))
-        return [run_id for _, run_id in heapq.nsmallest(limit, expired)]
-
-    async def approvals(
-        self,
-        approver: str | None = None,
-        workflow: str | None = None,
-        kind: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Pending approvals, newest first (``created_at``, then ``id``, descending), at most ``limit``.
-
-        Raises:
-            StoreError: ``after`` is not an approval of a stored run.
-        """
-        if self.ttl is not None:
-            self._purge()
-        return self._approvals.page(approver, workflow, kind, limit, after)
-
-    async def due_gates(self, workflow: str, now: float) -> list[str]:
-        """Ids of ``workflow``'s waiting runs whose gate deadline is at or before ``now``."""
-        runs = self._runs
-        due = []
-        for _, run_id in self._index.get(workflow, RunStatus.WAITING):
-            run = runs[run_id]
-            if run.deadline is not None and run.deadline <= now:
-                due.append(run_id)
-        return due
+        return [read_event(run_id, i, stored) for i, stored in enumerate(run.events[start:], start)]
 
     async def delete(self, run_id: str) -> bool:
         """Remove a run and everything stored with it; False if it did not exist."""

@@ -2,8 +2,10 @@
 
 Layout: see :mod:`agentflow.stores.postgres_schema` (tables, indexes, upgrades),
 :mod:`agentflow.stores.postgres_rows` (statements, rows) and
-:mod:`agentflow.stores.postgres_index` (listings, approvals); connections and outages:
-:mod:`agentflow.stores.postgres_pool`. Built on psycopg 3 (async) and its pool.
+:mod:`agentflow.stores.postgres_index` (listings, approvals, read through
+:mod:`agentflow.stores.postgres_listing`); rate limits: :mod:`agentflow.stores.postgres_limits`;
+connections and outages: :mod:`agentflow.stores.postgres_pool`. Built on psycopg 3
+(async) and its pool.
 
 One write is one transaction:
 
@@ -19,7 +21,8 @@ One write is one transaction:
   ``change(record, now)``, and the write, in one transaction: other writers of the run
   wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
   call's nonce in ``written_by``: a retry after a lost ``COMMIT`` reply finds it and
-  returns what the first attempt wrote instead of applying the change twice.
+  returns what the first attempt wrote instead of applying the change twice
+  (:mod:`agentflow.stores.postgres_update`).
 * ``create`` inserts the row (``ON CONFLICT DO NOTHING``), its events and approvals; its
   nonce in ``created_by`` lets a retry recognise the run it created.
 * ``renew`` and ``delete`` are one statement each; so is ``take`` (a worker's lease
@@ -34,7 +37,6 @@ absent everywhere at once, and a ``create`` now and then deletes a bounded batch
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import time
@@ -44,9 +46,8 @@ from typing import Any
 import psycopg
 
 from ..errors import LeaseLostError, StoreError
-from ..types import RunEvent, RunStatus
+from ..types import RunEvent
 from . import postgres_index as pgindex
-from . import postgres_limits as pglimits
 from . import postgres_queue as pgqueue
 from . import postgres_rows as pgrows
 from .codec import (
@@ -60,12 +61,15 @@ from .codec import (
     make_event,
     make_output,
 )
-from .contract import ChangeFn, Commit, Lease, LoadedRun, RunRecord
+from .contract import Commit, Lease, LoadedRun, RunRecord
 from .postgres_batches import ALONE, Batches
 from .postgres_credentials import PgCredentials
+from .postgres_limits import PgLimits
+from .postgres_listing import PgListing
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
 from .postgres_take import PgTake
+from .postgres_update import PgUpdate
 
 __all__ = ["PostgresStore"]
 
@@ -78,7 +82,7 @@ _N = len(pgrows.COLUMNS)
 Conn = psycopg.AsyncConnection[Any]
 
 
-class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
+class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLimits, PgListing):
     """Keeps runs in PostgreSQL (12 or later); shared by every process that reaches it.
 
     The pool is opened, and the tables created or upgraded, by the first call.
@@ -347,81 +351,6 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
             raise LeaseLostError(run_id, f"token {lease.token} of {lease.owner!r} is stale; {detail}")
         return None if value is None else str(value)
 
-    async def update(self, run_id: str, change: ChangeFn) -> RunRecord | None:
-        """Read-modify-write the record with its row locked (``SELECT ... FOR UPDATE``).
-
-        ``change(record, now)`` runs inside the transaction, with ``now`` from the
-        database's clock; other writers wait for the lock instead of conflicting, so it
-        is called once (again only when the connection failed before the write was
-        committed). Only the fields it changes are written.
-
-        Raises:
-            CorruptRecordError: the stored record cannot be read; nothing was written.
-        """
-        ns, nonce = self.key_prefix, self._nonce()
-        sent: list[RunRecord] = []  # what the last attempt wrote, for a retry after a lost reply
-
-        async def job(conn: Conn) -> RunRecord | None:
-            async with conn.transaction():
-                row = await (await conn.execute(pgrows.SELECT_FOR_UPDATE, (ns, run_id))).fetchone()
-                if row is None:
-                    return None
-                if sent and row[_N] == nonce:
-                    return sent[-1]  # the last attempt was committed; its reply was lost
-                now = float(row[_N + 1])
-                old = pgrows.to_record(row[:_N])
-                result = change(old, now)
-                if result is None:
-                    return old
-                rec = dataclasses.replace(
-                    result.record,
-                    updated_at=now,
-                    event_count=old.event_count + len(result.events),
-                    commit_token=old.commit_token,  # the commits' fence is theirs alone
-                    commit_seq=old.commit_seq,
-                )
-                check_record(rec)
-                params = self._changed(run_id, old, rec)
-                bodies = [encode_event(run_id, e).decode() for e in result.events]
-                names = tuple(params)
-                if "pending" in params or "status" in params:
-                    params["deadline"] = deadline_of(rec.pending)
-                if "status" in params and self.ttl is not None:
-                    params["ttl"] = self.ttl
-                params.update(written_by=nonce, ns=ns, run_id=run_id)
-                await conn.execute(pgrows.update_statement(names, self.ttl is not None), params)
-                if bodies:
-                    await conn.execute(
-                        pgrows.INSERT_EVENTS, (ns, run_id, old.event_count + 1, pgrows.texts(bodies))
-                    )
-                waiting = RunStatus.WAITING
-                if (old.status == waiting or rec.status == waiting) and (
-                    "pending" in names or "status" in names
-                ):
-                    rows = pgindex.approval_rows(run_id, rec.workflow, rec.status, rec.pending)
-                    await pgindex.file_approvals(conn, ns, run_id, rec.workflow, rows, old.status == waiting)
-                sent.append(rec)
-            return rec
-
-        return await self._db.run("update", run_id, job)
-
-    @staticmethod
-    def _changed(run_id: str, old: RunRecord, rec: RunRecord) -> dict[str, Any]:
-        """The stored form of the fields ``rec`` changes (``updated_at`` and ``event_count`` always).
-
-        A big field that is the same object is the same value: an unchanged state is not encoded.
-        """
-        out: dict[str, Any] = {}
-        for name in pgrows.COLUMNS[1:]:
-            value = getattr(rec, name)
-            if name in pgrows.BIG:
-                if value is getattr(old, name):
-                    continue
-            elif name not in ("updated_at", "event_count") and value == getattr(old, name):
-                continue
-            out[name] = pgrows.column(run_id, name, value)
-        return out
-
     async def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         """The run's events with ``seq`` greater than ``after``, in order."""
 
@@ -431,65 +360,6 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
             return [make_event(run_id, f"{EVENTS}[{seq}]", body, seq) for seq, body in rows]
 
         return await self._db.run("events", run_id, job)
-
-    async def list_runs(
-        self,
-        workflow: str | None = None,
-        status: RunStatus | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[RunRecord]:
-        """Light records (no input, state, output), newest first, at most ``limit``.
-
-        ``after`` is the ``run_id`` of the last record of the previous page. A row that
-        cannot be decoded is listed with ``corrupt`` set.
-
-        Raises:
-            StoreError: ``after`` names a run that is not stored (deleted since).
-        """
-        status = None if status is None else RunStatus(status)
-
-        async def job(conn: Conn) -> list[RunRecord]:
-            return await pgindex.list_runs(conn, self.key_prefix, workflow, status, limit, after)
-
-        return await self._db.run("list_runs", after, job)
-
-    async def recoverable(self, workflow: str, limit: int = 100) -> list[str]:
-        """Ids of ``workflow``'s running runs whose lease ran out by the database's clock."""
-
-        async def job(conn: Conn) -> list[str]:
-            return await pgindex.recoverable(conn, self.key_prefix, workflow, limit)
-
-        return await self._db.run("recoverable", None, job)
-
-    async def approvals(
-        self,
-        approver: str | None = None,
-        workflow: str | None = None,
-        kind: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Pending approvals, newest first, at most ``limit`` (one indexed statement).
-
-        Raises:
-            StoreError: ``after`` is not an approval of a stored run.
-        """
-        if limit <= 0:
-            return []
-
-        async def job(conn: Conn) -> list[dict[str, Any]]:
-            return await pgindex.list_approvals(conn, self.key_prefix, approver, workflow, kind, limit, after)
-
-        return await self._db.run("approvals", after, job)
-
-    async def due_gates(self, workflow: str, now: float) -> list[str]:
-        """Ids of runs of ``workflow`` waiting at a gate whose deadline is at or before ``now``."""
-
-        async def job(conn: Conn) -> list[str]:
-            return await pgindex.due_gates(conn, self.key_prefix, workflow, now)
-
-        return await self._db.run("due_gates", None, job)
 
     async def delete(self, run_id: str) -> bool:
         """Remove a run with its events, outputs, journal and approvals; False if it did not exist."""
@@ -516,31 +386,3 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake):
         await self._close_listener()
         await self._commits.drain()
         await self._db.close()
-
-    # -- rate limits (RateLimits; see postgres_limits) -------------------------------
-
-    async def acquire_limit(
-        self, key: str, ticket: str, quota: pglimits.Quota, tokens: int
-    ) -> tuple[float, str | None]:
-        """A turn of rate limit ``key`` for ``ticket``: one transaction, on the database's clock."""
-
-        async def job(conn: Conn) -> tuple[float, str | None]:
-            return await pglimits.acquire(conn, self.key_prefix, key, ticket, quota, tokens)
-
-        return await self._db.run(f"a turn of rate limit {key!r}", None, job)
-
-    async def renew_limit(self, key: str, ticket: str, quota: pglimits.Quota) -> None:
-        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
-
-        async def job(conn: Conn) -> None:
-            await pglimits.renew(conn, self.key_prefix, key, ticket, quota)
-
-        await self._db.run(f"renewing a slot of rate limit {key!r}", None, job)
-
-    async def release_limit(self, key: str, ticket: str, quota: pglimits.Quota, tokens: int | None) -> None:
-        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
-
-        async def job(conn: Conn) -> None:
-            await pglimits.release(conn, self.key_prefix, key, ticket, tokens)
-
-        await self._db.run(f"releasing a turn of rate limit {key!r}", None, job)

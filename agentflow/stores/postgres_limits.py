@@ -27,8 +27,9 @@ from psycopg import errors as pg_errors
 
 from .capabilities import Quota
 from .limits import verdict
+from .postgres_pool import Connections
 
-__all__ = ["SCHEMA", "Quota", "acquire", "ensure", "release", "renew"]
+__all__ = ["SCHEMA", "PgLimits", "Quota", "acquire", "ensure", "release", "renew"]
 
 Conn = psycopg.AsyncConnection[Any]
 T = TypeVar("T")
@@ -151,3 +152,37 @@ async def release(conn: Conn, ns: str, key: str, ticket: str, tokens: int | None
                 await conn.execute(_CORRECT, (max(0, tokens), ns, key, ticket))
 
     await _ready(conn, job)
+
+
+class PgLimits:
+    """The ``RateLimits`` methods of :class:`~agentflow.stores.postgres.PostgresStore`:
+    each one transaction on a pooled connection, on the database's clock."""
+
+    key_prefix: str
+    _db: Connections
+
+    async def acquire_limit(
+        self, key: str, ticket: str, quota: Quota, tokens: int
+    ) -> tuple[float, str | None]:
+        """A turn of rate limit ``key`` for ``ticket``: one transaction, on the database's clock."""
+
+        async def job(conn: Conn) -> tuple[float, str | None]:
+            return await acquire(conn, self.key_prefix, key, ticket, quota, tokens)
+
+        return await self._db.run(f"a turn of rate limit {key!r}", None, job)
+
+    async def renew_limit(self, key: str, ticket: str, quota: Quota) -> None:
+        """Keep ``ticket``'s concurrency slot of ``key`` for another ``quota.hold`` seconds."""
+
+        async def job(conn: Conn) -> None:
+            await renew(conn, self.key_prefix, key, ticket, quota)
+
+        await self._db.run(f"renewing a slot of rate limit {key!r}", None, job)
+
+    async def release_limit(self, key: str, ticket: str, quota: Quota, tokens: int | None) -> None:
+        """Give back ``ticket``'s slot of ``key`` and count its real ``tokens``."""
+
+        async def job(conn: Conn) -> None:
+            await release(conn, self.key_prefix, key, ticket, tokens)
+
+        await self._db.run(f"releasing a turn of rate limit {key!r}", None, job)
