@@ -1,37 +1,31 @@
-"""An agent handle: one open conversation, holding one slot of its agent's pool until closed."""
+"""An agent handle: one open conversation, holding one slot of its agent's pool until closed.
+
+Each model call of a handle is answered from the journal when it finished before, and
+otherwise held to the run's budget and the agent's rate limit (:mod:`agentflow.agents.limits`),
+sent, and journaled before it is returned (:mod:`agentflow.agents.replies`, which also fits
+a structured reply to the agent's ``output``).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .. import tracing
-from ..errors import (
-    AgentflowError,
-    BudgetExceededError,
-    OutputValidationError,
-    ProviderError,
-)
-from ..types import Usage
+from ..errors import AgentflowError, ProviderError
+from . import limits, replies
 from .config import AgentReply
 from .loop import AgentRun, run_loop, tool_specs
-from .spi import Message, Permit, Provider, ProviderReply, ProviderRequest, ToolLike, ToolSpec, ToolUse
+from .spi import Message, Provider, ProviderReply, ProviderRequest, ToolLike, ToolSpec
 
 if TYPE_CHECKING:
     from .pool import AgentAccessor, _Pool
 
 __all__ = ["AgentHandle"]
-
-_REPAIR_PROMPT = (
-    "Your previous reply did not match the required JSON schema. Validation errors:\n{errors}\n"
-    "Reply again with only the corrected JSON object."
-)
 
 
 class AgentHandle:
@@ -112,7 +106,7 @@ class AgentHandle:
             request = self._request(prompt, options)
             key = self._next_key()
             raw = await self._complete(key, request)
-            return await self._finish(key, request, raw)
+            return await replies.finish(self, key, request, raw)
         finally:
             self._busy = False
 
@@ -137,13 +131,13 @@ class AgentHandle:
             request = self._request(prompt, options)
             key = self._next_key()
             live = self._live(key)
-            raw = self._replayed(key, request)
+            raw = replies.replayed(self, key, request)
             if raw is not None:
                 if raw.text:
                     live(raw.text)
                     yield raw.text
             else:
-                self._check_budget(request)
+                limits.check_budget(self, request)
                 final = None
                 # Not the current span: this generator yields to its caller inside it.
                 with tracing.chat(self._provider.name, request.model, self.agent_name, current=False) as span:
@@ -156,8 +150,8 @@ class AgentHandle:
                     assert final is not None  # _provider_stream ends with the reply or raises
                     tracing.end_chat(span, final.usage, final.model)
                 raw = final
-                await self._journal_reply(key, raw)
-            await self._finish(key, request, raw)
+                await replies.record(self, key, raw)
+            await replies.finish(self, key, request, raw)
         finally:
             self._busy = False
 
@@ -217,7 +211,7 @@ class AgentHandle:
         its reply raises :class:`ProviderError`. Under a rate limit it starts once its
         turn came, and gives the turn back when it ends.
         """
-        permit = await self._turn(request)
+        permit = await limits.turn(self, request)
         stream = self._provider.stream(request)
         ended = False
         used: int | None = None
@@ -245,12 +239,12 @@ class AgentHandle:
         self, key: str, request: ProviderRequest, each: Callable[[str], None]
     ) -> ProviderReply:
         """A model call of a loop, streamed: ``each`` gets its text deltas (a replayed one's text whole)."""
-        raw = self._replayed(key, request)
+        raw = replies.replayed(self, key, request)
         if raw is not None:
             if raw.text:
                 each(raw.text)
             return raw
-        self._check_budget(request)
+        limits.check_budget(self, request)
         final = None
         with tracing.chat(self._provider.name, request.model, self.agent_name) as span:
             async for item in self._provider_stream(request):
@@ -260,7 +254,7 @@ class AgentHandle:
                     each(item)
             assert final is not None  # _provider_stream ends with the reply or raises
             tracing.end_chat(span, final.usage, final.model)
-        await self._journal_reply(key, final)
+        await replies.record(self, key, final)
         return final
 
     def _complete_watched(self, key: str, request: ProviderRequest) -> Awaitable[ProviderReply]:
@@ -386,46 +380,12 @@ class AgentHandle:
             tools=tools,
         )
 
-    def _check_budget(self, request: ProviderRequest) -> None:
-        budget = self._accessor._pools.config.budget
-        if budget is None:
-            return
-        journal = self._accessor._journal
-        cap = budget.max_tokens
-        if cap is not None:
-            spent, most = journal.spent(), request.max_tokens
-            if spent >= cap or (most is not None and spent + most > cap):
-                this_call = f" and this call may use up to {most}" if most is not None else ""
-                raise BudgetExceededError(
-                    f"agent {self.agent_name!r}: the run has spent {spent} of its {cap}-token "
-                    f"budget{this_call}, so the call was not sent"
-                )
-        if budget.max_cost is not None:
-            cost = journal.cost()
-            if cost is not None and cost >= budget.max_cost:
-                raise BudgetExceededError(
-                    f"agent {self.agent_name!r}: the run has spent ${cost} of its ${budget.max_cost} "
-                    "budget, so the call was not sent"
-                )
-
-    def _replayed(self, key: str, request: ProviderRequest) -> ProviderReply | None:
-        """The reply journaled under ``key`` (its usage counted toward the step again), or None."""
-        journal = self._accessor._journal
-        journaled = journal.lookup(key)
-        if journaled is None:
-            return None
-        raw = _reply_from_json(journaled)
-        journal.replayed(raw.usage)
-        if tracing.current() is not None:
-            tracing.replayed_chat(self._provider.name, request.model, self.agent_name)
-        return raw
-
     async def _complete(self, key: str, request: ProviderRequest) -> ProviderReply:
-        raw = self._replayed(key, request)
+        raw = replies.replayed(self, key, request)
         if raw is not None:
             return raw
-        self._check_budget(request)
-        permit = await self._turn(request)
+        limits.check_budget(self, request)
+        permit = await limits.turn(self, request)
         try:
             if tracing.current() is None:
                 raw = await self._provider.complete(request)
@@ -437,7 +397,7 @@ class AgentHandle:
             raise
         if permit is not None:
             await permit.release(raw.usage.total_tokens)
-        await self._journal_reply(key, raw)
+        await replies.record(self, key, raw)
         return raw
 
     async def _traced(self, request: ProviderRequest) -> ProviderReply:
@@ -447,125 +407,6 @@ class AgentHandle:
             tracing.end_chat(span, raw.usage, raw.model)
         return raw
 
-    async def _turn(self, request: ProviderRequest) -> Permit | None:
-        """Wait for this request's turn under the agent's ``RateLimit`` (None: no limit).
-
-        A wait is counted in the pool's statistics and recorded on the run as an
-        ``agent_throttled`` event: ``{"agent", "seconds", "limit", "key"}``, ``limit``
-        being the one waited for longest.
-        """
-        limit = self.agent.limit
-        limiter = self._accessor._pools.limiter
-        if limit is None or limiter is None:
-            return None
-        pool = self._pool
-        tokens = _estimate(request) if limit.tokens_per_minute is not None else 0
-        permit = await limiter.acquire(pool.limit_key, limit, tokens)
-        if permit.waited > 0:
-            pool.waited += 1
-            pool.wait_seconds += permit.waited
-            pool.last_wait = permit.waited
-            data = {
-                "agent": self.agent_name,
-                "seconds": round(permit.waited, 3),
-                "limit": permit.reason,
-                "key": pool.limit_key,
-            }
-            self._accessor._journal.emit("agent_throttled", data)
-        return permit
-
-    async def _journal_reply(self, key: str, raw: ProviderReply) -> None:
-        self._pool.total_calls += 1
-        journal = self._accessor._journal
-        if self._carry:  # one write: the reply, and the results that came before it
-            entries, self._carry = {**self._carry, key: _reply_to_json(raw)}, {}
-            await journal.record_many(entries, raw.usage)
-        else:
-            await journal.record(key, _reply_to_json(raw), raw.usage)
-
-    async def _finish(self, key: str, request: ProviderRequest, raw: ProviderReply) -> AgentReply:
-        prompt = request.messages[-1]
-        self._history += (prompt, Message("assistant", raw.text))
-        model = self.agent.output
-        if model is None:
-            reply = AgentReply(raw.text, None, raw.usage)
-        else:
-            try:
-                output = _validate(model, raw)
-                reply = AgentReply(raw.text, output, raw.usage)
-            except ValidationError as exc:
-                reply = await self._repair(key, request, raw, model, exc)
-        self.last_reply = reply
-        return reply
-
-    async def _repair(
-        self,
-        key: str,
-        request: ProviderRequest,
-        raw: ProviderReply,
-        model: type[BaseModel],
-        exc: ValidationError,
-    ) -> AgentReply:
-        ask = Message("user", _REPAIR_PROMPT.format(errors=_errors(exc)))
-        messages = (*request.messages, Message("assistant", raw.text), ask)
-        fixed = await self._complete(f"{key}:repair", replace(request, messages=messages))
-        self._history += (ask, Message("assistant", fixed.text))
-        try:
-            output = _validate(model, fixed)
-        except ValidationError as again:
-            raise OutputValidationError(
-                f"agent {self.agent_name!r}: the reply does not fit {model.__name__} even after one repair "
-                f"attempt: {_errors(again)}"
-            ) from again
-        return AgentReply(fixed.text, output, raw.usage + fixed.usage)
-
 
 def _drop(text: str) -> None:
     """A live delta nobody can receive."""
-
-
-def _estimate(request: ProviderRequest) -> int:
-    """Tokens a request may use, reserved under a ``tokens_per_minute`` limit until its reply
-    says: its ``max_tokens``, plus a token per four characters of what it sends."""
-    chars = len(request.instructions or "")
-    for m in request.messages:
-        chars += len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
-    for t in request.tools:
-        chars += len(t.name) + len(t.description) + len(json.dumps(t.parameters))
-    if request.output_schema is not None:
-        chars += len(json.dumps(request.output_schema))
-    return chars // 4 + (request.max_tokens or 0)
-
-
-def _validate(model: type[BaseModel], raw: ProviderReply) -> BaseModel:
-    if raw.data is not None:
-        return model.model_validate(raw.data)
-    return model.model_validate_json(raw.text)
-
-
-def _errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def _reply_to_json(raw: ProviderReply) -> dict[str, Any]:
-    out: dict[str, Any] = {"text": raw.text, "data": raw.data, "usage": raw.usage.to_json()}
-    if raw.tool_calls:
-        calls = raw.tool_calls
-        out["tool_calls"] = [{"id": c.call_id, "name": c.name, "arguments": c.arguments} for c in calls]
-    return out
-
-
-def _reply_from_json(value: Any) -> ProviderReply:
-    if isinstance(value, str):  # a store that hands back the JSON text
-        value = json.loads(value)
-    calls = tuple(ToolUse(c["id"], c["name"], c["arguments"]) for c in value.get("tool_calls") or ())
-    return ProviderReply(
-        text=value.get("text", ""),
-        data=value.get("data"),
-        usage=Usage.from_json(value.get("usage")),
-        tool_calls=calls,
-    )
