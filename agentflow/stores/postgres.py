@@ -15,7 +15,7 @@ One write is one transaction:
   A commit that sets ``pending`` also refiles the run's approvals, in the same
   transaction. A commit whose ``(lease token, seq)`` the row holds already (a retry
   after a lost reply) matches nothing; the row then says why. The commits of many runs
-  made at one moment go together, one transaction and one round trip for all of them
+  made at one moment go together, one statement and one round trip for all of them
   (:mod:`agentflow.stores.postgres_batches`); each is still applied entirely or not at all.
 * ``update`` is ``SELECT ... FOR UPDATE`` of the run's row (with the database's clock),
   ``change(record, now)``, and the write, in one transaction: other writers of the run
@@ -119,7 +119,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._db = Connections(self.url, retry_for, max_connections, connect_timeout)
-        self._commits = Batches(self._db, "commit")
+        self._commits = Batches(self._db, self._commits_statement, {"ns": key_prefix, "ttl": ttl})
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -129,6 +129,10 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
     def where(self) -> str:
         """``host:port/dbname`` of the server (no password)."""
         return self._db.where
+
+    def _commits_statement(self, shape: Any) -> str:
+        names, release, events, outputs, journal = shape
+        return pgrows.commits_statement(names, release, self.ttl is not None, events, outputs, journal)
 
     def _nonce(self) -> str:
         return f"{self._instance}{next(self._counter):x}"
@@ -295,11 +299,20 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
 
         matched_nothing = False
         if not refile:
-            # The common case: together with the other runs' commits of this moment.
-            done = await self._commits.write(run_id, statement, params)
-            if done is not None and done is not ALONE:
-                return None if done[1] is None else str(done[1])
-            matched_nothing = done is None  # the fence says why, below; refused: alone now
+            # The common case: one statement with the other runs' commits of this moment.
+            row = {name: params[name] for name in names}
+            row.update(run_id=run_id, owner=lease.owner, token=lease.token, seq=commit.seq, n=len(events))
+            if events:
+                row["events"] = events
+            if outputs:
+                row["outputs"] = outputs
+            if journal:
+                row["journal"] = journal
+            shape = (names, commit.release, bool(events), bool(outputs), bool(journal))
+            applied = await self._commits.write(run_id, shape, row)
+            if applied is not None and applied is not ALONE:
+                return None if applied[2] is None else str(applied[2])
+            matched_nothing = applied is None  # the fence says why, below; refused: alone now
 
         async def job(conn: Conn) -> str | None:
             nonlocal matched_nothing

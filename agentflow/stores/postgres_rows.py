@@ -40,6 +40,7 @@ __all__ = [
     "SELECT_LOADED",
     "column",
     "commit_statement",
+    "commits_statement",
     "listed",
     "row_of",
     "texts",
@@ -307,3 +308,69 @@ def update_statement(names: tuple[str, ...], ttl: bool) -> str:
         sets.append(f"expires_at = {_expiry(ttl)}")
     sets.append("written_by = %(written_by)s")
     return f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = %(ns)s AND run_id = %(run_id)s"
+
+
+#: The commit fields that are not text columns, and their types.
+_TYPED = {"visit": "bigint"}
+
+
+@functools.lru_cache(maxsize=256)
+def commits_statement(
+    names: tuple[str, ...], release: bool, ttl: bool, events: bool, outputs: bool, journal: bool
+) -> str:
+    """Many runs' commits of one shape in one statement, each with its fence and once-only check.
+
+    :func:`commit_statement` for a batch: parameters ``ns``, ``ttl`` (with ``ttl``, when
+    ``status`` is among ``names``) and ``batch``, a JSON array of one object per commit
+    (one per run): its ``run_id``, ``owner``, ``token``, ``seq``, ``n`` (events), each of
+    ``names`` as :func:`column` stores it, and ``events`` and ``outputs`` (arrays of their
+    texts) and ``journal`` (an object of them) when there are any. It returns the
+    ``run_id``, new ``event_count``, ``control``, ``workflow`` and ``status`` of each
+    commit it applied; a commit that matched nothing (the run is gone or expired, the
+    lease moved on, the commit was applied before) returns no row and writes nothing.
+    """
+    cols = ["run_id text", "owner text", "token bigint", "seq bigint", "n bigint"]
+    cols += [f"{name} {_TYPED.get(name, 'text')}" for name in names]
+    appended = (("events", events), ("outputs", outputs), ("journal", journal))
+    cols += [f"{part} json" for part, on in appended if on]
+    sets = [f"{name} = i.{name}" for name in names]
+    if "pending" in names:
+        raise ValueError("a commit that sets pending refiles approvals: it is committed alone")
+    if "status" in names:
+        sets.append(f"expires_at = {_expiry(ttl).replace('%(status)s', 'i.status')}")
+    sets += [
+        f"updated_at = {NOW}",
+        "event_count = r.event_count + i.n",
+        "commit_token = i.token",
+        "commit_seq = i.seq",
+    ]
+    if release:
+        sets += ["lease_owner = NULL", "lease_expires = 0"]
+    parts = [
+        f"WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) AS i({', '.join(cols)})), "
+        f"u AS (UPDATE {RUNS} r SET {', '.join(sets)} FROM i "
+        f"WHERE r.ns = %(ns)s AND r.run_id = i.run_id AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+        "AND r.lease_owner = i.owner AND r.lease_token = i.token "
+        "AND NOT (r.commit_token = i.token AND r.commit_seq >= i.seq) "
+        "RETURNING r.run_id, r.event_count, r.control, r.workflow, r.status)"
+    ]
+    each = "FROM u JOIN i ON i.run_id = u.run_id"
+    if events:
+        parts.append(
+            f", e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
+            f"SELECT %(ns)s, u.run_id, u.event_count - i.n + t.n, t.body {each}, "
+            "json_array_elements_text(i.events) WITH ORDINALITY AS t(body, n))"
+        )
+    if outputs:
+        parts.append(
+            f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, u.run_id, t.body {each}, "
+            "json_array_elements_text(i.outputs) WITH ORDINALITY AS t(body, n) ORDER BY u.run_id, t.n)"
+        )
+    if journal:
+        parts.append(
+            f", j AS (INSERT INTO {JOURNAL} (ns, run_id, key, value) "
+            f"SELECT %(ns)s, u.run_id, t.k, t.v {each}, json_each_text(i.journal) AS t(k, v) "
+            "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value)"
+        )
+    parts.append(" SELECT run_id, event_count, control, workflow, status FROM u")
+    return "".join(parts)
