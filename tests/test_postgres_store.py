@@ -301,6 +301,20 @@ async def test_commits_of_many_runs_at_one_moment_are_one_transaction(postgres_u
         assert rec is not None and (rec.step, rec.visit, rec.event_count, rec.commit_seq) == ("b", 1, 2, 1)
 
 
+async def test_two_commits_of_one_run_sent_at_once_are_both_applied_in_order(
+    postgres_url: str, stores
+) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    lease = await started(store)
+    first = Commit(fields={"visit": 1, "step": "b"}, seq=1)
+    second = Commit(fields={"visit": 2, "step": "c"}, seq=2)
+    both = await asyncio.gather(store.commit("r1", lease, first), store.commit("r1", lease, second))
+    assert both == [None, None]
+    rec = await store.get("r1")
+    assert rec is not None and (rec.step, rec.visit, rec.commit_seq) == ("c", 2, 2)
+
+
 async def test_a_stale_or_repeated_commit_among_many_fails_or_passes_alone(postgres_url: str, stores) -> None:
     store = PostgresStore(postgres_url)
     stores.append(store)
