@@ -264,7 +264,7 @@ async def test_a_create_whose_reply_is_lost_reports_it_created_the_run(
     async def take_it() -> None:  # another process takes the new run at once
         await acquire(other, "r1", owner="w2")
 
-    proxy.lose(b"DO NOTHING RETURNING ns, run_id", take_it)  # the create's one statement ran
+    proxy.lose(b"DO NOTHING RETURNING run_id", take_it)  # the creates' one statement ran
     assert await store.create(record("r1"), [event("run_started", 1)])
     assert proxy.lost == 1
     assert not await store.create(record("r1"), [])  # and a real second create is refused
@@ -371,6 +371,25 @@ async def test_commits_of_many_runs_whose_reply_is_lost_are_each_applied_once(
         assert [e.kind for e in await store.events(f"r{i}")] == ["run_started", "step_completed"]
         rec = await store.get(f"r{i}")
         assert rec is not None and (rec.step, rec.event_count, rec.commit_seq) == ("step-lost", 2, 1)
+
+
+async def test_runs_created_at_one_moment_are_one_transaction_and_a_taken_id_is_refused_alone(
+    postgres_url: str, stores
+) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    assert await store.create(record("r3"), [event("run_started", 1)])  # r3 is taken
+    ids = [f"r{i}" for i in range(20)]
+    created = await asyncio.gather(*(store.create_queued(record(r), [event("run_started", 1)]) for r in ids))
+    assert created == [r != "r3" for r in ids]
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        writers = "SELECT count(DISTINCT xmin::text), count(*) FROM agentflow_runs WHERE run_id <> 'r3'"
+        cur = await db.execute(writers)
+        assert await cur.fetchone() == (1, 19)
+        cur = await db.execute("SELECT count(*) FROM agentflow_queue")
+        assert await cur.fetchone() == (19,)  # r3 was not queued again
+    for r in ids:
+        assert [(e.kind, e.seq) for e in await store.events(r)] == [("run_started", 1)]
 
 
 async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:

@@ -119,7 +119,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._db = Connections(self.url, retry_for, max_connections, connect_timeout)
-        self._commits = Batches(self._db, self._commits_statement, {"ns": key_prefix, "ttl": ttl})
+        self._commits = Batches(self._db, "commit", self._commits_statement, {"ns": key_prefix, "ttl": ttl})
+        self._creates = Batches(self._db, "create", pgrows.creates_statement, {"ns": key_prefix})
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -140,6 +141,10 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
     def _expires(self, status: Any) -> float | None:
         """Seconds from now a run written with ``status`` expires in, or None."""
         return self.ttl if self.ttl is not None and status in pgrows.FINAL_VALUES else None
+
+    def _purge_due(self) -> bool:
+        """Whether the next ``create`` deletes a batch of expired runs first."""
+        return self.ttl is not None and time.monotonic() >= self._next_purge
 
     async def _purge(self, conn: Conn) -> None:
         """Delete a batch of expired runs, now and then; a full batch brings the next one forward."""
@@ -186,11 +191,30 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
                 return True
             return None if expired else False
 
+        matched_nothing = False
+        if not approvals and not self._purge_due():
+            # The common case: one statement with the other runs created at this moment.
+            new = dict(zip(pgrows.COLUMNS, row, strict=True))
+            new.update(
+                deadline=params[_N + 1],
+                expires_in=params[_N + 2],
+                created_by=nonce,
+                first=record.event_count + 1,
+                events=bodies,
+            )
+            created = await self._creates.write(run_id, queued, new)
+            if created is not None and created is not ALONE:
+                return True
+            matched_nothing = created is None  # the id is taken: whose run, below
+
         async def job(conn: Conn) -> bool:
+            nonlocal matched_nothing
             await self._purge(conn)
             if not approvals:  # the common case: one statement, one round trip
                 first = [record.event_count + 1, pgrows.texts(bodies)]
-                if await (await conn.execute(pgrows.CREATE[queued], [*params, *first])).fetchone():
+                if matched_nothing:
+                    matched_nothing = False
+                elif await (await conn.execute(pgrows.CREATE[queued], [*params, *first])).fetchone():
                     return True
                 verdict = await taken(conn)
                 if verdict is not None:
@@ -398,4 +422,5 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         """Close the pool (and the listening connection); the store is unusable afterwards."""
         await self._close_listener()
         await self._commits.drain()
+        await self._creates.drain()
         await self._db.close()

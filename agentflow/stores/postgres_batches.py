@@ -69,13 +69,17 @@ class Batches:
 
     Args:
         db: the store's connections.
+        what: what a write is, for the store's errors (``"commit"``, ``"create"``).
         statement: the statement of a shape; it takes ``batch`` (the rows, as JSON) and
             ``constants``, and returns one row per commit applied, its run id first.
         constants: the statement's other parameters, the same for every batch.
     """
 
-    def __init__(self, db: Connections, statement: Callable[[Any], str], constants: dict[str, Any]) -> None:
+    def __init__(
+        self, db: Connections, what: str, statement: Callable[[Any], str], constants: dict[str, Any]
+    ) -> None:
         self._db = db
+        self._what = what
         self._statement = statement
         self._constants = constants
         self._queue: list[_Write] = []
@@ -160,4 +164,4 @@ class Batches:
             except psycopg.Error:
                 return None  # refused, nothing written: each goes again alone
 
-        return await self._db.run("commit", writes[0].run_id if len(writes) == 1 else None, job)
+        return await self._db.run(self._what, writes[0].run_id if len(writes) == 1 else None, job)

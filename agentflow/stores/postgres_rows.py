@@ -41,6 +41,7 @@ __all__ = [
     "column",
     "commit_statement",
     "commits_statement",
+    "creates_statement",
     "listed",
     "row_of",
     "texts",
@@ -310,8 +311,11 @@ def update_statement(names: tuple[str, ...], ttl: bool) -> str:
     return f"UPDATE {RUNS} SET {', '.join(sets)} WHERE ns = %(ns)s AND run_id = %(run_id)s"
 
 
-#: The commit fields that are not text columns, and their types.
-_TYPED = {"visit": "bigint"}
+#: The columns that are not text, and their types.
+_TYPED = {
+    **dict.fromkeys(("visit", "event_count", "lease_token", "commit_token", "commit_seq"), "bigint"),
+    **dict.fromkeys(("created_at", "updated_at", "lease_expires"), "float8"),
+}
 
 
 @functools.lru_cache(maxsize=256)
@@ -373,4 +377,41 @@ def commits_statement(
             "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value)"
         )
     parts.append(" SELECT run_id, event_count, control, workflow, status FROM u")
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=2)
+def creates_statement(queued: bool) -> str:
+    """Many new runs in one statement: :data:`CREATE` for a batch.
+
+    Parameters ``ns`` and ``batch``, a JSON array of one object per run: each of
+    ``COLUMNS`` as :func:`row_of` stores it, ``deadline``, ``expires_in`` (seconds, or
+    null), ``created_by`` (the create's nonce), ``first`` (the first event's seq) and
+    ``events`` (an array of their texts). With ``queued``, each new run's queue entry too,
+    and one notification per workflow. It returns the ``run_id`` of each run it created;
+    a run whose id was taken returns no row and writes nothing.
+    """
+    cols = [f"{name} {_TYPED.get(name, 'text')}" for name in COLUMNS]
+    cols += ["deadline float8", "expires_in float8", "created_by text", "first bigint", "events json"]
+    values = ", ".join(f"i.{name}" for name in COLUMNS)
+    parts = [
+        f"WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) AS i({', '.join(cols)})), "
+        f"r AS (INSERT INTO {RUNS} ({', '.join(COLUMNS)}, ns, deadline, expires_at, created_by) "
+        f"SELECT {values}, %(ns)s, i.deadline, {NOW} + i.expires_in, i.created_by FROM i "
+        "ON CONFLICT (ns, run_id) DO NOTHING RETURNING run_id, workflow), "
+        f"e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
+        "SELECT %(ns)s, r.run_id, i.first + t.n - 1, t.body FROM r JOIN i ON i.run_id = r.run_id, "
+        "json_array_elements_text(i.events) WITH ORDINALITY AS t(body, n))"
+    ]
+    if not queued:
+        parts.append(" SELECT run_id FROM r")
+        return "".join(parts)
+    parts.append(
+        f", q AS (INSERT INTO {QUEUE} (ns, workflow, run_id, enqueued_at) "
+        f"SELECT %(ns)s, r.workflow, r.run_id, {NOW} FROM r RETURNING workflow) "
+        # Evaluated once (an uncorrelated subquery): a notification per workflow.
+        "SELECT r.run_id, (SELECT count(pg_notify("
+        f"'{QUEUED}', json_build_array(%(ns)s::text, w.workflow)::text)) "
+        "FROM (SELECT DISTINCT workflow FROM q) w) FROM r"
+    )
     return "".join(parts)
