@@ -576,6 +576,39 @@ async def test_listings_read_indexes_not_every_stored_run(postgres_url: str, sto
     assert [r.run_id for r in await store.list_runs(status=RunStatus.RUNNING)] == ["live"]
 
 
+async def test_commits_of_many_runs_read_their_rows_not_the_table_however_it_grew(
+    postgres_url: str, stores
+) -> None:
+    """A batch's first commits are planned while the table holds a few runs (a hash join
+    over the whole table is then the cheapest plan); 3,000 runs later, a batch must still
+    read its own rows by their key, not every run."""
+    from agentflow.stores.postgres_rows import RUNS
+
+    store = PostgresStore(postgres_url, max_connections=1)  # one connection: its plans, its statistics
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(5)]
+    for seq in (1, 2):  # planned on a table of five runs
+        await asyncio.gather(*(store.commit(f"r{i}", lease, _step(seq)) for i, lease in enumerate(leases)))
+
+    async def read() -> int:
+        async def flush(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SELECT pg_stat_force_next_flush()")  # at the end of this statement
+
+        await store._db.run("statistics", None, flush)
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+            sql = f"SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = '{RUNS}'"
+            row = await (await db.execute(sql)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await _store_finished(db, "other:", 3000)
+    before = await read()
+    done = await asyncio.gather(*(store.commit(f"r{i}", lease, _step(3)) for i, lease in enumerate(leases)))
+    assert done == [None] * 5
+    assert await read() - before < 100
+
+
 async def test_a_run_is_found_by_its_key_whatever_the_planner_knows_of_its_prefix(
     postgres_url: str, stores
 ) -> None:

@@ -353,7 +353,11 @@ def commits_statement(
     parts = [
         f"WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) AS i({', '.join(cols)})), "
         f"u AS (UPDATE {RUNS} r SET {', '.join(sets)} FROM i "
-        f"WHERE r.ns = %(ns)s AND r.run_id = i.run_id AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+        # The keys as an array too: the planner then reads the rows by the primary key (it
+        # takes a set-returning function for 100 rows, and would scan a table of a few
+        # thousand runs whole for them).
+        "WHERE r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id "
+        f"AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
         "AND r.lease_owner = i.owner AND r.lease_token = i.token "
         "AND NOT (r.commit_token = i.token AND r.commit_seq >= i.seq) "
         "RETURNING r.run_id, r.event_count, r.control, r.workflow, r.status)"
