@@ -392,6 +392,34 @@ async def test_runs_created_at_one_moment_are_one_transaction_and_a_taken_id_is_
         assert [(e.kind, e.seq) for e in await store.events(r)] == [("run_started", 1)]
 
 
+async def test_runs_taken_at_one_moment_are_one_statement_and_each_gets_its_own_run(
+    proxy: LossyProxy, postgres_url: str, stores
+) -> None:
+    store = PostgresStore(_through(proxy, postgres_url))
+    stores.append(store)
+    unowned = {"status": RunStatus.RUNNING, "lease_owner": None, "lease_expires": 0.0}
+    for i in range(12):
+        assert await store.create(record(f"r{i}", workflow="wf", **unowned), [event("run_started", 1)])
+    await store.update("r4", lambda rec, now: Change(dataclasses.replace(rec, status=RunStatus.PAUSED)))
+
+    async def nothing() -> None:
+        pass
+
+    proxy.lose(b"json_to_recordset", nothing)  # the take's statement ran; its reply never comes
+    taken = await asyncio.gather(*(store.take(f"r{i}", "wf", "w1", 30) for i in range(12)))
+    assert proxy.lost == 1
+    assert taken[4] is None  # paused: not taken, alone
+    for i, got in enumerate(taken):
+        if i != 4:
+            assert got is not None
+            lease, loaded = got
+            assert loaded.record.run_id == f"r{i}" and (lease.owner, lease.token) == ("w1", 1)
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        sql = "SELECT count(DISTINCT xmin::text), min(lease_token), max(lease_token) FROM agentflow_runs"
+        cur = await db.execute(f"{sql} WHERE lease_owner = 'w1'")
+        assert await cur.fetchone() == (1, 1, 1)  # taken once each, by one statement
+
+
 async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:
     from agentflow.stores.capabilities import Connects
 

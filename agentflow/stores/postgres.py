@@ -68,7 +68,7 @@ from .postgres_limits import PgLimits
 from .postgres_listing import PgListing
 from .postgres_pool import Connections
 from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
-from .postgres_take import PgTake
+from .postgres_take import TAKES, PgTake
 from .postgres_update import PgUpdate
 
 __all__ = ["PostgresStore"]
@@ -121,6 +121,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self._db = Connections(self.url, retry_for, max_connections, connect_timeout)
         self._commits = Batches(self._db, "commit", self._commits_statement, {"ns": key_prefix, "ttl": ttl})
         self._creates = Batches(self._db, "create", pgrows.creates_statement, {"ns": key_prefix})
+        self._takes = Batches(self._db, "take", lambda shape: TAKES, {"ns": key_prefix})
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -423,4 +424,5 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         await self._close_listener()
         await self._commits.drain()
         await self._creates.drain()
+        await self._takes.drain()
         await self._db.close()

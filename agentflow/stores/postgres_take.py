@@ -1,7 +1,8 @@
 """The PostgreSQL store's ``take``: a run handed over leased and loaded in one statement.
 
-One round trip (see :class:`~agentflow.stores.capabilities.TakesRuns`): an ``UPDATE ...
-RETURNING`` gives a running run of the workflow without an owner the next lease token,
+One round trip (see :class:`~agentflow.stores.capabilities.TakesRuns`), shared by the
+runs taken at one moment (:data:`TAKES`, :mod:`~agentflow.stores.postgres_batches`): an
+``UPDATE ... RETURNING`` gives a running run of the workflow without an owner the next lease token,
 and the same statement reads the run's outputs and journal (one snapshot, one
 transaction). The update leaves the call's nonce in ``written_by``; the statement sent
 again after a lost reply matches no row to update (the run has an owner now) but finds
@@ -19,11 +20,12 @@ import psycopg
 from ..types import RunStatus
 from .codec import decode, make_output
 from .contract import Lease, LoadedRun
+from .postgres_batches import ALONE, Batches
 from .postgres_pool import Connections
 from .postgres_rows import COLUMNS, LIVE, to_record
 from .postgres_schema import JOURNAL, NOW, OUTPUTS, RUNS
 
-__all__ = ["TAKE", "PgTake"]
+__all__ = ["TAKE", "TAKES", "PgTake"]
 
 Conn = psycopg.AsyncConnection[Any]
 _COLS = ", ".join(COLUMNS)
@@ -53,6 +55,28 @@ TAKE = (
     "FROM r"
 )
 _N = len(COLUMNS)
+_R_COLS = ", ".join(f"r.{name}" for name in COLUMNS)
+_BATCH_KEYS = "r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id"
+
+#: :data:`TAKE` for many runs, one statement (see :mod:`~agentflow.stores.postgres_batches`):
+#: parameters ns and batch, a JSON array of one object per run (run_id, workflow, owner,
+#: ttl, nonce); a row as TAKE's for each run taken (its run id first), none for the others.
+TAKES = (
+    "WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) "
+    "AS i(run_id text, workflow text, owner text, ttl float8, nonce text)), "
+    f"t AS (UPDATE {RUNS} r SET lease_owner = i.owner, lease_token = r.lease_token + 1, "
+    f"lease_expires = {NOW} + i.ttl, updated_at = {NOW}, written_by = i.nonce FROM i "
+    f"WHERE {_BATCH_KEYS} AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+    f"AND r.status IS NOT DISTINCT FROM '{RunStatus.RUNNING.value}' "
+    f"AND r.workflow IS NOT DISTINCT FROM i.workflow AND r.lease_owner IS NULL RETURNING {_R_COLS}), "
+    f"x AS (SELECT {_COLS} FROM t UNION ALL SELECT {_R_COLS} FROM {RUNS} r JOIN i ON i.run_id = r.run_id "
+    f"WHERE {_BATCH_KEYS} AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+    "AND r.written_by = i.nonce AND r.lease_owner = i.owner) "
+    "SELECT x.*, "
+    f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o WHERE o.ns = %(ns)s AND o.run_id = x.run_id), "
+    f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j WHERE j.ns = %(ns)s AND j.run_id = x.run_id) "
+    "FROM x"
+)
 
 
 class PgTake:
@@ -60,6 +84,7 @@ class PgTake:
 
     key_prefix: str
     _db: Connections
+    _takes: Batches
 
     _nonce: Callable[[], str]
 
@@ -80,19 +105,15 @@ class PgTake:
     async def _take(
         self, run_id: str, workflow: str, owner: str, ttl: float, nonce: str
     ) -> tuple[Lease, LoadedRun] | None:
-        params = {
-            "ns": self.key_prefix,
-            "run_id": run_id,
-            "workflow": workflow,
-            "owner": owner,
-            "ttl": float(ttl),
-            "nonce": nonce,
-        }
+        params = {"run_id": run_id, "workflow": workflow, "owner": owner, "ttl": float(ttl), "nonce": nonce}
+        # With the other runs taken at this moment (a claim's): one statement for them all.
+        row = await self._takes.write(run_id, None, params)
+        if row is ALONE:  # the batch was refused: alone, for this run's own answer
 
-        async def job(conn: Conn) -> Any:
-            return await (await conn.execute(TAKE, params)).fetchone()
+            async def job(conn: Conn) -> Any:
+                return await (await conn.execute(TAKE, {**params, "ns": self.key_prefix})).fetchone()
 
-        row = await self._db.run("take", run_id, job)
+            row = await self._db.run("take", run_id, job)
         if row is None:
             return None
         record = to_record(row[:_N])
