@@ -420,6 +420,33 @@ async def test_runs_taken_at_one_moment_are_one_statement_and_each_gets_its_own_
         assert await cur.fetchone() == (1, 1, 1)  # taken once each, by one statement
 
 
+async def test_reads_of_many_runs_at_one_moment_are_one_statement_each_kind(
+    postgres_url: str, stores
+) -> None:
+    store = PostgresStore(postgres_url, max_connections=1)  # one connection: its transactions
+    stores.append(store)
+    ids = [f"r{i}" for i in range(30)]
+    await asyncio.gather(*(store.create(record(r), [event("run_started", 1)]) for r in ids))
+
+    async def transactions() -> int:
+        async def flush(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+
+        await store._db.run("statistics", None, flush)
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+            sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            row = await (await db.execute(sql)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    before = await transactions()
+    records = await asyncio.gather(*(store.get(r) for r in [*ids, "missing"]))
+    loaded = await asyncio.gather(*(store.load(r) for r in [*ids, "missing"]))
+    assert await transactions() - before <= 8  # one read for each kind, the looks themselves
+    assert [rec.run_id for rec in records[:30] if rec is not None] == ids and records[30] is None
+    assert [run.record.run_id for run in loaded[:30] if run is not None] == ids and loaded[30] is None
+
+
 async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:
     from agentflow.stores.capabilities import Connects
 

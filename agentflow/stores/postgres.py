@@ -122,6 +122,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self._commits = Batches(self._db, "commit", self._commits_statement, {"ns": key_prefix, "ttl": ttl})
         self._creates = Batches(self._db, "create", pgrows.creates_statement, {"ns": key_prefix})
         self._takes = Batches(self._db, "take", lambda shape: TAKES, {"ns": key_prefix})
+        self._gets = Batches(self._db, "get", lambda shape: pgrows.SELECT_FULLS, {"ns": key_prefix})
+        self._loads = Batches(self._db, "load", lambda shape: pgrows.SELECT_LOADEDS, {"ns": key_prefix})
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -254,11 +256,15 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             CorruptRecordError: the stored record cannot be read (names the run and field).
         """
 
-        async def job(conn: Conn) -> RunRecord | None:
-            row = await (await conn.execute(pgrows.SELECT_FULL, (self.key_prefix, run_id))).fetchone()
-            return None if row is None else pgrows.to_record(row)
+        # With the other runs read at this moment (a client's followers): one statement.
+        row = await self._gets.write(run_id, None, {"run_id": run_id})
+        if row is ALONE:  # the batch was refused: alone, for this run's own answer
 
-        return await self._db.run("get", run_id, job)
+            async def job(conn: Conn) -> Any:
+                return await (await conn.execute(pgrows.SELECT_FULL, (self.key_prefix, run_id))).fetchone()
+
+            row = await self._db.run("get", run_id, job)
+        return None if row is None else pgrows.to_record(row)
 
     async def load(self, run_id: str) -> LoadedRun | None:
         """The record with its outputs and journal, read in one statement (one snapshot); or None.
@@ -267,18 +273,21 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             CorruptRecordError: part of the run cannot be read (names the run and key).
         """
 
-        async def job(conn: Conn) -> LoadedRun | None:
-            row = await (await conn.execute(pgrows.SELECT_LOADED, (self.key_prefix, run_id))).fetchone()
-            if row is None:
-                return None
-            outputs, journal = row[_N] or [], row[_N + 1] or []
-            return LoadedRun(
-                pgrows.to_record(row[:_N]),
-                [make_output(run_id, f"{OUTPUTS}[{i}]", body) for i, body in enumerate(outputs)],
-                {k: decode(run_id, f"{JOURNAL}[{k}]", v) for k, v in journal},
-            )
+        row = await self._loads.write(run_id, None, {"run_id": run_id})  # as get's
+        if row is ALONE:
 
-        return await self._db.run("load", run_id, job)
+            async def job(conn: Conn) -> Any:
+                return await (await conn.execute(pgrows.SELECT_LOADED, (self.key_prefix, run_id))).fetchone()
+
+            row = await self._db.run("load", run_id, job)
+        if row is None:
+            return None
+        outputs, journal = row[_N] or [], row[_N + 1] or []
+        return LoadedRun(
+            pgrows.to_record(row[:_N]),
+            [make_output(run_id, f"{OUTPUTS}[{i}]", body) for i, body in enumerate(outputs)],
+            {k: decode(run_id, f"{JOURNAL}[{k}]", v) for k, v in journal},
+        )
 
     async def commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
         """Apply ``commit`` in one transaction if ``lease`` still holds; return the control flag.
@@ -425,4 +434,6 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         await self._commits.drain()
         await self._creates.drain()
         await self._takes.drain()
+        await self._gets.drain()
+        await self._loads.drain()
         await self._db.close()

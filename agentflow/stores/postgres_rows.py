@@ -35,9 +35,11 @@ __all__ = [
     "SELECT_FENCE",
     "SELECT_FOR_UPDATE",
     "SELECT_FULL",
+    "SELECT_FULLS",
     "SELECT_LEASE",
     "SELECT_LIGHT",
     "SELECT_LOADED",
+    "SELECT_LOADEDS",
     "column",
     "commit_statement",
     "commits_statement",
@@ -74,6 +76,16 @@ SELECT_LOADED = (
     f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o WHERE o.ns = r.ns AND o.run_id = r.run_id), "
     f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j WHERE j.ns = r.ns AND j.run_id = r.run_id) "
     f"FROM {RUNS} r WHERE r.ns = %s AND r.run_id = %s AND (r.expires_at IS NULL OR r.expires_at > {NOW})"
+)
+_BATCH_IDS = "ANY(ARRAY(SELECT i.run_id FROM json_to_recordset(%(batch)s::json) AS i(run_id text)))"
+#: :data:`SELECT_FULL` of many runs (see :mod:`~agentflow.stores.postgres_batches`): parameters
+#: ns and batch, a JSON array of objects naming a ``run_id`` each; a row for each live run.
+SELECT_FULLS = (
+    f"SELECT {', '.join(COLUMNS)} FROM {RUNS} WHERE ns = %(ns)s AND run_id = {_BATCH_IDS} AND {LIVE}"
+)
+#: :data:`SELECT_LOADED` of many runs, as :data:`SELECT_FULLS`.
+SELECT_LOADEDS = SELECT_LOADED.replace(
+    "r.ns = %s AND r.run_id = %s", f"r.ns = %(ns)s AND r.run_id = {_BATCH_IDS}"
 )
 #: What a commit that matched no row reads to say why.
 SELECT_FENCE = (
