@@ -16,7 +16,8 @@ One write is one transaction:
   transaction. A commit whose ``(lease token, seq)`` the row holds already (a retry
   after a lost reply) matches nothing; the row then says why. The commits of many runs
   made at one moment go together, one statement and one round trip for all of them
-  (:mod:`agentflow.stores.postgres_batches`); each is still applied entirely or not at all.
+  (:mod:`agentflow.stores.postgres_batches`); each is still applied entirely or not at
+  all. So do creates, takes, and the reads ``get`` and ``load``.
 * ``update`` is ``SELECT ... FOR UPDATE`` of the run's row (with the database's clock),
   ``change(record, now)``, and the write, in one transaction: other writers of the run
   wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
