@@ -301,6 +301,18 @@ async def test_commits_of_many_runs_at_one_moment_are_one_transaction(postgres_u
         assert rec is not None and (rec.step, rec.visit, rec.event_count, rec.commit_seq) == ("b", 1, 2, 1)
 
 
+async def test_a_runs_commits_one_after_another_each_go_at_once(postgres_url: str, stores) -> None:
+    """Each commit is sent while no batch is in flight: none waits for a batch that never leaves."""
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    lease = await started(store)
+    for seq in range(1, 6):
+        async with asyncio.timeout(5):
+            assert await store.commit("r1", lease, _step(seq, step=f"s{seq}")) is None
+    rec = await store.get("r1")
+    assert rec is not None and (rec.step, rec.commit_seq, rec.event_count) == ("s5", 5, 6)
+
+
 async def test_two_commits_of_one_run_sent_at_once_are_both_applied_in_order(
     postgres_url: str, stores
 ) -> None:
