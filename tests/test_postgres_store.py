@@ -459,6 +459,52 @@ async def test_reads_of_many_runs_at_one_moment_are_one_statement_each_kind(
     assert [run.record.run_id for run in loaded[:30] if run is not None] == ids and loaded[30] is None
 
 
+async def test_leases_renewed_at_one_moment_are_one_statement_and_a_stale_one_is_refused_alone(
+    postgres_url: str, stores
+) -> None:
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    leases = [await started(store, f"r{i}") for i in range(10)]
+    await acquire(store, "r6", owner="w2")  # taken over: w1's lease is stale
+    renewed = await asyncio.gather(
+        *(store.renew(f"r{i}", lease, 60.0) for i, lease in enumerate(leases)), return_exceptions=True
+    )
+    assert isinstance(renewed[6], LeaseLostError) and "r6" in str(renewed[6]) and "w2" in str(renewed[6])
+    assert [r for i, r in enumerate(renewed) if i != 6] == [None] * 9
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        sql = "SELECT count(DISTINCT xmin::text) FROM agentflow_runs WHERE lease_owner = 'w1'"
+        assert await (await db.execute(sql)).fetchone() == (1,)
+
+
+async def test_a_worker_renews_the_leases_of_its_runs_in_one_statement(postgres_url: str) -> None:
+    release = asyncio.Event()
+
+    async def wait(ctx: Any) -> Any:
+        await release.wait()
+        return END
+
+    wf = (
+        Workflow("Renewed")
+        .flow({START: wait})
+        .persistence(store="postgres", url=postgres_url, lease_ttl=0.9)  # renewed every 0.3 s
+    )
+    async with WorkflowRunner(wf) as runner:
+        handles = [await runner.run() for _ in range(20)]
+        sql = "SELECT count(DISTINCT xmin::text), count(*) FROM agentflow_runs WHERE status = 'running'"
+        seen = []
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+            give_up = time.monotonic() + 10
+            while time.monotonic() < give_up:  # one round of renewals after the runs' first commits
+                seen.append(await (await db.execute(sql)).fetchone())
+                if seen[-1] == (1, 20):
+                    break
+                await asyncio.sleep(0.1)
+        release.set()
+        for h in handles:
+            await h.result(timeout=BOUND)
+    assert seen[-1] == (1, 20), seen  # every lease renewed by the one statement of a round
+
+
 async def test_connect_opens_the_pool_and_makes_the_tables_ready(postgres_url: str, stores) -> None:
     from agentflow.stores.capabilities import Connects
 

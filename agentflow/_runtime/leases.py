@@ -143,25 +143,27 @@ class LeaseKeeper:
         try:
             while not self._stop.wait(self.interval):
                 # A snapshot: the dict is changed on the event loop's thread meanwhile.
-                for run in list(sup.local.values()):
-                    if run.finished:
-                        continue
-                    try:
-                        self._cuttable = True
-                        try:
-                            control = await store.renew(run.run_id, run.lease, sup.lease_ttl)
-                        finally:
-                            self._cuttable = False
-                    except LeaseLostError:
+                runs = [run for run in list(sup.local.values()) if not run.finished]
+                # All at once: a store may send them together (PostgreSQL: one statement).
+                self._cuttable = True
+                try:
+                    outcomes = await asyncio.gather(
+                        *(store.renew(run.run_id, run.lease, sup.lease_ttl) for run in runs),
+                        return_exceptions=True,
+                    )
+                finally:
+                    self._cuttable = False
+                for run, outcome in zip(runs, outcomes, strict=True):
+                    if isinstance(outcome, LeaseLostError):
                         self._post(self._lost, run)
-                        continue
-                    except StoreError:
-                        continue
-                    except Exception:
-                        log.exception("run %s: lease renewal failed", run.run_id)
-                        continue
-                    if control is not None:
-                        self._post(self._control, run, control)
+                    elif isinstance(outcome, StoreError):
+                        continue  # retried at the next tick; the lease has slack for it
+                    elif isinstance(outcome, BaseException):
+                        if not isinstance(outcome, Exception):
+                            raise outcome
+                        log.error("run %s: lease renewal failed", run.run_id, exc_info=outcome)
+                    elif outcome is not None:
+                        self._post(self._control, run, outcome)
         except asyncio.CancelledError:
             pass  # close() cut a renewal short
         finally:

@@ -17,7 +17,7 @@ One write is one transaction:
   after a lost reply) matches nothing; the row then says why. The commits of many runs
   made at one moment go together, one statement and one round trip for all of them
   (:mod:`agentflow.stores.postgres_batches`); each is still applied entirely or not at
-  all. So do creates, takes, and the reads ``get`` and ``load``.
+  all. So do creates, takes, lease renewals, and the reads ``get`` and ``load``.
 * ``update`` is ``SELECT ... FOR UPDATE`` of the run's row (with the database's clock),
   ``change(record, now)``, and the write, in one transaction: other writers of the run
   wait for the lock rather than conflict, so ``change`` runs once. The write leaves the
@@ -125,6 +125,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self._takes = Batches(self._db, "take", lambda shape: TAKES, {"ns": key_prefix})
         self._gets = Batches(self._db, "get", lambda shape: pgrows.SELECT_FULLS, {"ns": key_prefix})
         self._loads = Batches(self._db, "load", lambda shape: pgrows.SELECT_LOADEDS, {"ns": key_prefix})
+        self._renewals = Batches(self._db, "renew", lambda shape: pgrows.RENEWS, {"ns": key_prefix})
         self._instance = os.urandom(6).hex()
         self._counter = itertools.count()
         self._next_purge = 0.0
@@ -386,6 +387,12 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             LeaseLostError: the lease no longer holds.
         """
         key = (self.key_prefix, run_id)
+        # With the other leases renewed at this moment (a worker's runs): one statement.
+        renewal = {"run_id": run_id, "owner": lease.owner, "token": lease.token, "ttl": float(ttl)}
+        row = await self._renewals.write(run_id, None, renewal)
+        if row is not None and row is not ALONE:
+            return None if row[1] is None else str(row[1])
+        # Not renewed (whose lease it is, below) or the batch was refused (alone now).
 
         async def job(conn: Conn) -> tuple[bool, Any]:
             row = await (await conn.execute(pgrows.RENEW, (ttl, *key, lease.owner, lease.token))).fetchone()
@@ -437,4 +444,5 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         await self._takes.drain()
         await self._gets.drain()
         await self._loads.drain()
+        await self._renewals.drain()
         await self._db.close()

@@ -30,6 +30,7 @@ __all__ = [
     "LIVE",
     "PURGE",
     "RENEW",
+    "RENEWS",
     "SELECT_CREATED",
     "SELECT_EVENTS",
     "SELECT_FENCE",
@@ -102,6 +103,17 @@ SELECT_EVENTS = (
 RENEW = (
     f"UPDATE {RUNS} SET lease_expires = {NOW} + %s WHERE {_KEY} AND lease_owner = %s AND lease_token = %s "
     f"AND {LIVE} RETURNING control"
+)
+#: :data:`RENEW` of many runs (see :mod:`~agentflow.stores.postgres_batches`): parameters
+#: ns and batch, a JSON array of one object per lease (run_id, owner, token, ttl); the
+#: run id and control flag of each lease renewed, no row for the others.
+RENEWS = (
+    "WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) "
+    "AS i(run_id text, owner text, token bigint, ttl float8)) "
+    f"UPDATE {RUNS} r SET lease_expires = {NOW} + i.ttl FROM i "
+    "WHERE r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id "
+    "AND r.lease_owner = i.owner AND r.lease_token = i.token "
+    f"AND (r.expires_at IS NULL OR r.expires_at > {NOW}) RETURNING r.run_id, r.control"
 )
 
 
