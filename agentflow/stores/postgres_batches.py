@@ -8,15 +8,15 @@ indexes). Measured with 100 runs stepping every 50 ms: 265 µs of the server's C
 300 µs of the worker's per commit, the statement itself 137 µs. In the fleet benchmark
 (one worker, 100 runs in flight), with commits in batches: the server's CPU 430 → 250-290
 µs a step, the worker's 400 → 210-280 µs. A client's creates and a worker's takes of the
-runs it claimed come in bursts too, and go the same way; so do the reads of a client
-following many runs (``get`` and ``load``: 3.2 → 1.1 s of the client's CPU following
-2,000 runs).
+runs it claimed come in bursts too, and go the same way, as do a worker's lease renewals
+(a round renews them all at once) and the reads of a client following many runs (``get``
+and ``load``: 3.2 → 1.1 s of the client's CPU following 2,000 runs).
 
-:class:`Batches` gathers one kind of write (commits, creates, takes; or reads). A write is queued;
-when none is in flight, a batch starts at the next turn of the event loop, so the writes
-of one turn go together; while one is in flight the next ones wait for it and go together
-after. At low load a write goes alone at once (one loop turn later); the busier the
-store, the bigger the batches.
+:class:`Batches` gathers one kind of write (commits, creates, takes, renewals; or reads).
+A write is queued; when none is in flight, a batch starts at the next turn of the event
+loop, so the writes of one turn go together; while one is in flight the next ones wait
+for it and go together after. At low load a write goes alone at once (one loop turn
+later); the busier the store, the bigger the batches.
 
 The writes of one shape (for a commit: the fields it sets, whether it releases the lease,
 appends events, outputs, journal entries) are one statement
