@@ -182,7 +182,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         status = row[_STATUS_AT]
         approvals = pgindex.approval_rows(run_id, record.workflow, status, record.pending)
         nonce = self._nonce()
-        params = [*row, ns, deadline_of(record.pending), self._expires(status), nonce]
+        deadline, expires_in = deadline_of(record.pending), self._expires(status)
+        params = [*row, ns, deadline, expires_in, nonce]
 
         async def taken(conn: Conn) -> bool | None:
             """What a create that found the id taken returns: True if this call created the
@@ -201,8 +202,8 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             # The common case: one statement with the other runs created at this moment.
             new = dict(zip(pgrows.COLUMNS, row, strict=True))
             new.update(
-                deadline=params[_N + 1],
-                expires_in=params[_N + 2],
+                deadline=deadline,
+                expires_in=expires_in,
                 created_by=nonce,
                 first=record.event_count + 1,
                 events=bodies,
@@ -309,35 +310,19 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
                 "loaded record's commit_seq plus one per commit since"
             )
         ns = self.key_prefix
-        params: dict[str, Any] = {name: pgrows.column(run_id, name, v) for name, v in commit.fields.items()}
+        sets = {name: pgrows.column(run_id, name, v) for name, v in commit.fields.items()}
         refile = "pending" in commit.fields
         pending = commit.fields.get("pending")
-        if refile:
-            params["deadline"] = deadline_of(pending)
-        if "status" in params and self.ttl is not None:
-            params["ttl"] = self.ttl
         events = [encode_event(run_id, e).decode() for e in commit.events]
         outputs = [encode_output(run_id, o).decode() for o in commit.outputs]
         journal = {k: encode(run_id, f"journal {k!r}", v).decode() for k, v in commit.journal.items()}
         names = tuple(commit.fields)
-        statement = pgrows.commit_statement(
-            names, commit.release, self.ttl is not None, bool(events), bool(outputs), bool(journal)
-        )
-        params.update(
-            n=len(events), token=lease.token, seq=commit.seq, ns=ns, run_id=run_id, owner=lease.owner
-        )
-        if events:
-            params["events"] = pgrows.texts(events)
-        if outputs:
-            params["outputs"] = pgrows.texts(outputs)
-        if journal:
-            params["journal"] = pgrows.texts(journal)
 
         matched_nothing = False
         if not refile:
             # The common case: one statement with the other runs' commits of this moment.
-            row = {name: params[name] for name in names}
-            row.update(run_id=run_id, owner=lease.owner, token=lease.token, seq=commit.seq, n=len(events))
+            row: dict[str, Any] = {**sets, "run_id": run_id, "owner": lease.owner, "token": lease.token}
+            row.update(seq=commit.seq, n=len(events))
             if events:
                 row["events"] = events
             if outputs:
@@ -349,6 +334,25 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             if applied is not None and applied is not ALONE:
                 return None if applied[2] is None else str(applied[2])
             matched_nothing = applied is None  # the fence says why, below; refused: alone now
+
+        # Alone: the commit's own statement.
+        statement = pgrows.commit_statement(
+            names, commit.release, self.ttl is not None, bool(events), bool(outputs), bool(journal)
+        )
+        params: dict[str, Any] = dict(sets)
+        if refile:
+            params["deadline"] = deadline_of(pending)
+        if "status" in params and self.ttl is not None:
+            params["ttl"] = self.ttl
+        params.update(
+            n=len(events), token=lease.token, seq=commit.seq, ns=ns, run_id=run_id, owner=lease.owner
+        )
+        if events:
+            params["events"] = pgrows.texts(events)
+        if outputs:
+            params["outputs"] = pgrows.texts(outputs)
+        if journal:
+            params["journal"] = pgrows.texts(journal)
 
         async def job(conn: Conn) -> str | None:
             nonlocal matched_nothing
