@@ -27,7 +27,9 @@ __all__ = [
     "INSERT_EVENTS",
     "INSERT_RUN",
     "JSON_COLUMNS",
+    "BATCH_KEYS",
     "LIVE",
+    "LIVE_R",
     "PURGE",
     "RENEW",
     "RENEWS",
@@ -41,6 +43,7 @@ __all__ = [
     "SELECT_LIGHT",
     "SELECT_LOADED",
     "SELECT_LOADEDS",
+    "attached",
     "column",
     "commit_statement",
     "commits_statement",
@@ -62,6 +65,12 @@ JSON_COLUMNS = frozenset(
 FINAL_VALUES = tuple(sorted(s.value for s in FINAL))
 #: The condition of a run that has not expired (by the database's clock).
 LIVE = f"(expires_at IS NULL OR expires_at > {NOW})"
+#: :data:`LIVE` of the runs' rows under the alias ``r``.
+LIVE_R = f"(r.expires_at IS NULL OR r.expires_at > {NOW})"
+#: A batch's rows (``r``) by the keys of its recordset ``i``. The keys go as an array
+#: too: the planner then reads the rows by the primary key (it takes a set-returning
+#: function for 100 rows, and would scan a table of a few thousand runs whole for them).
+BATCH_KEYS = "r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id"
 _KEY = "ns = %s AND run_id = %s"
 
 SELECT_FULL = f"SELECT {', '.join(COLUMNS)} FROM {RUNS} WHERE {_KEY} AND {LIVE}"
@@ -71,12 +80,23 @@ SELECT_LIGHT = f"SELECT {_LIGHT} FROM {RUNS}"
 SELECT_FOR_UPDATE = (
     f"SELECT {', '.join(COLUMNS)}, written_by, {NOW} FROM {RUNS} WHERE {_KEY} AND {LIVE} FOR UPDATE"
 )
+
+
+def attached(ns: str, run_id: str) -> str:
+    """The two columns a load adds to a run's record: its outputs (in order) and its
+    journal (key, value pairs), of the run that SQL expressions ``ns`` and ``run_id`` name."""
+    return (
+        f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o "
+        f"WHERE o.ns = {ns} AND o.run_id = {run_id}), "
+        f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j "
+        f"WHERE j.ns = {ns} AND j.run_id = {run_id})"
+    )
+
+
 #: A load's one statement (one snapshot): the record, its outputs and journal.
 SELECT_LOADED = (
-    f"SELECT {', '.join(f'r.{name}' for name in COLUMNS)}, "
-    f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o WHERE o.ns = r.ns AND o.run_id = r.run_id), "
-    f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j WHERE j.ns = r.ns AND j.run_id = r.run_id) "
-    f"FROM {RUNS} r WHERE r.ns = %s AND r.run_id = %s AND (r.expires_at IS NULL OR r.expires_at > {NOW})"
+    f"SELECT {', '.join(f'r.{name}' for name in COLUMNS)}, {attached('r.ns', 'r.run_id')} "
+    f"FROM {RUNS} r WHERE r.ns = %s AND r.run_id = %s AND {LIVE_R}"
 )
 _BATCH_IDS = "ANY(ARRAY(SELECT i.run_id FROM json_to_recordset(%(batch)s::json) AS i(run_id text)))"
 #: :data:`SELECT_FULL` of many runs (see :mod:`~agentflow.stores.postgres_batches`): parameters
@@ -111,9 +131,8 @@ RENEWS = (
     "WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) "
     "AS i(run_id text, owner text, token bigint, ttl float8)) "
     f"UPDATE {RUNS} r SET lease_expires = {NOW} + i.ttl FROM i "
-    "WHERE r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id "
-    "AND r.lease_owner = i.owner AND r.lease_token = i.token "
-    f"AND (r.expires_at IS NULL OR r.expires_at > {NOW}) RETURNING r.run_id, r.control"
+    f"WHERE {BATCH_KEYS} AND r.lease_owner = i.owner AND r.lease_token = i.token "
+    f"AND {LIVE_R} RETURNING r.run_id, r.control"
 )
 
 
@@ -152,7 +171,8 @@ INSERT_RUN = f"{_NEW_ROW} RETURNING 1"
 def _appending_events(ns: str, run_id: str, first: str, bodies: str, after: str = "") -> str:
     """An INSERT of a run's events: SQL expressions of its ``ns`` and ``run_id``, of the
     first event's seq and of the events (a JSON array of their texts); ``after`` names the
-    write they depend on (a CTE: no row of it, no event)."""
+    write they depend on (a CTE, or a batch's: that CTE joined with the batch's rows; no
+    row of it, no event)."""
     source = f"{after}, " if after else ""
     return (
         f"INSERT INTO {EVENTS} (ns, run_id, seq, body) SELECT {ns}, {run_id}, {first} + t.n - 1, t.body "
@@ -377,35 +397,33 @@ def commits_statement(
     parts = [
         f"WITH i AS (SELECT * FROM json_to_recordset(%(batch)s::json) AS i({', '.join(cols)})), "
         f"u AS (UPDATE {RUNS} r SET {', '.join(sets)} FROM i "
-        # The keys as an array too: the planner then reads the rows by the primary key (it
-        # takes a set-returning function for 100 rows, and would scan a table of a few
-        # thousand runs whole for them).
-        "WHERE r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id "
-        f"AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+        f"WHERE {BATCH_KEYS} AND {LIVE_R} "
         "AND r.lease_owner = i.owner AND r.lease_token = i.token "
         "AND NOT (r.commit_token = i.token AND r.commit_seq >= i.seq) "
         "RETURNING r.run_id, r.event_count, r.control, r.workflow, r.status)"
     ]
-    each = "FROM u JOIN i ON i.run_id = u.run_id"
+    each = "u JOIN i ON i.run_id = u.run_id"  # each commit applied, with its row of the batch
     if events:
         parts.append(
-            f", e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
-            f"SELECT %(ns)s, u.run_id, u.event_count - i.n + t.n, t.body {each}, "
-            "json_array_elements_text(i.events) WITH ORDINALITY AS t(body, n))"
+            # The count the update returns includes the commit's events.
+            f", e AS ({_appending_events('%(ns)s', 'u.run_id', 'u.event_count - i.n + 1', 'i.events', each)})"
         )
     if outputs:
         parts.append(
-            f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, u.run_id, t.body {each}, "
+            f", o AS (INSERT INTO {OUTPUTS} (ns, run_id, body) SELECT %(ns)s, u.run_id, t.body FROM {each}, "
             "json_array_elements_text(i.outputs) WITH ORDINALITY AS t(body, n) ORDER BY u.run_id, t.n)"
         )
     if journal:
         parts.append(
             f", j AS (INSERT INTO {JOURNAL} (ns, run_id, key, value) "
-            f"SELECT %(ns)s, u.run_id, t.k, t.v {each}, json_each_text(i.journal) AS t(k, v) "
+            f"SELECT %(ns)s, u.run_id, t.k, t.v FROM {each}, json_each_text(i.journal) AS t(k, v) "
             "ON CONFLICT (ns, run_id, key) DO UPDATE SET value = excluded.value)"
         )
     parts.append(" SELECT run_id, event_count, control, workflow, status FROM u")
     return "".join(parts)
+
+
+_EACH_NEW = "r JOIN i ON i.run_id = r.run_id"  # each run created, with its row of the batch
 
 
 @functools.lru_cache(maxsize=2)
@@ -427,9 +445,7 @@ def creates_statement(queued: bool) -> str:
         f"r AS (INSERT INTO {RUNS} ({', '.join(COLUMNS)}, ns, deadline, expires_at, created_by) "
         f"SELECT {values}, %(ns)s, i.deadline, {NOW} + i.expires_in, i.created_by FROM i "
         "ON CONFLICT (ns, run_id) DO NOTHING RETURNING run_id, workflow), "
-        f"e AS (INSERT INTO {EVENTS} (ns, run_id, seq, body) "
-        "SELECT %(ns)s, r.run_id, i.first + t.n - 1, t.body FROM r JOIN i ON i.run_id = r.run_id, "
-        "json_array_elements_text(i.events) WITH ORDINALITY AS t(body, n))"
+        f"e AS ({_appending_events('%(ns)s', 'r.run_id', 'i.first', 'i.events', after=_EACH_NEW)})"
     ]
     if not queued:
         parts.append(" SELECT run_id FROM r")

@@ -22,7 +22,7 @@ from .codec import decode, make_output
 from .contract import Lease, LoadedRun
 from .postgres_batches import ALONE, Batches
 from .postgres_pool import Connections
-from .postgres_rows import COLUMNS, LIVE, to_record
+from .postgres_rows import BATCH_KEYS, COLUMNS, LIVE, LIVE_R, attached, to_record
 from .postgres_schema import JOURNAL, NOW, OUTPUTS, RUNS
 
 __all__ = ["TAKE", "TAKES", "PgTake"]
@@ -47,16 +47,10 @@ TAKE = (
     # statement's own, so a first attempt never finds itself here).
     f"r AS (SELECT {_COLS} FROM t UNION ALL SELECT {_COLS} FROM {RUNS} "
     f"WHERE {_KEY} AND {LIVE} AND written_by = %(nonce)s AND lease_owner = %(owner)s) "
-    f"SELECT r.*, "
-    f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o "
-    "WHERE o.ns = %(ns)s AND o.run_id = %(run_id)s), "
-    f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j "
-    "WHERE j.ns = %(ns)s AND j.run_id = %(run_id)s) "
-    "FROM r"
+    f"SELECT r.*, {attached('%(ns)s', '%(run_id)s')} FROM r"
 )
 _N = len(COLUMNS)
 _R_COLS = ", ".join(f"r.{name}" for name in COLUMNS)
-_BATCH_KEYS = "r.ns = %(ns)s AND r.run_id = ANY(ARRAY(SELECT i.run_id FROM i)) AND r.run_id = i.run_id"
 
 #: :data:`TAKE` for many runs, one statement (see :mod:`~agentflow.stores.postgres_batches`):
 #: parameters ns and batch, a JSON array of one object per run (run_id, workflow, owner,
@@ -66,16 +60,13 @@ TAKES = (
     "AS i(run_id text, workflow text, owner text, ttl float8, nonce text)), "
     f"t AS (UPDATE {RUNS} r SET lease_owner = i.owner, lease_token = r.lease_token + 1, "
     f"lease_expires = {NOW} + i.ttl, updated_at = {NOW}, written_by = i.nonce FROM i "
-    f"WHERE {_BATCH_KEYS} AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+    f"WHERE {BATCH_KEYS} AND {LIVE_R} "
     f"AND r.status IS NOT DISTINCT FROM '{RunStatus.RUNNING.value}' "
     f"AND r.workflow IS NOT DISTINCT FROM i.workflow AND r.lease_owner IS NULL RETURNING {_R_COLS}), "
     f"x AS (SELECT {_COLS} FROM t UNION ALL SELECT {_R_COLS} FROM {RUNS} r JOIN i ON i.run_id = r.run_id "
-    f"WHERE {_BATCH_KEYS} AND (r.expires_at IS NULL OR r.expires_at > {NOW}) "
+    f"WHERE {BATCH_KEYS} AND {LIVE_R} "
     "AND r.written_by = i.nonce AND r.lease_owner = i.owner) "
-    "SELECT x.*, "
-    f"(SELECT array_agg(o.body ORDER BY o.id) FROM {OUTPUTS} o WHERE o.ns = %(ns)s AND o.run_id = x.run_id), "
-    f"(SELECT array_agg(ARRAY[j.key, j.value]) FROM {JOURNAL} j WHERE j.ns = %(ns)s AND j.run_id = x.run_id) "
-    "FROM x"
+    f"SELECT x.*, {attached('%(ns)s', 'x.run_id')} FROM x"
 )
 
 
