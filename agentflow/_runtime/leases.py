@@ -118,17 +118,24 @@ class LeaseKeeper:
         while idle < 2:  # ends after two idle ticks, so no task outlives the runs it served
             await asyncio.sleep(self.interval)
             idle = 0 if sup.local else idle + 1
-            for run in list(sup.local.values()):
-                if run.task is None or run.task.done():
-                    continue
-                try:
-                    control = await sup.store.renew(run.run_id, run.lease, sup.lease_ttl)
-                except LeaseLostError:
+            runs = [run for run in list(sup.local.values()) if run.task is not None and not run.task.done()]
+            for run, outcome in zip(runs, await self._renew_all(sup.store, runs), strict=True):
+                if isinstance(outcome, LeaseLostError):
                     self._lost(run)
-                    continue
-                except StoreError:
+                elif isinstance(outcome, StoreError):
                     continue  # retried at the next tick; the lease has slack for it
-                self._control(run, control)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    self._control(run, outcome)
+
+    async def _renew_all(self, store: Store, runs: list[LiveRun]) -> list[str | BaseException | None]:
+        """Renew the leases of ``runs`` all at once (a store may send them together:
+        PostgreSQL, one statement); each one's control flag or what it raised."""
+        ttl = self._sup.lease_ttl
+        return await asyncio.gather(
+            *(store.renew(run.run_id, run.lease, ttl) for run in runs), return_exceptions=True
+        )
 
     # -- renewing on a thread of its own ---------------------------------------
 
@@ -144,13 +151,9 @@ class LeaseKeeper:
             while not self._stop.wait(self.interval):
                 # A snapshot: the dict is changed on the event loop's thread meanwhile.
                 runs = [run for run in list(sup.local.values()) if not run.finished]
-                # All at once: a store may send them together (PostgreSQL: one statement).
                 self._cuttable = True
                 try:
-                    outcomes = await asyncio.gather(
-                        *(store.renew(run.run_id, run.lease, sup.lease_ttl) for run in runs),
-                        return_exceptions=True,
-                    )
+                    outcomes = await self._renew_all(store, runs)
                 finally:
                     self._cuttable = False
                 for run, outcome in zip(runs, outcomes, strict=True):
