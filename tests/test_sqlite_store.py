@@ -354,6 +354,65 @@ async def test_the_wal_of_the_loop_connection_is_checkpointed_and_started_over(
         await store.close()
 
 
+
+async def test_writes_go_on_while_a_checkpoint_copies_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first part of a checkpoint copies the WAL with the loop still writing; only the
+    short second part, which starts the WAL over, has the writes wait."""
+    import agentflow.stores.sqlite_schema as schema
+
+    monkeypatch.setattr("agentflow.stores.sqlite_calls.CHECKPOINT_BYTES", 400_000)
+    copying, copied = threading.Event(), threading.Event()
+    behind = getattr(schema, "checkpoint_behind", None)
+
+    def slow_copy(db: sqlite3.Connection) -> None:  # a copy that takes long: a busy disk
+        copying.set()
+        copied.wait(10)
+        if behind is not None:
+            behind(db)
+
+    monkeypatch.setattr(schema, "checkpoint_behind", slow_copy, raising=False)
+    store = SqliteStore(str(tmp_path / "agentflow.db"), durability="normal")
+    seq = 0
+
+    async def step() -> None:
+        nonlocal seq
+        seq += 1
+        commit = Commit(fields={"visit": seq, "state": {"n": seq}}, events=[event("e")], seq=seq)
+        await asyncio.wait_for(store.commit("r1", lease, commit), 5)
+
+    try:
+        lease = await started(store)
+        await store.get("r1")
+        while not copying.is_set():  # until the store asks for a checkpoint
+            assert seq < 2000, "no checkpoint was asked for"
+            await step()
+        start = time.monotonic()
+        for _ in range(100):  # while the WAL is being copied
+            await step()
+        assert time.monotonic() - start < 3
+        assert store._checkpoint.pending and not copied.is_set()  # the copy is still running
+        copied.set()
+        for _ in range(500):
+            if not store._checkpoint.pending:
+                break
+            await asyncio.sleep(0.01)
+        assert not store._checkpoint.pending
+        await step()  # the first write after the checkpoint starts the WAL over
+        reader = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            _, frames, _ = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            reader.close()
+        assert 0 < frames < 20, frames  # the last write only, not the 100 made during the copy
+        rec = await store.get("r1")
+        assert rec is not None and rec.visit == seq and rec.state == {"n": seq}
+    finally:
+        copied.set()
+        await store.close()
+
+
 # -- durability ------------------------------------------------------------------------
 
 

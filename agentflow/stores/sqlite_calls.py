@@ -11,11 +11,12 @@ they stay on the loop, and so do writes that flush nothing to the disk: at
 goes to the thread from the start: every other write at ``"full"`` (a commit flushes
 the disk there, a tenth of a millisecond on an idle SSD but milliseconds on a busy
 one), deletes (as long as the run is big), and the purge of expired runs. Checkpoints
-flush the disk too, so the loop's connection never runs one: after about a thousand
-pages written on it, it asks the thread for one, and sends its writes there until that
-checkpoint is done, so that the checkpoint takes the write lock at once and the WAL
-starts over after it (a checkpoint racing a writer that never pauses cannot finish,
-and the WAL would only grow). Only the thread of the first call has a loop connection;
+flush the disk too, so the loop's connection never runs one: after about 16 MB
+written on it, it asks the thread for one, in two parts. The first copies the WAL
+while the loop goes on writing; the second takes the write lock, copies what was
+written meanwhile and starts the WAL over (a checkpoint racing a writer that never
+pauses cannot finish, and the WAL would only grow), and the loop's writes go to the
+thread while it runs. Only the thread of the first call has a loop connection;
 calls from other threads (another event loop) go to the store's thread. ``sibling()``
 gives a second store (thread and connections) on the same file, so lease renewals do
 not queue behind a slow call.
@@ -45,8 +46,10 @@ __all__ = ["BATCH", "CHECKPOINT_BYTES", "CONTENDED_FOR", "Durability", "TwoConne
 T = TypeVar("T")
 Durability = Literal["normal", "full"]
 #: Bytes written on the loop's connection after which the store's thread checkpoints
-#: (SQLite's own automatic checkpoint comes at 1000 pages of 4 KiB).
-CHECKPOINT_BYTES = 4_000_000
+#: (SQLite's own automatic checkpoint comes at 1000 pages of 4 KiB, a quarter of it).
+#: The part of a checkpoint the writes wait for costs about the same however long the
+#: WAL: two flushes and what was written while the first part ran.
+CHECKPOINT_BYTES = 16_000_000
 #: Seconds after a write of the loop found the write lock taken during which the loop's
 #: writes go together (one transaction a turn of the loop).
 CONTENDED_FOR = 0.25
@@ -103,7 +106,7 @@ class TwoConnections:
             subject = f"run {run_id}: " if run_id else ""
             raise StoreError(f"{subject}{what} refused: the SQLite store on {self.path} is closed")
         try:
-            if inline and not (write and self._checkpoint.pending):
+            if inline and not (write and self._checkpoint.restarting):
                 db = self._local()
                 if db is not None:
                     if write and time.monotonic() < self._contended:
@@ -149,7 +152,7 @@ class TwoConnections:
         jobs = [job for job, _, _ in gathered]
         futures = [future for _, future, _ in gathered]
         db = self._local()
-        if db is not None and not self._checkpoint.pending and not self._closed:
+        if db is not None and not self._checkpoint.restarting and not self._closed:
             try:
                 outcomes = _all(jobs, db)
             except sqlite3.OperationalError as exc:
@@ -202,7 +205,7 @@ class TwoConnections:
 
     def _submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._thread is None or not self._thread.is_alive():  # first call, or in a forked child
-            self._checkpoint.pending = False
+            self._checkpoint.pending = self._checkpoint.restarting = False
             args = (self._jobs, self.path, self.durability, self._checkpoint)
             self._thread = threading.Thread(target=_serve, args=args, name="agentflow-sqlite", daemon=True)
             self._thread.start()
@@ -227,15 +230,18 @@ _Job = tuple[
 
 
 class _Pending:
-    """Whether the store's thread has a checkpoint to run: set by the loop, cleared by the thread.
+    """A checkpoint asked of the store's thread: ``pending`` from when the loop asks until
+    it is done, ``restarting`` while its second part holds the write lock (the loop's
+    writes go to the thread then). Set and cleared as the comments say.
 
-    A plain attribute, not a lock or an event: a fork can never catch it held.
+    Plain attributes, not a lock or an event: a fork can never catch them held.
     """
 
-    __slots__ = ("pending",)
+    __slots__ = ("pending", "restarting")
 
     def __init__(self) -> None:
-        self.pending = False
+        self.pending = False  # set by the loop, cleared by the thread
+        self.restarting = False  # set and cleared by the thread
 
 
 def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durability, asked: _Pending) -> None:
@@ -264,9 +270,11 @@ def _serve(jobs: queue.SimpleQueue[_Job | None], path: str, durability: Durabili
                         try:
                             if checkpointer is None:
                                 checkpointer = sql.connect_checkpointer(path, durability)
+                            sql.checkpoint_behind(checkpointer)  # the loop goes on writing meanwhile
+                            asked.restarting = True
                             sql.checkpoint(checkpointer)
                         finally:
-                            asked.pending = False  # writes go back to the loop, and may ask again
+                            asked.restarting = asked.pending = False  # writes go back to the loop
                     else:  # closed before close() returns
                         for connection in (checkpointer, db):
                             if connection is not None:
