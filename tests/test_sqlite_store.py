@@ -354,7 +354,6 @@ async def test_the_wal_of_the_loop_connection_is_checkpointed_and_started_over(
         await store.close()
 
 
-
 async def test_writes_go_on_while_a_checkpoint_copies_the_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
