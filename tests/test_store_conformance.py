@@ -103,14 +103,14 @@ class TestPostgresStore(DurableStoreConformance, DurableCredentialConformance):
     async def damage(self, store: Store, run_id: str, field: str, raw: str) -> None:
         import psycopg
 
+        from agentflow.stores.codec import JSON_FIELDS
         from agentflow.stores.postgres import PostgresStore
-        from agentflow.stores.postgres_rows import JSON_COLUMNS
         from agentflow.stores.postgres_schema import RUNS
 
         assert isinstance(store, PostgresStore)
         async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as db:
             value: Any = raw
-            if field not in JSON_COLUMNS:  # a typed column holds the decoded value
+            if field not in JSON_FIELDS:  # a typed column holds the decoded value
                 value = json.loads(raw)
                 if field not in ("status", "workflow", "step", "lease_owner", "control"):
                     # A number column cannot hold a string: damage it with a NULL instead.

@@ -27,12 +27,14 @@ from ..types import RunEvent, RunStatus
 from .contract import COMMIT_FIELDS, OutputRecord, RunRecord
 
 __all__ = [
+    "JSON_FIELDS",
     "RECORD_FIELDS",
     "approval_rank",
     "approvers_of",
     "check_commit_fields",
     "check_record",
     "check_scalars",
+    "column_value",
     "credential_key",
     "deadline_of",
     "decode",
@@ -41,6 +43,7 @@ __all__ = [
     "encode_credential",
     "encode_event",
     "encode_output",
+    "json_text",
     "make_event",
     "make_output",
     "make_record",
@@ -48,6 +51,10 @@ __all__ = [
 
 #: Every RunRecord field, in declaration order.
 RECORD_FIELDS: tuple[str, ...] = tuple(f for f in RunRecord.__dataclass_fields__ if f != "corrupt")
+#: The RunRecord fields stored as JSON; the others are scalars, stored as they are.
+JSON_FIELDS = frozenset(
+    {"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"}
+)
 
 # RunRecord fields without a default: a stored record lacking one is damaged.
 _REQUIRED = ("run_id", "workflow", "status", "input")
@@ -65,6 +72,32 @@ def encode(run_id: str, name: str, value: Any) -> bytes:
         raise StoreError(
             f"run {run_id}: cannot store {name!r}: {exc}; store JSON-able data or pydantic models"
         ) from exc
+
+
+def json_text(run_id: str, name: str, value: Any) -> str:
+    """``value`` as JSON text; most fields hold None or no decisions, known without encoding.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    if value is None:
+        return "null"
+    if type(value) is tuple and not value:
+        return "[]"
+    return encode(run_id, name, value).decode()
+
+
+def column_value(run_id: str, name: str, value: Any) -> Any:
+    """The stored form of one RunRecord field in a SQL column: JSON text, a status's value, or the value.
+
+    Raises:
+        StoreError: the value is not JSON-able (names the run and the field).
+    """
+    if name in JSON_FIELDS:
+        return json_text(run_id, name, value)
+    if name == "status":
+        return RunStatus(value).value
+    return value
 
 
 def decode(run_id: str, key: str, raw: str | bytes) -> Any:

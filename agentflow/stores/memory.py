@@ -25,7 +25,7 @@ import pydantic_core
 from ..errors import LeaseLostError, StoreError
 from ..types import FINAL, RunEvent, RunStatus
 from .capabilities import Claim, QueueDepth, create_then_enqueue
-from .codec import check_commit_fields, deadline_of, decode, encode, encode_event
+from .codec import JSON_FIELDS, check_commit_fields, deadline_of, decode, encode, encode_event
 from .contract import Change, ChangeFn, Commit, Lease, LoadedRun, RunRecord, Store
 from .memory_credentials import MemoryCredentials
 from .memory_index import ApprovalIndex, RunIndex
@@ -33,7 +33,6 @@ from .memory_listing import MemoryListing
 from .memory_queue import MemoryQueue
 from .memory_records import (
     INF,
-    JSON,
     NULL,
     Event,
     Run,
@@ -175,7 +174,7 @@ class MemoryStore(MemoryCredentials, MemoryListing):
                 sets[name] = NULL if value is None else encode(run_id, name, value)
             else:
                 check_commit_fields(run_id, {name: value})
-                if name in JSON:
+                if name in JSON_FIELDS:
                     if value is None:
                         sets[name] = NULL
                     else:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..types import RunEvent, RunStatus
 from .codec import (
+    JSON_FIELDS,
     RECORD_FIELDS,
     check_record,
     decode,
@@ -30,7 +31,6 @@ from .memory_index import SortKey
 
 __all__ = [
     "INF",
-    "JSON",
     "NULL",
     "Event",
     "Output",
@@ -44,10 +44,9 @@ __all__ = [
 ]
 
 # Record fields kept as JSON bytes; the others are scalars kept as they are.
-JSON = frozenset({"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"})
 # What a listed (light) record leaves out.
 _HEAVY = frozenset({"input", "state", "output"})
-_LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in JSON and name not in _HEAVY)
+_LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in JSON_FIELDS and name not in _HEAVY)
 NULL = b"null"
 
 INF = float("inf")
@@ -121,7 +120,7 @@ class Run:
 
 
 _ALL_FIELDS = operator.attrgetter(*RECORD_FIELDS)
-_JSON_NAMES = tuple(name for name in RECORD_FIELDS if name in JSON)
+_JSON_NAMES = tuple(name for name in RECORD_FIELDS if name in JSON_FIELDS)
 _LISTS = frozenset({"decisions", "children"})
 
 
@@ -158,7 +157,7 @@ def record_of(run: Run, light: bool = False) -> RunRecord:
         values["input"] = values["state"] = values["output"] = None
         names: Collection[str] = _LIGHT_JSON
     else:
-        names = JSON
+        names = JSON_FIELDS
     run_id = fields["run_id"]
     for name in names:
         raw = fields[name]

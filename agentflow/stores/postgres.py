@@ -54,6 +54,7 @@ from . import postgres_rows as pgrows
 from .codec import (
     check_commit_fields,
     check_record,
+    column_value,
     deadline_of,
     decode,
     encode,
@@ -310,7 +311,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
                 "loaded record's commit_seq plus one per commit since"
             )
         ns = self.key_prefix
-        sets = {name: pgrows.column(run_id, name, v) for name, v in commit.fields.items()}
+        sets = {name: column_value(run_id, name, v) for name, v in commit.fields.items()}
         refile = "pending" in commit.fields
         pending = commit.fields.get("pending")
         events = [encode_event(run_id, e).decode() for e in commit.events]

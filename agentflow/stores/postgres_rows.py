@@ -14,7 +14,7 @@ import pydantic_core
 
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
-from .codec import RECORD_FIELDS, decode, encode, make_record
+from .codec import JSON_FIELDS, RECORD_FIELDS, column_value, decode, make_record
 from .contract import RunRecord
 from .postgres_schema import EVENTS, JOURNAL, NOW, OUTPUTS, QUEUE, QUEUED, RUN_TABLES, RUNS
 
@@ -26,7 +26,6 @@ __all__ = [
     "FINAL_VALUES",
     "INSERT_EVENTS",
     "INSERT_RUN",
-    "JSON_COLUMNS",
     "BATCH_KEYS",
     "LIVE",
     "LIVE_R",
@@ -44,7 +43,6 @@ __all__ = [
     "SELECT_LOADED",
     "SELECT_LOADEDS",
     "attached",
-    "column",
     "commit_statement",
     "commits_statement",
     "creates_statement",
@@ -59,9 +57,6 @@ __all__ = [
 COLUMNS = RECORD_FIELDS
 #: The fields a listing leaves out.
 BIG = ("input", "state", "output")
-JSON_COLUMNS = frozenset(
-    {"input", "state", "pending", "decisions", "output", "error", "usage", "parent", "children"}
-)
 FINAL_VALUES = tuple(sorted(s.value for s in FINAL))
 #: The condition of a run that has not expired (by the database's clock).
 LIVE = f"(expires_at IS NULL OR expires_at > {NOW})"
@@ -202,28 +197,6 @@ CREATE = {False: _creating(False), True: _creating(True)}
 INSERT_EVENTS = _appending_events("%s", "%s", "%s", "%s")
 
 
-def _json(run_id: str, name: str, value: Any) -> str:
-    """``value`` as JSON text; most columns hold None or no decisions, known without encoding."""
-    if value is None:
-        return "null"
-    if type(value) is tuple and not value:
-        return "[]"
-    return encode(run_id, name, value).decode()
-
-
-def column(run_id: str, name: str, value: Any) -> Any:
-    """The stored form of one RunRecord field: JSON text, a status's value, or the value.
-
-    Raises:
-        StoreError: the value is not JSON-able (names the run and the field).
-    """
-    if name in JSON_COLUMNS:
-        return _json(run_id, name, value)
-    if name == "status":
-        return RunStatus(value).value
-    return value
-
-
 def row_of(record: RunRecord, event_count: int) -> list[Any]:
     """The ``COLUMNS`` of ``record`` in order, with ``event_count`` for its own.
 
@@ -231,7 +204,7 @@ def row_of(record: RunRecord, event_count: int) -> list[Any]:
         StoreError: a value is not JSON-able (names the run and the field).
     """
     run_id = record.run_id
-    row = [column(run_id, name, getattr(record, name)) for name in COLUMNS]
+    row = [column_value(run_id, name, getattr(record, name)) for name in COLUMNS]
     row[COLUMNS.index("event_count")] = event_count
     return row
 
@@ -245,7 +218,7 @@ def to_record(row: Sequence[Any]) -> RunRecord:
     run_id = str(row[0])
     values: dict[str, Any] = {}
     for name, value in zip(COLUMNS, row, strict=False):
-        if name in JSON_COLUMNS:
+        if name in JSON_FIELDS:
             values[name] = None if value is None else decode(run_id, f"{RUNS}.{name}", value)
         else:
             values[name] = value

@@ -21,7 +21,7 @@ import psycopg
 from ..types import RunStatus
 from . import postgres_index as pgindex
 from . import postgres_rows as pgrows
-from .codec import check_record, deadline_of, encode_event
+from .codec import check_record, column_value, deadline_of, encode_event
 from .contract import ChangeFn, RunRecord
 from .postgres_pool import Connections
 
@@ -112,5 +112,5 @@ class PgUpdate:
                     continue
             elif name not in ("updated_at", "event_count") and value == getattr(old, name):
                 continue
-            out[name] = pgrows.column(run_id, name, value)
+            out[name] = column_value(run_id, name, value)
         return out

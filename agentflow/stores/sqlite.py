@@ -64,6 +64,7 @@ from . import sqlite_schema as sql
 from .codec import (
     check_commit_fields,
     check_record,
+    column_value,
     deadline_of,
     decode,
     encode,
@@ -274,7 +275,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits, Sqli
                 if name not in big:
                     inline += (name,)
             else:
-                hot[name] = sqlrows.column(run_id, name, value)
+                hot[name] = column_value(run_id, name, value)
         if "pending" in hot:
             hot["deadline"] = deadline_of(commit.fields["pending"])
         events = [encode_event(run_id, e).decode() for e in commit.events]
@@ -404,7 +405,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits, Sqli
                 rec = dataclasses.replace(result.record, updated_at=now, event_count=count)
                 check_record(rec)
                 sets = {
-                    name: sqlrows.column(run_id, name, getattr(rec, name))
+                    name: column_value(run_id, name, getattr(rec, name))
                     for name in sqlrows.HOT[1:]
                     if name in ("updated_at", "event_count") or getattr(rec, name) != getattr(old, name)
                 }

@@ -10,13 +10,13 @@ another status has none to retire, and parking a run costs its new rows only.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StoreError
 from ..types import RunStatus
+from . import sql_pages
 from .codec import approval_rank, approvers_of, decode, encode
 from .contract import RunRecord, indexed_approvals
 from .sqlite_rows import LIVE, SELECT_LIGHT, listed
@@ -48,6 +48,7 @@ _SELECT_DUE = (
 SELECT_RUN_STATUS = f"SELECT workflow, status FROM {RUNS} WHERE ns = ? AND run_id = ?"
 # Where an approval sorts, pending or decided (a page may start after a decided one).
 _SELECT_APPROVAL_CURSOR = f"SELECT created_at, id FROM {APPROVALS} WHERE ns = ? AND id = ?"
+_DIALECT = sql_pages.Dialect("?", "a.pending = 1", APPROVALS, APPROVERS)
 _RETIRE_APPROVALS = f"UPDATE {APPROVALS} SET pending = 0 WHERE ns = ? AND run_id = ? AND pending = 1"
 _DELETE_APPROVERS = f"DELETE FROM {APPROVERS} WHERE ns = ? AND run_id = ?"
 _UPSERT_APPROVAL = (
@@ -179,45 +180,17 @@ def list_approvals(
     Raises:
         StoreError: ``after`` is not an approval of a stored run.
     """
-    params: list[Any] = [ns]
-    if approver is not None:
-        params.append(approver)
-    params += [v for v in (workflow, kind) if v is not None]
+    params = sql_pages.approval_params(ns, approver, workflow, kind)
     if after is not None:
         cursor = db.execute(_SELECT_APPROVAL_CURSOR, (ns, after)).fetchone()
         if cursor is None:
-            raise StoreError(
-                f"approvals(after={after!r}): approval {after} is not stored (its run was deleted "
-                "since the previous page); list again from the first page"
-            )
+            raise sql_pages.cursor_gone(after)
         params += cursor
     query = page_of_approvals(approver is not None, workflow is not None, kind is not None, after is not None)
     rows = db.execute(query, [*params, limit]).fetchall()
     return [decode("", f"{APPROVALS}.body", body) for (body,) in rows]
 
 
-@functools.lru_cache(maxsize=32)
 def page_of_approvals(by_approver: bool, workflow: bool, kind: bool, after: bool) -> str:
-    """The statement reading a page of pending approvals, newest first.
-
-    Its parameters: ns; the approver (``by_approver``); the workflow; the kind; the
-    cursor's created_at and id (``after``); the limit. By approver it walks the
-    approver's rows and joins each approval; else the index of the first filter given.
-    """
-    where = ["a.pending = 1"]
-    if by_approver:
-        head = (
-            f"SELECT a.body FROM {APPROVERS} p JOIN {APPROVALS} a ON a.ns = p.ns AND a.id = p.id "
-            "WHERE p.ns = ? AND p.approver = ?"
-        )
-        order, rank = "p.created_at DESC, p.id DESC", "(p.created_at, p.id)"
-    else:
-        head = f"SELECT a.body FROM {APPROVALS} a WHERE a.ns = ?"
-        order, rank = "a.created_at DESC, a.id DESC", "(a.created_at, a.id)"
-    if workflow:
-        where.append("a.workflow = ?")
-    if kind:
-        where.append("a.kind = ?")
-    if after:
-        where.append(f"{rank} < (?, ?)")
-    return f"{head} AND {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+    """The statement reading a page of pending approvals (see :func:`.sql_pages.page_of_approvals`)."""
+    return sql_pages.page_of_approvals(_DIALECT, by_approver, workflow, kind, after)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
-from .codec import RECORD_FIELDS, decode, encode, make_record
+from .codec import JSON_FIELDS, RECORD_FIELDS, decode, encode, json_text, make_record
 from .contract import RunRecord
 from .sqlite_schema import APPROVALS, APPROVERS, BIG, EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES
 
@@ -34,7 +34,6 @@ __all__ = [
     "SELECT_VERSIONS",
     "SELECT_OUTPUTS",
     "SELECT_STORED",
-    "column",
     "commit_update",
     "delete_runs",
     "delete_values",
@@ -52,10 +51,9 @@ __all__ = [
 #: Longest JSON (in characters) of a big field kept in the hot row.
 INLINE_MAX = 1000
 HOT = tuple(f for f in RECORD_FIELDS if f not in BIG)
-_JSON = frozenset({"pending", "decisions", "error", "usage", "parent", "children", *BIG})
 # How ``hot_row`` writes each hot column.
 _AS_IS, _AS_JSON, _AS_STATUS, _AS_COUNT = range(4)
-_KINDS = {"status": _AS_STATUS, "event_count": _AS_COUNT, **dict.fromkeys(_JSON, _AS_JSON)}
+_KINDS = {"status": _AS_STATUS, "event_count": _AS_COUNT, **dict.fromkeys(JSON_FIELDS, _AS_JSON)}
 _HOT_KINDS = tuple((f, _KINDS.get(f, _AS_IS)) for f in HOT)
 
 FINAL_VALUES = frozenset(s.value for s in FINAL)
@@ -149,28 +147,6 @@ class transaction:
             self.db.execute("ROLLBACK")
 
 
-def _json(run_id: str, name: str, value: Any) -> str:
-    """``value`` as JSON text; most hot columns hold None or no decisions, known without encoding."""
-    if value is None:
-        return "null"
-    if type(value) is tuple and not value:
-        return "[]"
-    return encode(run_id, name, value).decode()
-
-
-def column(run_id: str, name: str, value: Any) -> Any:
-    """The stored form of one RunRecord field: JSON text, a status's value, or the value.
-
-    Raises:
-        StoreError: the value is not JSON-able (names the run and the field).
-    """
-    if name in _JSON:
-        return _json(run_id, name, value)
-    if name == "status":
-        return RunStatus(value).value
-    return value
-
-
 def hot_row(record: RunRecord, event_count: int) -> list[Any]:
     """The ``HOT`` columns of ``record`` in order, with ``event_count`` for its own.
 
@@ -182,7 +158,7 @@ def hot_row(record: RunRecord, event_count: int) -> list[Any]:
     for name, kind in _HOT_KINDS:
         value = getattr(record, name)
         if kind == _AS_JSON:
-            value = _json(run_id, name, value)
+            value = json_text(run_id, name, value)
         elif kind == _AS_STATUS:
             value = RunStatus(value).value
         elif kind == _AS_COUNT:
@@ -216,7 +192,7 @@ def to_record(row: Sequence[Any], light: bool) -> RunRecord:
     run_id = str(row[0])
     values: dict[str, Any] = {}
     for name, value in zip(HOT, row, strict=False):
-        values[name] = decode(run_id, f"{RUNS}.{name}", value) if name in _JSON else value
+        values[name] = decode(run_id, f"{RUNS}.{name}", value) if name in JSON_FIELDS else value
     if light:
         values["input"] = None
     else:
