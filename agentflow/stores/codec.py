@@ -36,6 +36,7 @@ __all__ = [
     "check_scalars",
     "column_value",
     "credential_key",
+    "damaged",
     "deadline_of",
     "decode",
     "decode_credential",
@@ -310,6 +311,25 @@ def make_record(run_id: str, key: str, values: Mapping[str, Any]) -> RunRecord:
                 raise CorruptRecordError(run_id, f"{key}[{name}]", str(exc)) from exc
         kwargs[name] = value
     return RunRecord(**kwargs)
+
+
+def damaged(columns: Mapping[str, Any], why: str) -> RunRecord:
+    """The light record a listing shows for a stored row that cannot be read: its id,
+    workflow, status (``failed`` when unreadable too) and creation time, and ``corrupt``."""
+    try:
+        status = RunStatus(columns["status"])
+    except ValueError:
+        status = RunStatus.FAILED
+    created = columns["created_at"] if isinstance(columns["created_at"], int | float) else 0.0
+    return RunRecord(
+        run_id=str(columns["run_id"]),
+        workflow=str(columns["workflow"]),
+        status=status,
+        input=None,
+        created_at=float(created),
+        updated_at=float(created),
+        corrupt=why,
+    )
 
 
 def encode_event(run_id: str, event: RunEvent) -> bytes:

@@ -13,8 +13,8 @@ from typing import Any
 import pydantic_core
 
 from ..errors import CorruptRecordError
-from ..types import FINAL, RunStatus
-from .codec import JSON_FIELDS, RECORD_FIELDS, column_value, decode, make_record
+from ..types import FINAL
+from .codec import JSON_FIELDS, RECORD_FIELDS, column_value, damaged, decode, make_record
 from .contract import RunRecord
 from .postgres_schema import EVENTS, JOURNAL, NOW, OUTPUTS, QUEUE, QUEUED, RUN_TABLES, RUNS
 
@@ -230,21 +230,7 @@ def listed(row: Sequence[Any]) -> RunRecord:
     try:
         return to_record(row)
     except CorruptRecordError as exc:
-        cols = dict(zip(COLUMNS, row, strict=False))
-        try:
-            status = RunStatus(cols["status"])
-        except ValueError:
-            status = RunStatus.FAILED
-        created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
-        return RunRecord(
-            run_id=str(cols["run_id"]),
-            workflow=str(cols["workflow"]),
-            status=status,
-            input=None,
-            created_at=float(created),
-            updated_at=float(created),
-            corrupt=str(exc),
-        )
+        return damaged(dict(zip(COLUMNS, row, strict=False)), str(exc))
 
 
 def texts(values: list[str] | dict[str, str]) -> str:

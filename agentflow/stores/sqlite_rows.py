@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import CorruptRecordError
 from ..types import FINAL, RunStatus
-from .codec import JSON_FIELDS, RECORD_FIELDS, decode, encode, json_text, make_record
+from .codec import JSON_FIELDS, RECORD_FIELDS, damaged, decode, encode, json_text, make_record
 from .contract import RunRecord
 from .sqlite_schema import APPROVALS, APPROVERS, BIG, EVENTS, JOURNAL, OUTPUTS, RUNS, VALUES
 
@@ -222,21 +222,7 @@ def listed(row: Sequence[Any]) -> RunRecord:
     try:
         return to_record(row, light=True)
     except CorruptRecordError as exc:
-        cols = dict(zip(HOT, row, strict=True))
-        try:
-            status = RunStatus(cols["status"])
-        except ValueError:
-            status = RunStatus.FAILED
-        created = cols["created_at"] if isinstance(cols["created_at"], int | float) else 0.0
-        return RunRecord(
-            run_id=str(cols["run_id"]),
-            workflow=str(cols["workflow"]),
-            status=status,
-            input=None,
-            created_at=float(created),
-            updated_at=float(created),
-            corrupt=str(exc),
-        )
+        return damaged(dict(zip(HOT, row, strict=True)), str(exc))
 
 
 def insert_run(
