@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from ..types import Approval, Decision, ParentRef, RunEvent, RunInfo, RunStatus, Usage, utc
@@ -289,6 +289,18 @@ class Change:
 
     record: RunRecord
     events: list[RunEvent] = field(default_factory=list)
+
+    def written_over(self, old: RunRecord, now: float) -> RunRecord:
+        """The record this change writes over ``old`` at ``now`` (the store's clock): its
+        ``updated_at``, the event count continued, and the commits' fence (``commit_token``,
+        ``commit_seq``) left as it was: it is the commits' alone."""
+        return replace(
+            self.record,
+            updated_at=now,
+            event_count=old.event_count + len(self.events),
+            commit_token=old.commit_token,
+            commit_seq=old.commit_seq,
+        )
 
 
 @dataclass(slots=True)

@@ -296,14 +296,12 @@ class MemoryStore(MemoryCredentials, MemoryListing):
         result: Change | None = change(current, now)
         if result is None:
             return current
-        new = result.record
+        new = result.written_over(current, now)
         if new.run_id != run_id:
             raise StoreError(f"run {run_id}: an update cannot change the run id (to {new.run_id!r})")
         fields = encode_record(new)
         bodies = [store_event(run_id, e) for e in result.events]
         old = run.fields
-        fields["updated_at"] = now
-        fields["event_count"] = old["event_count"] + len(bodies)
         run.fields = fields
         run.events.extend(bodies)
         run.deadline = deadline_of(new.pending)

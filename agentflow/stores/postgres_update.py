@@ -12,7 +12,6 @@ written here.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -66,13 +65,7 @@ class PgUpdate:
                 result = change(old, now)
                 if result is None:
                     return old
-                rec = dataclasses.replace(
-                    result.record,
-                    updated_at=now,
-                    event_count=old.event_count + len(result.events),
-                    commit_token=old.commit_token,  # the commits' fence is theirs alone
-                    commit_seq=old.commit_seq,
-                )
+                rec = result.written_over(old, now)
                 check_record(rec)
                 params = self._changed(run_id, old, rec)
                 bodies = [encode_event(run_id, e).decode() for e in result.events]

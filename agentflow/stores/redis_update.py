@@ -14,7 +14,6 @@ Also here, the record's form in its hash (one JSON string per field) both ways.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import random
 from collections.abc import Callable
@@ -162,13 +161,7 @@ class Updates:
     ) -> tuple[list[Command], list[Command], RunRecord, list[Command], list[Command]]:
         """The index entries and the transaction writing ``result``; the record written; the
         clean-ups for failure and for success."""
-        rec = dataclasses.replace(
-            result.record,
-            updated_at=now,
-            event_count=old.event_count + len(result.events),
-            commit_token=old.commit_token,  # the commits' fence is theirs alone
-            commit_seq=old.commit_seq,
-        )
+        rec = result.written_over(old, now)
         mapping: dict[str, bytes] = {**hash_of(rec), "_write": nonce}
         events = [encode_event(run_id, e) for e in result.events]
         version = self.nonce() if rec.status != old.status or "_ix" not in raw else None

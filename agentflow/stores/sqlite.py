@@ -46,7 +46,6 @@ everywhere at once, and a ``create`` now and then purges them in bounded batches
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import queue
 import sqlite3
 import threading
@@ -401,8 +400,7 @@ class SqliteStore(SqliteCredentials, SqliteTake, SqliteQueue, SqliteLimits, Sqli
                 result = change(old, now)
                 if result is None:
                     return old
-                count = old.event_count + len(result.events)
-                rec = dataclasses.replace(result.record, updated_at=now, event_count=count)
+                rec = result.written_over(old, now)
                 check_record(rec)
                 sets = {
                     name: column_value(run_id, name, getattr(rec, name))

@@ -247,6 +247,20 @@ class WriteConformance:
         rec2 = await store.get("r1")
         assert rec2 is not None and (rec2.step, rec2.event_count, rec2.commit_seq) == ("C", 4, 2)
 
+    async def test_an_update_leaves_the_commits_fence_as_it_was(self, store: Store) -> None:
+        lease = await started(store)
+        commit = Commit(fields={"step": "B", "visit": 1}, events=[event("step_completed", 2, "A")], seq=1)
+        assert await store.commit("r1", lease, commit) is None
+        # A change made from an older read (or by mistake) names another fence: it is not written.
+        stale = await store.update(
+            "r1",
+            lambda rec, now: Change(dataclasses.replace(rec, control="stop", commit_token=0, commit_seq=0)),
+        )
+        assert stale is not None and (stale.commit_token, stale.commit_seq) == (lease.token, 1)
+        assert await store.commit("r1", lease, commit) == "stop"  # still known for a retry: not applied again
+        rec = await store.get("r1")
+        assert rec is not None and (rec.commit_token, rec.commit_seq, rec.event_count) == (lease.token, 1, 2)
+
     async def test_retried_releasing_commit_returns_without_the_lease(self, store: Store) -> None:
         lease = await started(store)
         final = Commit(
