@@ -43,8 +43,8 @@ __all__ = [
     "store_output",
 ]
 
-# Record fields kept as JSON bytes; the others are scalars kept as they are.
-# What a listed (light) record leaves out.
+# What a listed (light) record leaves out. (Record fields in codec.JSON_FIELDS are kept
+# as JSON bytes; the others are scalars kept as they are.)
 _HEAVY = frozenset({"input", "state", "output"})
 _LIGHT_JSON = tuple(name for name in RECORD_FIELDS if name in JSON_FIELDS and name not in _HEAVY)
 NULL = b"null"

@@ -97,8 +97,8 @@ class TwoConnections:
 
         With ``inline``, the job runs here first; if another connection holds the lock
         (SQLITE_BUSY: the job's transaction wrote nothing), it goes to the thread. A
-        ``write`` (of about ``size`` bytes) goes to the thread while a checkpoint is
-        pending there, so that the checkpoint finds the write lock free and the WAL
+        ``write`` (of about ``size`` bytes) goes to the thread while the second part of a
+        checkpoint holds the write lock there (``_Pending.restarting``), so that the WAL
         starts over after it. For a while after a write found the lock taken, the loop's
         writes go together (:meth:`_together`).
         """
