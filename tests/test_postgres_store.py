@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 from helpers import all_events
 from postgres_server import PostgresServer, numbered, rows_scanned
@@ -720,6 +722,38 @@ async def test_commits_of_many_runs_read_their_rows_not_the_table_however_it_gre
     done = await asyncio.gather(*(store.commit(f"r{i}", lease, _step(3)) for i, lease in enumerate(leases)))
     assert done == [None] * 5
     assert await read() - before < 100
+
+
+async def test_a_table_never_analyzed_is_analyzed_by_the_store_so_a_batch_reads_its_own_runs(
+    postgres_url: str, stores
+) -> None:
+    """In new tables (this test's own schema) the planner has no statistics: it guesses
+    ``ns = $1`` matches a few rows and plans a batch of ten commits as a scan of every run
+    of the prefix. A store that has made its first thousand writes gives the tables their
+    statistics when autovacuum has not yet, and the batch then reads its ten runs by key."""
+    from agentflow.stores import postgres_rows as pgrows
+    from agentflow.stores.postgres_schema import ANALYZE_AFTER
+
+    store = PostgresStore(postgres_url)
+    stores.append(store)
+    ids = [f"r{i}" for i in range(3 * ANALYZE_AFTER)]
+    made = await asyncio.gather(*(store.create(record(r), [event("run_started", 1)]) for r in ids))
+    assert all(made)
+    statement = numbered(
+        pgrows.commits_statement(("step", "visit"), False, False, True, False, False), ("batch", "ns")
+    )
+    batch = [
+        {"run_id": r, "owner": "w1", "token": 1, "seq": 1, "n": 1, "step": "b", "visit": 1, "events": ["{}"]}
+        for r in ids[100:110]
+    ]
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute("SET plan_cache_mode = force_generic_plan")  # as the store's connections
+        await db.execute(f"PREPARE commits(json, text) AS {statement}")
+        async with db.transaction(force_rollback=True):
+            explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE commits({}, '')")
+            explain = explain.format(psycopg.sql.Literal(json.dumps(batch)))
+            plan = (await (await db.execute(explain)).fetchone())[0]
+    assert rows_scanned(plan[0]["Plan"], pgrows.RUNS) <= 20, plan  # its ten runs, not 3,000
 
 
 async def test_a_run_is_found_by_its_key_whatever_the_planner_knows_of_its_prefix(

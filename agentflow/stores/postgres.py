@@ -39,6 +39,7 @@ absent everywhere at once, and a ``create`` now and then deletes a bounded batch
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -69,11 +70,13 @@ from .postgres_credentials import PgCredentials
 from .postgres_limits import PgLimits
 from .postgres_listing import PgListing
 from .postgres_pool import Connections
-from .postgres_schema import EVENTS, JOURNAL, OUTPUTS
+from .postgres_schema import ANALYZE_AFTER, EVENTS, JOURNAL, OUTPUTS, analyze_if_never
 from .postgres_take import TAKES, PgTake
 from .postgres_update import PgUpdate
 
 __all__ = ["PostgresStore"]
+
+log = logging.getLogger("agentflow")
 
 #: Most expired runs one purge deletes, so a backlog never makes one ``create`` slow.
 PURGE_BATCH = 200
@@ -131,6 +134,7 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         self._counter = itertools.count()
         self._next_purge = 0.0
         self._listener = None
+        self._until_analyze = ANALYZE_AFTER  # writes left before the look at the statistics
 
     @property
     def where(self) -> str:
@@ -176,6 +180,12 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
         return await self._create(record, events, queued=True)
 
     async def _create(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
+        created = await self._create_one(record, events, queued)
+        if self._until_analyze:
+            await self._count_write()
+        return created
+
+    async def _create_one(self, record: RunRecord, events: Sequence[RunEvent], queued: bool) -> bool:
         run_id, ns = record.run_id, self.key_prefix
         check_record(record)
         row = pgrows.row_of(record, record.event_count + len(events))
@@ -304,6 +314,12 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             StoreError: a value cannot be encoded or ``seq`` is below 1 (nothing was
                 written), or PostgreSQL stayed unreachable.
         """
+        control = await self._commit(run_id, lease, commit)
+        if self._until_analyze:
+            await self._count_write()
+        return control
+
+    async def _commit(self, run_id: str, lease: Lease, commit: Commit) -> str | None:
         check_commit_fields(run_id, commit.fields)
         if commit.seq < 1:  # a seq the record may carry already would pass for a retry
             raise StoreError(
@@ -384,6 +400,17 @@ class PostgresStore(pgqueue.QueueAndFeed, PgCredentials, PgTake, PgUpdate, PgLim
             raise StoreError(f"run {run_id}: commit {commit.seq} found its fence moving {_FENCE_RACES} times")
 
         return await self._db.run("commit", run_id, job)
+
+    async def _count_write(self) -> None:
+        """Count a write; at the :data:`ANALYZE_AFTER`-th, give the planner statistics of the
+        tables if it has none (:func:`~agentflow.stores.postgres_schema.analyze_if_never`)."""
+        self._until_analyze -= 1
+        if self._until_analyze:
+            return
+        try:
+            await self._db.run("analyze", None, analyze_if_never)
+        except StoreError as exc:  # statistics are an optimisation: the write goes on without
+            log.warning("PostgreSQL store on %s: could not analyze its tables: %s", self.where, exc)
 
     async def renew(self, run_id: str, lease: Lease, ttl: float) -> str | None:
         """Extend the lease to ``ttl`` seconds past the database's now; return the control flag.

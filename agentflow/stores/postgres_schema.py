@@ -75,7 +75,9 @@ __all__ = [
     "RUNS",
     "RUN_TABLES",
     "SCHEMA",
+    "ANALYZE_AFTER",
     "VERSION",
+    "analyze_if_never",
     "ensure_schema",
 ]
 
@@ -291,6 +293,38 @@ async def ensure_schema(conn: Any, where: str) -> None:
             version += 1
         await conn.execute(f"DELETE FROM {SCHEMA}")
         await conn.execute(f"INSERT INTO {SCHEMA} (version) VALUES (%s)", (VERSION,))
+
+
+#: Writes (creates and commits) a store makes before it looks whether PostgreSQL has
+#: statistics of the runs table (:func:`analyze_if_never`).
+ANALYZE_AFTER = 1000
+
+# Whether the planner has statistics of the runs' prefixes: ANALYZE wrote them, or
+# autovacuum did.
+_ANALYZED = (
+    "SELECT EXISTS (SELECT 1 FROM pg_stats s JOIN pg_namespace n ON n.nspname = s.schemaname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename "
+    f"WHERE c.oid = to_regclass('{RUNS}') AND s.attname = 'ns')"
+)
+
+
+async def analyze_if_never(conn: Any) -> bool:
+    """ANALYZE the runs and events tables if the planner has no statistics of them; True if so.
+
+    Until a table is first analyzed the planner guesses that ``ns = $1`` matches half a
+    percent of it, and a batch of commits (or takes, or reads) of ten runs is then planned
+    as a scan of every run of the prefix through an index of ``ns`` and something else,
+    hashed and joined to the batch: measured with 2,000 runs stored, 1,990 rows read and
+    thrown away for a batch of ten, 2.3 ms a batch instead of 0.3. Autovacuum analyzes a
+    table within a minute or so of it filling (when it is on); a fleet that enqueues
+    100,000 runs at once would meanwhile read all of them for every batch. ``conn`` is
+    autocommit; a role that does not own the tables only gets PostgreSQL's warning.
+    """
+    row = await (await conn.execute(_ANALYZED)).fetchone()
+    if row is None or row[0]:
+        return False
+    await conn.execute(f"ANALYZE {RUNS}, {EVENTS}")
+    return True
 
 
 async def _version(conn: Any) -> int:
